@@ -1,0 +1,1 @@
+"""Compiled kernels of ckcore (private: import the public names from ``ckcore``)."""
