@@ -120,6 +120,19 @@ class ItemLocation:
 # The allow-list.
 # --------------------------------------------------------------------------
 
+def _r(obj: object) -> str:
+    """repr() for error messages about untrusted objects: bounded, and never raises.
+
+    A hostile or damaged stream can build dataclass instances without their
+    fields, whose generated ``__repr__`` would raise AttributeError.
+    """
+    try:
+        text = repr(obj)
+    except Exception:  # noqa: BLE001
+        text = f"<{type(obj).__name__} object>"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 _MEM_FORMAT_BY_ENCODING = {0: "contiguous_format", 1: "channels_last", 2: "preserve_format"}
 _MEMORY_FORMATS = (
     "contiguous_format",
@@ -138,14 +151,14 @@ def _mem_format_from_encoding(value: object) -> str:
     try:
         return _MEM_FORMAT_BY_ENCODING[value]  # type: ignore[index]
     except (KeyError, TypeError):
-        raise CheckpointError(f"invalid memory-format encoding {value!r}") from None
+        raise CheckpointError(f"invalid memory-format encoding {_r(value)}") from None
 
 
 def _layout_from_name(name: object) -> str:
     # Stands in for ``torch.serialization._get_layout("torch.strided")``.
     if isinstance(name, str) and name.startswith("torch.") and name[6:] in _LAYOUTS:
         return name[6:]
-    raise CheckpointError(f"invalid layout {name!r}")
+    raise CheckpointError(f"invalid layout {_r(name)}")
 
 
 class _TensorPropertiesState(TensorProperties):
@@ -159,7 +172,7 @@ class _TensorPropertiesState(TensorProperties):
 
     def __setstate__(self, state: Any) -> None:
         if type(state) is not tuple or len(state) != 5:
-            raise CheckpointError(f"invalid TensorProperties state {state!r}")
+            raise CheckpointError(f"invalid TensorProperties state {_r(state)}")
         d = self.__dict__
         d["dtype"], d["layout"], d["requires_grad"], d["memory_format"], d["pin_memory"] = state
         self.__class__ = TensorProperties
@@ -191,14 +204,15 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     (_FS, "_StorageInfo"): StorageInfo,
     ("torch", "Size"): tuple,
     ("torch.serialization", "_get_layout"): _layout_from_name,
-    # Plain containers a planner's planner_data may hold; constructing them runs no user code.
+    # Plain containers a planner's planner_data may hold; constructing them runs
+    # no user code, and their size is bounded by the file's (bytearray is left
+    # out: bytearray(n) would allocate n bytes on the file's say-so).
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "tuple"): tuple,
     ("builtins", "list"): list,
     ("builtins", "dict"): dict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
-    ("builtins", "bytearray"): bytearray,
     ("builtins", "complex"): complex,
     ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
     ("pathlib", "PureWindowsPath"): pathlib.PureWindowsPath,
@@ -230,14 +244,14 @@ class _SafeUnpickler(pickle.Unpickler):
             return _ALLOWED[(module, name)]
         except KeyError:
             raise UnsafeCheckpointError(
-                f"refusing global {module}.{name} (module {module!r}, class {name!r}): "
+                f"refusing global {module}.{name} (module {_r(module)}, class {_r(name)}): "
                 "not on ckcore's allow-list of DCP metadata classes; nothing was executed"
             ) from None
         except TypeError:  # unhashable: cannot come from a valid stream
-            raise UnsafeCheckpointError(f"refusing global {module!r}.{name!r}") from None
+            raise UnsafeCheckpointError(f"refusing global {_r(module)}.{_r(name)}") from None
 
     def persistent_load(self, pid: Any) -> Any:
-        raise UnsafeCheckpointError(f"refusing persistent id {pid!r}: DCP metadata has none")
+        raise UnsafeCheckpointError(f"refusing persistent id {_r(pid)}: DCP metadata has none")
 
 
 # --------------------------------------------------------------------------
@@ -308,7 +322,7 @@ def _check_chunks(fqn: str, chunks: list, ndim: int) -> None:
                 and len(offs) == ndim and len(sizes) == ndim
                 and _all_int64_nonneg(offs) and _all_int64_nonneg(sizes)):
             raise CheckpointError(
-                f"{fqn}: chunk {i} has invalid offsets/sizes {offs!r}/{sizes!r} "
+                f"{fqn}: chunk {i} has invalid offsets/sizes {_r(offs)}/{_r(sizes)} "
                 f"for a {ndim}-d tensor"
             )
     raise CheckpointError(f"{fqn}: invalid chunks")  # pragma: no cover - bulk and slow checks agree
@@ -317,7 +331,7 @@ def _check_chunks(fqn: str, chunks: list, ndim: int) -> None:
 def _check_storage_data(sd: dict) -> None:
     if not set(map(type, sd)) <= {MetadataIndex}:
         bad = next(k for k in sd if type(k) is not MetadataIndex)
-        raise CheckpointError(f"storage_data key {bad!r} is not a MetadataIndex")
+        raise CheckpointError(f"storage_data key {_r(bad)} is not a MetadataIndex")
     infos = list(sd.values())
     # Custom storage writers may store other values; only the filesystem's
     # records (StorageInfo) are checked.
@@ -338,7 +352,7 @@ def _check_storage_data(sd: dict) -> None:
             d = info.__dict__
             rp, off, ln = d.get("relative_path"), d.get("offset"), d.get("length")
             if type(rp) is not str or not _is_int_tuple((off, ln)) or not _all_int64_nonneg((off, ln)):
-                raise CheckpointError(f"storage_data[{key}] is invalid: {info!r}")
+                raise CheckpointError(f"storage_data[{_r(key)}] is invalid: {_r(info)}")
     raise CheckpointError("invalid storage_data")  # pragma: no cover
 
 
@@ -362,7 +376,7 @@ def _check_metadata(md: object) -> Metadata:
         raise CheckpointError("Metadata.state_dict_metadata is missing or not a dict")
     for fqn, item in sdm.items():
         if type(fqn) is not str:
-            raise CheckpointError(f"state_dict_metadata key {fqn!r} is not a str")
+            raise CheckpointError(f"state_dict_metadata key {_r(fqn)} is not a str")
         kind = type(item)
         if kind is BytesStorageMetadata:
             continue
@@ -371,10 +385,10 @@ def _check_metadata(md: object) -> Metadata:
         d = item.__dict__
         props = d.get("properties")
         if type(props) is not TensorProperties or not _valid_properties(props.__dict__):
-            raise CheckpointError(f"{fqn}: invalid tensor properties {props!r}")
+            raise CheckpointError(f"{fqn}: invalid tensor properties {_r(props)}")
         size = d.get("size")
         if not _is_int_tuple(size) or not _all_int64_nonneg(size):
-            raise CheckpointError(f"{fqn}: invalid size {size!r}")
+            raise CheckpointError(f"{fqn}: invalid size {_r(size)}")
         chunks = d.get("chunks")
         if type(chunks) is not list:
             raise CheckpointError(f"{fqn}: chunks is {type(chunks).__name__}, not a list")
@@ -385,7 +399,7 @@ def _check_metadata(md: object) -> Metadata:
         raise CheckpointError(f"storage_meta is {type(sm).__name__}, not StorageMeta")
     version = md_dict.get("version")
     if version is not None and type(version) is not str:
-        raise CheckpointError(f"version is {version!r}, not a str")
+        raise CheckpointError(f"version is {_r(version)}, not a str")
     sd = md_dict.get("storage_data")
     if sd is not None:
         if type(sd) is not dict:
