@@ -91,6 +91,10 @@ class UnsafeCheckpointError(CheckpointError):
     """``.metadata`` asks for a global that is not on ckcore's allow-list; nothing was called."""
 
 
+class _StructureError(CheckpointError):
+    """Valid pickle, but not the shape of DCP metadata (raised by the structure check)."""
+
+
 @dataclass
 class StorageInfo:
     """Where one item's bytes sit: ``length`` bytes at ``offset`` in ``relative_path``.
@@ -300,15 +304,13 @@ def _check_chunks(fqn: str, chunks: list, ndim: int) -> None:
     try:
         ok = set(map(type, chunks)) <= {ChunkStorageMetadata}
         if ok:
-            offs = list(map(_get_offsets, chunks))
-            sizes = list(map(_get_sizes, chunks))
+            # offsets and sizes of every chunk in one list: one pass per check.
+            boxes = list(map(_get_offsets, chunks))
+            boxes += map(_get_sizes, chunks)
             ok = (
-                set(map(type, offs)) <= {tuple}
-                and set(map(type, sizes)) <= {tuple}
-                and set(map(len, offs)) <= {ndim}
-                and set(map(len, sizes)) <= {ndim}
-                and _all_int64_nonneg(_chain(offs))
-                and _all_int64_nonneg(_chain(sizes))
+                set(map(type, boxes)) <= {tuple}
+                and set(map(len, boxes)) <= {ndim}
+                and _all_int64_nonneg(_chain(boxes))
             )
     except AttributeError:  # a chunk built by NEWOBJ without its BUILD
         ok = False
@@ -316,22 +318,22 @@ def _check_chunks(fqn: str, chunks: list, ndim: int) -> None:
         return
     for i, c in enumerate(chunks):
         if type(c) is not ChunkStorageMetadata:
-            raise CheckpointError(f"{fqn}: chunk {i} is {type(c).__name__}")
+            raise _StructureError(f"{fqn}: chunk {i} is {type(c).__name__}")
         offs, sizes = c.__dict__.get("offsets"), c.__dict__.get("sizes")
         if not (_is_int_tuple(offs) and _is_int_tuple(sizes)
                 and len(offs) == ndim and len(sizes) == ndim
                 and _all_int64_nonneg(offs) and _all_int64_nonneg(sizes)):
-            raise CheckpointError(
+            raise _StructureError(
                 f"{fqn}: chunk {i} has invalid offsets/sizes {_r(offs)}/{_r(sizes)} "
                 f"for a {ndim}-d tensor"
             )
-    raise CheckpointError(f"{fqn}: invalid chunks")  # pragma: no cover - bulk and slow checks agree
+    raise _StructureError(f"{fqn}: invalid chunks")  # pragma: no cover - bulk and slow checks agree
 
 
 def _check_storage_data(sd: dict) -> None:
     if not set(map(type, sd)) <= {MetadataIndex}:
         bad = next(k for k in sd if type(k) is not MetadataIndex)
-        raise CheckpointError(f"storage_data key {_r(bad)} is not a MetadataIndex")
+        raise _StructureError(f"storage_data key {_r(bad)} is not a MetadataIndex")
     infos = list(sd.values())
     # Custom storage writers may store other values; only the filesystem's
     # records (StorageInfo) are checked.
@@ -352,8 +354,8 @@ def _check_storage_data(sd: dict) -> None:
             d = info.__dict__
             rp, off, ln = d.get("relative_path"), d.get("offset"), d.get("length")
             if type(rp) is not str or not _is_int_tuple((off, ln)) or not _all_int64_nonneg((off, ln)):
-                raise CheckpointError(f"storage_data[{_r(key)}] is invalid: {_r(info)}")
-    raise CheckpointError("invalid storage_data")  # pragma: no cover
+                raise _StructureError(f"storage_data[{_r(key)}] is invalid: {_r(info)}")
+    raise _StructureError("invalid storage_data")  # pragma: no cover
 
 
 _get_relative_path = attrgetter("relative_path")
@@ -370,40 +372,40 @@ def _check_metadata(md: object) -> Metadata:
     types, so they are checked here, in bulk.
     """
     if type(md) is not Metadata:
-        raise CheckpointError(f"top-level object is {type(md).__name__}, not DCP Metadata")
+        raise _StructureError(f"top-level object is {type(md).__name__}, not DCP Metadata")
     sdm = md.__dict__.get("state_dict_metadata")
     if type(sdm) is not dict:
-        raise CheckpointError("Metadata.state_dict_metadata is missing or not a dict")
+        raise _StructureError("Metadata.state_dict_metadata is missing or not a dict")
     for fqn, item in sdm.items():
         if type(fqn) is not str:
-            raise CheckpointError(f"state_dict_metadata key {_r(fqn)} is not a str")
+            raise _StructureError(f"state_dict_metadata key {_r(fqn)} is not a str")
         kind = type(item)
         if kind is BytesStorageMetadata:
             continue
         if kind is not TensorStorageMetadata:
-            raise CheckpointError(f"{fqn}: storage metadata is {kind.__name__}")
+            raise _StructureError(f"{fqn}: storage metadata is {kind.__name__}")
         d = item.__dict__
         props = d.get("properties")
         if type(props) is not TensorProperties or not _valid_properties(props.__dict__):
-            raise CheckpointError(f"{fqn}: invalid tensor properties {_r(props)}")
+            raise _StructureError(f"{fqn}: invalid tensor properties {_r(props)}")
         size = d.get("size")
         if not _is_int_tuple(size) or not _all_int64_nonneg(size):
-            raise CheckpointError(f"{fqn}: invalid size {_r(size)}")
+            raise _StructureError(f"{fqn}: invalid size {_r(size)}")
         chunks = d.get("chunks")
         if type(chunks) is not list:
-            raise CheckpointError(f"{fqn}: chunks is {type(chunks).__name__}, not a list")
+            raise _StructureError(f"{fqn}: chunks is {type(chunks).__name__}, not a list")
         _check_chunks(fqn, chunks, len(size))
     md_dict = md.__dict__
     sm = md_dict.get("storage_meta")
     if sm is not None and type(sm) is not StorageMeta:
-        raise CheckpointError(f"storage_meta is {type(sm).__name__}, not StorageMeta")
+        raise _StructureError(f"storage_meta is {type(sm).__name__}, not StorageMeta")
     version = md_dict.get("version")
     if version is not None and type(version) is not str:
-        raise CheckpointError(f"version is {_r(version)}, not a str")
+        raise _StructureError(f"version is {_r(version)}, not a str")
     sd = md_dict.get("storage_data")
     if sd is not None:
         if type(sd) is not dict:
-            raise CheckpointError(f"storage_data is {type(sd).__name__}, not a dict")
+            raise _StructureError(f"storage_data is {type(sd).__name__}, not a dict")
         _check_storage_data(sd)
     return md
 
@@ -430,8 +432,14 @@ def _load(file: IO[bytes], name: str) -> Metadata:
     gc.disable()
     try:
         md = _SafeUnpickler(file).load()
+        # Checked while the GC is still paused: the first allocations after
+        # re-enabling it would otherwise run the deferred young-generation
+        # pass (and possibly an older one) in the middle of the check.
+        _check_metadata(md)
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f"{name}: {e}") from None
+    except _StructureError as e:
+        raise CheckpointError(f"{name}: not valid DCP metadata: {e}") from None
     except CheckpointError as e:
         raise CheckpointError(f"{name}: corrupted DCP metadata: {e}") from None
     except RecursionError:
@@ -445,10 +453,7 @@ def _load(file: IO[bytes], name: str) -> Metadata:
     finally:
         if gc_was_enabled:
             gc.enable()
-    try:
-        return _check_metadata(md)
-    except CheckpointError as e:
-        raise CheckpointError(f"{name}: not valid DCP metadata: {e}") from None
+    return md
 
 
 def load_metadata(
@@ -496,6 +501,20 @@ def loads_metadata(data: bytes, *, name: str = "<metadata bytes>") -> Metadata:
 # --------------------------------------------------------------------------
 
 
+def _escapes(relative_path: str) -> bool:
+    # FileSystemWriter only writes plain file names ("__0_0.distcp"); an
+    # absolute path or ".." in a downloaded checkpoint would point a reader
+    # at files outside the checkpoint directory.
+    pure = pathlib.PurePath(relative_path)
+    return (
+        not relative_path
+        or pure.is_absolute()
+        or pathlib.PureWindowsPath(relative_path).is_absolute()
+        or ".." in pure.parts
+        or "\0" in relative_path
+    )
+
+
 class Checkpoint:
     """A FileSystemWriter checkpoint directory: its metadata and where every item's bytes are.
 
@@ -506,7 +525,7 @@ class Checkpoint:
         storage: ``metadata.storage_data``: :class:`~ckcore.metadata.MetadataIndex` ->
             :class:`StorageInfo` (empty if the checkpoint has none).
         files: every data file the storage info names -> its size in bytes,
-            or None if it is missing.
+            or None if it is missing (or its name would leave ``dir``).
 
     >>> ck = Checkpoint("/ckpt/step_100")                       # doctest: +SKIP
     >>> ck.item_location(MetadataIndex("w", (0, 0)))            # doctest: +SKIP
@@ -514,7 +533,11 @@ class Checkpoint:
     """
 
     def __init__(self, path: Union[str, os.PathLike], *, rank: Union[int, None] = None) -> None:
-        """Open the checkpoint at ``path`` (a directory, or its metadata file) and read its metadata."""
+        """Open the checkpoint at ``path`` (a directory, or its metadata file) and read its metadata.
+
+        Raises :class:`CheckpointError` (or :class:`UnsafeCheckpointError`) as
+        :func:`load_metadata` does; data files are only ``stat``-ed, never read.
+        """
         p = pathlib.Path(path)
         if p.is_dir():
             self.dir = p
@@ -527,12 +550,14 @@ class Checkpoint:
         self.storage: dict[MetadataIndex, Any] = sd if isinstance(sd, dict) else {}
         files: dict[str, Union[int, None]] = {}
         for info in self.storage.values():
-            rp = getattr(info, "relative_path", None)
+            rp = getattr(info, "relative_path", None) if type(info) is StorageInfo else None
             if rp is not None and rp not in files:
-                try:
-                    files[rp] = os.stat(self.dir / rp).st_size
-                except OSError:
-                    files[rp] = None
+                files[rp] = None
+                if not _escapes(rp):
+                    try:
+                        files[rp] = os.stat(self.dir / rp).st_size
+                    except OSError:
+                        pass
         self.files = files
 
     def __repr__(self) -> str:
@@ -547,12 +572,23 @@ class Checkpoint:
         return self.metadata.state_dict_metadata
 
     def storage_info(self, index: Union[MetadataIndex, str]) -> StorageInfo:
-        """The :class:`StorageInfo` of ``index`` (a MetadataIndex, or an fqn for a bytes item)."""
+        """The :class:`StorageInfo` of ``index`` (a MetadataIndex, or an fqn for a bytes item).
+
+        Raises KeyError if the checkpoint has no entry for it (the index hint
+        is ignored, as in torch), CheckpointError if the entry is not a
+        FileSystemWriter record.
+        """
         key = MetadataIndex(index) if isinstance(index, str) else index
         try:
-            return self.storage[key]
+            info = self.storage[key]
         except KeyError:
             raise KeyError(f"{self.metadata_path}: no storage entry for {key}") from None
+        if type(info) is not StorageInfo:
+            raise CheckpointError(
+                f"{self.metadata_path}: storage entry for {key} is {type(info).__name__}, "
+                "not a FileSystemWriter record"
+            )
+        return info
 
     def item_location(self, index: Union[MetadataIndex, str]) -> ItemLocation:
         """Where the bytes of ``index`` are: file path, byte offset and length.
@@ -560,23 +596,26 @@ class Checkpoint:
         ``index`` is a :class:`~ckcore.metadata.MetadataIndex` (fqn and, for a
         tensor chunk, the chunk's global offsets) or an fqn string for a bytes
         item. The bytes are what FileSystemWriter wrote for the item (a
-        ``torch.save`` stream of the chunk for tensors), after
-        ``transform_descriptors`` if any.
+        ``torch.save`` stream of the chunk or object), after
+        ``transform_descriptors`` if any. Refuses (CheckpointError) a path that
+        would leave the checkpoint directory.
         """
         info = self.storage_info(index)
-        return ItemLocation(
-            self.dir / info.relative_path,
-            info.offset,
-            info.length,
-            getattr(info, "transform_descriptors", None),
-        )
+        rp = info.relative_path
+        if _escapes(rp):
+            raise CheckpointError(
+                f"{self.metadata_path}: storage entry for {index} names {rp!r}, "
+                "outside the checkpoint directory"
+            )
+        return ItemLocation(self.dir / rp, info.offset, info.length, info.transform_descriptors)
 
     def problems(self) -> list[str]:
         """Inconsistencies between metadata and files, as messages; empty when sound.
 
         Checks that every tensor chunk and bytes item has a storage entry, that
-        every entry's file exists and holds ``[offset, offset + length)``, and
-        that no entry names an item the metadata lacks.
+        every entry's file exists inside the checkpoint directory and holds
+        ``[offset, offset + length)``, and that no entry names an item the
+        metadata lacks.
         """
         out: list[str] = []
         storage = self.storage
@@ -596,8 +635,11 @@ class Checkpoint:
         for key, info in storage.items():
             if key not in expected:
                 out.append(f"storage entry {key} names no item in state_dict_metadata")
-            rp = getattr(info, "relative_path", None)
-            if rp is None:
+            if type(info) is not StorageInfo:
+                continue
+            rp = info.relative_path
+            if _escapes(rp):
+                out.append(f"{key.fqn}: file {rp!r} lies outside the checkpoint directory")
                 continue
             size = self.files.get(rp)
             if size is None:

@@ -505,3 +505,27 @@ print("torch" in sys.modules, any(m.startswith("torch") for m in sys.modules))
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("bad_path", ["/etc/passwd", "../outside.distcp", "a/../../b", "C:\\x.distcp", ""])
+def test_paths_outside_the_checkpoint_are_refused(tmp_path, bad_path):
+    md = sample_metadata(1)
+    key = MetadataIndex("layer0.weight", (0, 0))
+    md.storage_data[key] = StorageInfo(bad_path, 0, 10)
+    (tmp_path / ".metadata").write_bytes(torchify(md))
+    ck = Checkpoint(tmp_path)
+    assert ck.files[bad_path] is None
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        ck.item_location(key)
+    assert any("outside the checkpoint directory" in p for p in ck.problems())
+
+
+def test_non_filesystem_storage_entries(tmp_path):
+    md = sample_metadata(1)
+    key = MetadataIndex("layer0.weight", (0, 0))
+    md.storage_data[key] = ("s3://bucket/key", 0, 100)
+    (tmp_path / ".metadata").write_bytes(torchify(md))
+    ck = Checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="not a FileSystemWriter record"):
+        ck.item_location(key)
+    assert "s3://bucket/key" not in ck.files
