@@ -49,14 +49,13 @@ import io
 import os
 import pathlib
 import pickle
-from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
-from operator import attrgetter
+from itertools import islice
 from typing import IO, Any, Union
 
+from ._kernels import _mdcheck
 from .dtypes import DTYPE_ITEMSIZE, _ALIASES
 from .metadata import (
     BytesStorageMetadata,
@@ -263,15 +262,6 @@ class _SafeUnpickler(pickle.Unpickler):
 # --------------------------------------------------------------------------
 
 
-def _is_int_tuple(t: object) -> bool:
-    if type(t) is not tuple:
-        return False
-    for v in t:
-        if type(v) is not int or v < 0:
-            return False
-    return True
-
-
 def _valid_properties(p: dict) -> bool:
     return (
         p.get("dtype") in DTYPE_ITEMSIZE
@@ -282,85 +272,32 @@ def _valid_properties(p: dict) -> bool:
     )
 
 
-def _all_int64_nonneg(values: Any) -> bool:
-    # array("q") packs at C speed and refuses non-integers (TypeError) and
-    # values outside int64 (OverflowError); then one C-level min.
-    try:
-        arr = array("q", values)
-    except (TypeError, OverflowError):
-        return False
-    return not arr or min(arr) >= 0
-
-
-_get_offsets = attrgetter("offsets")
-_get_sizes = attrgetter("sizes")
-_chain = chain.from_iterable
-
-
 def _check_chunks(fqn: str, chunks: list, ndim: int) -> None:
-    # Bulk checks first (map/set/array run in C); only on failure walk the
-    # list in Python to name the offending chunk. A per-chunk Python loop
-    # would cost about as much as the unpickling itself.
-    try:
-        ok = set(map(type, chunks)) <= {ChunkStorageMetadata}
-        if ok:
-            # offsets and sizes of every chunk in one list: one pass per check.
-            boxes = list(map(_get_offsets, chunks))
-            boxes += map(_get_sizes, chunks)
-            ok = (
-                set(map(type, boxes)) <= {tuple}
-                and set(map(len, boxes)) <= {ndim}
-                and _all_int64_nonneg(_chain(boxes))
-            )
-    except AttributeError:  # a chunk built by NEWOBJ without its BUILD
-        ok = False
-    if ok:
+    # The compiled walk finds the first bad chunk; Python only words the error.
+    i = _mdcheck.first_bad_chunk(chunks, ChunkStorageMetadata, ndim)
+    if i < 0:
         return
-    for i, c in enumerate(chunks):
-        if type(c) is not ChunkStorageMetadata:
-            raise _StructureError(f"{fqn}: chunk {i} is {type(c).__name__}")
-        offs, sizes = c.__dict__.get("offsets"), c.__dict__.get("sizes")
-        if not (_is_int_tuple(offs) and _is_int_tuple(sizes)
-                and len(offs) == ndim and len(sizes) == ndim
-                and _all_int64_nonneg(offs) and _all_int64_nonneg(sizes)):
-            raise _StructureError(
-                f"{fqn}: chunk {i} has invalid offsets/sizes {_r(offs)}/{_r(sizes)} "
-                f"for a {ndim}-d tensor"
-            )
-    raise _StructureError(f"{fqn}: invalid chunks")  # pragma: no cover - bulk and slow checks agree
+    c = chunks[i]
+    if type(c) is not ChunkStorageMetadata:
+        raise _StructureError(f"{fqn}: chunk {i} is {type(c).__name__}")
+    offs, sizes = c.__dict__.get("offsets"), c.__dict__.get("sizes")
+    raise _StructureError(
+        f"{fqn}: chunk {i} has invalid offsets/sizes {_r(offs)}/{_r(sizes)} "
+        f"for a {ndim}-d tensor (want tuples of {ndim} ints in [0, 2**63))"
+    )
 
 
 def _check_storage_data(sd: dict) -> None:
     if not set(map(type, sd)) <= {MetadataIndex}:
         bad = next(k for k in sd if type(k) is not MetadataIndex)
         raise _StructureError(f"storage_data key {_r(bad)} is not a MetadataIndex")
+    # Custom storage writers may store other values; the kernel checks only
+    # the filesystem's records (StorageInfo) and skips the rest.
     infos = list(sd.values())
-    # Custom storage writers may store other values; only the filesystem's
-    # records (StorageInfo) are checked.
-    if not set(map(type, infos)) <= {StorageInfo}:
-        infos = [i for i in infos if type(i) is StorageInfo]
-    try:
-        ok = (
-            set(map(type, map(_get_relative_path, infos))) <= {str}
-            and _all_int64_nonneg(map(_get_offset, infos))
-            and _all_int64_nonneg(map(_get_length, infos))
-        )
-    except AttributeError:
-        ok = False
-    if ok:
-        return
-    for key, info in sd.items():
-        if type(info) is StorageInfo:
-            d = info.__dict__
-            rp, off, ln = d.get("relative_path"), d.get("offset"), d.get("length")
-            if type(rp) is not str or not _is_int_tuple((off, ln)) or not _all_int64_nonneg((off, ln)):
-                raise _StructureError(f"storage_data[{_r(key)}] is invalid: {_r(info)}")
-    raise _StructureError("invalid storage_data")  # pragma: no cover
-
-
-_get_relative_path = attrgetter("relative_path")
-_get_offset = attrgetter("offset")
-_get_length = attrgetter("length")
+    i = _mdcheck.first_bad_storage_info(infos, StorageInfo)
+    if i >= 0:
+        key = next(islice(sd, i, None))
+        raise _StructureError(f"storage_data[{_r(key)}] is invalid: {_r(infos[i])}")
 
 
 def _check_metadata(md: object) -> Metadata:
@@ -389,7 +326,7 @@ def _check_metadata(md: object) -> Metadata:
         if type(props) is not TensorProperties or not _valid_properties(props.__dict__):
             raise _StructureError(f"{fqn}: invalid tensor properties {_r(props)}")
         size = d.get("size")
-        if not _is_int_tuple(size) or not _all_int64_nonneg(size):
+        if not _mdcheck.shape_ok(size, len(size) if type(size) is tuple else -1):
             raise _StructureError(f"{fqn}: invalid size {_r(size)}")
         chunks = d.get("chunks")
         if type(chunks) is not list:
