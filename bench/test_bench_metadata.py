@@ -6,8 +6,8 @@ of chunks: 51,200 chunks with their ``MetadataIndex -> _StorageInfo``
 entries. It is built by pickling torch's dataclasses directly rather than
 saving 51,200 real tensors.
 
-- ``[ckcore]``: ``ckcore.load_metadata`` (allow-list unpickler + structure
-  check; torch is never needed).
+- ``[ckcore]``: ``ckcore.load_metadata`` (C allow-list unpickler with the GC
+  paused, then the compiled structure check; torch is never needed).
 - ``[torch]``: ``FileSystemReader(path).read_metadata()``, i.e. torch's
   ``pickle.load`` with torch imported.
 - ``[torch-gc-paused]``: torch's ``pickle.load`` with the cyclic GC paused the
@@ -27,13 +27,13 @@ from pathlib import PosixPath
 
 import pytest
 
-torch = pytest.importorskip("torch")  # noqa: E402  (CI has torch; keep the import guarded)
+torch = pytest.importorskip("torch")
 
-from torch.distributed.checkpoint import FileSystemReader  # noqa: E402
-from torch.distributed.checkpoint import metadata as tmd  # noqa: E402
-from torch.distributed.checkpoint.filesystem import _StorageInfo  # noqa: E402
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import metadata as tmd
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-from ckcore.checkpoint import load_metadata  # noqa: E402
+from ckcore.checkpoint import load_metadata
 
 N_TENSORS = 100
 GRID = (32, 16)

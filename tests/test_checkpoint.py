@@ -14,7 +14,6 @@ import importlib.util
 import io
 import os
 import pickle
-import shutil
 import sys
 import types
 import warnings
@@ -315,7 +314,7 @@ def torch_metadata(draw):
     return tmd.Metadata(
         sdm,
         planner_data=planner_data,
-        storage_data=draw(st.sampled_from([sd, None])) if sd else draw(st.sampled_from([sd, None])),
+        storage_data=draw(st.sampled_from([sd, None])),
         storage_meta=storage_meta,
         version=draw(st.sampled_from([None, "1.0.0"])),
     )

@@ -65,7 +65,8 @@ def first_bad_chunk(list chunks, type chunk_cls, Py_ssize_t ndim):
         # A chunk built by NEWOBJ without its BUILD has no fields.
         offsets = getattr(c, "offsets", None)
         sizes = getattr(c, "sizes", None)
-        if not _shape_ok(<PyObject *>offsets, ndim) or not _shape_ok(<PyObject *>sizes, ndim):
+        if not (_shape_ok(<PyObject *>offsets, ndim)
+                and _shape_ok(<PyObject *>sizes, ndim)):
             return i
     return -1
 

@@ -16,20 +16,21 @@ objects) are passed through unchanged. ``to_torch(from_torch(x)) == x`` and
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch.distributed._shard.sharded_tensor import metadata as _tshard
 from torch.distributed.checkpoint import filesystem as _tfs
 from torch.distributed.checkpoint import metadata as _tmd
 from torch.distributed.checkpoint import planner as _tpl
-from torch.distributed._shard.sharded_tensor import metadata as _tshard
 
 from .. import metadata as _cmd
 from .. import planner as _cpl
 from ..checkpoint import StorageInfo
 from ..dtypes import normalize_dtype
 
-__all__ = ["to_torch", "from_torch", "dtype_to_torch", "dtype_from_torch"]
+__all__ = ["dtype_from_torch", "dtype_to_torch", "from_torch", "to_torch"]
 
 
 # --------------------------------------------------------------------------
@@ -39,7 +40,7 @@ __all__ = ["to_torch", "from_torch", "dtype_to_torch", "dtype_from_torch"]
 
 def _strip_torch(obj: object) -> str:
     name = str(obj)
-    return name[6:] if name.startswith("torch.") else name
+    return name.removeprefix("torch.")
 
 
 def dtype_from_torch(dtype: torch.dtype) -> str:
@@ -51,21 +52,21 @@ def dtype_to_torch(name: str) -> torch.dtype:
     """The ``torch.dtype`` of a ckcore dtype name (``"bfloat16"`` -> ``torch.bfloat16``)."""
     dt = getattr(torch, normalize_dtype(name), None)
     if not isinstance(dt, torch.dtype):
-        raise ValueError(f"torch {torch.__version__} has no dtype {name!r}")
+        raise ValueError(f"torch {torch.__version__} has no dtype {name!r}")  # noqa: TRY004 - a bad name
     return dt
 
 
 def _layout_to_torch(name: str) -> torch.layout:
     lay = getattr(torch, name, None)
     if not isinstance(lay, torch.layout):
-        raise ValueError(f"unknown layout {name!r}")
+        raise ValueError(f"unknown layout {name!r}")  # noqa: TRY004 - a bad name
     return lay
 
 
 def _memory_format_to_torch(name: str) -> torch.memory_format:
     mf = getattr(torch, name, None)
     if not isinstance(mf, torch.memory_format):
-        raise ValueError(f"unknown memory format {name!r}")
+        raise ValueError(f"unknown memory format {name!r}")  # noqa: TRY004 - a bad name
     return mf
 
 
