@@ -249,14 +249,20 @@ del _name, _alias
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    """C unpickler whose only way to reach a global is the allow-list table."""
+    """C unpickler whose only way to reach a global is the allow-list table.
+
+    Every opcode that names a global (GLOBAL, STACK_GLOBAL, INST, OBJ and the
+    EXT codes) goes through ``find_class``, so nothing outside the table can
+    be called. Protocol 0/1 object pickles (``copyreg._reconstructor``) are
+    refused too: torch writes protocol 4 (5 on Python >= 3.14).
+    """
 
     def find_class(self, module: str, name: str) -> Any:
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
             raise UnsafeCheckpointError(
-                f"refusing global {module}.{name} (module {_r(module)}, class {_r(name)}): "
+                f"refusing global {module[:100]}.{name[:100]} (module {_r(module)}, class {_r(name)}): "
                 "not on ckcore's allow-list of DCP metadata classes; nothing was executed"
             ) from None
         except TypeError:  # unhashable: cannot come from a valid stream
