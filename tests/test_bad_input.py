@@ -291,7 +291,7 @@ def test_create_write_item_for_shard(name, bad, exc, which):
     ((0, 0), (2, 3), (4,), "dimensions"),
     ((3, 0), (2, 3), (4, 6), "outside"),
     ((0, 4), (2, 3), (4, 6), "outside"),
-    ((I64_MAX, 0), (1, 1), (I64_MAX, 6), "outside"),
+    ((I64_MAX, 0), (1, 1), (I64_MAX, 1), "outside"),
 ])
 def test_create_write_item_for_shard_geometry(offsets, sizes, global_size, needle):
     with pytest.raises(ValueError) as e:
