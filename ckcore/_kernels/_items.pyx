@@ -17,7 +17,7 @@ allows:
 """
 
 from cpython.long cimport PyLong_AsLongLong, PyLong_CheckExact
-from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.tuple cimport PyTuple_Check, PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_INCREF
 from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.object cimport PyObject_GenericSetAttr
@@ -101,6 +101,15 @@ def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
         except TypeError:
             raise TypeError(
                 f"{fqn}: chunk {i} {chunk!r}: offsets and sizes must be sequences") from None
+        if not (PyTuple_Check(offs) and PyTuple_Check(sizes)):
+            # tuple and torch.Size (a tuple subclass) index safely below; anything else
+            # (a list, an array, a set that has len() but no indexing) is read here once.
+            try:
+                offs = tuple([offs[d] for d in range(nd)])
+                sizes = tuple([sizes[d] for d in range(nd)])
+            except (TypeError, KeyError, IndexError):
+                raise TypeError(
+                    f"{fqn}: chunk {i} {chunk!r}: offsets and sizes must be sequences") from None
         vol = 1
         for d in range(nd):
             o = _as_i64(offs[d], fqn, i, chunk, "offsets")
