@@ -506,3 +506,14 @@ def test_metadata_index_equal_across_libraries():
     assert hash(a.offset) == hash(b.offset)
     assert dataclasses.astuple(ckcore.ChunkStorageMetadata((1, 2), (3, 4))) == dataclasses.astuple(
         tmd.ChunkStorageMetadata(torch.Size([1, 2]), torch.Size([3, 4])))
+
+
+def test_read_items_many_distinct_rows():
+    # Thousands of items with distinct offset rows: past the first table size of the
+    # kernel's row cache (rows are interned there), against torch.
+    shape = (60, 70)
+    saved = product([chunk_cuts(60, 30), chunk_cuts(70, 35)])
+    local = [((0, 0), (60, 70)), ((1, 1), (58, 67))] + product([chunk_cuts(60, 7), chunk_cuts(70, 3)])
+    expected = check_read_items(shape, local, saved)
+    assert len(expected) > 2000
+    assert len({it.dest_offsets for it in expected}) > 1024

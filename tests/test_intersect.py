@@ -344,3 +344,34 @@ def test_nested_and_random_big_counts(data):
     saved = data.draw(nested_layout(shape, 60))
     local = data.draw(random_boxes(shape, 20))
     check_both_paths(local, saved, len(shape))
+
+
+# ---------------------------------------------------------------------------
+# Sizes that reach the kernel's slow paths: output growth, sorting many saved hits
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_many_hits_per_local_chunk_in_shuffled_order(seed):
+    # A local chunk covering a shuffled 12x12 saved grid hits 144 saved chunks, reported
+    # by the index in cell order: more than the insertion sort handles (heap sort path).
+    import random
+
+    rng = random.Random(seed)
+    saved = product([chunk_cuts(24, 12), point_cuts(30, sorted(rng.sample(range(1, 30), 11)))])
+    rng.shuffle(saved)
+    local = [((0, 0), (24, 30)), ((3, 4), (17, 20)), ((0, 0), (0, 30))]
+    pairs = check_both_paths(local, saved, 2)
+    assert sum(1 for p in pairs if p[0] == 0) == 144
+    # Nested saved chunks as well, so the trie path sorts many hits too.
+    saved_nested = saved + [((0, 0), (24, 30)), ((1, 1), (20, 20))]
+    rng.shuffle(saved_nested)
+    check_both_paths(local, saved_nested, 2)
+
+
+def test_output_larger_than_the_initial_buffer():
+    # 64 x 40 saved chunks, all hit by one local chunk, plus a grid of local chunks:
+    # several thousand pairs, past the kernel's first 1024-entry output buffer.
+    saved = product([chunk_cuts(64, 64), chunk_cuts(80, 40)])
+    local = [((0, 0), (64, 80))] + product([chunk_cuts(64, 3), chunk_cuts(80, 7)])
+    pairs = check_both_paths(local, saved, 2)
+    assert len(pairs) >= 2 * 64 * 40
