@@ -50,7 +50,8 @@ cdef inline i64 _as_i64(object v, object fqn, isize i, object chunk, str what) e
     try:
         return PyLong_AsLongLong(v)
     except OverflowError:
-        raise ValueError(f"{fqn}: chunk {i} {chunk!r}: {what} value {v} does not fit in int64") from None
+        raise ValueError(
+            f"{fqn}: chunk {i} {chunk!r}: {what} value {v} does not fit in int64") from None
 
 
 def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
@@ -97,7 +98,8 @@ def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
             if len(offs) != nd or len(sizes) != nd:
                 raise ValueError(
                     f"{fqn}: chunk {i} {chunk!r} has {len(offs)} offsets and {len(sizes)} sizes "
-                    f"but {'the tensor has' if ndim is not None else 'chunk 0 has'} {nd} dimensions")
+                    f"but {'the tensor has' if ndim is not None else 'chunk 0 has'} "
+                    f"{nd} dimensions")
         except TypeError:
             raise TypeError(
                 f"{fqn}: chunk {i} {chunk!r}: offsets and sizes must be sequences") from None
