@@ -40,7 +40,7 @@ def chunk_cuts(extent: int, parts: int) -> list[tuple[int, int]]:
 
 
 def point_cuts(extent: int, points: list[int]) -> list[tuple[int, int]]:
-    """Intervals between sorted cut points in [0, extent] (repeated points give zero-size pieces)."""
+    """Intervals between sorted cut points in [0, extent]; repeated points give zero-size pieces."""
     pts = [0] + sorted(min(p, extent) for p in points) + [extent]
     return [(a, b - a) for a, b in zip(pts, pts[1:])]
 

@@ -90,7 +90,8 @@ def assert_canonical(items):
 
 def check_read_items(shape, local, saved, fqn="model.layers.0.w"):
     """ckcore vs torch on one layout, every way ckcore can be called. Returns torch's items."""
-    expected = tph.create_read_items_for_chunk_list(fqn, torch_md(shape, saved), torch_chunks(local))
+    expected = tph.create_read_items_for_chunk_list(fqn, torch_md(shape, saved),
+                                                    torch_chunks(local))
 
     # ckcore's own classes.
     got = ckcore.create_read_items_for_chunk_list(fqn, ck_md(shape, saved), ck_chunks(local))
@@ -152,7 +153,8 @@ def test_read_items_grid_to_grid(data):
 def test_read_items_irregular(data):
     shape = data.draw(shapes(2, 4))
     saved = data.draw(layout(shape, data.draw(st.sampled_from(["moe", "bricks", "nested"]))))
-    local = data.draw(layout(shape, data.draw(st.sampled_from(["moe", "bricks", "random", "zero"]))))
+    local_kind = data.draw(st.sampled_from(["moe", "bricks", "random", "zero"]))
+    local = data.draw(layout(shape, local_kind))
     check_read_items(shape, local, saved)
 
 
@@ -210,9 +212,10 @@ def test_read_items_duplicate_saved_chunks():
 
 
 def test_read_items_empty_lists():
-    assert ckcore.create_read_items_for_chunk_list("w", ck_md((4,), []), ck_chunks([((0,), (4,))])) == []
-    assert ckcore.create_read_items_for_chunk_list("w", ck_md((4,), [((0,), (4,))]), []) == []
-    assert tph.create_read_items_for_chunk_list("w", torch_md((4,), []), torch_chunks([((0,), (4,))])) == []
+    one = [((0,), (4,))]
+    assert ckcore.create_read_items_for_chunk_list("w", ck_md((4,), []), ck_chunks(one)) == []
+    assert ckcore.create_read_items_for_chunk_list("w", ck_md((4,), one), []) == []
+    assert tph.create_read_items_for_chunk_list("w", torch_md((4,), []), torch_chunks(one)) == []
 
 
 # ---------------------------------------------------------------------------
@@ -229,7 +232,8 @@ def test_create_read_items_whole_tensor(data):
     whole = [((0,) * len(shape), tuple(shape))]
     got = ckcore.create_read_items("w", ck_md(shape, saved), ck_chunks(whole))
     assert_same_items(got, expected)
-    got_t = ckcore.create_read_items("w", torch_md(shape, saved), torch_chunks(whole), TORCH_CLASSES)
+    got_t = ckcore.create_read_items("w", torch_md(shape, saved), torch_chunks(whole),
+                                     TORCH_CLASSES)
     assert Counter(got_t) == Counter(expected)
 
 
@@ -392,7 +396,8 @@ def build_item(spec, torch_side):
     wrap = torch.Size if torch_side else tuple
     td = None
     if size is not None:
-        props = tmd.TensorProperties(dtype=torch.float32) if torch_side else ckcore.TensorProperties()
+        props = (tmd.TensorProperties(dtype=torch.float32) if torch_side
+                 else ckcore.TensorProperties())
         td = p.TensorWriteData(chunk=m.ChunkStorageMetadata(wrap(chunk[0]), wrap(chunk[1])),
                                properties=props, size=wrap(size))
     return p.WriteItem(index=m.MetadataIndex(fqn, off, hint), type=p.WriteItemType[kind],
@@ -513,7 +518,8 @@ def test_read_items_many_distinct_rows():
     # kernel's row cache (rows are interned there), against torch.
     shape = (60, 70)
     saved = product([chunk_cuts(60, 30), chunk_cuts(70, 35)])
-    local = [((0, 0), (60, 70)), ((1, 1), (58, 67))] + product([chunk_cuts(60, 7), chunk_cuts(70, 3)])
+    local = [((0, 0), (60, 70)), ((1, 1), (58, 67))]
+    local += product([chunk_cuts(60, 7), chunk_cuts(70, 3)])
     expected = check_read_items(shape, local, saved)
     assert len(expected) > 2000
     assert len({it.dest_offsets for it in expected}) > 1024

@@ -20,13 +20,13 @@ from ckcore._kernels import _intersect
 from . import _reference as ref
 from ._layouts import (
     HUGE,
+    chunk_cuts,
     grid_layout,
     layout,
     layout_pair,
     nested_layout,
     point_cuts,
     product,
-    chunk_cuts,
     random_boxes,
     shapes,
     zero_d_pair,

@@ -1,4 +1,4 @@
-"""ckcore's torch-free dataclasses have torch's shape: fields, order, defaults, frozen-ness, equality."""
+"""ckcore's torch-free dataclasses have torch's shape: fields, order, defaults, frozen, equality."""
 
 from __future__ import annotations
 
