@@ -18,7 +18,8 @@ import pytest
 
 import ckcore
 
-ROOT = Path(ckcore.__file__).resolve().parent.parent
+# The checkout (not the installed package, which has no .pyx and no tests).
+ROOT = Path(__file__).resolve().parent.parent
 PYTHON_DIRS = [d for d in ("ckcore", "tests", "bench") if (ROOT / d).is_dir()]
 # pycodestyle errors and warnings, pyflakes, import order; at the project's line length.
 RUFF_ARGS = ["check", "--select", "E,W,F,I", "--line-length", "100", "--no-cache"]
