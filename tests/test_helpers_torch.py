@@ -523,3 +523,16 @@ def test_read_items_many_distinct_rows():
     expected = check_read_items(shape, local, saved)
     assert len(expected) > 2000
     assert len({it.dest_offsets for it in expected}) > 1024
+
+
+def test_mismatched_ndim_torch_truncates_ckcore_refuses():
+    # torch zips a 1-d local chunk against 2-d saved chunks and returns a 1-d read item
+    # of a 2-d tensor; ckcore names the tensor and the chunk instead.
+    local = [((1,), (2,))]
+    saved = [((0, 0), (4, 4))]
+    items = tph.create_read_items_for_chunk_list("w", torch_md((4, 4), saved), torch_chunks(local))
+    assert len(items) == 1 and len(items[0].lengths) == 1
+    for md, chunks in ((ck_md((4, 4), saved), ck_chunks(local)),
+                       (torch_md((4, 4), saved), torch_chunks(local))):
+        with pytest.raises(ValueError, match=r"w: chunk 0 .* 1 dimensions but the tensor has 2"):
+            ckcore.create_read_items_for_chunk_list("w", md, chunks)
