@@ -329,3 +329,21 @@ def test_plan_helpers_on_non_plans_raise_not_crash():
         ckcore.contains_usable_plan(None)
     with pytest.raises(TypeError):
         ckcore.merge_delta_local_plans(None, [plan])
+
+
+def test_zero_volume_is_not_an_overflow():
+    # A chunk with a zero size has volume 0 however large its other sizes are; only a
+    # volume that really exceeds int64 is refused (torch plans such chunks fine).
+    big = C((0, 0, 0), (2**40, 2**40, 0))
+    off, size = chunk_arrays([big, C((0, 0, 0), (0, 2**40, 2**40))], FQN)
+    assert size.tolist() == [[2**40, 2**40, 0], [0, 2**40, 2**40]]
+    r = intersect_chunks([big], [C((0, 0, 0), (2**40, 1, 1))], fqn=FQN)
+    assert len(r) == 0  # zero-size on the boundary of dimension 2: no overlap
+    r = intersect_chunks((off, size), (off, size), fqn=FQN)
+    assert len(r) == 0
+    assert create_write_item_for_tensor(FQN, (2**40, 2**40, 0)).tensor_data.size[2] == 0
+    # A real overflow is still caught, before and after a dimension of size 1.
+    with pytest.raises(ValueError, match="volume"):
+        chunk_arrays([C((0, 0, 0), (2**40, 1, 2**40))], FQN)
+    with pytest.raises(ValueError, match="volume"):
+        intersect_chunks((arr([[0, 0, 0]]), arr([[2**40, 2**40, 1]])), [big], fqn=FQN)

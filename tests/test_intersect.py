@@ -320,6 +320,11 @@ def test_summary_rejects_empty_and_zero_d():
     ([[0, 0], [0, 0], [0, 0]], [[1, 1], [1, 1], [2**32, 2**31]], _intersect.BOX_VOLUME_OVERFLOW, 2),
     ([[0, 0]], [[2**32, 2**31 - 1]], 0, -1),
     ([[0]], [[2**63 - 1]], 0, -1),
+    # Volume 0: a zero size after (or before) sizes whose product would overflow.
+    ([[0, 0, 0]], [[2**40, 2**40, 0]], 0, -1),
+    ([[0, 0, 0]], [[0, 2**40, 2**40]], 0, -1),
+    ([[0, 0, 0], [0, 0, 0]], [[2**40, 2**40, 0], [2**40, 2**40, 1]],
+     _intersect.BOX_VOLUME_OVERFLOW, 1),
 ])
 def test_check_boxes(off, size, code, row):
     got = _intersect.check_boxes(np.array(off, np.int64), np.array(size, np.int64))
