@@ -53,8 +53,10 @@ cdef int _check_boxes(const i64* off, const i64* size, isize n, isize nd,
                       isize* bad_row) noexcept nogil:
     cdef isize i, d
     cdef i64 o, s, vol
+    cdef bint over
     for i in range(n):
         vol = 1
+        over = False
         for d in range(nd):
             o = off[i * nd + d]
             s = size[i * nd + d]
@@ -67,10 +69,19 @@ cdef int _check_boxes(const i64* off, const i64* size, isize n, isize nd,
             if add_overflows(o, s):
                 bad_row[0] = i
                 return 3
-            if mul_overflows(vol, s):
-                bad_row[0] = i
-                return 4
-            vol *= s
+            # A zero size makes the volume 0 whatever came before: only report an
+            # overflow once every dimension has been seen.
+            if s == 0:
+                vol = 0
+                over = False
+            elif not over:
+                if mul_overflows(vol, s):
+                    over = True
+                else:
+                    vol *= s
+        if over:
+            bad_row[0] = i
+            return 4
     return 0
 
 

@@ -67,6 +67,7 @@ def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
     """
     cdef isize n = len(chunks), i, d, nd
     cdef i64 o, s, vol
+    cdef bint over
     cdef object chunk, offs, sizes
     if n == 0:
         nd = ndim if ndim is not None else 0
@@ -113,6 +114,7 @@ def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
                 raise TypeError(
                     f"{fqn}: chunk {i} {chunk!r}: offsets and sizes must be sequences") from None
         vol = 1
+        over = False
         for d in range(nd):
             o = _as_i64(offs[d], fqn, i, chunk, "offsets")
             s = _as_i64(sizes[d], fqn, i, chunk, "sizes")
@@ -121,11 +123,20 @@ def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
             if o > I64_MAX - s:
                 raise ValueError(
                     f"{fqn}: chunk {i} {chunk!r}: offset + size overflows int64 in dimension {d}")
-            if vol != 0 and s > I64_MAX // vol:
-                raise ValueError(f"{fqn}: chunk {i} {chunk!r}: volume overflows int64")
-            vol *= s
+            # A zero size makes the volume 0 whatever came before: only report an
+            # overflow once every dimension has been seen.
+            if s == 0:
+                vol = 0
+                over = False
+            elif not over and vol != 0:
+                if s > I64_MAX // vol:
+                    over = True
+                else:
+                    vol *= s
             ov[i, d] = o
             sv[i, d] = s
+        if over:
+            raise ValueError(f"{fqn}: chunk {i} {chunk!r}: volume overflows int64")
     return out_off, out_size
 
 
