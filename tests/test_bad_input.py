@@ -347,3 +347,10 @@ def test_zero_volume_is_not_an_overflow():
         chunk_arrays([C((0, 0, 0), (2**40, 1, 2**40))], FQN)
     with pytest.raises(ValueError, match="volume"):
         intersect_chunks((arr([[0, 0, 0]]), arr([[2**40, 2**40, 1]])), [big], fqn=FQN)
+
+
+def test_empty_chunk_lists_keep_the_tensor_ndim():
+    off, size = chunk_arrays([], FQN, ndim=3)
+    assert off.shape == size.shape == (0, 3) and off.dtype == np.int64
+    r = intersect_chunks([], [C((0, 0, 0), (1, 1, 1))], fqn=FQN, ndim=3)
+    assert len(r) == 0 and r.lengths.shape == (0, 3)

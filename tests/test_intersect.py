@@ -380,3 +380,20 @@ def test_output_larger_than_the_initial_buffer():
     local = [((0, 0), (64, 80))] + product([chunk_cuts(64, 3), chunk_cuts(80, 7)])
     pairs = check_both_paths(local, saved, 2)
     assert len(pairs) >= 2 * 64 * 40
+
+
+def test_read_only_inputs():
+    # The kernel takes const memoryviews: read-only arrays (e.g. np.frombuffer over bytes,
+    # or a memory-mapped checkpoint index) must be accepted and left untouched.
+    saved = product([chunk_cuts(6, 3), chunk_cuts(4, 2)])
+    local = [((1, 1), (4, 2))]
+    arrs = [*arrays(local, 2), *arrays(saved, 2)]
+    copies = [a.copy() for a in arrs]
+    for a in arrs:
+        a.setflags(write=False)
+    for use_grid in (True, False):
+        li, si, *_ = _intersect.intersect(*arrs, use_grid=use_grid)
+        assert list(zip(li.tolist(), si.tolist())) == [
+            (i, j) for i, j, *_ in ref.intersect(local, saved)]
+    for a, c in zip(arrs, copies):
+        np.testing.assert_array_equal(a, c)
