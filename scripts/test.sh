@@ -24,7 +24,7 @@ rm -rf "$venv"
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
 python -m pip install -q "setuptools>=64" wheel "Cython>=3.1,<4" "numpy>=1.24" \
-    "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6"
+    "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6" ruff cython-lint
 
 step "build the wheel and install it"
 rm -rf dist build
