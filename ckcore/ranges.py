@@ -30,6 +30,7 @@ __all__ = [
     "coalesce_ranges",
     "contiguous_strides",
     "copy_box",
+    "paired_runs",
 ]
 
 _I64_MAX = 2**63 - 1
@@ -190,6 +191,41 @@ def copy_box(
         _vec(w, "src_offsets", (0,) * n if src_offsets is None else src_offsets),
         _bytes_view(w, dst, True),
         d_shape,
+        _vec(w, "dst_strides", contiguous_strides(dst_shape) if dst_strides is None else dst_strides),
+        _int(w, "dst_base", dst_base),
+        _vec(w, "dst_offsets", (0,) * n if dst_offsets is None else dst_offsets),
+        _vec(w, "lengths", lengths),
+        _int(w, "itemsize", itemsize),
+    )
+
+
+def paired_runs(
+    lengths: Sequence[int],
+    *,
+    itemsize: int,
+    src_shape: Sequence[int],
+    dst_shape: Sequence[int],
+    src_strides: Sequence[int] | None = None,
+    dst_strides: Sequence[int] | None = None,
+    src_offsets: Sequence[int] | None = None,
+    dst_offsets: Sequence[int] | None = None,
+    src_base: int = 0,
+    dst_base: int = 0,
+) -> np.ndarray:
+    """The runs :func:`copy_box` would memcpy, as an (K, 3) int64 array ``[src, dst, nbytes]``.
+
+    Same arguments as :func:`copy_box` without the buffers; addresses are byte
+    offsets from each buffer's start, rows sorted by source address. A reader
+    whose runs are large reads each one straight into the destination.
+    """
+    w = "paired_runs"
+    n = len(lengths)
+    return _ranges.paired_runs(
+        _vec(w, "src_shape", src_shape),
+        _vec(w, "src_strides", contiguous_strides(src_shape) if src_strides is None else src_strides),
+        _int(w, "src_base", src_base),
+        _vec(w, "src_offsets", (0,) * n if src_offsets is None else src_offsets),
+        _vec(w, "dst_shape", dst_shape),
         _vec(w, "dst_strides", contiguous_strides(dst_shape) if dst_strides is None else dst_strides),
         _int(w, "dst_base", dst_base),
         _vec(w, "dst_offsets", (0,) * n if dst_offsets is None else dst_offsets),

@@ -37,3 +37,15 @@ def copy_box(
     lengths: npt.NDArray[np.int64],
     itemsize: int,
 ) -> None: ...
+def paired_runs(
+    src_shape: npt.NDArray[np.int64],
+    src_strides: npt.NDArray[np.int64],
+    src_base: int,
+    src_offsets: npt.NDArray[np.int64],
+    dst_shape: npt.NDArray[np.int64],
+    dst_strides: npt.NDArray[np.int64],
+    dst_base: int,
+    dst_offsets: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    itemsize: int,
+) -> npt.NDArray[np.int64]: ...

@@ -358,6 +358,103 @@ cdef void _copy_runs(const unsigned char* src, unsigned char* dst, i64 run, Py_s
             i -= 1
 
 
+cdef i64 _paired_walk(const i64[::1] src_strides, i64 src_base, const i64[::1] src_offsets,
+                     const i64[::1] dst_strides, i64 dst_base, const i64[::1] dst_offsets,
+                     const i64[::1] lengths, i64 itemsize, Py_ssize_t* m,
+                     i64* dlen, i64* sstride, i64* tstride, i64* so, i64* do,
+                     i64* nruns) noexcept nogil:
+    # The walk of a box copied between two strided chunks: outer dims in source
+    # address order, and a run merged only while it is contiguous in both.
+    # Returns the run length in bytes; fills the outer dims and start addresses.
+    cdef Py_ssize_t dims[64]
+    cdef Py_ssize_t d, k = 0, n = lengths.shape[0]
+    cdef i64 run = itemsize
+    so[0] = src_base
+    do[0] = dst_base
+    for d in range(n):
+        so[0] += src_offsets[d] * src_strides[d] * itemsize
+        do[0] += dst_offsets[d] * dst_strides[d] * itemsize
+        if lengths[d] > 1:
+            dims[k] = d
+            k += 1
+    _sort_dims(dims, k, &src_strides[0])
+    while k > 0 and src_strides[dims[k - 1]] * itemsize == run and \
+            dst_strides[dims[k - 1]] * itemsize == run:
+        run *= lengths[dims[k - 1]]
+        k -= 1
+    nruns[0] = 1
+    for d in range(k):
+        dlen[d] = lengths[dims[d]]
+        sstride[d] = src_strides[dims[d]] * itemsize
+        tstride[d] = dst_strides[dims[d]] * itemsize
+        nruns[0] *= dlen[d]
+    m[0] = k
+    return run
+
+
+cdef int _check_pair(str what, const i64[::1] src_shape, const i64[::1] src_strides,
+                     i64 src_base, const i64[::1] src_offsets, const i64[::1] dst_shape,
+                     const i64[::1] dst_strides, i64 dst_base, const i64[::1] dst_offsets,
+                     const i64[::1] lengths, i64 itemsize) except -1:
+    _check_layout(what + " source", src_shape, src_strides, itemsize, src_base,
+                  src_offsets, lengths)
+    _check_layout(what + " destination", dst_shape, dst_strides, itemsize, dst_base,
+                  dst_offsets, lengths)
+    if lengths.shape[0] > 64:
+        raise ValueError(f"{what}: at most 64 dims are supported, got {lengths.shape[0]}")
+    return 0
+
+
+def paired_runs(const i64[::1] src_shape, const i64[::1] src_strides, i64 src_base,
+                const i64[::1] src_offsets, const i64[::1] dst_shape,
+                const i64[::1] dst_strides, i64 dst_base, const i64[::1] dst_offsets,
+                const i64[::1] lengths, i64 itemsize):
+    """Runs contiguous in both chunks as an (K, 3) int64 array ``[src, dst, nbytes]``.
+
+    Rows are sorted by source address; every row has the same ``nbytes``. A
+    reader uses this to read each source run straight into its destination.
+    """
+    _check_pair("paired_runs", src_shape, src_strides, src_base, src_offsets,
+                dst_shape, dst_strides, dst_base, dst_offsets, lengths, itemsize)
+    if _box_numel("paired_runs", lengths) == 0:
+        return np.empty((0, 3), dtype=np.int64)
+    cdef Py_ssize_t m, i
+    cdef i64 dlen[64]
+    cdef i64 sstride[64]
+    cdef i64 tstride[64]
+    cdef i64 idx[64]
+    cdef i64 so, do, nruns, run, r
+    cdef bint sorted_ = True
+    run = _paired_walk(src_strides, src_base, src_offsets, dst_strides, dst_base,
+                       dst_offsets, lengths, itemsize, &m, dlen, sstride, tstride,
+                       &so, &do, &nruns)
+    out = np.empty((nruns, 3), dtype=np.int64)
+    cdef i64[:, ::1] o = out
+    with nogil:
+        for i in range(m):
+            idx[i] = 0
+        for r in range(nruns):
+            o[r, 0] = so
+            o[r, 1] = do
+            o[r, 2] = run
+            if r > 0 and so < o[r - 1, 0]:
+                sorted_ = False
+            i = m - 1
+            while i >= 0:
+                idx[i] += 1
+                so += sstride[i]
+                do += tstride[i]
+                if idx[i] < dlen[i]:
+                    break
+                so -= sstride[i] * dlen[i]
+                do -= tstride[i] * dlen[i]
+                idx[i] = 0
+                i -= 1
+        if not sorted_:
+            qsort(&o[0, 0], <size_t>nruns, 3 * sizeof(i64), _cmp_pair)
+    return out
+
+
 def copy_box(const unsigned char[::1] src, const i64[::1] src_shape,
              const i64[::1] src_strides, i64 src_base, const i64[::1] src_offsets,
              unsigned char[::1] dst, const i64[::1] dst_shape,
@@ -369,13 +466,8 @@ def copy_box(const unsigned char[::1] src, const i64[::1] src_shape,
     into their buffer; the copy walks contiguous runs (contiguous in both) with
     memcpy and the GIL released. Source and destination must not overlap.
     """
-    _check_layout("copy_box source", src_shape, src_strides, itemsize, src_base,
-                  src_offsets, lengths)
-    _check_layout("copy_box destination", dst_shape, dst_strides, itemsize, dst_base,
-                  dst_offsets, lengths)
-    cdef Py_ssize_t n = src_shape.shape[0], d, k = 0
-    if n > 64:
-        raise ValueError(f"copy_box: at most 64 dims are supported, got {n}")
+    _check_pair("copy_box", src_shape, src_strides, src_base, src_offsets,
+                dst_shape, dst_strides, dst_base, dst_offsets, lengths, itemsize)
     if _box_numel("copy_box", lengths) == 0:
         return
     cdef i64 send = _box_last(src_strides, itemsize, src_base, src_offsets, lengths)
@@ -386,27 +478,13 @@ def copy_box(const unsigned char[::1] src, const i64[::1] src_shape,
     if dend > dst.shape[0]:
         raise ValueError(f"copy_box: destination buffer too small: the box needs {dend} "
                          f"bytes, the buffer has {dst.shape[0]}")
-    cdef Py_ssize_t dims[64]
+    cdef Py_ssize_t m
     cdef i64 dlen[64]
     cdef i64 sstride[64]
     cdef i64 tstride[64]
-    cdef i64 run = itemsize, nruns = 1, so = src_base, do = dst_base
+    cdef i64 so, do, nruns, run
     with nogil:
-        for d in range(n):
-            so += src_offsets[d] * src_strides[d] * itemsize
-            do += dst_offsets[d] * dst_strides[d] * itemsize
-            if lengths[d] > 1:
-                dims[k] = d
-                k += 1
-        # Walk in source address order (the source is usually a read buffer).
-        _sort_dims(dims, k, &src_strides[0])
-        while k > 0 and src_strides[dims[k - 1]] * itemsize == run and \
-                dst_strides[dims[k - 1]] * itemsize == run:
-            run *= lengths[dims[k - 1]]
-            k -= 1
-        for d in range(k):
-            dlen[d] = lengths[dims[d]]
-            sstride[d] = src_strides[dims[d]] * itemsize
-            tstride[d] = dst_strides[dims[d]] * itemsize
-            nruns *= dlen[d]
-        _copy_runs(&src[0] + so, &dst[0] + do, run, k, dlen, sstride, tstride, nruns)
+        run = _paired_walk(src_strides, 0, src_offsets, dst_strides, 0, dst_offsets,
+                           lengths, itemsize, &m, dlen, sstride, tstride, &so, &do, &nruns)
+        _copy_runs(&src[0] + src_base + so, &dst[0] + dst_base + do, run, m, dlen,
+                   sstride, tstride, nruns)
