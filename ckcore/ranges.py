@@ -30,6 +30,7 @@ __all__ = [
     "coalesce_ranges",
     "contiguous_strides",
     "copy_box",
+    "paired_run_info",
     "paired_runs",
 ]
 
@@ -228,6 +229,32 @@ def paired_runs(
         _vec(w, "dst_shape", dst_shape),
         _vec(w, "dst_strides", contiguous_strides(dst_shape) if dst_strides is None else dst_strides),
         _int(w, "dst_base", dst_base),
+        _vec(w, "dst_offsets", (0,) * n if dst_offsets is None else dst_offsets),
+        _vec(w, "lengths", lengths),
+        _int(w, "itemsize", itemsize),
+    )
+
+
+def paired_run_info(
+    lengths: Sequence[int],
+    *,
+    itemsize: int,
+    src_shape: Sequence[int],
+    dst_shape: Sequence[int],
+    src_strides: Sequence[int] | None = None,
+    dst_strides: Sequence[int] | None = None,
+    src_offsets: Sequence[int] | None = None,
+    dst_offsets: Sequence[int] | None = None,
+) -> tuple[int, int]:
+    """``(runs, run_bytes)`` of :func:`paired_runs` in O(ndim), without building the rows."""
+    w = "paired_run_info"
+    n = len(lengths)
+    return _ranges.paired_run_info(
+        _vec(w, "src_shape", src_shape),
+        _vec(w, "src_strides", contiguous_strides(src_shape) if src_strides is None else src_strides),
+        _vec(w, "src_offsets", (0,) * n if src_offsets is None else src_offsets),
+        _vec(w, "dst_shape", dst_shape),
+        _vec(w, "dst_strides", contiguous_strides(dst_shape) if dst_strides is None else dst_strides),
         _vec(w, "dst_offsets", (0,) * n if dst_offsets is None else dst_offsets),
         _vec(w, "lengths", lengths),
         _int(w, "itemsize", itemsize),

@@ -49,3 +49,13 @@ def paired_runs(
     lengths: npt.NDArray[np.int64],
     itemsize: int,
 ) -> npt.NDArray[np.int64]: ...
+def paired_run_info(
+    src_shape: npt.NDArray[np.int64],
+    src_strides: npt.NDArray[np.int64],
+    src_offsets: npt.NDArray[np.int64],
+    dst_shape: npt.NDArray[np.int64],
+    dst_strides: npt.NDArray[np.int64],
+    dst_offsets: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    itemsize: int,
+) -> tuple[int, int]: ...

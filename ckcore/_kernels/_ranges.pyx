@@ -488,3 +488,22 @@ def copy_box(const unsigned char[::1] src, const i64[::1] src_shape,
                            lengths, itemsize, &m, dlen, sstride, tstride, &so, &do, &nruns)
         _copy_runs(&src[0] + src_base + so, &dst[0] + dst_base + do, run, m, dlen,
                    sstride, tstride, nruns)
+
+
+def paired_run_info(const i64[::1] src_shape, const i64[::1] src_strides,
+                    const i64[::1] src_offsets, const i64[::1] dst_shape,
+                    const i64[::1] dst_strides, const i64[::1] dst_offsets,
+                    const i64[::1] lengths, i64 itemsize):
+    """``(number of runs, bytes per run)`` of :func:`paired_runs`, in O(ndim)."""
+    _check_pair("paired_run_info", src_shape, src_strides, 0, src_offsets,
+                dst_shape, dst_strides, 0, dst_offsets, lengths, itemsize)
+    if _box_numel("paired_run_info", lengths) == 0:
+        return 0, 0
+    cdef Py_ssize_t m
+    cdef i64 dlen[64]
+    cdef i64 sstride[64]
+    cdef i64 tstride[64]
+    cdef i64 so, do, nruns, run
+    run = _paired_walk(src_strides, 0, src_offsets, dst_strides, 0, dst_offsets,
+                       lengths, itemsize, &m, dlen, sstride, tstride, &so, &do, &nruns)
+    return nruns, run

@@ -1,0 +1,421 @@
+"""A DCP storage reader that reads only the bytes each ReadItem needs.
+
+torch's ``FileSystemReader.read_data`` ``torch.load``s every saved chunk a
+request touches, whole, then narrows it, and serves requests in plan order.
+A rank that needs one column block of a row-sharded tensor therefore reads
+(and holds in memory) every full row chunk. :class:`RangeFileSystemReader`
+instead, per file:
+
+1. locates each tensor item's storage bytes inside its ``torch.save`` archive
+   (:mod:`ckcore._torchsave`, a few KiB of zip records and an allow-listed
+   pickle; no ``torch.load``);
+2. sorts the requests by file offset, computes the byte ranges of each
+   request's box (:func:`ckcore.ranges.byte_ranges`) and coalesces them
+   across small gaps under an over-read cap (:func:`ckcore.ranges.coalesce_ranges`);
+3. reads with ``os.preadv`` straight into the destination tensor's memory
+   when the source runs are also contiguous there (the usual case: rows of a
+   row-major chunk into rows of the destination), and otherwise into a
+   bounded scratch buffer followed by the GIL-free box copy
+   (:func:`ckcore.ranges.copy_box`), slab by slab so no buffer exceeds
+   ``buffer_bytes``.
+
+Items with stream transforms (compression, extensions), formats it cannot
+parse, dtype conversions or non-CPU destinations go through torch's own
+path (``FileSystemReader.read_data``) or a staging tensor, so the result is
+always what torch would load. Metadata reading, planning hooks and
+``checkpoint_id`` handling are inherited from ``FileSystemReader``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.futures import Future
+
+from ckcore import ranges as _r
+from ckcore._torchsave import CorruptItem, TensorLocation, UnsupportedItem, locate_tensor
+
+__all__ = ["RangeFileSystemReader"]
+
+_SMALL_ITEM = 64 << 10  # items up to this size are read whole in one call
+_IOV_MAX = min(getattr(os, "sysconf", lambda _: 1024)("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+_HAS_PREADV = hasattr(os, "preadv")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _byte_view(addr: int, nbytes: int) -> memoryview:
+    # A writable byte view of tensor memory [addr, addr + nbytes): torch
+    # tensors do not export the buffer protocol (and numpy has no bfloat16 or
+    # float8), so the view is built over the raw address.
+    if nbytes == 0:
+        return memoryview(bytearray(0))
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(addr)).cast("B")
+
+
+def _extent(sizes: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> int:
+    # bytes from element 0 to one past the last element of a non-empty box
+    return (sum((s - 1) * t for s, t in zip(sizes, strides)) + 1) * itemsize
+
+
+def _slabs(
+    offsets: tuple[int, ...], lengths: tuple[int, ...], strides: tuple[int, ...],
+    itemsize: int, limit: int,
+) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
+    # Split a box along its largest-stride dim (recursively) until each piece
+    # spans at most `limit` bytes of the source, so a read buffer stays bounded.
+    span = _extent(lengths, strides, itemsize)
+    if span <= limit:
+        yield offsets, lengths
+        return
+    dims = [d for d in range(len(lengths)) if lengths[d] > 1]
+    d = max(dims, key=lambda i: strides[i])
+    step = strides[d] * itemsize
+    rest = span - (lengths[d] - 1) * step  # span of one index along d
+    k = max(1, (limit - rest) // step + 1) if rest <= limit else 1
+    for i in range(0, lengths[d], k):
+        o = offsets[:d] + (offsets[d] + i,) + offsets[d + 1 :]
+        ln = lengths[:d] + (min(k, lengths[d] - i),) + lengths[d + 1 :]
+        if rest > limit:
+            yield from _slabs(o, ln, strides, itemsize, limit)
+        else:
+            yield o, ln
+
+
+class RangeFileSystemReader(FileSystemReader):
+    """``FileSystemReader`` that reads only the byte ranges each ReadItem needs.
+
+    Use exactly like torch's reader::
+
+        dcp.load(state_dict, storage_reader=RangeFileSystemReader(path))
+
+    ``max_overread`` caps ``bytes read / bytes needed`` per request (header
+    records of each archive aside); ``max_gap`` is the largest hole merged
+    into one read; ``buffer_bytes`` bounds the scratch buffer used when a box
+    cannot be read straight into the destination; runs of at least
+    ``direct_min_bytes`` are read straight into the destination tensor.
+    ``stats`` counts read calls and bytes read by ``read_data`` (the
+    whole-chunk fallback is counted as the items' full lengths).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        _extension_registry: Any = None,
+        *,
+        max_overread: float = 1.1,
+        max_gap: int = 1 << 20,
+        buffer_bytes: int = 16 << 20,
+        direct_min_bytes: int = 4096,
+    ) -> None:
+        super().__init__(path, _extension_registry)
+        if not max_overread >= 1.0:
+            raise ValueError(f"max_overread must be >= 1.0, got {max_overread}")
+        if max_gap < 0 or buffer_bytes < 4096 or direct_min_bytes < 1:
+            raise ValueError("max_gap must be >= 0, buffer_bytes >= 4096, direct_min_bytes >= 1")
+        self.max_overread = float(max_overread)
+        self.max_gap = int(max_gap)
+        self.buffer_bytes = int(buffer_bytes)
+        self.direct_min_bytes = int(direct_min_bytes)
+        self.stats = {"read_calls": 0, "bytes_read": 0, "fallback_items": 0}
+        self._md: Metadata | None = None
+        self._scratch: np.ndarray | None = None
+        self._junk: bytearray | None = None
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        """Keep the metadata (chunk sizes are checked against each archive), then torch's setup."""
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        self._md = metadata
+
+    # ------------------------------------------------------------- raw reads
+
+    def _pread(self, fd: int, n: int, off: int, where: str) -> bytes:
+        b = os.pread(fd, n, off)
+        self.stats["read_calls"] += 1
+        self.stats["bytes_read"] += len(b)
+        if len(b) != n:
+            raise CorruptItem(f"{where}: file truncated: wanted {n} bytes at offset {off}, got {len(b)}")
+        return b
+
+    def _preadv(self, fd: int, bufs: list[memoryview], off: int, where: str) -> None:
+        # Fill `bufs` from contiguous file bytes at `off`, at most IOV_MAX
+        # buffers per call, retrying short reads.
+        i = 0
+        while i < len(bufs):
+            group = bufs[i : i + _IOV_MAX]
+            want = sum(len(b) for b in group)
+            got = os.preadv(fd, group, off)
+            self.stats["read_calls"] += 1
+            self.stats["bytes_read"] += got
+            if got == want:
+                off += got
+                i += len(group)
+                continue
+            if got == 0:
+                raise CorruptItem(f"{where}: file truncated: wanted {want} bytes at offset {off}, got 0")
+            # skip the fully read buffers, then the read part of the next one
+            off += got
+            while got >= len(bufs[i]):
+                got -= len(bufs[i])
+                i += 1
+            bufs = bufs[:i] + [bufs[i][got:]] + bufs[i + 1 :]
+
+    def _read_into(self, fd: int, buf: memoryview, off: int, where: str) -> None:
+        if _HAS_PREADV:
+            self._preadv(fd, [buf], off, where)
+        else:  # pragma: no cover - platforms without preadv
+            buf[:] = self._pread(fd, len(buf), off, where)
+
+    # ------------------------------------------------------------- read_data
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """Read every item of ``plan``, calling the planner's hooks as torch's reader does."""
+        per_file: dict[str, list[ReadItem]] = {}
+        for read_item in plan.items:
+            per_file.setdefault(self.storage_data[read_item.storage_index].relative_path, []).append(read_item)
+
+        fallback: list[ReadItem] = []
+        for relative_path, reqs in per_file.items():
+            path = str(self.fs.concat_path(self.path, relative_path))
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                fallback += self._read_file(fd, path, reqs, planner)
+            finally:
+                os.close(fd)
+        self._scratch = None
+        self._junk = None
+        if fallback:
+            self.stats["fallback_items"] += len(fallback)
+            for req in fallback:
+                self.stats["bytes_read"] += self.storage_data[req.storage_index].length
+            super().read_data(LoadPlan(fallback), planner).wait()
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+    def _where(self, path: str, req: ReadItem) -> str:
+        info = self.storage_data[req.storage_index]
+        return (
+            f"{path}: item {req.storage_index.fqn!r} (chunk at {tuple(req.storage_index.offset or ())}, "
+            f"bytes [{info.offset}, {info.offset + info.length}))"
+        )
+
+    def _read_file(
+        self, fd: int, path: str, reqs: list[ReadItem], planner: LoadPlanner
+    ) -> list[ReadItem]:
+        fallback: list[ReadItem] = []
+        located: dict[tuple[int, int], tuple[TensorLocation, bytes | None, int] | None] = {}
+        jobs = []
+        for req in reqs:
+            info = self.storage_data[req.storage_index]
+            where = self._where(path, req)
+            if info.transform_descriptors:
+                fallback.append(req)
+                continue
+            if req.type == LoadItemType.BYTE_IO:
+                data = self._pread(fd, info.length, info.offset, where)
+                planner.load_bytes(req, io.BytesIO(data))
+                continue
+            key = (info.offset, info.length)
+            if key not in located:
+                located[key] = self._locate(fd, info.offset, info.length, where)
+            found = located[key]
+            if found is None:
+                fallback.append(req)
+                continue
+            loc, small, item_offset = found
+            self._check_chunk(req, loc, where)
+            first = loc.base + sum(o * s for o, s in zip(req.storage_offsets, loc.stride)) * loc.itemsize
+            jobs.append((first, req, loc, small, item_offset, where))
+        # Serve requests in file order: sequential reads, page cache friendly.
+        jobs.sort(key=lambda j: j[0])
+        for _, req, loc, small, item_offset, where in jobs:
+            self._read_tensor(fd, req, loc, (small, item_offset), where, planner)
+        return fallback
+
+    def _locate(
+        self, fd: int, offset: int, length: int, where: str
+    ) -> tuple[TensorLocation, bytes | None, int] | None:
+        small: bytes | None = None
+        if length <= _SMALL_ITEM:
+            # One read holds the whole item; its tensor bytes are served from it.
+            small = self._pread(fd, length, offset, where)
+
+            def pread(n: int, off: int) -> bytes:
+                return small[off - offset : off - offset + n]
+        else:
+
+            def pread(n: int, off: int) -> bytes:
+                b = os.pread(fd, n, off)
+                self.stats["read_calls"] += 1
+                self.stats["bytes_read"] += len(b)
+                return b
+
+        try:
+            return locate_tensor(pread, offset, length, where), small, offset
+        except UnsupportedItem:
+            return None
+
+    def _check_chunk(self, req: ReadItem, loc: TensorLocation, where: str) -> None:
+        md = self._md.state_dict_metadata.get(req.storage_index.fqn) if self._md else None
+        if not isinstance(md, TensorStorageMetadata):
+            return
+        want = tuple(req.storage_index.offset or ())
+        for chunk in md.chunks:
+            if tuple(chunk.offsets) == want:
+                if tuple(chunk.sizes) != loc.size:
+                    raise CorruptItem(
+                        f"{where}: archive holds a tensor of size {loc.size}, the metadata says "
+                        f"{tuple(chunk.sizes)}"
+                    )
+                return
+
+    def _read_tensor(
+        self, fd: int, req: ReadItem, loc: TensorLocation,
+        small: tuple[bytes | None, int], where: str, planner: LoadPlanner,
+    ) -> None:
+        target = planner.resolve_tensor(req).detach()
+        lengths = tuple(int(x) for x in req.lengths)
+        if tuple(target.size()) != lengths:
+            raise AssertionError(
+                f"req {req.storage_index} mismatch sizes {target.size()} vs {torch.Size(lengths)}"
+            )
+        offsets = tuple(int(x) for x in req.storage_offsets)
+        if len(offsets) != len(loc.size) or any(
+            o < 0 or o + n > s for o, n, s in zip(offsets, lengths, loc.size)
+        ):
+            raise CorruptItem(
+                f"{where}: read box offsets={offsets} lengths={lengths} lies outside the saved "
+                f"chunk of size {loc.size}"
+            )
+        direct = (
+            target.device.type == "cpu"
+            and target.layout == torch.strided
+            and _dtype_name(target.dtype) == loc.dtype
+            and not target.is_conj()
+            and not target.is_neg()
+            and all(st > 0 or n <= 1 for st, n in zip(target.stride(), lengths))
+        )
+        # Anything else (dtype conversion, another device, aliasing strides):
+        # read into a CPU tensor of the saved dtype, and let torch copy_ convert.
+        dest = target if direct else torch.empty(
+            lengths, dtype=getattr(torch, loc.dtype), device="cpu"
+        )
+        if dest.numel() > 0:
+            self._fill(fd, dest, offsets, lengths, loc, small, where)
+        if dest is not target:
+            target.copy_(dest)
+        planner.commit_tensor(req, target)
+
+    def _fill(
+        self, fd: int, dest: torch.Tensor, offsets: tuple[int, ...], lengths: tuple[int, ...],
+        loc: TensorLocation, small: tuple[bytes | None, int], where: str,
+    ) -> None:
+        isz = loc.itemsize
+        dstrides = tuple(dest.stride())
+        dview = _byte_view(dest.data_ptr(), _extent(lengths, dstrides, isz))
+        data, item_offset = small
+        try:
+            if data is not None:
+                # The whole item is in memory already: one box copy.
+                _r.copy_box(
+                    data, dview, lengths, itemsize=isz,
+                    src_shape=loc.size, src_strides=loc.stride, src_offsets=offsets,
+                    src_base=loc.base - item_offset,
+                    dst_shape=lengths, dst_strides=dstrides,
+                )
+                return
+            _, run = _r.paired_run_info(
+                lengths, itemsize=isz, src_shape=loc.size, dst_shape=lengths,
+                src_strides=loc.stride, dst_strides=dstrides, src_offsets=offsets,
+            )
+            if run >= self.direct_min_bytes and _HAS_PREADV:
+                # Runs contiguous in file and destination, and long: read in place.
+                self._fill_direct(fd, dview, offsets, lengths, dstrides, loc, where)
+            else:
+                self._fill_scratch(fd, dview, offsets, lengths, dstrides, loc, where)
+        except CorruptItem:
+            raise
+        except ValueError as e:
+            raise CorruptItem(f"{where}: {e}") from None
+
+    def _fill_direct(
+        self, fd: int, dview: memoryview, offsets: tuple[int, ...], lengths: tuple[int, ...],
+        dstrides: tuple[int, ...], loc: TensorLocation, where: str,
+    ) -> None:
+        isz = loc.itemsize
+        for so, sl in _slabs(offsets, lengths, loc.stride, isz, 256 << 20):
+            doff = tuple(a - b for a, b in zip(so, offsets))
+            pairs = _r.paired_runs(
+                sl, itemsize=isz, src_shape=loc.size, dst_shape=lengths,
+                src_strides=loc.stride, dst_strides=dstrides, src_offsets=so,
+                dst_offsets=doff, src_base=loc.base,
+            )
+            if len(pairs) > 1 and np.any(pairs[1:, 0] < pairs[:-1, 0] + pairs[:-1, 2]):
+                # Source runs overlap (zero strides in the saved tensor): one
+                # file byte feeds several places; the scratch path handles it.
+                self._fill_scratch(fd, dview, offsets, lengths, dstrides, loc, where, (so, sl))
+                continue
+            ranges = np.ascontiguousarray(pairs[:, [0, 2]])
+            ranges[:, 1] += ranges[:, 0]
+            blocks = _r.coalesce_ranges(ranges, self.max_gap, self.max_overread)
+            # Walk the blocks; inside each, runs go straight to dest and gaps
+            # to a junk buffer, all in one preadv.
+            i = 0
+            n = len(pairs)
+            for start, end in blocks.tolist():
+                bufs: list[memoryview] = []
+                pos = start
+                while i < n and pairs[i, 0] < end:
+                    s, d, ln = (int(x) for x in pairs[i])
+                    if s > pos:
+                        bufs.append(self._junk_view(s - pos))
+                    bufs.append(dview[d : d + ln])
+                    pos = s + ln
+                    i += 1
+                self._preadv(fd, bufs, start, where)
+
+    def _junk_view(self, n: int) -> memoryview:
+        if self._junk is None or len(self._junk) < n:
+            self._junk = bytearray(max(n, 1 << 16))
+        return memoryview(self._junk)[:n]
+
+    def _fill_scratch(
+        self, fd: int, dview: memoryview, offsets: tuple[int, ...], lengths: tuple[int, ...],
+        dstrides: tuple[int, ...], loc: TensorLocation, where: str,
+        box: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+    ) -> None:
+        # Fill `box` (default: the whole request offsets/lengths, in saved-chunk
+        # coordinates) slab by slab through the bounded scratch buffer.
+        isz = loc.itemsize
+        if self._scratch is None:
+            self._scratch = np.empty(self.buffer_bytes, dtype=np.uint8)
+        scratch = memoryview(self._scratch)
+        bo, bl = box if box is not None else (offsets, lengths)
+        for so, sl in _slabs(bo, bl, loc.stride, isz, self.buffer_bytes):
+            ranges = _r.byte_ranges(loc.size, loc.stride, isz, so, sl, base=loc.base)
+            blocks = _r.coalesce_ranges(ranges, self.max_gap, self.max_overread)
+            span0 = int(ranges[0, 0])
+            for start, end in blocks.tolist():
+                self._read_into(fd, scratch[start - span0 : end - span0], start, where)
+            # The slab's first element is its lowest address (strides >= 0), so
+            # it sits at scratch byte 0.
+            _r.copy_box(
+                scratch, dview, sl, itemsize=isz,
+                src_shape=sl, src_strides=loc.stride,
+                dst_shape=lengths, dst_strides=dstrides,
+                dst_offsets=tuple(a - b for a, b in zip(so, offsets)),
+            )
