@@ -43,7 +43,7 @@ def _vec(what: str, name: str, values: Sequence[int]) -> np.ndarray:
     try:
         items = [operator.index(v) for v in values]
     except TypeError:
-        raise TypeError(f"{what}: {name} must be a sequence of integers, got {values!r}") from None
+        raise TypeError(f"{what}: {name} must be integers, got {values!r}") from None
     for v in items:
         if v > _I64_MAX or v < -_I64_MAX - 1:
             raise ValueError(f"{what}: {name} value {v} does not fit in int64")
@@ -74,6 +74,28 @@ def _bytes_view(what: str, obj: Any, writable: bool) -> memoryview:
     if m.ndim != 1 or m.format != "B":
         m = m.cast("B")
     return m
+
+
+def _ranges_array(ranges: Any) -> np.ndarray:
+    # (K, 2) int64 without numpy's silent float truncation or wrap-around.
+    if not isinstance(ranges, np.ndarray):
+        rows = [tuple(r) for r in ranges]
+        if any(len(r) != 2 for r in rows):
+            raise ValueError("coalesce_ranges: ranges must have shape (K, 2)")
+        flat = _vec("coalesce_ranges", "ranges", [v for r in rows for v in r])
+        return flat.reshape(len(rows), 2)
+    a = ranges
+    if a.size == 0:
+        return np.empty((0, 2), dtype=np.int64)
+    if a.dtype == object:
+        raise ValueError("coalesce_ranges: a range bound does not fit in int64")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"coalesce_ranges: ranges must be integers, got dtype {a.dtype}")
+    if a.ndim != 2 or a.shape[1] != 2:
+        raise ValueError(f"coalesce_ranges: ranges must have shape (K, 2), got {a.shape}")
+    if a.dtype.kind == "u" and a.size and int(a.max()) > _I64_MAX:
+        raise ValueError("coalesce_ranges: a range bound does not fit in int64")
+    return np.ascontiguousarray(a, dtype=np.int64)
 
 
 def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
@@ -149,7 +171,7 @@ def coalesce_ranges(
         >>> coalesce_ranges([[0, 10], [12, 20], [100, 110]], max_gap=50).tolist()
         [[0, 20], [100, 110]]
     """
-    arr = np.ascontiguousarray(np.asarray(ranges, dtype=np.int64).reshape(-1, 2))
+    arr = _ranges_array(ranges)
     return _ranges.coalesce(
         arr, _int("coalesce_ranges", "max_gap", max_gap), float(max_overread)
     )
