@@ -227,6 +227,9 @@ def _central_directory(item: _ItemBytes) -> list[_Record]:
     tail = item.tail
     pos = tail.rfind(_EOCD)
     if pos < 0 or len(tail) - pos < 22:
+        if item.head[:4] != _LOCAL and item.head[:1] == b"\x80":
+            # A pickle: torch.save's legacy (pre-zip) format. Valid, not ours.
+            raise UnsupportedItem(f"{where}: legacy (non-zip) torch.save format")
         raise CorruptItem(f"{where}: not a torch.save zip archive (no end-of-central-directory record)")
     _, _, _, _, entries, cd_size, cd_off, _ = _unpack(where, "<4sHHHHIIH", tail, pos)
     if entries == 0xFFFF or cd_size == 0xFFFFFFFF or cd_off == 0xFFFFFFFF:

@@ -219,9 +219,15 @@ class RangeFileSystemReader(FileSystemReader):
         fallback: list[ReadItem] = []
         located: dict[tuple[int, int], tuple[TensorLocation, bytes | None, int] | None] = {}
         jobs = []
+        file_size = os.fstat(fd).st_size
         for req in reqs:
             info = self.storage_data[req.storage_index]
             where = self._where(path, req)
+            if info.offset + info.length > file_size:
+                raise CorruptItem(
+                    f"{where}: file truncated: the item ends at byte {info.offset + info.length}, "
+                    f"the file has {file_size} bytes"
+                )
             if info.transform_descriptors:
                 fallback.append(req)
                 continue
