@@ -104,7 +104,8 @@ class RangeFileSystemReader(FileSystemReader):
     records of each archive aside); ``max_gap`` is the largest hole merged
     into one read; ``buffer_bytes`` bounds the scratch buffer used when a box
     cannot be read straight into the destination; runs of at least
-    ``direct_min_bytes`` are read straight into the destination tensor.
+    ``direct_min_bytes`` are read straight into the destination tensor;
+    items of at most ``small_item_bytes`` are read whole in one call.
     ``stats`` counts read calls and bytes read by ``read_data`` (the
     whole-chunk fallback is counted as the items' full lengths).
     """
@@ -118,6 +119,7 @@ class RangeFileSystemReader(FileSystemReader):
         max_gap: int = 1 << 20,
         buffer_bytes: int = 16 << 20,
         direct_min_bytes: int = 4096,
+        small_item_bytes: int = _SMALL_ITEM,
     ) -> None:
         super().__init__(path, _extension_registry)
         if not max_overread >= 1.0:
@@ -128,6 +130,7 @@ class RangeFileSystemReader(FileSystemReader):
         self.max_gap = int(max_gap)
         self.buffer_bytes = int(buffer_bytes)
         self.direct_min_bytes = int(direct_min_bytes)
+        self.small_item_bytes = int(small_item_bytes)
         self.stats = {"read_calls": 0, "bytes_read": 0, "fallback_items": 0}
         self._md: Metadata | None = None
         self._scratch: np.ndarray | None = None
@@ -256,7 +259,7 @@ class RangeFileSystemReader(FileSystemReader):
         self, fd: int, offset: int, length: int, where: str
     ) -> tuple[TensorLocation, bytes | None, int] | None:
         small: bytes | None = None
-        if length <= _SMALL_ITEM:
+        if length <= self.small_item_bytes:
             # One read holds the whole item; its tensor bytes are served from it.
             small = self._pread(fd, length, offset, where)
 
