@@ -37,7 +37,7 @@ from typing import Any
 
 from ckcore.dtypes import DTYPE_ITEMSIZE
 
-__all__ = ["TensorLocation", "UnsupportedItem", "CorruptItem", "locate_tensor"]
+__all__ = ["CorruptItem", "TensorLocation", "UnsupportedItem", "locate_tensor"]
 
 # Legacy typed-storage classes that torch.save names in the pickle
 # (torch/storage.py: _LegacyStorage subclasses) and their dtypes.
@@ -331,7 +331,7 @@ def locate_tensor(
         obj = _AllowListUnpickler(io.BytesIO(pkl_bytes)).load()
     except UnsupportedItem as e:
         raise UnsupportedItem(f"{where}: {e}") from None
-    except Exception as e:  # a damaged pickle: any unpickling error
+    except Exception as e:  # noqa: BLE001 - a damaged pickle can raise anything
         raise CorruptItem(f"{where}: data.pkl does not unpickle: {e}") from None
     if not isinstance(obj, _Rebuilt) or not isinstance(obj.storage, _Storage):
         raise UnsupportedItem(f"{where}: data.pkl is not a plain tensor ({type(obj).__name__})")

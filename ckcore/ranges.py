@@ -32,6 +32,7 @@ __all__ = [
     "copy_box",
     "paired_run_info",
     "paired_runs",
+    "read_runs",
 ]
 
 _I64_MAX = 2**63 - 1
@@ -280,4 +281,22 @@ def paired_run_info(
         _vec(w, "dst_offsets", (0,) * n if dst_offsets is None else dst_offsets),
         _vec(w, "lengths", lengths),
         _int(w, "itemsize", itemsize),
+    )
+
+
+def read_runs(fd: int, runs: Any, blocks: Any, dst: Any, prefetch: int = 0) -> tuple[int, int]:
+    """Read file runs straight into a buffer, one ``preadv`` per coalesced block, GIL released.
+
+    ``runs`` is (K, 3) ``[file_offset, dst_offset, nbytes]`` sorted by file
+    offset (as :func:`paired_runs` returns them with ``src_base`` = where the
+    chunk sits in the file); ``blocks`` the :func:`coalesce_ranges` of their
+    ``[file_offset, file_offset + nbytes)``. Gap bytes inside a block go to a
+    discard buffer. ``prefetch > 0`` announces blocks that far ahead with
+    ``POSIX_FADV_WILLNEED``. Returns ``(read calls, bytes read)``.
+    """
+    r = np.ascontiguousarray(runs, dtype=np.int64).reshape(-1, 3)
+    b = np.ascontiguousarray(blocks, dtype=np.int64).reshape(-1, 2)
+    return _ranges.read_runs(
+        _int("read_runs", "fd", fd), r, b, _bytes_view("read_runs", dst, True),
+        _int("read_runs", "prefetch", prefetch),
     )

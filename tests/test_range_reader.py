@@ -20,8 +20,8 @@ import textwrap
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 
@@ -35,8 +35,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 # any run length.
 CONFIGS = {
     "default": {},
-    "scratch": dict(small_item_bytes=0, buffer_bytes=4096, direct_min_bytes=1 << 40, max_gap=64),
-    "direct": dict(small_item_bytes=0, direct_min_bytes=1, max_overread=1.0),
+    "scratch": {"small_item_bytes": 0, "buffer_bytes": 4096, "direct_min_bytes": 1 << 40, "max_gap": 64},
+    "direct": {"small_item_bytes": 0, "direct_min_bytes": 1, "max_overread": 1.0},
 }
 
 
@@ -219,7 +219,7 @@ def test_planner_hooks_like_torch(sharded_ckpt):
         sd["extra"] = None
         dcp.load(sd, storage_reader=reader, planner=planner, no_dist=True)
         seen.append(planner.calls)
-    key = lambda c: (c[0], str(c[1]))  # noqa: E731
+    key = lambda c: (c[0], str(c[1]))
     ref, got = sorted(seen[0], key=key), sorted(seen[1], key=key)
     assert [key(c) for c in ref] == [key(c) for c in got]
     for a, b in zip(ref, got):
@@ -308,9 +308,10 @@ def test_corrupted_archive_names_file_and_item(sharded_ckpt, tmp_path):
     path, tensors = sharded_ckpt
 
     def smash_central_directories(p):
-        data = bytearray(open(p, "rb").read())
-        data = data.replace(b"PK\x01\x02", b"XX\x01\x02")
-        open(p, "wb").write(bytes(data))
+        with open(p, "rb") as f:
+            data = f.read()
+        with open(p, "wb") as f:
+            f.write(data.replace(b"PK\x01\x02", b"XX\x01\x02"))
 
     bad = _damaged_copy(path, str(tmp_path / "c"), smash_central_directories)
     sd = {k: torch.zeros(t.shape, dtype=t.dtype) for k, t in tensors.items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import mmap
+import os
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from ckcore.ranges import (
     copy_box,
     paired_run_info,
     paired_runs,
+    read_runs,
 )
 
 DTYPES = [np.uint8, np.int16, np.float32, np.float64, np.complex128]
@@ -174,9 +176,9 @@ def test_coalesce_matches_reference_and_invariants(ranges, max_gap, max_overread
         assert sum(1 for s, e in got if s <= a and b <= e) == 1
     # outputs are disjoint, sorted, and no merged gap exceeds max_gap
     # (touching ranges always merge: a zero gap costs nothing)
-    for (_, e0), (s1, _) in zip(got, got[1:]):
+    for (_, e0), (s1, _) in itertools.pairwise(got):
         assert e0 < s1
-    for left, right in zip(ranges, ranges[1:]):
+    for left, right in itertools.pairwise(ranges):
         if any(s <= left[0] and right[1] <= e for s, e in got):
             assert right[0] - left[1] <= max_gap
 
@@ -343,7 +345,7 @@ def test_bad_input_byte_ranges():
 def test_bad_input_copy_box():
     src = np.arange(24, dtype=np.float32)
     dst = np.zeros(6, np.float32)
-    kw = dict(itemsize=4, src_shape=(4, 6), dst_shape=(2, 3))
+    kw = {"itemsize": 4, "src_shape": (4, 6), "dst_shape": (2, 3)}
     with pytest.raises(ValueError, match="source buffer too small"):
         copy_box(src[:10], dst, (2, 3), src_offsets=(1, 2), **kw)
     with pytest.raises(ValueError, match="destination buffer too small"):
@@ -366,3 +368,67 @@ def test_contiguous_strides():
     assert contiguous_strides((4, 6, 2)) == (12, 2, 1)
     assert contiguous_strides(()) == ()
     assert contiguous_strides((3, 0, 2)) == (2, 2, 1)
+
+
+# ------------------------------------------------------------------ reading runs
+
+
+@settings(max_examples=100, deadline=None)
+@given(sorted_ranges(), st.integers(0, 400), st.floats(1.0, 3.0), st.sampled_from([0, 1, 4096]))
+def test_read_runs_matches_slicing(tmp_path_factory, ranges, max_gap, max_overread, prefetch):
+    data = np.random.default_rng(len(ranges)).integers(0, 256, 20000, dtype=np.uint8)
+    path = tmp_path_factory.mktemp("rr") / "f.bin"
+    data.tofile(path)
+    # runs land packed, in file order, at an offset of 7 in the destination
+    runs = []
+    d = 7
+    for a, b in ranges:
+        runs.append([a, d, b - a])
+        d += b - a
+    runs = np.array(runs, dtype=np.int64).reshape(-1, 3)
+    blocks = coalesce_ranges(ranges, max_gap=max_gap, max_overread=max_overread)
+    dst = bytearray(d + 5)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        calls, nbytes = read_runs(fd, runs, blocks, dst, prefetch)
+    finally:
+        os.close(fd)
+    want = bytearray(d + 5)
+    pos = 7
+    for a, b in ranges:
+        want[pos : pos + b - a] = data[a:b].tobytes()
+        pos += b - a
+    assert dst == want
+    assert calls == len(blocks)
+    assert nbytes == int((blocks[:, 1] - blocks[:, 0]).sum())
+
+
+def test_read_runs_many_iovecs_and_errors(tmp_path):
+    data = np.arange(100000, dtype=np.uint32).view(np.uint8)
+    path = tmp_path / "f.bin"
+    data.tofile(path)
+    # 2000 runs of 8 bytes every 16 bytes, all in one block: > 1024 iovecs
+    runs = np.array([[16 * i, 8 * i, 8] for i in range(2000)], dtype=np.int64)
+    blocks = np.array([[0, 16 * 1999 + 8]], dtype=np.int64)
+    dst = np.zeros(16000, np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        calls, nbytes = read_runs(fd, runs, blocks, dst)
+        assert nbytes == 16 * 1999 + 8 and calls >= 4
+        assert np.array_equal(dst.reshape(2000, 8), data[: 2000 * 16].reshape(2000, 16)[:, :8])
+        with pytest.raises(EOFError):
+            read_runs(fd, [[len(data) - 4, 0, 8]], [[len(data) - 4, len(data) + 4]], bytearray(8))
+        with pytest.raises(ValueError, match="past the"):
+            read_runs(fd, [[0, 4, 8]], [[0, 8]], bytearray(8))
+        with pytest.raises(ValueError, match="not inside a block"):
+            read_runs(fd, [[0, 0, 8]], [[2, 8]], bytearray(8))
+        with pytest.raises(ValueError, match="sorted"):
+            read_runs(fd, [[8, 0, 4], [0, 4, 4]], [[0, 12]], bytearray(8))
+        with pytest.raises(ValueError, match="invalid"):
+            read_runs(fd, [[0, 0, 0]], [[0, 8]], bytearray(8))
+        with pytest.raises(ValueError, match="read-only"):
+            read_runs(fd, [[0, 0, 8]], [[0, 8]], bytes(8))
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError):
+        read_runs(fd, [[0, 0, 8]], [[0, 8]], bytearray(8))  # closed descriptor

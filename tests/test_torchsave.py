@@ -62,7 +62,7 @@ def test_locate_in_dcp_file(tmp_path, name):
     sd = {"pad": torch.randn(3), name: t, "after": torch.randn(2, 2)}
     dcp.save(sd, checkpoint_id=str(tmp_path), no_dist=True)
     md = dcp.FileSystemReader(str(tmp_path)).read_metadata()
-    (idx, info), = [(k, v) for k, v in md.storage_data.items() if k.fqn == name]
+    (_, info), = [(k, v) for k, v in md.storage_data.items() if k.fqn == name]
     path = os.path.join(str(tmp_path), info.relative_path)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -108,7 +108,7 @@ def test_unsupported_items_fall_back():
         torch.save(obj, buf)
         d = buf.getvalue()
         with pytest.raises(UnsupportedItem):
-            locate_tensor(lambda n, off: d[off : off + n], 0, len(d), "x")
+            locate_tensor(lambda n, off, d=d: d[off : off + n], 0, len(d), "x")
     buf = io.BytesIO()
     torch.save(torch.randn(3), buf, _use_new_zipfile_serialization=False)
     d = buf.getvalue()

@@ -1,8 +1,9 @@
 """Type stubs for the compiled byte-range kernel (see ckcore.ranges for the façade)."""
 
+from collections.abc import Buffer
+
 import numpy as np
 import numpy.typing as npt
-from collections.abc import Buffer
 
 def box_runs(
     shape: npt.NDArray[np.int64],
@@ -58,4 +59,11 @@ def paired_run_info(
     dst_offsets: npt.NDArray[np.int64],
     lengths: npt.NDArray[np.int64],
     itemsize: int,
+) -> tuple[int, int]: ...
+def read_runs(
+    fd: int,
+    runs: npt.NDArray[np.int64],
+    blocks: npt.NDArray[np.int64],
+    dst: Buffer,
+    prefetch: int,
 ) -> tuple[int, int]: ...

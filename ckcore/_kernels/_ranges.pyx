@@ -12,6 +12,27 @@
 # noexcept nogil helpers over raw pointers.
 from libc.stdlib cimport malloc, free, qsort
 from libc.string cimport memcpy
+from posix.types cimport off_t
+from posix.uio cimport iovec, preadv
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <fcntl.h>
+    /* posix_fadvise is Linux/BSD; elsewhere prefetch hints are a no-op. */
+    static int ck_willneed(int fd, long long off, long long len) {
+    #if defined(POSIX_FADV_WILLNEED)
+        return posix_fadvise(fd, (off_t)off, (off_t)len, POSIX_FADV_WILLNEED);
+    #else
+        (void)fd; (void)off; (void)len; return 0;
+    #endif
+    }
+    static int ck_errno(void) { return errno; }
+    static int ck_eintr(int e) { return e == EINTR; }
+    """
+    int ck_willneed(int fd, long long off, long long length) nogil
+    int ck_errno() nogil
+    bint ck_eintr(int e) nogil
 
 import numpy as np
 
@@ -507,3 +528,142 @@ def paired_run_info(const i64[::1] src_shape, const i64[::1] src_strides,
     run = _paired_walk(src_strides, 0, src_offsets, dst_strides, 0, dst_offsets,
                        lengths, itemsize, &m, dlen, sstride, tstride, &so, &do, &nruns)
     return nruns, run
+
+
+
+# ---------------------------------------------------------------- reading runs
+
+cdef enum:
+    NIOV = 512  # iovecs per preadv call (IOV_MAX is 1024 on Linux and macOS)
+
+
+cdef i64 _preadv_full(int fd, iovec* iov, int cnt, i64 off, i64* calls,
+                      int* err) noexcept nogil:
+    # preadv until every iovec is full. Returns bytes read, or -1 with *err
+    # set to errno, or -2 at end of file. Adjusts iov in place on short reads.
+    cdef i64 total = 0
+    cdef ssize_t got
+    cdef int i = 0
+    while i < cnt:
+        got = preadv(fd, iov + i, cnt - i, <off_t>off)
+        calls[0] += 1
+        if got < 0:
+            if ck_eintr(ck_errno()):
+                continue
+            err[0] = ck_errno()
+            return -1
+        if got == 0:
+            return -2
+        total += got
+        off += got
+        while i < cnt and <size_t>got >= iov[i].iov_len:
+            got -= iov[i].iov_len
+            i += 1
+        if i < cnt and got > 0:
+            iov[i].iov_base = <char*>iov[i].iov_base + got
+            iov[i].iov_len -= got
+    return total
+
+
+def read_runs(int fd, const i64[:, ::1] runs, const i64[:, ::1] blocks,
+              unsigned char[::1] dst, i64 prefetch):
+    """Read file runs into a buffer: ``dst[d:d+n] = file[s:s+n]`` for each row ``[s, d, n]``.
+
+    ``runs`` are sorted by file offset and do not overlap; ``blocks`` are the
+    coalesced ``[start, end)`` reads that cover them (``coalesce``): each
+    block is one ``preadv`` whose iovecs point into ``dst`` for the runs and
+    into a discard buffer for the gaps. With ``prefetch > 0`` every block is
+    announced with ``POSIX_FADV_WILLNEED`` up to ``prefetch`` bytes ahead, so
+    the device works on many small reads at once. The GIL is released.
+    Returns ``(read calls, bytes read)``; raises OSError on an I/O error and
+    EOFError when the file ends before a block does.
+    """
+    cdef Py_ssize_t K = runs.shape[0], M = blocks.shape[0], r, b
+    if runs.shape[1] != 3 or blocks.shape[1] != 2:
+        raise ValueError("read_runs: runs must be (K, 3) and blocks (M, 2)")
+    cdef i64 maxgap = 0, cap = dst.shape[0]
+    b = 0
+    for r in range(K):
+        if runs[r, 0] < 0 or runs[r, 1] < 0 or runs[r, 2] <= 0 or add_overflows(runs[r, 0], runs[r, 2]):
+            raise ValueError(f"read_runs: run {r} is invalid: {runs[r, 0]}, {runs[r, 1]}, {runs[r, 2]}")
+        if runs[r, 1] > cap - runs[r, 2]:
+            raise ValueError(f"read_runs: run {r} lands at [{runs[r, 1]}, {runs[r, 1] + runs[r, 2]}), "
+                             f"past the {cap}-byte destination")
+        if r > 0 and runs[r, 0] < runs[r - 1, 0] + runs[r - 1, 2]:
+            raise ValueError(f"read_runs: runs must be sorted by file offset and disjoint (run {r})")
+        while b < M and blocks[b, 1] <= runs[r, 0]:
+            b += 1
+        if b == M or runs[r, 0] < blocks[b, 0] or runs[r, 0] + runs[r, 2] > blocks[b, 1]:
+            raise ValueError(f"read_runs: run {r} at file offset {runs[r, 0]} is not inside a block")
+        if r > 0 and runs[r - 1, 0] >= blocks[b, 0]:
+            maxgap = max(maxgap, runs[r, 0] - runs[r - 1, 0] - runs[r - 1, 2])
+    for b in range(M):
+        if blocks[b, 0] < 0 or blocks[b, 1] <= blocks[b, 0] or (b > 0 and blocks[b, 0] < blocks[b - 1, 1]):
+            raise ValueError(f"read_runs: block {b} is invalid or out of order")
+    cdef i64 junk_len = min(maxgap, <i64>(1 << 20))
+    cdef unsigned char* junk = <unsigned char*>malloc(junk_len if junk_len > 0 else 1)
+    cdef iovec* iov = <iovec*>malloc(NIOV * sizeof(iovec))
+    if junk == NULL or iov == NULL:
+        free(junk)
+        free(iov)
+        raise MemoryError()
+    cdef i64 calls = 0, nbytes = 0, got = 0, pos, gap, g, io_start
+    cdef int cnt, err = 0
+    cdef Py_ssize_t pf = 0
+    cdef unsigned char* base = &dst[0] if cap > 0 else NULL
+    r = 0
+    try:
+        with nogil:
+            for b in range(M):
+                if prefetch > 0:
+                    while pf < M and (pf <= b or blocks[pf, 0] < blocks[b, 0] + prefetch):
+                        ck_willneed(fd, blocks[pf, 0], blocks[pf, 1] - blocks[pf, 0])
+                        pf += 1
+                pos = blocks[b, 0]
+                io_start = pos
+                cnt = 0
+                while r < K and runs[r, 0] < blocks[b, 1]:
+                    gap = runs[r, 0] - pos
+                    while gap > 0:
+                        if cnt == NIOV:
+                            got = _preadv_full(fd, iov, cnt, io_start, &calls, &err)
+                            if got < 0:
+                                break
+                            nbytes += got
+                            io_start = pos
+                            cnt = 0
+                        g = min(gap, junk_len)
+                        iov[cnt].iov_base = junk
+                        iov[cnt].iov_len = <size_t>g
+                        cnt += 1
+                        gap -= g
+                        pos += g
+                    if got < 0:
+                        break
+                    if cnt == NIOV:
+                        got = _preadv_full(fd, iov, cnt, io_start, &calls, &err)
+                        if got < 0:
+                            break
+                        nbytes += got
+                        io_start = pos
+                        cnt = 0
+                    iov[cnt].iov_base = base + runs[r, 1]
+                    iov[cnt].iov_len = <size_t>runs[r, 2]
+                    cnt += 1
+                    pos += runs[r, 2]
+                    r += 1
+                if got < 0:
+                    break
+                if cnt > 0:
+                    got = _preadv_full(fd, iov, cnt, io_start, &calls, &err)
+                    if got < 0:
+                        break
+                    nbytes += got
+    finally:
+        free(junk)
+        free(iov)
+    if got == -1:
+        raise OSError(err, f"read_runs: read failed near file offset {pos}")
+    if got == -2:
+        raise EOFError(f"read_runs: file ends before byte {blocks[b, 1]} (block {b})")
+    return calls, nbytes

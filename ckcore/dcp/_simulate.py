@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.planner_helpers import (
     create_read_items_for_chunk_list,
 )
 
-__all__ = ["save_as_ranks", "BoxLoadPlanner", "row_boxes", "col_boxes", "grid_boxes"]
+__all__ = ["BoxLoadPlanner", "col_boxes", "grid_boxes", "row_boxes", "save_as_ranks"]
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
 

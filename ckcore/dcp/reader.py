@@ -12,7 +12,7 @@ instead, per file:
 2. sorts the requests by file offset, computes the byte ranges of each
    request's box (:func:`ckcore.ranges.byte_ranges`) and coalesces them
    across small gaps under an over-read cap (:func:`ckcore.ranges.coalesce_ranges`);
-3. reads with ``os.preadv`` straight into the destination tensor's memory
+3. reads with ``preadv`` (in the compiled ``read_runs``, GIL released) straight into the destination tensor's memory
    when the source runs are also contiguous there (the usual case: rows of a
    row-major chunk into rows of the destination), and otherwise into a
    bounded scratch buffer followed by the GIL-free box copy
@@ -50,8 +50,7 @@ __all__ = ["RangeFileSystemReader"]
 # the first and last 4 KiB of an item anyway (ckcore._torchsave), so reading
 # such an item whole costs no extra bytes.
 _SMALL_ITEM = 4096
-_IOV_MAX = min(getattr(os, "sysconf", lambda _: 1024)("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-_HAS_PREADV = hasattr(os, "preadv")
+_HAS_FADVISE = hasattr(os, "posix_fadvise")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -108,7 +107,11 @@ class RangeFileSystemReader(FileSystemReader):
     into one read; ``buffer_bytes`` bounds the scratch buffer used when a box
     cannot be read straight into the destination; runs of at least
     ``direct_min_bytes`` are read straight into the destination tensor;
-    items of at most ``small_item_bytes`` are read whole in one call.
+    items of at most ``small_item_bytes`` are read whole in one call;
+    ``prefetch_bytes`` is how far ahead of the current read the exact byte
+    ranges are announced to the kernel (``POSIX_FADV_WILLNEED``, with
+    readahead turned off by ``POSIX_FADV_RANDOM``); 0 leaves the kernel's
+    readahead alone.
     ``stats`` counts read calls and bytes read by ``read_data`` (the
     whole-chunk fallback is counted as the items' full lengths).
     """
@@ -123,6 +126,7 @@ class RangeFileSystemReader(FileSystemReader):
         buffer_bytes: int = 16 << 20,
         direct_min_bytes: int = 4096,
         small_item_bytes: int = _SMALL_ITEM,
+        prefetch_bytes: int = 8 << 20,
     ) -> None:
         super().__init__(path, _extension_registry)
         if not max_overread >= 1.0:
@@ -134,10 +138,10 @@ class RangeFileSystemReader(FileSystemReader):
         self.buffer_bytes = int(buffer_bytes)
         self.direct_min_bytes = int(direct_min_bytes)
         self.small_item_bytes = int(small_item_bytes)
+        self.prefetch_bytes = int(prefetch_bytes)
         self.stats = {"read_calls": 0, "bytes_read": 0, "fallback_items": 0}
         self._md: Metadata | None = None
         self._scratch: np.ndarray | None = None
-        self._junk: bytearray | None = None
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
@@ -156,35 +160,6 @@ class RangeFileSystemReader(FileSystemReader):
             raise CorruptItem(f"{where}: file truncated: wanted {n} bytes at offset {off}, got {len(b)}")
         return b
 
-    def _preadv(self, fd: int, bufs: list[memoryview], off: int, where: str) -> None:
-        # Fill `bufs` from contiguous file bytes at `off`, at most IOV_MAX
-        # buffers per call, retrying short reads.
-        i = 0
-        while i < len(bufs):
-            group = bufs[i : i + _IOV_MAX]
-            want = sum(len(b) for b in group)
-            got = os.preadv(fd, group, off)
-            self.stats["read_calls"] += 1
-            self.stats["bytes_read"] += got
-            if got == want:
-                off += got
-                i += len(group)
-                continue
-            if got == 0:
-                raise CorruptItem(f"{where}: file truncated: wanted {want} bytes at offset {off}, got 0")
-            # skip the fully read buffers, then the read part of the next one
-            off += got
-            while got >= len(bufs[i]):
-                got -= len(bufs[i])
-                i += 1
-            bufs = bufs[:i] + [bufs[i][got:]] + bufs[i + 1 :]
-
-    def _read_into(self, fd: int, buf: memoryview, off: int, where: str) -> None:
-        if _HAS_PREADV:
-            self._preadv(fd, [buf], off, where)
-        else:  # pragma: no cover - platforms without preadv
-            buf[:] = self._pread(fd, len(buf), off, where)
-
     # ------------------------------------------------------------- read_data
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
@@ -198,11 +173,16 @@ class RangeFileSystemReader(FileSystemReader):
             path = str(self.fs.concat_path(self.path, relative_path))
             fd = os.open(path, os.O_RDONLY)
             try:
+                if self.prefetch_bytes and _HAS_FADVISE:
+                    # Our reads are sparse: the kernel's readahead would read
+                    # the gaps too (a strided pattern looks sequential to it).
+                    # We announce exactly what we will read instead (WILLNEED),
+                    # which keeps many reads in flight without threads.
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
                 fallback += self._read_file(fd, path, reqs, planner)
             finally:
                 os.close(fd)
         self._scratch = None
-        self._junk = None
         if fallback:
             self.stats["fallback_items"] += len(fallback)
             for req in fallback:
@@ -226,6 +206,13 @@ class RangeFileSystemReader(FileSystemReader):
         located: dict[tuple[int, int], tuple[TensorLocation, bytes | None, int] | None] = {}
         jobs = []
         file_size = os.fstat(fd).st_size
+        if self.prefetch_bytes and _HAS_FADVISE:
+            # The records of every archive sit in its first and last 4 KiB.
+            for off, ln in {(self.storage_data[q.storage_index].offset,
+                             self.storage_data[q.storage_index].length) for q in reqs}:
+                os.posix_fadvise(fd, off, min(ln, 4096), os.POSIX_FADV_WILLNEED)
+                if ln > 4096:
+                    os.posix_fadvise(fd, off + ln - 4096, 4096, os.POSIX_FADV_WILLNEED)
         for req in reqs:
             info = self.storage_data[req.storage_index]
             where = self._where(path, req)
@@ -354,7 +341,7 @@ class RangeFileSystemReader(FileSystemReader):
                 lengths, itemsize=isz, src_shape=loc.size, dst_shape=lengths,
                 src_strides=loc.stride, dst_strides=dstrides, src_offsets=offsets,
             )
-            if run >= self.direct_min_bytes and _HAS_PREADV:
+            if run >= self.direct_min_bytes:
                 # Runs contiguous in file and destination, and long: read in place.
                 self._fill_direct(fd, dview, offsets, lengths, dstrides, loc, where)
             else:
@@ -363,6 +350,16 @@ class RangeFileSystemReader(FileSystemReader):
             raise
         except ValueError as e:
             raise CorruptItem(f"{where}: {e}") from None
+
+    def _read_runs(self, fd: int, runs: np.ndarray, blocks: np.ndarray, dst: Any, where: str) -> None:
+        try:
+            calls, nbytes = _r.read_runs(fd, runs, blocks, dst, self.prefetch_bytes)
+        except EOFError as e:
+            raise CorruptItem(f"{where}: file truncated: {e}") from None
+        except OSError as e:
+            raise OSError(e.errno, f"{where}: {e.strerror}") from None
+        self.stats["read_calls"] += calls
+        self.stats["bytes_read"] += nbytes
 
     def _fill_direct(
         self, fd: int, dview: memoryview, offsets: tuple[int, ...], lengths: tuple[int, ...],
@@ -381,29 +378,11 @@ class RangeFileSystemReader(FileSystemReader):
                 # file byte feeds several places; the scratch path handles it.
                 self._fill_scratch(fd, dview, offsets, lengths, dstrides, loc, where, (so, sl))
                 continue
-            ranges = np.ascontiguousarray(pairs[:, [0, 2]])
+            ranges = pairs[:, [0, 2]]
             ranges[:, 1] += ranges[:, 0]
             blocks = _r.coalesce_ranges(ranges, self.max_gap, self.max_overread)
-            # Walk the blocks; inside each, runs go straight to dest and gaps
-            # to a junk buffer, all in one preadv.
-            i = 0
-            n = len(pairs)
-            for start, end in blocks.tolist():
-                bufs: list[memoryview] = []
-                pos = start
-                while i < n and pairs[i, 0] < end:
-                    s, d, ln = (int(x) for x in pairs[i])
-                    if s > pos:
-                        bufs.append(self._junk_view(s - pos))
-                    bufs.append(dview[d : d + ln])
-                    pos = s + ln
-                    i += 1
-                self._preadv(fd, bufs, start, where)
-
-    def _junk_view(self, n: int) -> memoryview:
-        if self._junk is None or len(self._junk) < n:
-            self._junk = bytearray(max(n, 1 << 16))
-        return memoryview(self._junk)[:n]
+            # One preadv per block: runs land in the destination, gaps are discarded.
+            self._read_runs(fd, pairs, blocks, dview, where)
 
     def _fill_scratch(
         self, fd: int, dview: memoryview, offsets: tuple[int, ...], lengths: tuple[int, ...],
@@ -415,18 +394,21 @@ class RangeFileSystemReader(FileSystemReader):
         isz = loc.itemsize
         if self._scratch is None:
             self._scratch = np.empty(self.buffer_bytes, dtype=np.uint8)
-        scratch = memoryview(self._scratch)
         bo, bl = box if box is not None else (offsets, lengths)
         for so, sl in _slabs(bo, bl, loc.stride, isz, self.buffer_bytes):
             ranges = _r.byte_ranges(loc.size, loc.stride, isz, so, sl, base=loc.base)
             blocks = _r.coalesce_ranges(ranges, self.max_gap, self.max_overread)
             span0 = int(ranges[0, 0])
-            for start, end in blocks.tolist():
-                self._read_into(fd, scratch[start - span0 : end - span0], start, where)
+            # each block lands at its own offset from the slab's first byte
+            runs = np.empty((len(blocks), 3), dtype=np.int64)
+            runs[:, 0] = blocks[:, 0]
+            runs[:, 1] = blocks[:, 0] - span0
+            runs[:, 2] = blocks[:, 1] - blocks[:, 0]
+            self._read_runs(fd, runs, blocks, self._scratch, where)
             # The slab's first element is its lowest address (strides >= 0), so
             # it sits at scratch byte 0.
             _r.copy_box(
-                scratch, dview, sl, itemsize=isz,
+                self._scratch, dview, sl, itemsize=isz,
                 src_shape=sl, src_strides=loc.stride,
                 dst_shape=lengths, dst_strides=dstrides,
                 dst_offsets=tuple(a - b for a, b in zip(so, offsets)),
