@@ -50,6 +50,9 @@ __all__ = ["RangeFileSystemReader"]
 # the first and last 4 KiB of an item anyway (ckcore._torchsave), so reading
 # such an item whole costs no extra bytes.
 _SMALL_ITEM = 4096
+# At most this many runs per slab, so the (runs, 2|3) int64 arrays of a slab
+# stay a few MiB even when every element is its own run.
+_MAX_RUNS = 1 << 18
 _HAS_FADVISE = hasattr(os, "posix_fadvise")
 
 
@@ -273,7 +276,12 @@ class RangeFileSystemReader(FileSystemReader):
         if not isinstance(md, TensorStorageMetadata):
             return
         want = tuple(req.storage_index.offset or ())
-        for chunk in md.chunks:
+        hint = req.storage_index.index
+        # torch's index hint first (O(1)), then a scan like find_state_dict_object
+        order = md.chunks if hint is None or not 0 <= hint < len(md.chunks) else (
+            [md.chunks[hint], *md.chunks]
+        )
+        for chunk in order:
             if tuple(chunk.offsets) == want:
                 if tuple(chunk.sizes) != loc.size:
                     raise CorruptItem(
@@ -361,12 +369,23 @@ class RangeFileSystemReader(FileSystemReader):
         self.stats["read_calls"] += calls
         self.stats["bytes_read"] += nbytes
 
+    @staticmethod
+    def _slab_limit(limit: int, loc: TensorLocation, offsets: tuple[int, ...],
+                    lengths: tuple[int, ...]) -> int:
+        # Shrink the slab span so that a slab holds about _MAX_RUNS runs at most.
+        nruns, _, _ = _r.box_runs(loc.size, loc.stride, loc.itemsize, offsets, lengths)
+        if nruns > _MAX_RUNS:
+            span = _extent(lengths, loc.stride, loc.itemsize)
+            limit = min(limit, span * _MAX_RUNS // nruns)
+        return max(limit, loc.itemsize)
+
     def _fill_direct(
         self, fd: int, dview: memoryview, offsets: tuple[int, ...], lengths: tuple[int, ...],
         dstrides: tuple[int, ...], loc: TensorLocation, where: str,
     ) -> None:
         isz = loc.itemsize
-        for so, sl in _slabs(offsets, lengths, loc.stride, isz, 256 << 20):
+        limit = self._slab_limit(256 << 20, loc, offsets, lengths)
+        for so, sl in _slabs(offsets, lengths, loc.stride, isz, limit):
             doff = tuple(a - b for a, b in zip(so, offsets))
             pairs = _r.paired_runs(
                 sl, itemsize=isz, src_shape=loc.size, dst_shape=lengths,
@@ -395,7 +414,8 @@ class RangeFileSystemReader(FileSystemReader):
         if self._scratch is None:
             self._scratch = np.empty(self.buffer_bytes, dtype=np.uint8)
         bo, bl = box if box is not None else (offsets, lengths)
-        for so, sl in _slabs(bo, bl, loc.stride, isz, self.buffer_bytes):
+        limit = self._slab_limit(self.buffer_bytes, loc, bo, bl)
+        for so, sl in _slabs(bo, bl, loc.stride, isz, limit):
             ranges = _r.byte_ranges(loc.size, loc.stride, isz, so, sl, base=loc.base)
             blocks = _r.coalesce_ranges(ranges, self.max_gap, self.max_overread)
             span0 = int(ranges[0, 0])
