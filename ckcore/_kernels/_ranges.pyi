@@ -1,6 +1,6 @@
 """Type stubs for the compiled byte-range kernel (see ckcore.ranges for the façade)."""
 
-from collections.abc import Buffer
+from typing_extensions import Buffer
 
 import numpy as np
 import numpy.typing as npt
