@@ -425,3 +425,18 @@ def test_elementwise_runs_stay_bounded(tmp_path, monkeypatch):
         dcp.load(sd, storage_reader=reader, planner=BoxLoadPlanner({"t": box}), no_dist=True)
         assert_same(t[1:2], sd["t"])
     assert sizes and max(sizes) <= 64 and sum(sizes) >= 2 * 4000
+
+
+def test_unreadable_format_falls_back(tmp_path):
+    """A conjugate-bit tensor is saved with metadata the locator refuses: torch's path loads it."""
+    c = torch.randn(6, 4, dtype=torch.complex64)
+    sd = {"cj": c.conj(), "plain": torch.randn(5, 5)}
+    dcp.save(sd, checkpoint_id=str(tmp_path), no_dist=True)
+    got = {"cj": torch.zeros(6, 4, dtype=torch.complex64), "plain": torch.zeros(5, 5)}
+    ref = {"cj": torch.zeros(6, 4, dtype=torch.complex64), "plain": torch.zeros(5, 5)}
+    reader = RangeFileSystemReader(str(tmp_path))
+    dcp.load(got, storage_reader=reader, no_dist=True)
+    dcp.load(ref, storage_reader=FileSystemReader(str(tmp_path)), no_dist=True)
+    assert_same(ref, got)
+    assert torch.equal(got["cj"], c.conj().resolve_conj())
+    assert reader.stats["fallback_items"] == 1
