@@ -59,6 +59,16 @@ from .planner import (
     WriteItem,
     WriteItemType,
 )
+from .ranges import (
+    box_runs,
+    byte_ranges,
+    coalesce_ranges,
+    contiguous_strides,
+    copy_box,
+    paired_run_info,
+    paired_runs,
+    read_runs,
+)
 
 __version__ = "0.1.0"
 
@@ -86,9 +96,14 @@ __all__ = [
     "UnsafeCheckpointError",
     "WriteItem",
     "WriteItemType",
+    "box_runs",
+    "byte_ranges",
     "chunk_arrays",
+    "coalesce_ranges",
     "compare_save_plans",
     "contains_usable_plan",
+    "contiguous_strides",
+    "copy_box",
     "create_read_items",
     "create_read_items_for_chunk_list",
     "create_write_item_for_bytesio",
@@ -99,4 +114,7 @@ __all__ = [
     "load_metadata",
     "loads_metadata",
     "merge_delta_local_plans",
+    "paired_run_info",
+    "paired_runs",
+    "read_runs",
 ]

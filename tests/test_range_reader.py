@@ -219,7 +219,9 @@ def test_planner_hooks_like_torch(sharded_ckpt):
         sd["extra"] = None
         dcp.load(sd, storage_reader=reader, planner=planner, no_dist=True)
         seen.append(planner.calls)
-    key = lambda c: (c[0], str(c[1]))
+    def key(c):
+        return (c[0], str(c[1]))
+
     ref, got = sorted(seen[0], key=key), sorted(seen[1], key=key)
     assert [key(c) for c in ref] == [key(c) for c in got]
     for a, b in zip(ref, got):
