@@ -384,10 +384,10 @@ cdef void _copy_runs(const unsigned char* src, unsigned char* dst, i64 run, Py_s
 
 
 cdef i64 _paired_walk(const i64[::1] src_strides, i64 src_base, const i64[::1] src_offsets,
-                     const i64[::1] dst_strides, i64 dst_base, const i64[::1] dst_offsets,
-                     const i64[::1] lengths, i64 itemsize, Py_ssize_t* m,
-                     i64* dlen, i64* sstride, i64* tstride, i64* so, i64* do,
-                     i64* nruns) noexcept nogil:
+                      const i64[::1] dst_strides, i64 dst_base, const i64[::1] dst_offsets,
+                      const i64[::1] lengths, i64 itemsize, Py_ssize_t* m,
+                      i64* dlen, i64* sstride, i64* tstride, i64* so, i64* do,
+                      i64* nruns) noexcept nogil:
     # The walk of a box copied between two strided chunks: outer dims in source
     # address order, and a run merged only while it is contiguous in both.
     # Returns the run length in bytes; fills the outer dims and start addresses.
@@ -532,7 +532,6 @@ def paired_run_info(const i64[::1] src_shape, const i64[::1] src_strides,
     run = _paired_walk(src_strides, 0, src_offsets, dst_strides, 0, dst_offsets,
                        lengths, itemsize, &m, dlen, sstride, tstride, &so, &do, &nruns)
     return nruns, run
-
 
 
 # ---------------------------------------------------------------- reading runs
