@@ -31,6 +31,7 @@ such a rank no chunk (an empty list).
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -238,6 +239,11 @@ def _parse_int(text: str, item: str) -> int:
     return int(text)
 
 
+@functools.lru_cache(maxsize=1024)
+def _parse_cached(text: str) -> tuple[Placement, ...]:
+    return _parse(text)
+
+
 def parse_placements(text: str) -> tuple[Placement, ...]:
     """Parse a compact, comma-separated placement list, one entry per mesh dim.
 
@@ -257,6 +263,10 @@ def parse_placements(text: str) -> tuple[Placement, ...]:
     """
     if not isinstance(text, str):
         raise TypeError(f"placements text must be a str, got {type(text).__name__}")
+    return _parse_cached(text)
+
+
+def _parse(text: str) -> tuple[Placement, ...]:
     if not text.strip():
         raise ValueError("empty placement list; give one placement per mesh dim, e.g. 'S(0),R'")
     result: list[Placement] = []
@@ -327,6 +337,9 @@ def parse_mesh_shape(text: str) -> tuple[int, ...]:
 
 
 def _as_int_tuple(value: Any, what: str) -> tuple[int, ...]:
+    # Fast path for the common case (a tuple of plain ints, torch.Size included).
+    if isinstance(value, tuple) and all(type(v) is int for v in value):
+        return tuple(value)
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise TypeError(f"{what} must be a sequence of integers, got {type(value).__name__} {value!r}")
     if isinstance(value, np.ndarray) and value.ndim != 1:
@@ -348,7 +361,13 @@ def _check_global_shape(shape: tuple[int, ...]) -> None:
         raise ValueError(f"global shape {shape} has {volume} elements, more than fit in int64")
 
 
+_MAX_MESH_DIMS = 64  # the kernel keeps per-mesh-dim scratch on the stack
+
+
 def _check_mesh_shape(mesh_shape: tuple[int, ...]) -> None:
+    if len(mesh_shape) > _MAX_MESH_DIMS:
+        raise ValueError(
+            f"mesh shape has {len(mesh_shape)} dims; at most {_MAX_MESH_DIMS} are supported")
     volume = 1
     for i, n in enumerate(mesh_shape):
         if n < 1:
@@ -358,20 +377,24 @@ def _check_mesh_shape(mesh_shape: tuple[int, ...]) -> None:
         raise ValueError(f"mesh shape {mesh_shape} has more than 2**63 coordinates")
 
 
-def _encode(
-    global_shape: Any, mesh_shape: Any, placements: Any
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    shape = _as_int_tuple(global_shape, "global shape")
-    mesh = _as_int_tuple(mesh_shape, "mesh shape")
-    _check_global_shape(shape)
-    _check_mesh_shape(mesh)
-    places = to_placements(placements)
-    if len(places) != len(mesh):
-        raise ValueError(
-            f"{len(places)} placements ({format_placements(places)}) for a mesh of "
-            f"{len(mesh)} dims {mesh}; give exactly one placement per mesh dim"
-        )
+# Encoded placement arrays by (placements, ndim): a job has a handful of
+# distinct placement lists shared by hundreds of tensors. The arrays are
+# read-only because they are shared.
+_ENCODED: dict[tuple[tuple[Placement, ...], int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+_ENCODED_MAX = 4096
+
+
+def _encode_placements(
+    places: tuple[Placement, ...], shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ndim = len(shape)
+    try:
+        key = (places, ndim)
+        cached = _ENCODED.get(key)
+    except TypeError:  # a placement with an unhashable field: validation below names it
+        key, cached = None, None
+    if cached is not None:
+        return cached
     kinds, dims, sfs = [], [], []
     for i, p in enumerate(places):
         kinds.append(_KIND[type(p)])
@@ -393,14 +416,34 @@ def _encode(
             sfs.append(sf)
         else:
             sfs.append(1)
-    i64 = np.int64
-    return (
-        np.array(shape, dtype=i64),
-        np.array(mesh, dtype=i64),
-        np.array(kinds, dtype=i64),
-        np.array(dims, dtype=i64),
-        np.array(sfs, dtype=i64),
-    )
+    encoded = tuple(np.array(v, dtype=np.int64) for v in (kinds, dims, sfs))
+    for arr in encoded:
+        arr.flags.writeable = False
+    if key is not None:
+        if len(_ENCODED) >= _ENCODED_MAX:
+            _ENCODED.clear()
+        _ENCODED[key] = encoded  # type: ignore[assignment]
+    return encoded  # type: ignore[return-value]
+
+
+def _encode(
+    global_shape: Any, mesh_shape: Any, placements: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    shape = _as_int_tuple(global_shape, "global shape")
+    mesh = _as_int_tuple(mesh_shape, "mesh shape")
+    _check_global_shape(shape)
+    _check_mesh_shape(mesh)
+    if isinstance(placements, tuple) and all(type(p) in _KIND for p in placements):
+        places = placements
+    else:
+        places = to_placements(placements)
+    if len(places) != len(mesh):
+        raise ValueError(
+            f"{len(places)} placements ({format_placements(places)}) for a mesh of "
+            f"{len(mesh)} dims {mesh}; give exactly one placement per mesh dim"
+        )
+    kinds, dims, sfs = _encode_placements(places, shape)
+    return np.array(shape, dtype=np.int64), np.array(mesh, dtype=np.int64), kinds, dims, sfs
 
 
 def _in_context(fqn: Union[str, None], exc: Exception) -> Exception:

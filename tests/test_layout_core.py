@@ -296,6 +296,7 @@ def test_duck_typed_placements():
         ((4, 4), (2, 2), "S0", ValueError, "1 placements"),
         ((4, 4), (2,), "S0,S1", ValueError, "2 placements"),
         ((4, 4), (0,), "S0", ValueError, "must be >= 1"),
+        ((4, 4), (1,) * 65, "R," * 64 + "R", ValueError, "at most 64"),
         ((4, 4), (2,), "_S(0,0)", ValueError, "split_factor"),
         ((4, 4), (2,), [L.StridedShard(0, -2)], ValueError, "split_factor"),
         ((4.0, 4), (2,), "S0", TypeError, "float"),
@@ -335,6 +336,9 @@ def test_kernel_checks_its_inputs():
         _layout.layout_all(i64(4), i64(2, 2), i64(1), i64(0), i64(1))
     with pytest.raises(ValueError, match="2\\*\\*63"):
         _layout.layout_all(i64(4), i64(2**62, 4), i64(0, 0), i64(0, 0), i64(1, 1))
+    ones = np.ones(65, dtype=np.int64)
+    with pytest.raises(ValueError, match="at most 64"):
+        _layout.layout_all(i64(4), ones, ones * 0, ones * 0, ones)
     with pytest.raises(ValueError):  # wrong dtype is refused by the typed memoryview
         _layout.layout_all(np.array([4], dtype=np.int32), i64(2), i64(1), i64(0), i64(1))
 

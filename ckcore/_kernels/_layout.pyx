@@ -80,6 +80,19 @@ cdef Py_ssize_t mesh_volume(const i64[::1] mesh_shape) except -1:
     return <Py_ssize_t>total
 
 
+# Mesh dims beyond this are refused: DeviceMesh has a handful, and a fixed
+# bound lets the per-step scratch live on the stack instead of in four numpy
+# allocations per call (which dominated the one-coordinate path).
+cdef enum:
+    MAX_MESH_DIMS = 64
+
+
+cdef int check_nmesh(Py_ssize_t nmesh) except -1:
+    if nmesh > MAX_MESH_DIMS:
+        raise ValueError(f"mesh has {nmesh} dimensions; at most {MAX_MESH_DIMS} are supported")
+    return 0
+
+
 def layout_all(const i64[::1] global_shape, const i64[::1] mesh_shape,
                const i64[::1] kinds, const i64[::1] dims,
                const i64[::1] split_factors):
@@ -92,30 +105,28 @@ def layout_all(const i64[::1] global_shape, const i64[::1] mesh_shape,
     check_layout(global_shape, mesh_shape, kinds, dims, split_factors)
     cdef Py_ssize_t ndim = global_shape.shape[0]
     cdef Py_ssize_t nmesh = mesh_shape.shape[0]
+    check_nmesh(nmesh)
     cdef Py_ssize_t nrows = mesh_volume(mesh_shape)
     sizes_arr = np.empty((nrows, ndim), dtype=np.int64)
     offsets_arr = np.empty((nrows, ndim), dtype=np.int64)
-    # Scratch: the odometer coordinate plus the per-step state of layout_row.
-    coord_arr = np.zeros(nmesh + 1, dtype=np.int64)
-    size_arr = np.empty(nmesh + 1, dtype=np.int64)
-    start_arr = np.empty(nmesh + 1, dtype=np.int64)
-    dim_arr = np.empty(nmesh + 1, dtype=np.intp)
     cdef i64[:, ::1] sizes = sizes_arr
     cdef i64[:, ::1] offsets = offsets_arr
-    cdef i64[::1] coord = coord_arr
-    cdef i64[::1] ssize = size_arr
-    cdef i64[::1] sstart = start_arr
-    cdef Py_ssize_t[::1] sdim = dim_arr
+    # Scratch: the odometer coordinate plus the per-step state of layout_row.
+    cdef i64 coord[MAX_MESH_DIMS]
+    cdef i64 ssize[MAX_MESH_DIMS]
+    cdef i64 sstart[MAX_MESH_DIMS]
+    cdef Py_ssize_t sdim[MAX_MESH_DIMS]
     cdef Py_ssize_t row, i
     if nrows == 0 or ndim == 0:
         return sizes_arr, offsets_arr
     with nogil:
+        for i in range(nmesh):
+            coord[i] = 0
         for row in range(nrows):
             layout_row(&global_shape[0], ndim, &mesh_shape[0] if nmesh else NULL,
                        &kinds[0] if nmesh else NULL, &dims[0] if nmesh else NULL,
-                       &split_factors[0] if nmesh else NULL, nmesh, &coord[0],
-                       &ssize[0], &sstart[0], &sdim[0],
-                       &sizes[row, 0], &offsets[row, 0])
+                       &split_factors[0] if nmesh else NULL, nmesh, coord,
+                       ssize, sstart, sdim, &sizes[row, 0], &offsets[row, 0])
             # Row-major odometer: the last mesh dimension moves fastest.
             i = nmesh - 1
             while i >= 0:
@@ -135,6 +146,7 @@ def layout_coordinate(const i64[::1] global_shape, const i64[::1] mesh_shape,
     cdef Py_ssize_t ndim = global_shape.shape[0]
     cdef Py_ssize_t nmesh = mesh_shape.shape[0]
     cdef Py_ssize_t i
+    check_nmesh(nmesh)
     if coordinate.shape[0] != nmesh:
         raise ValueError(
             f"coordinate {tuple(coordinate)} has {coordinate.shape[0]} entries; "
@@ -145,14 +157,11 @@ def layout_coordinate(const i64[::1] global_shape, const i64[::1] mesh_shape,
                 f"coordinate {tuple(coordinate)} is outside the mesh {tuple(mesh_shape)}")
     sizes_arr = np.empty(ndim, dtype=np.int64)
     offsets_arr = np.empty(ndim, dtype=np.int64)
-    size_arr = np.empty(nmesh + 1, dtype=np.int64)
-    start_arr = np.empty(nmesh + 1, dtype=np.int64)
-    dim_arr = np.empty(nmesh + 1, dtype=np.intp)
     cdef i64[::1] sizes = sizes_arr
     cdef i64[::1] offsets = offsets_arr
-    cdef i64[::1] ssize = size_arr
-    cdef i64[::1] sstart = start_arr
-    cdef Py_ssize_t[::1] sdim = dim_arr
+    cdef i64 ssize[MAX_MESH_DIMS]
+    cdef i64 sstart[MAX_MESH_DIMS]
+    cdef Py_ssize_t sdim[MAX_MESH_DIMS]
     if ndim == 0:
         return sizes_arr, offsets_arr
     with nogil:
@@ -160,5 +169,5 @@ def layout_coordinate(const i64[::1] global_shape, const i64[::1] mesh_shape,
                    &kinds[0] if nmesh else NULL, &dims[0] if nmesh else NULL,
                    &split_factors[0] if nmesh else NULL, nmesh,
                    &coordinate[0] if nmesh else NULL,
-                   &ssize[0], &sstart[0], &sdim[0], &sizes[0], &offsets[0])
+                   ssize, sstart, sdim, &sizes[0], &offsets[0])
     return sizes_arr, offsets_arr
