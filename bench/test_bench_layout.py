@@ -8,8 +8,9 @@ its per-rank arithmetic, ``_compute_local_shape_and_global_offset``, once per
 (tensor, coordinate), which is what planning every rank offline costs with
 torch. The results are compared after timing.
 
-Workload ``layout-rank``: the same model, one rank's chunks (what each rank's
-DCP planner asks of ``compute_local_shape_and_global_offset``).
+Workload ``layout-rank``: the same model, one rank's shapes and offsets
+(``job_layout_at``; what each rank's DCP planner asks of
+``compute_local_shape_and_global_offset``, tensor by tensor).
 
 Quick mode (``--benchmark-disable``) shortens the model to one layer so the
 torch side takes seconds, not minutes.
@@ -82,14 +83,10 @@ def test_layout_rank(benchmark, impl):
     tensors = _workload(benchmark)
     coord = [int(c) for c in __import__("numpy").unravel_index(RANK, MESH)]
     if impl == "ckcore":
-        def one_rank():
-            return {fqn: L.local_shape_and_offset(shape, MESH, places, coord)
-                    for fqn, (shape, places) in tensors.items()}
-
-        result = benchmark.pedantic(one_rank, rounds=20, iterations=1, warmup_rounds=1)
+        result = benchmark.pedantic(L.job_layout_at, args=(tensors, MESH, coord), rounds=20,
+                                    iterations=1, warmup_rounds=1)
         assert len(result) == len(tensors)
         return
     torch_tensors = {fqn: (shape, [_to_torch(p) for p in places]) for fqn, (shape, places) in tensors.items()}
     result = benchmark.pedantic(_torch_one, args=(torch_tensors, coord), rounds=5, iterations=1)
-    for fqn, (shape, places) in tensors.items():
-        assert L.local_shape_and_offset(shape, MESH, places, coord) == result[fqn], fqn
+    assert L.job_layout_at(tensors, MESH, coord) == result

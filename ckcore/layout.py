@@ -62,7 +62,9 @@ __all__ = [
     "chunks_for_mesh",
     "chunks_for_rank",
     "job_layouts",
+    "job_layout_at",
     "job_chunks",
+    "job_rank_chunks",
 ]
 
 _I64_MAX = 2**63 - 1
@@ -610,27 +612,28 @@ def chunks_for_rank(
     return [chunk_for_coordinate(global_shape, mesh, placements, coordinate)]
 
 
-def job_layouts(
-    tensors: Mapping[str, tuple[Sequence[int], Any]], mesh_shape: Sequence[int]
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Every tensor's :func:`local_shapes_and_offsets` on one mesh: ``{fqn: (sizes, offsets)}``.
+_Group = tuple[list[str], list[tuple[int, ...]], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
-    ``tensors`` maps each fqn to ``(global_shape, placements)``; placements
-    may be ckcore's, torch's, or a compact string. Errors name the fqn.
-    """
+
+def _group_job(tensors: Any, mesh: tuple[int, ...]) -> tuple[list[str], list[_Group]]:
+    # Validate every entry (errors name the fqn) and group the tensors that
+    # share a rank and a placement list, so that each group is one kernel
+    # call over a (T, ndim) array of shapes instead of T Python-level calls.
     if not isinstance(tensors, Mapping):
-        raise TypeError(f"tensors must be a mapping fqn -> (global_shape, placements), got {type(tensors).__name__}")
-    mesh = _as_int_tuple(mesh_shape, "mesh shape")
-    _check_mesh_shape(mesh)
-    # Many tensors share one placement list (every layer's weights); convert
-    # each distinct list once. Unhashable placement objects skip the cache.
+        raise TypeError(
+            f"tensors must be a mapping fqn -> (global_shape, placements), got {type(tensors).__name__}")
     converted: dict[Any, tuple[Placement, ...]] = {}
-    result: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    groups: dict[Any, _Group] = {}
+    order: list[str] = []
     for fqn, entry in tensors.items():
         try:
             if not isinstance(entry, (tuple, list)) or len(entry) != 2:
                 raise TypeError(f"expected (global_shape, placements), got {entry!r}")
-            shape, placements = entry
+            shape_in, placements = entry
+            shape = _as_int_tuple(shape_in, "global shape")
+            _check_global_shape(shape)
+            # Many tensors share one placement list (every layer's weights):
+            # convert each distinct list once; unhashable ones skip the cache.
             try:
                 key = placements if isinstance(placements, str) else tuple(placements)
                 places = converted.get(key)
@@ -638,10 +641,91 @@ def job_layouts(
                     places = converted[key] = to_placements(placements)
             except TypeError:
                 places = to_placements(placements)
-            result[fqn] = _layout.layout_all(*_encode(shape, mesh, places))
+            if len(places) != len(mesh):
+                raise ValueError(
+                    f"{len(places)} placements ({format_placements(places)}) for a mesh of "
+                    f"{len(mesh)} dims {mesh}; give exactly one placement per mesh dim"
+                )
+            encoded = _encode_placements(places, shape)
         except (TypeError, ValueError) as exc:
             raise _in_context(fqn, exc) from None
-    return result
+        # Encoded arrays are cached per (placements, ndim): their identity is the group key.
+        group = groups.get(id(encoded[0]))
+        if group is None:
+            group = groups[id(encoded[0])] = ([], [], encoded)
+        group[0].append(fqn)
+        group[1].append(shape)
+        order.append(fqn)
+    return order, list(groups.values())
+
+
+def _shapes_array(shapes: list[tuple[int, ...]]) -> np.ndarray:
+    ndim = len(shapes[0])
+    return np.array(shapes, dtype=np.int64).reshape(len(shapes), ndim)
+
+
+def job_layouts(
+    tensors: Mapping[str, tuple[Sequence[int], Any]], mesh_shape: Sequence[int]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every tensor's :func:`local_shapes_and_offsets` on one mesh: ``{fqn: (sizes, offsets)}``.
+
+    ``tensors`` maps each fqn to ``(global_shape, placements)``; placements
+    may be ckcore's, torch's, or a compact string. Each value is a pair of
+    ``(prod(mesh_shape), ndim)`` int64 arrays (views into one array per group
+    of tensors that share a rank and placements). Errors name the fqn.
+    """
+    mesh = _as_int_tuple(mesh_shape, "mesh shape")
+    _check_mesh_shape(mesh)
+    mesh_arr = np.array(mesh, dtype=np.int64)
+    order, groups = _group_job(tensors, mesh)
+    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for fqns, shapes, (kinds, dims, sfs) in groups:
+        sizes, offsets = _layout.layout_all_many(_shapes_array(shapes), mesh_arr, kinds, dims, sfs)
+        for t, fqn in enumerate(fqns):
+            found[fqn] = (sizes[t], offsets[t])
+    return {fqn: found[fqn] for fqn in order}
+
+
+def job_layout_at(
+    tensors: Mapping[str, tuple[Sequence[int], Any]],
+    mesh_shape: Sequence[int],
+    coordinate: Sequence[int],
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Every tensor's ``(local_shape, global_offset)`` at one mesh coordinate (one rank's view of a job)."""
+    mesh = _as_int_tuple(mesh_shape, "mesh shape")
+    _check_mesh_shape(mesh)
+    mesh_arr = np.array(mesh, dtype=np.int64)
+    coord = np.array(_as_int_tuple(coordinate, "coordinate"), dtype=np.int64)
+    order, groups = _group_job(tensors, mesh)
+    found: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for fqns, shapes, (kinds, dims, sfs) in groups:
+        sizes, offsets = _layout.layout_coordinate_many(
+            _shapes_array(shapes), mesh_arr, kinds, dims, sfs, coord)
+        for fqn, s, o in zip(fqns, sizes.tolist(), offsets.tolist()):
+            found[fqn] = (tuple(s), tuple(o))
+    return {fqn: found[fqn] for fqn in order}
+
+
+def job_rank_chunks(
+    tensors: Mapping[str, tuple[Sequence[int], Any]],
+    mesh_shape: Sequence[int],
+    rank: int,
+    ranks: Any = None,
+) -> dict[str, list[ChunkStorageMetadata]]:
+    """One rank's chunk list of every tensor of a job (``[]`` for each if the rank is outside the mesh).
+
+    Equal to ``job_chunks(tensors, mesh_shape, ranks)[rank]`` at the cost of
+    one coordinate.
+    """
+    mesh = _as_int_tuple(mesh_shape, "mesh shape")
+    coordinate = _coordinate_of_rank(mesh, _int(rank, "rank"), ranks)
+    if coordinate is None:
+        order, _ = _group_job(tensors, mesh)  # still validate the job
+        return {fqn: [] for fqn in order}
+    return {
+        fqn: [ChunkStorageMetadata(offsets=offsets, sizes=sizes)]
+        for fqn, (sizes, offsets) in job_layout_at(tensors, mesh, coordinate).items()
+    }
 
 
 def job_chunks(
