@@ -337,10 +337,11 @@ def test_kernel_checks_its_inputs():
     with pytest.raises(ValueError, match="2\\*\\*63"):
         _layout.layout_all(i64(4), i64(2**62, 4), i64(0, 0), i64(0, 0), i64(1, 1))
     with pytest.raises(ValueError, match="row 1"):
-        _layout.layout_all_many(np.array([[4], [-4]], dtype=np.int64), i64(2), i64(1), i64(0), i64(1))
+        shapes = np.array([[4], [-4]], dtype=np.int64)
+        _layout.layout_all_many(shapes, i64(2), i64(1), i64(0), i64(1))
     with pytest.raises(ValueError, match="outside the mesh"):
-        _layout.layout_coordinate_many(np.array([[4]], dtype=np.int64), i64(2), i64(1), i64(0), i64(1),
-                                       i64(2))
+        shapes = np.array([[4]], dtype=np.int64)
+        _layout.layout_coordinate_many(shapes, i64(2), i64(1), i64(0), i64(1), i64(2))
     ones = np.ones(65, dtype=np.int64)
     with pytest.raises(ValueError, match="at most 64"):
         _layout.layout_all(i64(4), ones, ones * 0, ones * 0, ones)
@@ -369,7 +370,8 @@ def test_ranks_outside_the_mesh():
     ranks = [[4, 5], [6, 7]]
     assert L.local_shape_and_offset_for_rank((8, 3), (2, 2), "S0,R", 2, ranks=ranks) == ((0,), ())
     assert L.chunks_for_rank((8, 3), (2, 2), "S0,R", 2, ranks=ranks) == []
-    assert L.local_shape_and_offset_for_rank((8, 3), (2, 2), "S0,R", 6, ranks=ranks) == ((4, 3), (4, 0))
+    got = L.local_shape_and_offset_for_rank((8, 3), (2, 2), "S0,R", 6, ranks=ranks)
+    assert got == ((4, 3), (4, 0))
     assert L.chunks_for_rank((8, 3), (2, 2), "S0,R", 6, ranks=ranks) == [
         ChunkStorageMetadata(offsets=(4, 0), sizes=(4, 3))
     ]

@@ -22,3 +22,18 @@ def layout_coordinate(
     split_factors: npt.NDArray[np.int64],
     coordinate: npt.NDArray[np.int64],
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def layout_all_many(
+    shapes: npt.NDArray[np.int64],
+    mesh_shape: npt.NDArray[np.int64],
+    kinds: npt.NDArray[np.int64],
+    dims: npt.NDArray[np.int64],
+    split_factors: npt.NDArray[np.int64],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def layout_coordinate_many(
+    shapes: npt.NDArray[np.int64],
+    mesh_shape: npt.NDArray[np.int64],
+    kinds: npt.NDArray[np.int64],
+    dims: npt.NDArray[np.int64],
+    split_factors: npt.NDArray[np.int64],
+    coordinate: npt.NDArray[np.int64],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
