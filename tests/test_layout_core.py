@@ -407,6 +407,21 @@ def test_job_layouts_and_chunks():
         for fqn, (shape, places) in tensors.items():
             assert plans[rank][fqn] == [L.chunk_for_coordinate(shape, (2, 2), places, coord)]
     assert len(L.job_chunks(tensors, (2, 2))) == 4
+    # job_chunks pauses the cyclic GC while it builds objects: the caller's
+    # setting must come back either way.
+    import gc
+
+    gc.disable()
+    try:
+        L.job_chunks(tensors, (2, 2))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    L.job_chunks(tensors, (2, 2))
+    assert gc.isenabled()
+    with pytest.raises(ValueError):
+        L.job_chunks({"bad": ((4,), "S3,R")}, (2, 2))
+    assert gc.isenabled()
 
 
 def _placements_for(ndim, nmesh):
