@@ -149,6 +149,48 @@ def test_huge_sizes_match_naive(shape, mesh, data):
             assert (tuple(sizes[row].tolist()), tuple(offsets[row].tolist())) == want
 
 
+_I64 = st.integers(0, 2**63 - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_I64, st.one_of(st.integers(1, 64), st.integers(1, 2**63 - 1)), st.data())
+def test_inline_chunk_helper_whole_int64_range(c, n, data):
+    from ckcore._kernels._layout import _py_chunk
+
+    r = data.draw(st.one_of(st.integers(0, min(n - 1, 64)), st.integers(0, n - 1)))
+    f = -(-c // n)  # Python ints: no overflow
+    start, stop = min(r * f, c), min((r + 1) * f, c)
+    assert _py_chunk(c, n, r) == (start, stop - start)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.tuples(_I64, st.integers(1, 9)),  # any size, few parts
+        st.tuples(st.integers(0, 2000), st.integers(1, 2**63 - 1)),  # any split factor
+    ),
+    st.integers(1, 64),
+    st.data(),
+)
+def test_inline_strided_helpers_whole_int64_range(c_sf, n, data):
+    from ckcore._kernels._layout import _py_strided
+
+    c, sf = c_sf
+    r = data.draw(st.integers(0, n - 1))
+    # Reference: torch's literal loop over the parts (only the first
+    # ceil(c / f1) <= min(sf, c) parts can be non-empty).
+    f1 = -(-c // sf)
+    count, first = 0, -1
+    for j in range(min(sf, c)):
+        a, b = min(j * f1, c), min((j + 1) * f1, c)
+        f2 = -(-(b - a) // n)
+        s, e = min(r * f2, b - a), min((r + 1) * f2, b - a)
+        if e > s and first < 0:
+            first = a + s
+        count += e - s
+    assert _py_strided(c, sf, n, r) == (count, first)
+
+
 def test_int64_max_dimension():
     g = 2**63 - 1
     sizes, offsets = L.local_shapes_and_offsets((g,), (3, 5), "S0,_S(0,7)")
