@@ -13,20 +13,25 @@ Semantics equal torch 2.13's, coordinate by coordinate (checked by
 ``tests/test_layout.py``):
 
 * ``Shard(d)`` splits tensor dim ``d`` like ``torch.chunk``: pieces of
-  ``ceil(n / k)``, so trailing pieces may be empty;
+  ``ceil(size / mesh_dim_size)``, so trailing pieces may be empty;
 * mesh dims apply left to right; several mesh dims sharding one tensor dim
   split the previous piece again;
 * ``StridedShard(d, split_factor=k)`` is torch's ``_StridedShard``: the held
   indices are strided, torch reports their count as the size and the first
   held index as the offset;
 * ``Replicate()`` and ``Partial()`` leave the dim whole at offset 0;
-* a dim left empty reports offset ``global_shape[d]`` (torch's convention).
+* a dim left empty reports offset ``global_shape[d]`` (torch's convention);
+* negative shard dims count from the end, as DTensor normalises them (torch's
+  plain arithmetic accepts them for ``Shard`` only).
 
 Ranks outside a (sub)mesh: torch's ``compute_local_shape_and_global_offset``
 returns ``((0,), ())`` there -- not a chunk of an ``ndim``-d tensor.
 :func:`local_shape_and_offset_for_rank` returns exactly that, for parity;
-the chunk-list helpers (:func:`chunks_for_rank`, :func:`job_chunks`) give
-such a rank no chunk (an empty list).
+the chunk-list helpers (:func:`chunks_for_rank`, :func:`job_chunks`,
+:func:`job_rank_chunks`) give such a rank no chunk (an empty list).
+
+Array results are int64 with one row per mesh coordinate in row-major order
+(rank order of a default ``DeviceMesh``; :func:`mesh_coordinates`).
 """
 
 from __future__ import annotations
