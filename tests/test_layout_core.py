@@ -556,3 +556,10 @@ def test_layout_imports_no_torch():
     root = os.path.dirname(os.path.dirname(os.path.abspath(L.__file__)))
     env = dict(os.environ, PYTHONPATH=root)
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(L, verbose=False)
+    assert result.attempted >= 5 and result.failed == 0
