@@ -113,7 +113,7 @@ cdef void layout_tensor(
     cdef i64 ssize[MAX_MESH_DIMS]
     cdef i64 sstart[MAX_MESH_DIMS]
     cdef Py_ssize_t d, i, k, nsteps, row, t, combos
-    cdef i64 sub, stride
+    cdef i64 sub
     for d in range(ndim):
         nsteps = dim_steps(d, kinds, dims, nmesh, steps)
         if nsteps == 0:
