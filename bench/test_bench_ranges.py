@@ -45,7 +45,6 @@ from ckcore.dcp.reader import RangeFileSystemReader
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS: dict[tuple[str, str], dict] = {}
 
 
