@@ -15,7 +15,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
         "`python setup.py build_ext --inplace`."
     ) from exc
 
-from . import layout
+from . import layout  # noqa: F401  (the submodule, as ckcore.layout)
 from .checkpoint import (
     Checkpoint,
     CheckpointError,
