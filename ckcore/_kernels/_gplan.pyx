@@ -103,6 +103,28 @@ cdef object _replace1(object obj, str name, object value):
     return new
 
 
+cdef object _replace_known(object obj, str name, object value,
+                           str k1, object v1, str k2, object v2):
+    """_replace1, told the current values of two more fields (no getattr for them)."""
+    cdef type cls = type(obj)
+    cdef tuple names = _fields_of(cls)
+    cdef object new, n, v
+    if not names:
+        return dataclasses.replace(obj, **{name: value})
+    new = ck_new_instance(cls)
+    for n in names:
+        if n == name:
+            v = value
+        elif n == k1:
+            v = v1
+        elif n == k2:
+            v = v2
+        else:
+            v = getattr(obj, n)
+        PyObject_GenericSetAttr(new, n, v)
+    return new
+
+
 cdef object _last_t = None
 cdef int _last_cat = -1
 
@@ -142,12 +164,13 @@ def create_global_save_plan(list all_plans, bint rewrite_index_hints,
     cdef list new_plans = []
     cdef list new_items, chunks
     cdef int cat
-    cdef object items, item, index, fqn, td, tmd, chunk, new_item, hint, n
+    cdef object items, item, index, fqn, td, tmd, chunk, new_item, t
     for plan in all_plans:
         items = plan.items
         new_items = []
         for item in items:
-            cat = _category(item.type)
+            t = item.type
+            cat = _category(t)
             index = item.index
             fqn = index.fqn
             if cat != SHARD:
@@ -172,12 +195,10 @@ def create_global_save_plan(list all_plans, bint rewrite_index_hints,
                 chunk_lists[fqn] = chunks
             new_item = item
             if rewrite_index_hints:
-                n = len(chunks)
-                hint = index.index
-                # An item whose hint is already right is reused: equal to the
-                # object torch would build, and free.
-                if hint is None or hint != n or type(hint) is not int:
-                    new_item = _replace1(item, "index", _replace1(index, "index", n))
+                new_item = _replace_known(
+                    item, "index",
+                    _replace_known(index, "index", len(chunks), "fqn", fqn, "", None),
+                    "type", t, "tensor_data", td)
             chunk = td.chunk
             if chunk is None:
                 raise AssertionError(f"""
