@@ -23,6 +23,7 @@ import contextlib
 import gc
 import logging
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -133,10 +134,18 @@ def dedup_save_plans(all_plans: Sequence[Any], save_to_lowest_rank: bool = False
         return _gplan.dedup_save_plans(list(all_plans), bool(save_to_lowest_rank))
 
 
-def _is_tensor_storage(value: Any) -> bool:
-    # Duck-typed isinstance(value, TensorStorageMetadata) for ckcore's or torch's
-    # classes; everything else (BytesStorageMetadata) is skipped as torch does.
-    return hasattr(value, "chunks") and hasattr(value, "size")
+def _is_tensor_storage(key: Any, value: Any) -> bool:
+    # Duck-typed isinstance checks that accept ckcore's and torch's classes:
+    # bytes entries are skipped as torch skips them; anything else that is
+    # not a tensor entry is refused (torch would crash on .size).
+    if hasattr(value, "chunks") and hasattr(value, "size"):
+        return True
+    if type(value).__name__ == "BytesStorageMetadata":
+        return False
+    raise TypeError(
+        f"key:{key} expected TensorStorageMetadata or BytesStorageMetadata, "
+        f"got {type(value).__name__}"
+    )
 
 
 def _torch_order(offs: np.ndarray, sizes: np.ndarray, tsize: Sequence[int], pairs: np.ndarray):
@@ -193,7 +202,7 @@ def _validate(global_plan: Sequence[Any], metadata: Any) -> list[str]:
     errors: list[str] = []
     multi = len(global_plan) > 1
     for key, value in metadata.state_dict_metadata.items():
-        if not _is_tensor_storage(value):
+        if not _is_tensor_storage(key, value):
             continue
         size = value.size
         ndim = len(size)
@@ -202,12 +211,12 @@ def _validate(global_plan: Sequence[Any], metadata: Any) -> list[str]:
         chunks = value.chunks
         if not isinstance(chunks, list):
             chunks = list(chunks)
-        tsize = np.empty(ndim, dtype=np.int64)
-        for d, v in enumerate(size):
-            try:
-                tsize[d] = v
-            except (OverflowError, TypeError, ValueError):
-                raise ValueError(f"key:{key} tensor size {size!r} is not a tuple of int64") from None
+        try:
+            tsize = np.array([operator.index(v) for v in size], dtype=np.int64)
+        except TypeError:
+            raise TypeError(f"key:{key} tensor size {size!r} is not a tuple of integers") from None
+        except OverflowError:
+            raise ValueError(f"key:{key} tensor size {size!r} does not fit in int64") from None
         offs, sizes = _read_chunks(key, chunks, ndim)
         oob, chunks_volume, pairs = _check_tensor(offs, sizes, tsize)
         for i in oob.tolist():

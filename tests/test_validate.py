@@ -321,3 +321,20 @@ def test_logs_each_finding(caplog):
     msgs = validate_global_plan(TWO_PLANS, ck_md({"w": ((4,), [((0,), (3,)), ((1,), (4,))])}))
     logged = [r.getMessage() for r in caplog.records if r.name == "ckcore.global_plan"]
     assert logged == msgs and len(msgs) == 3
+
+
+def test_bad_tensor_size_raises():
+    md = ck_md({"w": ((4,), [((0,), (4,))])})
+    md.state_dict_metadata["w"].size = (4.0,)
+    with pytest.raises(TypeError, match="key:w tensor size"):
+        validate_global_plan(TWO_PLANS, md)
+    md.state_dict_metadata["w"].size = (2**64,)
+    with pytest.raises(ValueError, match="key:w tensor size"):
+        validate_global_plan(TWO_PLANS, md)
+
+
+def test_unknown_storage_entry_raises():
+    md = ck_md({"w": ((4,), [((0,), (4,))])})
+    md.state_dict_metadata["x"] = object()
+    with pytest.raises(TypeError, match="key:x"):
+        validate_global_plan(TWO_PLANS, md)
