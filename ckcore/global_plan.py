@@ -68,15 +68,25 @@ CKCORE_TYPES = MetadataTypes()
 @contextlib.contextmanager
 def _gc_paused():
     # The bulk loops allocate ~10**6 acyclic objects next to a heap of
-    # ~10**7 (every rank's plan); each allocation burst would trigger full
-    # cyclic collections that scan that whole heap and cost more than the
-    # work itself. Nothing built here can form a cycle, so collection waits
-    # until the end (and is restored even on error).
+    # ~10**7 (every rank's plan); with the cyclic GC running, the allocation
+    # bursts trigger collections that scan that whole heap and cost more than
+    # the work itself. So collection is paused (and restored even on error).
+    #
+    # On exit the new objects would all sit in the young generation and the
+    # next allocation would traverse every one of them, only to promote them
+    # (they are the long-lived result). freeze() + unfreeze() moves every
+    # tracked object to the oldest generation in O(1) instead, and resets the
+    # young count; cyclic garbage among them is still found by the next full
+    # collection. Skipped if the caller has frozen objects of its own, which
+    # unfreeze() would release.
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        if gc.get_freeze_count() == 0:
+            gc.freeze()
+            gc.unfreeze()
         if enabled:
             gc.enable()
 

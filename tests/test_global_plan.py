@@ -159,3 +159,21 @@ def test_slots_classes_fall_back_to_replace():
     out, md = create_global_save_plan(plans)
     assert type(out[0]) is SlotPlan and out[0].items == plans[0].items
     assert isinstance(md.state_dict_metadata["b"], cm.BytesStorageMetadata)
+
+
+def test_gc_state_restored():
+    import gc
+
+    plans = [cp.SavePlan([cp.WriteItem(index=cm.MetadataIndex("b"), type=cp.WriteItemType.BYTE_IO)])]
+    assert gc.isenabled()
+    create_global_save_plan(plans)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.disable()
+    try:
+        create_global_save_plan(plans)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(AssertionError):
+        create_global_save_plan(plans * 2)  # duplicate bytes fqn
+    assert gc.isenabled()
