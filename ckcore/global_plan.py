@@ -35,11 +35,11 @@ from ckcore._kernels._validate import _check_tensor, _read_chunks
 from ckcore.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
 __all__ = [
-    "MetadataTypes",
     "CKCORE_TYPES",
+    "MetadataTypes",
     "create_global_save_plan",
-    "validate_global_plan",
     "dedup_save_plans",
+    "validate_global_plan",
 ]
 
 logger = logging.getLogger(__name__)

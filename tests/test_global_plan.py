@@ -20,11 +20,11 @@ from torch.distributed.checkpoint import planner as tp
 from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gp_cases import ck_plans, item_key, md_key, torch_item, torch_plans  # noqa: E402
+from gp_cases import ck_plans, item_key, md_key, torch_item, torch_plans
 
-from ckcore import metadata as cm  # noqa: E402
-from ckcore import planner as cp  # noqa: E402
-from ckcore.global_plan import MetadataTypes, create_global_save_plan  # noqa: E402
+from ckcore import metadata as cm
+from ckcore import planner as cp
+from ckcore.global_plan import MetadataTypes, create_global_save_plan
 
 TORCH_TYPES = MetadataTypes(tm.Metadata, tm.TensorStorageMetadata, tm.BytesStorageMetadata)
 

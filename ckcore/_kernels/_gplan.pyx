@@ -235,11 +235,26 @@ cdef object _size_rule(type cls):
     return rule
 
 
+cdef type _last_item_cls = None
+cdef object _last_rule = None
+cdef object _last_dt = None
+cdef i64 _last_isz = 0
+
+
 cdef int _storage_size(object item, i64* out) except -1:
     # `item.tensor_storage_size() or 1` as an int64; returns 1 if it does not
-    # fit (the caller then falls back to Python ints).
-    cdef object rule = _size_rule(type(item))
+    # fit (the caller then falls back to Python ints). One-entry identity
+    # caches stand in for the class and dtype lookups (a plan has a handful).
+    global _last_item_cls, _last_rule, _last_dt, _last_isz
+    cdef object rule
     cdef object td, v, isz
+    if type(item) is _last_item_cls:
+        rule = _last_rule
+    else:
+        rule = _size_rule(type(item))
+        _last_item_cls = type(item)
+        _last_rule = rule
+        _last_dt = None
     cdef i64 numel = 1, x
     if rule is None:
         v = item.tensor_storage_size() or 1
@@ -256,11 +271,14 @@ cdef int _storage_size(object item, i64* out) except -1:
         if ck_mul64(numel, x, &numel):
             return 1
     dt = td.properties.dtype
-    isz = _ITEMSIZE.get((rule, dt))
-    if isz is None:
-        isz = rule(dt)
-        _ITEMSIZE[(rule, dt)] = isz
-    x = isz
+    if dt is not _last_dt or _last_dt is None:
+        isz = _ITEMSIZE.get((rule, dt))
+        if isz is None:
+            isz = rule(dt)
+            _ITEMSIZE[(rule, dt)] = isz
+        _last_isz = isz
+        _last_dt = dt
+    x = _last_isz
     if ck_mul64(numel, x, &numel):
         return 1
     out[0] = numel if numel != 0 else 1

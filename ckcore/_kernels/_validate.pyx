@@ -20,11 +20,9 @@ fine grids). This kernel finds the same findings without that cliff:
 
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
 from cpython.ref cimport PyObject
-from libc.stdint cimport uint8_t
 from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memset
 
-import math
 import operator
 
 import numpy as np
