@@ -323,30 +323,36 @@ cdef struct Ent:
     i64 selected
 
 
+cdef struct Slot:
+    i64 e
+    u64 hash
+
+
 cdef struct Index:
     # Open-addressing table over MetadataIndex keys (fqn, offset), compared
     # by value like the dataclass's __eq__/__hash__, without building a
     # Python tuple or hashing a torch.Size per item.
     Ent* ents
     Py_ssize_t n_ent, cap_ent
-    i64* slots        # entry number, -1 empty
-    Py_ssize_t mask
+    Slot* slots       # entry number (-1: empty) and its hash, so a probe
+    Py_ssize_t mask   # past another key does not touch that entry's memory
     i64* pool
     Py_ssize_t n_pool, cap_pool
 
 
 cdef int _index_grow_slots(Index* t) except -1:
     cdef Py_ssize_t cap = 2 * (t.mask + 1), i, h
-    cdef i64* slots = <i64*>malloc(cap * sizeof(i64))
+    cdef Slot* slots = <Slot*>malloc(cap * sizeof(Slot))
     if slots == NULL:
         raise MemoryError()
     for i in range(cap):
-        slots[i] = -1
+        slots[i].e = -1
     for i in range(t.n_ent):
         h = <Py_ssize_t>(t.ents[i].hash & <u64>(cap - 1))
-        while slots[h] >= 0:
+        while slots[h].e >= 0:
             h = (h + 1) & (cap - 1)
-        slots[h] = i
+        slots[h].e = i
+        slots[h].hash = t.ents[i].hash
     free(t.slots)
     t.slots = slots
     t.mask = cap - 1
@@ -397,10 +403,10 @@ cdef Py_ssize_t _index_find(Index* t, i64 fid, object off, Py_ssize_t p) except 
         hv = _mix(hv ^ <u64>v)
     h = <Py_ssize_t>(hv & <u64>t.mask)
     while True:
-        e = t.slots[h]
+        e = t.slots[h].e
         if e < 0:
             break
-        if (t.ents[e].hash == hv and t.ents[e].fqn_id == fid and t.ents[e].ndim == nd
+        if (t.slots[h].hash == hv and t.ents[e].fqn_id == fid and t.ents[e].ndim == nd
                 and (nd <= 0 or memcmp(t.pool + t.ents[e].pool, t.pool + t.n_pool,
                                        nd * sizeof(i64)) == 0)):
             return e
@@ -422,7 +428,8 @@ cdef Py_ssize_t _index_find(Index* t, i64 fid, object off, Py_ssize_t p) except 
     t.ents[e].selected = p
     if nd > 0:
         t.n_pool += nd
-    t.slots[h] = e
+    t.slots[h].e = e
+    t.slots[h].hash = hv
     t.n_ent += 1
     if 2 * t.n_ent > t.mask + 1:
         _index_grow_slots(t)
@@ -453,11 +460,11 @@ def dedup_save_plans(list all_plans, bint save_to_lowest_rank):
     t.n_pool = 0
     t.cap_pool = 0
     t.mask = 1023
-    t.slots = <i64*>malloc(1024 * sizeof(i64))
+    t.slots = <Slot*>malloc(1024 * sizeof(Slot))
     if t.slots == NULL:
         raise MemoryError()
     for i in range(1024):
-        t.slots[i] = -1
+        t.slots[i].e = -1
     try:
         for p in range(P):
             items = all_plans[p].items
