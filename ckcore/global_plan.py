@@ -13,8 +13,13 @@ duck-typed, and returns objects of the classes it was given: a new
 ``WriteItem`` or ``MetadataIndex`` is made with ``type(old)`` and the old
 object's fields, bypassing ``__init__`` and the frozen ``__setattr__`` (the
 result equals ``dataclasses.replace``'s: same class, same field values, the
-one field changed). Objects without a ``__dict__`` (``__slots__`` classes) go
-through ``dataclasses.replace`` instead.
+one field changed). Classes this shortcut cannot copy faithfully (no
+instance ``__dict__``, a custom ``__new__``, ``__post_init__`` or
+``init=False`` fields, or not dataclasses) go through ``dataclasses.replace``.
+
+The cyclic GC is paused inside each function and the new objects are moved
+to the oldest generation on exit (see ``_gc_paused``): at 1024 ranks the
+collections otherwise cost as much as the planning.
 """
 
 from __future__ import annotations
