@@ -520,11 +520,15 @@ def dedup_save_plans(list all_plans, bint save_to_lowest_rank):
         plan_size = <ck_i128*>calloc(P + 1, sizeof(ck_i128))
         if plan_size == NULL:
             raise MemoryError()
-        # Entries after the last duplicated one stay where they are; sizes
-        # are only needed up to it.
+        # Only plans holding some duplicated item ever have their planned
+        # size compared ("touched"), and only up to the last duplicated entry:
+        # the sizes of every other entry are never computed.
+        for hs in dups.values():
+            for k in range(len(hs)):
+                touched[<i64>hs[k]] = 1
         for e in range(last_dup + 1):
             if ents[e].nholders == 1:
-                if not save_to_lowest_rank:
+                if not save_to_lowest_rank and touched[ents[e].first]:
                     if _storage_size(ent_item[e], &sz):
                         return _dedup_python(all_plans, save_to_lowest_rank)
                     plan_size[ents[e].first] += sz
@@ -540,8 +544,6 @@ def dedup_save_plans(list all_plans, bint save_to_lowest_rank):
                         c = h
                 plan_size[c] += sz
             ents[e].selected = c
-            for k in range(len(hs)):
-                touched[<i64>hs[k]] = 1
         out = []
         for p in range(P):
             items = <list>plan_items[p]
