@@ -19,35 +19,12 @@ from cpython.ref cimport PyObject
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp
 
+from ckcore._kernels._capi cimport (
+    PyObject_GenericSetAttr, PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE,
+    ck_i128, ck_mul64, ck_new_instance,
+)
 from ckcore._kernels._types cimport i64, u64
 
-cdef extern from "Python.h":
-    int PyObject_GenericSetAttr(object o, object name, object value) except -1
-    PyObject* PyTuple_GET_ITEM(object t, Py_ssize_t i)
-    Py_ssize_t PyTuple_GET_SIZE(object t)
-    bint PyTuple_Check(object o)
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    typedef __int128 ck_i128;
-    static inline int ck_mul64(int64_t a, int64_t b, int64_t *r) {
-        return __builtin_mul_overflow(a, b, r);
-    }
-    /* object.__new__(cls) without the call machinery (cls must not override __new__). */
-    static PyObject* ck_new_instance(PyObject* cls) {
-        PyTypeObject* t = (PyTypeObject*)cls;
-        PyObject* args = PyTuple_New(0);
-        PyObject* r;
-        if (args == NULL) return NULL;
-        r = t->tp_new(t, args, NULL);
-        Py_DECREF(args);
-        return r;
-    }
-    """
-    ctypedef long long ck_i128
-    bint ck_mul64(i64 a, i64 b, i64* r) noexcept nogil
-    object ck_new_instance(object cls)
 
 cdef int TENSOR = 0
 cdef int SHARD = 1

@@ -356,6 +356,19 @@ cdef void* _alloc(size_t count, size_t elem) noexcept nogil:
     return malloc(count * elem)
 
 
+cdef inline bint _same_prefix(const Index* ix, isize k, isize lvl) noexcept nogil:
+    # Does the k-th chunk in trie order share its intervals in dimensions
+    # perm[0..lvl] with the one before it (i.e. the same level-lvl node)?
+    cdef isize j, nd = ix.nd
+    if k == 0:
+        return False
+    for j in range(lvl + 1):
+        if (ix.rank[ix.order[k] * nd + ix.perm[j]]
+                != ix.rank[ix.order[k - 1] * nd + ix.perm[j]]):
+            return False
+    return True
+
+
 cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize nd) except -1 nogil:
     """Build the per-dimension cut lists, detect a product grid, and build the trie."""
     cdef isize d, i, k, r, p, total, lvl, cnt, j, child, q
@@ -366,7 +379,7 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
     cdef isize* table = NULL
     cdef i64* scratch = NULL
     cdef isize prod_cells
-    cdef bint overflow, same
+    cdef bint overflow
     memset(ix, 0, sizeof(Index))
     ix.n = n
     ix.nd = nd
@@ -459,16 +472,7 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
         d = ix.perm[lvl]
         cnt = 0
         for k in range(n):
-            if k == 0:
-                same = False
-            else:
-                same = True
-                for j in range(lvl + 1):
-                    if (ix.rank[ix.order[k] * nd + ix.perm[j]]
-                            != ix.rank[ix.order[k - 1] * nd + ix.perm[j]]):
-                        same = False
-                        break
-            if not same:
+            if not _same_prefix(ix, k, lvl):
                 cnt += 1
         total += cnt
     ix.lbase[nd] = total
@@ -487,16 +491,7 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
         d = ix.perm[lvl]
         q = ix.lbase[lvl] - 1
         for k in range(n):
-            if k == 0:
-                same = False
-            else:
-                same = True
-                for j in range(lvl + 1):
-                    if (ix.rank[ix.order[k] * nd + ix.perm[j]]
-                            != ix.rank[ix.order[k - 1] * nd + ix.perm[j]]):
-                        same = False
-                        break
-            if not same:
+            if not _same_prefix(ix, k, lvl):
                 q += 1
                 i = ix.order[k]
                 r = ix.rank[i * nd + d]

@@ -21,8 +21,7 @@ from cpython.long cimport PyLong_AsLongLong, PyLong_CheckExact
 from cpython.tuple cimport PyTuple_Check, PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_INCREF
 from cpython.list cimport PyList_New, PyList_SET_ITEM
-from cpython.object cimport PyObject_GenericSetAttr, PyTypeObject
-from cpython.ref cimport PyObject
+from ckcore._kernels._capi cimport PyObject_GenericSetAttr, ck_new_instance, ck_plain_new
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
@@ -33,25 +32,20 @@ import operator
 
 import numpy as np
 
-cdef extern from "Python.h":
-    PyTypeObject PyBaseObject_Type
-
 cdef str _DICT = "__dict__"
-cdef tuple _NO_ARGS = ()
 
 
 cdef inline object _object_new(type cls):
-    # object.__new__(cls) minus the Python-level wrapper (tp_new_wrapper slices its
-    # argument tuple on every call). Only valid for classes whose instances object
-    # itself allocates, i.e. plain Python classes such as dataclasses: checked by
-    # _check_plain_class before the loop.
-    return PyBaseObject_Type.tp_new(cls, <PyObject*>_NO_ARGS, NULL)
+    # object.__new__(cls) minus the Python-level wrapper. Only valid for classes
+    # whose instances object itself allocates, i.e. plain Python classes such as
+    # dataclasses: checked by _check_plain_class before the loop.
+    return ck_new_instance(cls)
 
 
 cdef int _check_plain_class(object cls, str role) except -1:
     if not isinstance(cls, type):
         raise TypeError(f"{role} must be a class, got {cls!r}")
-    if (<PyTypeObject*>cls).tp_new != PyBaseObject_Type.tp_new:
+    if not ck_plain_new(cls):
         raise TypeError(f"{role} {cls.__qualname__} defines its own __new__; need a plain dataclass")
     if not hasattr(cls, "__dataclass_fields__"):
         raise TypeError(f"{role} {cls.__qualname__} is not a dataclass")

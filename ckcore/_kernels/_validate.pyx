@@ -28,33 +28,11 @@ import operator
 import numpy as np
 
 from ckcore._kernels._box cimport box_overlap
+from ckcore._kernels._capi cimport (
+    PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE,
+    ck_add64, ck_hi, ck_i128, ck_lo, ck_mul64,
+)
 from ckcore._kernels._types cimport i64, u64
-
-cdef extern from "Python.h":
-    PyObject* PyTuple_GET_ITEM(object t, Py_ssize_t i)
-    Py_ssize_t PyTuple_GET_SIZE(object t)
-    bint PyTuple_Check(object o)
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    typedef __int128 ck_i128;
-    static inline int ck_add64(int64_t a, int64_t b, int64_t *r) {
-        return __builtin_add_overflow(a, b, r);
-    }
-    static inline int ck_mul64(int64_t a, int64_t b, int64_t *r) {
-        return __builtin_mul_overflow(a, b, r);
-    }
-    static inline int64_t ck_hi(ck_i128 x) { return (int64_t)(x >> 64); }
-    static inline uint64_t ck_lo(ck_i128 x) { return (uint64_t)x; }
-    """
-    # Cython only needs a name for the 128-bit accumulator; the C compiler
-    # sees the real __int128 and does the arithmetic.
-    ctypedef long long ck_i128
-    bint ck_add64(i64 a, i64 b, i64* r) noexcept nogil
-    bint ck_mul64(i64 a, i64 b, i64* r) noexcept nogil
-    i64 ck_hi(ck_i128 x) noexcept nogil
-    u64 ck_lo(ck_i128 x) noexcept nogil
 
 
 # ---------------------------------------------------------------- small C tools

@@ -1,0 +1,51 @@
+# Small C tools shared by the kernels: checked 64-bit arithmetic, a 128-bit
+# accumulator, a few CPython macros Cython does not declare, and object
+# creation without the Python call machinery.
+from cpython.ref cimport PyObject
+
+from ckcore._kernels._types cimport i64, u64
+
+cdef extern from "Python.h":
+    int PyObject_GenericSetAttr(object o, object name, object value) except -1
+    PyObject* PyTuple_GET_ITEM(object t, Py_ssize_t i)
+    Py_ssize_t PyTuple_GET_SIZE(object t)
+    bint PyTuple_Check(object o)
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    typedef __int128 ck_i128;
+    static inline int ck_add64(int64_t a, int64_t b, int64_t *r) {
+        return __builtin_add_overflow(a, b, r);
+    }
+    static inline int ck_mul64(int64_t a, int64_t b, int64_t *r) {
+        return __builtin_mul_overflow(a, b, r);
+    }
+    static inline int64_t ck_hi(ck_i128 x) { return (int64_t)(x >> 64); }
+    static inline uint64_t ck_lo(ck_i128 x) { return (uint64_t)x; }
+    /* object.__new__(cls) without the call machinery: tp_new_wrapper would slice
+       an argument tuple on every call. cls must not override __new__ (callers
+       check with ck_plain_new). */
+    static PyObject* ck_new_instance(PyObject* cls) {
+        PyTypeObject* t = (PyTypeObject*)cls;
+        PyObject* args = PyTuple_New(0);
+        PyObject* r;
+        if (args == NULL) return NULL;
+        r = t->tp_new(t, args, NULL);
+        Py_DECREF(args);
+        return r;
+    }
+    /* Does cls allocate through object's own tp_new (no custom __new__)? */
+    static int ck_plain_new(PyObject* cls) {
+        return PyType_Check(cls) && ((PyTypeObject*)cls)->tp_new == PyBaseObject_Type.tp_new;
+    }
+    """
+    # Cython only needs a name for the 128-bit accumulator; the C compiler
+    # sees the real __int128 and does the arithmetic.
+    ctypedef long long ck_i128
+    bint ck_add64(i64 a, i64 b, i64* r) noexcept nogil
+    bint ck_mul64(i64 a, i64 b, i64* r) noexcept nogil
+    i64 ck_hi(ck_i128 x) noexcept nogil
+    u64 ck_lo(ck_i128 x) noexcept nogil
+    object ck_new_instance(object cls)
+    bint ck_plain_new(object cls)
