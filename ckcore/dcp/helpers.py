@@ -1,0 +1,417 @@
+"""Drop-in replacements for DCP's planning helpers, built on ckcore's kernels.
+
+Each function here has the exact signature of the torch function of the
+same name (``planner_helpers``, ``default_planner``, ``_dedup_save_plans``),
+takes torch's own objects and returns torch's own types, so it can stand in
+for torch's (see :func:`ckcore.dcp.patch`) or be called directly. Results
+equal torch's as a multiset of items; read items come in ckcore's canonical
+order (by local chunk, then saved chunk) rather than torch's sweep order,
+which DCP does not depend on.
+
+Where the work is intersection of chunk lists, the kernels do it and build
+torch's ``ReadItem``/``MetadataIndex``/``torch.Size`` objects directly from
+compiled code. A DTensor's chunk is a pure function of (global shape, mesh
+shape, this rank's coordinate, placements); we memoise it, because torch
+recomputes it per tensor (~30 us each) although a model repeats a handful
+of shapes. Where there is nothing to accelerate (ShardedTensor metadata,
+``_init_state_dict``), the function calls torch's original, captured at
+import time so that :func:`ckcore.dcp.patch` can never make it recurse.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint._dedup_save_plans as _torch_dedup
+import torch.distributed.checkpoint.default_planner as _torch_dp
+import torch.distributed.checkpoint.planner_helpers as _torch_ph
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.checkpoint.metadata import (
+    STATE_DICT_TYPE,
+    STORAGE_TYPES,
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    ReadItem,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import Partial
+
+from .. import helpers as _core
+
+__all__ = [
+    "TORCH_ITEM_CLASSES",
+    "ORIGINALS",
+    "create_read_items_for_chunk_list",
+    "_create_read_items",
+    "_create_write_items",
+    "_create_chunk_list",
+    "_create_chunk_from_dtensor",
+    "_create_write_items_for_dtensor",
+    "_create_default_metadata_only_plan",
+    "create_default_local_load_plan",
+    "create_default_local_save_plan",
+    "create_default_global_save_plan",
+    "_validate_global_plan",
+    "dedup_save_plans",
+    "_compare_save_plans",
+    "_merge_delta_local_plans",
+    "_contains_usable_plan",
+    "_init_state_dict",
+]
+
+# torch's default_planner logs every validation error at WARNING; so do we,
+# under torch's logger name, so log filters written for torch keep working.
+_logger = logging.getLogger(_torch_dp.__name__)
+
+#: The classes the kernels instantiate to hand back torch's own objects.
+TORCH_ITEM_CLASSES = _core.ItemClasses(
+    read_item=ReadItem,
+    metadata_index=MetadataIndex,
+    load_item_type=LoadItemType,
+    size=torch.Size,
+)
+
+# torch's functions as they were when ckcore.dcp was first imported. The
+# drop-ins delegate to these (never to the module attribute, which patch()
+# may have replaced by the drop-in itself), and patch() restores them.
+_PH_NAMES = (
+    "create_read_items_for_chunk_list",
+    "_create_read_items",
+    "_create_write_items",
+    "_create_chunk_list",
+    "_create_chunk_from_dtensor",
+    "_create_write_items_for_dtensor",
+    "_create_default_metadata_only_plan",
+    "_compare_save_plans",
+    "_merge_delta_local_plans",
+    "_contains_usable_plan",
+    "_init_state_dict",
+)
+_DP_NAMES = (
+    "create_default_local_load_plan",
+    "create_default_local_save_plan",
+    "create_default_global_save_plan",
+    "_validate_global_plan",
+)
+#: name -> torch's original function (identity-equal to torch's module attribute).
+ORIGINALS: dict[str, Any] = {name: getattr(_torch_ph, name) for name in _PH_NAMES}
+ORIGINALS.update({name: getattr(_torch_dp, name) for name in _DP_NAMES})
+ORIGINALS["dedup_save_plans"] = _torch_dedup.dedup_save_plans
+
+_t_create_write_item_for_tensor = _torch_ph._create_write_item_for_tensor
+_t_create_write_item_for_shard = _torch_ph._create_write_item_for_shard
+_t_create_write_item_for_bytesio = _torch_ph._create_write_item_for_bytesio
+_t_chunk_for_shard = _torch_ph._chunk_for_shard
+
+
+# --------------------------------------------------------------------------
+# DTensor chunks, memoised
+# --------------------------------------------------------------------------
+
+# (global shape, mesh shape, coordinate, placements) -> (sizes, offsets) as torch.Size.
+_DTENSOR_CHUNKS: dict[tuple, tuple[torch.Size, torch.Size]] = {}
+# A model has a handful of distinct keys; the bound only guards against a
+# pathological caller (e.g. dynamic shapes) growing the dict without end.
+_DTENSOR_CHUNKS_MAX = 4096
+
+
+def _dtensor_key(tensor: DTensor) -> tuple | None:
+    """The memo key of a DTensor's local chunk, or None when torch must compute it.
+
+    torch's ``compute_local_shape_and_global_offset`` depends only on the global
+    shape, the mesh shape, this rank's coordinate and the placements, except in
+    modes where the coordinate is symbolic or per-rank (compile-on-one-rank,
+    LocalTensor) or the local tensor is itself checkpointable; those we leave
+    to torch.
+    """
+    if type(tensor._local_tensor) is not torch.Tensor:
+        return None
+    mesh = tensor.device_mesh
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        return None
+    import torch.distributed.config as _dist_config
+
+    if getattr(_dist_config, "compile_on_one_rank", False):
+        return None
+    return (tensor.shape, tuple(mesh.shape), tuple(coordinate), tuple(tensor.placements))
+
+
+def _dtensor_sizes_offsets(tensor: DTensor) -> tuple[torch.Size, torch.Size]:
+    key = _dtensor_key(tensor)
+    if key is not None:
+        hit = _DTENSOR_CHUNKS.get(key)
+        if hit is not None:
+            return hit
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    sizes, offsets = compute_local_shape_and_global_offset(
+        tensor.shape, tensor.device_mesh, tensor.placements
+    )
+    value = (torch.Size(sizes), torch.Size(offsets))
+    if key is not None:
+        if len(_DTENSOR_CHUNKS) >= _DTENSOR_CHUNKS_MAX:
+            _DTENSOR_CHUNKS.clear()
+        _DTENSOR_CHUNKS[key] = value
+    return value
+
+
+def _raise_if_partial(tensor: DTensor) -> None:
+    # Same check and message as DTensor._raise_if_contains_partial_placements.
+    for placement in tensor.placements:
+        if isinstance(placement, Partial):
+            raise ValueError(
+                "Any checkpointing related operations are not supported for "
+                "DTensor with partial placements!"
+            )
+
+
+def _is_plain_dtensor(obj: Any) -> bool:
+    # A DTensor whose local tensor is a plain tensor: the only case torch
+    # handles with _create_chunk_from_dtensor / _create_write_items_for_dtensor.
+    # Exactly DTensor: a subclass may override the checkpoint dunders.
+    return (
+        type(obj) is DTensor
+        and isinstance(obj._local_tensor, torch.Tensor)
+        and not hasattr(obj._local_tensor, "__create_chunk_list__")
+        and not hasattr(obj._local_tensor, "__create_write_items__")
+    )
+
+
+def _create_chunk_from_dtensor(tensor: DTensor) -> ChunkStorageMetadata:
+    """Drop-in for ``planner_helpers._create_chunk_from_dtensor``: this rank's chunk of ``tensor``."""
+    sizes, offsets = _dtensor_sizes_offsets(tensor)
+    return ChunkStorageMetadata(offsets=offsets, sizes=sizes)
+
+
+def _create_write_items_for_dtensor(fqn: str, tensor: DTensor) -> WriteItem:
+    """Drop-in for ``planner_helpers._create_write_items_for_dtensor``: this rank's SHARD item."""
+    sizes, offsets = _dtensor_sizes_offsets(tensor)
+    return WriteItem(
+        index=MetadataIndex(fqn, offsets),
+        type=WriteItemType.SHARD,
+        tensor_data=TensorWriteData(
+            chunk=ChunkStorageMetadata(offsets=offsets, sizes=sizes),
+            properties=TensorProperties.create_from_tensor(tensor.to_local()),
+            size=tensor.size(),
+        ),
+    )
+
+
+# --------------------------------------------------------------------------
+# Chunk lists and read items
+# --------------------------------------------------------------------------
+
+
+def _create_chunk_list(tensor: torch.Tensor) -> list[ChunkStorageMetadata]:
+    """Drop-in for ``planner_helpers._create_chunk_list``: the chunks this rank holds of ``tensor``.
+
+    Raises ``ValueError`` for objects that are not tensors, as torch does.
+    """
+    if _is_plain_dtensor(tensor):
+        _raise_if_partial(tensor)
+        return [_create_chunk_from_dtensor(tensor)]
+    if hasattr(tensor, "__create_chunk_list__"):
+        return tensor.__create_chunk_list__()
+    if isinstance(tensor, ShardedTensor):
+        return [_t_chunk_for_shard(shard.metadata) for shard in tensor.local_shards()]
+    if isinstance(tensor, torch.Tensor):
+        size = tensor.size()
+        return [ChunkStorageMetadata(offsets=torch.Size([0] * len(size)), sizes=size)]
+    raise ValueError(
+        "Unsupported Type, expecting one of [Tensor, DTensor, ShardedTensor] "
+        f",but got {type(tensor)}"
+    )
+
+
+def create_read_items_for_chunk_list(
+    fqn: str,
+    checkpoint_md: TensorStorageMetadata,
+    local_chunks: list[ChunkStorageMetadata],
+) -> list[ReadItem]:
+    """Drop-in for torch's ``create_read_items_for_chunk_list``: reads that fill ``local_chunks``.
+
+    One ``ReadItem`` per overlapping (local, saved) pair, the same multiset as
+    torch's, in canonical order (by local index, then saved index). Offsets in
+    ``storage_offsets`` are relative to the saved chunk, ``dest_offsets`` to the
+    local chunk.
+    """
+    return _core.create_read_items_for_chunk_list(
+        fqn, checkpoint_md, local_chunks, classes=TORCH_ITEM_CLASSES
+    )
+
+
+def _create_read_items(fqn: str, md: STORAGE_TYPES, obj: Any) -> list[ReadItem]:
+    """Drop-in for ``planner_helpers._create_read_items``: reads for one state-dict value."""
+    if isinstance(md, BytesStorageMetadata):
+        return _core.create_read_items(fqn, md, None, classes=TORCH_ITEM_CLASSES)
+    try:
+        local_chunks = _create_chunk_list(obj)
+    except ValueError as ex:
+        raise ValueError(
+            f"Invalid checkpoint metadata for {fqn}, "
+            + f"expected BytesStorageMetadata but found {type(md)}",
+        ) from ex
+    return _core.create_read_items_for_chunk_list(
+        fqn, md, local_chunks, classes=TORCH_ITEM_CLASSES
+    )
+
+
+def _create_write_items(fqn: str, object: Any) -> list[WriteItem]:  # noqa: A002 (torch's name)
+    """Drop-in for ``planner_helpers._create_write_items``: what this rank writes for one value."""
+    if _is_plain_dtensor(object):
+        _raise_if_partial(object)
+        return [_create_write_items_for_dtensor(fqn, object)]
+    if hasattr(object, "__create_write_items__"):
+        return object.__create_write_items__(fqn, object)
+    if isinstance(object, ShardedTensor):
+        return [
+            _t_create_write_item_for_shard(fqn, object, shard.metadata)
+            for shard in object.local_shards()
+        ]
+    if isinstance(object, torch.Tensor):
+        return [_t_create_write_item_for_tensor(fqn, object)]
+    return [_t_create_write_item_for_bytesio(fqn, object)]
+
+
+def _create_default_metadata_only_plan(state_dict: STATE_DICT_TYPE) -> SavePlan:
+    """Drop-in for ``planner_helpers._create_default_metadata_only_plan``.
+
+    Every chunk of every value, as if this one process wrote the whole state dict.
+    """
+    requests: list[WriteItem] = []
+    for fqn, obj in state_dict.items():
+        if isinstance(obj, DTensor):
+            requests.append(_create_write_items_for_dtensor(fqn, obj))
+        elif isinstance(obj, ShardedTensor):
+            requests.extend(
+                _t_create_write_item_for_shard(fqn, obj, shard_md)
+                for shard_md in obj.metadata().shards_metadata
+            )
+        elif isinstance(obj, torch.Tensor):
+            requests.append(_t_create_write_item_for_tensor(fqn, obj))
+        else:
+            requests.append(_t_create_write_item_for_bytesio(fqn, obj))
+    return SavePlan(requests)
+
+
+# --------------------------------------------------------------------------
+# Local plans
+# --------------------------------------------------------------------------
+
+
+def create_default_local_load_plan(
+    state_dict: dict[str, Any], metadata: Metadata, strict: bool = True
+) -> LoadPlan:
+    """Drop-in for ``default_planner.create_default_local_load_plan``.
+
+    One batch of read items per value of ``state_dict`` against ``metadata``;
+    a key missing from the checkpoint is an error when ``strict``, skipped
+    otherwise; a DTensor on a mesh this rank is not part of reads nothing.
+    """
+    requests: list[ReadItem] = []
+    md_by_fqn = metadata.state_dict_metadata
+    for fqn, obj in state_dict.items():
+        md = md_by_fqn.get(fqn)
+        if md is None and fqn not in md_by_fqn:
+            if strict:
+                raise RuntimeError(f"Missing key in checkpoint state_dict: {fqn}.")
+            continue
+        if (
+            isinstance(md, TensorStorageMetadata)
+            and getattr(obj, "size", None) is not None
+            and md.size != obj.size()
+        ):
+            raise ValueError(
+                f"Size mismatch between saved {md.size} and current: {obj.size()} for {fqn}",
+            )
+        if isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None:
+            continue
+        requests += _create_read_items(fqn, md, obj)
+    return LoadPlan(requests)
+
+
+def create_default_local_save_plan(state_dict: dict[str, Any], is_coordinator: bool) -> SavePlan:
+    """Drop-in for ``default_planner.create_default_local_save_plan``.
+
+    Every rank plans every plain tensor and object (the coordinator's dedup
+    decides who writes them); a DTensor on a mesh this rank is not part of
+    writes nothing.
+    """
+    requests: list[WriteItem] = []
+    for fqn, obj in state_dict.items():
+        if isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None:
+            continue
+        requests += _create_write_items(fqn, obj)
+    return SavePlan(requests)
+
+
+# --------------------------------------------------------------------------
+# Global plans
+# --------------------------------------------------------------------------
+
+
+def create_default_global_save_plan(
+    all_plans: list[SavePlan],
+    rewrite_index_hints: bool = True,
+) -> tuple[list[SavePlan], Metadata]:
+    """Drop-in for ``default_planner.create_default_global_save_plan``: the checkpoint's metadata."""
+    return ORIGINALS["create_default_global_save_plan"](all_plans, rewrite_index_hints)
+
+
+def _validate_global_plan(global_plan: list[SavePlan], metadata: Metadata) -> list[str]:
+    """Drop-in for ``default_planner._validate_global_plan``: torch's error messages, same set."""
+    return ORIGINALS["_validate_global_plan"](global_plan, metadata)
+
+
+def dedup_save_plans(
+    all_plans: list[SavePlan],
+    save_to_lowest_rank: bool = False,
+) -> list[SavePlan]:
+    """Drop-in for ``_dedup_save_plans.dedup_save_plans``: each duplicated item kept once."""
+    return ORIGINALS["dedup_save_plans"](all_plans, save_to_lowest_rank)
+
+
+# --------------------------------------------------------------------------
+# Plan caching helpers
+# --------------------------------------------------------------------------
+
+
+def _compare_save_plans(plan: SavePlan, other_plan: SavePlan) -> bool:
+    """Drop-in for ``planner_helpers._compare_save_plans``: True if the two plans are equal."""
+    return _core.compare_save_plans(plan, other_plan)
+
+
+def _contains_usable_plan(delta_plans: list[SavePlan]) -> bool:
+    """Drop-in for ``planner_helpers._contains_usable_plan``: True if any delta plan is usable."""
+    return _core.contains_usable_plan(delta_plans)
+
+
+def _merge_delta_local_plans(
+    cached_plans: list[SavePlan],
+    delta_plans: list[SavePlan],
+) -> list[SavePlan]:
+    """Drop-in for ``planner_helpers._merge_delta_local_plans``: cached plan where a delta is unusable."""
+    return _core.merge_delta_local_plans(cached_plans, delta_plans)
+
+
+def _init_state_dict(state_dict: dict[str, Any]) -> Any:
+    """Drop-in for ``planner_helpers._init_state_dict``; torch's (nothing here to accelerate).
+
+    Materialises meta-device tensors and DTensors on the process group's device.
+    """
+    return ORIGINALS["_init_state_dict"](state_dict)
