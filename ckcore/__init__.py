@@ -1,0 +1,86 @@
+"""ckcore: the compiled planning core for PyTorch Distributed Checkpoint.
+
+Torch-free: ``import ckcore`` never imports torch. The torch integration
+(drop-in helpers, planners, ``patch()``, the range reader) is
+:mod:`ckcore.dcp`.
+"""
+
+try:
+    from ._kernels import _intersect as _check_kernels  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
+    raise ImportError(
+        "ckcore's compiled kernels are missing or do not load "
+        f"({exc}). ckcore has no pure-Python fallback. Build and install it with "
+        "`pip install .` (needs a C compiler and Cython>=3.1), or for development "
+        "`python setup.py build_ext --inplace`."
+    ) from exc
+
+from .dtypes import itemsize
+from .helpers import (
+    CKCORE_CLASSES,
+    Intersection,
+    ItemClasses,
+    chunk_arrays,
+    compare_save_plans,
+    contains_usable_plan,
+    create_read_items,
+    create_read_items_for_chunk_list,
+    create_write_item_for_bytesio,
+    create_write_item_for_shard,
+    create_write_item_for_tensor,
+    intersect_chunks,
+    merge_delta_local_plans,
+)
+from .metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from .planner import (
+    BytesIOWriteData,
+    LoadItemType,
+    LoadPlan,
+    ReadItem,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BytesIOWriteData",
+    "BytesStorageMetadata",
+    "CKCORE_CLASSES",
+    "ChunkStorageMetadata",
+    "Intersection",
+    "ItemClasses",
+    "LoadItemType",
+    "LoadPlan",
+    "Metadata",
+    "MetadataIndex",
+    "ReadItem",
+    "SavePlan",
+    "StorageMeta",
+    "TensorProperties",
+    "TensorStorageMetadata",
+    "TensorWriteData",
+    "WriteItem",
+    "WriteItemType",
+    "chunk_arrays",
+    "compare_save_plans",
+    "contains_usable_plan",
+    "create_read_items",
+    "create_read_items_for_chunk_list",
+    "create_write_item_for_bytesio",
+    "create_write_item_for_shard",
+    "create_write_item_for_tensor",
+    "intersect_chunks",
+    "itemsize",
+    "merge_delta_local_plans",
+]

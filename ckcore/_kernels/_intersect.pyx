@@ -1,0 +1,785 @@
+"""Output-sensitive intersection of two chunk lists (local x saved).
+
+DCP's resharding asks, for every chunk a rank needs (``local``) and every
+chunk the checkpoint holds (``saved``), which pairs overlap and where. torch
+answers with a 1-D sweep that degrades to N x M pair checks whenever the
+sweep dimension does not separate the chunks (MoE layouts, tensors whose
+largest dimension is not the sharded one).
+
+This module answers from an *interval trie* over the saved chunks instead:
+level k of the trie holds the distinct intervals of dimension ``perm[k]``
+under a common prefix of intervals in ``perm[0..k-1]``; children are sorted
+by (start, end), so when their ends are also sorted (they are, whenever the
+intervals at that level do not nest -- every DCP layout we know) the
+overlapping children are a contiguous range found by two binary searches.
+A query therefore costs O(ndim * log M) plus the pairs it reports.
+
+When the saved chunks are a full Cartesian product of per-dimension cut lists
+(FSDP x TP, even or torch.chunk-uneven -- the usual case) the trie collapses
+to those cut lists and a query is one binary search per dimension plus the
+product of the per-dimension ranges: O(N log m + M + K).
+
+Overlap is torch's predicate exactly (see ``_box.pxd``): two boxes overlap
+unless some dimension separates them with ``a.off >= b.off + b.size`` or
+``b.off >= a.off + a.size``; a zero-size chunk strictly inside another
+overlaps it, 0-d chunks all overlap each other.
+
+Output order is canonical: by local index, then by saved index.
+"""
+
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memcpy, memset
+
+from ckcore._kernels._types cimport i64, isize
+from ckcore._kernels._box cimport box_overlap, add_overflows, mul_overflows
+
+import numpy as np
+
+cdef i64 I64_MAX = 0x7FFFFFFFFFFFFFFF
+
+# Codes returned by check_boxes (row index goes alongside).
+BOX_OK = 0
+BOX_NEGATIVE_OFFSET = 1
+BOX_NEGATIVE_SIZE = 2
+BOX_END_OVERFLOW = 3
+BOX_VOLUME_OVERFLOW = 4
+
+
+# ---------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------
+
+cdef int _check_boxes(const i64* off, const i64* size, isize n, isize nd,
+                      isize* bad_row) noexcept nogil:
+    cdef isize i, d
+    cdef i64 o, s, vol
+    for i in range(n):
+        vol = 1
+        for d in range(nd):
+            o = off[i * nd + d]
+            s = size[i * nd + d]
+            if o < 0:
+                bad_row[0] = i
+                return 1
+            if s < 0:
+                bad_row[0] = i
+                return 2
+            if add_overflows(o, s):
+                bad_row[0] = i
+                return 3
+            if mul_overflows(vol, s):
+                bad_row[0] = i
+                return 4
+            vol *= s
+    return 0
+
+
+def check_boxes(const i64[:, ::1] offsets, const i64[:, ::1] sizes):
+    """Check that every box has non-negative offsets and sizes whose sums and volume fit in int64.
+
+    Returns ``(code, row)``: ``(0, -1)`` when all rows are sound, else one of
+    the ``BOX_*`` codes and the first offending row.
+    """
+    if offsets.shape[0] != sizes.shape[0] or offsets.shape[1] != sizes.shape[1]:
+        raise ValueError(
+            f"offsets ({offsets.shape[0]}, {offsets.shape[1]}) and sizes ({sizes.shape[0]}, {sizes.shape[1]}) differ in shape")
+    cdef isize bad = -1
+    cdef int code
+    cdef isize n = offsets.shape[0], nd = offsets.shape[1]
+    if n == 0 or nd == 0:
+        return 0, -1
+    with nogil:
+        code = _check_boxes(&offsets[0, 0], &sizes[0, 0], n, nd, &bad)
+    return code, bad
+
+
+# ---------------------------------------------------------------------------
+# A growable buffer of isize (the reported saved indices)
+# ---------------------------------------------------------------------------
+
+cdef struct IdxBuf:
+    isize* data
+    isize len
+    isize cap
+
+
+cdef inline int buf_push(IdxBuf* b, isize v) except -1 nogil:
+    if b.len == b.cap:
+        _buf_grow(b)
+    b.data[b.len] = v
+    b.len += 1
+    return 0
+
+
+cdef int _buf_grow(IdxBuf* b) except -1 nogil:
+    # Out of line: the rare path, so buf_push stays a compare and a store.
+    cdef isize newcap = b.cap * 2 if b.cap else 1024
+    cdef isize* p
+    if <size_t>newcap > (<size_t>-1) // sizeof(isize):
+        with gil:
+            raise MemoryError("intersection output too large")
+    p = <isize*>realloc(b.data, <size_t>newcap * sizeof(isize))
+    if p == NULL:
+        with gil:
+            raise MemoryError("intersection output too large")
+    b.data = p
+    b.cap = newcap
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Sorting helpers (no qsort_r: it is not portable between glibc and macOS)
+# ---------------------------------------------------------------------------
+
+cdef inline bint _pair_less(const i64* k1, const i64* k2, isize a, isize b) noexcept nogil:
+    # Order by (k1, k2).
+    if k1[a] != k1[b]:
+        return k1[a] < k1[b]
+    return k2[a] < k2[b]
+
+
+cdef void _msort_pairs(isize* idx, isize* tmp, isize n, const i64* k1, const i64* k2) noexcept nogil:
+    # Bottom-up stable merge sort of idx by (k1[idx], k2[idx]); a sorted input costs O(n).
+    cdef isize i, width, lo, mid, hi, a, b, k
+    cdef isize* src = idx
+    cdef isize* dst = tmp
+    cdef isize* t
+    for i in range(1, n):
+        if _pair_less(k1, k2, idx[i], idx[i - 1]):
+            break
+    else:
+        return
+    width = 1
+    while width < n:
+        lo = 0
+        while lo < n:
+            mid = lo + width
+            if mid > n:
+                mid = n
+            hi = lo + 2 * width
+            if hi > n:
+                hi = n
+            a = lo
+            b = mid
+            k = lo
+            while a < mid and b < hi:
+                if _pair_less(k1, k2, src[b], src[a]):
+                    dst[k] = src[b]
+                    b += 1
+                else:
+                    dst[k] = src[a]
+                    a += 1
+                k += 1
+            while a < mid:
+                dst[k] = src[a]
+                a += 1
+                k += 1
+            while b < hi:
+                dst[k] = src[b]
+                b += 1
+                k += 1
+            lo = hi
+        t = src
+        src = dst
+        dst = t
+        width *= 2
+    if src != idx:
+        memcpy(idx, src, <size_t>n * sizeof(isize))
+
+
+cdef inline size_t _mix(i64 s, i64 e) noexcept nogil:
+    # splitmix64 finaliser over both ends of an interval.
+    cdef unsigned long long z = <unsigned long long>s * 0x9E3779B97F4A7C15ULL
+    z ^= <unsigned long long>e + 0x632BE59BD9B4E019ULL + (z << 6) + (z >> 2)
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
+    return <size_t>(z ^ (z >> 31))
+
+
+cdef int _distinct_dim(const i64* off, const i64* size, isize n, isize nd, isize d,
+                       i64* dstart, i64* dend, isize* rank, isize* count,
+                       isize* table, isize* ids, isize* tmp, isize* order,
+                       i64* scratch) except -1 nogil:
+    # Distinct intervals of dimension d, sorted by (start, end), and each chunk's rank
+    # among them. Hashing first keeps this O(n + m log m) for m distinct intervals:
+    # DCP layouts repeat a handful of cuts across thousands of chunks.
+    cdef size_t cap = 1, mask, h
+    cdef isize i, m = 0, j, slot
+    cdef i64 s, e
+    while cap < <size_t>(2 * n):
+        cap <<= 1
+    mask = cap - 1
+    for h in range(cap):
+        table[h] = -1
+    for i in range(n):
+        s = off[i * nd + d]
+        e = s + size[i * nd + d]
+        h = _mix(s, e) & mask
+        while True:
+            slot = table[h]
+            if slot < 0:
+                table[h] = m
+                dstart[m] = s
+                dend[m] = e
+                ids[i] = m
+                m += 1
+                break
+            if dstart[slot] == s and dend[slot] == e:
+                ids[i] = slot
+                break
+            h = (h + 1) & mask
+    for j in range(m):
+        order[j] = j
+    _msort_pairs(order, tmp, m, dstart, dend)
+    # tmp[first-seen id] = rank; then lay the distinct list out in rank order.
+    for j in range(m):
+        tmp[order[j]] = j
+    for i in range(n):
+        rank[i * nd + d] = tmp[ids[i]]
+    # Lay the distinct list out in rank order.
+    for j in range(m):
+        scratch[j] = dstart[order[j]]
+    memcpy(dstart, scratch, <size_t>m * sizeof(i64))
+    for j in range(m):
+        scratch[j] = dend[order[j]]
+    memcpy(dend, scratch, <size_t>m * sizeof(i64))
+    count[0] = m
+    return 0
+
+
+cdef void _sort_small(isize* a, isize n) noexcept nogil:
+    # Sort reported saved indices of one local chunk; usually already sorted.
+    cdef isize i, j, v
+    for i in range(1, n):
+        if a[i] < a[i - 1]:
+            break
+    else:
+        return
+    if n <= 32:
+        for i in range(1, n):
+            v = a[i]
+            j = i - 1
+            while j >= 0 and a[j] > v:
+                a[j + 1] = a[j]
+                j -= 1
+            a[j + 1] = v
+        return
+    _heapsort(a, n)
+
+
+cdef void _sift(isize* a, isize start, isize end) noexcept nogil:
+    cdef isize root = start, child, t
+    while 2 * root + 1 <= end:
+        child = 2 * root + 1
+        if child + 1 <= end and a[child] < a[child + 1]:
+            child += 1
+        if a[root] < a[child]:
+            t = a[root]
+            a[root] = a[child]
+            a[child] = t
+            root = child
+        else:
+            return
+
+
+cdef void _heapsort(isize* a, isize n) noexcept nogil:
+    cdef isize start = (n - 2) // 2, end = n - 1, t
+    while start >= 0:
+        _sift(a, start, end)
+        start -= 1
+    while end > 0:
+        t = a[end]
+        a[end] = a[0]
+        a[0] = t
+        end -= 1
+        _sift(a, 0, end)
+
+
+# ---------------------------------------------------------------------------
+# The index over saved chunks
+# ---------------------------------------------------------------------------
+
+cdef struct Index:
+    isize n            # saved chunks
+    isize nd           # dimensions
+    const i64* off     # (n, nd) row-major
+    const i64* size
+    # Per dimension: distinct intervals sorted by (start, end).
+    isize* dcount      # (nd,)
+    isize* dbase       # (nd,) offset of dimension d in dstart/dend
+    i64* dstart
+    i64* dend
+    bint* dmono        # (nd,) ends non-decreasing over the distinct list
+    isize* rank        # (n, nd) rank of chunk i's interval in dimension d
+    # Grid path
+    bint grid
+    isize* cell        # prod(dcount) -> saved index (grid only)
+    isize* cstride     # (nd,)
+    # Trie path
+    isize* perm        # (nd,) dimension of each trie level
+    isize* order       # (n,) saved indices in trie order
+    isize* lbase       # (nd + 1,) first node of each level; lbase[nd] = total nodes
+    i64* nstart        # per node: interval in dimension perm[level]
+    i64* nend
+    isize* nlo         # per node: children range (next level) or positions in order (last level)
+    isize* nhi
+    bint* nmono        # per node: its children's ends are non-decreasing
+    bint rootmono
+
+
+cdef void index_free(Index* ix) noexcept nogil:
+    free(ix.dcount); free(ix.dbase); free(ix.dstart); free(ix.dend); free(ix.dmono)
+    free(ix.rank); free(ix.cell); free(ix.cstride); free(ix.perm); free(ix.order)
+    free(ix.lbase); free(ix.nstart); free(ix.nend); free(ix.nlo); free(ix.nhi); free(ix.nmono)
+    memset(ix, 0, sizeof(Index))
+
+
+cdef void* _alloc(size_t count, size_t elem) noexcept nogil:
+    # calloc-like with an overflow check; count 0 still returns a valid pointer.
+    if count == 0:
+        count = 1
+    if count > (<size_t>-1) // elem:
+        return NULL
+    return malloc(count * elem)
+
+
+cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize nd) except -1 nogil:
+    """Build the per-dimension cut lists, detect a product grid, and build the trie."""
+    cdef isize d, i, k, r, p, total, lvl, cnt, j, child, q
+    cdef isize* idx = NULL
+    cdef isize* tmp = NULL
+    cdef isize* counts = NULL
+    cdef isize* runid = NULL
+    cdef isize* table = NULL
+    cdef i64* scratch = NULL
+    cdef isize prod_cells
+    cdef bint overflow, same
+    cdef i64 prev_s, prev_e, s, e
+    memset(ix, 0, sizeof(Index))
+    ix.n = n
+    ix.nd = nd
+    ix.off = off
+    ix.size = size
+    ix.dcount = <isize*>_alloc(nd, sizeof(isize))
+    ix.dbase = <isize*>_alloc(nd, sizeof(isize))
+    ix.dstart = <i64*>_alloc(<size_t>n * nd, sizeof(i64))
+    ix.dend = <i64*>_alloc(<size_t>n * nd, sizeof(i64))
+    ix.dmono = <bint*>_alloc(nd, sizeof(bint))
+    ix.rank = <isize*>_alloc(<size_t>n * nd, sizeof(isize))
+    ix.cstride = <isize*>_alloc(nd, sizeof(isize))
+    ix.perm = <isize*>_alloc(nd, sizeof(isize))
+    ix.order = <isize*>_alloc(n, sizeof(isize))
+    ix.lbase = <isize*>_alloc(nd + 1, sizeof(isize))
+    idx = <isize*>_alloc(n, sizeof(isize))
+    tmp = <isize*>_alloc(n, sizeof(isize))
+    runid = <isize*>_alloc(n, sizeof(isize))
+    if (ix.dcount == NULL or ix.dbase == NULL or ix.dstart == NULL or ix.dend == NULL
+            or ix.dmono == NULL or ix.rank == NULL or ix.cstride == NULL or ix.perm == NULL
+            or ix.order == NULL or ix.lbase == NULL or idx == NULL or tmp == NULL
+            or runid == NULL):
+        free(idx); free(tmp); free(runid)
+        index_free(ix)
+        with gil:
+            raise MemoryError("ckcore: cannot allocate the chunk index")
+
+    # 1. Per dimension: the distinct intervals sorted by (start, end), and ranks.
+    table = <isize*>_alloc(2 * <size_t>n + 2, sizeof(isize) * 2)
+    scratch = <i64*>_alloc(n, sizeof(i64))
+    if table == NULL or scratch == NULL:
+        free(table); free(scratch)
+        free(idx); free(tmp); free(runid)
+        index_free(ix)
+        with gil:
+            raise MemoryError("ckcore: cannot allocate the chunk index")
+    for d in range(nd):
+        ix.dbase[d] = d * n
+        _distinct_dim(off, size, n, nd, d, ix.dstart + d * n, ix.dend + d * n, ix.rank,
+                      &ix.dcount[d], table, runid, tmp, idx, scratch)
+        ix.dmono[d] = True
+        for r in range(1, ix.dcount[d]):
+            if ix.dend[d * n + r] < ix.dend[d * n + r - 1]:
+                ix.dmono[d] = False
+                break
+    free(table)
+    free(scratch)
+
+    # 2. Trie order: dimensions with the fewest distinct intervals first (coarse to
+    #    fine: row blocks before the columns cut inside each block), ties by index.
+    for d in range(nd):
+        ix.perm[d] = d
+    for i in range(1, nd):
+        k = ix.perm[i]
+        j = i - 1
+        while j >= 0 and ix.dcount[ix.perm[j]] > ix.dcount[k]:
+            ix.perm[j + 1] = ix.perm[j]
+            j -= 1
+        ix.perm[j + 1] = k
+    # LSD radix sort by the ranks of perm[nd-1], ..., perm[0] (counting sort, stable).
+    for i in range(n):
+        ix.order[i] = i
+    counts = <isize*>_alloc(n + 1, sizeof(isize))
+    if counts == NULL:
+        free(idx); free(tmp); free(runid)
+        index_free(ix)
+        with gil:
+            raise MemoryError("ckcore: cannot allocate the chunk index")
+    for lvl in range(nd - 1, -1, -1):
+        d = ix.perm[lvl]
+        cnt = ix.dcount[d]
+        memset(counts, 0, <size_t>(cnt + 1) * sizeof(isize))
+        for k in range(n):
+            counts[ix.rank[ix.order[k] * nd + d] + 1] += 1
+        for r in range(cnt):
+            counts[r + 1] += counts[r]
+        for k in range(n):
+            i = ix.order[k]
+            r = ix.rank[i * nd + d]
+            tmp[counts[r]] = i
+            counts[r] += 1
+        memcpy(ix.order, tmp, <size_t>n * sizeof(isize))
+    free(counts)
+
+    # 3. Trie nodes. A level-lvl node is a maximal run of `order` whose ranks agree
+    #    on perm[0..lvl]. Count nodes per level first.
+    total = 0
+    for lvl in range(nd):
+        ix.lbase[lvl] = total
+        d = ix.perm[lvl]
+        cnt = 0
+        for k in range(n):
+            if k == 0:
+                same = False
+            else:
+                same = True
+                for j in range(lvl + 1):
+                    if (ix.rank[ix.order[k] * nd + ix.perm[j]]
+                            != ix.rank[ix.order[k - 1] * nd + ix.perm[j]]):
+                        same = False
+                        break
+            if not same:
+                cnt += 1
+        total += cnt
+    ix.lbase[nd] = total
+    ix.nstart = <i64*>_alloc(total, sizeof(i64))
+    ix.nend = <i64*>_alloc(total, sizeof(i64))
+    ix.nlo = <isize*>_alloc(total, sizeof(isize))
+    ix.nhi = <isize*>_alloc(total, sizeof(isize))
+    ix.nmono = <bint*>_alloc(total, sizeof(bint))
+    if ix.nstart == NULL or ix.nend == NULL or ix.nlo == NULL or ix.nhi == NULL or ix.nmono == NULL:
+        free(idx); free(tmp); free(runid)
+        index_free(ix)
+        with gil:
+            raise MemoryError("ckcore: cannot allocate the chunk index")
+    # Fill nodes level by level; nlo/nhi first hold positions in `order`.
+    for lvl in range(nd):
+        d = ix.perm[lvl]
+        q = ix.lbase[lvl] - 1
+        for k in range(n):
+            if k == 0:
+                same = False
+            else:
+                same = True
+                for j in range(lvl + 1):
+                    if (ix.rank[ix.order[k] * nd + ix.perm[j]]
+                            != ix.rank[ix.order[k - 1] * nd + ix.perm[j]]):
+                        same = False
+                        break
+            if not same:
+                q += 1
+                i = ix.order[k]
+                r = ix.rank[i * nd + d]
+                ix.nstart[q] = ix.dstart[d * n + r]
+                ix.nend[q] = ix.dend[d * n + r]
+                ix.nlo[q] = k
+                ix.nmono[q] = True
+            ix.nhi[q] = k + 1
+    # Link levels: the children of a level-lvl node are the level-(lvl+1) nodes whose
+    # position ranges lie inside its own. The last level keeps positions in `order`.
+    for lvl in range(nd - 1):
+        child = ix.lbase[lvl + 1]
+        for q in range(ix.lbase[lvl], ix.lbase[lvl + 1]):
+            p = ix.nhi[q]
+            ix.nlo[q] = child
+            while child < ix.lbase[lvl + 2] and ix.nlo[child] < p:
+                if child > ix.nlo[q] and ix.nend[child] < ix.nend[child - 1]:
+                    ix.nmono[q] = False
+                child += 1
+            ix.nhi[q] = child
+    ix.rootmono = True
+    if nd > 0:
+        for q in range(ix.lbase[0] + 1, ix.lbase[1]):
+            if ix.nend[q] < ix.nend[q - 1]:
+                ix.rootmono = False
+                break
+
+    # 4. Grid detection: the saved chunks are the full product of the per-dimension
+    #    cut lists iff prod(dcount) == n and no two chunks are the same box (the
+    #    last trie level then has n nodes).
+    ix.grid = nd > 0 and ix.lbase[nd] - ix.lbase[nd - 1] == n
+    prod_cells = 1
+    overflow = False
+    if ix.grid:
+        for d in range(nd - 1, -1, -1):
+            ix.cstride[d] = prod_cells
+            if not ix.dmono[d]:
+                ix.grid = False
+            if prod_cells > n // (ix.dcount[d] if ix.dcount[d] else 1):
+                overflow = True
+            prod_cells *= ix.dcount[d]
+        if overflow or prod_cells != n:
+            ix.grid = False
+    if ix.grid:
+        ix.cell = <isize*>_alloc(n, sizeof(isize))
+        if ix.cell == NULL:
+            free(idx); free(tmp); free(runid)
+            index_free(ix)
+            with gil:
+                raise MemoryError("ckcore: cannot allocate the chunk index")
+        for i in range(n):
+            p = 0
+            for d in range(nd):
+                p += ix.rank[i * nd + d] * ix.cstride[d]
+            ix.cell[p] = i
+    free(idx)
+    free(tmp)
+    free(runid)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Queries
+# ---------------------------------------------------------------------------
+
+cdef inline isize _first_start_ge(const i64* starts, isize lo, isize hi, i64 x) noexcept nogil:
+    # First position in [lo, hi) whose start >= x (starts sorted ascending).
+    cdef isize mid
+    while lo < hi:
+        mid = lo + (hi - lo) // 2
+        if starts[mid] >= x:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+cdef inline isize _first_end_gt(const i64* ends, isize lo, isize hi, i64 x) noexcept nogil:
+    # First position in [lo, hi) whose end > x (ends sorted ascending).
+    cdef isize mid
+    while lo < hi:
+        mid = lo + (hi - lo) // 2
+        if ends[mid] > x:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+cdef int _query_trie(const Index* ix, isize lvl, isize c_lo, isize c_hi, bint mono,
+                     const i64* qoff, const i64* qsize, IdxBuf* out) except -1 nogil:
+    # Report every saved chunk under nodes [c_lo, c_hi) of level lvl overlapping the query.
+    cdef isize d = ix.perm[lvl]
+    cdef i64 qs = qoff[d]
+    cdef i64 qe = qs + qsize[d]
+    cdef isize hi = _first_start_ge(ix.nstart, c_lo, c_hi, qe)
+    cdef isize lo, c, p
+    if mono:
+        lo = _first_end_gt(ix.nend, c_lo, hi, qs)
+    else:
+        lo = c_lo
+    for c in range(lo, hi):
+        # In a monotone range every child here overlaps; otherwise filter.
+        if not mono and ix.nend[c] <= qs:
+            continue
+        if lvl == ix.nd - 1:
+            for p in range(ix.nlo[c], ix.nhi[c]):
+                buf_push(out, ix.order[p])
+        else:
+            _query_trie(ix, lvl + 1, ix.nlo[c], ix.nhi[c], ix.nmono[c], qoff, qsize, out)
+    return 0
+
+
+cdef int _query_grid(const Index* ix, const i64* qoff, const i64* qsize,
+                     isize* lo, isize* hi, isize* cur, IdxBuf* out) except -1 nogil:
+    # One binary-search pair per dimension, then the product of the ranges.
+    cdef isize d, nd = ix.nd, base, cnt, p
+    cdef i64 qs, qe
+    for d in range(nd):
+        base = ix.dbase[d]
+        cnt = ix.dcount[d]
+        qs = qoff[d]
+        qe = qs + qsize[d]
+        hi[d] = _first_start_ge(ix.dstart + base, 0, cnt, qe)
+        lo[d] = _first_end_gt(ix.dend + base, 0, hi[d], qs)
+        if lo[d] >= hi[d]:
+            return 0
+        cur[d] = lo[d]
+    # Odometer over the product, last dimension fastest (row-major cell order).
+    while True:
+        p = 0
+        for d in range(nd):
+            p += cur[d] * ix.cstride[d]
+        buf_push(out, ix.cell[p])
+        d = nd - 1
+        while d >= 0:
+            cur[d] += 1
+            if cur[d] < hi[d]:
+                break
+            cur[d] = lo[d]
+            d -= 1
+        if d < 0:
+            return 0
+
+
+cdef int _intersect_all(const i64* loff, const i64* lsize, isize nl,
+                        const i64* soff, const i64* ssize, isize ns, isize nd,
+                        bint use_grid, IdxBuf* out, isize* seg) except -1 nogil:
+    # For each local chunk in order, append its overlapping saved indices (ascending)
+    # to out; seg[i] .. seg[i+1] delimit local chunk i's run.
+    cdef Index ix
+    cdef isize i, j, start
+    cdef isize* lo = NULL
+    cdef isize* hi = NULL
+    cdef isize* cur = NULL
+    seg[0] = 0
+    if nd == 0:
+        # 0-d tensors: every pair overlaps.
+        for i in range(nl):
+            for j in range(ns):
+                buf_push(out, j)
+            seg[i + 1] = out.len
+        return 0
+    index_build(&ix, soff, ssize, ns, nd)
+    lo = <isize*>_alloc(nd, sizeof(isize))
+    hi = <isize*>_alloc(nd, sizeof(isize))
+    cur = <isize*>_alloc(nd, sizeof(isize))
+    try:
+        if lo == NULL or hi == NULL or cur == NULL:
+            with gil:
+                raise MemoryError("ckcore: cannot allocate query state")
+        for i in range(nl):
+            start = out.len
+            if ix.grid and use_grid:
+                _query_grid(&ix, loff + i * nd, lsize + i * nd, lo, hi, cur, out)
+            else:
+                _query_trie(&ix, 0, ix.lbase[0], ix.lbase[1], ix.rootmono,
+                            loff + i * nd, lsize + i * nd, out)
+            _sort_small(out.data + start, out.len - start)
+            seg[i + 1] = out.len
+    finally:
+        free(lo)
+        free(hi)
+        free(cur)
+        index_free(&ix)
+    return 0
+
+
+cdef void _fill(const i64* loff, const i64* lsize, const i64* soff, const i64* ssize,
+                isize nd, isize nl, const isize* seg, const isize* sidx,
+                i64* li, i64* si, i64* so, i64* do, i64* ln) noexcept nogil:
+    # Per pair and dimension, torch's narrowing: offsets relative to each chunk.
+    cdef isize i, p, d, s
+    cdef i64 a0, a1, b0, b1
+    for i in range(nl):
+        for p in range(seg[i], seg[i + 1]):
+            s = sidx[p]
+            li[p] = i
+            si[p] = s
+            for d in range(nd):
+                a0 = loff[i * nd + d]
+                a1 = a0 + lsize[i * nd + d]
+                b0 = soff[s * nd + d]
+                b1 = b0 + ssize[s * nd + d]
+                so[p * nd + d] = a0 - b0 if a0 > b0 else 0
+                do[p * nd + d] = b0 - a0 if b0 > a0 else 0
+                ln[p * nd + d] = (a1 if a1 < b1 else b1) - (a0 if a0 > b0 else b0)
+
+
+def intersect(const i64[:, ::1] local_offsets, const i64[:, ::1] local_sizes,
+              const i64[:, ::1] saved_offsets, const i64[:, ::1] saved_sizes,
+              bint use_grid=True):
+    """Every overlapping (local, saved) pair and its narrowing, in canonical order.
+
+    Inputs are (N, ndim) and (M, ndim) C-contiguous int64 arrays, already
+    checked with :func:`check_boxes`. Returns ``(local_index, saved_index,
+    storage_offsets, dest_offsets, lengths)``: int64 arrays of shape (K,),
+    (K,), (K, ndim), (K, ndim), (K, ndim). ``use_grid=False`` forces the trie
+    path (tests compare the two).
+    """
+    cdef isize nl = local_offsets.shape[0], ns = saved_offsets.shape[0]
+    cdef isize nd = local_offsets.shape[1]
+    if (local_sizes.shape[0] != nl or local_sizes.shape[1] != nd
+            or saved_sizes.shape[0] != ns or saved_sizes.shape[1] != saved_offsets.shape[1]):
+        raise ValueError("offsets and sizes arrays must have the same shape")
+    if saved_offsets.shape[1] != nd:
+        raise ValueError(
+            f"local chunks have {nd} dimensions but saved chunks have {saved_offsets.shape[1]}")
+    cdef IdxBuf out
+    out.data = NULL
+    out.len = 0
+    out.cap = 0
+    cdef isize* seg = <isize*>_alloc(nl + 1, sizeof(isize))
+    if seg == NULL:
+        raise MemoryError("ckcore: cannot allocate intersection state")
+    # Empty arrays have no element 0 to take the address of.
+    cdef i64 dummy = 0
+    cdef const i64* lo_p = &local_offsets[0, 0] if nl and nd else &dummy
+    cdef const i64* ls_p = &local_sizes[0, 0] if nl and nd else &dummy
+    cdef const i64* so_p = &saved_offsets[0, 0] if ns and nd else &dummy
+    cdef const i64* ss_p = &saved_sizes[0, 0] if ns and nd else &dummy
+    cdef isize k
+    cdef i64[::1] li_v, si_v
+    cdef i64[:, ::1] so_v, do_v, ln_v
+    try:
+        if nl and ns:
+            with nogil:
+                _intersect_all(lo_p, ls_p, nl, so_p, ss_p, ns, nd, use_grid, &out, seg)
+        else:
+            for k in range(nl + 1):
+                seg[k] = 0
+        k = out.len
+        li = np.empty(k, dtype=np.int64)
+        si = np.empty(k, dtype=np.int64)
+        so = np.empty((k, nd), dtype=np.int64)
+        do = np.empty((k, nd), dtype=np.int64)
+        ln = np.empty((k, nd), dtype=np.int64)
+        if k:
+            li_v = li
+            si_v = si
+            so_v = so
+            do_v = do
+            ln_v = ln
+            with nogil:
+                _fill(lo_p, ls_p, so_p, ss_p, nd, nl, seg, out.data,
+                      &li_v[0], &si_v[0],
+                      &so_v[0, 0] if nd else &dummy,
+                      &do_v[0, 0] if nd else &dummy,
+                      &ln_v[0, 0] if nd else &dummy)
+        return li, si, so, do, ln
+    finally:
+        free(out.data)
+        free(seg)
+
+
+def _py_index_summary(const i64[:, ::1] offsets, const i64[:, ::1] sizes):
+    """Test hook: build the index over ``offsets``/``sizes`` and describe it.
+
+    Returns a dict with ``grid`` (product grid detected), ``perm`` (trie level
+    dimensions), ``dcount`` (distinct intervals per dimension), ``nodes``
+    (trie nodes per level) and ``mono`` (per-dimension cut lists monotone).
+    """
+    cdef Index ix
+    cdef isize n = offsets.shape[0], nd = offsets.shape[1], d
+    if n == 0 or nd == 0:
+        raise ValueError("need at least one chunk of at least one dimension")
+    with nogil:
+        index_build(&ix, &offsets[0, 0], &sizes[0, 0], n, nd)
+    try:
+        return {
+            "grid": bool(ix.grid),
+            "perm": [ix.perm[d] for d in range(nd)],
+            "dcount": [ix.dcount[d] for d in range(nd)],
+            "nodes": [ix.lbase[d + 1] - ix.lbase[d] for d in range(nd)],
+            "mono": [bool(ix.dmono[d]) for d in range(nd)],
+        }
+    finally:
+        index_free(&ix)

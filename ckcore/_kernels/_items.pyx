@@ -1,0 +1,316 @@
+"""The object boundary: chunk lists in, plan item lists out.
+
+Everything numeric happens in ``_intersect`` with the GIL released; this
+module does the part that must touch Python objects, as cheaply as CPython
+allows:
+
+* ``chunk_arrays`` reads ``.offsets``/``.sizes`` of any chunk objects
+  (ckcore's or torch's) into (N, ndim) int64 arrays, checking every value
+  (an int, not a float or bool; non-negative; offset+size and the volume
+  within int64) and naming the fqn and the chunk when one is wrong.
+* ``build_read_items`` turns intersection arrays into ReadItem objects of the
+  caller's classes (ckcore's or torch's). Index objects are built once per
+  chunk and shared; a frozen dataclass is created with ``object.__new__`` and
+  its ``__dict__`` set in one step, which skips the six
+  ``object.__setattr__`` calls of the generated ``__init__`` -- the same
+  fields, a third of the cost.
+"""
+
+from cpython.long cimport PyLong_AsLongLong, PyLong_CheckExact
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.ref cimport Py_INCREF
+from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.object cimport PyObject_GenericSetAttr
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
+
+from ckcore._kernels._types cimport i64, isize
+
+import gc
+import operator
+
+import numpy as np
+
+cdef object _object_new = object.__new__
+cdef str _DICT = "__dict__"
+cdef i64 I64_MAX = 0x7FFFFFFFFFFFFFFF
+
+
+cdef inline i64 _as_i64(object v, object fqn, isize i, object chunk, str what) except? -1:
+    # Exact ints take the fast path; anything else must be an integer by __index__
+    # (numpy integers are; floats and strings are not). bool is an int in Python
+    # and torch.Size accepts it, so it is accepted here too.
+    if not PyLong_CheckExact(v):
+        try:
+            v = operator.index(v)
+        except TypeError:
+            raise TypeError(
+                f"{fqn}: chunk {i} {chunk!r}: {what} must be integers, got {type(v).__name__} {v!r}"
+            ) from None
+    try:
+        return PyLong_AsLongLong(v)
+    except OverflowError:
+        raise ValueError(f"{fqn}: chunk {i} {chunk!r}: {what} value {v} does not fit in int64") from None
+
+
+def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
+    """Read a list of chunk objects into validated (N, ndim) int64 arrays.
+
+    ``chunks`` is a sequence of objects with ``.offsets`` and ``.sizes``
+    (ckcore's or torch's ``ChunkStorageMetadata``). ``ndim``, when given, is
+    the number of dimensions every chunk must have (the tensor's). Raises
+    ``TypeError`` for objects without those attributes or non-integer values
+    and ``ValueError`` for a wrong number of dimensions, negative values, or
+    an offset+size or volume beyond int64; each message names ``fqn`` and the
+    chunk.
+    """
+    cdef isize n = len(chunks), i, d, nd
+    cdef i64 o, s, vol
+    cdef object chunk, offs, sizes
+    if n == 0:
+        nd = ndim if ndim is not None else 0
+        return np.zeros((0, nd), dtype=np.int64), np.zeros((0, nd), dtype=np.int64)
+    try:
+        first = chunks[0]
+        nd = len(first.offsets)
+    except AttributeError:
+        raise TypeError(
+            f"{fqn}: chunk 0 {chunks[0]!r} is not a chunk (needs .offsets and .sizes)") from None
+    except TypeError:
+        raise TypeError(f"{fqn}: chunk 0 {chunks[0]!r}: offsets must be a sequence") from None
+    if ndim is not None and nd != ndim:
+        raise ValueError(
+            f"{fqn}: chunk 0 {first!r} has {nd} dimensions but the tensor has {ndim}")
+    out_off = np.empty((n, nd), dtype=np.int64)
+    out_size = np.empty((n, nd), dtype=np.int64)
+    cdef i64[:, ::1] ov = out_off
+    cdef i64[:, ::1] sv = out_size
+    for i in range(n):
+        chunk = chunks[i]
+        try:
+            offs = chunk.offsets
+            sizes = chunk.sizes
+        except AttributeError:
+            raise TypeError(
+                f"{fqn}: chunk {i} {chunk!r} is not a chunk (needs .offsets and .sizes)") from None
+        try:
+            if len(offs) != nd or len(sizes) != nd:
+                raise ValueError(
+                    f"{fqn}: chunk {i} {chunk!r} has {len(offs)} offsets and {len(sizes)} sizes "
+                    f"but {'the tensor has' if ndim is not None else 'chunk 0 has'} {nd} dimensions")
+        except TypeError:
+            raise TypeError(
+                f"{fqn}: chunk {i} {chunk!r}: offsets and sizes must be sequences") from None
+        vol = 1
+        for d in range(nd):
+            o = _as_i64(offs[d], fqn, i, chunk, "offsets")
+            s = _as_i64(sizes[d], fqn, i, chunk, "sizes")
+            if o < 0 or s < 0:
+                raise ValueError(f"{fqn}: chunk {i} {chunk!r} has a negative offset or size")
+            if o > I64_MAX - s:
+                raise ValueError(
+                    f"{fqn}: chunk {i} {chunk!r}: offset + size overflows int64 in dimension {d}")
+            if vol != 0 and s > I64_MAX // vol:
+                raise ValueError(f"{fqn}: chunk {i} {chunk!r}: volume overflows int64")
+            vol *= s
+            ov[i, d] = o
+            sv[i, d] = s
+    return out_off, out_size
+
+
+cdef inline tuple _row(const i64* a, isize nd):
+    cdef tuple t = PyTuple_New(nd)
+    cdef isize d
+    cdef object v
+    for d in range(nd):
+        v = a[d]
+        Py_INCREF(v)
+        PyTuple_SET_ITEM(t, d, v)
+    return t
+
+
+cdef inline size_t _hash_row(const i64* a, isize nd) noexcept nogil:
+    cdef unsigned long long h = 0x84222325CBF29CE4ULL
+    cdef isize d
+    for d in range(nd):
+        h = (h ^ <unsigned long long>a[d]) * 0x100000001B3ULL
+        h ^= h >> 29
+    return <size_t>h
+
+
+cdef class _RowCache:
+    """Interns offset/length rows: equal rows share one tuple (or torch.Size).
+
+    A resharded load repeats a handful of distinct offset and length rows
+    across thousands of items; looking a row up in this open-addressing table
+    costs less than building the tuple, and far less than a torch.Size.
+    """
+
+    cdef isize nd, cap, count
+    cdef i64* rows          # cap * nd
+    cdef isize* slots       # cap, -1 = empty, else entry number
+    cdef list values        # entry number -> object (keeps references)
+    cdef object wrap
+
+    def __cinit__(self, isize nd, object wrap):
+        self.nd = nd
+        self.cap = 0
+        self.count = 0
+        self.rows = NULL
+        self.slots = NULL
+        self.values = []
+        self.wrap = None if wrap is tuple else wrap
+        self._grow(1024)
+
+    def __dealloc__(self):
+        free(self.rows)
+        free(self.slots)
+
+    cdef int _grow(self, isize newcap) except -1:
+        cdef i64* rows = <i64*>malloc(<size_t>newcap * (self.nd if self.nd else 1) * sizeof(i64))
+        cdef isize* slots = <isize*>malloc(<size_t>newcap * sizeof(isize))
+        cdef isize i, e, h
+        if rows == NULL or slots == NULL:
+            free(rows)
+            free(slots)
+            raise MemoryError()
+        for i in range(newcap):
+            slots[i] = -1
+        if self.count:
+            memcpy(rows, self.rows, <size_t>self.count * self.nd * sizeof(i64))
+        for e in range(self.count):
+            h = _hash_row(rows + e * self.nd, self.nd) & (newcap - 1)
+            while slots[h] >= 0:
+                h = (h + 1) & (newcap - 1)
+            slots[h] = e
+        free(self.rows)
+        free(self.slots)
+        self.rows = rows
+        self.slots = slots
+        self.cap = newcap
+        return 0
+
+    cdef object get(self, const i64* row):
+        cdef isize nd = self.nd, h, e, d
+        cdef bint same
+        h = _hash_row(row, nd) & (self.cap - 1)
+        while True:
+            e = self.slots[h]
+            if e < 0:
+                break
+            same = True
+            for d in range(nd):
+                if self.rows[e * nd + d] != row[d]:
+                    same = False
+                    break
+            if same:
+                return self.values[e]
+            h = (h + 1) & (self.cap - 1)
+        # A new row: build its object and remember it. Keep the table at most half full.
+        v = _row(row, nd)
+        if self.wrap is not None:
+            v = self.wrap(v)
+        e = self.count
+        if 2 * (e + 1) > self.cap:
+            self.values.append(v)
+            self._grow_keep(row, e)
+            return v
+        memcpy(self.rows + e * nd, row, <size_t>nd * sizeof(i64))
+        self.slots[h] = e
+        self.values.append(v)
+        self.count = e + 1
+        return v
+
+    cdef int _grow_keep(self, const i64* row, isize e) except -1:
+        # Grow first (rehashing existing entries), then insert entry e.
+        cdef isize h
+        self._grow(self.cap * 2)
+        memcpy(self.rows + e * self.nd, row, <size_t>self.nd * sizeof(i64))
+        h = _hash_row(row, self.nd) & (self.cap - 1)
+        while self.slots[h] >= 0:
+            h = (h + 1) & (self.cap - 1)
+        self.slots[h] = e
+        self.count = e + 1
+        return 0
+
+
+cdef inline object _index_obj(object cls, str fqn, object offsets, isize i, object size_cls):
+    # MetadataIndex(fqn, offsets, i) without its Python __init__: the same three fields,
+    # with offset normalised to size_cls as both torch's and ckcore's __init__ do.
+    if type(offsets) is not size_cls:
+        offsets = size_cls(offsets)
+    cdef object obj = _object_new(cls)
+    PyObject_GenericSetAttr(obj, _DICT, {"fqn": fqn, "offset": offsets, "index": i})
+    return obj
+
+
+def build_read_items(str fqn,
+                     const i64[::1] local_index, const i64[::1] saved_index,
+                     const i64[:, ::1] storage_offsets, const i64[:, ::1] dest_offsets,
+                     const i64[:, ::1] lengths,
+                     list local_chunks, list saved_chunks,
+                     read_item_cls, metadata_index_cls, tensor_type, size_cls):
+    """ReadItem objects for intersection arrays, built directly.
+
+    ``read_item_cls`` and ``metadata_index_cls`` must be dataclasses with the
+    fields of DCP's ReadItem and MetadataIndex (ckcore's or torch's); index
+    objects are built once per distinct chunk and shared by its items, as are
+    equal offset/length rows. ``size_cls`` wraps each row (``tuple``, or
+    ``torch.Size`` for torch's classes).
+    """
+    cdef isize k = local_index.shape[0], p, li, si
+    cdef isize nd = lengths.shape[1]
+    cdef isize nloc = len(local_chunks), nsav = len(saved_chunks)
+    cdef list out = PyList_New(k)
+    cdef list dest_idx = [None] * nloc
+    cdef list stor_idx = [None] * nsav
+    cdef object item, di, st
+    cdef _RowCache cache = _RowCache(nd, size_cls)
+    cdef i64 zero = 0
+    cdef bint gc_was_enabled = gc.isenabled()
+    if k and (storage_offsets.shape[0] != k or dest_offsets.shape[0] != k or lengths.shape[0] != k
+              or saved_index.shape[0] != k or storage_offsets.shape[1] != nd
+              or dest_offsets.shape[1] != nd):
+        raise ValueError(f"{fqn}: intersection arrays disagree in shape")
+    # Tens of thousands of new container objects would trigger the cyclic GC over and
+    # over (each pass walking every live object); none of them can form a cycle.
+    gc.disable()
+    try:
+        for p in range(k):
+            li = local_index[p]
+            si = saved_index[p]
+            if li < 0 or li >= nloc or si < 0 or si >= nsav:
+                raise ValueError(f"{fqn}: pair {p} refers to chunk ({li}, {si}) out of range")
+            di = dest_idx[li]
+            if di is None:
+                di = _index_obj(metadata_index_cls, fqn, local_chunks[li].offsets, li, size_cls)
+                dest_idx[li] = di
+            st = stor_idx[si]
+            if st is None:
+                st = _index_obj(metadata_index_cls, fqn, saved_chunks[si].offsets, si, size_cls)
+                stor_idx[si] = st
+            item = _object_new(read_item_cls)
+            PyObject_GenericSetAttr(item, _DICT, {
+                "type": tensor_type,
+                "dest_index": di,
+                "dest_offsets": cache.get(&dest_offsets[p, 0] if nd else &zero),
+                "storage_index": st,
+                "storage_offsets": cache.get(&storage_offsets[p, 0] if nd else &zero),
+                "lengths": cache.get(&lengths[p, 0] if nd else &zero),
+            })
+            Py_INCREF(item)
+            PyList_SET_ITEM(out, p, item)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return out
+
+
+def new_frozen(cls, dict fields):
+    """Create an instance of the (frozen) dataclass ``cls`` with ``fields`` as its ``__dict__``.
+
+    The caller guarantees ``fields`` names exactly the dataclass's fields.
+    """
+    obj = _object_new(cls)
+    PyObject_GenericSetAttr(obj, _DICT, fields)
+    return obj
