@@ -259,6 +259,12 @@ def _create_read_items(fqn: str, md: STORAGE_TYPES, obj: Any) -> list[ReadItem]:
     """Drop-in for ``planner_helpers._create_read_items``: reads for one state-dict value."""
     if isinstance(md, BytesStorageMetadata):
         return _core.create_read_items(fqn, md, None, classes=TORCH_ITEM_CLASSES)
+    if isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None:
+        # A rank outside the DTensor's submesh: torch describes its chunk as
+        # offsets=() sizes=(0,), which its sweep treats like a 0-d tensor. The
+        # planners never ask (they skip such ranks); a direct caller gets
+        # torch's own answer rather than ckcore's ndim error.
+        return ORIGINALS["_create_read_items"](fqn, md, obj)
     try:
         local_chunks = _create_chunk_list(obj)
     except ValueError as ex:
