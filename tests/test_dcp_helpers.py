@@ -751,3 +751,102 @@ def test_lazy_attributes():
     with pytest.raises(AttributeError):
         cdcp.no_such_name  # noqa: B018
     assert LoadItemType.BYTE_IO.name == "BYTE_IO"
+
+
+# ----------------------------------------------------------------------------
+# FastLoadPlanner's coverage check: reads fill each destination exactly once
+# ----------------------------------------------------------------------------
+
+
+def _fills_exactly(shape, saved, local) -> bool:
+    """Naive reference: every element of every local chunk lies in exactly one saved chunk."""
+    import numpy as np
+
+    if len(shape) == 0:
+        return not local or len(saved) == 1
+    for lc in local:
+        count = np.zeros(tuple(lc.sizes), dtype=np.int64)
+        for sc in saved:
+            sl = []
+            for lo, ls, so, ss in zip(lc.offsets, lc.sizes, sc.offsets, sc.sizes):
+                a, b = max(lo, so), min(lo + ls, so + ss)
+                sl.append(slice(a - lo, max(a, b) - lo))
+            count[tuple(sl)] += 1
+        if (count != 1).any():
+            return False
+    return True
+
+
+class _Chunks:
+    """A stand-in with __create_chunk_list__, as a checkpointable tensor would have."""
+
+    def __init__(self, chunks, shape):
+        self._chunks, self._shape = chunks, torch.Size(shape)
+
+    def __create_chunk_list__(self):
+        return list(self._chunks)
+
+    def size(self):
+        return self._shape
+
+
+@SETTINGS
+@given(read_case())
+def test_checked_read_items_refuse_exactly_the_bad_layouts(case):
+    md, local = case
+    shape = tuple(md.size)
+    if shape and shape[0] >= 2**62 - 100:
+        return  # the reference allocates per element
+    obj = _Chunks(local, shape)
+    good = _fills_exactly(shape, md.chunks, local)
+    if good:
+        ours = ch._read_items_checked("w", md, obj)
+        same_reads(ours, ORIG["create_read_items_for_chunk_list"]("w", md, local))
+    else:
+        with pytest.raises(ValueError, match=r"checkpoint metadata (does not fill w|for w has saved chunks that overlap)"):
+            ch._read_items_checked("w", md, obj)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_checked_read_items_many_reads_per_chunk(overlap):
+    # 100 reads into one local chunk: past the pairwise limit, decided by the intersection kernel.
+    c = lambda o, s: ChunkStorageMetadata(torch.Size([o]), torch.Size([s]))  # noqa: E731
+    saved = [c(i, 1) for i in range(100)]
+    if overlap:
+        # 49 read twice, 51 never: the volumes still add up to 100.
+        saved[50] = c(49, 2)
+        saved[51] = c(52, 0)
+    md = TensorStorageMetadata(TensorProperties(), torch.Size([100]), saved)
+    obj = _Chunks([c(0, 100)], (100,))
+    assert _fills_exactly((100,), saved, obj.__create_chunk_list__()) == (not overlap)
+    if overlap:
+        with pytest.raises(ValueError, match="overlap inside local chunk 0"):
+            ch._read_items_checked("w", md, obj)
+    else:
+        same_reads(
+            ch._read_items_checked("w", md, obj),
+            ORIG["create_read_items_for_chunk_list"]("w", md, obj.__create_chunk_list__()),
+        )
+
+
+def test_fast_load_planner_refuses_a_lost_chunk_torch_does_not():
+    c = lambda o, s: ChunkStorageMetadata(torch.Size(o), torch.Size(s))  # noqa: E731
+    md = Metadata(
+        {"w": TensorStorageMetadata(TensorProperties(), torch.Size([4, 4]), [c((0, 0), (2, 4))])}
+    )
+    sd = {"w": torch.zeros(4, 4)}
+    p = t_dp.DefaultLoadPlanner()
+    p.set_up_planner(sd, md)
+    assert len(p.create_local_plan().items) == 1  # torch plans half the tensor, silently
+    p = cdcp.FastLoadPlanner()
+    p.set_up_planner(sd, md)
+    with pytest.raises(ValueError, match=r"does not fill w: local chunk 0 \(offsets=\(0, 0\), sizes=\(4, 4\)\) would get only 8 of its 16"):
+        p.create_local_plan()
+    p = cdcp.FastLoadPlanner(verify_metadata=False)
+    p.set_up_planner(sd, md)
+    assert len(p.create_local_plan().items) == 1
+    p = cdcp.FastLoadPlanner()
+    p.set_up_planner(sd, md)
+    p.metadata = {"w": 1}
+    with pytest.raises(TypeError, match="not a DCP Metadata"):
+        p.create_local_plan()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint._dedup_save_plans as _torch_dedup
 import torch.distributed.checkpoint.default_planner as _torch_dp
@@ -51,6 +52,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Partial
 
 from .. import helpers as _core
+from .._kernels import _coverage, _items
 
 __all__ = [
     "TORCH_ITEM_CLASSES",
@@ -329,6 +331,14 @@ def create_default_local_load_plan(
     a key missing from the checkpoint is an error when ``strict``, skipped
     otherwise; a DTensor on a mesh this rank is not part of reads nothing.
     """
+    return _local_load_plan(state_dict, metadata, strict, check_cover=False)
+
+
+def _local_load_plan(
+    state_dict: dict[str, Any], metadata: Metadata, strict: bool, check_cover: bool
+) -> LoadPlan:
+    # create_default_local_load_plan, plus (check_cover) the check that the
+    # reads fill every destination chunk exactly once; FastLoadPlanner's path.
     requests: list[ReadItem] = []
     md_by_fqn = metadata.state_dict_metadata
     for fqn, obj in state_dict.items():
@@ -347,8 +357,93 @@ def create_default_local_load_plan(
             )
         if isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None:
             continue
-        requests += _create_read_items(fqn, md, obj)
+        if check_cover:
+            requests += _read_items_checked(fqn, md, obj)
+        else:
+            requests += _create_read_items(fqn, md, obj)
     return LoadPlan(requests)
+
+
+def _read_items_checked(fqn: str, md: Any, obj: Any) -> list[ReadItem]:
+    """``_create_read_items``, refusing metadata whose chunks would leave part of ``obj`` unwritten.
+
+    Raises ``TypeError`` if ``md`` is not tensor or bytes storage metadata, and
+    ``ValueError`` naming ``fqn`` and the local chunk if the saved chunks do not
+    fill it exactly once (a hole, or two saved chunks overlapping inside it).
+    """
+    if isinstance(md, BytesStorageMetadata):
+        return _core.create_read_items(fqn, md, None, classes=TORCH_ITEM_CLASSES)
+    if not isinstance(md, TensorStorageMetadata):
+        raise TypeError(
+            f"checkpoint metadata for {fqn} is a {type(md).__name__}, "
+            "expected TensorStorageMetadata or BytesStorageMetadata"
+        )
+    try:
+        local_chunks = _create_chunk_list(obj)
+    except ValueError as ex:
+        raise ValueError(
+            f"Invalid checkpoint metadata for {fqn}, "
+            + f"expected BytesStorageMetadata but found {type(md)}",
+        ) from ex
+    if not isinstance(local_chunks, list):
+        local_chunks = list(local_chunks)
+    if not local_chunks:
+        return []
+    saved = md.chunks if isinstance(md.chunks, list) else list(md.chunks)
+    ndim = len(md.size)
+    loff, lsize = _core.chunk_arrays(local_chunks, fqn, ndim)
+    if saved:
+        r = _core.intersect_chunks((loff, lsize), _core.chunk_arrays(saved, fqn, ndim), fqn=fqn)
+    else:
+        r = _core.intersect_chunks((loff, lsize), [], fqn=fqn, ndim=ndim)
+    _check_cover(fqn, r, local_chunks, saved, lsize)
+    if not len(r):
+        return []
+    return _items.build_read_items(
+        fqn, r.local_index, r.saved_index, r.storage_offsets, r.dest_offsets, r.lengths,
+        local_chunks, saved, ReadItem, MetadataIndex, LoadItemType.TENSOR, torch.Size,
+    )
+
+
+def _check_cover(fqn, r, local_chunks, saved, lsize) -> None:
+    code, i, a, b, covered = _coverage.check_cover(r.local_index, r.dest_offsets, r.lengths, lsize)
+    if code == _coverage.COVER_UNDECIDED:
+        # Many reads into one chunk: find overlapping reads with the intersection kernel.
+        for i in np.unique(r.local_index).tolist():
+            sel = np.flatnonzero(r.local_index == i)
+            boxes = (r.dest_offsets[sel], r.lengths[sel])
+            pairs = _core.intersect_chunks(boxes, boxes, fqn=fqn)
+            hit = (pairs.local_index != pairs.saved_index) & (pairs.lengths > 0).all(axis=1)
+            if hit.any():
+                k = int(np.flatnonzero(hit)[0])
+                a, b = int(sel[pairs.local_index[k]]), int(sel[pairs.saved_index[k]])
+                code = _coverage.COVER_OVERLAP
+                break
+        else:
+            return
+    if code == _coverage.COVER_OK:
+        return
+    chunk = local_chunks[i]
+    where = f"local chunk {i} (offsets={tuple(chunk.offsets)}, sizes={tuple(chunk.sizes)})"
+    if code == _coverage.COVER_VOLUME:
+        want = 1
+        for s in chunk.sizes:
+            want *= s
+        if covered < want:
+            raise ValueError(
+                f"checkpoint metadata does not fill {fqn}: {where} would get only {covered} "
+                f"of its {want} elements from the saved chunks (is the .metadata damaged?)"
+            )
+        raise ValueError(
+            f"checkpoint metadata for {fqn} has saved chunks that overlap inside {where}: "
+            f"they hold {covered} elements for its {want} (is the .metadata damaged?)"
+        )
+    sa = saved[int(r.saved_index[a])]
+    sb = saved[int(r.saved_index[b])]
+    raise ValueError(
+        f"checkpoint metadata for {fqn} has saved chunks that overlap inside {where}: "
+        f"{sa} and {sb} (is the .metadata damaged?)"
+    )
 
 
 def create_default_local_save_plan(state_dict: dict[str, Any], is_coordinator: bool) -> SavePlan:

@@ -19,11 +19,7 @@ from collections import ChainMap
 from torch.distributed.checkpoint import _version
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    Metadata,
-    TensorStorageMetadata,
-)
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, SavePlanner
 
 from . import helpers as _h
@@ -128,12 +124,14 @@ class FastLoadPlanner(DefaultLoadPlanner):
 
     Takes ``DefaultLoadPlanner``'s arguments (``flatten_state_dict``,
     ``flatten_sharded_tensors``, ``allow_partial_load``) and one more,
-    ``verify_metadata`` (default True): before planning, check that the saved
-    chunks of every tensor this rank loads lie inside the tensor, do not
-    overlap and fill it. torch does not check this on load, so a corrupted
-    ``.metadata`` that lost a chunk makes torch leave part of a destination
-    tensor unwritten without any error; here the load fails before a single
-    byte is read, with a message naming the tensor and the chunk.
+    ``verify_metadata`` (default True): check that the planned reads fill
+    every destination chunk of this rank exactly once (no hole, no two saved
+    chunks writing the same element). torch does not check this, so a
+    damaged ``.metadata`` that lost a chunk or moved one makes torch leave
+    part of a destination tensor unwritten, and the load succeeds; here the
+    plan fails, before a single byte is read, naming the tensor and the
+    chunk. The check runs on the intersection arrays the plan is built from
+    (``ckcore._kernels._coverage``) and costs little.
     """
 
     def __init__(
@@ -150,55 +148,15 @@ class FastLoadPlanner(DefaultLoadPlanner):
         )
         self.verify_metadata = verify_metadata
 
-    def _verify_metadata(self) -> None:
-        """Raise if the checkpoint's chunks for the keys we load do not tile their tensors."""
-        metadata = self.metadata
-        sd_md = getattr(metadata, "state_dict_metadata", None)
-        if not isinstance(sd_md, dict):
-            raise TypeError(
-                f"checkpoint metadata is not a DCP Metadata (got {type(metadata).__name__}); "
-                "the .metadata file is corrupted or not a DCP checkpoint"
-            )
-        wanted = {}
-        for fqn in self.state_dict:
-            md = sd_md.get(fqn)
-            if md is None:
-                continue  # missing keys: create_default_local_load_plan's error
-            if isinstance(md, BytesStorageMetadata):
-                continue
-            if not isinstance(md, TensorStorageMetadata):
-                raise TypeError(
-                    f"checkpoint metadata for {fqn} is a {type(md).__name__}, "
-                    "expected TensorStorageMetadata or BytesStorageMetadata"
-                )
-            ndim = len(md.size)
-            for i, chunk in enumerate(md.chunks):
-                if len(chunk.offsets) != ndim or len(chunk.sizes) != ndim:
-                    raise ValueError(
-                        f"checkpoint metadata for {fqn}: chunk {i} {chunk} has "
-                        f"{len(chunk.offsets)}-d offsets / {len(chunk.sizes)}-d sizes "
-                        f"for a {ndim}-d tensor of size {tuple(md.size)}"
-                    )
-            if not md.chunks:
-                raise ValueError(
-                    f"checkpoint metadata for {fqn}: no saved chunks for a tensor of "
-                    f"size {tuple(md.size)}"
-                )
-            wanted[fqn] = md
-        if not wanted:
-            return
-        # Two plans switch on validation's fill check (chunks cover the tensor).
-        errors = _h._validate_global_plan([SavePlan([]), SavePlan([])], Metadata(wanted))
-        if errors:
-            summary = "; ".join(errors)
-            if len(summary) > 500:
-                summary = summary[:500] + "... (truncated)"
-            raise ValueError(f"checkpoint metadata is inconsistent, refusing to load: {summary}")
-
     def create_local_plan(self) -> LoadPlan:
         """This rank's read items (see ``DefaultLoadPlanner.create_local_plan``)."""
         if self.metadata is None:
             raise AssertionError("self.metadata is not None")
+        if not isinstance(getattr(self.metadata, "state_dict_metadata", None), dict):
+            raise TypeError(
+                f"checkpoint metadata is not a DCP Metadata (got {type(self.metadata).__name__}); "
+                "the .metadata file is damaged or not a DCP checkpoint"
+            )
         if self.flatten_state_dict:
             # Checkpoints saved before torch 2.4 flattened keys differently:
             # if keys are missing, try the old flattening, exactly as torch does.
@@ -214,8 +172,6 @@ class FastLoadPlanner(DefaultLoadPlanner):
                 if set(old_state_dict.keys()) & missing_keys:
                     self.state_dict, self.mappings = old_state_dict, old_mappings
 
-        if self.verify_metadata:
-            self._verify_metadata()
-        return _h.create_default_local_load_plan(
-            self.state_dict, self.metadata, not self.allow_partial_load
+        return _h._local_load_plan(
+            self.state_dict, self.metadata, not self.allow_partial_load, self.verify_metadata
         )
