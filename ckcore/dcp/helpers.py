@@ -52,7 +52,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Partial
 
 from .. import helpers as _core
-from .._kernels import _coverage, _items
+from .._kernels import _coverage, _intersect, _items
 
 __all__ = [
     "TORCH_ITEM_CLASSES",
@@ -391,9 +391,12 @@ def _read_items_checked(fqn: str, md: Any, obj: Any) -> list[ReadItem]:
         return []
     saved = md.chunks if isinstance(md.chunks, list) else list(md.chunks)
     ndim = len(md.size)
-    loff, lsize = _core.chunk_arrays(local_chunks, fqn, ndim)
+    # chunk_arrays validates (non-negative, int64, ndim) and names fqn and chunk;
+    # the raw kernel then skips the façade's second look at the arrays.
+    loff, lsize = _items.chunk_arrays(local_chunks, fqn, ndim)
     if saved:
-        r = _core.intersect_chunks((loff, lsize), _core.chunk_arrays(saved, fqn, ndim), fqn=fqn)
+        soff, ssize = _items.chunk_arrays(saved, fqn, ndim)
+        r = _core.Intersection(*_intersect.intersect(loff, lsize, soff, ssize))
     else:
         r = _core.intersect_chunks((loff, lsize), [], fqn=fqn, ndim=ndim)
     _check_cover(fqn, r, local_chunks, saved, lsize)
