@@ -1,0 +1,67 @@
+"""Benchmark session plumbing: the torch/ckcore ratio is the figure.
+
+Every workload's benchmarks share a ``benchmark.group``; the variant timed
+with torch has ``torch`` in its name. At the end of the session this prints,
+per group, each ckcore variant's median and its ratio ``torch median /
+ckcore median``, and adds the same table to the ``--benchmark-json`` /
+``--benchmark-save`` output under ``"ckcore_ratios"`` so that
+``bench/compare.py`` can compare two runs by ratio rather than absolute time.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+
+# The suites share bench/_workloads.py; with --import-mode=importlib the bench
+# folder is not on sys.path by itself.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def _medians(benchmarks):
+    out = {}
+    for b in benchmarks:
+        stats = getattr(b, "stats", None)
+        data = getattr(stats, "data", None) if stats is not None else None
+        if not data:
+            continue
+        out.setdefault(b.group or b.name, {})[b.name] = statistics.median(data)
+    return out
+
+
+def ratios(benchmarks) -> dict:
+    """{group: {variant: {"median_s": m, "ratio_vs_torch": r}}} for every group with a torch variant."""
+    table = {}
+    for group, variants in _medians(benchmarks).items():
+        torch_names = [n for n in variants if "torch" in n]
+        if not torch_names:
+            continue
+        t = variants[torch_names[0]]
+        table[group] = {
+            name: {"median_s": m, "ratio_vs_torch": (t / m) if m > 0 else None}
+            for name, m in variants.items()
+        }
+    return table
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["ckcore_ratios"] = ratios(benchmarks)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or getattr(session, "disabled", False):
+        return
+    table = ratios(session.benchmarks)
+    if not table:
+        return
+    tr = terminalreporter
+    tr.section("ckcore / torch ratios (torch median / variant median)")
+    for group in sorted(table):
+        for name, row in sorted(table[group].items()):
+            r = row["ratio_vs_torch"]
+            tr.write_line(
+                f"{group:24s} {name:48s} median {row['median_s'] * 1e3:12.3f} ms"
+                f"   ratio {r:10.1f}x" if r is not None else f"{group} {name} (zero time)"
+            )

@@ -1,0 +1,23 @@
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+def chunk_arrays(
+    chunks: list[Any], fqn: str = ..., ndim: Optional[int] = ...
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def build_read_items(
+    fqn: str,
+    local_index: npt.NDArray[np.int64],
+    saved_index: npt.NDArray[np.int64],
+    storage_offsets: npt.NDArray[np.int64],
+    dest_offsets: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    local_chunks: list[Any],
+    saved_chunks: list[Any],
+    read_item_cls: type,
+    metadata_index_cls: type,
+    tensor_type: Any,
+    size_cls: type,
+) -> list[Any]: ...
+def new_frozen(cls: type, fields: dict[str, Any]) -> Any: ...

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Set up and run ckcore's whole test suite, the way CI does.
+#
+#   bash scripts/test.sh            # fresh venv in .venv-test, wheel build, both test passes
+#   CKCORE_VENV=/path bash scripts/test.sh
+#
+# 1. builds a wheel of ckcore and installs it into a fresh virtual environment
+#    (tests run against the installed package, never the source tree);
+# 2. runs the torch-free tests with torch NOT installed (ckcore must work without it);
+# 3. installs torch 2.13.0 (CPU build) and runs the whole suite, differential tests
+#    against torch included; none of them may skip for lack of torch;
+# 4. runs every benchmark once in quick mode (--benchmark-disable) so none rots.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+venv="${CKCORE_VENV:-$here/.venv-test}"
+py="${PYTHON:-python3}"
+
+step() { printf '\n=== %s ===\n' "$*"; }
+
+step "fresh virtual environment: $venv"
+rm -rf "$venv"
+"$py" -m venv "$venv"
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+python -m pip install -q "setuptools>=64" wheel "Cython>=3.1,<4" "numpy>=1.24" \
+    "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6"
+
+step "build the wheel and install it"
+rm -rf dist build
+python -m pip wheel -q --no-build-isolation --no-deps -w dist .
+python -m pip install -q --no-deps dist/ckcore-*.whl
+
+# Run from a folder outside the checkout so `import ckcore` finds the installed
+# package only (a missing extension fails loudly instead of importing sources).
+run_pytest() {
+    (cd "$venv" && python -m pytest -p no:cacheprovider --rootdir "$here" -c "$here/pyproject.toml" "$@")
+}
+
+step "torch-free tests (torch not installed)"
+if python -c "import torch" 2>/dev/null; then
+    echo "torch is importable in the fresh venv: the torch-free pass would prove nothing" >&2
+    exit 1
+fi
+run_pytest "$here/tests" --torch-free -q
+
+step "install torch 2.13.0 (CPU)"
+# The "+cpu" local version only exists as the CPU wheel this machine kind keeps on
+# disk (pip's find-links); PyPI's plain 2.13.0 is a multi-GB CUDA build we never want.
+python -m pip install -q "torch==2.13.0+cpu"
+python -c "import torch; v = torch.__version__; assert v == '2.13.0+cpu', v; print('torch', v)"
+
+step "full test suite"
+run_pytest "$here/tests" -q
+
+step "benchmarks, quick mode (each body runs once)"
+CKCORE_BENCH_QUICK=1 run_pytest "$here/bench" -q --benchmark-disable
