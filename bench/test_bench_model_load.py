@@ -33,11 +33,12 @@ Every rank's chunks come from torch's own ``compute_local_shape_and_global_offse
 (through DTensor), in setup, outside the timing.
 
 Run: ``PYTHONPATH=$PWD python -m pytest bench/test_bench_model_load.py``;
-quick check: add ``--benchmark-disable``.
+quick check: add ``--benchmark-disable`` (and ``CKCORE_BENCH_QUICK=1`` for 4 layers).
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from functools import lru_cache
 
@@ -62,6 +63,10 @@ from ckcore.helpers import intersect_chunks
 torch_create_read_items_for_chunk_list = ORIGINALS["create_read_items_for_chunk_list"]
 
 DIM, LAYERS, KV_DIM, FFN, VOCAB = 8192, 80, 1024, 28672, 32000
+# Quick mode (CI: every body once) plans 4 layers of the same shapes.
+QUICK = bool(os.environ.get("CKCORE_BENCH_QUICK"))
+if QUICK:
+    LAYERS = 4
 DTYPE = torch.bfloat16
 
 
@@ -85,7 +90,7 @@ def llama70b_shapes() -> dict[str, tuple[int, ...]]:
 
 
 SHAPES = llama70b_shapes()
-assert len(SHAPES) == 723
+assert len(SHAPES) == 9 * LAYERS + 3  # 723 for the full model
 
 
 def placements(fqn: str, layout: tuple[int, ...]) -> tuple:

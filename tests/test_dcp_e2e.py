@@ -22,8 +22,12 @@ from pathlib import Path
 
 import pytest
 
+import ckcore
+
 WORKER = Path(__file__).with_name("_dcp_e2e_worker.py")
-ROOT = Path(__file__).resolve().parent.parent
+# The ranks import the very ckcore this test process imported (installed
+# wheel in CI, the built checkout in development), never the bare sources.
+CKCORE_PARENT = Path(ckcore.__file__).resolve().parent.parent
 TIMEOUT = 240
 
 
@@ -45,7 +49,7 @@ def _launch(scenario: str, world: int, workdir: Path) -> list[dict]:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
             OMP_NUM_THREADS="1",
-            PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            PYTHONPATH=os.pathsep.join([str(CKCORE_PARENT), os.environ.get("PYTHONPATH", "")]),
         )
         procs.append(
             subprocess.Popen(
