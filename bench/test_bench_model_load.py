@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -110,7 +110,7 @@ def _world(layout):
     return int(np.prod(layout))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mesh(layout: tuple[int, ...], rank: int) -> DeviceMesh:
     return DeviceMesh(
         "cpu", torch.arange(_world(layout)).reshape(layout), _init_backend=False, _rank=rank
@@ -132,7 +132,7 @@ def dtensor(fqn: str, layout, rank: int) -> DTensor:
     return DTensor.from_local(local, mesh, pl, shape=shape, stride=stride, run_check=False)
 
 
-@lru_cache(maxsize=None)
+@cache
 def rank_chunks(layout: tuple[int, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """fqn -> (offsets, sizes) int64 arrays of shape (world, ndim): every rank's chunk, by rank."""
     by_shape: dict = {}
@@ -151,7 +151,7 @@ def rank_chunks(layout: tuple[int, ...]) -> dict[str, tuple[np.ndarray, np.ndarr
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def saved_metadata(layout: tuple[int, ...]) -> Metadata:
     """The torch ``Metadata`` a save with ``layout`` records: every rank's chunk, in rank order."""
     md = {}

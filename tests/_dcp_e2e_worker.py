@@ -64,7 +64,7 @@ def placements_for(layout: str, fqn: str, mesh_ndim: int):
     if layout == "save2d":  # 2 x 2 mesh: FSDP on dim 0, TP on the other dim
         if fqn.endswith("output"):
             return [Shard(1), Shard(0)]
-        if fqn.endswith("embed") or fqn.endswith("exp_avg"):
+        if fqn.endswith(("embed", "exp_avg")):
             return [Shard(0), Shard(0)]
         return [Shard(0), Shard(1)]
     if layout == "load1d_a":  # 1-D mesh, column sharded
@@ -114,7 +114,10 @@ def build_state_dict(layout: str, world: int, fill=None):
             },
             "param_groups": [{"lr": 0.01 if fill is None else 0.0, "betas": (0.9, 0.95)}],
         },
-        "extra": {"blob": b"\x00ckcore\xff" if fill is None else b"", "epoch": 7 if fill is None else 0},
+        "extra": {
+            "blob": b"\x00ckcore\xff" if fill is None else b"",
+            "epoch": 7 if fill is None else 0,
+        },
     }
 
 
@@ -267,7 +270,7 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - report any failure, then exit non-zero
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)

@@ -63,7 +63,7 @@ def _launch(scenario: str, world: int, workdir: Path) -> list[dict]:
     failures = []
     for rank, p in enumerate(procs):
         try:
-            out, err = p.communicate(timeout=TIMEOUT)
+            _out, err = p.communicate(timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()

@@ -44,9 +44,7 @@ import ckcore.dcp as cdcp
 from ckcore.dcp import helpers as ch
 
 ORIG = ch.ORIGINALS
-SETTINGS = settings(
-    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # ----------------------------------------------------------------------------
@@ -121,7 +119,7 @@ def _grid(shape, splits):
     bounds = []
     for n, cuts in zip(shape, splits):
         pts = [0] + sorted(min(c, n) for c in cuts) + [n]
-        bounds.append(list(zip(pts[:-1], pts[1:])))
+        bounds.append(list(itertools.pairwise(pts)))
     chunks = []
     for cell in itertools.product(*bounds):
         chunks.append(
@@ -164,17 +162,12 @@ def read_case(draw):
     if big:
         # Translate everything near 2**62: offsets must survive int64 untouched.
         base = 2**62 - 100
-        shift = lambda cs: [  # noqa: E731
-            ChunkStorageMetadata(
-                torch.Size([o + base for o in c.offsets]), c.sizes
-            )
-            for c in cs
+        shift = lambda cs: [
+            ChunkStorageMetadata(torch.Size([o + base for o in c.offsets]), c.sizes) for c in cs
         ]
         saved, local = shift(saved), shift(local)
         shape = tuple(s + base for s in shape)
-    md = TensorStorageMetadata(
-        TensorProperties(dtype=torch.float32), torch.Size(shape), saved
-    )
+    md = TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size(shape), saved)
     return md, local
 
 
@@ -219,7 +212,7 @@ ADVERSARIAL = [
 
 @pytest.mark.parametrize("shape,saved,local", ADVERSARIAL)
 def test_create_read_items_adversarial(shape, saved, local):
-    mk = lambda cs: [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in cs]  # noqa: E731
+    mk = lambda cs: [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in cs]
     md = TensorStorageMetadata(TensorProperties(dtype=torch.bfloat16), torch.Size(shape), mk(saved))
     ours = ch.create_read_items_for_chunk_list("t", md, mk(local))
     theirs = ORIG["create_read_items_for_chunk_list"]("t", md, mk(local))
@@ -230,7 +223,12 @@ def test_create_read_items_adversarial(shape, saved, local):
 
 def test_empty_lists():
     md = TensorStorageMetadata(TensorProperties(), torch.Size([4]), [])
-    assert ch.create_read_items_for_chunk_list("t", md, [ChunkStorageMetadata(torch.Size([0]), torch.Size([4]))]) == []
+    assert (
+        ch.create_read_items_for_chunk_list(
+            "t", md, [ChunkStorageMetadata(torch.Size([0]), torch.Size([4]))]
+        )
+        == []
+    )
     md.chunks.append(ChunkStorageMetadata(torch.Size([0]), torch.Size([4])))
     assert ch.create_read_items_for_chunk_list("t", md, []) == []
 
@@ -312,9 +310,11 @@ def test_dtensor_chunks_and_items_match_torch(shape, mshape, pl, ranks, rank):
         )
     # A checkpoint saved as a different layout: even split along the last dim.
     sizes = torch.Size(shape)
-    saved = _grid(shape, [[n // 3, n // 2] for n in shape]) if shape else [
-        ChunkStorageMetadata(torch.Size([]), torch.Size([]))
-    ]
+    saved = (
+        _grid(shape, [[n // 3, n // 2] for n in shape])
+        if shape
+        else [ChunkStorageMetadata(torch.Size([]), torch.Size([]))]
+    )
     md = Metadata({"d": TensorStorageMetadata(TensorProperties(), sizes, saved)})
     if mesh.get_coordinate() is not None:
         same_reads(
@@ -454,7 +454,9 @@ def test_errors_match_torch():
         with pytest.raises(ValueError, match="Size mismatch between saved"):
             fn({"a": torch.zeros(5)}, md)
     for fn in (ch._create_read_items, ORIG["_create_read_items"]):
-        with pytest.raises(ValueError, match="Invalid checkpoint metadata for a, expected BytesStorageMetadata"):
+        with pytest.raises(
+            ValueError, match="Invalid checkpoint metadata for a, expected BytesStorageMetadata"
+        ):
             fn("a", md.state_dict_metadata["a"], 123)
     for fn in (ch._create_chunk_list, ORIG["_create_chunk_list"]):
         with pytest.raises(ValueError, match="Unsupported Type"):
@@ -516,10 +518,12 @@ def test_global_save_plan_dedup_validate_match_torch(nranks, seed, lowest):
 
 
 def test_validate_reports_torch_errors():
-    c = lambda o, s: ChunkStorageMetadata(torch.Size(o), torch.Size(s))  # noqa: E731
+    c = lambda o, s: ChunkStorageMetadata(torch.Size(o), torch.Size(s))
     md = Metadata(
         {
-            "oob": TensorStorageMetadata(TensorProperties(), torch.Size([4, 4]), [c((0, 0), (4, 5))]),
+            "oob": TensorStorageMetadata(
+                TensorProperties(), torch.Size([4, 4]), [c((0, 0), (4, 5))]
+            ),
             "ovl": TensorStorageMetadata(
                 TensorProperties(), torch.Size([8]), [c((0,), (5,)), c((4,), (4,)), c((2,), (0,))]
             ),
@@ -550,7 +554,9 @@ def test_plan_cache_helpers_match_torch(seed):
         elif k == 3 and p.items:
             it = p.items[0]
             q = dataclasses.replace(
-                p, items=[dataclasses.replace(it, index=dataclasses.replace(it.index, index=5))] + p.items[1:]
+                p,
+                items=[dataclasses.replace(it, index=dataclasses.replace(it.index, index=5))]
+                + p.items[1:],
             )
         variants.append(q)
     for a, b in itertools.product(base + variants, repeat=2):
@@ -803,14 +809,17 @@ def test_checked_read_items_refuse_exactly_the_bad_layouts(case):
         ours = ch._read_items_checked("w", md, obj)
         same_reads(ours, ORIG["create_read_items_for_chunk_list"]("w", md, local))
     else:
-        with pytest.raises(ValueError, match=r"checkpoint metadata (does not fill w|for w has saved chunks that overlap)"):
+        with pytest.raises(
+            ValueError,
+            match=r"checkpoint metadata (does not fill w|for w has saved chunks that overlap)",
+        ):
             ch._read_items_checked("w", md, obj)
 
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_checked_read_items_many_reads_per_chunk(overlap):
     # 100 reads into one local chunk: past the pairwise limit, decided by the intersection kernel.
-    c = lambda o, s: ChunkStorageMetadata(torch.Size([o]), torch.Size([s]))  # noqa: E731
+    c = lambda o, s: ChunkStorageMetadata(torch.Size([o]), torch.Size([s]))
     saved = [c(i, 1) for i in range(100)]
     if overlap:
         # 49 read twice, 51 never: the volumes still add up to 100.
@@ -830,7 +839,7 @@ def test_checked_read_items_many_reads_per_chunk(overlap):
 
 
 def test_fast_load_planner_refuses_a_lost_chunk_torch_does_not():
-    c = lambda o, s: ChunkStorageMetadata(torch.Size(o), torch.Size(s))  # noqa: E731
+    c = lambda o, s: ChunkStorageMetadata(torch.Size(o), torch.Size(s))
     md = Metadata(
         {"w": TensorStorageMetadata(TensorProperties(), torch.Size([4, 4]), [c((0, 0), (2, 4))])}
     )
@@ -840,7 +849,10 @@ def test_fast_load_planner_refuses_a_lost_chunk_torch_does_not():
     assert len(p.create_local_plan().items) == 1  # torch plans half the tensor, silently
     p = cdcp.FastLoadPlanner()
     p.set_up_planner(sd, md)
-    with pytest.raises(ValueError, match=r"does not fill w: local chunk 0 \(offsets=\(0, 0\), sizes=\(4, 4\)\) would get only 8 of its 16"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not fill w: local chunk 0 \(offsets=\(0, 0\), sizes=\(4, 4\)\) would get only 8 of its 16",
+    ):
         p.create_local_plan()
     p = cdcp.FastLoadPlanner(verify_metadata=False)
     p.set_up_planner(sd, md)

@@ -124,7 +124,8 @@ def check_cover(const i64[::1] local_index, const i64[:, ::1] dest_offsets,
     cdef isize out[4]
     cdef int code
     if dest_offsets.shape[0] != k or lengths.shape[0] != k:
-        raise ValueError("check_cover: local_index, dest_offsets and lengths differ in length")
+        raise ValueError(
+            "check_cover: local_index, dest_offsets and lengths differ in length")
     if k and (dest_offsets.shape[1] != nd or lengths.shape[1] != nd):
         raise ValueError("check_cover: reads and local chunks differ in dimensions")
     if max_pairwise < 0:
@@ -137,5 +138,6 @@ def check_cover(const i64[::1] local_index, const i64[:, ::1] dest_offsets,
                       &local_sizes[0, 0] if nloc and nd else NULL, nloc, nd,
                       max_pairwise, out)
     if code < 0:
-        raise ValueError("check_cover: local_index must be sorted and within the local chunks")
+        raise ValueError(
+            "check_cover: local_index must be sorted and within the local chunks")
     return code, out[0], out[1], out[2], out[3]

@@ -55,24 +55,24 @@ from .. import helpers as _core
 from .._kernels import _coverage, _intersect, _items
 
 __all__ = [
-    "TORCH_ITEM_CLASSES",
     "ORIGINALS",
-    "create_read_items_for_chunk_list",
+    "TORCH_ITEM_CLASSES",
+    "_compare_save_plans",
+    "_contains_usable_plan",
+    "_create_chunk_from_dtensor",
+    "_create_chunk_list",
+    "_create_default_metadata_only_plan",
     "_create_read_items",
     "_create_write_items",
-    "_create_chunk_list",
-    "_create_chunk_from_dtensor",
     "_create_write_items_for_dtensor",
-    "_create_default_metadata_only_plan",
+    "_init_state_dict",
+    "_merge_delta_local_plans",
+    "_validate_global_plan",
+    "create_default_global_save_plan",
     "create_default_local_load_plan",
     "create_default_local_save_plan",
-    "create_default_global_save_plan",
-    "_validate_global_plan",
+    "create_read_items_for_chunk_list",
     "dedup_save_plans",
-    "_compare_save_plans",
-    "_merge_delta_local_plans",
-    "_contains_usable_plan",
-    "_init_state_dict",
 ]
 
 # torch's default_planner logs every validation error at WARNING; so do we,
@@ -176,7 +176,7 @@ def _raise_if_partial(tensor: DTensor) -> None:
     # Same check and message as DTensor._raise_if_contains_partial_placements.
     for placement in tensor.placements:
         if isinstance(placement, Partial):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 - torch raises ValueError here
                 "Any checkpointing related operations are not supported for "
                 "DTensor with partial placements!"
             )
@@ -274,12 +274,10 @@ def _create_read_items(fqn: str, md: STORAGE_TYPES, obj: Any) -> list[ReadItem]:
             f"Invalid checkpoint metadata for {fqn}, "
             + f"expected BytesStorageMetadata but found {type(md)}",
         ) from ex
-    return _core.create_read_items_for_chunk_list(
-        fqn, md, local_chunks, classes=TORCH_ITEM_CLASSES
-    )
+    return _core.create_read_items_for_chunk_list(fqn, md, local_chunks, classes=TORCH_ITEM_CLASSES)
 
 
-def _create_write_items(fqn: str, object: Any) -> list[WriteItem]:  # noqa: A002 (torch's name)
+def _create_write_items(fqn: str, object: Any) -> list[WriteItem]:
     """Drop-in for ``planner_helpers._create_write_items``: what this rank writes for one value."""
     if _is_plain_dtensor(object):
         _raise_if_partial(object)
@@ -403,8 +401,18 @@ def _read_items_checked(fqn: str, md: Any, obj: Any) -> list[ReadItem]:
     if not len(r):
         return []
     return _items.build_read_items(
-        fqn, r.local_index, r.saved_index, r.storage_offsets, r.dest_offsets, r.lengths,
-        local_chunks, saved, ReadItem, MetadataIndex, LoadItemType.TENSOR, torch.Size,
+        fqn,
+        r.local_index,
+        r.saved_index,
+        r.storage_offsets,
+        r.dest_offsets,
+        r.lengths,
+        local_chunks,
+        saved,
+        ReadItem,
+        MetadataIndex,
+        LoadItemType.TENSOR,
+        torch.Size,
     )
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from . import helpers as _helpers
 
-__all__ = ["patch", "unpatch", "Patch", "is_patched"]
+__all__ = ["Patch", "is_patched", "patch", "unpatch"]
 
 # Guards the module-attribute swaps: two threads patching at once must not
 # record each other's replacements as "originals".
@@ -101,7 +101,7 @@ class Patch:
 
     unpatch = restore
 
-    def __enter__(self) -> Patch:
+    def __enter__(self) -> Patch:  # noqa: PYI034 - py3.10 has no typing.Self
         return self.apply()
 
     def __exit__(self, *exc: object) -> None:

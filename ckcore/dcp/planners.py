@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, SavePlanner
 
 from . import helpers as _h
 
-__all__ = ["FastSavePlanner", "FastLoadPlanner"]
+__all__ = ["FastLoadPlanner", "FastSavePlanner"]
 
 logger = logging.getLogger(__name__)
 
