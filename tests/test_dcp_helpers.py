@@ -327,6 +327,69 @@ def test_dtensor_chunks_and_items_match_torch(shape, mshape, pl, ranks, rank):
     )
 
 
+@st.composite
+def dtensor_case(draw):
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.integers(0, 13)) for _ in range(ndim))
+    mshape = tuple(draw(st.integers(1, 4)) for _ in range(draw(st.integers(1, 3))))
+    pls = []
+    for m in mshape:
+        kind = draw(st.sampled_from(["shard", "shard", "replicate", "strided"]))
+        d = draw(st.integers(0, ndim - 1))
+        if kind == "shard":
+            pls.append(Shard(d))
+        elif kind == "replicate":
+            pls.append(Replicate())
+        else:
+            pls.append(_StridedShard(d, split_factor=draw(st.integers(1, 4))))
+    n = 1
+    for m in mshape:
+        n *= m
+    rank = draw(st.integers(0, n))  # n: a rank outside the mesh
+    saved_splits = [draw(st.lists(st.integers(0, s), max_size=3)) for s in shape]
+    return shape, mshape, pls, rank, saved_splits
+
+
+def _outcome(fn, *args):
+    # What a call returns, or the type of what it raises (torch refuses some
+    # strided layouts; ckcore must refuse the same ones).
+    try:
+        return ("ok", fn(*args))
+    except Exception as e:  # noqa: BLE001
+        return ("raised", type(e))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dtensor_case())
+def test_dtensor_random_layouts_match_torch(case):
+    shape, mshape, pls, rank, saved_splits = case
+    n = 1
+    for m in mshape:
+        n *= m
+    mesh = DeviceMesh("cpu", torch.arange(n).reshape(mshape), _init_backend=False, _rank=rank)
+    dt = _dtensor(shape, mesh, pls)
+    for _ in range(2):  # cold, then memoised
+        ours, theirs = _outcome(ch._create_chunk_list, dt), _outcome(ORIG["_create_chunk_list"], dt)
+        assert ours == theirs
+        ours = _outcome(ch._create_write_items, "d", dt)
+        theirs = _outcome(ORIG["_create_write_items"], "d", dt)
+        assert ours[0] == theirs[0]
+        if ours[0] == "ok":
+            same_writes(ours[1], theirs[1])
+    md = Metadata(
+        {
+            "d": TensorStorageMetadata(
+                TensorProperties(), torch.Size(shape), _grid(shape, saved_splits)
+            )
+        }
+    )
+    ours = _outcome(ch.create_default_local_load_plan, {"d": dt}, md)
+    theirs = _outcome(ORIG["create_default_local_load_plan"], {"d": dt}, md)
+    assert ours[0] == theirs[0]
+    if ours[0] == "ok":
+        same_reads(ours[1].items, theirs[1].items)
+
+
 def test_dtensor_partial_placement_refused_like_torch():
     mesh = _mesh((2,), 0)
     dt = _dtensor((4, 4), mesh, [Partial()])
