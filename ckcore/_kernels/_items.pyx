@@ -10,17 +10,19 @@ allows:
   within int64) and naming the fqn and the chunk when one is wrong.
 * ``build_read_items`` turns intersection arrays into ReadItem objects of the
   caller's classes (ckcore's or torch's). Index objects are built once per
-  chunk and shared; a frozen dataclass is created with ``object.__new__`` and
-  its ``__dict__`` set in one step, which skips the six
-  ``object.__setattr__`` calls of the generated ``__init__`` -- the same
-  fields, a third of the cost.
+  chunk and shared; a frozen dataclass is created with object's own
+  ``tp_new`` and its fields stored with ``PyObject_GenericSetAttr`` (what
+  ``object.__setattr__`` does, minus the Python-level call): the same fields
+  as the generated ``__init__`` sets, at a fifth of its cost (callgrind:
+  ~2000 instructions per ReadItem against ~9800 through ``__init__``).
 """
 
 from cpython.long cimport PyLong_AsLongLong, PyLong_CheckExact
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_INCREF
 from cpython.list cimport PyList_New, PyList_SET_ITEM
-from cpython.object cimport PyObject_GenericSetAttr
+from cpython.object cimport PyObject_GenericSetAttr, PyTypeObject
+from cpython.ref cimport PyObject
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
@@ -31,8 +33,42 @@ import operator
 
 import numpy as np
 
-cdef object _object_new = object.__new__
+cdef extern from "Python.h":
+    PyTypeObject PyBaseObject_Type
+
 cdef str _DICT = "__dict__"
+cdef tuple _NO_ARGS = ()
+
+
+cdef inline object _object_new(type cls):
+    # object.__new__(cls) minus the Python-level wrapper (tp_new_wrapper slices its
+    # argument tuple on every call). Only valid for classes whose instances object
+    # itself allocates, i.e. plain Python classes such as dataclasses: checked by
+    # _check_plain_class before the loop.
+    return PyBaseObject_Type.tp_new(cls, <PyObject*>_NO_ARGS, NULL)
+
+
+cdef int _check_plain_class(object cls, str role) except -1:
+    if not isinstance(cls, type):
+        raise TypeError(f"{role} must be a class, got {cls!r}")
+    if (<PyTypeObject*>cls).tp_new != PyBaseObject_Type.tp_new:
+        raise TypeError(f"{role} {cls.__qualname__} defines its own __new__; need a plain dataclass")
+    if not hasattr(cls, "__dataclass_fields__"):
+        raise TypeError(f"{role} {cls.__qualname__} is not a dataclass")
+    return 0
+
+
+# Interned attribute names: set one by one, CPython stores them straight into the
+# instance's inline values (3.11+) instead of building and then swapping a dict.
+cdef str _TYPE = "type"
+cdef str _DEST_INDEX = "dest_index"
+cdef str _DEST_OFFSETS = "dest_offsets"
+cdef str _STORAGE_INDEX = "storage_index"
+cdef str _STORAGE_OFFSETS = "storage_offsets"
+cdef str _LENGTHS = "lengths"
+cdef str _FQN = "fqn"
+cdef str _OFFSET = "offset"
+cdef str _INDEX = "index"
 cdef i64 I64_MAX = 0x7FFFFFFFFFFFFFFF
 
 
@@ -240,7 +276,9 @@ cdef inline object _index_obj(object cls, str fqn, object offsets, isize i, obje
     if type(offsets) is not size_cls:
         offsets = size_cls(offsets)
     cdef object obj = _object_new(cls)
-    PyObject_GenericSetAttr(obj, _DICT, {"fqn": fqn, "offset": offsets, "index": i})
+    PyObject_GenericSetAttr(obj, _FQN, fqn)
+    PyObject_GenericSetAttr(obj, _OFFSET, offsets)
+    PyObject_GenericSetAttr(obj, _INDEX, i)
     return obj
 
 
@@ -268,6 +306,8 @@ def build_read_items(str fqn,
     cdef _RowCache cache = _RowCache(nd, size_cls)
     cdef i64 zero = 0
     cdef bint gc_was_enabled = gc.isenabled()
+    _check_plain_class(read_item_cls, "read_item_cls")
+    _check_plain_class(metadata_index_cls, "metadata_index_cls")
     if k and (storage_offsets.shape[0] != k or dest_offsets.shape[0] != k or lengths.shape[0] != k
               or saved_index.shape[0] != k or storage_offsets.shape[1] != nd
               or dest_offsets.shape[1] != nd):
@@ -290,14 +330,12 @@ def build_read_items(str fqn,
                 st = _index_obj(metadata_index_cls, fqn, saved_chunks[si].offsets, si, size_cls)
                 stor_idx[si] = st
             item = _object_new(read_item_cls)
-            PyObject_GenericSetAttr(item, _DICT, {
-                "type": tensor_type,
-                "dest_index": di,
-                "dest_offsets": cache.get(&dest_offsets[p, 0] if nd else &zero),
-                "storage_index": st,
-                "storage_offsets": cache.get(&storage_offsets[p, 0] if nd else &zero),
-                "lengths": cache.get(&lengths[p, 0] if nd else &zero),
-            })
+            PyObject_GenericSetAttr(item, _TYPE, tensor_type)
+            PyObject_GenericSetAttr(item, _DEST_INDEX, di)
+            PyObject_GenericSetAttr(item, _DEST_OFFSETS, cache.get(&dest_offsets[p, 0] if nd else &zero))
+            PyObject_GenericSetAttr(item, _STORAGE_INDEX, st)
+            PyObject_GenericSetAttr(item, _STORAGE_OFFSETS, cache.get(&storage_offsets[p, 0] if nd else &zero))
+            PyObject_GenericSetAttr(item, _LENGTHS, cache.get(&lengths[p, 0] if nd else &zero))
             Py_INCREF(item)
             PyList_SET_ITEM(out, p, item)
     finally:
@@ -311,6 +349,7 @@ def new_frozen(cls, dict fields):
 
     The caller guarantees ``fields`` names exactly the dataclass's fields.
     """
+    _check_plain_class(cls, "cls")
     obj = _object_new(cls)
     PyObject_GenericSetAttr(obj, _DICT, fields)
     return obj
