@@ -28,6 +28,7 @@ import torch
 import torch.distributed.checkpoint._dedup_save_plans as _torch_dedup
 import torch.distributed.checkpoint.default_planner as _torch_dp
 import torch.distributed.checkpoint.planner_helpers as _torch_ph
+import torch.distributed.config as _dist_config
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.metadata import (
     STATE_DICT_TYPE,
@@ -48,8 +49,8 @@ from torch.distributed.checkpoint.planner import (
     WriteItem,
     WriteItemType,
 )
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.placement_types import Partial
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import Partial, _StridedShard
 
 from .. import helpers as _core
 from .._kernels import _coverage, _intersect, _items
@@ -131,26 +132,56 @@ _DTENSOR_CHUNKS: dict[tuple, tuple[torch.Size, torch.Size]] = {}
 _DTENSOR_CHUNKS_MAX = 4096
 
 
+# id(mesh) -> (mesh, mesh shape, this rank's coordinate). A mesh's shape and
+# coordinate are fixed at construction; mesh.shape walks its layout in Python
+# (~1.5 us), so we read it once per mesh. The entry holds the mesh, so its id
+# cannot be reused while cached.
+_MESHES: dict[int, tuple[Any, tuple, tuple | None]] = {}
+
+
+def _mesh_info(mesh: Any) -> tuple[tuple, tuple | None]:
+    hit = _MESHES.get(id(mesh))
+    if hit is not None and hit[0] is mesh:
+        return hit[1], hit[2]
+    coordinate = mesh.get_coordinate()
+    info = (tuple(mesh.shape), None if coordinate is None else tuple(coordinate))
+    if len(_MESHES) >= _DTENSOR_CHUNKS_MAX:
+        _MESHES.clear()
+    _MESHES[id(mesh)] = (mesh, *info)
+    return info
+
+
 def _dtensor_key(tensor: DTensor) -> tuple | None:
     """The memo key of a DTensor's local chunk, or None when torch must compute it.
 
     torch's ``compute_local_shape_and_global_offset`` depends only on the global
-    shape, the mesh shape, this rank's coordinate and the placements, except in
-    modes where the coordinate is symbolic or per-rank (compile-on-one-rank,
-    LocalTensor) or the local tensor is itself checkpointable; those we leave
-    to torch.
+    shape, the mesh shape, this rank's coordinate and the placements, except
+    when the local tensor is itself checkpointable or a split factor is
+    symbolic; those we leave to torch (see also ``_dtensor_sizes_offsets``).
     """
     if type(tensor._local_tensor) is not torch.Tensor:
         return None
-    mesh = tensor.device_mesh
-    coordinate = mesh.get_coordinate()
+    shape, coordinate = _mesh_info(tensor.device_mesh)
     if coordinate is None:
         return None
-    import torch.distributed.config as _dist_config
-
-    if getattr(_dist_config, "compile_on_one_rank", False):
-        return None
-    return (tensor.shape, tuple(mesh.shape), tuple(coordinate), tuple(tensor.placements))
+    # Placements hash in Python (~1.3 us each); the common ones key as plain
+    # values instead (an int for Shard, -1 for Replicate, a pair for a strided
+    # shard), anything else as a tagged tuple holding the placement itself.
+    key = []
+    for p in tensor.placements:
+        t = type(p)
+        if t is Shard:
+            key.append(p.dim)
+        elif t is Replicate:
+            key.append(-1)
+        elif t is _StridedShard:
+            sf = p.split_factor
+            if type(sf) is not int:
+                return None
+            key.append((p.dim, sf))
+        else:
+            key.append(("placement", p))
+    return (tensor.shape, shape, coordinate, tuple(key))
 
 
 def _dtensor_sizes_offsets(tensor: DTensor) -> tuple[torch.Size, torch.Size]:
@@ -165,7 +196,10 @@ def _dtensor_sizes_offsets(tensor: DTensor) -> tuple[torch.Size, torch.Size]:
         tensor.shape, tensor.device_mesh, tensor.placements
     )
     value = (torch.Size(sizes), torch.Size(offsets))
-    if key is not None:
+    # compile_on_one_rank makes torch trace symbolic coordinates under fake
+    # mode; never memoise what it computes then. (Reading a torch config flag
+    # costs ~2 us, so only misses pay it.)
+    if key is not None and not getattr(_dist_config, "compile_on_one_rank", False):
         if len(_DTENSOR_CHUNKS) >= _DTENSOR_CHUNKS_MAX:
             _DTENSOR_CHUNKS.clear()
         _DTENSOR_CHUNKS[key] = value
@@ -186,11 +220,15 @@ def _is_plain_dtensor(obj: Any) -> bool:
     # A DTensor whose local tensor is a plain tensor: the only case torch
     # handles with _create_chunk_from_dtensor / _create_write_items_for_dtensor.
     # Exactly DTensor: a subclass may override the checkpoint dunders.
+    if type(obj) is not DTensor:
+        return False
+    local = obj._local_tensor
+    if type(local) is torch.Tensor:  # has neither dunder; skip two failing lookups
+        return True
     return (
-        type(obj) is DTensor
-        and isinstance(obj._local_tensor, torch.Tensor)
-        and not hasattr(obj._local_tensor, "__create_chunk_list__")
-        and not hasattr(obj._local_tensor, "__create_write_items__")
+        isinstance(local, torch.Tensor)
+        and not hasattr(local, "__create_chunk_list__")
+        and not hasattr(local, "__create_write_items__")
     )
 
 
