@@ -12,6 +12,7 @@ import dataclasses
 import io
 import itertools
 import random
+import sys
 
 import pytest
 import torch
@@ -783,6 +784,25 @@ def test_patch_plain_call_nested_and_unpatch():
     cdcp.patch()
     cdcp.unpatch()
     assert all(_snapshot()[k] is before[k] for k in before)
+
+
+def test_module_imported_while_patched_gets_torchs_functions_back():
+    import types
+
+    name = "torch.distributed._ckcore_patch_probe"
+    with cdcp.patch():
+        # What `from torch.distributed.checkpoint.planner_helpers import ...` does
+        # in a module first imported while the patch is on.
+        probe = types.ModuleType(name)
+        probe._create_read_items = t_ph._create_read_items
+        probe.alias = t_dp.create_default_local_load_plan
+        sys.modules[name] = probe
+        assert probe._create_read_items is ch._create_read_items
+    try:
+        assert probe._create_read_items is ORIG["_create_read_items"]
+        assert probe.alias is ORIG["create_default_local_load_plan"]
+    finally:
+        del sys.modules[name]
 
 
 def test_patched_default_planner_uses_kernels_and_matches():

@@ -98,6 +98,10 @@ class Patch:
             self.active = False
             if self in _ACTIVE:
                 _ACTIVE.remove(self)
+            if not _ACTIVE:
+                # A module imported while patched bound our functions by name
+                # (from planner_helpers import ...); give it torch's back too.
+                _sweep()
 
     unpatch = restore
 
@@ -106,6 +110,18 @@ class Patch:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
+
+
+def _sweep() -> None:
+    originals = {
+        id(getattr(_helpers, name)): (getattr(_helpers, name), original)
+        for name, original in _helpers.ORIGINALS.items()
+    }
+    for mod in _torch_dcp_modules():
+        for attr, value in list(vars(mod).items()):
+            hit = originals.get(id(value))
+            if hit is not None and hit[0] is value:
+                setattr(mod, attr, hit[1])
 
 
 def patch() -> Patch:
