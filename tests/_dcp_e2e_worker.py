@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -205,11 +205,25 @@ def main() -> None:
     report: dict = {"rank": rank, "checked": [], "errors": {}}
     fast_ckpt = os.path.join(workdir, "fast")
     patched_ckpt = os.path.join(workdir, "patched")
+    torch_ckpt = os.path.join(workdir, "torch")
 
     if scenario == "save":
-        # N ranks, 2-D mesh, ckcore's planner.
+        # N ranks, 2-D mesh: ckcore's planner; torch's planners under patch();
+        # torch's planners as they are.
         sd = build_state_dict("save2d", world)
         dcp.save(sd, checkpoint_id=fast_ckpt, planner=cdcp.FastSavePlanner())
+        with cdcp.patch():
+            import torch.distributed.checkpoint.default_planner as t_dp
+
+            assert (
+                t_dp.create_default_local_save_plan is cdcp.helpers.create_default_local_save_plan
+            )
+            dcp.save(build_state_dict("save2d", world), checkpoint_id=patched_ckpt)
+        assert (
+            t_dp.create_default_local_save_plan
+            is cdcp.helpers.ORIGINALS["create_default_local_save_plan"]
+        )
+        dcp.save(build_state_dict("save2d", world), checkpoint_id=torch_ckpt)
         report["saved"] = True
 
     elif scenario == "load":
@@ -222,20 +236,18 @@ def main() -> None:
         sd = build_state_dict("load1d_b", world, fill=SENTINEL)
         dcp.load(sd, checkpoint_id=fast_ckpt, planner=DefaultLoadPlanner())
         check_loaded(sd, report["checked"])
-        # 3. torch's default planners under patch(): save with M ranks, load back resharded.
+        # 3. torch's default planners under patch(): the N-rank patched save, loaded resharded.
         with cdcp.patch():
             import torch.distributed.checkpoint.default_planner as t_dp
 
             assert t_dp._create_read_items is cdcp.helpers._create_read_items
-            sd = build_state_dict("load1d_b", world)
-            dcp.save(sd, checkpoint_id=patched_ckpt, planner=DefaultSavePlanner())
             sd = build_state_dict("load1d_a", world, fill=SENTINEL)
-            dcp.load(sd, checkpoint_id=patched_ckpt)
+            dcp.load(sd, checkpoint_id=patched_ckpt, planner=DefaultLoadPlanner())
             check_loaded(sd, report["checked"])
         assert t_dp._create_read_items is cdcp.helpers.ORIGINALS["_create_read_items"]
-        # 4. ckcore's planner reads the checkpoint torch's planners wrote.
+        # 4. ckcore's planner reads the checkpoint torch's own planners wrote.
         sd = build_state_dict("load1d_b", world, fill=SENTINEL)
-        dcp.load(sd, checkpoint_id=patched_ckpt, planner=cdcp.FastLoadPlanner())
+        dcp.load(sd, checkpoint_id=torch_ckpt, planner=cdcp.FastLoadPlanner())
         check_loaded(sd, report["checked"])
 
         # 5. damaged checkpoints: a clear error, and destinations untouched.

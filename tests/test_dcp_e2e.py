@@ -93,7 +93,8 @@ def test_save_with_fast_planner_writes_a_dcp_checkpoint(e2e):
 def test_every_element_loaded_in_every_mode(e2e):
     _, _, loaded = e2e
     for r in loaded:
-        # fast load, torch load of ckcore's save, patched save+load, fast load of torch's save
+        # fast load; torch load of ckcore's save; patched load of the patched save;
+        # fast load of torch's save
         assert len(r["checked"]) == 4
         assert all(n > 0 for n in r["checked"])
     # The three ranks together hold every element at least once in each mode.
