@@ -15,6 +15,15 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
         "`python setup.py build_ext --inplace`."
     ) from exc
 
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    ItemLocation,
+    StorageInfo,
+    UnsafeCheckpointError,
+    load_metadata,
+    loads_metadata,
+)
 from .dtypes import itemsize
 from .helpers import (
     CKCORE_CLASSES,
@@ -57,19 +66,24 @@ __all__ = [
     "BytesIOWriteData",
     "BytesStorageMetadata",
     "CKCORE_CLASSES",
+    "Checkpoint",
+    "CheckpointError",
     "ChunkStorageMetadata",
     "Intersection",
     "ItemClasses",
+    "ItemLocation",
     "LoadItemType",
     "LoadPlan",
     "Metadata",
     "MetadataIndex",
     "ReadItem",
     "SavePlan",
+    "StorageInfo",
     "StorageMeta",
     "TensorProperties",
     "TensorStorageMetadata",
     "TensorWriteData",
+    "UnsafeCheckpointError",
     "WriteItem",
     "WriteItemType",
     "chunk_arrays",
@@ -82,5 +96,7 @@ __all__ = [
     "create_write_item_for_tensor",
     "intersect_chunks",
     "itemsize",
+    "load_metadata",
+    "loads_metadata",
     "merge_delta_local_plans",
 ]

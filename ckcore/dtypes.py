@@ -59,6 +59,7 @@ _ALIASES = {
     "long": "int64",
     "int": "int32",
     "short": "int16",
+    "bit": "uint1",
 }
 
 

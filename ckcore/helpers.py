@@ -23,7 +23,6 @@ from .metadata import (
     ChunkStorageMetadata,
     MetadataIndex,
     TensorProperties,
-    TensorStorageMetadata,
 )
 from .planner import LoadItemType, ReadItem, TensorWriteData, WriteItem, WriteItemType
 
@@ -88,9 +87,20 @@ def chunk_arrays(chunks: Sequence[Any], fqn: str = "<chunks>", ndim: Optional[in
     >>> off.tolist(), size.tolist()
     ([[0, 4]], [[2, 4]])
     """
-    if not isinstance(chunks, list):
-        chunks = list(chunks)
-    return _items.chunk_arrays(chunks, fqn, ndim)
+    return _items.chunk_arrays(_chunk_list(chunks, fqn, "chunks"), fqn, ndim)
+
+
+def _chunk_list(chunks: Any, fqn: str, what: str) -> list:
+    """``chunks`` as a list, or a TypeError naming the fqn (not a bare "not iterable")."""
+    if isinstance(chunks, list):
+        return chunks
+    if isinstance(chunks, (str, bytes)):
+        raise TypeError(f"{fqn}: {what} must be a list of chunks, got {type(chunks).__name__}")
+    try:
+        return list(chunks)
+    except TypeError:
+        raise TypeError(
+            f"{fqn}: {what} must be a list of chunks, got {type(chunks).__name__}") from None
 
 
 def _as_arrays(chunks: Any, fqn: str, what: str, ndim: Optional[int]):
@@ -100,7 +110,8 @@ def _as_arrays(chunks: Any, fqn: str, what: str, ndim: Optional[int]):
         size = np.ascontiguousarray(chunks[1])
         for name, a in (("offsets", off), ("sizes", size)):
             if a.ndim != 2:
-                raise ValueError(f"{fqn}: {what} {name} must be a 2-d (N, ndim) array, got {a.shape}")
+                raise ValueError(
+                    f"{fqn}: {what} {name} must be a 2-d (N, ndim) array, got {a.shape}")
             if a.dtype != np.int64:
                 if not np.issubdtype(a.dtype, np.integer):
                     raise TypeError(f"{fqn}: {what} {name} must be integers, got {a.dtype}")
@@ -139,8 +150,10 @@ def intersect_chunks(local: Any, saved: Any, *, fqn: str = "<chunks>",
 
     >>> r = intersect_chunks([ChunkStorageMetadata((2,), (4,))],
     ...                      [ChunkStorageMetadata((0,), (4,)), ChunkStorageMetadata((4,), (4,))])
-    >>> r.saved_index.tolist(), r.storage_offsets.tolist(), r.dest_offsets.tolist(), r.lengths.tolist()
-    ([0, 1], [[2], [0]], [[0], [2]], [[2], [2]])
+    >>> r.saved_index.tolist(), r.storage_offsets.tolist(), r.dest_offsets.tolist()
+    ([0, 1], [[2], [0]], [[0], [2]])
+    >>> r.lengths.tolist()
+    [[2], [2]]
 
     Overlap is torch's predicate exactly: a zero-size chunk strictly inside
     another overlaps it (with length 0), one on its boundary does not; for
@@ -170,14 +183,19 @@ def create_read_items_for_chunk_list(fqn: str, checkpoint_md: Any, local_chunks:
     dimensions as ``checkpoint_md.size``.
     """
     cls = classes or CKCORE_CLASSES
-    saved_chunks = checkpoint_md.chunks
-    if not isinstance(saved_chunks, list):
-        saved_chunks = list(saved_chunks)
-    if not isinstance(local_chunks, list):
-        local_chunks = list(local_chunks)
+    if not hasattr(checkpoint_md, "chunks") or not hasattr(checkpoint_md, "size"):
+        raise TypeError(
+            f"{fqn}: expected tensor storage metadata (with .size and .chunks), "
+            f"got {type(checkpoint_md).__name__}")
+    saved_chunks = _chunk_list(checkpoint_md.chunks, fqn, "saved chunks")
+    local_chunks = _chunk_list(local_chunks, fqn, "local chunks")
+    try:
+        ndim = len(checkpoint_md.size)
+    except TypeError:
+        raise TypeError(
+            f"{fqn}: the tensor size must be a sequence, got {checkpoint_md.size!r}") from None
     if not local_chunks or not saved_chunks:
         return []
-    ndim = len(checkpoint_md.size)
     loff, lsize = _items.chunk_arrays(local_chunks, fqn, ndim)
     soff, ssize = _items.chunk_arrays(saved_chunks, fqn, ndim)
     li, si, so, do, ln = _intersect.intersect(loff, lsize, soff, ssize)
@@ -205,26 +223,44 @@ def create_read_items(fqn: str, md: Any, local_chunks: Optional[Sequence[Any]] =
             lengths=zero,
         )]
     if not hasattr(md, "chunks") or not hasattr(md, "size"):
-        raise TypeError(f"{fqn}: expected tensor or bytes storage metadata, got {type(md).__name__}")
+        raise TypeError(
+            f"{fqn}: expected tensor or bytes storage metadata, got {type(md).__name__}")
     if local_chunks is None:
         raise ValueError(f"{fqn}: tensor metadata needs the local chunks to load")
     return create_read_items_for_chunk_list(fqn, md, local_chunks, cls)
 
 
-def _check_shape(fqn: str, name: str, values: Sequence[int]) -> tuple:
-    t = tuple(values)
+_I64_MAX = 2**63 - 1
+
+
+def _check_shape(fqn: str, name: str, values: Sequence[int], volume: bool = False) -> tuple:
+    """``values`` as a tuple of non-negative int64 ints (and, with ``volume``, an int64 product)."""
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{fqn}: {name} must be a sequence of integers, got {values!r}")
+    try:
+        t = tuple(values)
+    except TypeError:
+        raise TypeError(f"{fqn}: {name} must be a sequence of integers, got {values!r}") from None
     for v in t:
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{fqn}: {name} must be integers, got {t!r}")
         if v < 0:
             raise ValueError(f"{fqn}: {name} must be non-negative, got {t!r}")
+        if v > _I64_MAX:
+            raise ValueError(f"{fqn}: {name} {t!r} do not fit in int64")
+    if volume:
+        numel = 1
+        for v in t:
+            numel *= v
+        if numel > _I64_MAX:
+            raise ValueError(f"{fqn}: {name} {t!r} has a volume beyond int64")
     return t
 
 
 def create_write_item_for_tensor(fqn: str, size: Sequence[int],
                                  properties: Optional[TensorProperties] = None) -> WriteItem:
     """The TENSOR write item of a whole (unsharded) tensor of global ``size``."""
-    size = _check_shape(fqn, "size", size)
+    size = _check_shape(fqn, "size", size, volume=True)
     offsets = (0,) * len(size)
     return WriteItem(
         index=MetadataIndex(fqn, offsets),
@@ -246,7 +282,7 @@ def create_write_item_for_shard(fqn: str, offsets: Sequence[int], sizes: Sequenc
     """
     offsets = _check_shape(fqn, "offsets", offsets)
     sizes = _check_shape(fqn, "sizes", sizes)
-    global_size = _check_shape(fqn, "global size", global_size)
+    global_size = _check_shape(fqn, "global size", global_size, volume=True)
     if not (len(offsets) == len(sizes) == len(global_size)):
         raise ValueError(
             f"{fqn}: chunk offsets={offsets} sizes={sizes} do not match the tensor's "
@@ -254,7 +290,8 @@ def create_write_item_for_shard(fqn: str, offsets: Sequence[int], sizes: Sequenc
     for o, s, g in zip(offsets, sizes, global_size):
         if o + s > g:
             raise ValueError(
-                f"{fqn}: chunk offsets={offsets} sizes={sizes} lies outside the tensor {global_size}")
+                f"{fqn}: chunk offsets={offsets} sizes={sizes} lies outside the tensor "
+                f"{global_size}")
     return WriteItem(
         index=MetadataIndex(fqn, offsets),
         type=WriteItemType.SHARD,

@@ -31,7 +31,7 @@ from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset
 
 from ckcore._kernels._types cimport i64, isize
-from ckcore._kernels._box cimport box_overlap, add_overflows, mul_overflows
+from ckcore._kernels._box cimport add_overflows, mul_overflows
 
 import numpy as np
 
@@ -53,8 +53,10 @@ cdef int _check_boxes(const i64* off, const i64* size, isize n, isize nd,
                       isize* bad_row) noexcept nogil:
     cdef isize i, d
     cdef i64 o, s, vol
+    cdef bint over
     for i in range(n):
         vol = 1
+        over = False
         for d in range(nd):
             o = off[i * nd + d]
             s = size[i * nd + d]
@@ -67,10 +69,19 @@ cdef int _check_boxes(const i64* off, const i64* size, isize n, isize nd,
             if add_overflows(o, s):
                 bad_row[0] = i
                 return 3
-            if mul_overflows(vol, s):
-                bad_row[0] = i
-                return 4
-            vol *= s
+            # A zero size makes the volume 0 whatever came before: only report an
+            # overflow once every dimension has been seen.
+            if s == 0:
+                vol = 0
+                over = False
+            elif not over:
+                if mul_overflows(vol, s):
+                    over = True
+                else:
+                    vol *= s
+        if over:
+            bad_row[0] = i
+            return 4
     return 0
 
 
@@ -82,7 +93,8 @@ def check_boxes(const i64[:, ::1] offsets, const i64[:, ::1] sizes):
     """
     if offsets.shape[0] != sizes.shape[0] or offsets.shape[1] != sizes.shape[1]:
         raise ValueError(
-            f"offsets ({offsets.shape[0]}, {offsets.shape[1]}) and sizes ({sizes.shape[0]}, {sizes.shape[1]}) differ in shape")
+            f"offsets ({offsets.shape[0]}, {offsets.shape[1]}) and sizes "
+            f"({sizes.shape[0]}, {sizes.shape[1]}) differ in shape")
     cdef isize bad = -1
     cdef int code
     cdef isize n = offsets.shape[0], nd = offsets.shape[1]
@@ -138,7 +150,8 @@ cdef inline bint _pair_less(const i64* k1, const i64* k2, isize a, isize b) noex
     return k2[a] < k2[b]
 
 
-cdef void _msort_pairs(isize* idx, isize* tmp, isize n, const i64* k1, const i64* k2) noexcept nogil:
+cdef void _msort_pairs(isize* idx, isize* tmp, isize n,
+                       const i64* k1, const i64* k2) noexcept nogil:
     # Bottom-up stable merge sort of idx by (k1[idx], k2[idx]); a sorted input costs O(n).
     cdef isize i, width, lo, mid, hi, a, b, k
     cdef isize* src = idx
@@ -354,7 +367,6 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
     cdef i64* scratch = NULL
     cdef isize prod_cells
     cdef bint overflow, same
-    cdef i64 prev_s, prev_e, s, e
     memset(ix, 0, sizeof(Index))
     ix.n = n
     ix.nd = nd

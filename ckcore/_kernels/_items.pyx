@@ -18,7 +18,7 @@ allows:
 """
 
 from cpython.long cimport PyLong_AsLongLong, PyLong_CheckExact
-from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.tuple cimport PyTuple_Check, PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_INCREF
 from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.object cimport PyObject_GenericSetAttr, PyTypeObject
@@ -86,7 +86,8 @@ cdef inline i64 _as_i64(object v, object fqn, isize i, object chunk, str what) e
     try:
         return PyLong_AsLongLong(v)
     except OverflowError:
-        raise ValueError(f"{fqn}: chunk {i} {chunk!r}: {what} value {v} does not fit in int64") from None
+        raise ValueError(
+            f"{fqn}: chunk {i} {chunk!r}: {what} value {v} does not fit in int64") from None
 
 
 def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
@@ -102,6 +103,7 @@ def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
     """
     cdef isize n = len(chunks), i, d, nd
     cdef i64 o, s, vol
+    cdef bint over
     cdef object chunk, offs, sizes
     if n == 0:
         nd = ndim if ndim is not None else 0
@@ -133,11 +135,22 @@ def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
             if len(offs) != nd or len(sizes) != nd:
                 raise ValueError(
                     f"{fqn}: chunk {i} {chunk!r} has {len(offs)} offsets and {len(sizes)} sizes "
-                    f"but {'the tensor has' if ndim is not None else 'chunk 0 has'} {nd} dimensions")
+                    f"but {'the tensor has' if ndim is not None else 'chunk 0 has'} "
+                    f"{nd} dimensions")
         except TypeError:
             raise TypeError(
                 f"{fqn}: chunk {i} {chunk!r}: offsets and sizes must be sequences") from None
+        if not (PyTuple_Check(offs) and PyTuple_Check(sizes)):
+            # tuple and torch.Size (a tuple subclass) index safely below; anything else
+            # (a list, an array, a set that has len() but no indexing) is read here once.
+            try:
+                offs = tuple([offs[d] for d in range(nd)])
+                sizes = tuple([sizes[d] for d in range(nd)])
+            except (TypeError, KeyError, IndexError):
+                raise TypeError(
+                    f"{fqn}: chunk {i} {chunk!r}: offsets and sizes must be sequences") from None
         vol = 1
+        over = False
         for d in range(nd):
             o = _as_i64(offs[d], fqn, i, chunk, "offsets")
             s = _as_i64(sizes[d], fqn, i, chunk, "sizes")
@@ -146,11 +159,20 @@ def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
             if o > I64_MAX - s:
                 raise ValueError(
                     f"{fqn}: chunk {i} {chunk!r}: offset + size overflows int64 in dimension {d}")
-            if vol != 0 and s > I64_MAX // vol:
-                raise ValueError(f"{fqn}: chunk {i} {chunk!r}: volume overflows int64")
-            vol *= s
+            # A zero size makes the volume 0 whatever came before: only report an
+            # overflow once every dimension has been seen.
+            if s == 0:
+                vol = 0
+                over = False
+            elif not over and vol != 0:
+                if s > I64_MAX // vol:
+                    over = True
+                else:
+                    vol *= s
             ov[i, d] = o
             sv[i, d] = s
+        if over:
+            raise ValueError(f"{fqn}: chunk {i} {chunk!r}: volume overflows int64")
     return out_off, out_size
 
 
