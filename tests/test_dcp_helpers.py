@@ -115,6 +115,10 @@ def _saveplan(p: SavePlan):
 # ----------------------------------------------------------------------------
 
 
+def _chunk(offsets, sizes):
+    return ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
+
+
 def _grid(shape, splits):
     """Chunks of a grid: per dim, sorted cut points (may repeat -> zero-size chunks)."""
     bounds = []
@@ -163,9 +167,10 @@ def read_case(draw):
     if big:
         # Translate everything near 2**62: offsets must survive int64 untouched.
         base = 2**62 - 100
-        shift = lambda cs: [
-            ChunkStorageMetadata(torch.Size([o + base for o in c.offsets]), c.sizes) for c in cs
-        ]
+
+        def shift(cs):
+            return [_chunk([o + base for o in c.offsets], c.sizes) for c in cs]
+
         saved, local = shift(saved), shift(local)
         shape = tuple(s + base for s in shape)
     md = TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size(shape), saved)
@@ -213,7 +218,9 @@ ADVERSARIAL = [
 
 @pytest.mark.parametrize("shape,saved,local", ADVERSARIAL)
 def test_create_read_items_adversarial(shape, saved, local):
-    mk = lambda cs: [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in cs]
+    def mk(cs):
+        return [_chunk(o, s) for o, s in cs]
+
     md = TensorStorageMetadata(TensorProperties(dtype=torch.bfloat16), torch.Size(shape), mk(saved))
     ours = ch.create_read_items_for_chunk_list("t", md, mk(local))
     theirs = ORIG["create_read_items_for_chunk_list"]("t", md, mk(local))
@@ -582,7 +589,7 @@ def test_global_save_plan_dedup_validate_match_torch(nranks, seed, lowest):
 
 
 def test_validate_reports_torch_errors():
-    c = lambda o, s: ChunkStorageMetadata(torch.Size(o), torch.Size(s))
+    c = _chunk
     md = Metadata(
         {
             "oob": TensorStorageMetadata(
@@ -902,7 +909,9 @@ def test_checked_read_items_refuse_exactly_the_bad_layouts(case):
 @pytest.mark.parametrize("overlap", [False, True])
 def test_checked_read_items_many_reads_per_chunk(overlap):
     # 100 reads into one local chunk: past the pairwise limit, decided by the intersection kernel.
-    c = lambda o, s: ChunkStorageMetadata(torch.Size([o]), torch.Size([s]))
+    def c(o, s):
+        return _chunk([o], [s])
+
     saved = [c(i, 1) for i in range(100)]
     if overlap:
         # 49 read twice, 51 never: the volumes still add up to 100.
@@ -922,7 +931,7 @@ def test_checked_read_items_many_reads_per_chunk(overlap):
 
 
 def test_fast_load_planner_refuses_a_lost_chunk_torch_does_not():
-    c = lambda o, s: ChunkStorageMetadata(torch.Size(o), torch.Size(s))
+    c = _chunk
     md = Metadata(
         {"w": TensorStorageMetadata(TensorProperties(), torch.Size([4, 4]), [c((0, 0), (2, 4))])}
     )
