@@ -54,6 +54,13 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Partial, _StridedShard
 
 from .. import helpers as _core
+
+try:
+    from .. import global_plan as _gp
+except ImportError:  # pragma: no cover - only before ckcore.global_plan is merged
+    # Branch-order safety: without the global-plan kernels the three global
+    # drop-ins below are torch's own functions.
+    _gp = None
 from .._kernels import _coverage, _intersect, _items
 
 __all__ = [
@@ -80,6 +87,17 @@ __all__ = [
 # torch's default_planner logs every validation error at WARNING; so do we,
 # under torch's logger name, so log filters written for torch keep working.
 _logger = logging.getLogger(_torch_dp.__name__)
+
+#: torch's metadata classes, for the global plan's Metadata.
+_TORCH_MD_TYPES = (
+    None
+    if _gp is None
+    else _gp.MetadataTypes(
+        metadata=Metadata,
+        tensor_storage=TensorStorageMetadata,
+        bytes_storage=BytesStorageMetadata,
+    )
+)
 
 #: The classes the kernels instantiate to hand back torch's own objects.
 TORCH_ITEM_CLASSES = _core.ItemClasses(
@@ -543,21 +561,41 @@ def create_default_global_save_plan(
     all_plans: list[SavePlan],
     rewrite_index_hints: bool = True,
 ) -> tuple[list[SavePlan], Metadata]:
-    """Drop-in for ``default_planner.create_default_global_save_plan``: the checkpoint's metadata."""
-    return ORIGINALS["create_default_global_save_plan"](all_plans, rewrite_index_hints)
+    """Drop-in for ``default_planner.create_default_global_save_plan``: the checkpoint's metadata.
+
+    Every fqn's chunks in plan order and, with ``rewrite_index_hints``, each
+    item's ``index.index`` set to its chunk's position; torch's classes in,
+    torch's classes out.
+    """
+    if _gp is None:
+        return ORIGINALS["create_default_global_save_plan"](all_plans, rewrite_index_hints)
+    return _gp.create_global_save_plan(all_plans, rewrite_index_hints, types=_TORCH_MD_TYPES)
 
 
 def _validate_global_plan(global_plan: list[SavePlan], metadata: Metadata) -> list[str]:
-    """Drop-in for ``default_planner._validate_global_plan``: torch's error messages, same set."""
-    return ORIGINALS["_validate_global_plan"](global_plan, metadata)
+    """Drop-in for ``default_planner._validate_global_plan``: torch's error messages, same set.
+
+    Out-of-bounds chunks, every overlapping pair, and (with more than one
+    plan) chunk volumes that do not add up to the tensor's; each also logged.
+    """
+    if _gp is None:
+        return ORIGINALS["_validate_global_plan"](global_plan, metadata)
+    return _gp.validate_global_plan(global_plan, metadata)
 
 
 def dedup_save_plans(
     all_plans: list[SavePlan],
     save_to_lowest_rank: bool = False,
 ) -> list[SavePlan]:
-    """Drop-in for ``_dedup_save_plans.dedup_save_plans``: each duplicated item kept once."""
-    return ORIGINALS["dedup_save_plans"](all_plans, save_to_lowest_rank)
+    """Drop-in for ``_dedup_save_plans.dedup_save_plans``: each duplicated item kept once.
+
+    The holder with the smallest planned size so far keeps it (or the lowest
+    rank with ``save_to_lowest_rank``); size ties go to the lowest rank, which
+    is torch's choice on up to 8 ranks (beyond, torch's follows set order).
+    """
+    if _gp is None:
+        return ORIGINALS["dedup_save_plans"](all_plans, save_to_lowest_rank)
+    return _gp.dedup_save_plans(all_plans, save_to_lowest_rank)
 
 
 # --------------------------------------------------------------------------
