@@ -26,9 +26,7 @@ import pickle
 from pathlib import PosixPath
 
 import pytest
-
-torch = pytest.importorskip("torch")
-
+import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as tmd
 from torch.distributed.checkpoint.filesystem import _StorageInfo

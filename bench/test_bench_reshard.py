@@ -16,13 +16,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from _workloads import RESHARD, grid_chunks
 from torch.distributed.checkpoint import metadata as tmd
 from torch.distributed.checkpoint import planner_helpers as tph
 
 import ckcore
 from ckcore._kernels import _intersect, _items
-
-from _workloads import RESHARD, grid_chunks
 
 _CACHE: dict = {}
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Set up and run ckcore's whole test suite, the way CI does.
 #
-#   bash scripts/test.sh            # fresh venv in .venv-test, wheel build, both test passes
+#   bash scripts/test.sh            # fresh venvs in .venv-test(-build), both test passes
 #   CKCORE_VENV=/path bash scripts/test.sh
 #
-# 1. builds a wheel of ckcore and installs it into a fresh virtual environment
+# 1. builds the sdist and, from it, the wheel (python -m build) in a build venv,
+#    then installs only the wheel into a fresh test venv without Cython
 #    (tests run against the installed package, never the source tree);
 # 2. runs the torch-free tests with torch NOT installed (ckcore must work without it);
 # 3. installs torch 2.13.0 (CPU build) and runs the whole suite, differential tests
@@ -18,18 +19,28 @@ py="${PYTHON:-python3}"
 
 step() { printf '\n=== %s ===\n' "$*"; }
 
-step "fresh virtual environment: $venv"
-rm -rf "$venv"
+step "build the sdist, and the wheel from the sdist, in a build environment"
+build_venv="$venv-build"
+rm -rf "$venv" "$build_venv" dist build
+"$py" -m venv "$build_venv"
+"$build_venv/bin/python" -m pip install -q "setuptools>=64" wheel "Cython>=3.1,<4" "numpy>=1.24" build
+# --no-isolation: the build requirements above are the ones pyproject.toml names;
+# building the wheel from the sdist proves the sdist carries every kernel source.
+"$build_venv/bin/python" -m build --no-isolation --outdir dist . > "$here/dist-build.log" 2>&1 \
+    || { tail -40 "$here/dist-build.log"; exit 1; }
+ls dist
+
+step "fresh test environment: $venv (no Cython, no compiler use: the wheel only)"
 "$py" -m venv "$venv"
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
-python -m pip install -q "setuptools>=64" wheel "Cython>=3.1,<4" "numpy>=1.24" \
-    "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6"
-
-step "build the wheel and install it"
-rm -rf dist build
-python -m pip wheel -q --no-build-isolation --no-deps -w dist .
-python -m pip install -q --no-deps dist/ckcore-*.whl
+python -m pip install -q "numpy>=1.24" "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6" \
+    ruff cython-lint
+python -m pip install -q --only-binary=:all: --no-deps dist/ckcore-*.whl
+if python -c "import Cython" 2>/dev/null; then
+    echo "Cython is importable in the test venv: the wheel test would not prove a binary install" >&2
+    exit 1
+fi
 
 # Run from a folder outside the checkout so `import ckcore` finds the installed
 # package only (a missing extension fails loudly instead of importing sources).

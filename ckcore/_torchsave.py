@@ -1,0 +1,378 @@
+"""Where a tensor's bytes sit inside a ``torch.save`` archive, without torch.
+
+DCP's ``FileSystemWriter`` (default ``SerializationFormat.TORCH_SAVE``) writes
+every tensor item as a complete ``torch.save`` zip archive at
+``(offset, length)`` inside a ``.distcp`` file (``filesystem._write_item``).
+The archive holds ``<prefix>/data.pkl`` (a pickle that calls
+``torch._utils._rebuild_tensor_v2``/``_v3`` with a persistent storage id,
+the storage offset, size and strides) and one uncompressed record
+``<prefix>/data/<key>`` with the storage bytes, plus ``byteorder`` and
+version records. The zip local headers carry no sizes (data descriptors),
+so the central directory at the end of the archive is the authority.
+
+:func:`locate_tensor` reads the archive's end records and its pickle with an
+allow-list unpickler (no ``torch.load``, no arbitrary code), and returns
+where storage element 0 sits in the file plus the tensor's dtype, storage
+offset, size and strides. Anything outside what it can prove is either
+:class:`UnsupportedItem` (the caller should fall back to ``torch.load``) or
+:class:`CorruptItem` (a ``ValueError`` naming the file and item).
+
+``SerializationFormat.SAFETENSORS`` is not handled here: torch 2.13's writer
+records an offset taken *before* the data is written and appends one
+safetensors file per ``.distcp`` file at the end, so its ``_StorageInfo``
+does not locate the tensor, and ``FileSystemReader`` cannot read it either
+(``HuggingFaceStorageReader`` does). The range reader falls back for it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ckcore.dtypes import DTYPE_ITEMSIZE
+
+__all__ = ["CorruptItem", "TensorLocation", "UnsupportedItem", "locate_tensor"]
+
+# Legacy typed-storage classes that torch.save names in the pickle
+# (torch/storage.py: _LegacyStorage subclasses) and their dtypes.
+_LEGACY_STORAGE = {
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128",
+}
+
+_EOCD = b"PK\x05\x06"
+_EOCD64_LOC = b"PK\x06\x07"
+_EOCD64 = b"PK\x06\x06"
+_CDIR = b"PK\x01\x02"
+_LOCAL = b"PK\x03\x04"
+_HEAD = 4096  # first/last bytes of an item read up front: they hold every record but the storage
+
+
+class UnsupportedItem(Exception):
+    """The item is valid but not in a form the range reader handles (fall back to torch.load)."""
+
+
+class CorruptItem(ValueError):
+    """The item's bytes are not a well-formed torch.save archive (truncated or damaged)."""
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """A saved tensor inside a file: storage element 0 is at byte ``data_offset``."""
+
+    data_offset: int
+    storage_nbytes: int
+    dtype: str
+    itemsize: int
+    storage_offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def base(self) -> int:
+        """File byte of the tensor's element 0 (``data_offset + storage_offset * itemsize``)."""
+        return self.data_offset + self.storage_offset * self.itemsize
+
+
+# ----------------------------------------------------------------- unpickling
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: str | None  # None: UntypedStorage (the dtype comes with _rebuild_tensor_v3)
+
+
+@dataclass(frozen=True)
+class _Dtype:
+    name: str
+
+
+@dataclass(frozen=True)
+class _Storage:
+    dtype: str | None
+    key: str
+    numel: int
+
+
+@dataclass(frozen=True)
+class _Rebuilt:
+    storage: Any
+    storage_offset: Any
+    size: Any
+    stride: Any
+    dtype: Any
+    metadata: Any
+
+
+def _rebuild_v2(storage, storage_offset, size, stride, requires_grad, hooks, metadata=None):
+    return _Rebuilt(storage, storage_offset, size, stride, None, metadata)
+
+
+def _rebuild_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None):
+    return _Rebuilt(storage, storage_offset, size, stride, dtype, metadata)
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    # Only the globals a plain tensor's data.pkl names; everything else is
+    # refused before it can run.
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_v2
+        if module == "torch._utils" and name == "_rebuild_tensor_v3":
+            return _rebuild_v3
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        if module == "torch" and name in _LEGACY_STORAGE:
+            return _StorageType(_LEGACY_STORAGE[name])
+        if module == "torch.storage" and name == "UntypedStorage":
+            return _StorageType(None)
+        if module == "torch" and name in DTYPE_ITEMSIZE:
+            return _Dtype(name)
+        raise UnsupportedItem(f"data.pkl names {module}.{name}, which is not on the allow-list")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)
+            and isinstance(pid[4], int)
+        ):
+            return _Storage(pid[1].dtype, pid[2], pid[4])
+        raise UnsupportedItem(f"unsupported persistent id {pid!r}")
+
+
+def _int_tuple(v: Any) -> tuple[int, ...] | None:
+    if isinstance(v, tuple) and all(type(x) is int and x >= 0 for x in v):
+        return v
+    return None
+
+
+# ----------------------------------------------------------------- zip records
+
+
+@dataclass
+class _Record:
+    name: str
+    method: int
+    csize: int
+    usize: int
+    local_offset: int
+
+
+class _ItemBytes:
+    """Reads inside one item's byte range, serving small reads from its head and tail."""
+
+    def __init__(self, pread: Callable[[int, int], bytes], where: str, offset: int, length: int):
+        self.pread = pread
+        self.where = where
+        self.offset = offset
+        self.length = length
+        n = min(length, _HEAD)
+        self.head = self._read_exact(0, n)
+        if length <= _HEAD:
+            self.tail_start, self.tail = 0, self.head
+        else:
+            self.tail_start = length - n
+            self.tail = self._read_exact(self.tail_start, n)
+
+    def _read_exact(self, rel: int, n: int) -> bytes:
+        b = self.pread(n, self.offset + rel)
+        if len(b) != n:
+            raise CorruptItem(
+                f"{self.where}: file truncated: wanted {n} bytes at offset {self.offset + rel}, "
+                f"got {len(b)}"
+            )
+        return b
+
+    def read(self, rel: int, n: int) -> bytes:
+        if rel < 0 or n < 0 or rel + n > self.length:
+            raise CorruptItem(
+                f"{self.where}: zip record at [{rel}, {rel + n}) lies outside the item's "
+                f"{self.length} bytes"
+            )
+        if rel + n <= len(self.head):
+            return self.head[rel : rel + n]
+        if rel >= self.tail_start:
+            return self.tail[rel - self.tail_start : rel - self.tail_start + n]
+        return self._read_exact(rel, n)
+
+
+def _unpack(where: str, fmt: str, buf: bytes, pos: int) -> tuple:
+    try:
+        return struct.unpack_from(fmt, buf, pos)
+    except struct.error:
+        raise CorruptItem(f"{where}: zip record cut short") from None
+
+
+def _central_directory(item: _ItemBytes) -> list[_Record]:
+    where = item.where
+    tail = item.tail
+    pos = tail.rfind(_EOCD)
+    if pos < 0 or len(tail) - pos < 22:
+        if item.head[:4] != _LOCAL and item.head[:1] == b"\x80":
+            # A pickle: torch.save's legacy (pre-zip) format. Valid, not ours.
+            raise UnsupportedItem(f"{where}: legacy (non-zip) torch.save format")
+        raise CorruptItem(f"{where}: not a torch.save zip archive (no end-of-central-directory record)")
+    _, _, _, _, entries, cd_size, cd_off, _ = _unpack(where, "<4sHHHHIIH", tail, pos)
+    if entries == 0xFFFF or cd_size == 0xFFFFFFFF or cd_off == 0xFFFFFFFF:
+        loc = item.tail_start + pos - 20
+        sig, _, z64_off, _ = _unpack(where, "<4sIQI", item.read(loc, 20), 0)
+        if sig != _EOCD64_LOC:
+            raise CorruptItem(f"{where}: zip64 end locator missing")
+        rec = item.read(z64_off, 56)
+        if rec[:4] != _EOCD64:
+            raise CorruptItem(f"{where}: zip64 end record missing")
+        _, _, _, _, _, _, _, entries, cd_size, cd_off = _unpack(where, "<4sQHHIIQQQQ", rec, 0)
+    cd = item.read(cd_off, cd_size)
+    records = []
+    p = 0
+    for _ in range(entries):
+        if cd[p : p + 4] != _CDIR:
+            raise CorruptItem(f"{where}: bad central directory entry at {cd_off + p}")
+        (_, _, _, flags, method, _, _, _, csize, usize, nlen, elen, clen, _, _, _, loff) = _unpack(
+            where, "<4sHHHHHHIIIHHHHHII", cd, p
+        )
+        name = cd[p + 46 : p + 46 + nlen].decode("utf-8", "replace")
+        extra = cd[p + 46 + nlen : p + 46 + nlen + elen]
+        if 0xFFFFFFFF in (csize, usize, loff):
+            # zip64 extended information: present fields in this order.
+            q = 0
+            while q + 4 <= len(extra):
+                hid, hlen = struct.unpack_from("<HH", extra, q)
+                if hid == 1:
+                    vals = list(struct.unpack_from(f"<{hlen // 8}Q", extra, q + 4))
+                    if usize == 0xFFFFFFFF and vals:
+                        usize = vals.pop(0)
+                    if csize == 0xFFFFFFFF and vals:
+                        csize = vals.pop(0)
+                    if loff == 0xFFFFFFFF and vals:
+                        loff = vals.pop(0)
+                    break
+                q += 4 + hlen
+        if flags & 1:
+            raise UnsupportedItem(f"{where}: encrypted zip record {name}")
+        records.append(_Record(name, method, csize, usize, loff))
+        p += 46 + nlen + elen + clen
+    return records
+
+
+def _record_bytes_offset(item: _ItemBytes, rec: _Record) -> int:
+    hdr = item.read(rec.local_offset, 30)
+    if hdr[:4] != _LOCAL:
+        raise CorruptItem(f"{item.where}: bad local header for {rec.name}")
+    nlen, elen = struct.unpack_from("<HH", hdr, 26)
+    start = rec.local_offset + 30 + nlen + elen
+    if start + rec.csize > item.length:
+        raise CorruptItem(
+            f"{item.where}: record {rec.name} ends at {start + rec.csize}, past the item's "
+            f"{item.length} bytes (truncated?)"
+        )
+    return start
+
+
+def locate_tensor(
+    pread: Callable[[int, int], bytes] | int,
+    offset: int,
+    length: int,
+    where: str = "item",
+) -> TensorLocation:
+    """Find a ``torch.save``'d tensor's storage inside ``[offset, offset + length)`` of a file.
+
+    ``pread`` is an open file descriptor or a callable ``(n, file_offset) -> bytes``
+    (so callers can count reads). ``where`` names the file and item in error
+    messages. Raises :class:`UnsupportedItem` for archives it does not handle
+    (compressed records, big-endian, tensors with conj/neg bits, subclasses, ...)
+    and :class:`CorruptItem` (a ValueError) for damaged or truncated ones.
+    """
+    if isinstance(pread, int):
+        fd = pread
+
+        def pread(n: int, off: int) -> bytes:
+            return os.pread(fd, n, off)
+
+    if length < 22:
+        raise CorruptItem(f"{where}: {length} bytes is too short for a torch.save archive")
+    item = _ItemBytes(pread, where, offset, length)
+    records = _central_directory(item)
+    by_name = {r.name: r for r in records}
+    pkl = next((r for r in records if r.name.endswith("data.pkl")), None)
+    if pkl is None:
+        raise CorruptItem(f"{where}: archive has no data.pkl")
+    prefix = pkl.name[: -len("data.pkl")]
+    if pkl.method != 0:
+        raise UnsupportedItem(f"{where}: data.pkl is compressed")
+    bo = by_name.get(prefix + "byteorder")
+    if bo is not None:
+        if bo.method != 0:
+            raise UnsupportedItem(f"{where}: byteorder record is compressed")
+        order = item.read(_record_bytes_offset(item, bo), bo.usize)
+        if order != b"little":
+            raise UnsupportedItem(f"{where}: byte order {order!r} is not little-endian")
+    pkl_bytes = item.read(_record_bytes_offset(item, pkl), pkl.usize)
+    try:
+        obj = _AllowListUnpickler(io.BytesIO(pkl_bytes)).load()
+    except UnsupportedItem as e:
+        raise UnsupportedItem(f"{where}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged pickle can raise anything
+        raise CorruptItem(f"{where}: data.pkl does not unpickle: {e}") from None
+    if not isinstance(obj, _Rebuilt) or not isinstance(obj.storage, _Storage):
+        raise UnsupportedItem(f"{where}: data.pkl is not a plain tensor ({type(obj).__name__})")
+    if obj.metadata:
+        raise UnsupportedItem(f"{where}: tensor carries metadata {obj.metadata!r} (conj/neg bits)")
+    st = obj.storage
+    if st.dtype is not None:
+        dtype = st.dtype
+        if obj.dtype is not None:
+            raise UnsupportedItem(f"{where}: typed storage with an explicit dtype")
+    elif isinstance(obj.dtype, _Dtype):
+        dtype = obj.dtype.name
+    else:
+        raise UnsupportedItem(f"{where}: untyped storage without a dtype")
+    itemsize = DTYPE_ITEMSIZE[dtype]
+    size, stride = _int_tuple(obj.size), _int_tuple(obj.stride)
+    soff = obj.storage_offset
+    if size is None or stride is None or len(size) != len(stride) or type(soff) is not int or soff < 0:
+        raise CorruptItem(f"{where}: bad size/stride/offset in data.pkl")
+    # Untyped storages count bytes; typed ones count elements.
+    nbytes = st.numel * (itemsize if st.dtype is not None else 1)
+    rec = by_name.get(f"{prefix}data/{st.key}")
+    if rec is None:
+        raise CorruptItem(f"{where}: archive has no record for storage {st.key!r}")
+    if rec.method != 0:
+        raise UnsupportedItem(f"{where}: storage record is compressed")
+    if rec.usize != nbytes or rec.csize != nbytes:
+        raise CorruptItem(
+            f"{where}: storage record holds {rec.usize} bytes, the pickle says {nbytes}"
+        )
+    if all(s > 0 for s in size):
+        last = soff + sum((s - 1) * t for s, t in zip(size, stride)) + 1
+        if last * itemsize > nbytes:
+            raise CorruptItem(f"{where}: tensor reaches past its storage ({last * itemsize} > {nbytes})")
+    data = _record_bytes_offset(item, rec)
+    return TensorLocation(
+        data_offset=offset + data,
+        storage_nbytes=nbytes,
+        dtype=dtype,
+        itemsize=itemsize,
+        storage_offset=soff,
+        size=size,
+        stride=stride,
+    )

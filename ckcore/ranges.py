@@ -1,0 +1,302 @@
+"""Byte ranges of a box inside a stored chunk, range coalescing, and box copy.
+
+This is what a reader needs to load *part* of a saved chunk: which bytes of
+the file hold the part (:func:`byte_ranges`), how to read them in few calls
+without reading much more than needed (:func:`coalesce_ranges`), and how to
+move the elements into the destination tensor (:func:`copy_box`). Strides
+are explicit because ``torch.save`` keeps a non-contiguous tensor's strides.
+
+All shapes, strides, offsets and lengths are in elements; ``base`` and every
+returned address are in bytes. Example: a C-order 4x6 float32 chunk at byte
+100, box rows 1..2, columns 2..4::
+
+    >>> byte_ranges((4, 6), (6, 1), 4, (1, 2), (2, 3), base=100).tolist()
+    [[132, 144], [156, 168]]
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ckcore._kernels import _ranges
+
+__all__ = [
+    "box_runs",
+    "byte_ranges",
+    "coalesce_ranges",
+    "contiguous_strides",
+    "copy_box",
+    "paired_run_info",
+    "paired_runs",
+    "read_runs",
+]
+
+_I64_MAX = 2**63 - 1
+
+
+def _vec(what: str, name: str, values: Sequence[int]) -> np.ndarray:
+    # int64 vector from a sequence of Python/numpy ints; out-of-range values are
+    # a ValueError here (numpy would raise OverflowError or wrap silently).
+    try:
+        items = [operator.index(v) for v in values]
+    except TypeError:
+        raise TypeError(f"{what}: {name} must be integers, got {values!r}") from None
+    for v in items:
+        if v > _I64_MAX or v < -_I64_MAX - 1:
+            raise ValueError(f"{what}: {name} value {v} does not fit in int64")
+    return np.array(items, dtype=np.int64).reshape(len(items))
+
+
+def _int(what: str, name: str, value: int) -> int:
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what}: {name} must be an integer, got {value!r}") from None
+    if v > _I64_MAX or v < -_I64_MAX - 1:
+        raise ValueError(f"{what}: {name} value {v} does not fit in int64")
+    return v
+
+
+def _bytes_view(what: str, obj: Any, writable: bool) -> memoryview:
+    # A flat unsigned-byte view of any C-contiguous buffer (numpy array,
+    # bytearray, mmap, ...): the kernel addresses bytes, not elements.
+    try:
+        m = memoryview(obj)
+    except TypeError:
+        raise TypeError(f"{what}: {type(obj).__name__} does not support the buffer protocol") from None
+    if writable and m.readonly:
+        raise ValueError(f"{what}: destination buffer is read-only")
+    if not m.c_contiguous:
+        raise ValueError(f"{what}: buffer must be C-contiguous (describe strides instead)")
+    if m.ndim != 1 or m.format != "B":
+        m = m.cast("B")
+    return m
+
+
+def _ranges_array(ranges: Any) -> np.ndarray:
+    # (K, 2) int64 without numpy's silent float truncation or wrap-around.
+    if not isinstance(ranges, np.ndarray):
+        rows = [tuple(r) for r in ranges]
+        if any(len(r) != 2 for r in rows):
+            raise ValueError("coalesce_ranges: ranges must have shape (K, 2)")
+        flat = _vec("coalesce_ranges", "ranges", [v for r in rows for v in r])
+        return flat.reshape(len(rows), 2)
+    a = ranges
+    if a.size == 0:
+        return np.empty((0, 2), dtype=np.int64)
+    if a.dtype == object:
+        raise ValueError("coalesce_ranges: a range bound does not fit in int64")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"coalesce_ranges: ranges must be integers, got dtype {a.dtype}")
+    if a.ndim != 2 or a.shape[1] != 2:
+        raise ValueError(f"coalesce_ranges: ranges must have shape (K, 2), got {a.shape}")
+    if a.dtype.kind == "u" and a.size and int(a.max()) > _I64_MAX:
+        raise ValueError("coalesce_ranges: a range bound does not fit in int64")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """C-order element strides of ``shape`` (what ``torch.empty(shape).stride()`` returns)."""
+    strides = []
+    acc = 1
+    for s in reversed(tuple(shape)):
+        strides.append(acc)
+        acc *= max(int(s), 1)
+    return tuple(reversed(strides))
+
+
+def byte_ranges(
+    shape: Sequence[int],
+    strides: Sequence[int],
+    itemsize: int,
+    offsets: Sequence[int],
+    lengths: Sequence[int],
+    base: int = 0,
+) -> np.ndarray:
+    """Sorted, maximally merged ``[start, end)`` byte ranges holding exactly a box.
+
+    The chunk has ``shape`` and element ``strides`` and its element 0 sits at
+    byte ``base``; the box is ``offsets``/``lengths`` in chunk coordinates.
+    Returns a (K, 2) int64 array (K == 0 for an empty box). Raises ValueError
+    for a box outside the chunk, negative values or int64 overflow.
+    """
+    w = "byte_ranges"
+    return _ranges.byte_ranges(
+        _vec(w, "shape", shape),
+        _vec(w, "strides", strides),
+        _int(w, "itemsize", itemsize),
+        _int(w, "base", base),
+        _vec(w, "offsets", offsets),
+        _vec(w, "lengths", lengths),
+    )
+
+
+def box_runs(
+    shape: Sequence[int],
+    strides: Sequence[int],
+    itemsize: int,
+    offsets: Sequence[int],
+    lengths: Sequence[int],
+    base: int = 0,
+) -> tuple[int, int, int]:
+    """``(runs, run_bytes, first_byte)`` of a box, in O(ndim), before any merging.
+
+    ``runs * run_bytes`` is the box's size in bytes; callers use it to bound
+    the work of :func:`byte_ranges` (one row per run at most).
+    """
+    w = "box_runs"
+    return _ranges.box_runs(
+        _vec(w, "shape", shape),
+        _vec(w, "strides", strides),
+        _int(w, "itemsize", itemsize),
+        _int(w, "base", base),
+        _vec(w, "offsets", offsets),
+        _vec(w, "lengths", lengths),
+    )
+
+
+def coalesce_ranges(
+    ranges: Any, max_gap: int = 1 << 20, max_overread: float = 1.1
+) -> np.ndarray:
+    """Merge sorted ``[start, end)`` ranges across gaps to make fewer, larger reads.
+
+    A gap is filled only if it is at most ``max_gap`` bytes, and gaps are
+    filled smallest first while ``bytes read / bytes needed <= max_overread``
+    (1.0: only touching ranges merge). ``ranges`` must be sorted and
+    non-overlapping, as :func:`byte_ranges` returns them.
+
+        >>> coalesce_ranges([[0, 10], [12, 20], [100, 110]], max_gap=50).tolist()
+        [[0, 20], [100, 110]]
+    """
+    arr = _ranges_array(ranges)
+    return _ranges.coalesce(
+        arr, _int("coalesce_ranges", "max_gap", max_gap), float(max_overread)
+    )
+
+
+def copy_box(
+    src: Any,
+    dst: Any,
+    lengths: Sequence[int],
+    *,
+    itemsize: int,
+    src_shape: Sequence[int],
+    dst_shape: Sequence[int],
+    src_strides: Sequence[int] | None = None,
+    dst_strides: Sequence[int] | None = None,
+    src_offsets: Sequence[int] | None = None,
+    dst_offsets: Sequence[int] | None = None,
+    src_base: int = 0,
+    dst_base: int = 0,
+) -> None:
+    """Copy a box of ``lengths`` elements from one strided chunk to another.
+
+    ``src``/``dst`` are any buffer-protocol objects (numpy arrays, bytearray,
+    mmap, ...); each chunk starts at byte ``*_base`` of its buffer and has
+    ``*_shape`` and element ``*_strides`` (C order if omitted). The box starts at
+    ``src_offsets`` in the source and lands at ``dst_offsets`` in the
+    destination (zeros if omitted). Contiguous runs are moved with memcpy and
+    the GIL released. Equivalent to
+    ``dst_chunk[dst_box] = src_chunk[src_box]`` in numpy terms.
+    """
+    w = "copy_box"
+    n = len(lengths)
+    s_shape = _vec(w, "src_shape", src_shape)
+    d_shape = _vec(w, "dst_shape", dst_shape)
+    _ranges.copy_box(
+        _bytes_view(w, src, False),
+        s_shape,
+        _vec(w, "src_strides", contiguous_strides(src_shape) if src_strides is None else src_strides),
+        _int(w, "src_base", src_base),
+        _vec(w, "src_offsets", (0,) * n if src_offsets is None else src_offsets),
+        _bytes_view(w, dst, True),
+        d_shape,
+        _vec(w, "dst_strides", contiguous_strides(dst_shape) if dst_strides is None else dst_strides),
+        _int(w, "dst_base", dst_base),
+        _vec(w, "dst_offsets", (0,) * n if dst_offsets is None else dst_offsets),
+        _vec(w, "lengths", lengths),
+        _int(w, "itemsize", itemsize),
+    )
+
+
+def paired_runs(
+    lengths: Sequence[int],
+    *,
+    itemsize: int,
+    src_shape: Sequence[int],
+    dst_shape: Sequence[int],
+    src_strides: Sequence[int] | None = None,
+    dst_strides: Sequence[int] | None = None,
+    src_offsets: Sequence[int] | None = None,
+    dst_offsets: Sequence[int] | None = None,
+    src_base: int = 0,
+    dst_base: int = 0,
+) -> np.ndarray:
+    """The runs :func:`copy_box` would memcpy, as an (K, 3) int64 array ``[src, dst, nbytes]``.
+
+    Same arguments as :func:`copy_box` without the buffers; addresses are byte
+    offsets from each buffer's start, rows sorted by source address. A reader
+    whose runs are large reads each one straight into the destination.
+    """
+    w = "paired_runs"
+    n = len(lengths)
+    return _ranges.paired_runs(
+        _vec(w, "src_shape", src_shape),
+        _vec(w, "src_strides", contiguous_strides(src_shape) if src_strides is None else src_strides),
+        _int(w, "src_base", src_base),
+        _vec(w, "src_offsets", (0,) * n if src_offsets is None else src_offsets),
+        _vec(w, "dst_shape", dst_shape),
+        _vec(w, "dst_strides", contiguous_strides(dst_shape) if dst_strides is None else dst_strides),
+        _int(w, "dst_base", dst_base),
+        _vec(w, "dst_offsets", (0,) * n if dst_offsets is None else dst_offsets),
+        _vec(w, "lengths", lengths),
+        _int(w, "itemsize", itemsize),
+    )
+
+
+def paired_run_info(
+    lengths: Sequence[int],
+    *,
+    itemsize: int,
+    src_shape: Sequence[int],
+    dst_shape: Sequence[int],
+    src_strides: Sequence[int] | None = None,
+    dst_strides: Sequence[int] | None = None,
+    src_offsets: Sequence[int] | None = None,
+    dst_offsets: Sequence[int] | None = None,
+) -> tuple[int, int]:
+    """``(runs, run_bytes)`` of :func:`paired_runs` in O(ndim), without building the rows."""
+    w = "paired_run_info"
+    n = len(lengths)
+    return _ranges.paired_run_info(
+        _vec(w, "src_shape", src_shape),
+        _vec(w, "src_strides", contiguous_strides(src_shape) if src_strides is None else src_strides),
+        _vec(w, "src_offsets", (0,) * n if src_offsets is None else src_offsets),
+        _vec(w, "dst_shape", dst_shape),
+        _vec(w, "dst_strides", contiguous_strides(dst_shape) if dst_strides is None else dst_strides),
+        _vec(w, "dst_offsets", (0,) * n if dst_offsets is None else dst_offsets),
+        _vec(w, "lengths", lengths),
+        _int(w, "itemsize", itemsize),
+    )
+
+
+def read_runs(fd: int, runs: Any, blocks: Any, dst: Any, prefetch: int = 0) -> tuple[int, int]:
+    """Read file runs straight into a buffer, one ``preadv`` per coalesced block, GIL released.
+
+    ``runs`` is (K, 3) ``[file_offset, dst_offset, nbytes]`` sorted by file
+    offset (as :func:`paired_runs` returns them with ``src_base`` = where the
+    chunk sits in the file); ``blocks`` the :func:`coalesce_ranges` of their
+    ``[file_offset, file_offset + nbytes)``. Gap bytes inside a block go to a
+    discard buffer. ``prefetch > 0`` announces blocks that far ahead with
+    ``POSIX_FADV_WILLNEED``. Returns ``(read calls, bytes read)``.
+    """
+    r = np.ascontiguousarray(runs, dtype=np.int64).reshape(-1, 3)
+    b = np.ascontiguousarray(blocks, dtype=np.int64).reshape(-1, 2)
+    return _ranges.read_runs(
+        _int("read_runs", "fd", fd), r, b, _bytes_view("read_runs", dst, True),
+        _int("read_runs", "prefetch", prefetch),
+    )
