@@ -249,8 +249,14 @@ def main() -> None:
         sd = build_state_dict("load1d_b", world, fill=SENTINEL)
         dcp.load(sd, checkpoint_id=torch_ckpt, planner=cdcp.FastLoadPlanner())
         check_loaded(sd, report["checked"])
+        # 5. ckcore's planner and ckcore's range reader together.
+        sd = build_state_dict("load1d_a", world, fill=SENTINEL)
+        reader = cdcp.RangeFileSystemReader(fast_ckpt)
+        dcp.load(sd, storage_reader=reader, planner=cdcp.FastLoadPlanner())
+        check_loaded(sd, report["checked"])
+        report["range_reader_bytes"] = reader.stats["bytes_read"]
 
-        # 5. damaged checkpoints: a clear error, and destinations untouched.
+        # 6. damaged checkpoints: a clear error, and destinations untouched.
         paths = [None]
         if rank == 0:
             paths = [corrupt_copies(fast_ckpt, workdir)]

@@ -3,9 +3,9 @@
 A model-like state dict (DTensors on a 2-D mesh, plain tensors, a 0-d tensor,
 bytes, an int, nested optimizer-like state) is saved by 4 ranks with
 ``FastSavePlanner`` and loaded by 3 ranks with other layouts, with
-``FastLoadPlanner``, with torch's ``DefaultLoadPlanner`` (checkpoints are
-interchangeable), and under ``ckcore.dcp.patch()`` with torch's default
-planners; every element is checked. Damaged ``.metadata`` files (truncated,
+``FastLoadPlanner`` (also through ``RangeFileSystemReader``), with torch's
+``DefaultLoadPlanner`` (checkpoints are interchangeable), and under
+``ckcore.dcp.patch()`` with torch's default planners; every element is checked. Damaged ``.metadata`` files (truncated,
 garbage, a lost chunk, an out-of-bounds chunk) must fail the load with a
 clear error before any destination is written. The rank logic lives in
 ``_dcp_e2e_worker.py``; the two launches take ~20-40 s on 2 cores.
@@ -94,8 +94,9 @@ def test_every_element_loaded_in_every_mode(e2e):
     _, _, loaded = e2e
     for r in loaded:
         # fast load; torch load of ckcore's save; patched load of the patched save;
-        # fast load of torch's save
-        assert len(r["checked"]) == 4
+        # fast load of torch's save; fast load through RangeFileSystemReader
+        assert len(r["checked"]) == 5
+        assert r["range_reader_bytes"] > 0
         assert all(n > 0 for n in r["checked"])
     # The three ranks together hold every element at least once in each mode.
     assert sum(r["checked"][0] for r in loaded) >= 13 * 6 * 2 + 8 * 10 * 2 + 6 * 13
