@@ -21,7 +21,6 @@ import time so that :func:`ckcore.dcp.patch` can never make it recurse.
 from __future__ import annotations
 
 import gc
-import logging
 from typing import Any
 
 import numpy as np
@@ -83,10 +82,6 @@ __all__ = [
     "create_read_items_for_chunk_list",
     "dedup_save_plans",
 ]
-
-# torch's default_planner logs every validation error at WARNING; so do we,
-# under torch's logger name, so log filters written for torch keep working.
-_logger = logging.getLogger(_torch_dp.__name__)
 
 #: torch's metadata classes, for the global plan's Metadata.
 _TORCH_MD_TYPES = (
