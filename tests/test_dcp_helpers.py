@@ -954,3 +954,66 @@ def test_fast_load_planner_refuses_a_lost_chunk_torch_does_not():
     p.metadata = {"w": 1}
     with pytest.raises(TypeError, match="not a DCP Metadata"):
         p.create_local_plan()
+
+
+@st.composite
+def save_plans(draw):
+    """1-8 ranks' local save plans: replicated tensors and bytes, shards (possibly bad)."""
+    nranks = draw(st.integers(1, 8))
+    ntensors = draw(st.integers(0, 4))
+    tensors = []
+    for t in range(ntensors):
+        ndim = draw(st.integers(0, 3))
+        shape = tuple(draw(st.integers(0, 6)) for _ in range(ndim))
+        dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.int8]))
+        tensors.append((f"t{t}", shape, dtype))
+    plans = []
+    for _ in range(nranks):
+        items = []
+        for fqn, shape, dtype in tensors:
+            kind = draw(st.sampled_from(["replicated", "shard", "shard", "absent"]))
+            if kind == "absent":
+                continue
+            props = TensorProperties(dtype=dtype)
+            if kind == "replicated" or not shape:
+                chunk = _chunk([0] * len(shape), shape)
+                wtype = t_ph.WriteItemType.TENSOR
+            else:
+                offs = [draw(st.integers(0, s + 1)) for s in shape]  # may be out of bounds
+                sizes = [draw(st.integers(0, s)) for s in shape]
+                chunk = _chunk(offs, sizes)
+                wtype = t_ph.WriteItemType.SHARD
+            items.append(
+                WriteItem(
+                    MetadataIndex(fqn, chunk.offsets),
+                    wtype,
+                    tensor_data=t_ph.TensorWriteData(chunk, props, torch.Size(shape)),
+                )
+            )
+        for b in range(draw(st.integers(0, 2))):
+            items.append(t_ph._create_write_item_for_bytesio(f"b{b}", None))
+        plans.append(SavePlan(items, planner_data={"rank": len(plans)}))
+    return plans
+
+
+def _global_outcome(fn, *args):
+    try:
+        plans, md = fn(*args)
+        return "ok", [_saveplan(p) for p in plans], md
+    except AssertionError as e:
+        return "assert", str(e).strip(), None
+
+
+@SETTINGS
+@given(save_plans(), st.booleans(), st.booleans())
+def test_random_plans_dedup_global_validate_match_torch(plans, lowest, hints):
+    d_ours = ch.dedup_save_plans(plans, lowest)
+    d_theirs = ORIG["dedup_save_plans"](plans, lowest)
+    assert [_saveplan(p) for p in d_ours] == [_saveplan(p) for p in d_theirs]
+    ours = _global_outcome(ch.create_default_global_save_plan, d_theirs, hints)
+    theirs = _global_outcome(ORIG["create_default_global_save_plan"], d_theirs, hints)
+    assert ours[:2] == theirs[:2]
+    assert ours[2] == theirs[2]
+    if theirs[0] == "ok":
+        md = theirs[2]
+        assert ch._validate_global_plan(d_theirs, md) == ORIG["_validate_global_plan"](d_theirs, md)
