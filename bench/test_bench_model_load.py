@@ -289,3 +289,28 @@ def _spot_check(pair, ck_results, prefix):
                 )
             )
             assert ours == theirs, (fqn, rank)
+
+
+@pytest.mark.parametrize("impl", ["ckcore", "torch"])
+def test_model_save_one_rank(benchmark, impl):
+    """The save side of the same model: one FSDP-8 x TP-8 rank's local save plan.
+
+    ``FastSavePlanner`` vs ``DefaultSavePlanner``, ``create_local_plan()``
+    after ``set_up_planner`` (not a DESIGN.md workload; the global half of
+    a save is the ``global-plan`` workload).
+    """
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    from ckcore.dcp import FastSavePlanner
+
+    layout = (8, 8)
+    state_dict = {fqn: dtensor(fqn, layout, ONE_RANK) for fqn in SHAPES}
+    planner = FastSavePlanner() if impl == "ckcore" else DefaultSavePlanner()
+    planner.set_up_planner(state_dict, is_coordinator=False)
+    benchmark.group = "model-save one-rank fsdp8xtp8"
+    plan = benchmark(planner.create_local_plan)
+    reference = DefaultSavePlanner()
+    reference.set_up_planner(state_dict, is_coordinator=False)
+    want = reference.create_local_plan()
+    assert plan.items == want.items  # dataclass equality: torch's objects, same order
+    assert len(plan.items) == len(SHAPES)
