@@ -39,12 +39,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 
+import ckcore
 from ckcore.dcp._simulate import BoxLoadPlanner, grid_boxes, row_boxes, save_as_ranks
 from ckcore.dcp.reader import RangeFileSystemReader
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS: dict[tuple[str, str], dict] = {}
 
 
@@ -170,7 +170,9 @@ _CHILD = textwrap.dedent(
 
 def _measure_in_child(path, boxes, dtypes, impl) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    # The child imports the same ckcore as this process (the installed one in CI).
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(ckcore.__file__)))
+    env["PYTHONPATH"] = pkg_parent + os.pathsep + env.get("PYTHONPATH", "")
     arg = json.dumps({"path": path, "impl": impl, "boxes": boxes, "dtypes": dtypes})
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, arg], env=env, capture_output=True, text=True, timeout=1800,

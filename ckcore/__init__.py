@@ -15,6 +15,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
         "`python setup.py build_ext --inplace`."
     ) from exc
 
+from . import layout  # noqa: F401  (the submodule, as ckcore.layout)
 from .checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -59,6 +60,16 @@ from .planner import (
     WriteItem,
     WriteItemType,
 )
+from .ranges import (
+    box_runs,
+    byte_ranges,
+    coalesce_ranges,
+    contiguous_strides,
+    copy_box,
+    paired_run_info,
+    paired_runs,
+    read_runs,
+)
 
 __version__ = "0.1.0"
 
@@ -86,9 +97,14 @@ __all__ = [
     "UnsafeCheckpointError",
     "WriteItem",
     "WriteItemType",
+    "box_runs",
+    "byte_ranges",
     "chunk_arrays",
+    "coalesce_ranges",
     "compare_save_plans",
     "contains_usable_plan",
+    "contiguous_strides",
+    "copy_box",
     "create_read_items",
     "create_read_items_for_chunk_list",
     "create_write_item_for_bytesio",
@@ -99,4 +115,7 @@ __all__ = [
     "load_metadata",
     "loads_metadata",
     "merge_delta_local_plans",
+    "paired_run_info",
+    "paired_runs",
+    "read_runs",
 ]

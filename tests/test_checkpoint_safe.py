@@ -25,6 +25,7 @@ from pathlib import Path, PosixPath
 
 import pytest
 
+import ckcore.checkpoint
 from ckcore.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -499,7 +500,8 @@ else:
     raise SystemExit("hostile file loaded")
 print("torch" in sys.modules, any(m.startswith("torch") for m in sys.modules))
 """
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # The child imports the same ckcore this test imported (the installed one in CI).
+    env = dict(os.environ, PYTHONPATH=str(Path(ckcore.checkpoint.__file__).resolve().parent.parent))
     out = subprocess.run(
         [sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
     )

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 
+import ckcore
 from ckcore.dcp._simulate import BoxLoadPlanner, col_boxes, grid_boxes, row_boxes, save_as_ranks
 from ckcore.dcp.reader import RangeFileSystemReader
 
@@ -219,7 +220,9 @@ def test_planner_hooks_like_torch(sharded_ckpt):
         sd["extra"] = None
         dcp.load(sd, storage_reader=reader, planner=planner, no_dist=True)
         seen.append(planner.calls)
-    key = lambda c: (c[0], str(c[1]))
+    def key(c):
+        return (c[0], str(c[1]))
+
     ref, got = sorted(seen[0], key=key), sorted(seen[1], key=key)
     assert [key(c) for c in ref] == [key(c) for c in got]
     for a, b in zip(ref, got):
@@ -374,8 +377,9 @@ def test_gloo_two_process_save_and_resharded_load(tmp_path):
     path = str(tmp_path / "ckpt")
     port = _free_port()
     env = dict(os.environ)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    # The workers import the same ckcore as this test (the installed one in CI).
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(ckcore.__file__)))
+    env["PYTHONPATH"] = pkg_parent + os.pathsep + env.get("PYTHONPATH", "")
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _WORKER, str(r), "2", str(port), path],

@@ -1,9 +1,8 @@
 """Type stubs for the compiled byte-range kernel (see ckcore.ranges for the façade)."""
 
-from typing_extensions import Buffer
-
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Buffer
 
 def box_runs(
     shape: npt.NDArray[np.int64],

@@ -130,8 +130,8 @@ cdef void _sort_dims(Py_ssize_t* order, Py_ssize_t k, const i64* key) noexcept n
 
 
 cdef Walk _plan_walk(const i64* strides, i64 itemsize, i64 base,
-                            const i64* offsets, const i64* lengths, Py_ssize_t n,
-                            Py_ssize_t* dims, i64* dlen, i64* dstride) noexcept nogil:
+                     const i64* offsets, const i64* lengths, Py_ssize_t n,
+                     Py_ssize_t* dims, i64* dlen, i64* dstride) noexcept nogil:
     # Fills dims/dlen/dstride[0:m] with the outer dims (outermost first) and
     # returns the run length. Dims of length 1 only shift the origin.
     cdef Walk w
@@ -365,10 +365,10 @@ cdef void _copy_runs(const unsigned char* src, unsigned char* dst, i64 run, Py_s
                      i64 nruns) noexcept nogil:
     cdef i64 idx[64]
     cdef Py_ssize_t i
-    cdef i64 r
+    cdef i64 _r
     for i in range(m):
         idx[i] = 0
-    for r in range(nruns):
+    for _r in range(nruns):
         memcpy(dst, src, <size_t>run)
         i = m - 1
         while i >= 0:
@@ -384,10 +384,10 @@ cdef void _copy_runs(const unsigned char* src, unsigned char* dst, i64 run, Py_s
 
 
 cdef i64 _paired_walk(const i64[::1] src_strides, i64 src_base, const i64[::1] src_offsets,
-                     const i64[::1] dst_strides, i64 dst_base, const i64[::1] dst_offsets,
-                     const i64[::1] lengths, i64 itemsize, Py_ssize_t* m,
-                     i64* dlen, i64* sstride, i64* tstride, i64* so, i64* do,
-                     i64* nruns) noexcept nogil:
+                      const i64[::1] dst_strides, i64 dst_base, const i64[::1] dst_offsets,
+                      const i64[::1] lengths, i64 itemsize, Py_ssize_t* m,
+                      i64* dlen, i64* sstride, i64* tstride, i64* so, i64* do,
+                      i64* nruns) noexcept nogil:
     # The walk of a box copied between two strided chunks: outer dims in source
     # address order, and a run merged only while it is contiguous in both.
     # Returns the run length in bytes; fills the outer dims and start addresses.
@@ -532,7 +532,6 @@ def paired_run_info(const i64[::1] src_shape, const i64[::1] src_strides,
     run = _paired_walk(src_strides, 0, src_offsets, dst_strides, 0, dst_offsets,
                        lengths, itemsize, &m, dlen, sstride, tstride, &so, &do, &nruns)
     return nruns, run
-
 
 
 # ---------------------------------------------------------------- reading runs
