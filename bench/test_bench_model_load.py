@@ -29,8 +29,9 @@ Two scopes, each timed for ckcore and torch in the same run:
   torch's ``create_read_items_for_chunk_list`` for every (tensor, rank), the
   way a coordinator would plan for everybody. torch runs one round (seconds).
 
-Every rank's chunks come from torch's own ``compute_local_shape_and_global_offset``
-(through DTensor), in setup, outside the timing.
+Every rank's chunks come from :mod:`ckcore.layout` (all ranks at once),
+checked against torch's own DTensor chunks for two ranks of each distinct
+tensor layout, in setup, outside the timing.
 
 Run: ``PYTHONPATH=$PWD python -m pytest bench/test_bench_model_load.py``;
 quick check: add ``--benchmark-disable`` (and ``CKCORE_BENCH_QUICK=1`` for 4 layers).
@@ -59,6 +60,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from ckcore.dcp import FastLoadPlanner
 from ckcore.dcp.helpers import ORIGINALS
 from ckcore.helpers import intersect_chunks
+from ckcore.layout import local_shapes_and_offsets
 
 torch_create_read_items_for_chunk_list = ORIGINALS["create_read_items_for_chunk_list"]
 
@@ -134,19 +136,27 @@ def dtensor(fqn: str, layout, rank: int) -> DTensor:
 
 @cache
 def rank_chunks(layout: tuple[int, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """fqn -> (offsets, sizes) int64 arrays of shape (world, ndim): every rank's chunk, by rank."""
+    """fqn -> (offsets, sizes) int64 arrays of shape (world, ndim): every rank's chunk, by rank.
+
+    Computed for all ranks at once by :mod:`ckcore.layout`, and checked
+    against torch's own DTensor chunk (``__create_chunk_list__``) on two ranks
+    of every distinct (shape, placements).
+    """
     by_shape: dict = {}
     out = {}
+    world = _world(layout)
     for fqn, shape in SHAPES.items():
-        key = (shape, placements(fqn, layout))
-        key = (shape, repr(key[1]))
+        pl = placements(fqn, layout)
+        key = (shape, repr(pl))
         if key not in by_shape:
-            offs, sizes = [], []
-            for r in range(_world(layout)):
+            sizes, offs = local_shapes_and_offsets(shape, layout, pl)
+            for r in (ONE_RANK % world, world - 1):
                 (c,) = dtensor(fqn, layout, r).__create_chunk_list__()
-                offs.append(tuple(c.offsets))
-                sizes.append(tuple(c.sizes))
-            by_shape[key] = (np.array(offs, dtype=np.int64), np.array(sizes, dtype=np.int64))
+                assert (tuple(c.offsets), tuple(c.sizes)) == (
+                    tuple(offs[r].tolist()),
+                    tuple(sizes[r].tolist()),
+                ), (fqn, layout, r)
+            by_shape[key] = (np.ascontiguousarray(offs), np.ascontiguousarray(sizes))
         out[fqn] = by_shape[key]
     return out
 
