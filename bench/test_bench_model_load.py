@@ -57,6 +57,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from ckcore._models import llama70b_state_dict_shapes
 from ckcore.dcp import FastLoadPlanner
 from ckcore.dcp.helpers import ORIGINALS
 from ckcore.helpers import intersect_chunks
@@ -64,7 +65,7 @@ from ckcore.layout import local_shapes_and_offsets
 
 torch_create_read_items_for_chunk_list = ORIGINALS["create_read_items_for_chunk_list"]
 
-DIM, LAYERS, KV_DIM, FFN, VOCAB = 8192, 80, 1024, 28672, 32000
+LAYERS = 80
 # Quick mode (CI: every body once) plans 4 layers of the same shapes.
 QUICK = bool(os.environ.get("CKCORE_BENCH_QUICK"))
 if QUICK:
@@ -72,26 +73,8 @@ if QUICK:
 DTYPE = torch.bfloat16
 
 
-def llama70b_shapes() -> dict[str, tuple[int, ...]]:
-    """fqn -> global shape of every Llama-2-70B tensor, in state-dict order (723 tensors)."""
-    shapes = {"tok_embeddings.weight": (VOCAB, DIM)}
-    for i in range(LAYERS):
-        p = f"layers.{i}."
-        shapes[p + "attention.wq.weight"] = (DIM, DIM)
-        shapes[p + "attention.wk.weight"] = (KV_DIM, DIM)
-        shapes[p + "attention.wv.weight"] = (KV_DIM, DIM)
-        shapes[p + "attention.wo.weight"] = (DIM, DIM)
-        shapes[p + "feed_forward.w1.weight"] = (FFN, DIM)
-        shapes[p + "feed_forward.w2.weight"] = (DIM, FFN)
-        shapes[p + "feed_forward.w3.weight"] = (FFN, DIM)
-        shapes[p + "attention_norm.weight"] = (DIM,)
-        shapes[p + "ffn_norm.weight"] = (DIM,)
-    shapes["norm.weight"] = (DIM,)
-    shapes["output.weight"] = (VOCAB, DIM)
-    return shapes
-
-
-SHAPES = llama70b_shapes()
+# The one table of Llama-2-70B shapes every ckcore workload plans.
+SHAPES = llama70b_state_dict_shapes(LAYERS)
 assert len(SHAPES) == 9 * LAYERS + 3  # 723 for the full model
 
 
