@@ -26,6 +26,13 @@ from .checkpoint import (
     loads_metadata,
 )
 from .dtypes import itemsize
+from .global_plan import (
+    CKCORE_TYPES,
+    MetadataTypes,
+    create_global_save_plan,
+    dedup_save_plans,
+    validate_global_plan,
+)
 from .helpers import (
     CKCORE_CLASSES,
     Intersection,
@@ -77,6 +84,7 @@ __all__ = [
     "BytesIOWriteData",
     "BytesStorageMetadata",
     "CKCORE_CLASSES",
+    "CKCORE_TYPES",
     "Checkpoint",
     "CheckpointError",
     "ChunkStorageMetadata",
@@ -86,6 +94,7 @@ __all__ = [
     "LoadItemType",
     "LoadPlan",
     "Metadata",
+    "MetadataTypes",
     "MetadataIndex",
     "ReadItem",
     "SavePlan",
@@ -105,11 +114,13 @@ __all__ = [
     "contains_usable_plan",
     "contiguous_strides",
     "copy_box",
+    "create_global_save_plan",
     "create_read_items",
     "create_read_items_for_chunk_list",
     "create_write_item_for_bytesio",
     "create_write_item_for_shard",
     "create_write_item_for_tensor",
+    "dedup_save_plans",
     "intersect_chunks",
     "itemsize",
     "load_metadata",
@@ -118,4 +129,5 @@ __all__ = [
     "paired_run_info",
     "paired_runs",
     "read_runs",
+    "validate_global_plan",
 ]
