@@ -13,9 +13,11 @@ torch's ``ReadItem``/``MetadataIndex``/``torch.Size`` objects directly from
 compiled code. A DTensor's chunk is a pure function of (global shape, mesh
 shape, this rank's coordinate, placements); we memoise it, because torch
 recomputes it per tensor (~30 us each) although a model repeats a handful
-of shapes. Where there is nothing to accelerate (ShardedTensor metadata,
-``_init_state_dict``), the function calls torch's original, captured at
-import time so that :func:`ckcore.dcp.patch` can never make it recurse.
+of shapes. The global save plan, its validation and dedup run on
+:mod:`ckcore.global_plan`, given torch's classes. Where there is nothing to
+accelerate (ShardedTensor metadata, ``_init_state_dict``), the function
+calls torch's original, captured at import time so that
+:func:`ckcore.dcp.patch` can never make it recurse.
 """
 
 from __future__ import annotations
@@ -52,14 +54,8 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Partial, _StridedShard
 
+from .. import global_plan as _gp
 from .. import helpers as _core
-
-try:
-    from .. import global_plan as _gp
-except ImportError:  # pragma: no cover - only before ckcore.global_plan is merged
-    # Branch-order safety: without the global-plan kernels the three global
-    # drop-ins below are torch's own functions.
-    _gp = None
 from .._kernels import _coverage, _intersect, _items
 
 __all__ = [
@@ -84,14 +80,10 @@ __all__ = [
 ]
 
 #: torch's metadata classes, for the global plan's Metadata.
-_TORCH_MD_TYPES = (
-    None
-    if _gp is None
-    else _gp.MetadataTypes(
-        metadata=Metadata,
-        tensor_storage=TensorStorageMetadata,
-        bytes_storage=BytesStorageMetadata,
-    )
+_TORCH_MD_TYPES = _gp.MetadataTypes(
+    metadata=Metadata,
+    tensor_storage=TensorStorageMetadata,
+    bytes_storage=BytesStorageMetadata,
 )
 
 #: The classes the kernels instantiate to hand back torch's own objects.
@@ -562,8 +554,6 @@ def create_default_global_save_plan(
     item's ``index.index`` set to its chunk's position; torch's classes in,
     torch's classes out.
     """
-    if _gp is None:
-        return ORIGINALS["create_default_global_save_plan"](all_plans, rewrite_index_hints)
     return _gp.create_global_save_plan(all_plans, rewrite_index_hints, types=_TORCH_MD_TYPES)
 
 
@@ -573,8 +563,6 @@ def _validate_global_plan(global_plan: list[SavePlan], metadata: Metadata) -> li
     Out-of-bounds chunks, every overlapping pair, and (with more than one
     plan) chunk volumes that do not add up to the tensor's; each also logged.
     """
-    if _gp is None:
-        return ORIGINALS["_validate_global_plan"](global_plan, metadata)
     return _gp.validate_global_plan(global_plan, metadata)
 
 
@@ -588,8 +576,6 @@ def dedup_save_plans(
     rank with ``save_to_lowest_rank``); size ties go to the lowest rank, which
     is torch's choice on up to 8 ranks (beyond, torch's follows set order).
     """
-    if _gp is None:
-        return ORIGINALS["dedup_save_plans"](all_plans, save_to_lowest_rank)
     return _gp.dedup_save_plans(all_plans, save_to_lowest_rank)
 
 
