@@ -8,7 +8,7 @@ bytes, an int, nested optimizer-like state) is saved by 4 ranks with
 ``ckcore.dcp.patch()`` with torch's default planners; every element is checked. Damaged ``.metadata`` files (truncated,
 garbage, a lost chunk, an out-of-bounds chunk) must fail the load with a
 clear error before any destination is written. The rank logic lives in
-``_dcp_e2e_worker.py``; the two launches take ~20-40 s on 2 cores.
+``_dcp_e2e_worker.py``; the two launches take 12-75 s on 2 shared cores.
 """
 
 from __future__ import annotations
