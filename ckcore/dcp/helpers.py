@@ -1,0 +1,610 @@
+"""Drop-in replacements for DCP's planning helpers, built on ckcore's kernels.
+
+Each function here has the exact signature of the torch function of the
+same name (``planner_helpers``, ``default_planner``, ``_dedup_save_plans``),
+takes torch's own objects and returns torch's own types, so it can stand in
+for torch's (see :func:`ckcore.dcp.patch`) or be called directly. Results
+equal torch's as a multiset of items; read items come in ckcore's canonical
+order (by local chunk, then saved chunk) rather than torch's sweep order,
+which DCP does not depend on.
+
+Where the work is intersection of chunk lists, the kernels do it and build
+torch's ``ReadItem``/``MetadataIndex``/``torch.Size`` objects directly from
+compiled code. A DTensor's chunk is a pure function of (global shape, mesh
+shape, this rank's coordinate, placements); we memoise it, because torch
+recomputes it per tensor (~30 us each) although a model repeats a handful
+of shapes. The global save plan, its validation and dedup run on
+:mod:`ckcore.global_plan`, given torch's classes. Where there is nothing to
+accelerate (ShardedTensor metadata, ``_init_state_dict``), the function
+calls torch's original, captured at import time so that
+:func:`ckcore.dcp.patch` can never make it recurse.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint._dedup_save_plans as _torch_dedup
+import torch.distributed.checkpoint.default_planner as _torch_dp
+import torch.distributed.checkpoint.planner_helpers as _torch_ph
+import torch.distributed.config as _dist_config
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.checkpoint.metadata import (
+    STATE_DICT_TYPE,
+    STORAGE_TYPES,
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    ReadItem,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import Partial, _StridedShard
+
+from .. import global_plan as _gp
+from .. import helpers as _core
+from .._kernels import _coverage, _intersect, _items
+
+__all__ = [
+    "ORIGINALS",
+    "TORCH_ITEM_CLASSES",
+    "_compare_save_plans",
+    "_contains_usable_plan",
+    "_create_chunk_from_dtensor",
+    "_create_chunk_list",
+    "_create_default_metadata_only_plan",
+    "_create_read_items",
+    "_create_write_items",
+    "_create_write_items_for_dtensor",
+    "_init_state_dict",
+    "_merge_delta_local_plans",
+    "_validate_global_plan",
+    "create_default_global_save_plan",
+    "create_default_local_load_plan",
+    "create_default_local_save_plan",
+    "create_read_items_for_chunk_list",
+    "dedup_save_plans",
+]
+
+#: torch's metadata classes, for the global plan's Metadata.
+_TORCH_MD_TYPES = _gp.MetadataTypes(
+    metadata=Metadata,
+    tensor_storage=TensorStorageMetadata,
+    bytes_storage=BytesStorageMetadata,
+)
+
+#: The classes the kernels instantiate to hand back torch's own objects.
+TORCH_ITEM_CLASSES = _core.ItemClasses(
+    read_item=ReadItem,
+    metadata_index=MetadataIndex,
+    load_item_type=LoadItemType,
+    size=torch.Size,
+)
+
+# torch's functions as they were when ckcore.dcp was first imported. The
+# drop-ins delegate to these (never to the module attribute, which patch()
+# may have replaced by the drop-in itself), and patch() restores them.
+_PH_NAMES = (
+    "create_read_items_for_chunk_list",
+    "_create_read_items",
+    "_create_write_items",
+    "_create_chunk_list",
+    "_create_chunk_from_dtensor",
+    "_create_write_items_for_dtensor",
+    "_create_default_metadata_only_plan",
+    "_compare_save_plans",
+    "_merge_delta_local_plans",
+    "_contains_usable_plan",
+    "_init_state_dict",
+)
+_DP_NAMES = (
+    "create_default_local_load_plan",
+    "create_default_local_save_plan",
+    "create_default_global_save_plan",
+    "_validate_global_plan",
+)
+#: name -> torch's original function (identity-equal to torch's module attribute).
+ORIGINALS: dict[str, Any] = {name: getattr(_torch_ph, name) for name in _PH_NAMES}
+ORIGINALS.update({name: getattr(_torch_dp, name) for name in _DP_NAMES})
+ORIGINALS["dedup_save_plans"] = _torch_dedup.dedup_save_plans
+
+_t_create_write_item_for_tensor = _torch_ph._create_write_item_for_tensor
+_t_create_write_item_for_shard = _torch_ph._create_write_item_for_shard
+_t_create_write_item_for_bytesio = _torch_ph._create_write_item_for_bytesio
+_t_chunk_for_shard = _torch_ph._chunk_for_shard
+
+
+# --------------------------------------------------------------------------
+# DTensor chunks, memoised
+# --------------------------------------------------------------------------
+
+# (global shape, mesh shape, coordinate, placements) -> (sizes, offsets) as torch.Size.
+_DTENSOR_CHUNKS: dict[tuple, tuple[torch.Size, torch.Size]] = {}
+# A model has a handful of distinct keys; the bound only guards against a
+# pathological caller (e.g. dynamic shapes) growing the dict without end.
+_DTENSOR_CHUNKS_MAX = 4096
+
+
+# id(mesh) -> (mesh, mesh shape, this rank's coordinate). A mesh's shape and
+# coordinate are fixed at construction; mesh.shape walks its layout in Python
+# (~1.5 us), so we read it once per mesh. The entry holds the mesh, so its id
+# cannot be reused while cached.
+_MESHES: dict[int, tuple[Any, tuple, tuple | None]] = {}
+
+
+def _mesh_info(mesh: Any) -> tuple[tuple, tuple | None]:
+    hit = _MESHES.get(id(mesh))
+    if hit is not None and hit[0] is mesh:
+        return hit[1], hit[2]
+    coordinate = mesh.get_coordinate()
+    info = (tuple(mesh.shape), None if coordinate is None else tuple(coordinate))
+    if len(_MESHES) >= _DTENSOR_CHUNKS_MAX:
+        _MESHES.clear()
+    _MESHES[id(mesh)] = (mesh, *info)
+    return info
+
+
+def _dtensor_key(tensor: DTensor) -> tuple | None:
+    """The memo key of a DTensor's local chunk, or None when torch must compute it.
+
+    torch's ``compute_local_shape_and_global_offset`` depends only on the global
+    shape, the mesh shape, this rank's coordinate and the placements, except
+    when the local tensor is itself checkpointable or a split factor is
+    symbolic; those we leave to torch (see also ``_dtensor_sizes_offsets``).
+    """
+    if type(tensor._local_tensor) is not torch.Tensor:
+        return None
+    shape, coordinate = _mesh_info(tensor.device_mesh)
+    if coordinate is None:
+        return None
+    # Placements hash in Python (~1.3 us each); the common ones key as plain
+    # values instead (an int for Shard, -1 for Replicate, a pair for a strided
+    # shard), anything else as a tagged tuple holding the placement itself.
+    key = []
+    for p in tensor.placements:
+        t = type(p)
+        if t is Shard:
+            key.append(p.dim)
+        elif t is Replicate:
+            key.append(-1)
+        elif t is _StridedShard:
+            sf = p.split_factor
+            if type(sf) is not int:
+                return None
+            key.append((p.dim, sf))
+        else:
+            key.append(("placement", p))
+    return (tensor.shape, shape, coordinate, tuple(key))
+
+
+def _dtensor_sizes_offsets(tensor: DTensor) -> tuple[torch.Size, torch.Size]:
+    key = _dtensor_key(tensor)
+    if key is not None:
+        hit = _DTENSOR_CHUNKS.get(key)
+        if hit is not None:
+            return hit
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    sizes, offsets = compute_local_shape_and_global_offset(
+        tensor.shape, tensor.device_mesh, tensor.placements
+    )
+    value = (torch.Size(sizes), torch.Size(offsets))
+    # compile_on_one_rank makes torch trace symbolic coordinates under fake
+    # mode; never memoise what it computes then. (Reading a torch config flag
+    # costs ~2 us, so only misses pay it.)
+    if key is not None and not getattr(_dist_config, "compile_on_one_rank", False):
+        if len(_DTENSOR_CHUNKS) >= _DTENSOR_CHUNKS_MAX:
+            _DTENSOR_CHUNKS.clear()
+        _DTENSOR_CHUNKS[key] = value
+    return value
+
+
+_NOT_PARTIAL = frozenset({Shard, Replicate, _StridedShard})
+
+
+def _raise_if_partial(tensor: DTensor) -> None:
+    # Same check and message as DTensor._raise_if_contains_partial_placements.
+    for placement in tensor.placements:
+        # isinstance against Partial goes through a Python __instancecheck__
+        # (torch's opaque-type metaclass, ~10 us); the usual types skip it.
+        if type(placement) in _NOT_PARTIAL:
+            continue
+        if isinstance(placement, Partial):
+            raise ValueError(  # noqa: TRY004 - torch raises ValueError here
+                "Any checkpointing related operations are not supported for "
+                "DTensor with partial placements!"
+            )
+
+
+def _is_plain_dtensor(obj: Any) -> bool:
+    # A DTensor whose local tensor is a plain tensor: the only case torch
+    # handles with _create_chunk_from_dtensor / _create_write_items_for_dtensor.
+    # Exactly DTensor: a subclass may override the checkpoint dunders.
+    if type(obj) is not DTensor:
+        return False
+    local = obj._local_tensor
+    if type(local) is torch.Tensor:  # has neither dunder; skip two failing lookups
+        return True
+    return (
+        isinstance(local, torch.Tensor)
+        and not hasattr(local, "__create_chunk_list__")
+        and not hasattr(local, "__create_write_items__")
+    )
+
+
+def _create_chunk_from_dtensor(tensor: DTensor) -> ChunkStorageMetadata:
+    """Drop-in for ``planner_helpers._create_chunk_from_dtensor``: this rank's chunk of ``tensor``."""
+    sizes, offsets = _dtensor_sizes_offsets(tensor)
+    return ChunkStorageMetadata(offsets=offsets, sizes=sizes)
+
+
+def _create_write_items_for_dtensor(fqn: str, tensor: DTensor) -> WriteItem:
+    """Drop-in for ``planner_helpers._create_write_items_for_dtensor``: this rank's SHARD item."""
+    sizes, offsets = _dtensor_sizes_offsets(tensor)
+    return WriteItem(
+        index=MetadataIndex(fqn, offsets),
+        type=WriteItemType.SHARD,
+        tensor_data=TensorWriteData(
+            chunk=ChunkStorageMetadata(offsets=offsets, sizes=sizes),
+            properties=TensorProperties.create_from_tensor(tensor.to_local()),
+            size=tensor.size(),
+        ),
+    )
+
+
+# --------------------------------------------------------------------------
+# Chunk lists and read items
+# --------------------------------------------------------------------------
+
+
+def _create_chunk_list(tensor: torch.Tensor) -> list[ChunkStorageMetadata]:
+    """Drop-in for ``planner_helpers._create_chunk_list``: the chunks this rank holds of ``tensor``.
+
+    Raises ``ValueError`` for objects that are not tensors, as torch does.
+    """
+    if _is_plain_dtensor(tensor):
+        _raise_if_partial(tensor)
+        return [_create_chunk_from_dtensor(tensor)]
+    if hasattr(tensor, "__create_chunk_list__"):
+        return tensor.__create_chunk_list__()
+    if isinstance(tensor, ShardedTensor):
+        return [_t_chunk_for_shard(shard.metadata) for shard in tensor.local_shards()]
+    if isinstance(tensor, torch.Tensor):
+        size = tensor.size()
+        return [ChunkStorageMetadata(offsets=torch.Size([0] * len(size)), sizes=size)]
+    raise ValueError(
+        "Unsupported Type, expecting one of [Tensor, DTensor, ShardedTensor] "
+        f",but got {type(tensor)}"
+    )
+
+
+def create_read_items_for_chunk_list(
+    fqn: str,
+    checkpoint_md: TensorStorageMetadata,
+    local_chunks: list[ChunkStorageMetadata],
+) -> list[ReadItem]:
+    """Drop-in for torch's ``create_read_items_for_chunk_list``: reads that fill ``local_chunks``.
+
+    One ``ReadItem`` per overlapping (local, saved) pair, the same multiset as
+    torch's, in canonical order (by local index, then saved index). Offsets in
+    ``storage_offsets`` are relative to the saved chunk, ``dest_offsets`` to the
+    local chunk.
+    """
+    return _core.create_read_items_for_chunk_list(
+        fqn, checkpoint_md, local_chunks, classes=TORCH_ITEM_CLASSES
+    )
+
+
+def _create_read_items(fqn: str, md: STORAGE_TYPES, obj: Any) -> list[ReadItem]:
+    """Drop-in for ``planner_helpers._create_read_items``: reads for one state-dict value."""
+    if isinstance(md, BytesStorageMetadata):
+        return _core.create_read_items(fqn, md, None, classes=TORCH_ITEM_CLASSES)
+    if isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None:
+        # A rank outside the DTensor's submesh: torch describes its chunk as
+        # offsets=() sizes=(0,), which its sweep treats like a 0-d tensor. The
+        # planners never ask (they skip such ranks); a direct caller gets
+        # torch's own answer rather than ckcore's ndim error.
+        return ORIGINALS["_create_read_items"](fqn, md, obj)
+    try:
+        local_chunks = _create_chunk_list(obj)
+    except ValueError as ex:
+        raise ValueError(
+            f"Invalid checkpoint metadata for {fqn}, "
+            + f"expected BytesStorageMetadata but found {type(md)}",
+        ) from ex
+    return _core.create_read_items_for_chunk_list(fqn, md, local_chunks, classes=TORCH_ITEM_CLASSES)
+
+
+def _create_write_items(fqn: str, object: Any) -> list[WriteItem]:
+    """Drop-in for ``planner_helpers._create_write_items``: what this rank writes for one value."""
+    if _is_plain_dtensor(object):
+        _raise_if_partial(object)
+        return [_create_write_items_for_dtensor(fqn, object)]
+    if hasattr(object, "__create_write_items__"):
+        return object.__create_write_items__(fqn, object)
+    if isinstance(object, ShardedTensor):
+        return [
+            _t_create_write_item_for_shard(fqn, object, shard.metadata)
+            for shard in object.local_shards()
+        ]
+    if isinstance(object, torch.Tensor):
+        return [_t_create_write_item_for_tensor(fqn, object)]
+    return [_t_create_write_item_for_bytesio(fqn, object)]
+
+
+def _create_default_metadata_only_plan(state_dict: STATE_DICT_TYPE) -> SavePlan:
+    """Drop-in for ``planner_helpers._create_default_metadata_only_plan``.
+
+    Every chunk of every value, as if this one process wrote the whole state dict.
+    """
+    requests: list[WriteItem] = []
+    for fqn, obj in state_dict.items():
+        if isinstance(obj, DTensor):
+            requests.append(_create_write_items_for_dtensor(fqn, obj))
+        elif isinstance(obj, ShardedTensor):
+            requests.extend(
+                _t_create_write_item_for_shard(fqn, obj, shard_md)
+                for shard_md in obj.metadata().shards_metadata
+            )
+        elif isinstance(obj, torch.Tensor):
+            requests.append(_t_create_write_item_for_tensor(fqn, obj))
+        else:
+            requests.append(_t_create_write_item_for_bytesio(fqn, obj))
+    return SavePlan(requests)
+
+
+# --------------------------------------------------------------------------
+# Local plans
+# --------------------------------------------------------------------------
+
+
+def create_default_local_load_plan(
+    state_dict: dict[str, Any], metadata: Metadata, strict: bool = True
+) -> LoadPlan:
+    """Drop-in for ``default_planner.create_default_local_load_plan``.
+
+    One batch of read items per value of ``state_dict`` against ``metadata``;
+    a key missing from the checkpoint is an error when ``strict``, skipped
+    otherwise; a DTensor on a mesh this rank is not part of reads nothing.
+    """
+    return _local_load_plan(state_dict, metadata, strict, check_cover=False)
+
+
+def _local_load_plan(
+    state_dict: dict[str, Any], metadata: Metadata, strict: bool, check_cover: bool
+) -> LoadPlan:
+    # create_default_local_load_plan, plus (check_cover) the check that the
+    # reads fill every destination chunk exactly once; FastLoadPlanner's path.
+    # A plan is thousands of new acyclic objects that all survive: each
+    # allocation burst would trigger the cyclic GC, whose older generations
+    # walk every live object of the process (torch's included). Nothing here
+    # can form a cycle, so collection waits until the plan is built.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _local_load_plan_body(state_dict, metadata, strict, check_cover)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _local_load_plan_body(
+    state_dict: dict[str, Any], metadata: Metadata, strict: bool, check_cover: bool
+) -> LoadPlan:
+    requests: list[ReadItem] = []
+    md_by_fqn = metadata.state_dict_metadata
+    for fqn, obj in state_dict.items():
+        md = md_by_fqn.get(fqn)
+        if md is None and fqn not in md_by_fqn:
+            if strict:
+                raise RuntimeError(f"Missing key in checkpoint state_dict: {fqn}.")
+            continue
+        if (
+            isinstance(md, TensorStorageMetadata)
+            and getattr(obj, "size", None) is not None
+            and md.size != obj.size()
+        ):
+            raise ValueError(
+                f"Size mismatch between saved {md.size} and current: {obj.size()} for {fqn}",
+            )
+        if isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None:
+            continue
+        if check_cover:
+            requests += _read_items_checked(fqn, md, obj)
+        else:
+            requests += _create_read_items(fqn, md, obj)
+    return LoadPlan(requests)
+
+
+def _read_items_checked(fqn: str, md: Any, obj: Any) -> list[ReadItem]:
+    """``_create_read_items``, refusing metadata whose chunks would leave part of ``obj`` unwritten.
+
+    Raises ``TypeError`` if ``md`` is not tensor or bytes storage metadata, and
+    ``ValueError`` naming ``fqn`` and the local chunk if the saved chunks do not
+    fill it exactly once (a hole, or two saved chunks overlapping inside it).
+    """
+    if isinstance(md, BytesStorageMetadata):
+        return _core.create_read_items(fqn, md, None, classes=TORCH_ITEM_CLASSES)
+    if not isinstance(md, TensorStorageMetadata):
+        raise TypeError(
+            f"checkpoint metadata for {fqn} is a {type(md).__name__}, "
+            "expected TensorStorageMetadata or BytesStorageMetadata"
+        )
+    try:
+        local_chunks = _create_chunk_list(obj)
+    except ValueError as ex:
+        raise ValueError(
+            f"Invalid checkpoint metadata for {fqn}, "
+            + f"expected BytesStorageMetadata but found {type(md)}",
+        ) from ex
+    if not isinstance(local_chunks, list):
+        local_chunks = list(local_chunks)
+    if not local_chunks:
+        return []
+    saved = md.chunks if isinstance(md.chunks, list) else list(md.chunks)
+    ndim = len(md.size)
+    # chunk_arrays validates (non-negative, int64, ndim) and names fqn and chunk;
+    # the raw kernel then skips the façade's second look at the arrays.
+    loff, lsize = _items.chunk_arrays(local_chunks, fqn, ndim)
+    if saved:
+        soff, ssize = _items.chunk_arrays(saved, fqn, ndim)
+        r = _core.Intersection(*_intersect.intersect(loff, lsize, soff, ssize))
+    else:
+        r = _core.intersect_chunks((loff, lsize), [], fqn=fqn, ndim=ndim)
+    _check_cover(fqn, r, local_chunks, saved, lsize)
+    if not len(r):
+        return []
+    return _items.build_read_items(
+        fqn,
+        r.local_index,
+        r.saved_index,
+        r.storage_offsets,
+        r.dest_offsets,
+        r.lengths,
+        local_chunks,
+        saved,
+        ReadItem,
+        MetadataIndex,
+        LoadItemType.TENSOR,
+        torch.Size,
+    )
+
+
+def _check_cover(fqn, r, local_chunks, saved, lsize) -> None:
+    code, i, a, b, covered = _coverage.check_cover(r.local_index, r.dest_offsets, r.lengths, lsize)
+    if code == _coverage.COVER_UNDECIDED:
+        # Many reads into one chunk: find overlapping reads with the intersection kernel.
+        for i in np.unique(r.local_index).tolist():
+            sel = np.flatnonzero(r.local_index == i)
+            boxes = (r.dest_offsets[sel], r.lengths[sel])
+            pairs = _core.intersect_chunks(boxes, boxes, fqn=fqn)
+            hit = (pairs.local_index != pairs.saved_index) & (pairs.lengths > 0).all(axis=1)
+            if hit.any():
+                k = int(np.flatnonzero(hit)[0])
+                a, b = int(sel[pairs.local_index[k]]), int(sel[pairs.saved_index[k]])
+                code = _coverage.COVER_OVERLAP
+                break
+        else:
+            return
+    if code == _coverage.COVER_OK:
+        return
+    chunk = local_chunks[i]
+    where = f"local chunk {i} (offsets={tuple(chunk.offsets)}, sizes={tuple(chunk.sizes)})"
+    if code == _coverage.COVER_VOLUME:
+        want = 1
+        for s in chunk.sizes:
+            want *= s
+        if covered < want:
+            raise ValueError(
+                f"checkpoint metadata does not fill {fqn}: {where} would get only {covered} "
+                f"of its {want} elements from the saved chunks (is the .metadata damaged?)"
+            )
+        raise ValueError(
+            f"checkpoint metadata for {fqn} has saved chunks that overlap inside {where}: "
+            f"they hold {covered} elements for its {want} (is the .metadata damaged?)"
+        )
+    sa = saved[int(r.saved_index[a])]
+    sb = saved[int(r.saved_index[b])]
+    raise ValueError(
+        f"checkpoint metadata for {fqn} has saved chunks that overlap inside {where}: "
+        f"{sa} and {sb} (is the .metadata damaged?)"
+    )
+
+
+def create_default_local_save_plan(state_dict: dict[str, Any], is_coordinator: bool) -> SavePlan:
+    """Drop-in for ``default_planner.create_default_local_save_plan``.
+
+    Every rank plans every plain tensor and object (the coordinator's dedup
+    decides who writes them); a DTensor on a mesh this rank is not part of
+    writes nothing.
+    """
+    requests: list[WriteItem] = []
+    for fqn, obj in state_dict.items():
+        if isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None:
+            continue
+        requests += _create_write_items(fqn, obj)
+    return SavePlan(requests)
+
+
+# --------------------------------------------------------------------------
+# Global plans
+# --------------------------------------------------------------------------
+
+
+def create_default_global_save_plan(
+    all_plans: list[SavePlan],
+    rewrite_index_hints: bool = True,
+) -> tuple[list[SavePlan], Metadata]:
+    """Drop-in for ``default_planner.create_default_global_save_plan``: the checkpoint's metadata.
+
+    Every fqn's chunks in plan order and, with ``rewrite_index_hints``, each
+    item's ``index.index`` set to its chunk's position; torch's classes in,
+    torch's classes out.
+    """
+    return _gp.create_global_save_plan(all_plans, rewrite_index_hints, types=_TORCH_MD_TYPES)
+
+
+def _validate_global_plan(global_plan: list[SavePlan], metadata: Metadata) -> list[str]:
+    """Drop-in for ``default_planner._validate_global_plan``: torch's error messages, same set.
+
+    Out-of-bounds chunks, every overlapping pair, and (with more than one
+    plan) chunk volumes that do not add up to the tensor's; each also logged.
+    """
+    return _gp.validate_global_plan(global_plan, metadata)
+
+
+def dedup_save_plans(
+    all_plans: list[SavePlan],
+    save_to_lowest_rank: bool = False,
+) -> list[SavePlan]:
+    """Drop-in for ``_dedup_save_plans.dedup_save_plans``: each duplicated item kept once.
+
+    The holder with the smallest planned size so far keeps it (or the lowest
+    rank with ``save_to_lowest_rank``); size ties go to the lowest rank, which
+    is torch's choice on up to 8 ranks (beyond, torch's follows set order).
+    """
+    return _gp.dedup_save_plans(all_plans, save_to_lowest_rank)
+
+
+# --------------------------------------------------------------------------
+# Plan caching helpers
+# --------------------------------------------------------------------------
+
+
+def _compare_save_plans(plan: SavePlan, other_plan: SavePlan) -> bool:
+    """Drop-in for ``planner_helpers._compare_save_plans``: True if the two plans are equal."""
+    return _core.compare_save_plans(plan, other_plan)
+
+
+def _contains_usable_plan(delta_plans: list[SavePlan]) -> bool:
+    """Drop-in for ``planner_helpers._contains_usable_plan``: True if any delta plan is usable."""
+    return _core.contains_usable_plan(delta_plans)
+
+
+def _merge_delta_local_plans(
+    cached_plans: list[SavePlan],
+    delta_plans: list[SavePlan],
+) -> list[SavePlan]:
+    """Drop-in for ``planner_helpers._merge_delta_local_plans``: cached plan where a delta is unusable."""
+    return _core.merge_delta_local_plans(cached_plans, delta_plans)
+
+
+def _init_state_dict(state_dict: dict[str, Any]) -> Any:
+    """Drop-in for ``planner_helpers._init_state_dict``; torch's (nothing here to accelerate).
+
+    Materialises meta-device tensors and DTensors on the process group's device.
+    """
+    return ORIGINALS["_init_state_dict"](state_dict)
