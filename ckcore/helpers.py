@@ -196,11 +196,8 @@ def create_read_items_for_chunk_list(fqn: str, checkpoint_md: Any, local_chunks:
             f"{fqn}: the tensor size must be a sequence, got {checkpoint_md.size!r}") from None
     if not local_chunks or not saved_chunks:
         return []
-    loff, lsize = _items.chunk_arrays(local_chunks, fqn, ndim)
-    soff, ssize = _items.chunk_arrays(saved_chunks, fqn, ndim)
-    li, si, so, do, ln = _intersect.intersect(loff, lsize, soff, ssize)
-    return _items.build_read_items(
-        fqn, li, si, so, do, ln, local_chunks, saved_chunks,
+    return _items.read_items(
+        fqn, local_chunks, saved_chunks, ndim,
         cls.read_item, cls.metadata_index, cls.load_item_type.TENSOR, cls.size)
 
 

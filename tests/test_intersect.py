@@ -1,7 +1,8 @@
 """The intersection kernel against a naive O(N*M) reference (tests/_reference.py).
 
-Both query paths of ``ckcore._kernels._intersect.intersect`` (the product-grid
-path and the interval trie, forced with ``use_grid=False``) must report exactly
+Every search path of ``ckcore._kernels._intersect.intersect`` (brute force for
+few pairs, the product-grid path, the interval trie; each forced with
+``path=``, plus the automatic choice) must report exactly
 the reference's pairs, narrowings and canonical order, on grids, irregular,
 MoE, nested, duplicated and zero-size layouts, 0-d to 8-d, and offsets near
 2**62. ``_py_index_summary`` must call a layout a grid exactly when it is a
@@ -42,10 +43,14 @@ def arrays(boxes, nd):
     return off, size
 
 
-def kernel_pairs(local, saved, nd, use_grid):
+# Every search the kernel has: "auto" (what users get), each forced path.
+PATHS = ("auto", "brute", "grid", "trie")
+
+
+def kernel_pairs(local, saved, nd, path):
     lo, ls = arrays(local, nd)
     so, ss = arrays(saved, nd)
-    li, si, sto, dso, ln = _intersect.intersect(lo, ls, so, ss, use_grid=use_grid)
+    li, si, sto, dso, ln = _intersect.intersect(lo, ls, so, ss, path=path)
     k = len(li)
     for name, a, shape in (("local_index", li, (k,)), ("saved_index", si, (k,)),
                            ("storage_offsets", sto, (k, nd)), ("dest_offsets", dso, (k, nd)),
@@ -61,11 +66,11 @@ def kernel_pairs(local, saved, nd, use_grid):
 
 def check_both_paths(local, saved, nd):
     expected = ref.intersect(local, saved)
-    for use_grid in (True, False):
-        got = kernel_pairs(local, saved, nd, use_grid)
+    for path in PATHS:
+        got = kernel_pairs(local, saved, nd, path)
         # Lists, not sets: the canonical order (local index, then saved index) is part of
         # the contract, and a duplicate pair would show up as a length mismatch.
-        assert got == expected, f"use_grid={use_grid}"
+        assert got == expected, f"path={path}"
     return expected
 
 
@@ -119,10 +124,11 @@ def test_shuffled_saved_order_gives_canonical_order(data):
     shape = data.draw(shapes(1, 4))
     saved = data.draw(layout(shape))
     local = data.draw(layout(shape))
-    got = kernel_pairs(local, saved, len(shape), True)
-    keys = [(i, j) for i, j, *_ in got]
-    assert keys == sorted(keys)
-    assert len(set(keys)) == len(keys)
+    for path in PATHS:
+        got = kernel_pairs(local, saved, len(shape), path)
+        keys = [(i, j) for i, j, *_ in got]
+        assert keys == sorted(keys), path
+        assert len(set(keys)) == len(keys), path
 
 
 # ---------------------------------------------------------------------------
@@ -222,8 +228,9 @@ def test_eight_dims_grid_and_irregular():
 def test_empty_sides():
     for nd in (0, 1, 3):
         one = [((0,) * nd, (1,) * nd)]
-        assert kernel_pairs([], one, nd, True) == []
-        assert kernel_pairs(one, [], nd, False) == []
+        for path in PATHS:
+            assert kernel_pairs([], one, nd, path) == []
+            assert kernel_pairs(one, [], nd, path) == []
 
 
 # ---------------------------------------------------------------------------
@@ -391,8 +398,8 @@ def test_read_only_inputs():
     copies = [a.copy() for a in arrs]
     for a in arrs:
         a.setflags(write=False)
-    for use_grid in (True, False):
-        li, si, *_ = _intersect.intersect(*arrs, use_grid=use_grid)
+    for path in PATHS:
+        li, si, *_ = _intersect.intersect(*arrs, path=path)
         assert list(zip(li.tolist(), si.tolist())) == [
             (i, j) for i, j, *_ in ref.intersect(local, saved)]
     for a, c in zip(arrs, copies):

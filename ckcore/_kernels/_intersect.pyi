@@ -13,7 +13,7 @@ def intersect(
     local_sizes: npt.NDArray[np.int64],
     saved_offsets: npt.NDArray[np.int64],
     saved_sizes: npt.NDArray[np.int64],
-    use_grid: bool = ...,
+    path: str = ...,
 ) -> tuple[
     npt.NDArray[np.int64],
     npt.NDArray[np.int64],

@@ -31,7 +31,7 @@ from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset
 
 from ckcore._kernels._types cimport i64, isize
-from ckcore._kernels._box cimport add_overflows, mul_overflows
+from ckcore._kernels._box cimport add_overflows, box_overlap, mul_overflows
 
 import numpy as np
 
@@ -109,11 +109,8 @@ def check_boxes(const i64[:, ::1] offsets, const i64[:, ::1] sizes):
 # A growable buffer of isize (the reported saved indices)
 # ---------------------------------------------------------------------------
 
-cdef struct IdxBuf:
-    isize* data
-    isize len
-    isize cap
-
+# (IdxBuf itself is declared in _intersect.pxd, for the kernels that cimport
+# intersect_pairs.)
 
 cdef inline int buf_push(IdxBuf* b, isize v) except -1 nogil:
     if b.len == b.cap:
@@ -637,22 +634,33 @@ cdef int _query_grid(const Index* ix, const i64* qoff, const i64* qsize,
             return 0
 
 
-cdef int _intersect_all(const i64* loff, const i64* lsize, isize nl,
-                        const i64* soff, const i64* ssize, isize ns, isize nd,
-                        bint use_grid, IdxBuf* out, isize* seg) except -1 nogil:
-    # For each local chunk in order, append its overlapping saved indices (ascending)
-    # to out; seg[i] .. seg[i+1] delimit local chunk i's run.
+cdef inline bint _small(isize nl, isize ns) noexcept nogil:
+    # Few pairs: checking them all beats building an index over the saved chunks
+    # (one rank's chunk against a few dozen saved ones is the common DCP call).
+    return nl * ns <= 64 * (nl + ns)
+
+
+cdef int intersect_pairs(const i64* loff, const i64* lsize, isize nl,
+                         const i64* soff, const i64* ssize, isize ns, isize nd,
+                         int path, IdxBuf* out, isize* seg) except -1 nogil:
+    """For each local chunk in order, append its overlapping saved indices (ascending)
+    to ``out``; ``seg[i] .. seg[i+1]`` delimit local chunk i's run (seg has nl+1 slots).
+    Inputs must already be checked (non-negative, no int64 overflow). ``path`` is
+    PATH_AUTO, or forces one of PATH_BRUTE, PATH_GRID (the grid when the saved
+    chunks form one, else the trie) and PATH_TRIE."""
     cdef Index ix
     cdef isize i, j, start
     cdef isize* lo = NULL
     cdef isize* hi = NULL
     cdef isize* cur = NULL
     seg[0] = 0
-    if nd == 0:
-        # 0-d tensors: every pair overlaps.
+    if nd == 0 or path == PATH_BRUTE or (path == PATH_AUTO and _small(nl, ns)):
+        # 0-d tensors (every pair overlaps: box_overlap of 0 dimensions is true),
+        # or few enough pairs to check each one.
         for i in range(nl):
             for j in range(ns):
-                buf_push(out, j)
+                if box_overlap(loff + i * nd, lsize + i * nd, soff + j * nd, ssize + j * nd, nd):
+                    buf_push(out, j)
             seg[i + 1] = out.len
         return 0
     index_build(&ix, soff, ssize, ns, nd)
@@ -665,7 +673,7 @@ cdef int _intersect_all(const i64* loff, const i64* lsize, isize nl,
                 raise MemoryError("ckcore: cannot allocate query state")
         for i in range(nl):
             start = out.len
-            if ix.grid and use_grid:
+            if ix.grid and path != PATH_TRIE:
                 _query_grid(&ix, loff + i * nd, lsize + i * nd, lo, hi, cur, out)
             else:
                 _query_trie(&ix, 0, ix.lbase[0], ix.lbase[1], ix.rootmono,
@@ -701,22 +709,31 @@ cdef void _fill(const i64* loff, const i64* lsize, const i64* soff, const i64* s
                 ln[p * nd + d] = (a1 if a1 < b1 else b1) - (a0 if a0 > b0 else b0)
 
 
+_PATHS = {"auto": PATH_AUTO, "brute": PATH_BRUTE, "grid": PATH_GRID, "trie": PATH_TRIE}
+
+
 def intersect(const i64[:, ::1] local_offsets, const i64[:, ::1] local_sizes,
               const i64[:, ::1] saved_offsets, const i64[:, ::1] saved_sizes,
-              bint use_grid=True):
+              str path="auto"):
     """Every overlapping (local, saved) pair and its narrowing, in canonical order.
 
     Inputs are (N, ndim) and (M, ndim) C-contiguous int64 arrays, already
     checked with :func:`check_boxes`. Returns ``(local_index, saved_index,
     storage_offsets, dest_offsets, lengths)``: int64 arrays of shape (K,),
-    (K,), (K, ndim), (K, ndim), (K, ndim). ``use_grid=False`` forces the trie
-    path (tests compare the two).
+    (K,), (K, ndim), (K, ndim), (K, ndim). ``path`` forces one search for
+    tests and measurements: ``"brute"`` (every pair), ``"grid"`` (the
+    product-grid path when the saved chunks form a grid, else the trie),
+    ``"trie"``; ``"auto"`` picks brute force for few pairs, else the grid or
+    the trie.
     """
     cdef isize nl = local_offsets.shape[0], ns = saved_offsets.shape[0]
     cdef isize nd = local_offsets.shape[1]
     if (local_sizes.shape[0] != nl or local_sizes.shape[1] != nd
             or saved_sizes.shape[0] != ns or saved_sizes.shape[1] != saved_offsets.shape[1]):
         raise ValueError("offsets and sizes arrays must have the same shape")
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of {sorted(_PATHS)}, got {path!r}")
+    cdef int path_code = _PATHS[path]
     if saved_offsets.shape[1] != nd:
         raise ValueError(
             f"local chunks have {nd} dimensions but saved chunks have {saved_offsets.shape[1]}")
@@ -739,7 +756,7 @@ def intersect(const i64[:, ::1] local_offsets, const i64[:, ::1] local_sizes,
     try:
         if nl and ns:
             with nogil:
-                _intersect_all(lo_p, ls_p, nl, so_p, ss_p, ns, nd, use_grid, &out, seg)
+                intersect_pairs(lo_p, ls_p, nl, so_p, ss_p, ns, nd, path_code, &out, seg)
         else:
             for k in range(nl + 1):
                 seg[k] = 0

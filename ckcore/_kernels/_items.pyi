@@ -20,4 +20,14 @@ def build_read_items(
     tensor_type: Any,
     size_cls: type,
 ) -> list[Any]: ...
+def read_items(
+    fqn: str,
+    local_chunks: list[Any],
+    saved_chunks: list[Any],
+    ndim: int,
+    read_item_cls: type,
+    metadata_index_cls: type,
+    tensor_type: Any,
+    size_cls: type,
+) -> list[Any]: ...
 def new_frozen(cls: type, fields: dict[str, Any]) -> Any: ...

@@ -25,6 +25,7 @@ from ckcore._kernels._capi cimport PyObject_GenericSetAttr, ck_new_instance, ck_
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
+from ckcore._kernels._intersect cimport PATH_AUTO, IdxBuf, intersect_pairs
 from ckcore._kernels._types cimport i64, isize
 
 import gc
@@ -84,24 +85,9 @@ cdef inline i64 _as_i64(object v, object fqn, isize i, object chunk, str what) e
             f"{fqn}: chunk {i} {chunk!r}: {what} value {v} does not fit in int64") from None
 
 
-def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
-    """Read a list of chunk objects into validated (N, ndim) int64 arrays.
-
-    ``chunks`` is a sequence of objects with ``.offsets`` and ``.sizes``
-    (ckcore's or torch's ``ChunkStorageMetadata``). ``ndim``, when given, is
-    the number of dimensions every chunk must have (the tensor's). Raises
-    ``TypeError`` for objects without those attributes or non-integer values
-    and ``ValueError`` for a wrong number of dimensions, negative values, or
-    an offset+size or volume beyond int64; each message names ``fqn`` and the
-    chunk.
-    """
-    cdef isize n = len(chunks), i, d, nd
-    cdef i64 o, s, vol
-    cdef bint over
-    cdef object chunk, offs, sizes
-    if n == 0:
-        nd = ndim if ndim is not None else 0
-        return np.zeros((0, nd), dtype=np.int64), np.zeros((0, nd), dtype=np.int64)
+cdef isize _chunk_ndim(list chunks, object fqn, object ndim) except -1:
+    # The number of dimensions of chunk 0, checked against the tensor's (ndim).
+    cdef isize nd
     try:
         first = chunks[0]
         nd = len(first.offsets)
@@ -113,10 +99,17 @@ def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
     if ndim is not None and nd != ndim:
         raise ValueError(
             f"{fqn}: chunk 0 {first!r} has {nd} dimensions but the tensor has {ndim}")
-    out_off = np.empty((n, nd), dtype=np.int64)
-    out_size = np.empty((n, nd), dtype=np.int64)
-    cdef i64[:, ::1] ov = out_off
-    cdef i64[:, ::1] sv = out_size
+    return nd
+
+
+cdef int _read_chunks(list chunks, object fqn, isize nd, bint nd_is_tensors,
+                      i64* ov, i64* sv) except -1:
+    # Every chunk's offsets and sizes into ov/sv (row-major, nd per chunk), each
+    # value checked: an integer, non-negative, offset+size and volume within int64.
+    cdef isize n = len(chunks), i, d
+    cdef i64 o, s, vol
+    cdef bint over
+    cdef object chunk, offs, sizes
     for i in range(n):
         chunk = chunks[i]
         try:
@@ -129,7 +122,7 @@ def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
             if len(offs) != nd or len(sizes) != nd:
                 raise ValueError(
                     f"{fqn}: chunk {i} {chunk!r} has {len(offs)} offsets and {len(sizes)} sizes "
-                    f"but {'the tensor has' if ndim is not None else 'chunk 0 has'} "
+                    f"but {'the tensor has' if nd_is_tensors else 'chunk 0 has'} "
                     f"{nd} dimensions")
         except TypeError:
             raise TypeError(
@@ -163,10 +156,37 @@ def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
                     over = True
                 else:
                     vol *= s
-            ov[i, d] = o
-            sv[i, d] = s
+            ov[i * nd + d] = o
+            sv[i * nd + d] = s
         if over:
             raise ValueError(f"{fqn}: chunk {i} {chunk!r}: volume overflows int64")
+    return 0
+
+
+def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
+    """Read a list of chunk objects into validated (N, ndim) int64 arrays.
+
+    ``chunks`` is a sequence of objects with ``.offsets`` and ``.sizes``
+    (ckcore's or torch's ``ChunkStorageMetadata``). ``ndim``, when given, is
+    the number of dimensions every chunk must have (the tensor's). Raises
+    ``TypeError`` for objects without those attributes or non-integer values
+    and ``ValueError`` for a wrong number of dimensions, negative values, or
+    an offset+size or volume beyond int64; each message names ``fqn`` and the
+    chunk.
+    """
+    cdef list chunk_list = chunks if type(chunks) is list else list(chunks)
+    cdef isize n = len(chunk_list), nd
+    cdef i64 dummy = 0
+    if n == 0:
+        nd = ndim if ndim is not None else 0
+        return np.zeros((0, nd), dtype=np.int64), np.zeros((0, nd), dtype=np.int64)
+    nd = _chunk_ndim(chunk_list, fqn, ndim)
+    out_off = np.empty((n, nd), dtype=np.int64)
+    out_size = np.empty((n, nd), dtype=np.int64)
+    cdef i64[:, ::1] ov = out_off
+    cdef i64[:, ::1] sv = out_size
+    _read_chunks(chunk_list, fqn, nd, ndim is not None,
+                 &ov[0, 0] if nd else &dummy, &sv[0, 0] if nd else &dummy)
     return out_off, out_size
 
 
@@ -298,6 +318,20 @@ cdef inline object _index_obj(object cls, str fqn, object offsets, isize i, obje
     return obj
 
 
+cdef inline object _make_item(type cls, object tensor_type, object dest_index,
+                              object dest_offsets, object storage_index,
+                              object storage_offsets, object lengths):
+    # A ReadItem with exactly the fields its dataclass __init__ would set.
+    cdef object item = _object_new(cls)
+    PyObject_GenericSetAttr(item, _TYPE, tensor_type)
+    PyObject_GenericSetAttr(item, _DEST_INDEX, dest_index)
+    PyObject_GenericSetAttr(item, _DEST_OFFSETS, dest_offsets)
+    PyObject_GenericSetAttr(item, _STORAGE_INDEX, storage_index)
+    PyObject_GenericSetAttr(item, _STORAGE_OFFSETS, storage_offsets)
+    PyObject_GenericSetAttr(item, _LENGTHS, lengths)
+    return item
+
+
 def build_read_items(str fqn,
                      const i64[::1] local_index, const i64[::1] saved_index,
                      const i64[:, ::1] storage_offsets, const i64[:, ::1] dest_offsets,
@@ -345,19 +379,115 @@ def build_read_items(str fqn,
             if st is None:
                 st = _index_obj(metadata_index_cls, fqn, saved_chunks[si].offsets, si, size_cls)
                 stor_idx[si] = st
-            item = _object_new(read_item_cls)
-            PyObject_GenericSetAttr(item, _TYPE, tensor_type)
-            PyObject_GenericSetAttr(item, _DEST_INDEX, di)
-            PyObject_GenericSetAttr(item, _DEST_OFFSETS, cache.get(&dest_offsets[p, 0] if nd else &zero))
-            PyObject_GenericSetAttr(item, _STORAGE_INDEX, st)
-            PyObject_GenericSetAttr(item, _STORAGE_OFFSETS, cache.get(&storage_offsets[p, 0] if nd else &zero))
-            PyObject_GenericSetAttr(item, _LENGTHS, cache.get(&lengths[p, 0] if nd else &zero))
+            item = _make_item(
+                read_item_cls, tensor_type,
+                di, cache.get(&dest_offsets[p, 0] if nd else &zero),
+                st, cache.get(&storage_offsets[p, 0] if nd else &zero),
+                cache.get(&lengths[p, 0] if nd else &zero))
             Py_INCREF(item)
             PyList_SET_ITEM(out, p, item)
     finally:
         if gc_was_enabled:
             gc.enable()
     return out
+
+
+def read_items(str fqn, list local_chunks, list saved_chunks, isize ndim,
+               read_item_cls, metadata_index_cls, tensor_type, size_cls):
+    """ReadItems filling ``local_chunks`` from ``saved_chunks``, chunk objects in, items out.
+
+    The one-call path behind ``create_read_items_for_chunk_list``: chunks are
+    read into C buffers (checked as :func:`chunk_arrays` checks them, against
+    the tensor's ``ndim``), intersected with the GIL released, and the items
+    built straight from the pairs, with no intermediate arrays. Classes as in
+    :func:`build_read_items`. Canonical order: by local chunk, then saved chunk.
+    """
+    cdef isize nl = len(local_chunks), ns = len(saved_chunks), nd = ndim
+    cdef isize i, p, s, d
+    cdef i64* lo = NULL
+    cdef i64* ls = NULL
+    cdef i64* so = NULL
+    cdef i64* ss = NULL
+    cdef i64* row = NULL
+    cdef isize* seg = NULL
+    cdef IdxBuf out
+    cdef i64 a0, a1, b0, b1
+    cdef list items, dest_idx, stor_idx
+    cdef object di, st, dro, sro, lro
+    cdef _RowCache cache
+    cdef bint gc_was_enabled
+    if nd < 0:
+        raise ValueError(f"{fqn}: ndim must be non-negative, got {nd}")
+    if nl == 0 or ns == 0:
+        return []
+    _check_plain_class(read_item_cls, "read_item_cls")
+    _check_plain_class(metadata_index_cls, "metadata_index_cls")
+    _chunk_ndim(local_chunks, fqn, nd)
+    _chunk_ndim(saved_chunks, fqn, nd)
+    out.data = NULL
+    out.len = 0
+    out.cap = 0
+    try:
+        lo = <i64*>malloc(<size_t>(nl * nd + 1) * sizeof(i64))
+        ls = <i64*>malloc(<size_t>(nl * nd + 1) * sizeof(i64))
+        so = <i64*>malloc(<size_t>(ns * nd + 1) * sizeof(i64))
+        ss = <i64*>malloc(<size_t>(ns * nd + 1) * sizeof(i64))
+        row = <i64*>malloc(<size_t>(3 * nd + 1) * sizeof(i64))
+        seg = <isize*>malloc(<size_t>(nl + 1) * sizeof(isize))
+        if lo == NULL or ls == NULL or so == NULL or ss == NULL or row == NULL or seg == NULL:
+            raise MemoryError()
+        _read_chunks(local_chunks, fqn, nd, True, lo, ls)
+        _read_chunks(saved_chunks, fqn, nd, True, so, ss)
+        with nogil:
+            intersect_pairs(lo, ls, nl, so, ss, ns, nd, PATH_AUTO, &out, seg)
+        items = PyList_New(out.len)
+        dest_idx = [None] * nl
+        stor_idx = [None] * ns
+        cache = _RowCache(nd, size_cls)
+        gc_was_enabled = gc.isenabled()
+        # As in build_read_items: no cycles among the new objects, so no GC passes.
+        gc.disable()
+        try:
+            for i in range(nl):
+                for p in range(seg[i], seg[i + 1]):
+                    s = out.data[p]
+                    # torch's narrowing, per dimension: offsets relative to each chunk.
+                    for d in range(nd):
+                        a0 = lo[i * nd + d]
+                        a1 = a0 + ls[i * nd + d]
+                        b0 = so[s * nd + d]
+                        b1 = b0 + ss[s * nd + d]
+                        row[d] = a0 - b0 if a0 > b0 else 0
+                        row[nd + d] = b0 - a0 if b0 > a0 else 0
+                        row[2 * nd + d] = (a1 if a1 < b1 else b1) - (a0 if a0 > b0 else b0)
+                    di = dest_idx[i]
+                    if di is None:
+                        di = _index_obj(metadata_index_cls, fqn, local_chunks[i].offsets, i,
+                                        size_cls)
+                        dest_idx[i] = di
+                    st = stor_idx[s]
+                    if st is None:
+                        st = _index_obj(metadata_index_cls, fqn, saved_chunks[s].offsets, s,
+                                        size_cls)
+                        stor_idx[s] = st
+                    sro = cache.get(row)
+                    dro = cache.get(row + nd)
+                    lro = cache.get(row + 2 * nd)
+                    item = _make_item(read_item_cls, tensor_type, di, dro, st, sro, lro)
+                    Py_INCREF(item)
+                    PyList_SET_ITEM(items, p, item)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        return items
+    finally:
+        free(lo)
+        free(ls)
+        free(so)
+        free(ss)
+        free(row)
+        free(seg)
+        free(out.data)
 
 
 def new_frozen(cls, dict fields):
