@@ -122,7 +122,10 @@ cdef inline int buf_push(IdxBuf* b, isize v) except -1 nogil:
 
 cdef int _buf_grow(IdxBuf* b) except -1 nogil:
     # Out of line: the rare path, so buf_push stays a compare and a store.
-    cdef isize newcap = b.cap * 2 if b.cap else 1024
+    return _buf_reserve(b, b.cap * 2 if b.cap else 1024)
+
+
+cdef int _buf_reserve(IdxBuf* b, isize newcap) except -1 nogil:
     cdef isize* p
     if <size_t>newcap > (<size_t>-1) // sizeof(isize):
         with gil:
@@ -335,6 +338,7 @@ cdef struct Index:
     isize* nhi
     bint* nmono        # per node: its children's ends are non-decreasing
     bint rootmono
+    bint has_trie      # the trie arrays are built (always, unless a grid made them moot)
 
 
 cdef void index_free(Index* ix) noexcept nogil:
@@ -366,8 +370,10 @@ cdef inline bint _same_prefix(const Index* ix, isize k, isize lvl) noexcept nogi
     return True
 
 
-cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize nd) except -1 nogil:
-    """Build the per-dimension cut lists, detect a product grid, and build the trie."""
+cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize nd,
+                     bint trie_always) except -1 nogil:
+    """Build the per-dimension cut lists, detect a product grid, and build the trie
+    (for a grid only when ``trie_always``)."""
     cdef isize d, i, k, r, p, total, lvl, cnt, j, child, q
     cdef isize* idx = NULL
     cdef isize* tmp = NULL
@@ -425,7 +431,49 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
     free(table)
     free(scratch)
 
-    # 2. Trie order: dimensions with the fewest distinct intervals first (coarse to
+    # 2. Grid detection: the saved chunks are the full product of the per-dimension
+    #    cut lists iff prod(dcount) == n and no two chunks are the same box (no cell
+    #    of the product is hit twice). A grid needs no trie unless one is asked for.
+    ix.grid = nd > 0
+    prod_cells = 1
+    overflow = False
+    for d in range(nd - 1, -1, -1):
+        ix.cstride[d] = prod_cells
+        if not ix.dmono[d]:
+            ix.grid = False
+        if prod_cells > n // (ix.dcount[d] if ix.dcount[d] else 1):
+            overflow = True
+        prod_cells *= ix.dcount[d]
+    if overflow or prod_cells != n:
+        ix.grid = False
+    if ix.grid:
+        ix.cell = <isize*>_alloc(n, sizeof(isize))
+        if ix.cell == NULL:
+            free(idx); free(tmp); free(runid)
+            index_free(ix)
+            with gil:
+                raise MemoryError("ckcore: cannot allocate the chunk index")
+        for i in range(n):
+            ix.cell[i] = -1
+        for i in range(n):
+            p = 0
+            for d in range(nd):
+                p += ix.rank[i * nd + d] * ix.cstride[d]
+            if ix.cell[p] >= 0:
+                # The same box twice: not a grid (duplicates go through the trie).
+                ix.grid = False
+                free(ix.cell)
+                ix.cell = NULL
+                break
+            ix.cell[p] = i
+    ix.has_trie = not ix.grid or trie_always
+    if not ix.has_trie:
+        free(idx)
+        free(tmp)
+        free(runid)
+        return 0
+
+    # 3. Trie order: dimensions with the fewest distinct intervals first (coarse to
     #    fine: row blocks before the columns cut inside each block), ties by index.
     for d in range(nd):
         ix.perm[d] = d
@@ -461,7 +509,7 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
         memcpy(ix.order, tmp, <size_t>n * sizeof(isize))
     free(counts)
 
-    # 3. Trie nodes. A level-lvl node is a maximal run of `order` whose ranks agree
+    # 4. Trie nodes. A level-lvl node is a maximal run of `order` whose ranks agree
     #    on perm[0..lvl]. Count nodes per level first.
     total = 0
     for lvl in range(nd):
@@ -516,34 +564,6 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
                 ix.rootmono = False
                 break
 
-    # 4. Grid detection: the saved chunks are the full product of the per-dimension
-    #    cut lists iff prod(dcount) == n and no two chunks are the same box (the
-    #    last trie level then has n nodes).
-    ix.grid = nd > 0 and ix.lbase[nd] - ix.lbase[nd - 1] == n
-    prod_cells = 1
-    overflow = False
-    if ix.grid:
-        for d in range(nd - 1, -1, -1):
-            ix.cstride[d] = prod_cells
-            if not ix.dmono[d]:
-                ix.grid = False
-            if prod_cells > n // (ix.dcount[d] if ix.dcount[d] else 1):
-                overflow = True
-            prod_cells *= ix.dcount[d]
-        if overflow or prod_cells != n:
-            ix.grid = False
-    if ix.grid:
-        ix.cell = <isize*>_alloc(n, sizeof(isize))
-        if ix.cell == NULL:
-            free(idx); free(tmp); free(runid)
-            index_free(ix)
-            with gil:
-                raise MemoryError("ckcore: cannot allocate the chunk index")
-        for i in range(n):
-            p = 0
-            for d in range(nd):
-                p += ix.rank[i * nd + d] * ix.cstride[d]
-            ix.cell[p] = i
     free(idx)
     free(tmp)
     free(runid)
@@ -603,20 +623,29 @@ cdef int _query_trie(const Index* ix, isize lvl, isize c_lo, isize c_hi, bint mo
 
 
 cdef int _query_grid(const Index* ix, const i64* qoff, const i64* qsize,
-                     isize* lo, isize* hi, isize* cur, IdxBuf* out) except -1 nogil:
+                     isize* lo, isize* hi, isize* cur, i64* memo, IdxBuf* out) except -1 nogil:
     # One binary-search pair per dimension, then the product of the ranges.
+    # memo[2d], memo[2d+1] hold the last interval searched in dimension d, whose
+    # range lo[d]..hi[d] still stands: local chunks in row-major order repeat
+    # their outer intervals, so most searches in outer dimensions are skipped.
     cdef isize d, nd = ix.nd, base, cnt, p
     cdef i64 qs, qe
+    cdef bint empty = False
     for d in range(nd):
-        base = ix.dbase[d]
-        cnt = ix.dcount[d]
         qs = qoff[d]
         qe = qs + qsize[d]
-        hi[d] = _first_start_ge(ix.dstart + base, 0, cnt, qe)
-        lo[d] = _first_end_gt(ix.dend + base, 0, hi[d], qs)
+        if memo[2 * d] != qs or memo[2 * d + 1] != qe:
+            base = ix.dbase[d]
+            cnt = ix.dcount[d]
+            hi[d] = _first_start_ge(ix.dstart + base, 0, cnt, qe)
+            lo[d] = _first_end_gt(ix.dend + base, 0, hi[d], qs)
+            memo[2 * d] = qs
+            memo[2 * d + 1] = qe
         if lo[d] >= hi[d]:
-            return 0
+            empty = True
         cur[d] = lo[d]
+    if empty:
+        return 0
     # Odometer over the product, last dimension fastest (row-major cell order).
     while True:
         p = 0
@@ -653,6 +682,7 @@ cdef int intersect_pairs(const i64* loff, const i64* lsize, isize nl,
     cdef isize* lo = NULL
     cdef isize* hi = NULL
     cdef isize* cur = NULL
+    cdef i64* memo = NULL
     seg[0] = 0
     if nd == 0 or path == PATH_BRUTE or (path == PATH_AUTO and _small(nl, ns)):
         # 0-d tensors (every pair overlaps: box_overlap of 0 dimensions is true),
@@ -663,18 +693,25 @@ cdef int intersect_pairs(const i64* loff, const i64* lsize, isize nl,
                     buf_push(out, j)
             seg[i + 1] = out.len
         return 0
-    index_build(&ix, soff, ssize, ns, nd)
+    index_build(&ix, soff, ssize, ns, nd, path == PATH_TRIE)
+    # A reshard reports about one pair per chunk on either side plus the crossings:
+    # reserving nl + ns up front saves most of the doubling copies.
+    if out.cap < nl + ns:
+        _buf_reserve(out, nl + ns)
     lo = <isize*>_alloc(nd, sizeof(isize))
     hi = <isize*>_alloc(nd, sizeof(isize))
     cur = <isize*>_alloc(nd, sizeof(isize))
+    memo = <i64*>_alloc(2 * nd, sizeof(i64))
     try:
-        if lo == NULL or hi == NULL or cur == NULL:
+        if lo == NULL or hi == NULL or cur == NULL or memo == NULL:
             with gil:
                 raise MemoryError("ckcore: cannot allocate query state")
+        for i in range(2 * nd):
+            memo[i] = -1     # offsets are non-negative: matches no interval
         for i in range(nl):
             start = out.len
             if ix.grid and path != PATH_TRIE:
-                _query_grid(&ix, loff + i * nd, lsize + i * nd, lo, hi, cur, out)
+                _query_grid(&ix, loff + i * nd, lsize + i * nd, lo, hi, cur, memo, out)
             else:
                 _query_trie(&ix, 0, ix.lbase[0], ix.lbase[1], ix.rootmono,
                             loff + i * nd, lsize + i * nd, out)
@@ -684,6 +721,7 @@ cdef int intersect_pairs(const i64* loff, const i64* lsize, isize nl,
         free(lo)
         free(hi)
         free(cur)
+        free(memo)
         index_free(&ix)
     return 0
 
@@ -796,7 +834,7 @@ def _py_index_summary(const i64[:, ::1] offsets, const i64[:, ::1] sizes):
     if n == 0 or nd == 0:
         raise ValueError("need at least one chunk of at least one dimension")
     with nogil:
-        index_build(&ix, &offsets[0, 0], &sizes[0, 0], n, nd)
+        index_build(&ix, &offsets[0, 0], &sizes[0, 0], n, nd, True)
     try:
         return {
             "grid": bool(ix.grid),
