@@ -1,6 +1,7 @@
 """Test session setup.
 
-``--torch-free`` runs only the test modules that do not import torch, and
+``--torch-free`` runs only the test modules that do not import torch (and
+none marked ``needs_torch``, for modules whose subprocesses import it), and
 insists that torch really is absent: it is how CI proves that ckcore works
 without torch installed. Without the flag every module runs, and the
 differential tests import torch unconditionally (they never skip).
@@ -26,6 +27,8 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "needs_torch: needs torch although the module does not import it itself")
     if config.getoption("--torch-free") and importlib.util.find_spec("torch") is not None:
         raise pytest.UsageError("--torch-free needs an environment without torch installed")
 
@@ -38,3 +41,13 @@ def pytest_ignore_collect(collection_path, config):
         if _IMPORTS_TORCH.search(text):
             return True
     return None
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--torch-free"):
+        return
+    keep = [item for item in items if item.get_closest_marker("needs_torch") is None]
+    deselected = [item for item in items if item.get_closest_marker("needs_torch") is not None]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = keep
