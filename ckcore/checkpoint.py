@@ -53,7 +53,6 @@ torch's ``pickle.load`` given the same GC pause (bench/test_bench_metadata.py).
 
 from __future__ import annotations
 
-import gc
 import io
 import os
 import pathlib
@@ -64,6 +63,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import IO, Any
 
+from ._gc import paused
 from ._kernels import _mdcheck
 from .dtypes import _ALIASES, DTYPE_ITEMSIZE
 from .metadata import (
@@ -380,8 +380,11 @@ def _load(file: IO[bytes], name: str) -> Metadata:
     # measured, that is ~80% of the load time of a 50k-chunk file (torch's
     # pickle.load pays it too). Nothing built here needs the cycle
     # collector while loading; it runs again afterwards.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
+    with paused():
+        return _load_paused(file, name)
+
+
+def _load_paused(file: IO[bytes], name: str) -> Metadata:
     try:
         md = _SafeUnpickler(file).load()
         # Checked while the GC is still paused: the first allocations after
@@ -402,9 +405,6 @@ def _load(file: IO[bytes], name: str) -> Metadata:
         raise CheckpointError(
             f"{name}: corrupted or truncated DCP metadata ({type(e).__name__}: {e})"
         ) from None
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     return md
 
 

@@ -18,14 +18,12 @@ instance ``__dict__``, a custom ``__new__``, ``__post_init__`` or
 ``init=False`` fields, or not dataclasses) go through ``dataclasses.replace``.
 
 The cyclic GC is paused inside each function and the new objects are moved
-to the oldest generation on exit (see ``_gc_paused``): at 1024 ranks the
-collections otherwise cost as much as the planning.
+to the oldest generation on exit (``ckcore._gc.paused(promote=True)``): at
+1024 ranks the collections otherwise cost as much as the planning.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import logging
 import math
 import operator
@@ -35,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ckcore._gc import paused
 from ckcore._kernels import _gplan
 from ckcore._kernels._validate import _check_tensor, _read_chunks
 from ckcore.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
@@ -70,32 +69,6 @@ class MetadataTypes:
 CKCORE_TYPES = MetadataTypes()
 
 
-@contextlib.contextmanager
-def _gc_paused():
-    # The bulk loops allocate ~10**6 acyclic objects next to a heap of
-    # ~10**7 (every rank's plan); with the cyclic GC running, the allocation
-    # bursts trigger collections that scan that whole heap and cost more than
-    # the work itself. So collection is paused (and restored even on error).
-    #
-    # On exit the new objects would all sit in the young generation and the
-    # next allocation would traverse every one of them, only to promote them
-    # (they are the long-lived result). freeze() + unfreeze() moves every
-    # tracked object to the oldest generation in O(1) instead, and resets the
-    # young count; cyclic garbage among them is still found by the next full
-    # collection. Skipped if the caller has frozen objects of its own, which
-    # unfreeze() would release.
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if gc.get_freeze_count() == 0:
-            gc.freeze()
-            gc.unfreeze()
-        if enabled:
-            gc.enable()
-
-
 def create_global_save_plan(
     all_plans: Sequence[Any],
     rewrite_index_hints: bool = True,
@@ -120,7 +93,7 @@ def create_global_save_plan(
     chunk. Returned plans and items keep the input classes; the metadata
     classes come from ``types`` (see :class:`MetadataTypes`).
     """
-    with _gc_paused():
+    with paused(promote=True):
         return _gplan.create_global_save_plan(
             list(all_plans),
             bool(rewrite_index_hints),
@@ -145,7 +118,7 @@ def dedup_save_plans(all_plans: Sequence[Any], save_to_lowest_rank: bool = False
     Returns new plans of the input plans' class (``dataclasses.replace``
     semantics: only ``items`` changes); the items themselves are shared.
     """
-    with _gc_paused():
+    with paused(promote=True):
         return _gplan.dedup_save_plans(list(all_plans), bool(save_to_lowest_rank))
 
 
@@ -209,7 +182,7 @@ def validate_global_plan(global_plan: Sequence[Any], metadata: Any) -> list[str]
     the extra dimensions) or whose values or offset + size fall outside
     int64; negative values are reported as out of bounds, as torch does.
     """
-    with _gc_paused():
+    with paused(promote=True):
         return _validate(global_plan, metadata)
 
 

@@ -36,9 +36,7 @@ Array results are int64 with one row per mesh coordinate in row-major order
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import operator
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -47,6 +45,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from ckcore._gc import paused
 from ckcore._kernels import _layout
 from ckcore.metadata import ChunkStorageMetadata
 
@@ -595,21 +594,6 @@ def chunk_for_coordinate(
     return ChunkStorageMetadata(offsets=offsets, sizes=sizes)
 
 
-@contextlib.contextmanager
-def _gc_paused():
-    # Building hundreds of thousands of small objects triggers the cyclic GC
-    # over and over (each pass walks everything built so far); none of them
-    # can form a cycle, so pause it and let one pass run afterwards. This
-    # alone takes job_chunks on a 1024-rank, 723-tensor job from ~9 s to ~2 s.
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def _chunks_from_arrays(sizes: np.ndarray, offsets: np.ndarray) -> list[ChunkStorageMetadata]:
     make = ChunkStorageMetadata
     return [make(o, s) for o, s in zip(map(tuple, offsets.tolist()), map(tuple, sizes.tolist()))]
@@ -797,7 +781,7 @@ def job_chunks(
     # array form (job_layouts) is the fast path for callers that need none.
     row_of_rank = {rank: row for row, rank in enumerate(flat.tolist())}
     out: list[dict[str, list[ChunkStorageMetadata]]] = []
-    with _gc_paused():
+    with paused():
         chunk_lists = [
             (fqn, _chunks_from_arrays(sizes, offsets)) for fqn, (sizes, offsets) in layouts.items()
         ]

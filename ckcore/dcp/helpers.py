@@ -22,7 +22,6 @@ calls torch's original, captured at import time so that
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
 import numpy as np
@@ -56,6 +55,7 @@ from torch.distributed.tensor.placement_types import Partial, _StridedShard
 
 from .. import global_plan as _gp
 from .. import helpers as _core
+from .._gc import paused
 from .._kernels import _coverage, _intersect, _items
 
 __all__ = [
@@ -392,13 +392,8 @@ def _local_load_plan(
     # allocation burst would trigger the cyclic GC, whose older generations
     # walk every live object of the process (torch's included). Nothing here
     # can form a cycle, so collection waits until the plan is built.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with paused():
         return _local_load_plan_body(state_dict, metadata, strict, check_cover)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
 
 
 def _local_load_plan_body(
