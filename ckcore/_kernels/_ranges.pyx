@@ -1,19 +1,21 @@
-# Byte ranges of a box inside a strided chunk, range coalescing, n-d box copy,
-# and reading runs of a file straight into a buffer.
-#
-# A DCP reader that wants only part of a saved chunk must know which bytes of
-# the file hold that part (byte_ranges), how to turn thousands of small ranges
-# into a few reads without reading much more than needed (coalesce), which of
-# them are contiguous in the destination too (paired_runs), how to issue the
-# reads without a Python-level loop per run (read_runs: one preadv per block,
-# with WILLNEED prefetch), and how to move elements from a read buffer into
-# the destination tensor otherwise (copy_box).
-# Strides are explicit everywhere because torch.save keeps the strides of a
-# non-contiguous tensor: a transposed chunk is stored column-major on disk.
-#
-# Layout of every entry point: a def that validates with the GIL held and
-# raises the ValueError a user should see, a `with nogil:` block, and
-# noexcept nogil helpers over raw pointers.
+"""Byte ranges of a box inside a strided chunk, range coalescing, n-d box copy,
+and reading runs of a file straight into a buffer.
+
+A DCP reader that wants only part of a saved chunk must know which bytes of
+the file hold that part (byte_ranges), how to turn thousands of small ranges
+into a few reads without reading much more than needed (coalesce), which of
+them are contiguous in the destination too (paired_runs), how to issue the
+reads without a Python-level loop per run (read_runs: one preadv per block,
+with WILLNEED prefetch), and how to move elements from a read buffer into
+the destination tensor otherwise (copy_box).
+Strides are explicit everywhere because torch.save keeps the strides of a
+non-contiguous tensor: a transposed chunk is stored column-major on disk.
+
+Layout of every entry point: a def that validates with the GIL held and
+raises the ValueError a user should see, a `with nogil:` block, and
+noexcept nogil helpers over raw pointers.
+"""
+
 from libc.stdlib cimport malloc, free, qsort
 from libc.string cimport memcpy
 from posix.types cimport off_t
