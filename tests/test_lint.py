@@ -20,7 +20,7 @@ import ckcore
 
 # The checkout (not the installed package, which has no .pyx and no tests).
 ROOT = Path(__file__).resolve().parent.parent
-PYTHON_DIRS = [d for d in ("ckcore", "tests", "bench") if (ROOT / d).is_dir()]
+PYTHON_DIRS = [d for d in ("ckcore", "tests", "bench", "examples", "scripts") if (ROOT / d).is_dir()]
 # pycodestyle errors and warnings, pyflakes, import order. Line length (E501) is left to
 # review: long f-string messages and parametrize tables read better unbroken.
 RUFF_ARGS = ["check", "--select", "E,W,F,I", "--ignore", "E501", "--no-cache"]
