@@ -1,0 +1,362 @@
+"""Object plumbing of rank 0's global save planning, compiled.
+
+``create_default_global_save_plan`` and ``dedup_save_plans`` in torch spend
+their time on Python objects: hashing ``MetadataIndex`` dataclasses,
+``dataclasses.replace`` (which runs ``__init__`` and, for torch's
+``MetadataIndex``, rebuilds a ``torch.Size``) and ``tensor_storage_size``
+calls, ~700 000 times at 1024 ranks. These loops do the same work with C
+bookkeeping: index keys are ``(fqn, offset)`` tuples (what the dataclass
+hashes and compares), new objects are made with ``type(old)`` and the old
+field values set directly, and storage sizes are computed from the dtype's
+item size once per dtype. Façade: :mod:`ckcore.global_plan`.
+"""
+
+import dataclasses
+import sys
+
+from libc.stdlib cimport calloc, free, malloc, realloc
+
+from ckcore._kernels._types cimport i64
+
+cdef extern from "Python.h":
+    int PyObject_GenericSetAttr(object o, object name, object value) except -1
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    typedef __int128 ck_i128;
+    static inline int ck_mul64(int64_t a, int64_t b, int64_t *r) {
+        return __builtin_mul_overflow(a, b, r);
+    }
+    /* object.__new__(cls) without the call machinery (cls must not override __new__). */
+    static PyObject* ck_new_instance(PyObject* cls) {
+        PyTypeObject* t = (PyTypeObject*)cls;
+        PyObject* args = PyTuple_New(0);
+        PyObject* r;
+        if (args == NULL) return NULL;
+        r = t->tp_new(t, args, NULL);
+        Py_DECREF(args);
+        return r;
+    }
+    """
+    ctypedef long long ck_i128
+    bint ck_mul64(i64 a, i64 b, i64* r) noexcept nogil
+    object ck_new_instance(object cls)
+
+cdef int TENSOR = 0
+cdef int SHARD = 1
+cdef int BYTE_IO = 2
+
+# class -> tuple of dataclass field names, or () when objects of that class
+# must be copied with dataclasses.replace (slots, custom __new__, not a dataclass).
+cdef dict _FIELDS = {}
+# WriteItemType member (ckcore's or torch's) -> TENSOR / SHARD / BYTE_IO
+cdef dict _CATS = {}
+
+
+cdef tuple _fields_of(type cls):
+    cdef object f = _FIELDS.get(cls)
+    if f is None:
+        f = ()
+        if (dataclasses.is_dataclass(cls) and cls.__new__ is object.__new__
+                and "__slots__" not in cls.__dict__
+                and all(fl.init for fl in dataclasses.fields(cls))
+                and getattr(cls, "__post_init__", None) is None):
+            f = tuple(fl.name for fl in dataclasses.fields(cls))
+        _FIELDS[cls] = f
+    return <tuple>f
+
+
+cdef object _replace1(object obj, str name, object value):
+    """dataclasses.replace(obj, **{name: value}), without running __init__."""
+    cdef type cls = type(obj)
+    cdef tuple names = _fields_of(cls)
+    cdef object new, n
+    if not names:
+        return dataclasses.replace(obj, **{name: value})
+    new = ck_new_instance(cls)
+    for n in names:
+        if n == name:
+            PyObject_GenericSetAttr(new, n, value)
+        else:
+            PyObject_GenericSetAttr(new, n, getattr(obj, n))
+    return new
+
+
+cdef int _category(object t) except -1:
+    cdef object c = _CATS.get(t)
+    if c is None:
+        name = getattr(t, "name", None)
+        if name == "TENSOR":
+            c = TENSOR
+        elif name == "SHARD":
+            c = SHARD
+        elif name == "BYTE_IO":
+            c = BYTE_IO
+        else:
+            raise TypeError(f"unknown write item type {t!r}")
+        _CATS[t] = c
+    return <int>c
+
+
+def create_global_save_plan(list all_plans, bint rewrite_index_hints,
+                            metadata_cls, tensor_md_cls, bytes_md_cls):
+    """See ckcore.global_plan.create_global_save_plan (torch's create_default_global_save_plan)."""
+    cdef dict md = {}
+    cdef dict chunk_lists = {}
+    cdef list new_plans = []
+    cdef list new_items, chunks
+    cdef int cat
+    cdef object items, item, index, fqn, td, tmd, chunk, new_item, hint, n
+    for plan in all_plans:
+        items = plan.items
+        new_items = []
+        for item in items:
+            cat = _category(item.type)
+            index = item.index
+            fqn = index.fqn
+            if cat != SHARD:
+                if fqn in md:
+                    raise AssertionError("item.index.fqn not in md")
+            if cat == BYTE_IO:
+                md[fqn] = bytes_md_cls()
+                chunk_lists.pop(fqn, None)
+                new_items.append(item)
+                continue
+            td = item.tensor_data
+            if td is None:
+                raise AssertionError("item.tensor_data is not None")
+            chunks = chunk_lists.get(fqn)
+            if chunks is None:
+                tmd = md.get(fqn)
+                if tmd is None:
+                    tmd = tensor_md_cls(properties=td.properties, size=td.size, chunks=[])
+                    md[fqn] = tmd
+                # A bytes entry has no .chunks: the same AttributeError as torch.
+                chunks = tmd.chunks
+                chunk_lists[fqn] = chunks
+            new_item = item
+            if rewrite_index_hints:
+                n = len(chunks)
+                hint = index.index
+                # An item whose hint is already right is reused: equal to the
+                # object torch would build, and free.
+                if hint is None or hint != n or type(hint) is not int:
+                    new_item = _replace1(item, "index", _replace1(index, "index", n))
+            chunk = td.chunk
+            if chunk is None:
+                raise AssertionError(f"""
+                    Cannot create MD for tensor without bounds.
+                    FQN: {index.fqn}
+                """)
+            chunks.append(chunk)
+            new_items.append(new_item)
+        new_plans.append(_replace1(plan, "items", new_items))
+    return new_plans, metadata_cls(md)
+
+
+# ------------------------------------------------------------------- dedup
+
+# item class -> function(dtype) -> itemsize, or None when the class's own
+# tensor_storage_size must be called.
+cdef dict _SIZE_RULE = {}
+cdef dict _ITEMSIZE = {}
+
+
+cdef object _size_rule(type cls):
+    if cls in _SIZE_RULE:
+        return _SIZE_RULE[cls]
+    rule = None
+    m = getattr(cls, "tensor_storage_size", None)
+    if m is not None and getattr(m, "__qualname__", "") == "WriteItem.tensor_storage_size":
+        mod = getattr(m, "__module__", "")
+        if mod == "ckcore.planner":
+            from ckcore.dtypes import itemsize
+            rule = itemsize
+        elif mod == "torch.distributed.checkpoint.planner":
+            rule = sys.modules["torch"]._utils._element_size
+    _SIZE_RULE[cls] = rule
+    return rule
+
+
+cdef int _storage_size(object item, i64* out) except -1:
+    # `item.tensor_storage_size() or 1` as an int64; returns 1 if it does not
+    # fit (the caller then falls back to Python ints).
+    cdef object rule = _size_rule(type(item))
+    cdef object td, v, isz
+    cdef i64 numel = 1, x
+    if rule is None:
+        v = item.tensor_storage_size() or 1
+        if v > 0x7FFFFFFFFFFFFFFF or v < -0x8000000000000000:
+            return 1
+        out[0] = v
+        return 0
+    td = item.tensor_data
+    if td is None:
+        out[0] = 1
+        return 0
+    for v in td.size:
+        x = v
+        if ck_mul64(numel, x, &numel):
+            return 1
+    dt = td.properties.dtype
+    isz = _ITEMSIZE.get((rule, dt))
+    if isz is None:
+        isz = rule(dt)
+        _ITEMSIZE[(rule, dt)] = isz
+    x = isz
+    if ck_mul64(numel, x, &numel):
+        return 1
+    out[0] = numel if numel != 0 else 1
+    return 0
+
+
+def _dedup_python(list all_plans, bint save_to_lowest_rank):
+    """torch's algorithm with Python ints, ties to the lowest rank (exact-size fallback)."""
+    holders = {}
+    item_of = {}
+    for p, plan in enumerate(all_plans):
+        for item in plan.items:
+            key = (item.index.fqn, item.index.offset)
+            hs = holders.setdefault(key, [])
+            if not hs or hs[len(hs) - 1] != p:
+                hs.append(p)
+            item_of[key] = item
+    size = [0] * len(all_plans)
+    selected = {}
+    for key, hs in holders.items():
+        if save_to_lowest_rank:
+            c = hs[0]
+        else:
+            c = min(hs, key=lambda p: size[p])  # first minimum: lowest rank
+        size[c] += item_of[key].tensor_storage_size() or 1
+        selected[key] = c
+    return [
+        _replace1(plan, "items", [it for it in plan.items
+                                  if selected[(it.index.fqn, it.index.offset)] == p])
+        for p, plan in enumerate(all_plans)
+    ]
+
+
+cdef struct Ent:
+    i64 first      # first plan holding the entry
+    i64 last       # last plan holding it (holders are visited in ascending order)
+    i64 nholders
+    i64 selected
+
+
+def dedup_save_plans(list all_plans, bint save_to_lowest_rank):
+    """See ckcore.global_plan.dedup_save_plans (torch's dedup_save_plans)."""
+    cdef Py_ssize_t P = len(all_plans), p, k, nitems, total = 0, pos, e, n_ent = 0, cap = 0
+    cdef Py_ssize_t last_dup = -1
+    cdef dict ent = {}
+    cdef dict dups = {}
+    cdef list ent_item = []
+    cdef list plan_items = []
+    cdef list hs, new_items, items
+    cdef Ent* ents = NULL
+    cdef Ent* grown
+    cdef i64* eid = NULL
+    cdef i64* start = NULL
+    cdef ck_i128* plan_size = NULL
+    cdef unsigned char* touched = NULL
+    cdef i64 sz, c, h
+    cdef object key, idx, got
+    try:
+        for p in range(P):
+            items = all_plans[p].items
+            if type(items) is not list:
+                items = list(items)
+            plan_items.append(items)
+            total += len(items)
+        eid = <i64*>malloc((total + 1) * sizeof(i64))
+        start = <i64*>malloc((P + 1) * sizeof(i64))
+        touched = <unsigned char*>calloc(P + 1, 1)
+        if eid == NULL or start == NULL or touched == NULL:
+            raise MemoryError()
+        pos = 0
+        for p in range(P):
+            start[p] = pos
+            items = <list>plan_items[p]
+            for item in items:
+                idx = item.index
+                key = (idx.fqn, idx.offset)
+                got = ent.get(key)
+                if got is None:
+                    e = n_ent
+                    if n_ent == cap:
+                        cap = 1024 if cap == 0 else 2 * cap
+                        grown = <Ent*>realloc(ents, cap * sizeof(Ent))
+                        if grown == NULL:
+                            raise MemoryError()
+                        ents = grown
+                    ents[e].first = p
+                    ents[e].last = p
+                    ents[e].nholders = 1
+                    ents[e].selected = p
+                    ent[key] = e
+                    ent_item.append(item)
+                    n_ent += 1
+                else:
+                    e = <Py_ssize_t>got
+                    # torch maps each index to the last item seen with it.
+                    ent_item[e] = item
+                    if ents[e].last != p:
+                        if ents[e].nholders == 1:
+                            dups[e] = [ents[e].first, p]
+                        else:
+                            (<list>dups[e]).append(p)
+                        ents[e].nholders += 1
+                        ents[e].last = p
+                        if e > last_dup:
+                            last_dup = e
+                eid[pos] = e
+                pos += 1
+        start[P] = pos
+        if last_dup < 0:
+            # Nothing is duplicated: every plan keeps its items.
+            return [_replace1(all_plans[p], "items", list(<list>plan_items[p])) for p in range(P)]
+        plan_size = <ck_i128*>calloc(P + 1, sizeof(ck_i128))
+        if plan_size == NULL:
+            raise MemoryError()
+        # Entries after the last duplicated one stay where they are; sizes
+        # are only needed up to it.
+        for e in range(last_dup + 1):
+            if ents[e].nholders == 1:
+                if not save_to_lowest_rank:
+                    if _storage_size(ent_item[e], &sz):
+                        return _dedup_python(all_plans, save_to_lowest_rank)
+                    plan_size[ents[e].first] += sz
+                continue
+            hs = <list>dups[e]
+            c = hs[0]
+            if not save_to_lowest_rank:
+                if _storage_size(ent_item[e], &sz):
+                    return _dedup_python(all_plans, save_to_lowest_rank)
+                for k in range(1, len(hs)):
+                    h = hs[k]
+                    if plan_size[h] < plan_size[c]:
+                        c = h
+                plan_size[c] += sz
+            ents[e].selected = c
+            for k in range(len(hs)):
+                touched[<i64>hs[k]] = 1
+        out = []
+        for p in range(P):
+            items = <list>plan_items[p]
+            if not touched[p]:
+                new_items = list(items)
+            else:
+                new_items = []
+                nitems = len(items)
+                for k in range(nitems):
+                    if ents[eid[start[p] + k]].selected == p:
+                        new_items.append(items[k])
+            out.append(_replace1(all_plans[p], "items", new_items))
+        return out
+    finally:
+        free(ents)
+        free(eid)
+        free(start)
+        free(plan_size)
+        free(touched)

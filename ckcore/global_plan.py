@@ -1,0 +1,210 @@
+"""Rank 0's global save planning: dedup, global plan + metadata, validation.
+
+DCP runs these three steps on the coordinator rank once per save, over every
+rank's plan (``_dedup_save_plans.dedup_save_plans``,
+``default_planner.create_default_global_save_plan`` and
+``default_planner._validate_global_plan``). At 1024+ ranks they dominate the
+save's planning time. This module gives the same results as torch's functions
+with the loops in compiled kernels (``ckcore._kernels._validate`` for the
+chunk checks, ``ckcore._kernels._gplan`` for the object plumbing).
+
+Every function takes ckcore's plan objects (:mod:`ckcore.planner`) or torch's,
+duck-typed, and returns objects of the classes it was given: a new
+``WriteItem`` or ``MetadataIndex`` is made with ``type(old)`` and the old
+object's fields, bypassing ``__init__`` and the frozen ``__setattr__`` (the
+result equals ``dataclasses.replace``'s: same class, same field values, the
+one field changed). Objects without a ``__dict__`` (``__slots__`` classes) go
+through ``dataclasses.replace`` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ckcore._kernels import _gplan
+from ckcore._kernels._validate import _check_tensor, _read_chunks
+from ckcore.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+
+__all__ = [
+    "MetadataTypes",
+    "CKCORE_TYPES",
+    "create_global_save_plan",
+    "validate_global_plan",
+    "dedup_save_plans",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MetadataTypes:
+    """The classes :func:`create_global_save_plan` builds its metadata with.
+
+    ckcore's own by default; the torch integration passes torch's
+    ``Metadata``, ``TensorStorageMetadata`` and ``BytesStorageMetadata`` to get
+    torch objects back. Each is called with torch's keyword arguments
+    (``Metadata(state_dict_metadata)``,
+    ``TensorStorageMetadata(properties=, size=, chunks=)``,
+    ``BytesStorageMetadata()``).
+    """
+
+    metadata: Any = Metadata
+    tensor_storage: Any = TensorStorageMetadata
+    bytes_storage: Any = BytesStorageMetadata
+
+
+CKCORE_TYPES = MetadataTypes()
+
+
+def create_global_save_plan(
+    all_plans: Sequence[Any],
+    rewrite_index_hints: bool = True,
+    *,
+    types: MetadataTypes = CKCORE_TYPES,
+) -> tuple[list[Any], Any]:
+    """Build the global plan and checkpoint metadata, as torch's ``create_default_global_save_plan``.
+
+    Every fqn's metadata collects its write items' chunks in plan order
+    (``TensorStorageMetadata`` from the first item's properties and size;
+    ``BytesStorageMetadata`` for bytes items). With ``rewrite_index_hints``
+    each tensor item's ``index.index`` becomes its chunk's position in that
+    list:
+
+    >>> from ckcore.planner import SavePlan
+    >>> plans, md = create_global_save_plan([SavePlan([]), SavePlan([])])
+    >>> md.state_dict_metadata
+    {}
+
+    Raises ``AssertionError`` exactly where torch does: a second non-shard
+    item for an fqn, a tensor item without ``tensor_data`` or without a
+    chunk. Returned plans and items keep the input classes; the metadata
+    classes come from ``types`` (see :class:`MetadataTypes`).
+    """
+    return _gplan.create_global_save_plan(
+        list(all_plans),
+        bool(rewrite_index_hints),
+        types.metadata,
+        types.tensor_storage,
+        types.bytes_storage,
+    )
+
+
+def dedup_save_plans(all_plans: Sequence[Any], save_to_lowest_rank: bool = False) -> list[Any]:
+    """Keep each write item duplicated across plans on one plan only, as torch's ``dedup_save_plans``.
+
+    Items are visited in first-seen order (plan by plan); a duplicated item
+    stays on the holder with the smallest planned size so far (global tensor
+    bytes, ``WriteItem.tensor_storage_size()``, or 1 for bytes items and
+    empty tensors), or on the lowest holder with ``save_to_lowest_rank``.
+    Size ties go to the lowest rank. torch breaks ties by the iteration order
+    of a Python ``set`` of ranks, which is ascending on up to 8 ranks (where
+    the two agree exactly) and hash-table order beyond; ckcore's rule is
+    deterministic and documented instead.
+
+    Returns new plans of the input plans' class (``dataclasses.replace``
+    semantics: only ``items`` changes); the items themselves are shared.
+    """
+    return _gplan.dedup_save_plans(list(all_plans), bool(save_to_lowest_rank))
+
+
+def _is_tensor_storage(value: Any) -> bool:
+    # Duck-typed isinstance(value, TensorStorageMetadata) for ckcore's or torch's
+    # classes; everything else (BytesStorageMetadata) is skipped as torch does.
+    return hasattr(value, "chunks") and hasattr(value, "size")
+
+
+def _torch_order(offs: np.ndarray, sizes: np.ndarray, tsize: Sequence[int], pairs: np.ndarray):
+    """Order overlapping pairs as torch's sweep reports them: (current, other) rows.
+
+    torch sorts chunks by (offset on the largest dimension, then all offsets),
+    stable, sweeps, and for each chunk (``current``) reports the active
+    earlier chunks (``other``) in (end on that dimension, index) order.
+    """
+    ndim = offs.shape[1]
+    sweep = max(range(ndim), key=lambda d: tsize[d])
+    keys = [offs[:, d] for d in reversed(range(ndim))] + [offs[:, sweep]]
+    order = np.lexsort(keys)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    a, b = pairs[:, 0], pairs[:, 1]
+    a_later = rank[a] > rank[b]
+    cur = np.where(a_later, a, b)
+    oth = np.where(a_later, b, a)
+    # end on the sweep dimension: exact in int64 (offset + size was checked).
+    end = offs[:, sweep] + sizes[:, sweep]
+    perm = np.lexsort((oth, end[oth], rank[cur]))
+    return cur[perm], oth[perm]
+
+
+def validate_global_plan(global_plan: Sequence[Any], metadata: Any) -> list[str]:
+    """Return torch's ``_validate_global_plan`` findings (an empty list if the plan is sound).
+
+    For every tensor of ``metadata.state_dict_metadata`` (0-d tensors and
+    bytes are skipped, as torch does): each out-of-bounds chunk (negative
+    offset or size, or past the tensor's size), each overlapping pair of
+    chunks (torch's predicate: an empty chunk strictly inside another
+    overlaps it), and, when there is more than one plan, a mismatch between
+    the tensor's volume and the sum of its chunks' volumes. Messages are
+    torch's, formatted with the ``repr`` of the objects given (so torch's
+    objects give torch's exact strings), in torch's order, each also logged
+    as a warning.
+
+    Cost is linear for regular grids and layouts whose per-dimension cuts
+    are disjoint (regular, irregular, MoE), and follows the output when
+    chunks do overlap; volumes are exact (never wrap).
+
+    Raises TypeError for chunks that are not objects with integer
+    ``.offsets``/``.sizes``, ValueError for a chunk whose number of
+    dimensions differs from the tensor's (torch crashes or silently ignores
+    the extra dimensions) or whose values or offset + size fall outside
+    int64; negative values are reported as out of bounds, as torch does.
+    """
+    errors: list[str] = []
+    multi = len(global_plan) > 1
+    for key, value in metadata.state_dict_metadata.items():
+        if not _is_tensor_storage(value):
+            continue
+        size = value.size
+        ndim = len(size)
+        if ndim == 0:
+            continue
+        chunks = value.chunks
+        if not isinstance(chunks, list):
+            chunks = list(chunks)
+        tsize = np.empty(ndim, dtype=np.int64)
+        for d, v in enumerate(size):
+            try:
+                tsize[d] = v
+            except (OverflowError, TypeError, ValueError):
+                raise ValueError(f"key:{key} tensor size {size!r} is not a tuple of int64") from None
+        offs, sizes = _read_chunks(key, chunks, ndim)
+        oob, chunks_volume, pairs = _check_tensor(offs, sizes, tsize)
+        for i in oob.tolist():
+            msg = f"key:{key} has out of bounds chunk: tensor-size:{size} chunk: {chunks[i]}"
+            logger.warning(msg)
+            errors.append(msg)
+        if len(pairs):
+            cur, oth = _torch_order(offs, sizes, size, pairs)
+            for i, j in zip(cur.tolist(), oth.tolist()):
+                msg = f"key:{key} has overlapping chunks: {chunks[i]} {chunks[j]}"
+                logger.warning(msg)
+                errors.append(msg)
+        if multi:
+            if chunks_volume is None:
+                # Some chunk's volume overflows int64: exact Python ints.
+                chunks_volume = sum(math.prod(c.sizes) for c in chunks)
+            tensor_volume = math.prod(size)
+            if chunks_volume != tensor_volume:
+                msg = (
+                    f"key:{key} invalid fill tensor-volume: "
+                    f"{tensor_volume} chunks-volume: {chunks_volume}"
+                )
+                logger.warning(msg)
+                errors.append(msg)
+    return errors
