@@ -25,7 +25,8 @@ import argparse
 import json
 import statistics
 import sys
-from typing import IO, Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import IO, Any
 
 
 class CompareError(ValueError):
@@ -84,7 +85,7 @@ def load_ratios(path: str) -> dict[str, dict[str, dict[str, Any]]]:
     return table
 
 
-def _ratio(row: Optional[dict]) -> Optional[float]:
+def _ratio(row: dict | None) -> float | None:
     if row is None:
         return None
     r = row.get("ratio_vs_torch")
@@ -128,7 +129,7 @@ def compare(base: dict, new: dict, tolerance: float = 0.25) -> list[dict[str, An
     return rows
 
 
-def _fmt_ratio(r: Optional[float]) -> str:
+def _fmt_ratio(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}x"
 
 
@@ -149,7 +150,7 @@ def print_table(rows: list[dict[str, Any]], out: IO[str]) -> None:
                             for i, c in enumerate(line)).rstrip() + "\n")
 
 
-def main(argv: Optional[Sequence[str]] = None, out: IO[str] = sys.stdout,
+def main(argv: Sequence[str] | None = None, out: IO[str] = sys.stdout,
          err: IO[str] = sys.stderr) -> int:
     """Command-line entry point; returns the exit status (see the module docstring)."""
     p = argparse.ArgumentParser(

@@ -37,14 +37,13 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import IO, Any, Optional
+from typing import IO, Any
 
 import numpy as np
 
 from .checkpoint import Checkpoint, CheckpointError
 from .dtypes import itemsize
 from .metadata import (
-    BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
@@ -53,14 +52,14 @@ from .metadata import (
 )
 
 __all__ = [
-    "main",
-    "inspect_checkpoint",
-    "validate_checkpoint",
-    "parse_layout_rules",
-    "resolve_layouts",
-    "plan_reads",
-    "run_demo",
     "COALESCING",
+    "inspect_checkpoint",
+    "main",
+    "parse_layout_rules",
+    "plan_reads",
+    "resolve_layouts",
+    "run_demo",
+    "validate_checkpoint",
 ]
 
 #: How ``plan`` counts read calls. ckcore.ranges (byte ranges inside a stored
@@ -81,7 +80,7 @@ class UsageError(ValueError):
 # --------------------------------------------------------------------------
 
 
-def _human(n: Optional[int]) -> str:
+def _human(n: int | None) -> str:
     """Bytes as a short human string with binary units (exact bytes stay in --json)."""
     if n is None:
         return "-"
@@ -235,7 +234,7 @@ def inspect_checkpoint(ck: Checkpoint) -> dict[str, Any]:
     n_chunks = 0
     for fqn, item in md.state_dict_metadata.items():
         if type(item) is TensorStorageMetadata:
-            stored: Optional[int] = 0
+            stored: int | None = 0
             for c in item.chunks:
                 info = storage.get(MetadataIndex(fqn, c.offsets))
                 if info is None or stored is None:
@@ -385,9 +384,9 @@ def parse_layout_rules(specs: Sequence[str]) -> list[tuple[str, tuple[Any, ...]]
 def resolve_layouts(
     md: Metadata,
     *,
-    mesh: Optional[Sequence[int]] = None,
+    mesh: Sequence[int] | None = None,
     rules: Sequence[tuple[str, tuple[Any, ...]]] = (),
-    world_size: Optional[int] = None,
+    world_size: int | None = None,
     shard_dim: int = 0,
 ) -> tuple[tuple[int, ...], dict[str, tuple[tuple[int, ...], tuple[Any, ...]]]]:
     """The target layout of every tensor: ``(mesh, {fqn: (global shape, placements)})``.
@@ -486,7 +485,7 @@ def plan_reads(
     ck: Checkpoint,
     mesh: Sequence[int],
     layouts: Mapping[str, tuple[Sequence[int], Any]],
-    progress: Optional[Progress] = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Every rank's reads to load ``ck`` at a target layout (the ``--json`` form of ``ckcore plan``).
 
@@ -636,7 +635,7 @@ def _print_plan(report: dict[str, Any], out: IO[str], top: int) -> None:
 class _SyntheticCheckpoint(Checkpoint):
     """A Checkpoint built in memory (metadata + storage), for the demo: no files."""
 
-    def __init__(self, md: Metadata, files: dict[str, int], name: str) -> None:  # noqa: D107
+    def __init__(self, md: Metadata, files: dict[str, int], name: str) -> None:
         self.dir = name  # type: ignore[assignment]
         self.metadata_path = name  # type: ignore[assignment]
         self.metadata = md
@@ -661,7 +660,7 @@ def run_demo(
     load_tp: int = 8,
     use_torch: bool = True,
     repeat: int = 1,
-    progress: Optional[Progress] = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Plan a 70B-class model's save at FSDP-``save_fsdp`` and load at FSDP-``load_fsdp`` x TP-``load_tp``.
 
@@ -723,7 +722,7 @@ def run_demo(
         for r, (o, s) in enumerate(zip(offsets.tolist(), sizes.tolist())):
             local_chunks[r][fqn] = [ChunkStorageMetadata(tuple(o), tuple(s))]
 
-    timings: dict[str, dict[str, Optional[float]]] = {}
+    timings: dict[str, dict[str, float | None]] = {}
 
     def ck_save() -> tuple[list[Any], Metadata, list[str]]:
         deduped = dedup_save_plans(ck_plans)
@@ -821,7 +820,7 @@ def run_demo(
 
 
 def _time_torch(plans_items: list, local_chunks: list, dtype: str, repeat: int,
-                progress: Optional[Progress]) -> tuple[str, float, float, int]:
+                progress: Progress | None) -> tuple[str, float, float, int]:
     """Time torch's own planning functions on torch's objects for the demo's two steps."""
     import warnings
 
@@ -1040,8 +1039,8 @@ def _cmd_demo(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
 _COMMANDS = {"inspect": _cmd_inspect, "validate": _cmd_validate, "plan": _cmd_plan, "demo": _cmd_demo}
 
 
-def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[IO[str]] = None,
-         stderr: Optional[IO[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None,
+         stderr: IO[str] | None = None) -> int:
     """Run the ``ckcore`` command with ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
     Usable in-process (tests call ``main([...])``): it never calls
@@ -1068,7 +1067,7 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[IO[str]] = No
     except KeyboardInterrupt:
         err.write("ckcore: interrupted\n")
         return 130
-    except Exception as exc:  # noqa: BLE001 - the promise is no traceback, ever
+    except Exception as exc:
         if os.environ.get("CKCORE_DEBUG"):
             raise
         err.write(f"ckcore: internal error: {type(exc).__name__}: {_one_line(exc)} "

@@ -145,7 +145,7 @@ def test_bad_files_exit_2_with_one_line(tmp_path, content, message):
     bad = tmp_path / "bad.json"
     if content is not None:
         bad.write_text(content)
-    code, out, err = _run(good, str(bad))
+    code, _, err = _run(good, str(bad))
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
@@ -163,6 +163,6 @@ def test_script_runs_as_a_command(tmp_path):
     worse["reshard-grid"]["ckcore-items"] = 1.0
     new = _write(tmp_path, "b.json", worse)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compare.py"), base, new],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1
     assert "SLOWER" in proc.stdout and "-90.0%" in proc.stdout
