@@ -70,6 +70,11 @@ COALESCING = "whole storage items, per rank and file sorted by offset, touching/
 
 _I64_MAX = 2**63 - 1
 
+#: Largest target world ``plan`` accepts: its arrays hold a row per rank and
+#: tensor dim, so a typo such as ``--world-size 100000000`` would otherwise
+#: allocate gigabytes before failing.
+MAX_WORLD = 1 << 20
+
 
 class UsageError(ValueError):
     """Arguments that cannot work together (reported like any input error, exit status 2)."""
@@ -421,6 +426,25 @@ def resolve_layouts(
     return tuple(mesh), out
 
 
+def _check_byte_totals(ck: Checkpoint) -> None:
+    """Refuse metadata whose byte counts could overflow plan's int64 sums.
+
+    A rank reads at most every storage entry once and keeps at most every
+    tensor once (plus bytes items), so these two Python-int totals bound
+    every per-rank figure; a real checkpoint is far below 2**63 bytes, a
+    crafted ``.metadata`` may not be.
+    """
+    stored = 0
+    for key, info in ck.storage.items():
+        end = info.offset + info.length
+        if end > _I64_MAX:
+            raise CheckpointError(f"{key.fqn}: storage entry ends at byte {end}, beyond int64")
+        stored += info.length
+    kept = sum(_tensor_nbytes(fqn, t) for fqn, t in _tensor_items(ck.metadata)) + stored
+    if stored > _I64_MAX or kept > _I64_MAX:
+        raise CheckpointError("the checkpoint's byte counts add up to more than int64 holds")
+
+
 def _storage_table(ck: Checkpoint) -> dict[tuple[str, Any], Any]:
     """``{(fqn, offsets): StorageInfo}``: plain-tuple keys hash much faster than MetadataIndex."""
     return {(k.fqn, k.offset): v for k, v in ck.storage.items()}
@@ -505,7 +529,10 @@ def plan_reads(
 
     md = ck.metadata
     mesh = tuple(mesh)
-    world = int(np.prod(mesh, dtype=np.int64))
+    world = math.prod(mesh)
+    if not 1 <= world <= MAX_WORLD:
+        raise UsageError(f"mesh {_mesh(mesh)} has {world} ranks; ckcore plan handles 1 to {MAX_WORLD}")
+    _check_byte_totals(ck)
     file_ids: dict[str, int] = {}
     ranks_l, fid_l, off_l, len_l = [], [], [], []
     items = np.zeros(world, dtype=np.int64)
@@ -520,7 +547,6 @@ def plan_reads(
     for done, (fqn, item) in enumerate(tensors.items(), 1):
         shape, placements = layouts[fqn]
         elem = itemsize(item.properties.dtype)
-        _tensor_nbytes(fqn, item)  # every overlap's bytes then fit in int64
         try:
             sizes, offsets = local_shapes_and_offsets(shape, mesh, placements)
         except (TypeError, ValueError) as exc:
@@ -588,10 +614,11 @@ def plan_reads(
         "coalescing": COALESCING,
         "ranks": ranks,
         "totals": {
-            "read_items": int(items.sum()),
-            "read_calls": int(calls.sum()),
-            "bytes_read": int(nbytes.sum()),
-            "useful_bytes": int(useful.sum()),
+            # Python ints: world x per-rank bytes may pass int64.
+            "read_items": sum(items.tolist()),
+            "read_calls": sum(calls.tolist()),
+            "bytes_read": sum(nbytes.tolist()),
+            "useful_bytes": sum(useful.tolist()),
             "max_bytes_read": int(nbytes.max()) if world else 0,
             "min_bytes_read": int(nbytes.min()) if world else 0,
             "checkpoint_file_bytes": sum(v or 0 for v in ck.files.values()),
@@ -1025,6 +1052,9 @@ def _cmd_demo(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     for name in ("layers", "save_fsdp", "load_fsdp", "load_tp", "repeat"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    # The demo builds Python plan objects for every rank and tensor: keep it a demo.
+    if args.save_fsdp > 4096 or args.load_fsdp * args.load_tp > 4096 or args.layers > 1000:
+        raise UsageError("demo sizes are capped at 4096 ranks per job and 1000 layers")
     report = run_demo(layers=args.layers, save_fsdp=args.save_fsdp, load_fsdp=args.load_fsdp,
                       load_tp=args.load_tp, use_torch=not args.no_torch, repeat=args.repeat,
                       progress=Progress(err, args.progress))

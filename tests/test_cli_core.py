@@ -485,3 +485,28 @@ def test_cli_never_imports_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_plan_refuses_byte_counts_beyond_int64():
+    ck = Checkpoint(SHARDED)
+    info = ck.storage[MetadataIndex("embed.weight", (0, 0))]
+    info.offset = 2**63 - 100  # a crafted entry: offset and length fit, their sum does not
+    mesh, layouts = resolve_layouts(ck.metadata, world_size=2)
+    with pytest.raises(ValueError, match=r"embed.weight: storage entry ends at byte 92233720368547\d+, beyond int64"):
+        plan_reads(ck, mesh, layouts)
+    problems = validate_checkpoint(ck)
+    assert any(p.startswith("embed.weight: bytes [9223372036854775708,") for p in problems)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["plan", SHARDED, "--world-size", str(2**21)], "ckcore plan handles 1 to 1048576"),
+        (["plan", SHARDED, "--mesh", "2048x1024", "--layout", "R,R"], "has 2097152 ranks"),
+        (["demo", "--save-fsdp", "5000", "--no-torch"], "capped"),
+    ],
+)
+def test_sizes_that_would_exhaust_memory_are_refused(argv, message):
+    code, out, err = run(*argv)
+    assert code == 2 and out == ""
+    assert message in one_error_line(err)
