@@ -556,7 +556,7 @@ def plan_reads(
         if not item.chunks:
             continue
         saved = _saved_storage(table, fqn, item, file_ids)
-        hits = intersect_chunks((offsets, sizes), ck.metadata.state_dict_metadata[fqn].chunks,
+        hits = intersect_chunks((offsets, sizes), item.chunks,
                                 fqn=fqn, ndim=len(shape))
         if len(hits):
             r = hits.local_index

@@ -30,11 +30,12 @@ from torch.distributed.checkpoint import planner_helpers as tph
 from torch.distributed.checkpoint.default_planner import _validate_global_plan
 from torch.distributed.checkpoint.planner import SavePlan as TorchSavePlan
 
+import ckcore
 from ckcore.cli import main
 from ckcore.layout import chunks_for_mesh
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+CKCORE_HOME = os.path.dirname(os.path.dirname(os.path.abspath(ckcore.__file__)))
 
 
 def run(*argv):
@@ -373,7 +374,8 @@ def test_demo_times_torch_side_by_side():
 
 
 def test_python_dash_m_entry_point(saved, tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # The ckcore under test (source tree or installed wheel), not whatever cwd holds.
+    env = dict(os.environ, PYTHONPATH=CKCORE_HOME + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
     def ckcore(*argv):
         return subprocess.run([sys.executable, "-m", "ckcore", *map(str, argv)], capture_output=True,

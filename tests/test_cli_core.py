@@ -21,6 +21,7 @@ import sys
 import numpy as np
 import pytest
 
+import ckcore
 from ckcore.checkpoint import Checkpoint, load_metadata
 from ckcore.cli import (
     COALESCING,
@@ -36,7 +37,7 @@ from ckcore.dtypes import itemsize
 from ckcore.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+CKCORE_HOME = os.path.dirname(os.path.dirname(os.path.abspath(ckcore.__file__)))
 SMALL = os.path.join(HERE, "data", "dcp_small")
 SHARDED = os.path.join(HERE, "data", "dcp_sharded")
 
@@ -481,7 +482,8 @@ def test_cli_never_imports_torch():
         " '--no-torch']) == 0\n"
         "assert 'torch' not in sys.modules, 'the CLI imported torch'\n"
     )
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # The ckcore under test (source tree or installed wheel), not whatever cwd holds.
+    env = dict(os.environ, PYTHONPATH=CKCORE_HOME + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
