@@ -310,7 +310,7 @@ def _print_inspect(report: dict[str, Any], out: IO[str]) -> None:
 # --------------------------------------------------------------------------
 
 
-def validate_checkpoint(ck: Checkpoint) -> list[str]:
+def validate_checkpoint(ck: Checkpoint, progress: Progress | None = None) -> list[str]:
     """Every problem of a checkpoint on disk, one message each; empty when it is sound.
 
     Global checks are :func:`ckcore.global_plan.validate_global_plan`'s
@@ -330,13 +330,22 @@ def validate_checkpoint(ck: Checkpoint) -> list[str]:
     problems: list[str] = []
     # Two plans make validate_global_plan check the fill (see docstring).
     two_plans = [SavePlan([]), SavePlan([])]
+    tensors = list(_tensor_items(md))
+    if progress:
+        progress.start("validating", len(tensors))
     with _quiet_validation_logger():
-        for fqn, item in _tensor_items(md):
+        # One tensor at a time, so a tensor the kernel refuses (ValueError)
+        # becomes a reported problem and the others are still checked.
+        for done, (fqn, item) in enumerate(tensors, 1):
             one = Metadata({fqn: item})
             try:
                 problems.extend(validate_global_plan(two_plans, one))
             except (ValueError, TypeError) as exc:
                 problems.append(f"key:{fqn} cannot be validated: {exc}")
+            if progress:
+                progress.update(done)
+    if progress:
+        progress.done()
     problems.extend(ck.problems())
     for fqn, item in _tensor_items(md):
         size = itemsize(item.properties.dtype)
@@ -999,7 +1008,7 @@ def _cmd_inspect(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
 
 def _cmd_validate(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     ck = open_checkpoint(args.path)
-    problems = validate_checkpoint(ck)
+    problems = validate_checkpoint(ck, Progress(err, args.progress))
     if args.json:
         json.dump({"path": str(ck.dir), "ok": not problems, "problems": problems}, out, indent=1)
         out.write("\n")
