@@ -31,6 +31,7 @@ such a rank no chunk (an empty list).
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -61,7 +62,9 @@ __all__ = [
     "chunks_for_mesh",
     "chunks_for_rank",
     "job_layouts",
+    "job_layout_at",
     "job_chunks",
+    "job_rank_chunks",
 ]
 
 _I64_MAX = 2**63 - 1
@@ -238,6 +241,11 @@ def _parse_int(text: str, item: str) -> int:
     return int(text)
 
 
+@functools.lru_cache(maxsize=1024)
+def _parse_cached(text: str) -> tuple[Placement, ...]:
+    return _parse(text)
+
+
 def parse_placements(text: str) -> tuple[Placement, ...]:
     """Parse a compact, comma-separated placement list, one entry per mesh dim.
 
@@ -257,6 +265,10 @@ def parse_placements(text: str) -> tuple[Placement, ...]:
     """
     if not isinstance(text, str):
         raise TypeError(f"placements text must be a str, got {type(text).__name__}")
+    return _parse_cached(text)
+
+
+def _parse(text: str) -> tuple[Placement, ...]:
     if not text.strip():
         raise ValueError("empty placement list; give one placement per mesh dim, e.g. 'S(0),R'")
     result: list[Placement] = []
@@ -327,6 +339,9 @@ def parse_mesh_shape(text: str) -> tuple[int, ...]:
 
 
 def _as_int_tuple(value: Any, what: str) -> tuple[int, ...]:
+    # Fast path for the common case (a tuple of plain ints, torch.Size included).
+    if isinstance(value, tuple) and all(type(v) is int for v in value):
+        return tuple(value)
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise TypeError(f"{what} must be a sequence of integers, got {type(value).__name__} {value!r}")
     if isinstance(value, np.ndarray) and value.ndim != 1:
@@ -348,7 +363,13 @@ def _check_global_shape(shape: tuple[int, ...]) -> None:
         raise ValueError(f"global shape {shape} has {volume} elements, more than fit in int64")
 
 
+_MAX_MESH_DIMS = 64  # the kernel keeps per-mesh-dim scratch on the stack
+
+
 def _check_mesh_shape(mesh_shape: tuple[int, ...]) -> None:
+    if len(mesh_shape) > _MAX_MESH_DIMS:
+        raise ValueError(
+            f"mesh shape has {len(mesh_shape)} dims; at most {_MAX_MESH_DIMS} are supported")
     volume = 1
     for i, n in enumerate(mesh_shape):
         if n < 1:
@@ -358,20 +379,24 @@ def _check_mesh_shape(mesh_shape: tuple[int, ...]) -> None:
         raise ValueError(f"mesh shape {mesh_shape} has more than 2**63 coordinates")
 
 
-def _encode(
-    global_shape: Any, mesh_shape: Any, placements: Any
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    shape = _as_int_tuple(global_shape, "global shape")
-    mesh = _as_int_tuple(mesh_shape, "mesh shape")
-    _check_global_shape(shape)
-    _check_mesh_shape(mesh)
-    places = to_placements(placements)
-    if len(places) != len(mesh):
-        raise ValueError(
-            f"{len(places)} placements ({format_placements(places)}) for a mesh of "
-            f"{len(mesh)} dims {mesh}; give exactly one placement per mesh dim"
-        )
+# Encoded placement arrays by (placements, ndim): a job has a handful of
+# distinct placement lists shared by hundreds of tensors. The arrays are
+# read-only because they are shared.
+_ENCODED: dict[tuple[tuple[Placement, ...], int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+_ENCODED_MAX = 4096
+
+
+def _encode_placements(
+    places: tuple[Placement, ...], shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ndim = len(shape)
+    try:
+        key = (places, ndim)
+        cached = _ENCODED.get(key)
+    except TypeError:  # a placement with an unhashable field: validation below names it
+        key, cached = None, None
+    if cached is not None:
+        return cached
     kinds, dims, sfs = [], [], []
     for i, p in enumerate(places):
         kinds.append(_KIND[type(p)])
@@ -393,14 +418,34 @@ def _encode(
             sfs.append(sf)
         else:
             sfs.append(1)
-    i64 = np.int64
-    return (
-        np.array(shape, dtype=i64),
-        np.array(mesh, dtype=i64),
-        np.array(kinds, dtype=i64),
-        np.array(dims, dtype=i64),
-        np.array(sfs, dtype=i64),
-    )
+    encoded = tuple(np.array(v, dtype=np.int64) for v in (kinds, dims, sfs))
+    for arr in encoded:
+        arr.flags.writeable = False
+    if key is not None:
+        if len(_ENCODED) >= _ENCODED_MAX:
+            _ENCODED.clear()
+        _ENCODED[key] = encoded  # type: ignore[assignment]
+    return encoded  # type: ignore[return-value]
+
+
+def _encode(
+    global_shape: Any, mesh_shape: Any, placements: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    shape = _as_int_tuple(global_shape, "global shape")
+    mesh = _as_int_tuple(mesh_shape, "mesh shape")
+    _check_global_shape(shape)
+    _check_mesh_shape(mesh)
+    if isinstance(placements, tuple) and all(type(p) in _KIND for p in placements):
+        places = placements
+    else:
+        places = to_placements(placements)
+    if len(places) != len(mesh):
+        raise ValueError(
+            f"{len(places)} placements ({format_placements(places)}) for a mesh of "
+            f"{len(mesh)} dims {mesh}; give exactly one placement per mesh dim"
+        )
+    kinds, dims, sfs = _encode_placements(places, shape)
+    return np.array(shape, dtype=np.int64), np.array(mesh, dtype=np.int64), kinds, dims, sfs
 
 
 def _in_context(fqn: Union[str, None], exc: Exception) -> Exception:
@@ -567,27 +612,28 @@ def chunks_for_rank(
     return [chunk_for_coordinate(global_shape, mesh, placements, coordinate)]
 
 
-def job_layouts(
-    tensors: Mapping[str, tuple[Sequence[int], Any]], mesh_shape: Sequence[int]
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Every tensor's :func:`local_shapes_and_offsets` on one mesh: ``{fqn: (sizes, offsets)}``.
+_Group = tuple[list[str], list[tuple[int, ...]], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
-    ``tensors`` maps each fqn to ``(global_shape, placements)``; placements
-    may be ckcore's, torch's, or a compact string. Errors name the fqn.
-    """
+
+def _group_job(tensors: Any, mesh: tuple[int, ...]) -> tuple[list[str], list[_Group]]:
+    # Validate every entry (errors name the fqn) and group the tensors that
+    # share a rank and a placement list, so that each group is one kernel
+    # call over a (T, ndim) array of shapes instead of T Python-level calls.
     if not isinstance(tensors, Mapping):
-        raise TypeError(f"tensors must be a mapping fqn -> (global_shape, placements), got {type(tensors).__name__}")
-    mesh = _as_int_tuple(mesh_shape, "mesh shape")
-    _check_mesh_shape(mesh)
-    # Many tensors share one placement list (every layer's weights); convert
-    # each distinct list once. Unhashable placement objects skip the cache.
+        raise TypeError(
+            f"tensors must be a mapping fqn -> (global_shape, placements), got {type(tensors).__name__}")
     converted: dict[Any, tuple[Placement, ...]] = {}
-    result: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    groups: dict[Any, _Group] = {}
+    order: list[str] = []
     for fqn, entry in tensors.items():
         try:
             if not isinstance(entry, (tuple, list)) or len(entry) != 2:
                 raise TypeError(f"expected (global_shape, placements), got {entry!r}")
-            shape, placements = entry
+            shape_in, placements = entry
+            shape = _as_int_tuple(shape_in, "global shape")
+            _check_global_shape(shape)
+            # Many tensors share one placement list (every layer's weights):
+            # convert each distinct list once; unhashable ones skip the cache.
             try:
                 key = placements if isinstance(placements, str) else tuple(placements)
                 places = converted.get(key)
@@ -595,10 +641,91 @@ def job_layouts(
                     places = converted[key] = to_placements(placements)
             except TypeError:
                 places = to_placements(placements)
-            result[fqn] = _layout.layout_all(*_encode(shape, mesh, places))
+            if len(places) != len(mesh):
+                raise ValueError(
+                    f"{len(places)} placements ({format_placements(places)}) for a mesh of "
+                    f"{len(mesh)} dims {mesh}; give exactly one placement per mesh dim"
+                )
+            encoded = _encode_placements(places, shape)
         except (TypeError, ValueError) as exc:
             raise _in_context(fqn, exc) from None
-    return result
+        # Encoded arrays are cached per (placements, ndim): their identity is the group key.
+        group = groups.get(id(encoded[0]))
+        if group is None:
+            group = groups[id(encoded[0])] = ([], [], encoded)
+        group[0].append(fqn)
+        group[1].append(shape)
+        order.append(fqn)
+    return order, list(groups.values())
+
+
+def _shapes_array(shapes: list[tuple[int, ...]]) -> np.ndarray:
+    ndim = len(shapes[0])
+    return np.array(shapes, dtype=np.int64).reshape(len(shapes), ndim)
+
+
+def job_layouts(
+    tensors: Mapping[str, tuple[Sequence[int], Any]], mesh_shape: Sequence[int]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every tensor's :func:`local_shapes_and_offsets` on one mesh: ``{fqn: (sizes, offsets)}``.
+
+    ``tensors`` maps each fqn to ``(global_shape, placements)``; placements
+    may be ckcore's, torch's, or a compact string. Each value is a pair of
+    ``(prod(mesh_shape), ndim)`` int64 arrays (views into one array per group
+    of tensors that share a rank and placements). Errors name the fqn.
+    """
+    mesh = _as_int_tuple(mesh_shape, "mesh shape")
+    _check_mesh_shape(mesh)
+    mesh_arr = np.array(mesh, dtype=np.int64)
+    order, groups = _group_job(tensors, mesh)
+    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for fqns, shapes, (kinds, dims, sfs) in groups:
+        sizes, offsets = _layout.layout_all_many(_shapes_array(shapes), mesh_arr, kinds, dims, sfs)
+        for t, fqn in enumerate(fqns):
+            found[fqn] = (sizes[t], offsets[t])
+    return {fqn: found[fqn] for fqn in order}
+
+
+def job_layout_at(
+    tensors: Mapping[str, tuple[Sequence[int], Any]],
+    mesh_shape: Sequence[int],
+    coordinate: Sequence[int],
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Every tensor's ``(local_shape, global_offset)`` at one mesh coordinate (one rank's view of a job)."""
+    mesh = _as_int_tuple(mesh_shape, "mesh shape")
+    _check_mesh_shape(mesh)
+    mesh_arr = np.array(mesh, dtype=np.int64)
+    coord = np.array(_as_int_tuple(coordinate, "coordinate"), dtype=np.int64)
+    order, groups = _group_job(tensors, mesh)
+    found: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for fqns, shapes, (kinds, dims, sfs) in groups:
+        sizes, offsets = _layout.layout_coordinate_many(
+            _shapes_array(shapes), mesh_arr, kinds, dims, sfs, coord)
+        for fqn, s, o in zip(fqns, sizes.tolist(), offsets.tolist()):
+            found[fqn] = (tuple(s), tuple(o))
+    return {fqn: found[fqn] for fqn in order}
+
+
+def job_rank_chunks(
+    tensors: Mapping[str, tuple[Sequence[int], Any]],
+    mesh_shape: Sequence[int],
+    rank: int,
+    ranks: Any = None,
+) -> dict[str, list[ChunkStorageMetadata]]:
+    """One rank's chunk list of every tensor of a job (``[]`` for each if the rank is outside the mesh).
+
+    Equal to ``job_chunks(tensors, mesh_shape, ranks)[rank]`` at the cost of
+    one coordinate.
+    """
+    mesh = _as_int_tuple(mesh_shape, "mesh shape")
+    coordinate = _coordinate_of_rank(mesh, _int(rank, "rank"), ranks)
+    if coordinate is None:
+        order, _ = _group_job(tensors, mesh)  # still validate the job
+        return {fqn: [] for fqn in order}
+    return {
+        fqn: [ChunkStorageMetadata(offsets=offsets, sizes=sizes)]
+        for fqn, (sizes, offsets) in job_layout_at(tensors, mesh, coordinate).items()
+    }
 
 
 def job_chunks(

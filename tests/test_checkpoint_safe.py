@@ -501,7 +501,73 @@ print("torch" in sys.modules, any(m.startswith("torch") for m in sys.modules))
 """
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+        [sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("bad_path", ["/etc/passwd", "../outside.distcp", "a/../../b", "C:\\x.distcp", ""])
+def test_paths_outside_the_checkpoint_are_refused(tmp_path, bad_path):
+    md = sample_metadata(1)
+    key = MetadataIndex("layer0.weight", (0, 0))
+    md.storage_data[key] = StorageInfo(bad_path, 0, 10)
+    (tmp_path / ".metadata").write_bytes(torchify(md))
+    ck = Checkpoint(tmp_path)
+    assert ck.files[bad_path] is None
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        ck.item_location(key)
+    assert any("outside the checkpoint directory" in p for p in ck.problems())
+
+
+def test_non_filesystem_storage_entries(tmp_path):
+    md = sample_metadata(1)
+    key = MetadataIndex("layer0.weight", (0, 0))
+    md.storage_data[key] = ("s3://bucket/key", 0, 100)
+    (tmp_path / ".metadata").write_bytes(torchify(md))
+    ck = Checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="not a FileSystemWriter record"):
+        ck.item_location(key)
+    assert "s3://bucket/key" not in ck.files
+
+
+# --------------------------------------------------------------------------
+# The compiled structure check, directly.
+# --------------------------------------------------------------------------
+
+
+def test_mdcheck_shape_ok_edges():
+    from ckcore._kernels._mdcheck import shape_ok
+
+    class TupleSub(tuple):
+        pass
+
+    assert shape_ok((), 0)
+    assert shape_ok((0, 2**63 - 1), 2)
+    assert not shape_ok((0, 2**63), 2)  # beyond int64
+    assert not shape_ok((0, -1), 2)
+    assert not shape_ok((True, 1), 2)  # bool is not a size
+    assert not shape_ok((1.0,), 1)
+    assert not shape_ok([1, 2], 2)
+    assert not shape_ok(TupleSub((1, 2)), 2)
+    assert not shape_ok((1, 2), 3)
+    assert not shape_ok(None, 0)
+
+
+def test_mdcheck_first_bad_chunk_and_storage_info():
+    from ckcore._kernels._mdcheck import first_bad_chunk, first_bad_storage_info
+
+    good = [ChunkStorageMetadata((0, 0), (2, 2)), ChunkStorageMetadata((2, 0), (2, 2))]
+    assert first_bad_chunk(good, ChunkStorageMetadata, 2) == -1
+    assert first_bad_chunk(good, ChunkStorageMetadata, 1) == 0
+    assert first_bad_chunk(good + [ChunkStorageMetadata((0,), (1, 1))], ChunkStorageMetadata, 2) == 2
+    fieldless = ChunkStorageMetadata.__new__(ChunkStorageMetadata)  # NEWOBJ without BUILD
+    assert first_bad_chunk(good + [fieldless], ChunkStorageMetadata, 2) == 2
+    assert first_bad_chunk(good + ["x"], ChunkStorageMetadata, 2) == 2
+    assert first_bad_chunk([], ChunkStorageMetadata, 5) == -1
+
+    infos = [StorageInfo("a", 0, 1), ("custom", -1), StorageInfo("b", 2**63 - 1, 0)]
+    assert first_bad_storage_info(infos, StorageInfo) == -1
+    assert first_bad_storage_info(infos + [StorageInfo("c", 0, -1)], StorageInfo) == 3
+    assert first_bad_storage_info(infos + [StorageInfo(None, 0, 1)], StorageInfo) == 3
+    assert first_bad_storage_info([StorageInfo.__new__(StorageInfo)], StorageInfo) == 0

@@ -214,6 +214,8 @@ def test_public_function_per_rank_with_submeshes():
             got = L.local_shape_and_offset_for_rank(shape, grid.shape, text, rank, ranks=mesh)
             assert got == tuple(map(tuple, want)), (grid.tolist(), shape, text, rank)
             chunks = L.chunks_for_rank(shape, grid.shape, text, rank, ranks=grid)
+            assert L.job_rank_chunks({"w": (shape, torch_places)}, grid.shape, rank, ranks=mesh) == {
+                "w": chunks}
             if mesh.get_coordinate() is None:
                 assert want == ((0,), ()) and chunks == []
             else:

@@ -296,6 +296,7 @@ def test_duck_typed_placements():
         ((4, 4), (2, 2), "S0", ValueError, "1 placements"),
         ((4, 4), (2,), "S0,S1", ValueError, "2 placements"),
         ((4, 4), (0,), "S0", ValueError, "must be >= 1"),
+        ((4, 4), (1,) * 65, "R," * 64 + "R", ValueError, "at most 64"),
         ((4, 4), (2,), "_S(0,0)", ValueError, "split_factor"),
         ((4, 4), (2,), [L.StridedShard(0, -2)], ValueError, "split_factor"),
         ((4.0, 4), (2,), "S0", TypeError, "float"),
@@ -335,6 +336,14 @@ def test_kernel_checks_its_inputs():
         _layout.layout_all(i64(4), i64(2, 2), i64(1), i64(0), i64(1))
     with pytest.raises(ValueError, match="2\\*\\*63"):
         _layout.layout_all(i64(4), i64(2**62, 4), i64(0, 0), i64(0, 0), i64(1, 1))
+    with pytest.raises(ValueError, match="row 1"):
+        _layout.layout_all_many(np.array([[4], [-4]], dtype=np.int64), i64(2), i64(1), i64(0), i64(1))
+    with pytest.raises(ValueError, match="outside the mesh"):
+        _layout.layout_coordinate_many(np.array([[4]], dtype=np.int64), i64(2), i64(1), i64(0), i64(1),
+                                       i64(2))
+    ones = np.ones(65, dtype=np.int64)
+    with pytest.raises(ValueError, match="at most 64"):
+        _layout.layout_all(i64(4), ones, ones * 0, ones * 0, ones)
     with pytest.raises(ValueError):  # wrong dtype is refused by the typed memoryview
         _layout.layout_all(np.array([4], dtype=np.int32), i64(2), i64(1), i64(0), i64(1))
 
@@ -396,6 +405,53 @@ def test_job_layouts_and_chunks():
         for fqn, (shape, places) in tensors.items():
             assert plans[rank][fqn] == [L.chunk_for_coordinate(shape, (2, 2), places, coord)]
     assert len(L.job_chunks(tensors, (2, 2))) == 4
+
+
+def _placements_for(ndim, nmesh):
+    one = st.one_of(
+        st.just(L.Replicate()),
+        st.builds(L.Shard, st.integers(0, ndim - 1)),
+        st.builds(L.StridedShard, st.integers(0, ndim - 1), st.integers(1, 4)),
+    ) if ndim else st.just(L.Replicate())
+    return st.tuples(*[one] * nmesh)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=3), st.data())
+def test_job_functions_equal_per_tensor_calls(mesh, data):
+    # Tensors of several ranks and placement lists on one mesh (few distinct
+    # lists, so groups hold several tensors): the grouped kernel calls must
+    # equal the per-tensor ones, fqn by fqn, in order.
+    mesh = tuple(mesh)
+    lists = {nd: data.draw(st.lists(_placements_for(nd, len(mesh)), min_size=1, max_size=2))
+             for nd in range(4)}
+    tensors = {}
+    for n in range(data.draw(st.integers(1, 8))):
+        shape = tuple(data.draw(st.lists(st.integers(0, 12), max_size=3)))
+        tensors[f"t{n}"] = (shape, data.draw(st.sampled_from(lists[len(shape)])))
+    layouts_ = L.job_layouts(tensors, mesh)
+    assert list(layouts_) == list(tensors)
+    coord = data.draw(st.tuples(*[st.integers(0, n - 1) for n in mesh]))
+    at = L.job_layout_at(tensors, mesh, coord)
+    assert list(at) == list(tensors)
+    row = int(np.ravel_multi_index(coord, mesh))
+    rank_chunks = L.job_rank_chunks(tensors, mesh, row)
+    for fqn, (shape, places) in tensors.items():
+        sizes, offsets = L.local_shapes_and_offsets(shape, mesh, places)
+        assert np.array_equal(layouts_[fqn][0], sizes) and np.array_equal(layouts_[fqn][1], offsets)
+        want = L.local_shape_and_offset(shape, mesh, places, coord)
+        assert at[fqn] == want
+        assert rank_chunks[fqn] == [ChunkStorageMetadata(offsets=want[1], sizes=want[0])]
+
+
+def test_job_rank_chunks_outside_the_mesh():
+    tensors = {"a": ((10, 4), "S0,S1"), "b": ((3,), "R,S0")}
+    assert L.job_rank_chunks(tensors, (2, 2), 9) == {"a": [], "b": []}
+    assert L.job_rank_chunks(tensors, (2, 2), 0, ranks=[[1, 2], [3, 4]]) == {"a": [], "b": []}
+    assert L.job_rank_chunks(tensors, (2, 2), 4, ranks=[[1, 2], [3, 4]]) == L.job_chunks(
+        tensors, (2, 2), ranks=[[1, 2], [3, 4]])[4]
+    with pytest.raises(ValueError, match="a: "):
+        L.job_rank_chunks({"a": ((4,), "S1,R")}, (2, 2), 9)
 
 
 def test_job_errors_name_the_fqn():

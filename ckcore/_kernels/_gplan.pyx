@@ -14,12 +14,18 @@ item size once per dtype. Façade: :mod:`ckcore.global_plan`.
 import dataclasses
 import sys
 
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
+from cpython.ref cimport PyObject
 from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcmp
 
-from ckcore._kernels._types cimport i64
+from ckcore._kernels._types cimport i64, u64
 
 cdef extern from "Python.h":
     int PyObject_GenericSetAttr(object o, object name, object value) except -1
+    PyObject* PyTuple_GET_ITEM(object t, Py_ssize_t i)
+    Py_ssize_t PyTuple_GET_SIZE(object t)
+    bint PyTuple_Check(object o)
 
 cdef extern from *:
     """
@@ -54,7 +60,21 @@ cdef dict _FIELDS = {}
 cdef dict _CATS = {}
 
 
-cdef tuple _fields_of(type cls):
+cdef type _last_cls = None
+cdef tuple _last_fields = None
+
+
+cdef inline tuple _fields_of(type cls):
+    # Plans hold a handful of classes: a one-entry identity cache skips the dict.
+    global _last_cls, _last_fields
+    if cls is _last_cls:
+        return _last_fields
+    _last_fields = _fields_slow(cls)
+    _last_cls = cls
+    return _last_fields
+
+
+cdef tuple _fields_slow(type cls):
     cdef object f = _FIELDS.get(cls)
     if f is None:
         f = ()
@@ -83,7 +103,44 @@ cdef object _replace1(object obj, str name, object value):
     return new
 
 
-cdef int _category(object t) except -1:
+cdef object _replace_known(object obj, str name, object value,
+                           str k1, object v1, str k2, object v2):
+    """_replace1, told the current values of two more fields (no getattr for them)."""
+    cdef type cls = type(obj)
+    cdef tuple names = _fields_of(cls)
+    cdef object new, n, v
+    if not names:
+        return dataclasses.replace(obj, **{name: value})
+    new = ck_new_instance(cls)
+    for n in names:
+        if n == name:
+            v = value
+        elif n == k1:
+            v = v1
+        elif n == k2:
+            v = v2
+        else:
+            v = getattr(obj, n)
+        PyObject_GenericSetAttr(new, n, v)
+    return new
+
+
+cdef object _last_t = None
+cdef int _last_cat = -1
+
+
+cdef inline int _category(object t) except -1:
+    # Enum members hash through a Python-level __hash__: compare by identity
+    # with the last member seen first (items of a plan mostly share a type).
+    global _last_t, _last_cat
+    if t is _last_t:
+        return _last_cat
+    _last_cat = _category_slow(t)
+    _last_t = t
+    return _last_cat
+
+
+cdef int _category_slow(object t) except -1:
     cdef object c = _CATS.get(t)
     if c is None:
         name = getattr(t, "name", None)
@@ -107,12 +164,13 @@ def create_global_save_plan(list all_plans, bint rewrite_index_hints,
     cdef list new_plans = []
     cdef list new_items, chunks
     cdef int cat
-    cdef object items, item, index, fqn, td, tmd, chunk, new_item, hint, n
+    cdef object items, item, index, fqn, td, tmd, chunk, new_item, t
     for plan in all_plans:
         items = plan.items
         new_items = []
         for item in items:
-            cat = _category(item.type)
+            t = item.type
+            cat = _category(t)
             index = item.index
             fqn = index.fqn
             if cat != SHARD:
@@ -137,12 +195,10 @@ def create_global_save_plan(list all_plans, bint rewrite_index_hints,
                 chunk_lists[fqn] = chunks
             new_item = item
             if rewrite_index_hints:
-                n = len(chunks)
-                hint = index.index
-                # An item whose hint is already right is reused: equal to the
-                # object torch would build, and free.
-                if hint is None or hint != n or type(hint) is not int:
-                    new_item = _replace1(item, "index", _replace1(index, "index", n))
+                new_item = _replace_known(
+                    item, "index",
+                    _replace_known(index, "index", len(chunks), "fqn", fqn, "", None),
+                    "type", t, "tensor_data", td)
             chunk = td.chunk
             if chunk is None:
                 raise AssertionError(f"""
@@ -239,29 +295,151 @@ def _dedup_python(list all_plans, bint save_to_lowest_rank):
 
 
 cdef struct Ent:
+    i64 fqn_id     # dense id of the index's fqn
+    i64 ndim       # len(offset), -1 for offset None
+    i64 pool       # where the offset's values start in the pool
+    u64 hash
     i64 first      # first plan holding the entry
     i64 last       # last plan holding it (holders are visited in ascending order)
     i64 nholders
     i64 selected
 
 
+cdef struct Index:
+    # Open-addressing table over MetadataIndex keys (fqn, offset), compared
+    # by value like the dataclass's __eq__/__hash__, without building a
+    # Python tuple or hashing a torch.Size per item.
+    Ent* ents
+    Py_ssize_t n_ent, cap_ent
+    i64* slots        # entry number, -1 empty
+    Py_ssize_t mask
+    i64* pool
+    Py_ssize_t n_pool, cap_pool
+
+
+cdef int _index_grow_slots(Index* t) except -1:
+    cdef Py_ssize_t cap = 2 * (t.mask + 1), i, h
+    cdef i64* slots = <i64*>malloc(cap * sizeof(i64))
+    if slots == NULL:
+        raise MemoryError()
+    for i in range(cap):
+        slots[i] = -1
+    for i in range(t.n_ent):
+        h = <Py_ssize_t>(t.ents[i].hash & <u64>(cap - 1))
+        while slots[h] >= 0:
+            h = (h + 1) & (cap - 1)
+        slots[h] = i
+    free(t.slots)
+    t.slots = slots
+    t.mask = cap - 1
+    return 0
+
+
+cdef inline u64 _mix(u64 x) noexcept nogil:
+    x ^= x >> 30
+    x *= <u64>0xbf58476d1ce4e5b9
+    x ^= x >> 27
+    x *= <u64>0x94d049bb133111eb
+    x ^= x >> 31
+    return x
+
+
+cdef Py_ssize_t _index_find(Index* t, i64 fid, object off, Py_ssize_t p) except -2:
+    """Entry number of (fid, off), adding it (held by plan p) if new; -1 if off is
+    not a tuple of int64 values (the caller falls back to Python keys)."""
+    cdef Py_ssize_t nd, j, h, e
+    cdef i64 v
+    cdef int ovf = 0
+    cdef u64 hv
+    cdef i64* grown
+    cdef Ent* grown_e
+    cdef PyObject* item
+    if off is None:
+        nd = -1
+    elif PyTuple_Check(off):
+        nd = PyTuple_GET_SIZE(off)
+    else:
+        return -1
+    # Values go to the pool's tail first; they stay there only for a new entry.
+    if t.n_pool + nd + 1 > t.cap_pool:
+        t.cap_pool = 2 * t.cap_pool + nd + 1024
+        grown = <i64*>realloc(t.pool, t.cap_pool * sizeof(i64))
+        if grown == NULL:
+            raise MemoryError()
+        t.pool = grown
+    hv = _mix(<u64>fid * <u64>0x9E3779B97F4A7C15 + <u64>(nd + 2))
+    for j in range(nd):
+        item = PyTuple_GET_ITEM(off, j)
+        if not PyLong_Check(<object>item):
+            return -1
+        v = PyLong_AsLongLongAndOverflow(<object>item, &ovf)
+        if ovf:
+            return -1
+        t.pool[t.n_pool + j] = v
+        hv = _mix(hv ^ <u64>v)
+    h = <Py_ssize_t>(hv & <u64>t.mask)
+    while True:
+        e = t.slots[h]
+        if e < 0:
+            break
+        if (t.ents[e].hash == hv and t.ents[e].fqn_id == fid and t.ents[e].ndim == nd
+                and (nd <= 0 or memcmp(t.pool + t.ents[e].pool, t.pool + t.n_pool,
+                                       nd * sizeof(i64)) == 0)):
+            return e
+        h = (h + 1) & t.mask
+    if t.n_ent == t.cap_ent:
+        t.cap_ent = 2 * t.cap_ent + 1024
+        grown_e = <Ent*>realloc(t.ents, t.cap_ent * sizeof(Ent))
+        if grown_e == NULL:
+            raise MemoryError()
+        t.ents = grown_e
+    e = t.n_ent
+    t.ents[e].fqn_id = fid
+    t.ents[e].ndim = nd
+    t.ents[e].pool = t.n_pool
+    t.ents[e].hash = hv
+    t.ents[e].first = p
+    t.ents[e].last = p
+    t.ents[e].nholders = 1
+    t.ents[e].selected = p
+    if nd > 0:
+        t.n_pool += nd
+    t.slots[h] = e
+    t.n_ent += 1
+    if 2 * t.n_ent > t.mask + 1:
+        _index_grow_slots(t)
+    return e
+
+
 def dedup_save_plans(list all_plans, bint save_to_lowest_rank):
     """See ckcore.global_plan.dedup_save_plans (torch's dedup_save_plans)."""
-    cdef Py_ssize_t P = len(all_plans), p, k, nitems, total = 0, pos, e, n_ent = 0, cap = 0
+    cdef Py_ssize_t P = len(all_plans), p, k, nitems, total = 0, pos, e, i
     cdef Py_ssize_t last_dup = -1
-    cdef dict ent = {}
+    cdef dict fqn_ids = {}
     cdef dict dups = {}
     cdef list ent_item = []
     cdef list plan_items = []
     cdef list hs, new_items, items
-    cdef Ent* ents = NULL
-    cdef Ent* grown
+    cdef Index t
+    cdef Ent* ents
     cdef i64* eid = NULL
     cdef i64* start = NULL
     cdef ck_i128* plan_size = NULL
     cdef unsigned char* touched = NULL
-    cdef i64 sz, c, h
-    cdef object key, idx, got
+    cdef i64 sz, c, h, fid
+    cdef object idx, got, fqn
+    t.ents = NULL
+    t.n_ent = 0
+    t.cap_ent = 0
+    t.pool = NULL
+    t.n_pool = 0
+    t.cap_pool = 0
+    t.mask = 1023
+    t.slots = <i64*>malloc(1024 * sizeof(i64))
+    if t.slots == NULL:
+        raise MemoryError()
+    for i in range(1024):
+        t.slots[i] = -1
     try:
         for p in range(P):
             items = all_plans[p].items
@@ -280,25 +458,22 @@ def dedup_save_plans(list all_plans, bint save_to_lowest_rank):
             items = <list>plan_items[p]
             for item in items:
                 idx = item.index
-                key = (idx.fqn, idx.offset)
-                got = ent.get(key)
+                fqn = idx.fqn
+                got = fqn_ids.get(fqn)
                 if got is None:
-                    e = n_ent
-                    if n_ent == cap:
-                        cap = 1024 if cap == 0 else 2 * cap
-                        grown = <Ent*>realloc(ents, cap * sizeof(Ent))
-                        if grown == NULL:
-                            raise MemoryError()
-                        ents = grown
-                    ents[e].first = p
-                    ents[e].last = p
-                    ents[e].nholders = 1
-                    ents[e].selected = p
-                    ent[key] = e
-                    ent_item.append(item)
-                    n_ent += 1
+                    fid = len(fqn_ids)
+                    fqn_ids[fqn] = fid
                 else:
-                    e = <Py_ssize_t>got
+                    fid = <i64>got
+                e = _index_find(&t, fid, idx.offset, p)
+                if e < 0:
+                    # An offset that is not a tuple of int64 values: torch's own
+                    # keys, with Python ints.
+                    return _dedup_python(all_plans, save_to_lowest_rank)
+                ents = t.ents
+                if e == len(ent_item):
+                    ent_item.append(item)
+                else:
                     # torch maps each index to the last item seen with it.
                     ent_item[e] = item
                     if ents[e].last != p:
@@ -313,6 +488,7 @@ def dedup_save_plans(list all_plans, bint save_to_lowest_rank):
                 eid[pos] = e
                 pos += 1
         start[P] = pos
+        ents = t.ents
         if last_dup < 0:
             # Nothing is duplicated: every plan keeps its items.
             return [_replace1(all_plans[p], "items", list(<list>plan_items[p])) for p in range(P)]
@@ -355,7 +531,9 @@ def dedup_save_plans(list all_plans, bint save_to_lowest_rank):
             out.append(_replace1(all_plans[p], "items", new_items))
         return out
     finally:
-        free(ents)
+        free(t.ents)
+        free(t.slots)
+        free(t.pool)
         free(eid)
         free(start)
         free(plan_size)

@@ -65,46 +65,68 @@ cdef inline i64 strided_position(i64 c, i64 sf, i64 n, i64 r, i64 p) noexcept no
     return nfull * f1 + s + p
 
 
+cdef inline void dim_layout(
+    i64 g, Py_ssize_t nsteps, const Py_ssize_t* steps,
+    const i64* mesh, const i64* kinds, const i64* sfs, const i64* coord,
+    i64* scratch_size, i64* scratch_start, i64* out_size, i64* out_offset,
+) noexcept nogil:
+    # One tensor dim of global size g, split by the mesh dims ``steps``
+    # (left to right) at coordinate ``coord`` (indexed by mesh dim). A
+    # forward pass applies the splits, remembering the size before each; a
+    # backward pass maps position 0 of the final piece to its global index
+    # (torch's ``previous_offsets[index]`` chain, of which only the first
+    # element is ever read).
+    cdef Py_ssize_t i, k
+    cdef i64 size = g
+    cdef i64 length, p
+    for k in range(nsteps):
+        i = steps[k]
+        scratch_size[k] = size
+        if size > 0:
+            if kinds[i] == KIND_SHARD:
+                scratch_start[k] = chunk(size, mesh[i], coord[i], &length)
+                size = length
+            else:
+                size = strided_count(size, sfs[i], mesh[i], coord[i])
+    out_size[0] = size
+    if nsteps == 0:
+        out_offset[0] = 0
+    elif size == 0:
+        # torch's zero_global_offset: an emptied dim reports the global size.
+        out_offset[0] = g
+    else:
+        p = 0
+        for k in range(nsteps - 1, -1, -1):
+            i = steps[k]
+            if kinds[i] == KIND_SHARD:
+                p = scratch_start[k] + p
+            else:
+                p = strided_position(scratch_size[k], sfs[i], mesh[i], coord[i], p)
+        out_offset[0] = p
+
+
+cdef inline Py_ssize_t dim_steps(
+    Py_ssize_t d, const i64* kinds, const i64* dims, Py_ssize_t nmesh, Py_ssize_t* steps,
+) noexcept nogil:
+    # The mesh dims that shard tensor dim d, in mesh order; returns how many.
+    cdef Py_ssize_t i, n = 0
+    for i in range(nmesh):
+        if kinds[i] != KIND_REPLICATE and dims[i] == d:
+            steps[n] = i
+            n += 1
+    return n
+
+
 cdef inline void layout_row(
     const i64* gshape, Py_ssize_t ndim,
     const i64* mesh, const i64* kinds, const i64* dims, const i64* sfs,
     Py_ssize_t nmesh, const i64* coord,
-    i64* scratch_size, i64* scratch_start, Py_ssize_t* scratch_dim,
+    i64* scratch_size, i64* scratch_start, Py_ssize_t* scratch_steps,
     i64* out_sizes, i64* out_offsets,
 ) noexcept nogil:
-    # One mesh coordinate. Per tensor dimension: a forward pass applies the
-    # mesh dimensions that shard it, left to right, remembering the size
-    # before each split; a backward pass maps position 0 of the final piece
-    # to its global index (torch's ``previous_offsets[index]`` chain, which
-    # only ever needs its first element).
-    cdef Py_ssize_t d, i, k, nsteps
-    cdef i64 size, length, p
+    # One mesh coordinate, every tensor dim. Scratch arrays hold nmesh entries.
+    cdef Py_ssize_t d, nsteps
     for d in range(ndim):
-        size = gshape[d]
-        nsteps = 0
-        for i in range(nmesh):
-            if kinds[i] == KIND_REPLICATE or dims[i] != d:
-                continue
-            scratch_size[nsteps] = size
-            scratch_dim[nsteps] = i
-            if size > 0:
-                if kinds[i] == KIND_SHARD:
-                    scratch_start[nsteps] = chunk(size, mesh[i], coord[i], &length)
-                    size = length
-                else:
-                    size = strided_count(size, sfs[i], mesh[i], coord[i])
-            nsteps += 1
-        out_sizes[d] = size
-        if nsteps == 0:
-            out_offsets[d] = 0
-        elif size == 0:
-            out_offsets[d] = gshape[d]
-        else:
-            p = 0
-            for k in range(nsteps - 1, -1, -1):
-                i = scratch_dim[k]
-                if kinds[i] == KIND_SHARD:
-                    p = scratch_start[k] + p
-                else:
-                    p = strided_position(scratch_size[k], sfs[i], mesh[i], coord[i], p)
-            out_offsets[d] = p
+        nsteps = dim_steps(d, kinds, dims, nmesh, scratch_steps)
+        dim_layout(gshape[d], nsteps, scratch_steps, mesh, kinds, sfs, coord,
+                   scratch_size, scratch_start, &out_sizes[d], &out_offsets[d])

@@ -41,21 +41,26 @@ PLACEMENT_SHARD = KIND_SHARD
 PLACEMENT_STRIDED = KIND_STRIDED
 
 
-cdef int check_layout(const i64[::1] global_shape, const i64[::1] mesh_shape,
-                      const i64[::1] kinds, const i64[::1] dims,
-                      const i64[::1] split_factors) except -1:
+# Mesh dims beyond this are refused: DeviceMesh has a handful, and a fixed
+# bound lets per-mesh-dim scratch live on the stack instead of in numpy
+# allocations on every call (which dominated the one-coordinate path).
+cdef enum:
+    MAX_MESH_DIMS = 64
+
+
+cdef int check_placements(Py_ssize_t ndim, const i64[::1] mesh_shape,
+                          const i64[::1] kinds, const i64[::1] dims,
+                          const i64[::1] split_factors) except -1:
     # The façade (ckcore.layout) already gives friendlier messages; these
     # checks keep the kernel safe when it is called directly.
-    cdef Py_ssize_t ndim = global_shape.shape[0]
     cdef Py_ssize_t nmesh = mesh_shape.shape[0]
     cdef Py_ssize_t i
+    if nmesh > MAX_MESH_DIMS:
+        raise ValueError(f"mesh has {nmesh} dimensions; at most {MAX_MESH_DIMS} are supported")
     if kinds.shape[0] != nmesh or dims.shape[0] != nmesh or split_factors.shape[0] != nmesh:
         raise ValueError(
             f"placement arrays have lengths {kinds.shape[0]}, {dims.shape[0]}, "
             f"{split_factors.shape[0]}; the mesh has {nmesh} dimensions")
-    for i in range(ndim):
-        if global_shape[i] < 0:
-            raise ValueError(f"global shape has a negative size {global_shape[i]} in dim {i}")
     for i in range(nmesh):
         if mesh_shape[i] < 1:
             raise ValueError(f"mesh dim {i} has size {mesh_shape[i]}; mesh sizes must be >= 1")
@@ -70,6 +75,16 @@ cdef int check_layout(const i64[::1] global_shape, const i64[::1] mesh_shape,
     return 0
 
 
+cdef int check_shapes(const i64[:, ::1] shapes) except -1:
+    cdef Py_ssize_t t, d
+    for t in range(shapes.shape[0]):
+        for d in range(shapes.shape[1]):
+            if shapes[t, d] < 0:
+                raise ValueError(
+                    f"global shape {tuple(shapes[t])} (row {t}) has a negative size in dim {d}")
+    return 0
+
+
 cdef Py_ssize_t mesh_volume(const i64[::1] mesh_shape) except -1:
     cdef Py_ssize_t i
     cdef i64 total = 1
@@ -80,61 +95,146 @@ cdef Py_ssize_t mesh_volume(const i64[::1] mesh_shape) except -1:
     return <Py_ssize_t>total
 
 
+cdef void layout_tensor(
+    const i64* g, Py_ssize_t ndim,
+    const i64* mesh, const i64* kinds, const i64* dims, const i64* sfs,
+    Py_ssize_t nmesh, Py_ssize_t nrows, i64* table,
+    i64* out_sizes, i64* out_offsets,
+) noexcept nogil:
+    # Every coordinate of one tensor; outputs are (nrows, ndim) row-major.
+    # A tensor dim's (size, offset) depends only on the coordinates of the
+    # mesh dims that shard it, so it is computed once per combination of
+    # those (into ``table``, 2 * nrows entries) and then broadcast to the rows:
+    # with replication or several sharded dims that is many times fewer
+    # divisions than one layout_row per coordinate.
+    cdef Py_ssize_t steps[MAX_MESH_DIMS]
+    cdef i64 sub_coord[MAX_MESH_DIMS]
+    cdef i64 stride_of[MAX_MESH_DIMS]
+    cdef i64 ssize[MAX_MESH_DIMS]
+    cdef i64 sstart[MAX_MESH_DIMS]
+    cdef Py_ssize_t d, i, k, nsteps, row, t, combos
+    cdef i64 sub, stride
+    for d in range(ndim):
+        nsteps = dim_steps(d, kinds, dims, nmesh, steps)
+        if nsteps == 0:
+            for row in range(nrows):
+                out_sizes[row * ndim + d] = g[d]
+                out_offsets[row * ndim + d] = 0
+            continue
+        # The table, indexed row-major by the coordinates of ``steps``.
+        for i in range(nmesh):
+            sub_coord[i] = 0
+            stride_of[i] = 0
+        combos = 1
+        for k in range(nsteps - 1, -1, -1):
+            stride_of[steps[k]] = combos
+            combos *= mesh[steps[k]]
+        for t in range(combos):
+            dim_layout(g[d], nsteps, steps, mesh, kinds, sfs, sub_coord,
+                       ssize, sstart, &table[2 * t], &table[2 * t + 1])
+            k = nsteps - 1
+            while k >= 0:
+                i = steps[k]
+                sub_coord[i] += 1
+                if sub_coord[i] < mesh[i]:
+                    break
+                sub_coord[i] = 0
+                k -= 1
+        # Broadcast: walk every coordinate in row-major order, keeping the
+        # table index ``sub`` of the current one up to date.
+        for i in range(nmesh):
+            sub_coord[i] = 0
+        sub = 0
+        for row in range(nrows):
+            out_sizes[row * ndim + d] = table[2 * sub]
+            out_offsets[row * ndim + d] = table[2 * sub + 1]
+            i = nmesh - 1
+            while i >= 0:
+                sub_coord[i] += 1
+                sub += stride_of[i]
+                if sub_coord[i] < mesh[i]:
+                    break
+                sub_coord[i] = 0
+                sub -= stride_of[i] * mesh[i]
+                i -= 1
+
+
+def layout_all_many(const i64[:, ::1] shapes, const i64[::1] mesh_shape,
+                    const i64[::1] kinds, const i64[::1] dims,
+                    const i64[::1] split_factors):
+    """Every coordinate of T tensors that share a rank (ndim) and placements.
+
+    ``shapes`` is (T, ndim). Returns ``(sizes, offsets)``, int64 arrays of
+    shape ``(T, prod(mesh_shape), ndim)``; ``[t, k]`` is tensor t at the k-th
+    mesh coordinate in row-major order.
+    """
+    cdef Py_ssize_t ntensors = shapes.shape[0]
+    cdef Py_ssize_t ndim = shapes.shape[1]
+    cdef Py_ssize_t nmesh = mesh_shape.shape[0]
+    check_placements(ndim, mesh_shape, kinds, dims, split_factors)
+    check_shapes(shapes)
+    cdef Py_ssize_t nrows = mesh_volume(mesh_shape)
+    sizes_arr = np.empty((ntensors, nrows, ndim), dtype=np.int64)
+    offsets_arr = np.empty((ntensors, nrows, ndim), dtype=np.int64)
+    table_arr = np.empty(2 * nrows if ndim else 0, dtype=np.int64)
+    cdef i64[:, :, ::1] sizes = sizes_arr
+    cdef i64[:, :, ::1] offsets = offsets_arr
+    cdef i64[::1] table = table_arr
+    cdef Py_ssize_t t
+    if ntensors == 0 or nrows == 0 or ndim == 0:
+        return sizes_arr, offsets_arr
+    with nogil:
+        for t in range(ntensors):
+            layout_tensor(&shapes[t, 0], ndim, &mesh_shape[0] if nmesh else NULL,
+                          &kinds[0] if nmesh else NULL, &dims[0] if nmesh else NULL,
+                          &split_factors[0] if nmesh else NULL, nmesh, nrows, &table[0],
+                          &sizes[t, 0, 0], &offsets[t, 0, 0])
+    return sizes_arr, offsets_arr
+
+
 def layout_all(const i64[::1] global_shape, const i64[::1] mesh_shape,
                const i64[::1] kinds, const i64[::1] dims,
                const i64[::1] split_factors):
-    """Local sizes and global offsets of every mesh coordinate.
+    """Local sizes and global offsets of every mesh coordinate of one tensor.
 
     Returns ``(sizes, offsets)``, two int64 arrays of shape
     ``(prod(mesh_shape), len(global_shape))``, rows in row-major order of the
     mesh coordinates (rank order for a default mesh).
     """
-    check_layout(global_shape, mesh_shape, kinds, dims, split_factors)
-    cdef Py_ssize_t ndim = global_shape.shape[0]
-    cdef Py_ssize_t nmesh = mesh_shape.shape[0]
-    cdef Py_ssize_t nrows = mesh_volume(mesh_shape)
-    sizes_arr = np.empty((nrows, ndim), dtype=np.int64)
-    offsets_arr = np.empty((nrows, ndim), dtype=np.int64)
-    # Scratch: the odometer coordinate plus the per-step state of layout_row.
-    coord_arr = np.zeros(nmesh + 1, dtype=np.int64)
-    size_arr = np.empty(nmesh + 1, dtype=np.int64)
-    start_arr = np.empty(nmesh + 1, dtype=np.int64)
-    dim_arr = np.empty(nmesh + 1, dtype=np.intp)
-    cdef i64[:, ::1] sizes = sizes_arr
-    cdef i64[:, ::1] offsets = offsets_arr
-    cdef i64[::1] coord = coord_arr
-    cdef i64[::1] ssize = size_arr
-    cdef i64[::1] sstart = start_arr
-    cdef Py_ssize_t[::1] sdim = dim_arr
-    cdef Py_ssize_t row, i
-    if nrows == 0 or ndim == 0:
-        return sizes_arr, offsets_arr
-    with nogil:
-        for row in range(nrows):
-            layout_row(&global_shape[0], ndim, &mesh_shape[0] if nmesh else NULL,
-                       &kinds[0] if nmesh else NULL, &dims[0] if nmesh else NULL,
-                       &split_factors[0] if nmesh else NULL, nmesh, &coord[0],
-                       &ssize[0], &sstart[0], &sdim[0],
-                       &sizes[row, 0], &offsets[row, 0])
-            # Row-major odometer: the last mesh dimension moves fastest.
-            i = nmesh - 1
-            while i >= 0:
-                coord[i] += 1
-                if coord[i] < mesh_shape[i]:
-                    break
-                coord[i] = 0
-                i -= 1
-    return sizes_arr, offsets_arr
-
-
-def layout_coordinate(const i64[::1] global_shape, const i64[::1] mesh_shape,
-                      const i64[::1] kinds, const i64[::1] dims,
-                      const i64[::1] split_factors, const i64[::1] coordinate):
-    """Local size and global offset of one mesh coordinate, as two int64 arrays of shape (ndim,)."""
-    check_layout(global_shape, mesh_shape, kinds, dims, split_factors)
     cdef Py_ssize_t ndim = global_shape.shape[0]
     cdef Py_ssize_t nmesh = mesh_shape.shape[0]
     cdef Py_ssize_t i
+    check_placements(ndim, mesh_shape, kinds, dims, split_factors)
+    for i in range(ndim):
+        if global_shape[i] < 0:
+            raise ValueError(f"global shape has a negative size {global_shape[i]} in dim {i}")
+    cdef Py_ssize_t nrows = mesh_volume(mesh_shape)
+    sizes_arr = np.empty((nrows, ndim), dtype=np.int64)
+    offsets_arr = np.empty((nrows, ndim), dtype=np.int64)
+    table_arr = np.empty(2 * nrows if ndim else 0, dtype=np.int64)
+    cdef i64[:, ::1] sizes = sizes_arr
+    cdef i64[:, ::1] offsets = offsets_arr
+    cdef i64[::1] table = table_arr
+    if nrows == 0 or ndim == 0:
+        return sizes_arr, offsets_arr
+    with nogil:
+        layout_tensor(&global_shape[0], ndim, &mesh_shape[0] if nmesh else NULL,
+                      &kinds[0] if nmesh else NULL, &dims[0] if nmesh else NULL,
+                      &split_factors[0] if nmesh else NULL, nmesh, nrows, &table[0],
+                      &sizes[0, 0], &offsets[0, 0])
+    return sizes_arr, offsets_arr
+
+
+def layout_coordinate_many(const i64[:, ::1] shapes, const i64[::1] mesh_shape,
+                           const i64[::1] kinds, const i64[::1] dims,
+                           const i64[::1] split_factors, const i64[::1] coordinate):
+    """One mesh coordinate of T tensors sharing ndim and placements: (T, ndim) sizes and offsets."""
+    cdef Py_ssize_t ntensors = shapes.shape[0]
+    cdef Py_ssize_t ndim = shapes.shape[1]
+    cdef Py_ssize_t nmesh = mesh_shape.shape[0]
+    cdef Py_ssize_t i, t
+    check_placements(ndim, mesh_shape, kinds, dims, split_factors)
+    check_shapes(shapes)
     if coordinate.shape[0] != nmesh:
         raise ValueError(
             f"coordinate {tuple(coordinate)} has {coordinate.shape[0]} entries; "
@@ -143,22 +243,29 @@ def layout_coordinate(const i64[::1] global_shape, const i64[::1] mesh_shape,
         if not (0 <= coordinate[i] < mesh_shape[i]):
             raise ValueError(
                 f"coordinate {tuple(coordinate)} is outside the mesh {tuple(mesh_shape)}")
-    sizes_arr = np.empty(ndim, dtype=np.int64)
-    offsets_arr = np.empty(ndim, dtype=np.int64)
-    size_arr = np.empty(nmesh + 1, dtype=np.int64)
-    start_arr = np.empty(nmesh + 1, dtype=np.int64)
-    dim_arr = np.empty(nmesh + 1, dtype=np.intp)
-    cdef i64[::1] sizes = sizes_arr
-    cdef i64[::1] offsets = offsets_arr
-    cdef i64[::1] ssize = size_arr
-    cdef i64[::1] sstart = start_arr
-    cdef Py_ssize_t[::1] sdim = dim_arr
-    if ndim == 0:
+    sizes_arr = np.empty((ntensors, ndim), dtype=np.int64)
+    offsets_arr = np.empty((ntensors, ndim), dtype=np.int64)
+    cdef i64[:, ::1] sizes = sizes_arr
+    cdef i64[:, ::1] offsets = offsets_arr
+    cdef i64 ssize[MAX_MESH_DIMS]
+    cdef i64 sstart[MAX_MESH_DIMS]
+    cdef Py_ssize_t ssteps[MAX_MESH_DIMS]
+    if ntensors == 0 or ndim == 0:
         return sizes_arr, offsets_arr
     with nogil:
-        layout_row(&global_shape[0], ndim, &mesh_shape[0] if nmesh else NULL,
-                   &kinds[0] if nmesh else NULL, &dims[0] if nmesh else NULL,
-                   &split_factors[0] if nmesh else NULL, nmesh,
-                   &coordinate[0] if nmesh else NULL,
-                   &ssize[0], &sstart[0], &sdim[0], &sizes[0], &offsets[0])
+        for t in range(ntensors):
+            layout_row(&shapes[t, 0], ndim, &mesh_shape[0] if nmesh else NULL,
+                       &kinds[0] if nmesh else NULL, &dims[0] if nmesh else NULL,
+                       &split_factors[0] if nmesh else NULL, nmesh,
+                       &coordinate[0] if nmesh else NULL,
+                       ssize, sstart, ssteps, &sizes[t, 0], &offsets[t, 0])
     return sizes_arr, offsets_arr
+
+
+def layout_coordinate(const i64[::1] global_shape, const i64[::1] mesh_shape,
+                      const i64[::1] kinds, const i64[::1] dims,
+                      const i64[::1] split_factors, const i64[::1] coordinate):
+    """Local size and global offset of one mesh coordinate, as two int64 arrays of shape (ndim,)."""
+    sizes, offsets = layout_coordinate_many(
+        np.asarray(global_shape).reshape(1, -1), mesh_shape, kinds, dims, split_factors, coordinate)
+    return sizes[0], offsets[0]

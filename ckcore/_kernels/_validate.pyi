@@ -1,0 +1,18 @@
+"""Type stubs for the compiled global-plan validation kernel (see _validate.pyx)."""
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+def _read_chunks(
+    key: Any, chunks: list[Any], ndim: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def _self_overlap_pairs(
+    offs: npt.NDArray[np.int64], sizes: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]: ...
+def _check_tensor(
+    offs: npt.NDArray[np.int64],
+    sizes: npt.NDArray[np.int64],
+    tsize: npt.NDArray[np.int64],
+) -> tuple[npt.NDArray[np.int64], int | None, npt.NDArray[np.int64]]: ...
