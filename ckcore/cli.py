@@ -970,6 +970,12 @@ def _parser() -> argparse.ArgumentParser:
         description="The resharding what-if: for a target layout, every rank's reads "
                     "(bytes, files, read calls after coalescing, over-read), heaviest first. "
                     "Either --mesh with --layout rules, or --world-size with --shard-dim.",
+        epilog="Placements: S(d) shard tensor dim d, R replicate, P partial (as R), "
+               "_S(d,k) FSDP2's strided shard with split factor k. Examples:\n"
+               "  ckcore plan CKPT --world-size 8\n"
+               "  ckcore plan CKPT --mesh 8x8 --layout '*norm*=S(0),R' "
+               "--layout '*.wo.weight=S(0),S(1)' --layout '*=_S(0,8),S(0)'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sp.add_argument("path", help="checkpoint directory (or its .metadata file)")
     sp.add_argument("--mesh", help="target mesh shape, e.g. 8,8 or 8x8 (rank k = k-th row-major coordinate)")
