@@ -320,8 +320,9 @@ def validate_checkpoint(ck: Checkpoint, progress: Progress | None = None) -> lis
     disk is checked always, since a gap means unreadable elements whoever
     wrote it. Storage checks: every chunk and bytes item has a storage entry,
     every entry's file exists and holds its byte range, no entry names an
-    unknown item, and (when no stream transform was applied) no tensor
-    chunk's entry is shorter than the chunk's raw bytes.
+    unknown item, no two entries share bytes of a file, and (when no stream
+    transform was applied) no tensor chunk's entry is shorter than the
+    chunk's raw bytes.
     """
     from .global_plan import validate_global_plan
     from .planner import SavePlan
@@ -347,6 +348,7 @@ def validate_checkpoint(ck: Checkpoint, progress: Progress | None = None) -> lis
     if progress:
         progress.done()
     problems.extend(ck.problems())
+    problems.extend(_overlapping_storage(ck))
     for fqn, item in _tensor_items(md):
         size = itemsize(item.properties.dtype)
         for i, c in enumerate(item.chunks):
@@ -360,6 +362,33 @@ def validate_checkpoint(ck: Checkpoint, progress: Progress | None = None) -> lis
                     f"storage entry in {info.relative_path} holds {info.length}"
                 )
     return problems
+
+
+def _overlapping_storage(ck: Checkpoint) -> list[str]:
+    """Storage entries whose byte ranges overlap in one file.
+
+    FileSystemWriter writes every item once, back to back, so two entries
+    sharing bytes mean the metadata and the files do not belong together
+    (or the metadata was edited). Empty entries hold no bytes and are skipped.
+    """
+    by_file: dict[str, list[tuple[int, int, Any]]] = {}
+    for key, info in ck.storage.items():
+        rp = getattr(info, "relative_path", None)
+        if rp is not None and info.length > 0:
+            by_file.setdefault(rp, []).append((info.offset, info.offset + info.length, key))
+    out = []
+    for rp, entries in sorted(by_file.items()):
+        entries.sort(key=lambda e: (e[0], e[1]))
+        reach_end, reach_key = -1, None
+        for start, end, key in entries:
+            if start < reach_end:
+                out.append(
+                    f"{key.fqn}: bytes [{start}, {end}) of {rp} overlap those of {reach_key.fqn} "
+                    f"(up to byte {reach_end})"
+                )
+            if end > reach_end:
+                reach_end, reach_key = end, key
+    return out
 
 
 # --------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as tmd
 from torch.distributed.checkpoint import planner_helpers as tph
 from torch.distributed.checkpoint.default_planner import _validate_global_plan
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import SavePlan as TorchSavePlan
 
 import ckcore
@@ -154,10 +155,16 @@ def _edit_chunks(path, fqn, chunks):
     t = md.state_dict_metadata[fqn]
     md.state_dict_metadata[fqn] = dataclasses.replace(
         t, chunks=[tmd.ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in chunks])
-    # Keep a storage entry for every chunk so only the global checks fire.
-    info = md.storage_data[tmd.MetadataIndex(fqn, t.chunks[0].offsets)]
-    for o, _ in chunks:
-        md.storage_data[tmd.MetadataIndex(fqn, torch.Size(o))] = info
+    # Give every chunk its own storage entry, back to back in a new file, so
+    # only the global checks can fire.
+    for c in t.chunks:
+        del md.storage_data[tmd.MetadataIndex(fqn, c.offsets)]
+    pos = 0
+    for o, s in chunks:
+        n = math.prod(s) * t.properties.dtype.itemsize
+        md.storage_data[tmd.MetadataIndex(fqn, torch.Size(o))] = _StorageInfo("edited.distcp", pos, n)
+        pos += n
+    (path / "edited.distcp").write_bytes(bytes(pos))
     write_torch_md(path, md)
     return md
 

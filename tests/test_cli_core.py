@@ -512,3 +512,19 @@ def test_sizes_that_would_exhaust_memory_are_refused(argv, message):
     code, out, err = run(*argv)
     assert code == 2 and out == ""
     assert message in one_error_line(err)
+
+
+def test_validate_overlapping_storage_entries():
+    ck = Checkpoint(SHARDED)
+    a = ck.storage[MetadataIndex("layers.0.wq.weight", (4, 0))]
+    b = ck.storage[MetadataIndex("embed.weight", (0, 0))]
+    assert a.relative_path == b.relative_path
+    b.offset = a.offset + 10  # embed's bytes now start inside wq's second chunk
+    problems = validate_checkpoint(ck)
+    hits = [p for p in problems if "overlap those of" in p]
+    expected = (
+        f"embed.weight: bytes [{a.offset + 10}, {a.offset + 10 + b.length}) of {a.relative_path} "
+        f"overlap those of layers.0.wq.weight (up to byte {a.offset + a.length})"
+    )
+    assert hits == [expected]
+    assert validate_checkpoint(Checkpoint(SHARDED)) == []
