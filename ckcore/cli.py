@@ -1,0 +1,1154 @@
+"""The ``ckcore`` command: answers about DCP checkpoints on disk, without torch.
+
+A checkpoint is opaque until something reads its ``.metadata``: which tensors
+it holds, whether its chunks tile every tensor, whether its files are whole,
+and what a resharded load at another layout will cost each rank. Torch can
+answer the first three only by loading the checkpoint (which runs pickle
+code) and the last one not at all without a process group. This module is
+the command line over ckcore's torch-free pieces:
+
+* ``ckcore inspect PATH``   what the checkpoint holds (:func:`inspect_checkpoint`);
+* ``ckcore validate PATH``  torch's global-plan checks plus storage checks
+  (:func:`validate_checkpoint`); exit status 0 only when sound;
+* ``ckcore plan PATH ...``  every rank's reads for a target layout
+  (:func:`plan_reads`);
+* ``ckcore demo``           a 70B-class model planned for save at one layout
+  and load at another, timed for ckcore and (when installed) torch.
+
+Exit status: 0 success (and, for ``validate``, a sound checkpoint), 1 for
+``validate`` problems, 2 for an unusable input or bad arguments (a missing
+path, a corrupted ``.metadata``, a layout that does not fit a tensor), 130
+on Ctrl-C. Errors are one ``ckcore: error: ...`` line on stderr, never a
+traceback (set ``CKCORE_DEBUG=1`` to get one).
+
+Nothing here imports torch, except ``demo``, which times torch when it is
+installed (and ``--no-torch`` is not given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fnmatch
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import IO, Any
+
+import numpy as np
+
+from .checkpoint import Checkpoint, CheckpointError
+from .dtypes import itemsize
+from .metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+__all__ = [
+    "COALESCING",
+    "inspect_checkpoint",
+    "main",
+    "parse_layout_rules",
+    "plan_reads",
+    "resolve_layouts",
+    "run_demo",
+    "validate_checkpoint",
+]
+
+#: How ``plan`` counts read calls. ckcore.ranges (byte ranges inside a stored
+#: chunk) is not on main yet, so reads are whole storage items, as torch's
+#: FileSystemReader reads them; per rank and file they are sorted by offset
+#: and merged when they overlap or touch (no gap is bridged, no cap applies).
+COALESCING = "whole storage items, per rank and file sorted by offset, touching/overlapping merged"
+
+_I64_MAX = 2**63 - 1
+
+#: Largest target world ``plan`` accepts: its arrays hold a row per rank and
+#: tensor dim, so a typo such as ``--world-size 100000000`` would otherwise
+#: allocate gigabytes before failing.
+MAX_WORLD = 1 << 20
+
+
+class UsageError(ValueError):
+    """Arguments that cannot work together (reported like any input error, exit status 2)."""
+
+
+# --------------------------------------------------------------------------
+# Small helpers: sizes, tables, progress.
+# --------------------------------------------------------------------------
+
+
+def _human(n: int | None) -> str:
+    """Bytes as a short human string with binary units (exact bytes stay in --json)."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024 or unit == "PiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover - loop always returns
+
+
+def _shape(t: Sequence[int]) -> str:
+    """A shape as Python writes a tuple: ``()``, ``(5,)``, ``(4, 3)``."""
+    return str(tuple(int(v) for v in t))
+
+
+def _mesh(t: Sequence[int]) -> str:
+    """A mesh shape as the command line takes it: ``8x8``."""
+    return "x".join(str(int(v)) for v in t)
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def _table(rows: list[list[str]], header: list[str], right: Sequence[int] = ()) -> list[str]:
+    """Plain aligned columns; ``right`` lists the columns to right-align (numbers)."""
+    widths = [len(h) for h in header]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+
+    def fmt(row: list[str]) -> str:
+        cells = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(row)]
+        return "  ".join(cells).rstrip()
+
+    return [fmt(header)] + [fmt(r) for r in rows]
+
+
+class Progress:
+    """Progress of long work on stderr: a self-rewriting line on a TTY, else sparse lines.
+
+    Disabled unless stderr is a TTY or ``force`` (``--progress``) is set, so
+    pipes and logs stay clean by default.
+    """
+
+    def __init__(self, stream: IO[str], force: bool = False) -> None:
+        """Report on ``stream``; ``force`` enables it even when ``stream`` is not a TTY."""
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.enabled = self.tty or force
+        self._last = 0.0
+        self._label = ""
+        self._total = 0
+        self._shown_pct = -1
+
+    def start(self, label: str, total: int) -> None:
+        """Begin a phase of ``total`` steps."""
+        self._label, self._total, self._shown_pct = label, max(total, 0), -1
+        self._last = 0.0
+        self.update(0)
+
+    def update(self, done: int) -> None:
+        """Record that ``done`` of the phase's steps are finished."""
+        if not self.enabled:
+            return
+        pct = 100 * done // self._total if self._total else 100
+        if self.tty:
+            now = time.monotonic()
+            if now - self._last < 0.1 and done < self._total:
+                return
+            self._last = now
+            self.stream.write(f"\r{self._label}: {done}/{self._total} ({pct}%)\x1b[K")
+        else:
+            # Not a terminal: one line per 25% so logs stay short.
+            step = pct // 25
+            if step == self._shown_pct:
+                return
+            self._shown_pct = step
+            self.stream.write(f"{self._label}: {done}/{self._total} ({pct}%)\n")
+        self.stream.flush()
+
+    def done(self) -> None:
+        """Finish the phase (clears the TTY line)."""
+        if self.enabled:
+            self.update(self._total)
+            if self.tty:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+
+
+@contextlib.contextmanager
+def _quiet_validation_logger() -> Iterator[None]:
+    # validate_global_plan logs every finding as a warning (as torch does);
+    # with no logging configured Python prints those to stderr through
+    # logging.lastResort, duplicating the CLI's own report.
+    log = logging.getLogger("ckcore.global_plan")
+    was = log.disabled
+    log.disabled = True
+    try:
+        yield
+    finally:
+        log.disabled = was
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    """A :class:`~ckcore.checkpoint.Checkpoint`; a missing path is a CheckpointError naming it."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    return Checkpoint(path)
+
+
+def _tensor_items(md: Metadata) -> Iterator[tuple[str, TensorStorageMetadata]]:
+    for fqn, item in md.state_dict_metadata.items():
+        if type(item) is TensorStorageMetadata:
+            yield fqn, item
+
+
+def _tensor_nbytes(fqn: str, item: TensorStorageMetadata) -> int:
+    """Exact bytes of the whole tensor; refuses sizes whose byte count leaves int64."""
+    n = math.prod(item.size) * itemsize(item.properties.dtype)
+    if n > _I64_MAX:
+        raise CheckpointError(f"{fqn}: tensor of size {item.size} has {n} bytes, more than int64 holds")
+    return n
+
+
+# --------------------------------------------------------------------------
+# inspect
+# --------------------------------------------------------------------------
+
+
+def inspect_checkpoint(ck: Checkpoint) -> dict[str, Any]:
+    """What a checkpoint holds, as plain data (the ``--json`` form of ``ckcore inspect``).
+
+    ``tensors``: per fqn its dtype, global ``shape``, ``chunks`` (count),
+    ``bytes`` (the tensor's logical size, numel x itemsize) and ``stored_bytes``
+    (sum of its storage entries, which include serialization overhead; None
+    when an entry is missing). ``bytes_items``: per fqn its stored bytes.
+    ``files``: per data file its size on disk (None when missing) and the
+    number of items stored in it. ``totals`` sums them.
+    """
+    md = ck.metadata
+    storage = ck.storage
+    tensors: dict[str, Any] = {}
+    bytes_items: dict[str, Any] = {}
+    items_per_file: dict[str, int] = {}
+    for info in storage.values():
+        rp = getattr(info, "relative_path", None)
+        if rp is not None:
+            items_per_file[rp] = items_per_file.get(rp, 0) + 1
+    n_chunks = 0
+    for fqn, item in md.state_dict_metadata.items():
+        if type(item) is TensorStorageMetadata:
+            stored: int | None = 0
+            for c in item.chunks:
+                info = storage.get(MetadataIndex(fqn, c.offsets))
+                if info is None or stored is None:
+                    stored = None
+                else:
+                    stored += info.length
+            n_chunks += len(item.chunks)
+            tensors[fqn] = {
+                "dtype": item.properties.dtype,
+                "shape": list(item.size),
+                "chunks": len(item.chunks),
+                "bytes": _tensor_nbytes(fqn, item),
+                "stored_bytes": stored,
+            }
+        else:
+            info = storage.get(MetadataIndex(fqn))
+            bytes_items[fqn] = {"stored_bytes": None if info is None else info.length}
+    files = {
+        rp: {"size": size, "items": items_per_file.get(rp, 0)} for rp, size in sorted(ck.files.items())
+    }
+    return {
+        "path": str(ck.dir),
+        "metadata_file": str(ck.metadata_path),
+        "version": md.version,
+        "tensors": tensors,
+        "bytes_items": bytes_items,
+        "files": files,
+        "totals": {
+            "tensors": len(tensors),
+            "chunks": n_chunks,
+            "tensor_bytes": sum(t["bytes"] for t in tensors.values()),
+            "bytes_items": len(bytes_items),
+            "files": len(files),
+            "file_bytes": sum(f["size"] or 0 for f in files.values()),
+            "missing_files": sum(1 for f in files.values() if f["size"] is None),
+        },
+    }
+
+
+def _print_inspect(report: dict[str, Any], out: IO[str]) -> None:
+    t = report["totals"]
+    w = out.write
+    w(f"checkpoint {report['path']}  (DCP metadata version {report['version'] or 'unknown'})\n")
+    if report["tensors"]:
+        rows = [
+            [fqn, v["dtype"], _shape(v["shape"]), str(v["chunks"]), _human(v["bytes"]),
+             _human(v["stored_bytes"])]
+            for fqn, v in report["tensors"].items()
+        ]
+        w("\n" + "\n".join(_table(rows, ["tensor", "dtype", "shape", "chunks", "bytes", "stored"],
+                                    right=(3, 4, 5))) + "\n")
+    if report["bytes_items"]:
+        rows = [[fqn, _human(v["stored_bytes"])] for fqn, v in report["bytes_items"].items()]
+        w("\n" + "\n".join(_table(rows, ["bytes item", "stored"], right=(1,))) + "\n")
+    if report["files"]:
+        rows = [[rp, _human(v["size"]) if v["size"] is not None else "MISSING", str(v["items"])]
+                for rp, v in report["files"].items()]
+        w("\n" + "\n".join(_table(rows, ["file", "size", "items"], right=(1, 2))) + "\n")
+    missing = f", {t['missing_files']} missing" if t["missing_files"] else ""
+    w(
+        f"\ntotal: {_n(t['tensors'], 'tensor')} in {_n(t['chunks'], 'chunk')} ({_human(t['tensor_bytes'])}), "
+        f"{_n(t['bytes_items'], 'bytes item')}, {_n(t['files'], 'file')} ({_human(t['file_bytes'])}{missing})\n"
+    )
+
+
+# --------------------------------------------------------------------------
+# validate
+# --------------------------------------------------------------------------
+
+
+def validate_checkpoint(ck: Checkpoint, progress: Progress | None = None) -> list[str]:
+    """Every problem of a checkpoint on disk, one message each; empty when it is sound.
+
+    Global checks are :func:`ckcore.global_plan.validate_global_plan`'s
+    (torch's ``_validate_global_plan``): out-of-bounds chunks, overlapping
+    chunks, and "invalid fill" (chunk volumes not summing to the tensor's).
+    torch checks the fill only when more than one rank saved; a checkpoint on
+    disk is checked always, since a gap means unreadable elements whoever
+    wrote it. Storage checks: every chunk and bytes item has a storage entry,
+    every entry's file exists and holds its byte range, no entry names an
+    unknown item, no two entries share bytes of a file, and (when no stream
+    transform was applied) no tensor chunk's entry is shorter than the
+    chunk's raw bytes.
+    """
+    from .global_plan import validate_global_plan
+    from .planner import SavePlan
+
+    md = ck.metadata
+    problems: list[str] = []
+    # Two plans make validate_global_plan check the fill (see docstring).
+    two_plans = [SavePlan([]), SavePlan([])]
+    tensors = list(_tensor_items(md))
+    if progress:
+        progress.start("validating", len(tensors))
+    with _quiet_validation_logger():
+        # One tensor at a time, so a tensor the kernel refuses (ValueError)
+        # becomes a reported problem and the others are still checked.
+        for done, (fqn, item) in enumerate(tensors, 1):
+            one = Metadata({fqn: item})
+            try:
+                problems.extend(validate_global_plan(two_plans, one))
+            except (ValueError, TypeError) as exc:
+                problems.append(f"key:{fqn} cannot be validated: {exc}")
+            if progress:
+                progress.update(done)
+    if progress:
+        progress.done()
+    problems.extend(ck.problems())
+    problems.extend(_overlapping_storage(ck))
+    for fqn, item in _tensor_items(md):
+        size = itemsize(item.properties.dtype)
+        for i, c in enumerate(item.chunks):
+            info = ck.storage.get(MetadataIndex(fqn, c.offsets))
+            if info is None or getattr(info, "transform_descriptors", None):
+                continue
+            raw = math.prod(c.sizes) * size
+            if info.length < raw:
+                problems.append(
+                    f"{fqn}: chunk {i} at offsets {tuple(c.offsets)} needs {raw} bytes but its "
+                    f"storage entry in {info.relative_path} holds {info.length}"
+                )
+    return problems
+
+
+def _overlapping_storage(ck: Checkpoint) -> list[str]:
+    """Storage entries whose byte ranges overlap in one file.
+
+    FileSystemWriter writes every item once, back to back, so two entries
+    sharing bytes mean the metadata and the files do not belong together
+    (or the metadata was edited). Empty entries hold no bytes and are skipped.
+    """
+    by_file: dict[str, list[tuple[int, int, Any]]] = {}
+    for key, info in ck.storage.items():
+        rp = getattr(info, "relative_path", None)
+        if rp is not None and info.length > 0:
+            by_file.setdefault(rp, []).append((info.offset, info.offset + info.length, key))
+    out = []
+    for rp, entries in sorted(by_file.items()):
+        entries.sort(key=lambda e: (e[0], e[1]))
+        reach_end, reach_key = -1, None
+        for start, end, key in entries:
+            if start < reach_end:
+                out.append(
+                    f"{key.fqn}: bytes [{start}, {end}) of {rp} overlap those of {reach_key.fqn} "
+                    f"(up to byte {reach_end})"
+                )
+            if end > reach_end:
+                reach_end, reach_key = end, key
+    return out
+
+
+# --------------------------------------------------------------------------
+# plan
+# --------------------------------------------------------------------------
+
+
+def parse_layout_rules(specs: Sequence[str]) -> list[tuple[str, tuple[Any, ...]]]:
+    """Parse ``--layout`` values ``PATTERN=PLACEMENTS`` (or bare ``PLACEMENTS`` for ``*``).
+
+    The pattern is an fnmatch pattern over fqns, split from the placements at
+    the first ``=``; placements are :func:`ckcore.layout.parse_placements`
+    strings, one per mesh dim. The first rule whose pattern matches an fqn
+    applies to it.
+
+    >>> parse_layout_rules(["*.wq.weight=S(0),S(1)", "R,R"])[1]
+    ('*', (Replicate(), Replicate()))
+    """
+    from .layout import parse_placements
+
+    rules = []
+    for spec in specs:
+        pattern, sep, text = spec.partition("=")
+        if not sep or "(" in pattern:  # "Shard(dim=0),R": no pattern, '=' belongs to the placement
+            pattern, text = "*", spec
+        pattern = pattern.strip()
+        if not pattern:
+            raise UsageError(f"--layout {spec!r}: empty fqn pattern before '='")
+        try:
+            rules.append((pattern, parse_placements(text)))
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"--layout {spec!r}: {exc}") from None
+    return rules
+
+
+def resolve_layouts(
+    md: Metadata,
+    *,
+    mesh: Sequence[int] | None = None,
+    rules: Sequence[tuple[str, tuple[Any, ...]]] = (),
+    world_size: int | None = None,
+    shard_dim: int = 0,
+) -> tuple[tuple[int, ...], dict[str, tuple[tuple[int, ...], tuple[Any, ...]]]]:
+    """The target layout of every tensor: ``(mesh, {fqn: (global shape, placements)})``.
+
+    Either ``mesh`` and ``rules`` (see :func:`parse_layout_rules`; every
+    tensor must match a rule), or ``world_size`` and ``shard_dim``: a 1-d mesh
+    of ``world_size`` ranks, each tensor sharded on ``shard_dim`` (negative
+    counts from the end) when it has that dim, replicated when it has fewer
+    dims (scalars, norms when ``shard_dim=1``), as FSDP does.
+    """
+    from .layout import Replicate, Shard
+
+    tensors = dict(_tensor_items(md))
+    out: dict[str, tuple[tuple[int, ...], tuple[Any, ...]]] = {}
+    if world_size is not None:
+        if world_size < 1:
+            raise UsageError(f"--world-size must be >= 1, got {world_size}")
+        for fqn, item in tensors.items():
+            ndim = len(item.size)
+            ok = -ndim <= shard_dim < ndim
+            out[fqn] = (tuple(item.size), (Shard(shard_dim),) if ok else (Replicate(),))
+        return (world_size,), out
+    if mesh is None or not rules:
+        raise UsageError("give a target layout: --mesh and --layout, or --world-size (and --shard-dim)")
+    for fqn, item in tensors.items():
+        for pattern, placements in rules:
+            if fnmatch.fnmatchcase(fqn, pattern):
+                out[fqn] = (tuple(item.size), placements)
+                break
+        else:
+            raise UsageError(f"{fqn}: no --layout pattern matches it; add a catch-all such as '*=R'")
+    return tuple(mesh), out
+
+
+def _check_byte_totals(ck: Checkpoint) -> None:
+    """Refuse metadata whose byte counts could overflow plan's int64 sums.
+
+    A rank reads at most every storage entry once and keeps at most every
+    tensor once (plus bytes items), so these two Python-int totals bound
+    every per-rank figure; a real checkpoint is far below 2**63 bytes, a
+    crafted ``.metadata`` may not be.
+    """
+    stored = 0
+    for key, info in ck.storage.items():
+        end = info.offset + info.length
+        if end > _I64_MAX:
+            raise CheckpointError(f"{key.fqn}: storage entry ends at byte {end}, beyond int64")
+        stored += info.length
+    kept = sum(_tensor_nbytes(fqn, t) for fqn, t in _tensor_items(ck.metadata)) + stored
+    if stored > _I64_MAX or kept > _I64_MAX:
+        raise CheckpointError("the checkpoint's byte counts add up to more than int64 holds")
+
+
+def _storage_table(ck: Checkpoint) -> dict[tuple[str, Any], Any]:
+    """``{(fqn, offsets): StorageInfo}``: plain-tuple keys hash much faster than MetadataIndex."""
+    return {(k.fqn, k.offset): v for k, v in ck.storage.items()}
+
+
+def _saved_storage(table: dict[tuple[str, Any], Any], fqn: str, item: TensorStorageMetadata,
+                   file_ids: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(file id, offset, length) of every saved chunk of ``fqn``, in chunk order."""
+    n = len(item.chunks)
+    fid = np.empty(n, dtype=np.int64)
+    off = np.empty(n, dtype=np.int64)
+    ln = np.empty(n, dtype=np.int64)
+    for i, c in enumerate(item.chunks):
+        info = table.get((fqn, tuple(c.offsets)))
+        if info is None:
+            raise CheckpointError(
+                f"{fqn}: chunk {i} at offsets {tuple(c.offsets)} has no storage entry "
+                "(run `ckcore validate`)")
+        fid[i] = file_ids.setdefault(info.relative_path, len(file_ids))
+        off[i] = info.offset
+        ln[i] = info.length
+    return fid, off, ln
+
+
+def _coalesce(rank: np.ndarray, fid: np.ndarray, off: np.ndarray, ln: np.ndarray, world: int):
+    """Per rank: coalesced read calls and bytes over (file, offset, length) reads.
+
+    Vectorized: reads are sorted by (rank, file, offset); a read starts a new
+    call unless an earlier read of the same (rank, file) reaches its offset.
+    The "earlier reads reach" test needs a running max of ends that resets
+    per group; ranking every (group, end) pair lexicographically turns it into
+    one ``maximum.accumulate`` over integers (group ids never decrease along
+    the sort, so the prefix maximum is the current group's largest end).
+    """
+    calls = np.zeros(world, dtype=np.int64)
+    nbytes = np.zeros(world, dtype=np.int64)
+    files = np.zeros(world, dtype=np.int64)
+    if rank.size == 0:
+        return calls, nbytes, files
+    order = np.lexsort((off, fid, rank))
+    r, f, o = rank[order], fid[order], off[order]
+    e = o + ln[order]
+    group_start = np.ones(r.size, dtype=bool)
+    group_start[1:] = (r[1:] != r[:-1]) | (f[1:] != f[:-1])
+    group = np.cumsum(group_start) - 1
+    by_end = np.lexsort((e, group))
+    key = np.empty(r.size, dtype=np.int64)
+    key[by_end] = np.arange(r.size, dtype=np.int64)
+    prefix = np.maximum.accumulate(key)
+    new_call = group_start.copy()
+    prev = by_end[prefix[:-1]]  # position (in sort order) of the best earlier read
+    new_call[1:] |= (group[prev] != group[1:]) | (e[prev] < o[1:])
+    starts = np.flatnonzero(new_call)
+    call_end = np.maximum.reduceat(e, starts)
+    np.add.at(calls, r[starts], 1)
+    np.add.at(nbytes, r[starts], call_end - o[starts])
+    np.add.at(files, r[group_start], 1)
+    return calls, nbytes, files
+
+
+def plan_reads(
+    ck: Checkpoint,
+    mesh: Sequence[int],
+    layouts: Mapping[str, tuple[Sequence[int], Any]],
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Every rank's reads to load ``ck`` at a target layout (the ``--json`` form of ``ckcore plan``).
+
+    ``layouts`` maps each tensor's fqn to ``(global shape, placements)`` on
+    ``mesh`` (see :func:`resolve_layouts`); rank ``k`` sits at the ``k``-th
+    row-major mesh coordinate. For each rank: ``read_items`` (DCP's ReadItems,
+    one per overlapping local/saved chunk pair, plus one per bytes item, which
+    every rank loads), ``useful_bytes`` (the elements it keeps), ``bytes_read``
+    and ``read_calls`` after coalescing (see :data:`COALESCING`),
+    ``files`` touched and ``over_read`` (= bytes read - useful bytes).
+    The per-rank intersection is :func:`ckcore.intersect_chunks` (array form)
+    on target chunks from :func:`ckcore.layout.local_shapes_and_offsets`.
+    Ranks come heaviest first (bytes read, then rank).
+    """
+    from .helpers import intersect_chunks
+    from .layout import format_placements, local_shapes_and_offsets
+
+    md = ck.metadata
+    mesh = tuple(mesh)
+    world = math.prod(mesh)
+    if not 1 <= world <= MAX_WORLD:
+        raise UsageError(f"mesh {_mesh(mesh)} has {world} ranks; ckcore plan handles 1 to {MAX_WORLD}")
+    _check_byte_totals(ck)
+    file_ids: dict[str, int] = {}
+    ranks_l, fid_l, off_l, len_l = [], [], [], []
+    items = np.zeros(world, dtype=np.int64)
+    useful = np.zeros(world, dtype=np.int64)
+    tensors = dict(_tensor_items(md))
+    table = _storage_table(ck)
+    missing = sorted(set(tensors) - set(layouts))
+    if missing:
+        raise UsageError(f"{missing[0]}: no target layout given for it")
+    if progress:
+        progress.start("planning reads", len(tensors))
+    for done, (fqn, item) in enumerate(tensors.items(), 1):
+        shape, placements = layouts[fqn]
+        elem = itemsize(item.properties.dtype)
+        try:
+            sizes, offsets = local_shapes_and_offsets(shape, mesh, placements)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(
+                f"{fqn}: layout {format_placements(placements)} on mesh {_mesh(mesh)} does not fit "
+                f"the tensor {_shape(shape)}: {exc}") from None
+        if not item.chunks:
+            continue
+        saved = _saved_storage(table, fqn, item, file_ids)
+        hits = intersect_chunks((offsets, sizes), item.chunks,
+                                fqn=fqn, ndim=len(shape))
+        if len(hits):
+            r = hits.local_index
+            np.add.at(items, r, 1)
+            np.add.at(useful, r, np.prod(hits.lengths, axis=1, dtype=np.int64) * elem)
+            ranks_l.append(r)
+            s = hits.saved_index
+            fid_l.append(saved[0][s])
+            off_l.append(saved[1][s])
+            len_l.append(saved[2][s])
+        if progress:
+            progress.update(done)
+    if progress:
+        progress.done()
+    for fqn, item in md.state_dict_metadata.items():
+        if type(item) is TensorStorageMetadata:
+            continue
+        info = ck.storage.get(MetadataIndex(fqn))
+        if info is None:
+            raise CheckpointError(f"{fqn}: bytes item has no storage entry (run `ckcore validate`)")
+        all_ranks = np.arange(world, dtype=np.int64)
+        items += 1
+        useful += info.length
+        ranks_l.append(all_ranks)
+        fid_l.append(np.full(world, file_ids.setdefault(info.relative_path, len(file_ids))))
+        off_l.append(np.full(world, info.offset, dtype=np.int64))
+        len_l.append(np.full(world, info.length, dtype=np.int64))
+
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, np.int64)
+
+    # A storage item a rank needs for several chunks appears once per chunk here;
+    # coalescing merges the identical ranges, so it is read (and counted) once.
+    rank_a, fid_a, off_a, len_a = cat(ranks_l), cat(fid_l), cat(off_l), cat(len_l)
+    calls, nbytes, nfiles = _coalesce(rank_a, fid_a, off_a, len_a, world)
+    order = sorted(range(world), key=lambda k: (-int(nbytes[k]), k))
+    coords = np.stack(np.unravel_index(np.arange(world), mesh), axis=1) if mesh else None
+    ranks = [
+        {
+            "rank": k,
+            "coordinate": [int(v) for v in coords[k]] if coords is not None else [],
+            "read_items": int(items[k]),
+            "files": int(nfiles[k]),
+            "read_calls": int(calls[k]),
+            "bytes_read": int(nbytes[k]),
+            "useful_bytes": int(useful[k]),
+            "over_read": int(nbytes[k] - useful[k]),
+        }
+        for k in order
+    ]
+    return {
+        "path": str(ck.dir),
+        "mesh": list(mesh),
+        "world_size": world,
+        "coalescing": COALESCING,
+        "ranks": ranks,
+        "totals": {
+            # Python ints: world x per-rank bytes may pass int64.
+            "read_items": sum(items.tolist()),
+            "read_calls": sum(calls.tolist()),
+            "bytes_read": sum(nbytes.tolist()),
+            "useful_bytes": sum(useful.tolist()),
+            "max_bytes_read": int(nbytes.max()) if world else 0,
+            "min_bytes_read": int(nbytes.min()) if world else 0,
+            "checkpoint_file_bytes": sum(v or 0 for v in ck.files.values()),
+        },
+    }
+
+
+def _print_plan(report: dict[str, Any], out: IO[str], top: int) -> None:
+    t = report["totals"]
+    w = out.write
+    w(f"plan: load {report['path']} on mesh {_mesh(report['mesh'])} "
+      f"({report['world_size']} ranks)\n")
+    w(f"reads coalesced: {report['coalescing']}\n\n")
+    ranks = report["ranks"] if top <= 0 else report["ranks"][:top]
+    rows = []
+    for r in ranks:
+        pct = 100.0 * r["over_read"] / r["bytes_read"] if r["bytes_read"] else 0.0
+        rows.append([
+            str(r["rank"]), _shape(r["coordinate"]), str(r["read_items"]), str(r["files"]),
+            str(r["read_calls"]), _human(r["bytes_read"]), _human(r["useful_bytes"]),
+            f"{_human(r['over_read'])} ({pct:.0f}%)",
+        ])
+    header = ["rank", "coord", "items", "files", "calls", "read", "useful", "over-read"]
+    w("\n".join(_table(rows, header, right=(2, 3, 4, 5, 6, 7))) + "\n")
+    if len(ranks) < len(report["ranks"]):
+        w(f"... {len(report['ranks']) - len(ranks)} lighter ranks not shown (--top 0 shows all)\n")
+    over = t["bytes_read"] - t["useful_bytes"]
+    w(
+        f"\ntotal: {t['read_items']} read items, {t['read_calls']} read calls, "
+        f"{_human(t['bytes_read'])} read for {_human(t['useful_bytes'])} useful "
+        f"(over-read {_human(over)}); per rank {_human(t['min_bytes_read'])} .. "
+        f"{_human(t['max_bytes_read'])}; checkpoint files {_human(t['checkpoint_file_bytes'])}\n"
+    )
+
+
+# --------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------
+
+
+class _SyntheticCheckpoint(Checkpoint):
+    """A Checkpoint built in memory (metadata + storage), for the demo: no files."""
+
+    def __init__(self, md: Metadata, files: dict[str, int], name: str) -> None:
+        self.dir = name  # type: ignore[assignment]
+        self.metadata_path = name  # type: ignore[assignment]
+        self.metadata = md
+        self.storage = md.storage_data
+        self.files = files  # type: ignore[assignment]
+
+
+def _best_of(fn: Any, repeat: int) -> tuple[float, Any]:
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def run_demo(
+    *,
+    layers: int = 80,
+    save_fsdp: int = 64,
+    load_fsdp: int = 8,
+    load_tp: int = 8,
+    use_torch: bool = True,
+    repeat: int = 1,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Plan a 70B-class model's save at FSDP-``save_fsdp`` and load at FSDP-``load_fsdp`` x TP-``load_tp``.
+
+    Everything is computed, nothing is downloaded: the shapes come from
+    :mod:`ckcore._models` (Llama-2-70B, ``layers`` layers), the save layout
+    is FSDP2's ``Shard(0)`` on a 1-d mesh, the load layout FSDP2 x TP as
+    torchtitan builds it. Steps, each timed for ckcore and, when torch is
+    importable and ``use_torch``, for torch on its own objects:
+
+    1. ``global save plan``: dedup, global plan + metadata, and validation
+       over every rank's save plan (DefaultSavePlanner.create_global_plan);
+    2. ``load plan, all ranks``: every rank's ReadItems for every tensor
+       (create_read_items_for_chunk_list per rank and tensor), and the same
+       pairs in ckcore's array form (:func:`ckcore.intersect_chunks`, one
+       call per tensor for all ranks), both against torch's ReadItems;
+    3. ``ckcore plan``: the same intersection in array form plus per-rank
+       coalesced byte counts over the checkpoint's storage, as ``ckcore plan``
+       reports them (ckcore only; torch has no equivalent).
+
+    The checkpoint's storage is laid out as FileSystemWriter would (one file
+    per saving rank, items back to back), with raw tensor bytes as lengths.
+    Returns the timings, the item counts and the plan report.
+    """
+    from . import _models
+    from .global_plan import create_global_save_plan, dedup_save_plans, validate_global_plan
+    from .helpers import chunk_arrays, create_read_items_for_chunk_list, intersect_chunks
+    from .layout import Shard, job_layouts
+    from .planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    shapes = _models.llama70b_state_dict_shapes(layers)
+    dtype = _models.LLAMA70B_DTYPE
+    props = TensorProperties(dtype=dtype)
+    save_mesh = (save_fsdp,)
+    load_mesh = (load_fsdp, load_tp)
+    save_layout = {fqn: (shape, (Shard(0),)) for fqn, shape in shapes.items()}
+    load_layout = {fqn: (shape, _models.llama_fsdp_tp_placements(fqn, load_tp))
+                   for fqn, shape in shapes.items()}
+    n_params = sum(math.prod(s) for s in shapes.values())
+
+    # Inputs: every saving rank's SavePlan, every loading rank's chunk lists.
+    save_arrays = job_layouts(save_layout, save_mesh)
+    load_arrays = job_layouts(load_layout, load_mesh)
+    plans_items: list[list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]]] = [
+        [] for _ in range(save_fsdp)]
+    for fqn, (sizes, offsets) in save_arrays.items():
+        for r, (o, s) in enumerate(zip(offsets.tolist(), sizes.tolist())):
+            plans_items[r].append((fqn, tuple(o), tuple(s), shapes[fqn]))
+    ck_plans = [
+        SavePlan([
+            WriteItem(index=MetadataIndex(fqn, o), type=WriteItemType.SHARD,
+                      tensor_data=TensorWriteData(ChunkStorageMetadata(o, s), props, g))
+            for fqn, o, s, g in items
+        ])
+        for items in plans_items
+    ]
+    load_world = load_fsdp * load_tp
+    local_chunks: list[dict[str, list[ChunkStorageMetadata]]] = [{} for _ in range(load_world)]
+    for fqn, (sizes, offsets) in load_arrays.items():
+        for r, (o, s) in enumerate(zip(offsets.tolist(), sizes.tolist())):
+            local_chunks[r][fqn] = [ChunkStorageMetadata(tuple(o), tuple(s))]
+
+    timings: dict[str, dict[str, float | None]] = {}
+
+    def ck_save() -> tuple[list[Any], Metadata, list[str]]:
+        deduped = dedup_save_plans(ck_plans)
+        plans, md = create_global_save_plan(deduped)
+        with _quiet_validation_logger():
+            errors = validate_global_plan(plans, md)
+        return plans, md, errors
+
+    if progress:
+        progress.start("demo: ckcore", 3)
+    t_save, (global_plans, md, errors) = _best_of(ck_save, repeat)
+    if errors:  # pragma: no cover - the demo's layouts are sound
+        raise RuntimeError(f"demo save plan failed validation: {errors[0]}")
+    timings["global save plan"] = {"ckcore": t_save}
+    if progress:
+        progress.update(1)
+
+    def ck_load() -> int:
+        sdm = md.state_dict_metadata
+        n = 0
+        for rank_chunks in local_chunks:
+            for fqn, chunks in rank_chunks.items():
+                n += len(create_read_items_for_chunk_list(fqn, sdm[fqn], chunks))
+        return n
+
+    t_load, n_read_items = _best_of(ck_load, repeat)
+    timings["load plan, all ranks: ReadItems"] = {"ckcore": t_load}
+
+    def ck_load_arrays() -> int:
+        # The same pairs as int64 arrays: one call per tensor covers every rank
+        # (the local chunks of all ranks are the layout's rows).
+        sdm = md.state_dict_metadata
+        n = 0
+        for fqn, (sizes, offsets) in load_arrays.items():
+            saved = chunk_arrays(sdm[fqn].chunks, fqn)
+            n += len(intersect_chunks((offsets, sizes), saved, fqn=fqn))
+        return n
+
+    t_arrays, n_pairs = _best_of(ck_load_arrays, repeat)
+    if n_pairs != n_read_items:  # pragma: no cover - both forms are one kernel
+        raise RuntimeError(f"array form found {n_pairs} pairs, item form {n_read_items}")
+    timings["load plan, all ranks: arrays"] = {"ckcore": t_arrays}
+    if progress:
+        progress.update(2)
+
+    # Storage as FileSystemWriter lays it out: rank r's items back to back in __r_0.distcp.
+    storage: dict[MetadataIndex, Any] = {}
+    files: dict[str, int] = {}
+    from .checkpoint import StorageInfo
+
+    for r, plan in enumerate(global_plans):
+        name = f"__{r}_0.distcp"
+        pos = 0
+        for wi in plan.items:
+            n = math.prod(wi.tensor_data.chunk.sizes) * itemsize(dtype)
+            storage[MetadataIndex(wi.index.fqn, wi.index.offset)] = StorageInfo(name, pos, n)
+            pos += n
+        files[name] = pos
+    md.storage_data = storage
+    synthetic = _SyntheticCheckpoint(md, files, f"<llama-70b, {layers} layers, FSDP-{save_fsdp}>")
+    t_plan, report = _best_of(lambda: plan_reads(synthetic, load_mesh, load_layout), repeat)
+    timings["ckcore plan (arrays + coalescing)"] = {"ckcore": t_plan}
+    if progress:
+        progress.done()
+
+    torch_version = None
+    if use_torch:
+        try:
+            import torch  # noqa: F401  (optional: only to time torch side by side)
+        except ImportError:
+            use_torch = False
+    if use_torch:
+        torch_version, t_torch_save, t_torch_load, n_torch = _time_torch(
+            plans_items, local_chunks, dtype, repeat, progress)
+        if n_torch != n_read_items:  # the comparison is only fair if both did the same work
+            raise RuntimeError(f"torch made {n_torch} read items, ckcore {n_read_items}")
+        timings["global save plan"]["torch"] = t_torch_save
+        # torch has one form (ReadItem objects); both of ckcore's produce the same pairs.
+        timings["load plan, all ranks: ReadItems"]["torch"] = t_torch_load
+        timings["load plan, all ranks: arrays"]["torch"] = t_torch_load
+    for row in timings.values():
+        row.setdefault("torch", None)
+    return {
+        "model": f"Llama-2-70B shapes, {layers} layers, {len(shapes)} tensors, "
+                 f"{n_params / 1e9:.1f}e9 params, {dtype}",
+        "save": f"FSDP-{save_fsdp}: mesh {_mesh(save_mesh)}, Shard(0) for every tensor",
+        "load": f"FSDP-{load_fsdp} x TP-{load_tp}: mesh {_mesh(load_mesh)}, "
+                "FSDP2 (_StridedShard over TP) x TP column/row-wise",
+        "write_items": sum(len(p.items) for p in ck_plans),
+        "read_items": n_read_items,
+        "torch_version": torch_version,
+        "timings_s": timings,
+        "plan": report,
+    }
+
+
+def _time_torch(plans_items: list, local_chunks: list, dtype: str, repeat: int,
+                progress: Progress | None) -> tuple[str, float, float, int]:
+    """Time torch's own planning functions on torch's objects for the demo's two steps."""
+    import warnings
+
+    import torch
+    from torch.distributed.checkpoint import default_planner as tdp
+    from torch.distributed.checkpoint import metadata as tmd
+    from torch.distributed.checkpoint import planner as tpl
+    from torch.distributed.checkpoint import planner_helpers as tph
+    from torch.distributed.checkpoint._dedup_save_plans import dedup_save_plans as t_dedup
+
+    props = tmd.TensorProperties(dtype=getattr(torch, dtype))
+    t_plans = [
+        tpl.SavePlan([
+            tpl.WriteItem(
+                index=tmd.MetadataIndex(fqn, torch.Size(o)), type=tpl.WriteItemType.SHARD,
+                tensor_data=tpl.TensorWriteData(
+                    tmd.ChunkStorageMetadata(torch.Size(o), torch.Size(s)), props, torch.Size(g)))
+            for fqn, o, s, g in items
+        ])
+        for items in plans_items
+    ]
+    t_local = [
+        {fqn: [tmd.ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in chunks]
+         for fqn, chunks in rank.items()}
+        for rank in local_chunks
+    ]
+    if progress:
+        progress.start("demo: torch", 2)
+
+    def save() -> Any:
+        deduped = t_dedup(t_plans)
+        plans, md = tdp.create_default_global_save_plan(deduped)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            errors = tdp._validate_global_plan(plans, md)
+        return md, errors
+
+    t_save, (md, errors) = _best_of(save, repeat)
+    if errors:  # pragma: no cover
+        raise RuntimeError(f"torch reports the demo save plan invalid: {errors[0]}")
+    if progress:
+        progress.update(1)
+    sdm = md.state_dict_metadata
+
+    def load() -> int:
+        n = 0
+        for rank in t_local:
+            for fqn, chunks in rank.items():
+                n += len(tph.create_read_items_for_chunk_list(fqn, sdm[fqn], chunks))
+        return n
+
+    t_load, n = _best_of(load, repeat)
+    if progress:
+        progress.done()
+    return torch.__version__, t_save, t_load, n
+
+
+def _print_demo(report: dict[str, Any], out: IO[str], top: int) -> None:
+    w = out.write
+    w(f"model: {report['model']}\n")
+    w(f"save:  {report['save']}\n")
+    w(f"load:  {report['load']}\n")
+    w(f"work:  {report['write_items']} write items saved, {report['read_items']} read items loaded\n\n")
+    torch_label = f"torch {report['torch_version']}" if report["torch_version"] else "torch"
+    rows = []
+    for step, row in report["timings_s"].items():
+        ck, tt = row["ckcore"], row["torch"]
+        rows.append([
+            step,
+            f"{ck * 1e3:.1f} ms",
+            f"{tt * 1e3:.1f} ms" if tt is not None else ("n/a" if report["torch_version"] else "-"),
+            f"{tt / ck:.1f}x" if tt is not None and ck > 0 else "",
+        ])
+    w("\n".join(_table(rows, ["step", "ckcore", torch_label, "speed-up"], right=(1, 2, 3))) + "\n")
+    if not report["torch_version"]:
+        w("(torch not timed: not installed, or --no-torch)\n")
+    w("\n")
+    _print_plan(report["plan"], out, top)
+
+
+# --------------------------------------------------------------------------
+# Command line.
+# --------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ckcore",
+        description="Inspect, validate and plan PyTorch Distributed Checkpoints (DCP) without torch.",
+        epilog="Exit status: 0 ok, 1 validate found problems, 2 bad input or arguments.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        sp.add_argument("--progress", action="store_true",
+                        help="show progress on stderr even when it is not a terminal")
+
+    sp = sub.add_parser("inspect", help="what a checkpoint holds: tensors, chunks, bytes, files")
+    sp.add_argument("path", help="checkpoint directory (or its .metadata file)")
+    common(sp)
+
+    sp = sub.add_parser(
+        "validate", help="overlaps, bounds, coverage and storage checks; exit 0 only when sound")
+    sp.add_argument("path", help="checkpoint directory (or its .metadata file)")
+    common(sp)
+
+    sp = sub.add_parser(
+        "plan", help="every rank's reads to load the checkpoint at a target layout",
+        description="The resharding what-if: for a target layout, every rank's reads "
+                    "(bytes, files, read calls after coalescing, over-read), heaviest first. "
+                    "Either --mesh with --layout rules, or --world-size with --shard-dim.",
+        epilog="Placements: S(d) shard tensor dim d, R replicate, P partial (as R), "
+               "_S(d,k) FSDP2's strided shard with split factor k. Examples:\n"
+               "  ckcore plan CKPT --world-size 8\n"
+               "  ckcore plan CKPT --mesh 8x8 --layout '*norm*=S(0),R' "
+               "--layout '*.wo.weight=S(0),S(1)' --layout '*=_S(0,8),S(0)'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sp.add_argument("path", help="checkpoint directory (or its .metadata file)")
+    sp.add_argument("--mesh", help="target mesh shape, e.g. 8,8 or 8x8 (rank k = k-th row-major coordinate)")
+    sp.add_argument(
+        "--layout", action="append", default=[], metavar="PATTERN=PLACEMENTS",
+        help="placements for fqns matching an fnmatch PATTERN, one per mesh dim, e.g. "
+             "'*.wq.weight=S(0),S(1)'; repeatable, first match wins; bare PLACEMENTS means '*'")
+    sp.add_argument("--world-size", type=int, help="simple form: a 1-d mesh of N ranks")
+    sp.add_argument("--shard-dim", type=int, default=0,
+                    help="simple form: the tensor dim to shard (tensors with fewer dims are replicated)")
+    sp.add_argument("--top", type=int, default=0, help="show only the N heaviest ranks (0: all)")
+    common(sp)
+
+    sp = sub.add_parser(
+        "demo", help="plan a 70B-class model: save at FSDP-64, load at FSDP-8 x TP-8; time ckcore vs torch")
+    sp.add_argument("--layers", type=int, default=80, help="transformer layers (default 80)")
+    sp.add_argument("--save-fsdp", type=int, default=64, help="saving world size (FSDP, default 64)")
+    sp.add_argument("--load-fsdp", type=int, default=8, help="loading FSDP degree (default 8)")
+    sp.add_argument("--load-tp", type=int, default=8, help="loading TP degree (default 8)")
+    sp.add_argument("--repeat", type=int, default=1, help="time each step N times, keep the best")
+    sp.add_argument("--no-torch", action="store_true", help="do not time torch even if installed")
+    sp.add_argument("--top", type=int, default=8, help="ranks shown in the plan table (0: all)")
+    common(sp)
+    return p
+
+
+def _cmd_inspect(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    report = inspect_checkpoint(open_checkpoint(args.path))
+    if args.json:
+        json.dump(report, out, indent=1)
+        out.write("\n")
+    else:
+        _print_inspect(report, out)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    ck = open_checkpoint(args.path)
+    problems = validate_checkpoint(ck, Progress(err, args.progress))
+    if args.json:
+        json.dump({"path": str(ck.dir), "ok": not problems, "problems": problems}, out, indent=1)
+        out.write("\n")
+    elif problems:
+        for line in problems:
+            out.write(line + "\n")
+        err.write(f"ckcore: {ck.dir}: {len(problems)} problem(s)\n")
+    else:
+        md = ck.metadata
+        n_t = sum(1 for _ in _tensor_items(md))
+        n_c = sum(len(t.chunks) for _, t in _tensor_items(md))
+        out.write(f"ok: {ck.dir}: {_n(n_t, 'tensor')}, {_n(n_c, 'chunk')}, "
+                  f"{_n(len(md.state_dict_metadata) - n_t, 'bytes item')}, {_n(len(ck.files), 'file')}: "
+                  "no overlaps, in bounds, fully covered, storage complete\n")
+    return 1 if problems else 0
+
+
+def _cmd_plan(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    from .layout import parse_mesh_shape
+
+    if args.world_size is not None and (args.mesh or args.layout):
+        raise UsageError("give either --world-size (and --shard-dim) or --mesh and --layout, not both")
+    if args.world_size is None and (args.mesh is None or not args.layout):
+        raise UsageError("give a target layout: --mesh and --layout, or --world-size (and --shard-dim)")
+    rules = parse_layout_rules(args.layout)
+    mesh = None
+    if args.mesh is not None:
+        try:
+            mesh = parse_mesh_shape(args.mesh)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"--mesh: {exc}") from None
+        for pattern, placements in rules:
+            if len(placements) != len(mesh):
+                raise UsageError(
+                    f"--layout for {pattern!r} has {len(placements)} placements but the mesh "
+                    f"{_mesh(mesh)} has {len(mesh)} dims")
+    ck = open_checkpoint(args.path)
+    mesh_t, layouts = resolve_layouts(ck.metadata, mesh=mesh, rules=rules,
+                                      world_size=args.world_size, shard_dim=args.shard_dim)
+    report = plan_reads(ck, mesh_t, layouts, Progress(err, args.progress))
+    if args.json:
+        json.dump(report, out, indent=1)
+        out.write("\n")
+    else:
+        _print_plan(report, out, args.top)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    for name in ("layers", "save_fsdp", "load_fsdp", "load_tp", "repeat"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    # The demo builds Python plan objects for every rank and tensor: keep it a demo.
+    if args.save_fsdp > 4096 or args.load_fsdp * args.load_tp > 4096 or args.layers > 1000:
+        raise UsageError("demo sizes are capped at 4096 ranks per job and 1000 layers")
+    report = run_demo(layers=args.layers, save_fsdp=args.save_fsdp, load_fsdp=args.load_fsdp,
+                      load_tp=args.load_tp, use_torch=not args.no_torch, repeat=args.repeat,
+                      progress=Progress(err, args.progress))
+    if args.json:
+        json.dump(report, out, indent=1)
+        out.write("\n")
+    else:
+        _print_demo(report, out, args.top)
+    return 0
+
+
+_COMMANDS = {"inspect": _cmd_inspect, "validate": _cmd_validate, "plan": _cmd_plan, "demo": _cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None,
+         stderr: IO[str] | None = None) -> int:
+    """Run the ``ckcore`` command with ``argv`` (default ``sys.argv[1:]``); return the exit status.
+
+    Usable in-process (tests call ``main([...])``): it never calls
+    ``sys.exit`` itself and turns argument errors into a return value.
+    ``stdout``/``stderr`` default to the current ``sys.stdout``/``sys.stderr``.
+    """
+    out = stdout if stdout is not None else sys.stdout
+    err = stderr if stderr is not None else sys.stderr
+    parser = _parser()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2): argparse already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return _COMMANDS[args.command](args, out, err)
+    except BrokenPipeError:  # pragma: no cover - `ckcore inspect | head`
+        return 0
+    except (CheckpointError, UsageError, ValueError, TypeError, OSError) as exc:
+        if os.environ.get("CKCORE_DEBUG"):
+            raise
+        err.write(f"ckcore: error: {_one_line(exc)}\n")
+        return 2
+    except KeyboardInterrupt:
+        err.write("ckcore: interrupted\n")
+        return 130
+    except Exception as exc:
+        if os.environ.get("CKCORE_DEBUG"):
+            raise
+        err.write(f"ckcore: internal error: {type(exc).__name__}: {_one_line(exc)} "
+                  "(set CKCORE_DEBUG=1 for a traceback)\n")
+        return 3
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
