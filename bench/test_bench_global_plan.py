@@ -219,16 +219,25 @@ def replicated_plans(fsdp_plans):
 
 
 def ckcore_pipeline(all_plans, phases=None):
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     plans = dedup_save_plans(all_plans)
     t1 = time.perf_counter()
     plans, md = create_global_save_plan(plans, types=TORCH_TYPES)
     t2 = time.perf_counter()
     errors = validate_global_plan(plans, md)
-    t3 = time.perf_counter()
+    t3, c3 = time.perf_counter(), time.process_time()
     if phases is not None:
-        phases.append((t1 - t0, t2 - t1, t3 - t2))
+        # Wall time per phase, and the CPU time of the whole pipeline: on a
+        # shared machine the wall time includes waiting for a core.
+        phases.append((t1 - t0, t2 - t1, t3 - t2, c3 - c0))
     return plans, md, errors
+
+
+def torch_pipeline_timed(all_plans, out):
+    c0 = time.process_time()
+    res = torch_pipeline(all_plans)
+    out.append(time.process_time() - c0)
+    return res
 
 
 def torch_pipeline(all_plans):
@@ -281,17 +290,23 @@ def test_global_plan(benchmark, impl, fsdp_plans, ranks):
         phases: list = []
         plans, md, errors = _run(benchmark, impl, lambda: ckcore_pipeline(fsdp_plans, phases),
                                  ckcore_rounds=3)
-        best = min(phases, key=sum)
-        benchmark.extra_info["dedup_s"], benchmark.extra_info["global_plan_s"], \
-            benchmark.extra_info["validate_s"] = best
+        best = min(phases, key=lambda ph: sum(ph[:3]))
+        for name, v in zip(("dedup_s", "global_plan_s", "validate_s", "cpu_s"), best):
+            benchmark.extra_info[name] = v
+        benchmark.extra_info["cpu_s_all_rounds"] = [ph[3] for ph in phases]
         peak = _peak_rss_growth(lambda: ckcore_pipeline(fsdp_plans))
     else:
-        plans, md, errors = _run(benchmark, impl, lambda: torch_pipeline(fsdp_plans))
+        cpu: list = []
+        plans, md, errors = _run(benchmark, impl, lambda: torch_pipeline_timed(fsdp_plans, cpu))
+        benchmark.extra_info["cpu_s"] = cpu[0]
         peak = _peak_rss_growth(lambda: torch_pipeline(fsdp_plans))
     benchmark.extra_info["peak_rss_growth_bytes"] = peak
     assert errors == []
     assert len(md.state_dict_metadata) == 723
-    assert sum(len(p.items) for p in plans) == benchmark.extra_info["items"]
+    # Dedup keeps one copy of each index: ranks past the end of a tensor whose
+    # rows do not divide evenly (vocab 32000 on 1024 ranks) hold identical
+    # empty shards.
+    assert sum(len(p.items) for p in plans) == _distinct_indices(fsdp_plans)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -299,5 +314,9 @@ def test_dedup(benchmark, impl, replicated_plans, ranks):
     benchmark.group = "dedup"
     fn = dedup_save_plans if impl == "ckcore" else torch_dedup
     out = _run(benchmark, impl, lambda: fn(replicated_plans), ckcore_rounds=3)
-    # Each replicated norm survives once; every shard stays on its rank.
-    assert sum(len(p.items) for p in out) == 161 + 562 * ranks
+    # Each replicated norm survives once; every distinct shard once.
+    assert sum(len(p.items) for p in out) == _distinct_indices(replicated_plans)
+
+
+def _distinct_indices(all_plans) -> int:
+    return len({(i.index.fqn, tuple(i.index.offset)) for p in all_plans for i in p.items})

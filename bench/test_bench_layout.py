@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 from torch.distributed.tensor.placement_types import Replicate, Shard, _StridedShard
@@ -43,7 +44,16 @@ def _to_torch(p):
 def _workload(benchmark):
     n_layers = 1 if benchmark.disabled else 80
     shapes = llama70b_state_dict_shapes(n_layers)
-    return {fqn: (shape, llama_fsdp_tp_placements(fqn, TP, replicate=True)) for fqn, shape in shapes.items()}
+    return {
+        fqn: (shape, llama_fsdp_tp_placements(fqn, TP, replicate=True))
+        for fqn, shape in shapes.items()
+    }
+
+
+def _torch_tensors(tensors):
+    return {
+        fqn: (shape, [_to_torch(p) for p in places]) for fqn, (shape, places) in tensors.items()
+    }
 
 
 def _torch_all(tensors):
@@ -69,7 +79,7 @@ def test_layout(benchmark, impl):
         assert len(result) == len(tensors)
         assert result["output.weight"][0].shape == (1024, 2)
         return
-    torch_tensors = {fqn: (shape, [_to_torch(p) for p in places]) for fqn, (shape, places) in tensors.items()}
+    torch_tensors = _torch_tensors(tensors)
     result = benchmark.pedantic(_torch_all, args=(torch_tensors,), rounds=1, iterations=1)
     ck = L.job_layouts(tensors, MESH)
     for fqn, rows in result.items():
@@ -81,12 +91,12 @@ def test_layout(benchmark, impl):
 def test_layout_rank(benchmark, impl):
     benchmark.group = "layout-rank"
     tensors = _workload(benchmark)
-    coord = [int(c) for c in __import__("numpy").unravel_index(RANK, MESH)]
+    coord = [int(c) for c in np.unravel_index(RANK, MESH)]
     if impl == "ckcore":
         result = benchmark.pedantic(L.job_layout_at, args=(tensors, MESH, coord), rounds=20,
                                     iterations=1, warmup_rounds=1)
         assert len(result) == len(tensors)
         return
-    torch_tensors = {fqn: (shape, [_to_torch(p) for p in places]) for fqn, (shape, places) in tensors.items()}
+    torch_tensors = _torch_tensors(tensors)
     result = benchmark.pedantic(_torch_one, args=(torch_tensors, coord), rounds=5, iterations=1)
     assert L.job_layout_at(tensors, MESH, coord) == result

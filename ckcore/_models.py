@@ -30,7 +30,7 @@ _VOCAB = 32000
 
 
 def llama70b_state_dict_shapes(n_layers: int = _N_LAYERS) -> dict[str, tuple[int, ...]]:
-    """Global shape of every tensor of Llama-2-70B, keyed by fqn (Meta's naming), in state-dict order.
+    """Global shape of every tensor of Llama-2-70B by fqn (Meta's naming), in state-dict order.
 
     80 layers x (wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm) plus
     ``tok_embeddings``, ``norm`` and ``output``: 723 tensors, 69.0e9

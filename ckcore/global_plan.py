@@ -13,8 +13,13 @@ duck-typed, and returns objects of the classes it was given: a new
 ``WriteItem`` or ``MetadataIndex`` is made with ``type(old)`` and the old
 object's fields, bypassing ``__init__`` and the frozen ``__setattr__`` (the
 result equals ``dataclasses.replace``'s: same class, same field values, the
-one field changed). Objects without a ``__dict__`` (``__slots__`` classes) go
-through ``dataclasses.replace`` instead.
+one field changed). Classes this shortcut cannot copy faithfully (no
+instance ``__dict__``, a custom ``__new__``, ``__post_init__`` or
+``init=False`` fields, or not dataclasses) go through ``dataclasses.replace``.
+
+The cyclic GC is paused inside each function and the new objects are moved
+to the oldest generation on exit (see ``_gc_paused``): at 1024 ranks the
+collections otherwise cost as much as the planning.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import contextlib
 import gc
 import logging
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,11 +40,11 @@ from ckcore._kernels._validate import _check_tensor, _read_chunks
 from ckcore.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
 __all__ = [
-    "MetadataTypes",
     "CKCORE_TYPES",
+    "MetadataTypes",
     "create_global_save_plan",
-    "validate_global_plan",
     "dedup_save_plans",
+    "validate_global_plan",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,15 +73,25 @@ CKCORE_TYPES = MetadataTypes()
 @contextlib.contextmanager
 def _gc_paused():
     # The bulk loops allocate ~10**6 acyclic objects next to a heap of
-    # ~10**7 (every rank's plan); each allocation burst would trigger full
-    # cyclic collections that scan that whole heap and cost more than the
-    # work itself. Nothing built here can form a cycle, so collection waits
-    # until the end (and is restored even on error).
+    # ~10**7 (every rank's plan); with the cyclic GC running, the allocation
+    # bursts trigger collections that scan that whole heap and cost more than
+    # the work itself. So collection is paused (and restored even on error).
+    #
+    # On exit the new objects would all sit in the young generation and the
+    # next allocation would traverse every one of them, only to promote them
+    # (they are the long-lived result). freeze() + unfreeze() moves every
+    # tracked object to the oldest generation in O(1) instead, and resets the
+    # young count; cyclic garbage among them is still found by the next full
+    # collection. Skipped if the caller has frozen objects of its own, which
+    # unfreeze() would release.
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        if gc.get_freeze_count() == 0:
+            gc.freeze()
+            gc.unfreeze()
         if enabled:
             gc.enable()
 
@@ -133,10 +149,18 @@ def dedup_save_plans(all_plans: Sequence[Any], save_to_lowest_rank: bool = False
         return _gplan.dedup_save_plans(list(all_plans), bool(save_to_lowest_rank))
 
 
-def _is_tensor_storage(value: Any) -> bool:
-    # Duck-typed isinstance(value, TensorStorageMetadata) for ckcore's or torch's
-    # classes; everything else (BytesStorageMetadata) is skipped as torch does.
-    return hasattr(value, "chunks") and hasattr(value, "size")
+def _is_tensor_storage(key: Any, value: Any) -> bool:
+    # Duck-typed isinstance checks that accept ckcore's and torch's classes:
+    # bytes entries are skipped as torch skips them; anything else that is
+    # not a tensor entry is refused (torch would crash on .size).
+    if hasattr(value, "chunks") and hasattr(value, "size"):
+        return True
+    if type(value).__name__ == "BytesStorageMetadata":
+        return False
+    raise TypeError(
+        f"key:{key} expected TensorStorageMetadata or BytesStorageMetadata, "
+        f"got {type(value).__name__}"
+    )
 
 
 def _torch_order(offs: np.ndarray, sizes: np.ndarray, tsize: Sequence[int], pairs: np.ndarray):
@@ -193,7 +217,7 @@ def _validate(global_plan: Sequence[Any], metadata: Any) -> list[str]:
     errors: list[str] = []
     multi = len(global_plan) > 1
     for key, value in metadata.state_dict_metadata.items():
-        if not _is_tensor_storage(value):
+        if not _is_tensor_storage(key, value):
             continue
         size = value.size
         ndim = len(size)
@@ -202,12 +226,12 @@ def _validate(global_plan: Sequence[Any], metadata: Any) -> list[str]:
         chunks = value.chunks
         if not isinstance(chunks, list):
             chunks = list(chunks)
-        tsize = np.empty(ndim, dtype=np.int64)
-        for d, v in enumerate(size):
-            try:
-                tsize[d] = v
-            except (OverflowError, TypeError, ValueError):
-                raise ValueError(f"key:{key} tensor size {size!r} is not a tuple of int64") from None
+        try:
+            tsize = np.array([operator.index(v) for v in size], dtype=np.int64)
+        except TypeError:
+            raise TypeError(f"key:{key} tensor size {size!r} is not a tuple of integers") from None
+        except OverflowError:
+            raise ValueError(f"key:{key} tensor size {size!r} does not fit in int64") from None
         offs, sizes = _read_chunks(key, chunks, ndim)
         oob, chunks_volume, pairs = _check_tensor(offs, sizes, tsize)
         for i in oob.tolist():

@@ -19,11 +19,11 @@ from torch.distributed.checkpoint import planner as tp
 from torch.distributed.checkpoint._dedup_save_plans import dedup_save_plans as torch_dedup
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gp_cases import ck_plans, item_key, torch_plans  # noqa: E402
+from gp_cases import ck_plans, item_key, torch_plans
 
-from ckcore import metadata as cm  # noqa: E402
-from ckcore import planner as cp  # noqa: E402
-from ckcore.global_plan import dedup_save_plans  # noqa: E402
+from ckcore import metadata as cm
+from ckcore import planner as cp
+from ckcore.global_plan import dedup_save_plans
 
 
 @st.composite

@@ -20,11 +20,11 @@ from torch.distributed.checkpoint import planner as tp
 from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gp_cases import ck_plans, item_key, md_key, torch_item, torch_plans  # noqa: E402
+from gp_cases import ck_plans, item_key, md_key, torch_item, torch_plans
 
-from ckcore import metadata as cm  # noqa: E402
-from ckcore import planner as cp  # noqa: E402
-from ckcore.global_plan import MetadataTypes, create_global_save_plan  # noqa: E402
+from ckcore import metadata as cm
+from ckcore import planner as cp
+from ckcore.global_plan import MetadataTypes, create_global_save_plan
 
 TORCH_TYPES = MetadataTypes(tm.Metadata, tm.TensorStorageMetadata, tm.BytesStorageMetadata)
 
@@ -159,3 +159,21 @@ def test_slots_classes_fall_back_to_replace():
     out, md = create_global_save_plan(plans)
     assert type(out[0]) is SlotPlan and out[0].items == plans[0].items
     assert isinstance(md.state_dict_metadata["b"], cm.BytesStorageMetadata)
+
+
+def test_gc_state_restored():
+    import gc
+
+    plans = [cp.SavePlan([cp.WriteItem(index=cm.MetadataIndex("b"), type=cp.WriteItemType.BYTE_IO)])]
+    assert gc.isenabled()
+    create_global_save_plan(plans)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.disable()
+    try:
+        create_global_save_plan(plans)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(AssertionError):
+        create_global_save_plan(plans * 2)  # duplicate bytes fqn
+    assert gc.isenabled()

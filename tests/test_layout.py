@@ -43,7 +43,8 @@ def _coords(mesh):
 
 def _torch_rows(shape, mesh, torch_places):
     return [
-        _compute_local_shape_and_global_offset(shape, mesh, list(c), torch_places) for c in _coords(mesh)
+        _compute_local_shape_and_global_offset(shape, mesh, list(c), torch_places)
+        for c in _coords(mesh)
     ]
 
 
@@ -164,7 +165,11 @@ def test_negative_shard_dim_matches_torch():
 
 def test_partial_variants_act_as_replicate():
     mask = _MaskPartial(offset_shape=torch.Size([10]), offset_dim=0)
-    for places in ([Partial("max"), Shard(0)], [mask, Shard(1)], [Partial(), _StridedShard(1, split_factor=2)]):
+    for places in (
+        [Partial("max"), Shard(0)],
+        [mask, Shard(1)],
+        [Partial(), _StridedShard(1, split_factor=2)],
+    ):
         want = _torch_rows((6, 10), (2, 3), places)
         assert _ck_rows((6, 10), (2, 3), places) == want
     assert L.to_placement(mask) == L.Partial("sum")
@@ -214,8 +219,8 @@ def test_public_function_per_rank_with_submeshes():
             got = L.local_shape_and_offset_for_rank(shape, grid.shape, text, rank, ranks=mesh)
             assert got == tuple(map(tuple, want)), (grid.tolist(), shape, text, rank)
             chunks = L.chunks_for_rank(shape, grid.shape, text, rank, ranks=grid)
-            assert L.job_rank_chunks({"w": (shape, torch_places)}, grid.shape, rank, ranks=mesh) == {
-                "w": chunks}
+            job = {"w": (shape, torch_places)}
+            assert L.job_rank_chunks(job, grid.shape, rank, ranks=mesh) == {"w": chunks}
             if mesh.get_coordinate() is None:
                 assert want == ((0,), ()) and chunks == []
             else:
@@ -231,7 +236,10 @@ def test_public_function_per_rank_with_submeshes():
             want = per_rank[rank][i]
             expected = [] if want == ((0,), ()) else [
                 TorchChunk(offsets=torch.Size(want[1]), sizes=torch.Size(want[0]))]
-            got = [TorchChunk(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)) for c in plans[rank]["w"]]
+            got = [
+                TorchChunk(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes))
+                for c in plans[rank]["w"]
+            ]
             assert got == expected
 
 
@@ -247,8 +255,10 @@ def test_chunks_equal_dcp_chunk_from_dtensor():
     def body(rank):
         mesh = DeviceMesh("cpu", torch.tensor(grid))
         local_shape, _ = compute_local_shape_and_global_offset(shape, mesh, torch_places)
-        dt = DTensor.from_local(torch.empty(local_shape), mesh, torch_places, shape=torch.Size(shape),
-                                stride=(shape[1], 1), run_check=False)
+        dt = DTensor.from_local(
+            torch.empty(local_shape), mesh, torch_places,
+            shape=torch.Size(shape), stride=(shape[1], 1), run_check=False,
+        )
         chunk = _create_chunk_from_dtensor(dt)
         assert (tuple(chunk.offsets), tuple(chunk.sizes)) == (ck[rank].offsets, ck[rank].sizes)
         return chunk

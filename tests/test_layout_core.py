@@ -149,6 +149,48 @@ def test_huge_sizes_match_naive(shape, mesh, data):
             assert (tuple(sizes[row].tolist()), tuple(offsets[row].tolist())) == want
 
 
+_I64 = st.integers(0, 2**63 - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_I64, st.one_of(st.integers(1, 64), st.integers(1, 2**63 - 1)), st.data())
+def test_inline_chunk_helper_whole_int64_range(c, n, data):
+    from ckcore._kernels._layout import _py_chunk
+
+    r = data.draw(st.one_of(st.integers(0, min(n - 1, 64)), st.integers(0, n - 1)))
+    f = -(-c // n)  # Python ints: no overflow
+    start, stop = min(r * f, c), min((r + 1) * f, c)
+    assert _py_chunk(c, n, r) == (start, stop - start)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.tuples(_I64, st.integers(1, 9)),  # any size, few parts
+        st.tuples(st.integers(0, 2000), st.integers(1, 2**63 - 1)),  # any split factor
+    ),
+    st.integers(1, 64),
+    st.data(),
+)
+def test_inline_strided_helpers_whole_int64_range(c_sf, n, data):
+    from ckcore._kernels._layout import _py_strided
+
+    c, sf = c_sf
+    r = data.draw(st.integers(0, n - 1))
+    # Reference: torch's literal loop over the parts (only the first
+    # ceil(c / f1) <= min(sf, c) parts can be non-empty).
+    f1 = -(-c // sf)
+    count, first = 0, -1
+    for j in range(min(sf, c)):
+        a, b = min(j * f1, c), min((j + 1) * f1, c)
+        f2 = -(-(b - a) // n)
+        s, e = min(r * f2, b - a), min((r + 1) * f2, b - a)
+        if e > s and first < 0:
+            first = a + s
+        count += e - s
+    assert _py_strided(c, sf, n, r) == (count, first)
+
+
 def test_int64_max_dimension():
     g = 2**63 - 1
     sizes, offsets = L.local_shapes_and_offsets((g,), (3, 5), "S0,_S(0,7)")
@@ -337,10 +379,11 @@ def test_kernel_checks_its_inputs():
     with pytest.raises(ValueError, match="2\\*\\*63"):
         _layout.layout_all(i64(4), i64(2**62, 4), i64(0, 0), i64(0, 0), i64(1, 1))
     with pytest.raises(ValueError, match="row 1"):
-        _layout.layout_all_many(np.array([[4], [-4]], dtype=np.int64), i64(2), i64(1), i64(0), i64(1))
+        shapes = np.array([[4], [-4]], dtype=np.int64)
+        _layout.layout_all_many(shapes, i64(2), i64(1), i64(0), i64(1))
     with pytest.raises(ValueError, match="outside the mesh"):
-        _layout.layout_coordinate_many(np.array([[4]], dtype=np.int64), i64(2), i64(1), i64(0), i64(1),
-                                       i64(2))
+        shapes = np.array([[4]], dtype=np.int64)
+        _layout.layout_coordinate_many(shapes, i64(2), i64(1), i64(0), i64(1), i64(2))
     ones = np.ones(65, dtype=np.int64)
     with pytest.raises(ValueError, match="at most 64"):
         _layout.layout_all(i64(4), ones, ones * 0, ones * 0, ones)
@@ -369,7 +412,8 @@ def test_ranks_outside_the_mesh():
     ranks = [[4, 5], [6, 7]]
     assert L.local_shape_and_offset_for_rank((8, 3), (2, 2), "S0,R", 2, ranks=ranks) == ((0,), ())
     assert L.chunks_for_rank((8, 3), (2, 2), "S0,R", 2, ranks=ranks) == []
-    assert L.local_shape_and_offset_for_rank((8, 3), (2, 2), "S0,R", 6, ranks=ranks) == ((4, 3), (4, 0))
+    got = L.local_shape_and_offset_for_rank((8, 3), (2, 2), "S0,R", 6, ranks=ranks)
+    assert got == ((4, 3), (4, 0))
     assert L.chunks_for_rank((8, 3), (2, 2), "S0,R", 6, ranks=ranks) == [
         ChunkStorageMetadata(offsets=(4, 0), sizes=(4, 3))
     ]
@@ -405,6 +449,21 @@ def test_job_layouts_and_chunks():
         for fqn, (shape, places) in tensors.items():
             assert plans[rank][fqn] == [L.chunk_for_coordinate(shape, (2, 2), places, coord)]
     assert len(L.job_chunks(tensors, (2, 2))) == 4
+    # job_chunks pauses the cyclic GC while it builds objects: the caller's
+    # setting must come back either way.
+    import gc
+
+    gc.disable()
+    try:
+        L.job_chunks(tensors, (2, 2))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    L.job_chunks(tensors, (2, 2))
+    assert gc.isenabled()
+    with pytest.raises(ValueError):
+        L.job_chunks({"bad": ((4,), "S3,R")}, (2, 2))
+    assert gc.isenabled()
 
 
 def _placements_for(ndim, nmesh):
@@ -497,3 +556,10 @@ def test_layout_imports_no_torch():
     root = os.path.dirname(os.path.dirname(os.path.abspath(L.__file__)))
     env = dict(os.environ, PYTHONPATH=root)
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(L, verbose=False)
+    assert result.attempted >= 5 and result.failed == 0

@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 from torch.distributed.checkpoint.default_planner import _validate_global_plan
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gp_cases import ck_md, normalize, torch_md  # noqa: E402
+from gp_cases import ck_md, normalize, torch_md
 
-from ckcore._kernels._validate import _self_overlap_pairs  # noqa: E402
-from ckcore.global_plan import validate_global_plan  # noqa: E402
+from ckcore._kernels._validate import _self_overlap_pairs
+from ckcore.global_plan import validate_global_plan
 
 TWO_PLANS = [object(), object()]
 
@@ -321,3 +321,45 @@ def test_logs_each_finding(caplog):
     msgs = validate_global_plan(TWO_PLANS, ck_md({"w": ((4,), [((0,), (3,)), ((1,), (4,))])}))
     logged = [r.getMessage() for r in caplog.records if r.name == "ckcore.global_plan"]
     assert logged == msgs and len(msgs) == 3
+
+
+def test_bad_tensor_size_raises():
+    md = ck_md({"w": ((4,), [((0,), (4,))])})
+    md.state_dict_metadata["w"].size = (4.0,)
+    with pytest.raises(TypeError, match="key:w tensor size"):
+        validate_global_plan(TWO_PLANS, md)
+    md.state_dict_metadata["w"].size = (2**64,)
+    with pytest.raises(ValueError, match="key:w tensor size"):
+        validate_global_plan(TWO_PLANS, md)
+
+
+def test_unknown_storage_entry_raises():
+    md = ck_md({"w": ((4,), [((0,), (4,))])})
+    md.state_dict_metadata["x"] = object()
+    with pytest.raises(TypeError, match="key:x"):
+        validate_global_plan(TWO_PLANS, md)
+
+
+def pinwheels(k, s=2, hole=False):
+    """k x k pinwheel tilings: no dimension's cuts separate a unit's 5 chunks."""
+    out = []
+    for a in range(k):
+        for b in range(k):
+            x, y = a * 3 * s, b * 3 * s
+            out += [((x, y), (2 * s, s)), ((x + 2 * s, y), (s, 2 * s)),
+                    ((x + s, y + 2 * s), (2 * s, s)), ((x, y + s), (s, 2 * s))]
+            if not hole:
+                out.append(((x + s, y + s), (s, s)))
+    return out
+
+
+def test_pinwheel_tiling_sound_and_perturbed():
+    chunks = pinwheels(4)
+    size = (4 * 6, 4 * 6)
+    assert check({"w": (size, chunks)}) == []
+    chunks[7] = ((chunks[7][0][0] + 1, chunks[7][0][1]), chunks[7][1])
+    assert any("overlapping" in m for m in check({"w": (size, chunks)}))
+    offs = np.array([c[0] for c in pinwheels(12)], dtype=np.int64)
+    sizes = np.array([c[1] for c in pinwheels(12)], dtype=np.int64)
+    offs[::37] += 1
+    assert kernel_pairs(offs, sizes) == naive_pairs(offs, sizes)

@@ -235,11 +235,26 @@ cdef object _size_rule(type cls):
     return rule
 
 
+cdef type _last_item_cls = None
+cdef object _last_rule = None
+cdef object _last_dt = None
+cdef i64 _last_isz = 0
+
+
 cdef int _storage_size(object item, i64* out) except -1:
     # `item.tensor_storage_size() or 1` as an int64; returns 1 if it does not
-    # fit (the caller then falls back to Python ints).
-    cdef object rule = _size_rule(type(item))
+    # fit (the caller then falls back to Python ints). One-entry identity
+    # caches stand in for the class and dtype lookups (a plan has a handful).
+    global _last_item_cls, _last_rule, _last_dt, _last_isz
+    cdef object rule
     cdef object td, v, isz
+    if type(item) is _last_item_cls:
+        rule = _last_rule
+    else:
+        rule = _size_rule(type(item))
+        _last_item_cls = type(item)
+        _last_rule = rule
+        _last_dt = None
     cdef i64 numel = 1, x
     if rule is None:
         v = item.tensor_storage_size() or 1
@@ -256,11 +271,14 @@ cdef int _storage_size(object item, i64* out) except -1:
         if ck_mul64(numel, x, &numel):
             return 1
     dt = td.properties.dtype
-    isz = _ITEMSIZE.get((rule, dt))
-    if isz is None:
-        isz = rule(dt)
-        _ITEMSIZE[(rule, dt)] = isz
-    x = isz
+    if dt is not _last_dt or _last_dt is None:
+        isz = _ITEMSIZE.get((rule, dt))
+        if isz is None:
+            isz = rule(dt)
+            _ITEMSIZE[(rule, dt)] = isz
+        _last_isz = isz
+        _last_dt = dt
+    x = _last_isz
     if ck_mul64(numel, x, &numel):
         return 1
     out[0] = numel if numel != 0 else 1
@@ -305,30 +323,36 @@ cdef struct Ent:
     i64 selected
 
 
+cdef struct Slot:
+    i64 e
+    u64 hash
+
+
 cdef struct Index:
     # Open-addressing table over MetadataIndex keys (fqn, offset), compared
     # by value like the dataclass's __eq__/__hash__, without building a
     # Python tuple or hashing a torch.Size per item.
     Ent* ents
     Py_ssize_t n_ent, cap_ent
-    i64* slots        # entry number, -1 empty
-    Py_ssize_t mask
+    Slot* slots       # entry number (-1: empty) and its hash, so a probe
+    Py_ssize_t mask   # past another key does not touch that entry's memory
     i64* pool
     Py_ssize_t n_pool, cap_pool
 
 
 cdef int _index_grow_slots(Index* t) except -1:
     cdef Py_ssize_t cap = 2 * (t.mask + 1), i, h
-    cdef i64* slots = <i64*>malloc(cap * sizeof(i64))
+    cdef Slot* slots = <Slot*>malloc(cap * sizeof(Slot))
     if slots == NULL:
         raise MemoryError()
     for i in range(cap):
-        slots[i] = -1
+        slots[i].e = -1
     for i in range(t.n_ent):
         h = <Py_ssize_t>(t.ents[i].hash & <u64>(cap - 1))
-        while slots[h] >= 0:
+        while slots[h].e >= 0:
             h = (h + 1) & (cap - 1)
-        slots[h] = i
+        slots[h].e = i
+        slots[h].hash = t.ents[i].hash
     free(t.slots)
     t.slots = slots
     t.mask = cap - 1
@@ -379,10 +403,10 @@ cdef Py_ssize_t _index_find(Index* t, i64 fid, object off, Py_ssize_t p) except 
         hv = _mix(hv ^ <u64>v)
     h = <Py_ssize_t>(hv & <u64>t.mask)
     while True:
-        e = t.slots[h]
+        e = t.slots[h].e
         if e < 0:
             break
-        if (t.ents[e].hash == hv and t.ents[e].fqn_id == fid and t.ents[e].ndim == nd
+        if (t.slots[h].hash == hv and t.ents[e].fqn_id == fid and t.ents[e].ndim == nd
                 and (nd <= 0 or memcmp(t.pool + t.ents[e].pool, t.pool + t.n_pool,
                                        nd * sizeof(i64)) == 0)):
             return e
@@ -404,7 +428,8 @@ cdef Py_ssize_t _index_find(Index* t, i64 fid, object off, Py_ssize_t p) except 
     t.ents[e].selected = p
     if nd > 0:
         t.n_pool += nd
-    t.slots[h] = e
+    t.slots[h].e = e
+    t.slots[h].hash = hv
     t.n_ent += 1
     if 2 * t.n_ent > t.mask + 1:
         _index_grow_slots(t)
@@ -435,11 +460,11 @@ def dedup_save_plans(list all_plans, bint save_to_lowest_rank):
     t.n_pool = 0
     t.cap_pool = 0
     t.mask = 1023
-    t.slots = <i64*>malloc(1024 * sizeof(i64))
+    t.slots = <Slot*>malloc(1024 * sizeof(Slot))
     if t.slots == NULL:
         raise MemoryError()
     for i in range(1024):
-        t.slots[i] = -1
+        t.slots[i].e = -1
     try:
         for p in range(P):
             items = all_plans[p].items
@@ -495,11 +520,15 @@ def dedup_save_plans(list all_plans, bint save_to_lowest_rank):
         plan_size = <ck_i128*>calloc(P + 1, sizeof(ck_i128))
         if plan_size == NULL:
             raise MemoryError()
-        # Entries after the last duplicated one stay where they are; sizes
-        # are only needed up to it.
+        # Only plans holding some duplicated item ever have their planned
+        # size compared ("touched"), and only up to the last duplicated entry:
+        # the sizes of every other entry are never computed.
+        for hs in dups.values():
+            for k in range(len(hs)):
+                touched[<i64>hs[k]] = 1
         for e in range(last_dup + 1):
             if ents[e].nholders == 1:
-                if not save_to_lowest_rank:
+                if not save_to_lowest_rank and touched[ents[e].first]:
                     if _storage_size(ent_item[e], &sz):
                         return _dedup_python(all_plans, save_to_lowest_rank)
                     plan_size[ents[e].first] += sz
@@ -515,8 +544,6 @@ def dedup_save_plans(list all_plans, bint save_to_lowest_rank):
                         c = h
                 plan_size[c] += sz
             ents[e].selected = c
-            for k in range(len(hs)):
-                touched[<i64>hs[k]] = 1
         out = []
         for p in range(P):
             items = <list>plan_items[p]

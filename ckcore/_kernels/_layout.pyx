@@ -269,3 +269,24 @@ def layout_coordinate(const i64[::1] global_shape, const i64[::1] mesh_shape,
     sizes, offsets = layout_coordinate_many(
         np.asarray(global_shape).reshape(1, -1), mesh_shape, kinds, dims, split_factors, coordinate)
     return sizes[0], offsets[0]
+
+
+# Private wrappers so tests can reach the inline helpers of _layout.pxd
+# directly (property tests over the whole int64 range).
+def _py_chunk(i64 c, i64 n, i64 r):
+    """(start, length) of torch.chunk piece r of c elements into n (test hook)."""
+    if c < 0 or n < 1 or not (0 <= r < n):
+        raise ValueError("need c >= 0, n >= 1, 0 <= r < n")
+    cdef i64 length = 0
+    cdef i64 start = chunk(c, n, r, &length)
+    return start, length
+
+
+def _py_strided(i64 c, i64 sf, i64 n, i64 r):
+    """(count, position of the first held index or -1) of a _StridedShard split (test hook)."""
+    if c < 0 or sf < 1 or n < 1 or not (0 <= r < n):
+        raise ValueError("need c >= 0, sf >= 1, n >= 1, 0 <= r < n")
+    cdef i64 count = strided_count(c, sf, n, r)
+    if count == 0:
+        return 0, -1
+    return count, strided_position(c, sf, n, r, 0)
