@@ -13,3 +13,7 @@ python -m pip install -q "setuptools>=64" wheel "Cython>=3.1,<4" "numpy>=1.24"
 python -m pip install -q --no-build-isolation "$here"
 cd "$venv"   # run against the installed package, not the source tree
 python "$here/examples/reshard_plan.py" "$@"
+echo
+# The main job: a 70B-class model saved FSDP-64 and loaded FSDP-8 x TP-8, every
+# rank planned, ckcore timed beside torch when torch is installed.
+ckcore demo --top 4
