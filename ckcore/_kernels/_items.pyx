@@ -17,8 +17,10 @@ allows:
   ~2000 instructions per ReadItem against ~9800 through ``__init__``).
 """
 
-from cpython.long cimport PyLong_AsLongLong, PyLong_CheckExact
-from cpython.tuple cimport PyTuple_Check, PyTuple_New, PyTuple_SET_ITEM
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
+from cpython.tuple cimport (
+    PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM,
+)
 from cpython.ref cimport Py_INCREF
 from cpython.list cimport PyList_New, PyList_SET_ITEM
 from ckcore._kernels._capi cimport PyObject_GenericSetAttr, ck_new_instance, ck_plain_new
@@ -71,6 +73,8 @@ cdef inline i64 _as_i64(object v, object fqn, isize i, object chunk, str what) e
     # Exact ints take the fast path; anything else must be an integer by __index__
     # (numpy integers are; floats and strings are not). bool is an int in Python
     # and torch.Size accepts it, so it is accepted here too.
+    cdef int overflow = 0
+    cdef long long r
     if not PyLong_CheckExact(v):
         try:
             v = operator.index(v)
@@ -78,11 +82,13 @@ cdef inline i64 _as_i64(object v, object fqn, isize i, object chunk, str what) e
             raise TypeError(
                 f"{fqn}: chunk {i} {chunk!r}: {what} must be integers, got {type(v).__name__} {v!r}"
             ) from None
-    try:
-        return PyLong_AsLongLong(v)
-    except OverflowError:
+    # The overflow flag instead of an exception keeps the common path free of
+    # exception checks.
+    r = PyLong_AsLongLongAndOverflow(v, &overflow)
+    if overflow:
         raise ValueError(
-            f"{fqn}: chunk {i} {chunk!r}: {what} value {v} does not fit in int64") from None
+            f"{fqn}: chunk {i} {chunk!r}: {what} value {v} does not fit in int64")
+    return r
 
 
 cdef isize _chunk_ndim(list chunks, object fqn, object ndim) except -1:
@@ -118,29 +124,26 @@ cdef int _read_chunks(list chunks, object fqn, isize nd, bint nd_is_tensors,
         except AttributeError:
             raise TypeError(
                 f"{fqn}: chunk {i} {chunk!r} is not a chunk (needs .offsets and .sizes)") from None
-        try:
-            if len(offs) != nd or len(sizes) != nd:
-                raise ValueError(
-                    f"{fqn}: chunk {i} {chunk!r} has {len(offs)} offsets and {len(sizes)} sizes "
-                    f"but {'the tensor has' if nd_is_tensors else 'chunk 0 has'} "
-                    f"{nd} dimensions")
-        except TypeError:
-            raise TypeError(
-                f"{fqn}: chunk {i} {chunk!r}: offsets and sizes must be sequences") from None
         if not (PyTuple_Check(offs) and PyTuple_Check(sizes)):
-            # tuple and torch.Size (a tuple subclass) index safely below; anything else
-            # (a list, an array, a set that has len() but no indexing) is read here once.
+            # tuple and torch.Size (a tuple subclass) are read in place below; anything
+            # else (a list, an array, a set that has len() but no indexing) is copied
+            # into a tuple once, or refused.
             try:
-                offs = tuple([offs[d] for d in range(nd)])
-                sizes = tuple([sizes[d] for d in range(nd)])
+                offs = tuple([offs[d] for d in range(len(offs))])
+                sizes = tuple([sizes[d] for d in range(len(sizes))])
             except (TypeError, KeyError, IndexError):
                 raise TypeError(
                     f"{fqn}: chunk {i} {chunk!r}: offsets and sizes must be sequences") from None
+        if PyTuple_GET_SIZE(offs) != nd or PyTuple_GET_SIZE(sizes) != nd:
+            raise ValueError(
+                f"{fqn}: chunk {i} {chunk!r} has {len(offs)} offsets and {len(sizes)} sizes "
+                f"but {'the tensor has' if nd_is_tensors else 'chunk 0 has'} "
+                f"{nd} dimensions")
         vol = 1
         over = False
         for d in range(nd):
-            o = _as_i64(offs[d], fqn, i, chunk, "offsets")
-            s = _as_i64(sizes[d], fqn, i, chunk, "sizes")
+            o = _as_i64(<object>PyTuple_GET_ITEM(offs, d), fqn, i, chunk, "offsets")
+            s = _as_i64(<object>PyTuple_GET_ITEM(sizes, d), fqn, i, chunk, "sizes")
             if o < 0 or s < 0:
                 raise ValueError(f"{fqn}: chunk {i} {chunk!r} has a negative offset or size")
             if o > I64_MAX - s:
