@@ -23,10 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from collections.abc import Sequence
 from typing import IO, Any
+
+# The ratio rule lives beside this script (bench/_ratios.py), shared with
+# bench/conftest.py; importers that load this file by path need its folder too.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _ratios import ratio_table  # noqa: E402
 
 
 class CompareError(ValueError):
@@ -34,8 +40,7 @@ class CompareError(ValueError):
 
 
 def _ratios_from_benchmarks(benchmarks: list) -> dict:
-    # The same rule as bench/conftest.py: per group, the first variant whose
-    # name contains "torch" is the reference.
+    # The same rule as bench/conftest.py (bench/_ratios.py).
     medians: dict[str, dict[str, float]] = {}
     for b in benchmarks:
         if not isinstance(b, dict):
@@ -47,17 +52,7 @@ def _ratios_from_benchmarks(benchmarks: list) -> dict:
         if median is None or "name" not in b:
             continue
         medians.setdefault(b.get("group") or b["name"], {})[b["name"]] = float(median)
-    table = {}
-    for group, variants in medians.items():
-        torch_names = [n for n in variants if "torch" in n]
-        if not torch_names:
-            continue
-        t = variants[torch_names[0]]
-        table[group] = {
-            name: {"median_s": m, "ratio_vs_torch": (t / m) if m > 0 else None}
-            for name, m in variants.items()
-        }
-    return table
+    return ratio_table(medians)
 
 
 def load_ratios(path: str) -> dict[str, dict[str, dict[str, Any]]]:

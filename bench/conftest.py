@@ -18,6 +18,8 @@ import sys
 # folder is not on sys.path by itself.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _ratios import ratio_table  # noqa: E402  (needs the path above)
+
 
 def _medians(benchmarks):
     out = {}
@@ -32,17 +34,7 @@ def _medians(benchmarks):
 
 def ratios(benchmarks) -> dict:
     """{group: {variant: {"median_s": m, "ratio_vs_torch": r}}} for every group with a torch variant."""
-    table = {}
-    for group, variants in _medians(benchmarks).items():
-        torch_names = [n for n in variants if "torch" in n]
-        if not torch_names:
-            continue
-        t = variants[torch_names[0]]
-        table[group] = {
-            name: {"median_s": m, "ratio_vs_torch": (t / m) if m > 0 else None}
-            for name, m in variants.items()
-        }
-    return table
+    return ratio_table(_medians(benchmarks))
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

@@ -49,3 +49,14 @@ cdef extern from *:
     u64 ck_lo(ck_i128 x) noexcept nogil
     object ck_new_instance(object cls)
     bint ck_plain_new(object cls)
+
+
+cdef inline u64 ck_mix64(u64 x) noexcept nogil:
+    # splitmix64 finaliser: spreads regular keys (grid offsets, interval ends)
+    # evenly over a power-of-two hash table.
+    x ^= x >> 30
+    x *= <u64>0xbf58476d1ce4e5b9
+    x ^= x >> 27
+    x *= <u64>0x94d049bb133111eb
+    x ^= x >> 31
+    return x

@@ -21,7 +21,7 @@ from libc.string cimport memcmp
 
 from ckcore._kernels._capi cimport (
     PyObject_GenericSetAttr, PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE,
-    ck_i128, ck_mul64, ck_new_instance,
+    ck_i128, ck_mix64, ck_mul64, ck_new_instance,
 )
 from ckcore._kernels._types cimport i64, u64
 
@@ -336,15 +336,6 @@ cdef int _index_grow_slots(Index* t) except -1:
     return 0
 
 
-cdef inline u64 _mix(u64 x) noexcept nogil:
-    x ^= x >> 30
-    x *= <u64>0xbf58476d1ce4e5b9
-    x ^= x >> 27
-    x *= <u64>0x94d049bb133111eb
-    x ^= x >> 31
-    return x
-
-
 cdef Py_ssize_t _index_find(Index* t, i64 fid, object off, Py_ssize_t p) except -2:
     """Entry number of (fid, off), adding it (held by plan p) if new; -1 if off is
     not a tuple of int64 values (the caller falls back to Python keys)."""
@@ -368,7 +359,7 @@ cdef Py_ssize_t _index_find(Index* t, i64 fid, object off, Py_ssize_t p) except 
         if grown == NULL:
             raise MemoryError()
         t.pool = grown
-    hv = _mix(<u64>fid * <u64>0x9E3779B97F4A7C15 + <u64>(nd + 2))
+    hv = ck_mix64(<u64>fid * <u64>0x9E3779B97F4A7C15 + <u64>(nd + 2))
     for j in range(nd):
         item = PyTuple_GET_ITEM(off, j)
         if not PyLong_Check(<object>item):
@@ -377,7 +368,7 @@ cdef Py_ssize_t _index_find(Index* t, i64 fid, object off, Py_ssize_t p) except 
         if ovf:
             return -1
         t.pool[t.n_pool + j] = v
-        hv = _mix(hv ^ <u64>v)
+        hv = ck_mix64(hv ^ <u64>v)
     h = <Py_ssize_t>(hv & <u64>t.mask)
     while True:
         e = t.slots[h].e

@@ -30,7 +30,8 @@ Output order is canonical: by local index, then by saved index.
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset
 
-from ckcore._kernels._types cimport i64, isize
+from ckcore._kernels._capi cimport ck_mix64
+from ckcore._kernels._types cimport i64, isize, u64
 from ckcore._kernels._box cimport add_overflows, box_overlap, mul_overflows
 
 import numpy as np
@@ -201,12 +202,8 @@ cdef void _msort_pairs(isize* idx, isize* tmp, isize n,
 
 
 cdef inline size_t _mix(i64 s, i64 e) noexcept nogil:
-    # splitmix64 finaliser over both ends of an interval.
-    cdef unsigned long long z = <unsigned long long>s * 0x9E3779B97F4A7C15ULL
-    z ^= <unsigned long long>e + 0x632BE59BD9B4E019ULL + (z << 6) + (z >> 2)
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
-    return <size_t>(z ^ (z >> 31))
+    # Both ends of an interval into one well-spread hash.
+    return <size_t>ck_mix64(<u64>s * <u64>0x9E3779B97F4A7C15 ^ <u64>e)
 
 
 cdef int _distinct_dim(const i64* off, const i64* size, isize n, isize nd, isize d,

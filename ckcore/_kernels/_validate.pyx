@@ -30,7 +30,7 @@ import numpy as np
 from ckcore._kernels._box cimport box_overlap
 from ckcore._kernels._capi cimport (
     PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE,
-    ck_add64, ck_hi, ck_i128, ck_lo, ck_mul64,
+    ck_add64, ck_hi, ck_i128, ck_lo, ck_mix64, ck_mul64,
 )
 from ckcore._kernels._types cimport i64, u64
 
@@ -84,16 +84,6 @@ cdef int _cmp_key3(const void* x, const void* y) noexcept nogil:
     if p.idx != q.idx:
         return -1 if p.idx < q.idx else 1
     return 0
-
-
-cdef inline u64 _mix(u64 x) noexcept nogil:
-    # splitmix64 finaliser: spreads regular offsets over the hash table.
-    x ^= x >> 30
-    x *= <u64>0xbf58476d1ce4e5b9
-    x ^= x >> 27
-    x *= <u64>0x94d049bb133111eb
-    x ^= x >> 31
-    return x
 
 
 # ------------------------------------------------------------ overlap finding
@@ -258,7 +248,7 @@ cdef struct Table:
 
 
 cdef inline Py_ssize_t _slot_of(Table* t, i64 o, i64 s) noexcept nogil:
-    cdef Py_ssize_t h = <Py_ssize_t>(_mix(<u64>o * <u64>0x9E3779B97F4A7C15 ^ <u64>s) & <u64>t.mask)
+    cdef Py_ssize_t h = <Py_ssize_t>(ck_mix64(<u64>o * <u64>0x9E3779B97F4A7C15 ^ <u64>s) & <u64>t.mask)
     while t.slots[h].id >= 0 and (t.slots[h].off != o or t.slots[h].size != s):
         h = (h + 1) & t.mask
     return h
