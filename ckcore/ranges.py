@@ -178,6 +178,17 @@ def coalesce_ranges(
     )
 
 
+def _side(w: str, name: str, shape: Sequence[int], strides: Sequence[int] | None,
+          offsets: Sequence[int] | None, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked (shape, strides, offsets) of one side of a copy; C-order strides and zero
+    offsets by default."""
+    return (
+        _vec(w, f"{name}_shape", shape),
+        _vec(w, f"{name}_strides", contiguous_strides(shape) if strides is None else strides),
+        _vec(w, f"{name}_offsets", (0,) * n if offsets is None else offsets),
+    )
+
+
 def copy_box(
     src: Any,
     dst: Any,
@@ -205,19 +216,11 @@ def copy_box(
     """
     w = "copy_box"
     n = len(lengths)
-    s_shape = _vec(w, "src_shape", src_shape)
-    d_shape = _vec(w, "dst_shape", dst_shape)
+    s_shape, s_strides, s_offsets = _side(w, "src", src_shape, src_strides, src_offsets, n)
+    d_shape, d_strides, d_offsets = _side(w, "dst", dst_shape, dst_strides, dst_offsets, n)
     _ranges.copy_box(
-        _bytes_view(w, src, False),
-        s_shape,
-        _vec(w, "src_strides", contiguous_strides(src_shape) if src_strides is None else src_strides),
-        _int(w, "src_base", src_base),
-        _vec(w, "src_offsets", (0,) * n if src_offsets is None else src_offsets),
-        _bytes_view(w, dst, True),
-        d_shape,
-        _vec(w, "dst_strides", contiguous_strides(dst_shape) if dst_strides is None else dst_strides),
-        _int(w, "dst_base", dst_base),
-        _vec(w, "dst_offsets", (0,) * n if dst_offsets is None else dst_offsets),
+        _bytes_view(w, src, False), s_shape, s_strides, _int(w, "src_base", src_base), s_offsets,
+        _bytes_view(w, dst, True), d_shape, d_strides, _int(w, "dst_base", dst_base), d_offsets,
         _vec(w, "lengths", lengths),
         _int(w, "itemsize", itemsize),
     )
@@ -244,15 +247,11 @@ def paired_runs(
     """
     w = "paired_runs"
     n = len(lengths)
+    s_shape, s_strides, s_offsets = _side(w, "src", src_shape, src_strides, src_offsets, n)
+    d_shape, d_strides, d_offsets = _side(w, "dst", dst_shape, dst_strides, dst_offsets, n)
     return _ranges.paired_runs(
-        _vec(w, "src_shape", src_shape),
-        _vec(w, "src_strides", contiguous_strides(src_shape) if src_strides is None else src_strides),
-        _int(w, "src_base", src_base),
-        _vec(w, "src_offsets", (0,) * n if src_offsets is None else src_offsets),
-        _vec(w, "dst_shape", dst_shape),
-        _vec(w, "dst_strides", contiguous_strides(dst_shape) if dst_strides is None else dst_strides),
-        _int(w, "dst_base", dst_base),
-        _vec(w, "dst_offsets", (0,) * n if dst_offsets is None else dst_offsets),
+        s_shape, s_strides, _int(w, "src_base", src_base), s_offsets,
+        d_shape, d_strides, _int(w, "dst_base", dst_base), d_offsets,
         _vec(w, "lengths", lengths),
         _int(w, "itemsize", itemsize),
     )
@@ -273,12 +272,8 @@ def paired_run_info(
     w = "paired_run_info"
     n = len(lengths)
     return _ranges.paired_run_info(
-        _vec(w, "src_shape", src_shape),
-        _vec(w, "src_strides", contiguous_strides(src_shape) if src_strides is None else src_strides),
-        _vec(w, "src_offsets", (0,) * n if src_offsets is None else src_offsets),
-        _vec(w, "dst_shape", dst_shape),
-        _vec(w, "dst_strides", contiguous_strides(dst_shape) if dst_strides is None else dst_strides),
-        _vec(w, "dst_offsets", (0,) * n if dst_offsets is None else dst_offsets),
+        *_side(w, "src", src_shape, src_strides, src_offsets, n),
+        *_side(w, "dst", dst_shape, dst_strides, dst_offsets, n),
         _vec(w, "lengths", lengths),
         _int(w, "itemsize", itemsize),
     )
