@@ -213,11 +213,16 @@ cdef int _distinct_dim(const i64* off, const i64* size, isize n, isize nd, isize
     # Distinct intervals of dimension d, sorted by (start, end), and each chunk's rank
     # among them. Hashing first keeps this O(n + m log m) for m distinct intervals:
     # DCP layouts repeat a handful of cuts across thousands of chunks.
-    cdef size_t cap = 1, mask, h
+    # The table (room for 2n slots) starts small and doubles while more than half
+    # full: with m << n only its first pages are ever touched, which matters as
+    # much as the hashing (fresh pages cost a fault each).
+    cdef size_t cap = 64, mask, h, maxcap = 1
     cdef isize i, m = 0, j, slot
     cdef i64 s, e
-    while cap < <size_t>(2 * n):
-        cap <<= 1
+    while maxcap < <size_t>(2 * n):
+        maxcap <<= 1
+    if cap > maxcap:
+        cap = maxcap
     mask = cap - 1
     for h in range(cap):
         table[h] = -1
@@ -233,6 +238,17 @@ cdef int _distinct_dim(const i64* off, const i64* size, isize n, isize nd, isize
                 dend[m] = e
                 ids[i] = m
                 m += 1
+                if <size_t>(2 * m) > cap and cap < maxcap:
+                    # Grow and re-insert the m distinct intervals seen so far.
+                    cap <<= 1
+                    mask = cap - 1
+                    for h in range(cap):
+                        table[h] = -1
+                    for j in range(m):
+                        h = _mix(dstart[j], dend[j]) & mask
+                        while table[h] >= 0:
+                            h = (h + 1) & mask
+                        table[h] = j
                 break
             if dstart[slot] == s and dend[slot] == e:
                 ids[i] = slot
