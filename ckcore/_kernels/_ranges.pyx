@@ -362,27 +362,35 @@ cdef i64 _box_last(const i64[::1] strides, i64 itemsize, i64 base,
     return base + (last + 1) * itemsize
 
 
+cdef inline void _odometer_step(i64* idx, Py_ssize_t m, const i64* dlen,
+                                const i64* sstride, const i64* tstride,
+                                i64* so, i64* do) noexcept nogil:
+    # Advance the outer-dimension counter of a run walk by one run, moving the
+    # source and destination byte offsets with it (last dimension fastest).
+    cdef Py_ssize_t i = m - 1
+    while i >= 0:
+        idx[i] += 1
+        so[0] += sstride[i]
+        do[0] += tstride[i]
+        if idx[i] < dlen[i]:
+            return
+        so[0] -= sstride[i] * dlen[i]
+        do[0] -= tstride[i] * dlen[i]
+        idx[i] = 0
+        i -= 1
+
+
 cdef void _copy_runs(const unsigned char* src, unsigned char* dst, i64 run, Py_ssize_t m,
                      const i64* dlen, const i64* sstride, const i64* tstride,
                      i64 nruns) noexcept nogil:
     cdef i64 idx[64]
     cdef Py_ssize_t i
-    cdef i64 _r
+    cdef i64 _r, so = 0, do = 0
     for i in range(m):
         idx[i] = 0
     for _r in range(nruns):
-        memcpy(dst, src, <size_t>run)
-        i = m - 1
-        while i >= 0:
-            idx[i] += 1
-            src += sstride[i]
-            dst += tstride[i]
-            if idx[i] < dlen[i]:
-                break
-            src -= sstride[i] * dlen[i]
-            dst -= tstride[i] * dlen[i]
-            idx[i] = 0
-            i -= 1
+        memcpy(dst + do, src + so, <size_t>run)
+        _odometer_step(idx, m, dlen, sstride, tstride, &so, &do)
 
 
 cdef i64 _paired_walk(const i64[::1] src_strides, i64 src_base, const i64[::1] src_offsets,
@@ -466,17 +474,7 @@ def paired_runs(const i64[::1] src_shape, const i64[::1] src_strides, i64 src_ba
             o[r, 2] = run
             if r > 0 and so < o[r - 1, 0]:
                 sorted_ = False
-            i = m - 1
-            while i >= 0:
-                idx[i] += 1
-                so += sstride[i]
-                do += tstride[i]
-                if idx[i] < dlen[i]:
-                    break
-                so -= sstride[i] * dlen[i]
-                do -= tstride[i] * dlen[i]
-                idx[i] = 0
-                i -= 1
+            _odometer_step(idx, m, dlen, sstride, tstride, &so, &do)
         if not sorted_:
             qsort(&o[0, 0], <size_t>nruns, 3 * sizeof(i64), _cmp_pair)
     return out
