@@ -69,6 +69,34 @@ class MetadataTypes:
 CKCORE_TYPES = MetadataTypes()
 
 
+def _wrong_objects(what: str, all_plans: Any, item_attrs: tuple[str, ...]) -> TypeError:
+    """The TypeError for plans or items without DCP's fields, naming the first one.
+
+    Only called after the kernel hit an AttributeError: the check costs a pass
+    over every item, which the success path does not pay.
+    """
+    try:
+        plans = list(all_plans)
+    except TypeError:
+        return TypeError(f"{what}: expected a list of SavePlans, got {type(all_plans).__name__}")
+    for rank, plan in enumerate(plans):
+        items = getattr(plan, "items", None)
+        if items is None:
+            return TypeError(
+                f"{what}: plan {rank} is a {type(plan).__name__}, not a SavePlan (no .items)")
+        for i, item in enumerate(items):
+            missing = [a for a in item_attrs if not hasattr(item, a)]
+            if missing:
+                return TypeError(
+                    f"{what}: plan {rank} item {i} ({type(item).__name__}) is not a WriteItem "
+                    f"(missing {', '.join(missing)})")
+            index = item.index
+            if not (hasattr(index, "fqn") and hasattr(index, "offset")):
+                return TypeError(
+                    f"{what}: plan {rank} item {i}: index {index!r} is not a MetadataIndex")
+    return TypeError(f"{what}: plans or items lack DCP's fields")
+
+
 def create_global_save_plan(
     all_plans: Sequence[Any],
     rewrite_index_hints: bool = True,
@@ -93,14 +121,17 @@ def create_global_save_plan(
     chunk. Returned plans and items keep the input classes; the metadata
     classes come from ``types`` (see :class:`MetadataTypes`).
     """
-    with paused(promote=True):
-        return _gplan.create_global_save_plan(
-            list(all_plans),
-            bool(rewrite_index_hints),
-            types.metadata,
-            types.tensor_storage,
-            types.bytes_storage,
-        )
+    try:
+        with paused(promote=True):
+            return _gplan.create_global_save_plan(
+                list(all_plans),
+                bool(rewrite_index_hints),
+                types.metadata,
+                types.tensor_storage,
+                types.bytes_storage,
+            )
+    except AttributeError:
+        raise _wrong_objects("create_global_save_plan", all_plans, ("index", "type")) from None
 
 
 def dedup_save_plans(all_plans: Sequence[Any], save_to_lowest_rank: bool = False) -> list[Any]:
@@ -118,8 +149,11 @@ def dedup_save_plans(all_plans: Sequence[Any], save_to_lowest_rank: bool = False
     Returns new plans of the input plans' class (``dataclasses.replace``
     semantics: only ``items`` changes); the items themselves are shared.
     """
-    with paused(promote=True):
-        return _gplan.dedup_save_plans(list(all_plans), bool(save_to_lowest_rank))
+    try:
+        with paused(promote=True):
+            return _gplan.dedup_save_plans(list(all_plans), bool(save_to_lowest_rank))
+    except AttributeError:
+        raise _wrong_objects("dedup_save_plans", all_plans, ("index", "type")) from None
 
 
 def _is_tensor_storage(key: Any, value: Any) -> bool:
@@ -182,6 +216,16 @@ def validate_global_plan(global_plan: Sequence[Any], metadata: Any) -> list[str]
     the extra dimensions) or whose values or offset + size fall outside
     int64; negative values are reported as out of bounds, as torch does.
     """
+    if not hasattr(metadata, "state_dict_metadata"):
+        raise TypeError(
+            f"validate_global_plan: metadata must be a Metadata (with .state_dict_metadata), "
+            f"got {type(metadata).__name__}")
+    try:
+        len(global_plan)
+    except TypeError:
+        raise TypeError(
+            f"validate_global_plan: global_plan must be a list of SavePlans, "
+            f"got {type(global_plan).__name__}") from None
     with paused(promote=True):
         return _validate(global_plan, metadata)
 
