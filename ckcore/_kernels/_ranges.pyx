@@ -210,6 +210,18 @@ cdef Py_ssize_t _emit_ranges(Walk w, const i64* dlen, const i64* dstride,
     return k + 1 if w.nruns > 0 else 0
 
 
+cdef Py_ssize_t _checked_ndim(str what, const i64[::1] shape, const i64[::1] strides,
+                              i64 itemsize, i64 base, const i64[::1] offsets,
+                              const i64[::1] lengths) except -1:
+    # The checks every box entry point makes first; the walk's scratch arrays
+    # are fixed at 64 dimensions.
+    _check_layout(what, shape, strides, itemsize, base, offsets, lengths)
+    cdef Py_ssize_t n = shape.shape[0]
+    if n > 64:
+        raise ValueError(f"{what}: at most 64 dims are supported, got {n}")
+    return n
+
+
 def box_runs(const i64[::1] shape, const i64[::1] strides, i64 itemsize, i64 base,
              const i64[::1] offsets, const i64[::1] lengths):
     """(number of runs, bytes per run, first byte) of a box before merging.
@@ -217,14 +229,12 @@ def box_runs(const i64[::1] shape, const i64[::1] strides, i64 itemsize, i64 bas
     Cheap (O(ndim)): lets a caller size its work before asking for the ranges.
     An empty box has zero runs.
     """
-    _check_layout("byte_ranges", shape, strides, itemsize, base, offsets, lengths)
-    cdef Py_ssize_t n = shape.shape[0]
-    if n > 64:
-        raise ValueError(f"byte_ranges: at most 64 dims are supported, got {n}")
+    cdef Py_ssize_t n = _checked_ndim("box_runs", shape, strides, itemsize, base, offsets,
+                                      lengths)
     cdef Py_ssize_t dims[64]
     cdef i64 dlen[64]
     cdef i64 dstride[64]
-    if _box_numel("byte_ranges", lengths) == 0:
+    if _box_numel("box_runs", lengths) == 0:
         return 0, 0, base
     cdef Walk w = _plan_walk(&strides[0] if n else NULL, itemsize, base,
                              &offsets[0] if n else NULL, &lengths[0] if n else NULL,
@@ -240,10 +250,8 @@ def byte_ranges(const i64[::1] shape, const i64[::1] strides, i64 itemsize, i64 
     the box is ``offsets``/``lengths`` in chunk coordinates. Returns an (K, 2)
     int64 array; K == 0 for an empty box.
     """
-    _check_layout("byte_ranges", shape, strides, itemsize, base, offsets, lengths)
-    cdef Py_ssize_t n = shape.shape[0]
-    if n > 64:
-        raise ValueError(f"byte_ranges: at most 64 dims are supported, got {n}")
+    cdef Py_ssize_t n = _checked_ndim("byte_ranges", shape, strides, itemsize, base, offsets,
+                                      lengths)
     cdef Py_ssize_t dims[64]
     cdef i64 dlen[64]
     cdef i64 dstride[64]
