@@ -282,7 +282,13 @@ def main() -> None:
     dist.barrier()
     with open(os.path.join(workdir, f"{scenario}.{rank}.json"), "w") as f:
         json.dump(report, f)
-    dist.destroy_process_group()
+    dist.barrier()
+    # The report is written. Leave without gloo's teardown: when one rank exits
+    # first, the other's destroy_process_group / interpreter exit can hit
+    # std::terminate in gloo's transport threads.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -44,12 +44,14 @@ def _worker(rank: int, out_dir: str, init_file: str) -> None:
     import torch.distributed.checkpoint as dcp
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dcp.save(state_dict(rank), checkpoint_id=out_dir)
-    finally:
-        dist.destroy_process_group()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state_dict(rank), checkpoint_id=out_dir)
+    dist.barrier()
+    # Saved. Leave without gloo's teardown: when one rank exits first, the
+    # other's destroy_process_group / interpreter exit can hit std::terminate
+    # in gloo's transport threads. (An exception above still exits non-zero.)
+    os._exit(0)
 
 
 def save(out_dir: str) -> None:
