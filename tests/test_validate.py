@@ -213,6 +213,19 @@ def test_dims_1_to_8(ndim):
     assert any("overlapping" in m for m in msgs)
 
 
+@pytest.mark.parametrize("ndim", [63, 64, 70])
+def test_more_dims_than_the_split_mask_matches_torch(ndim):
+    # Interval grouping keeps candidate dimensions in a 64-bit mask; tensors
+    # with more dimensions (torch allows them) take the plain sweep.
+    size = (4, 3) + (1,) * (ndim - 2)
+    rest = (0,) * (ndim - 2), (1,) * (ndim - 2)
+    chunks = [((0, 0) + rest[0], (2, 3) + rest[1]), ((2, 0) + rest[0], (2, 2) + rest[1]),
+              ((1, 1) + rest[0], (2, 2) + rest[1])]
+    msgs = check({"w": (size, chunks)})
+    assert sum("overlapping" in m for m in msgs) == 2
+    assert any("invalid fill" in m for m in msgs)
+
+
 def test_moe_layout_irregular_experts():
     # 64 experts x 8-way on dim 1, uneven expert groups that differ per column,
     # plus one rogue chunk overlapping two groups.

@@ -402,25 +402,27 @@ cdef int find_self_overlaps(Py_ssize_t n, Py_ssize_t ndim, const i64* offs,
                 for k in range(i):
                     pairbuf_push(out, i, k)
         return 0
-    if ndim > 63:
-        with gil:
-            raise ValueError(f"at most 63 dimensions are supported, got {ndim}")
     c.n = n
     c.ndim = ndim
     c.offs = offs
     c.sizes = sizes
     c.out = out
+    # Interval grouping tracks candidate dimensions in a 64-bit mask: more
+    # dimensions than that take the plain sweep, exact for any layout.
+    negative = ndim > 63
     for i in range(n * ndim):
+        if negative:
+            break
         if sizes[i] < 0:
             negative = True
-            break
     try:
         S = <i64*>_alloc(n, sizeof(i64))
         for i in range(n):
             S[i] = i
         if negative:
             # Out-of-bounds chunks with negative sizes (torch reports them
-            # and still checks overlaps): only the plain sweep is exact here.
+            # and still checks overlaps), or more than 63 dimensions: only
+            # the plain sweep is exact here.
             keys = <Key3*>_alloc(n, sizeof(Key3))
             for k in range(ndim):
                 _sort_dim(&c, S, n, k, keys, &groups, &noffs)
