@@ -69,11 +69,14 @@ class MetadataTypes:
 CKCORE_TYPES = MetadataTypes()
 
 
-def _wrong_objects(what: str, all_plans: Any, item_attrs: tuple[str, ...]) -> TypeError:
+def _wrong_objects(what: str, all_plans: Any, item_attrs: tuple[str, ...]) -> TypeError | None:
     """The TypeError for plans or items without DCP's fields, naming the first one.
 
     Only called after the kernel hit an AttributeError: the check costs a pass
-    over every item, which the success path does not pay.
+    over every item, which the success path does not pay. None when every
+    plan, item and index has DCP's fields: the AttributeError came from
+    elsewhere (torch raises it too, e.g. a shard item on an fqn that a bytes
+    item took) and is re-raised as is.
     """
     try:
         plans = list(all_plans)
@@ -94,7 +97,7 @@ def _wrong_objects(what: str, all_plans: Any, item_attrs: tuple[str, ...]) -> Ty
             if not (hasattr(index, "fqn") and hasattr(index, "offset")):
                 return TypeError(
                     f"{what}: plan {rank} item {i}: index {index!r} is not a MetadataIndex")
-    return TypeError(f"{what}: plans or items lack DCP's fields")
+    return None
 
 
 def create_global_save_plan(
@@ -131,7 +134,10 @@ def create_global_save_plan(
                 types.bytes_storage,
             )
     except AttributeError:
-        raise _wrong_objects("create_global_save_plan", all_plans, ("index", "type")) from None
+        wrong = _wrong_objects("create_global_save_plan", all_plans, ("index", "type"))
+        if wrong is None:
+            raise
+        raise wrong from None
 
 
 def dedup_save_plans(all_plans: Sequence[Any], save_to_lowest_rank: bool = False) -> list[Any]:
@@ -153,7 +159,10 @@ def dedup_save_plans(all_plans: Sequence[Any], save_to_lowest_rank: bool = False
         with paused(promote=True):
             return _gplan.dedup_save_plans(list(all_plans), bool(save_to_lowest_rank))
     except AttributeError:
-        raise _wrong_objects("dedup_save_plans", all_plans, ("index", "type")) from None
+        wrong = _wrong_objects("dedup_save_plans", all_plans, ("index", "type"))
+        if wrong is None:
+            raise
+        raise wrong from None
 
 
 def _is_tensor_storage(key: Any, value: Any) -> bool:

@@ -124,6 +124,18 @@ def test_duplicate_non_shard_fqn_raises_like_torch(dup):
         create_global_save_plan(ck_plans(specs))
 
 
+def test_shard_after_bytes_on_one_fqn_raises_attribute_error_like_torch():
+    # Every object is a valid plan, item and index: torch's own AttributeError
+    # (the bytes entry has no .chunks) comes through, not a TypeError about
+    # wrong objects.
+    specs = [[("bytes", "x")], [("shard", "x", (2,), "float32", (0,), (2,))]]
+    with pytest.raises(AttributeError) as exp:
+        create_default_global_save_plan(torch_plans(specs))
+    with pytest.raises(AttributeError) as got:
+        create_global_save_plan(torch_plans(specs), types=TORCH_TYPES)
+    assert str(got.value) == str(exp.value)
+
+
 def test_missing_chunk_raises_like_torch():
     item = torch_item(("shard", "w", (4,), "float32", (0,), (4,)))
     bad = dataclasses.replace(item, tensor_data=dataclasses.replace(item.tensor_data, chunk=None))
