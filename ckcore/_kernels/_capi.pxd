@@ -21,6 +21,9 @@ cdef extern from *:
     static inline int ck_mul64(int64_t a, int64_t b, int64_t *r) {
         return __builtin_mul_overflow(a, b, r);
     }
+    static inline int ck_mul128(ck_i128 a, int64_t b, ck_i128 *r) {
+        return __builtin_mul_overflow(a, (ck_i128)b, r);
+    }
     static inline int64_t ck_hi(ck_i128 x) { return (int64_t)(x >> 64); }
     static inline uint64_t ck_lo(ck_i128 x) { return (uint64_t)x; }
     /* object.__new__(cls) without the call machinery: tp_new_wrapper would slice
@@ -35,6 +38,23 @@ cdef extern from *:
         Py_DECREF(args);
         return r;
     }
+    /* malloc for big tables probed at random: 2 MiB-aligned and, on Linux,
+       backed by transparent huge pages where the system allows it, so a
+       random probe costs a cache miss but not also a TLB miss. Free with
+       free(). */
+    #if defined(__linux__)
+    #include <sys/mman.h>
+    #endif
+    static void* ck_malloc_big(size_t size) {
+        void* p = NULL;
+        const size_t huge = (size_t)2 << 20;
+        if (size < huge) return malloc(size ? size : 1);
+        if (posix_memalign(&p, huge, (size + huge - 1) & ~(huge - 1)) != 0) return NULL;
+    #if defined(__linux__) && defined(MADV_HUGEPAGE)
+        madvise(p, (size + huge - 1) & ~(huge - 1), MADV_HUGEPAGE);
+    #endif
+        return p;
+    }
     /* Does cls allocate through object's own tp_new (no custom __new__)? */
     static int ck_plain_new(PyObject* cls) {
         return PyType_Check(cls) && ((PyTypeObject*)cls)->tp_new == PyBaseObject_Type.tp_new;
@@ -45,8 +65,10 @@ cdef extern from *:
     ctypedef long long ck_i128
     bint ck_add64(i64 a, i64 b, i64* r) noexcept nogil
     bint ck_mul64(i64 a, i64 b, i64* r) noexcept nogil
+    bint ck_mul128(ck_i128 a, i64 b, ck_i128* r) noexcept nogil
     i64 ck_hi(ck_i128 x) noexcept nogil
     u64 ck_lo(ck_i128 x) noexcept nogil
+    void* ck_malloc_big(size_t size) nogil
     object ck_new_instance(object cls)
     bint ck_plain_new(object cls)
 

@@ -17,11 +17,12 @@ import sys
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
 from cpython.ref cimport PyObject
 from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.stdint cimport int32_t, uint32_t
 from libc.string cimport memcmp
 
 from ckcore._kernels._capi cimport (
     PyObject_GenericSetAttr, PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE,
-    ck_i128, ck_mix64, ck_mul64, ck_new_instance,
+    ck_i128, ck_malloc_big, ck_mix64, ck_mul64, ck_new_instance,
 )
 from ckcore._kernels._types cimport i64, u64
 
@@ -29,6 +30,15 @@ from ckcore._kernels._types cimport i64, u64
 cdef int TENSOR = 0
 cdef int SHARD = 1
 cdef int BYTE_IO = 2
+
+# Field names, interned: class field names are interned too (_fields_slow),
+# so _replace_known can compare names by identity.
+cdef str F_INDEX = sys.intern("index")
+cdef str F_FQN = sys.intern("fqn")
+cdef str F_OFFSET = sys.intern("offset")
+cdef str F_TYPE = sys.intern("type")
+cdef str F_TENSOR_DATA = sys.intern("tensor_data")
+cdef str F_ITEMS = sys.intern("items")
 
 # class -> tuple of dataclass field names, or () when objects of that class
 # must be copied with dataclasses.replace (slots, custom __new__, not a dataclass).
@@ -39,6 +49,8 @@ cdef dict _CATS = {}
 
 cdef type _last_cls = None
 cdef tuple _last_fields = None
+cdef type _last_index_cls = None
+cdef tuple _last_index_fields = None
 
 
 cdef inline tuple _fields_of(type cls):
@@ -51,6 +63,17 @@ cdef inline tuple _fields_of(type cls):
     return _last_fields
 
 
+cdef inline tuple _index_fields_of(type cls):
+    # The same for index classes, which alternate with item classes when
+    # items are rewritten: one shared entry would miss on every call.
+    global _last_index_cls, _last_index_fields
+    if cls is _last_index_cls:
+        return _last_index_fields
+    _last_index_fields = _fields_slow(cls)
+    _last_index_cls = cls
+    return _last_index_fields
+
+
 cdef tuple _fields_slow(type cls):
     cdef object f = _FIELDS.get(cls)
     if f is None:
@@ -59,7 +82,7 @@ cdef tuple _fields_slow(type cls):
                 and "__slots__" not in cls.__dict__
                 and all(fl.init for fl in dataclasses.fields(cls))
                 and getattr(cls, "__post_init__", None) is None):
-            f = tuple(fl.name for fl in dataclasses.fields(cls))
+            f = tuple(sys.intern(fl.name) for fl in dataclasses.fields(cls))
         _FIELDS[cls] = f
     return <tuple>f
 
@@ -80,26 +103,54 @@ cdef object _replace1(object obj, str name, object value):
     return new
 
 
-cdef object _replace_known(object obj, str name, object value,
+cdef object _replace_known(object obj, tuple names, str name, object value,
                            str k1, object v1, str k2, object v2):
-    """_replace1, told the current values of two more fields (no getattr for them)."""
-    cdef type cls = type(obj)
-    cdef tuple names = _fields_of(cls)
+    """_replace1 with obj's field names given, and told the current values of
+    two more fields (no getattr for them).
+
+    The names must be interned (the F_* constants): fields are matched by
+    identity, which for interned strings is equality.
+    """
     cdef object new, n, v
     if not names:
         return dataclasses.replace(obj, **{name: value})
-    new = ck_new_instance(cls)
+    new = ck_new_instance(type(obj))
     for n in names:
-        if n == name:
+        if n is name:
             v = value
-        elif n == k1:
+        elif n is k1:
             v = v1
-        elif n == k2:
+        elif n is k2:
             v = v2
         else:
             v = getattr(obj, n)
         PyObject_GenericSetAttr(new, n, v)
     return new
+
+
+cdef inline object _rewritten(object item, object idx, object fqn, object off, object t,
+                              object td, object hint):
+    """replace(item, index=replace(item.index, index=hint)), its other fields known."""
+    cdef object new_idx = _replace_known(idx, _index_fields_of(type(idx)), F_INDEX, hint,
+                                         F_FQN, fqn, F_OFFSET, off)
+    return _replace_known(item, _fields_of(type(item)), F_INDEX, new_idx,
+                          F_TYPE, t, F_TENSOR_DATA, td)
+
+
+cdef class _Ints:
+    """Python ints 0..n-1, made once: index hints repeat across fqns (position
+    k of every fqn's chunk list), and ints past 256 are not cached by Python."""
+    cdef list ints
+
+    def __cinit__(self):
+        self.ints = []
+
+    cdef inline object get(self, Py_ssize_t k):
+        cdef Py_ssize_t i
+        if k >= len(self.ints):
+            for i in range(len(self.ints), 2 * k + 256):
+                self.ints.append(i)
+        return self.ints[k]
 
 
 cdef object _last_t = None
@@ -142,6 +193,7 @@ def create_global_save_plan(list all_plans, bint rewrite_index_hints,
     cdef list new_items, chunks
     cdef int cat
     cdef object items, item, index, fqn, td, tmd, chunk, new_item, t
+    cdef _Ints hints = _Ints()
     for plan in all_plans:
         items = plan.items
         new_items = []
@@ -172,10 +224,7 @@ def create_global_save_plan(list all_plans, bint rewrite_index_hints,
                 chunk_lists[fqn] = chunks
             new_item = item
             if rewrite_index_hints:
-                new_item = _replace_known(
-                    item, "index",
-                    _replace_known(index, "index", len(chunks), "fqn", fqn, "", None),
-                    "type", t, "tensor_data", td)
+                new_item = _rewritten(item, index, fqn, index.offset, t, td, hints.get(len(chunks)))
             chunk = td.chunk
             if chunk is None:
                 raise AssertionError(f"""
@@ -184,7 +233,7 @@ def create_global_save_plan(list all_plans, bint rewrite_index_hints,
                 """)
             chunks.append(chunk)
             new_items.append(new_item)
-        new_plans.append(_replace1(plan, "items", new_items))
+        new_plans.append(_replace1(plan, F_ITEMS, new_items))
     return new_plans, metadata_cls(md)
 
 
@@ -290,19 +339,33 @@ def _dedup_python(list all_plans, bint save_to_lowest_rank):
 
 
 cdef struct Ent:
-    i64 fqn_id     # dense id of the index's fqn
-    i64 ndim       # len(offset), -1 for offset None
-    i64 pool       # where the offset's values start in the pool
+    # 40 bytes: plan numbers, fqn ids and entry numbers stay below 2**31
+    # (entries are capped there; plans by global_save_plan/dedup_save_plans).
     u64 hash
-    i64 first      # first plan holding the entry
-    i64 last       # last plan holding it (holders are visited in ascending order)
-    i64 nholders
-    i64 selected
+    i64 pool       # where the offset's values start in the pool
+    int32_t fqn_id     # dense id of the index's fqn
+    int32_t ndim       # len(offset), -1 for offset None
+    int32_t first      # first plan holding the entry
+    int32_t last       # last plan holding it (holders are visited in ascending order)
+    int32_t nholders
+    int32_t selected
 
 
 cdef struct Slot:
-    i64 e
+    # 8 bytes, so a probe touches one cache line: the entry number (-1:
+    # empty) and the hash's high half, so a probe past another key does not
+    # touch that entry's memory.
+    int32_t e
+    uint32_t tag
+
+
+cdef struct Key:
+    # A hashed key waiting for its probe; its offset values lie at
+    # t.pool[at:at + nd], at or past the pool's tail (t.n_pool).
+    i64 fid
+    Py_ssize_t nd
     u64 hash
+    Py_ssize_t at
 
 
 cdef struct Index:
@@ -311,15 +374,36 @@ cdef struct Index:
     # Python tuple or hashing a torch.Size per item.
     Ent* ents
     Py_ssize_t n_ent, cap_ent
-    Slot* slots       # entry number (-1: empty) and its hash, so a probe
-    Py_ssize_t mask   # past another key does not touch that entry's memory
+    Slot* slots
+    Py_ssize_t mask
     i64* pool
     Py_ssize_t n_pool, cap_pool
 
 
+cdef extern from *:
+    """
+    #define ck_prefetch(p) __builtin_prefetch((const void*)(p), 1, 3)
+    """
+    void ck_prefetch(const void* p) noexcept nogil
+
+
+cdef int _index_init(Index* t, Py_ssize_t expected) except -1:
+    """An empty table sized for `expected` keys at load <= 1/2: no rehash on the way."""
+    cdef Py_ssize_t cap = 1024, i
+    while cap < 2 * expected:
+        cap *= 2
+    t.slots = <Slot*>ck_malloc_big(cap * sizeof(Slot))
+    if t.slots == NULL:
+        raise MemoryError()
+    for i in range(cap):
+        t.slots[i].e = -1
+    t.mask = cap - 1
+    return 0
+
+
 cdef int _index_grow_slots(Index* t) except -1:
     cdef Py_ssize_t cap = 2 * (t.mask + 1), i, h
-    cdef Slot* slots = <Slot*>malloc(cap * sizeof(Slot))
+    cdef Slot* slots = <Slot*>ck_malloc_big(cap * sizeof(Slot))
     if slots == NULL:
         raise MemoryError()
     for i in range(cap):
@@ -328,32 +412,34 @@ cdef int _index_grow_slots(Index* t) except -1:
         h = <Py_ssize_t>(t.ents[i].hash & <u64>(cap - 1))
         while slots[h].e >= 0:
             h = (h + 1) & (cap - 1)
-        slots[h].e = i
-        slots[h].hash = t.ents[i].hash
+        slots[h].e = <int32_t>i
+        slots[h].tag = <uint32_t>(t.ents[i].hash >> 32)
     free(t.slots)
     t.slots = slots
     t.mask = cap - 1
     return 0
 
 
-cdef Py_ssize_t _index_find(Index* t, i64 fid, object off, Py_ssize_t p) except -2:
-    """Entry number of (fid, off), adding it (held by plan p) if new; -1 if off is
-    not a tuple of int64 values (the caller falls back to Python keys)."""
-    cdef Py_ssize_t nd, j, h, e
+cdef int _index_key(Index* t, i64 fid, object off, Key* key, Py_ssize_t at) except -1:
+    """Hash (fid, off) into key, its values to t.pool[at:], and prefetch its
+    slot. ``at`` is the pool's tail, or just past the values of a key hashed
+    before and not yet probed. Returns 1 if off is not a tuple of int64
+    values (the caller falls back to Python keys), else 0."""
+    cdef Py_ssize_t nd, j
     cdef i64 v
     cdef int ovf = 0
     cdef u64 hv
     cdef i64* grown
-    cdef Ent* grown_e
     cdef PyObject* item
     if off is None:
         nd = -1
     elif PyTuple_Check(off):
         nd = PyTuple_GET_SIZE(off)
+        if nd > 0x7FFFFFFF:
+            return 1
     else:
-        return -1
-    # Values go to the pool's tail first; they stay there only for a new entry.
-    if t.n_pool + nd + 1 > t.cap_pool:
+        return 1
+    if at + nd + 1 > t.cap_pool:
         t.cap_pool = 2 * t.cap_pool + nd + 1024
         grown = <i64*>realloc(t.pool, t.cap_pool * sizeof(i64))
         if grown == NULL:
@@ -363,173 +449,264 @@ cdef Py_ssize_t _index_find(Index* t, i64 fid, object off, Py_ssize_t p) except 
     for j in range(nd):
         item = PyTuple_GET_ITEM(off, j)
         if not PyLong_Check(<object>item):
-            return -1
+            return 1
         v = PyLong_AsLongLongAndOverflow(<object>item, &ovf)
         if ovf:
-            return -1
-        t.pool[t.n_pool + j] = v
+            return 1
+        t.pool[at + j] = v
         hv = ck_mix64(hv ^ <u64>v)
+    key.fid = fid
+    key.nd = nd
+    key.hash = hv
+    key.at = at
+    ck_prefetch(&t.slots[hv & <u64>t.mask])
+    return 0
+
+
+cdef Py_ssize_t _index_probe(Index* t, const Key* key, Py_ssize_t p) except -1:
+    """Entry number of a hashed key, adding it (held by plan p) if new.
+
+    Keys are probed in the order they were hashed."""
+    cdef Py_ssize_t h, e, nd = key.nd
+    cdef u64 hv = key.hash
+    cdef uint32_t tag = <uint32_t>(hv >> 32)
+    cdef Ent* grown_e
     h = <Py_ssize_t>(hv & <u64>t.mask)
     while True:
         e = t.slots[h].e
         if e < 0:
             break
-        if (t.slots[h].hash == hv and t.ents[e].fqn_id == fid and t.ents[e].ndim == nd
-                and (nd <= 0 or memcmp(t.pool + t.ents[e].pool, t.pool + t.n_pool,
+        if (t.slots[h].tag == tag and t.ents[e].hash == hv and t.ents[e].fqn_id == key.fid
+                and t.ents[e].ndim == nd
+                and (nd <= 0 or memcmp(t.pool + t.ents[e].pool, t.pool + key.at,
                                        nd * sizeof(i64)) == 0)):
             return e
         h = (h + 1) & t.mask
     if t.n_ent == t.cap_ent:
+        if t.n_ent >= 0x7FFFFFFF:
+            raise MemoryError("more than 2**31 distinct write item indices")
         t.cap_ent = 2 * t.cap_ent + 1024
         grown_e = <Ent*>realloc(t.ents, t.cap_ent * sizeof(Ent))
         if grown_e == NULL:
             raise MemoryError()
         t.ents = grown_e
     e = t.n_ent
-    t.ents[e].fqn_id = fid
-    t.ents[e].ndim = nd
-    t.ents[e].pool = t.n_pool
+    t.ents[e].fqn_id = <int32_t>key.fid
+    t.ents[e].ndim = <int32_t>nd
+    t.ents[e].pool = key.at
     t.ents[e].hash = hv
-    t.ents[e].first = p
-    t.ents[e].last = p
+    t.ents[e].first = <int32_t>p
+    t.ents[e].last = <int32_t>p
     t.ents[e].nholders = 1
-    t.ents[e].selected = p
+    t.ents[e].selected = <int32_t>p
     if nd > 0:
-        t.n_pool += nd
-    t.slots[h].e = e
-    t.slots[h].hash = hv
+        t.n_pool = key.at + nd
+    t.slots[h].e = <int32_t>e
+    t.slots[h].tag = tag
     t.n_ent += 1
     if 2 * t.n_ent > t.mask + 1:
         _index_grow_slots(t)
     return e
 
 
-def dedup_save_plans(list all_plans, bint save_to_lowest_rank):
-    """See ckcore.global_plan.dedup_save_plans (torch's dedup_save_plans)."""
-    cdef Py_ssize_t P = len(all_plans), p, k, nitems, total = 0, pos, e, i
-    cdef Py_ssize_t last_dup = -1
-    cdef dict fqn_ids = {}
-    cdef dict dups = {}
-    cdef list ent_item = []
-    cdef list plan_items = []
-    cdef list hs, new_items, items
+cdef class _Dedup:
+    """torch's dedup bookkeeping: which plans hold each index, and which one keeps it.
+
+    ``key`` then ``add`` are called for every item, plan by plan (work may
+    go between the two while the key's slot is prefetched); entries are the
+    distinct ``(fqn, offset)`` keys in first-seen order. ``select`` then gives every
+    entry held by more than one plan its keeper with torch's rule. An entry's
+    ``selected`` plan is its only holder otherwise.
+    """
     cdef Index t
-    cdef Ent* ents
-    cdef i64* eid = NULL
-    cdef i64* start = NULL
-    cdef ck_i128* plan_size = NULL
-    cdef unsigned char* touched = NULL
-    cdef i64 sz, c, h, fid
-    cdef object idx, got, fqn
-    t.ents = NULL
-    t.n_ent = 0
-    t.cap_ent = 0
-    t.pool = NULL
-    t.n_pool = 0
-    t.cap_pool = 0
-    t.mask = 1023
-    t.slots = <Slot*>malloc(1024 * sizeof(Slot))
-    if t.slots == NULL:
-        raise MemoryError()
-    for i in range(1024):
-        t.slots[i].e = -1
-    try:
-        for p in range(P):
-            items = all_plans[p].items
-            if type(items) is not list:
-                items = list(items)
-            plan_items.append(items)
-            total += len(items)
-        eid = <i64*>malloc((total + 1) * sizeof(i64))
-        start = <i64*>malloc((P + 1) * sizeof(i64))
-        touched = <unsigned char*>calloc(P + 1, 1)
-        if eid == NULL or start == NULL or touched == NULL:
-            raise MemoryError()
-        pos = 0
-        for p in range(P):
-            start[p] = pos
-            items = <list>plan_items[p]
-            for item in items:
-                idx = item.index
-                fqn = idx.fqn
-                got = fqn_ids.get(fqn)
-                if got is None:
-                    fid = len(fqn_ids)
-                    fqn_ids[fqn] = fid
-                else:
-                    fid = <i64>got
-                e = _index_find(&t, fid, idx.offset, p)
-                if e < 0:
-                    # An offset that is not a tuple of int64 values: torch's own
-                    # keys, with Python ints.
-                    return _dedup_python(all_plans, save_to_lowest_rank)
-                ents = t.ents
-                if e == len(ent_item):
-                    ent_item.append(item)
-                else:
-                    # torch maps each index to the last item seen with it.
-                    ent_item[e] = item
-                    if ents[e].last != p:
-                        if ents[e].nholders == 1:
-                            dups[e] = [ents[e].first, p]
-                        else:
-                            (<list>dups[e]).append(p)
-                        ents[e].nholders += 1
-                        ents[e].last = p
-                        if e > last_dup:
-                            last_dup = e
-                eid[pos] = e
-                pos += 1
-        start[P] = pos
-        ents = t.ents
-        if last_dup < 0:
-            # Nothing is duplicated: every plan keeps its items.
-            return [_replace1(all_plans[p], "items", list(<list>plan_items[p])) for p in range(P)]
+    cdef dict fqn_ids     # fqn -> dense id
+    cdef list fqns        # dense id -> fqn
+    cdef dict dups        # entry -> [plans holding it], for entries held by 2+ plans
+    cdef list ent_item    # entry -> last item seen with that index (torch keeps the last)
+    cdef Py_ssize_t last_dup
+
+    def __cinit__(self, Py_ssize_t expected):
+        self.t.ents = NULL
+        self.t.n_ent = 0
+        self.t.cap_ent = 0
+        self.t.pool = NULL
+        self.t.n_pool = 0
+        self.t.cap_pool = 0
+        self.t.slots = NULL
+        _index_init(&self.t, expected)
+        self.fqn_ids = {}
+        self.fqns = []
+        self.dups = {}
+        self.ent_item = []
+        self.last_dup = -1
+
+    def __dealloc__(self):
+        free(self.t.ents)
+        free(self.t.slots)
+        free(self.t.pool)
+
+    cdef inline i64 fid(self, object fqn) except -1:
+        cdef object got = self.fqn_ids.get(fqn)
+        cdef i64 f
+        if got is not None:
+            return <i64>got
+        f = len(self.fqns)
+        self.fqn_ids[fqn] = f
+        self.fqns.append(fqn)
+        return f
+
+    cdef inline int key(self, i64 fid, object off, Key* key, const Key* pending) except -1:
+        """Hash index (fqn id, off) into key and prefetch its slot; 1 when off
+        is not a tuple of int64 values (the caller must use Python keys,
+        ``_dedup_python``), else 0. ``pending``: a key hashed before and not
+        yet added, or NULL."""
+        cdef Py_ssize_t at = self.t.n_pool
+        if pending != NULL and pending.nd > 0:
+            at = pending.at + pending.nd
+        return _index_key(&self.t, fid, off, key, at)
+
+    cdef Py_ssize_t add(self, object item, const Key* key, Py_ssize_t p) except -1:
+        """Record that plan p holds item, at the index last hashed into key;
+        its entry number."""
+        cdef Py_ssize_t e = _index_probe(&self.t, key, p)
+        cdef Ent* ent
+        if e == len(self.ent_item):
+            self.ent_item.append(item)
+            return e
+        self.ent_item[e] = item
+        ent = &self.t.ents[e]
+        if ent.last != p:
+            if ent.nholders == 1:
+                self.dups[e] = [ent.first, p]
+            else:
+                (<list>self.dups[e]).append(p)
+            ent.nholders += 1
+            ent.last = <int32_t>p
+            if e > self.last_dup:
+                self.last_dup = e
+        return e
+
+    cdef int select(self, Py_ssize_t P, bint save_to_lowest_rank,
+                    unsigned char* touched) except -1:
+        """Pick every duplicated entry's keeper; mark in ``touched`` (P zeroed
+        bytes) the plans that hold some duplicated entry.
+
+        The keeper is the holder with the smallest planned size so far
+        (ties to the lowest rank), or the lowest holder. Only touched plans
+        ever have their size compared, and only entries up to the last
+        duplicated one matter: no other entry's size is computed. Returns 1
+        when a size does not fit in int64 (the caller must use
+        ``_dedup_python``), else 0.
+        """
+        cdef ck_i128* plan_size = NULL
+        cdef Ent* ents = self.t.ents
+        cdef Py_ssize_t e, k
+        cdef list hs
+        cdef i64 sz, c, h
+        for hs in self.dups.values():
+            for k in range(len(hs)):
+                touched[<i64>hs[k]] = 1
         plan_size = <ck_i128*>calloc(P + 1, sizeof(ck_i128))
         if plan_size == NULL:
             raise MemoryError()
-        # Only plans holding some duplicated item ever have their planned
-        # size compared ("touched"), and only up to the last duplicated entry:
-        # the sizes of every other entry are never computed.
-        for hs in dups.values():
-            for k in range(len(hs)):
-                touched[<i64>hs[k]] = 1
-        for e in range(last_dup + 1):
-            if ents[e].nholders == 1:
-                if not save_to_lowest_rank and touched[ents[e].first]:
-                    if _storage_size(ent_item[e], &sz):
-                        return _dedup_python(all_plans, save_to_lowest_rank)
-                    plan_size[ents[e].first] += sz
-                continue
-            hs = <list>dups[e]
-            c = hs[0]
-            if not save_to_lowest_rank:
-                if _storage_size(ent_item[e], &sz):
+        try:
+            for e in range(self.last_dup + 1):
+                if ents[e].nholders == 1:
+                    if not save_to_lowest_rank and touched[ents[e].first]:
+                        if _storage_size(self.ent_item[e], &sz):
+                            return 1
+                        plan_size[ents[e].first] += sz
+                    continue
+                hs = <list>self.dups[e]
+                c = hs[0]
+                if not save_to_lowest_rank:
+                    if _storage_size(self.ent_item[e], &sz):
+                        return 1
+                    for k in range(1, len(hs)):
+                        h = hs[k]
+                        if plan_size[h] < plan_size[c]:
+                            c = h
+                    plan_size[c] += sz
+                ents[e].selected = <int32_t>c
+        finally:
+            free(plan_size)
+        return 0
+
+
+cdef list _item_lists(list all_plans, Py_ssize_t* total):
+    """Every plan's items as a list (read once), and their total count."""
+    cdef list out = []
+    cdef object items
+    if len(all_plans) > 0x7FFFFFFF:
+        raise ValueError(f"at most 2**31 - 1 plans are supported, got {len(all_plans)}")
+    total[0] = 0
+    for plan in all_plans:
+        items = plan.items
+        if type(items) is not list:
+            items = list(items)
+        out.append(items)
+        total[0] += len(<list>items)
+    return out
+
+
+def dedup_save_plans(list all_plans, bint save_to_lowest_rank):
+    """See ckcore.global_plan.dedup_save_plans (torch's dedup_save_plans)."""
+    cdef Py_ssize_t P = len(all_plans), p, k, nitems, total, pos
+    cdef list plan_items = _item_lists(all_plans, &total)
+    cdef _Dedup dd = _Dedup(total)
+    cdef Key keys[2]
+    cdef Py_ssize_t prev_p = 0
+    cdef object prev_item = None
+    cdef list new_items, items
+    cdef int32_t* eid = NULL
+    cdef unsigned char* touched = NULL
+    cdef object idx
+    cdef Ent* ents
+    try:
+        eid = <int32_t*>malloc((total + 1) * sizeof(int32_t))
+        touched = <unsigned char*>calloc(P + 1, 1)
+        if eid == NULL or touched == NULL:
+            raise MemoryError()
+        # Software-pipelined: item k's key is hashed (and its slot
+        # prefetched) before item k-1's is probed, so the probe's random
+        # access overlaps reading the next item.
+        pos = 0
+        for p in range(P):
+            for item in <list>plan_items[p]:
+                idx = item.index
+                if dd.key(dd.fid(idx.fqn), idx.offset, &keys[pos & 1],
+                          &keys[(pos - 1) & 1] if pos else NULL):
+                    # An offset that is not a tuple of int64 values: torch's own
+                    # keys, with Python ints.
                     return _dedup_python(all_plans, save_to_lowest_rank)
-                for k in range(1, len(hs)):
-                    h = hs[k]
-                    if plan_size[h] < plan_size[c]:
-                        c = h
-                plan_size[c] += sz
-            ents[e].selected = c
+                if pos:
+                    eid[pos - 1] = dd.add(prev_item, &keys[(pos - 1) & 1], prev_p)
+                prev_item = item
+                prev_p = p
+                pos += 1
+        if pos:
+            eid[pos - 1] = dd.add(prev_item, &keys[(pos - 1) & 1], prev_p)
+        if dd.last_dup < 0:
+            # Nothing is duplicated: every plan keeps its items.
+            return [_replace1(all_plans[p], F_ITEMS, list(<list>plan_items[p])) for p in range(P)]
+        if dd.select(P, save_to_lowest_rank, touched):
+            return _dedup_python(all_plans, save_to_lowest_rank)
+        ents = dd.t.ents
         out = []
+        pos = 0
         for p in range(P):
             items = <list>plan_items[p]
+            nitems = len(items)
             if not touched[p]:
                 new_items = list(items)
             else:
                 new_items = []
-                nitems = len(items)
                 for k in range(nitems):
-                    if ents[eid[start[p] + k]].selected == p:
+                    if ents[eid[pos + k]].selected == p:
                         new_items.append(items[k])
-            out.append(_replace1(all_plans[p], "items", new_items))
+            pos += nitems
+            out.append(_replace1(all_plans[p], F_ITEMS, new_items))
         return out
     finally:
-        free(t.ents)
-        free(t.slots)
-        free(t.pool)
         free(eid)
-        free(start)
-        free(plan_size)
         free(touched)
