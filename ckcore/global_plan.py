@@ -43,6 +43,7 @@ __all__ = [
     "MetadataTypes",
     "create_global_save_plan",
     "dedup_save_plans",
+    "plan_global_save",
     "validate_global_plan",
 ]
 
@@ -243,43 +244,99 @@ def _validate(global_plan: Sequence[Any], metadata: Any) -> list[str]:
     errors: list[str] = []
     multi = len(global_plan) > 1
     for key, value in metadata.state_dict_metadata.items():
-        if not _is_tensor_storage(key, value):
-            continue
-        size = value.size
-        ndim = len(size)
-        if ndim == 0:
-            continue
-        chunks = value.chunks
-        if not isinstance(chunks, list):
-            chunks = list(chunks)
-        try:
-            tsize = np.array([operator.index(v) for v in size], dtype=np.int64)
-        except TypeError:
-            raise TypeError(f"key:{key} tensor size {size!r} is not a tuple of integers") from None
-        except OverflowError:
-            raise ValueError(f"key:{key} tensor size {size!r} does not fit in int64") from None
-        offs, sizes = _read_chunks(key, chunks, ndim)
-        oob, chunks_volume, pairs = _check_tensor(offs, sizes, tsize)
-        for i in oob.tolist():
-            msg = f"key:{key} has out of bounds chunk: tensor-size:{size} chunk: {chunks[i]}"
+        _validate_key(key, value, multi, errors)
+    return errors
+
+
+def _validate_key(key: Any, value: Any, multi: bool, errors: list[str]) -> None:
+    """torch's checks of one metadata entry, its findings logged and appended to errors."""
+    if not _is_tensor_storage(key, value):
+        return
+    size = value.size
+    ndim = len(size)
+    if ndim == 0:
+        return
+    chunks = value.chunks
+    if not isinstance(chunks, list):
+        chunks = list(chunks)
+    try:
+        tsize = np.array([operator.index(v) for v in size], dtype=np.int64)
+    except TypeError:
+        raise TypeError(f"key:{key} tensor size {size!r} is not a tuple of integers") from None
+    except OverflowError:
+        raise ValueError(f"key:{key} tensor size {size!r} does not fit in int64") from None
+    offs, sizes = _read_chunks(key, chunks, ndim)
+    oob, chunks_volume, pairs = _check_tensor(offs, sizes, tsize)
+    for i in oob.tolist():
+        msg = f"key:{key} has out of bounds chunk: tensor-size:{size} chunk: {chunks[i]}"
+        logger.warning(msg)
+        errors.append(msg)
+    if len(pairs):
+        cur, oth = _torch_order(offs, sizes, size, pairs)
+        for i, j in zip(cur.tolist(), oth.tolist()):
+            msg = f"key:{key} has overlapping chunks: {chunks[i]} {chunks[j]}"
             logger.warning(msg)
             errors.append(msg)
-        if len(pairs):
-            cur, oth = _torch_order(offs, sizes, size, pairs)
-            for i, j in zip(cur.tolist(), oth.tolist()):
-                msg = f"key:{key} has overlapping chunks: {chunks[i]} {chunks[j]}"
-                logger.warning(msg)
-                errors.append(msg)
-        if multi:
-            if chunks_volume is None:
-                # Some chunk's volume overflows int64: exact Python ints.
-                chunks_volume = sum(math.prod(c.sizes) for c in chunks)
-            tensor_volume = math.prod(size)
-            if chunks_volume != tensor_volume:
-                msg = (
-                    f"key:{key} invalid fill tensor-volume: "
-                    f"{tensor_volume} chunks-volume: {chunks_volume}"
-                )
-                logger.warning(msg)
-                errors.append(msg)
-    return errors
+    if multi:
+        if chunks_volume is None:
+            # Some chunk's volume overflows int64: exact Python ints.
+            chunks_volume = sum(math.prod(c.sizes) for c in chunks)
+        tensor_volume = math.prod(size)
+        if chunks_volume != tensor_volume:
+            msg = (
+                f"key:{key} invalid fill tensor-volume: "
+                f"{tensor_volume} chunks-volume: {chunks_volume}"
+            )
+            logger.warning(msg)
+            errors.append(msg)
+
+def plan_global_save(
+    all_plans: Sequence[Any],
+    *,
+    dedup: bool = True,
+    save_to_lowest_rank: bool = False,
+    rewrite_index_hints: bool = True,
+    types: MetadataTypes = CKCORE_TYPES,
+) -> tuple[list[Any], Any, list[str]]:
+    """Rank 0's whole global planning step: dedup, global plan and validation.
+
+    Returns ``(plans, metadata, errors)``, equal to running, in
+    ``DefaultSavePlanner.create_global_plan``'s order::
+
+        plans = dedup_save_plans(all_plans, save_to_lowest_rank) if dedup else all_plans
+        plans, metadata = create_global_save_plan(plans, rewrite_index_hints, types=types)
+        errors = validate_global_plan(plans, metadata)
+
+    and raising what those raise, but reading every item once: one compiled
+    pass dedups, builds the metadata and rewritten items and keeps each
+    chunk's offsets and sizes as int64 rows, which validation then checks
+    without going back to the chunk objects (``_gplan.global_save_plan``).
+    Tensors with something to report are re-checked by
+    :func:`validate_global_plan`'s own code, for torch's messages and order.
+    Plans the single pass cannot take exactly (see the kernel: mixed item
+    types on one fqn, missing chunks, non-integer offsets, ...) go through
+    the three functions in turn.
+    """
+    plans = list(all_plans)
+    res = None
+    try:
+        with paused(promote=True):
+            res = _gplan.global_save_plan(
+                plans, bool(dedup), bool(save_to_lowest_rank), bool(rewrite_index_hints),
+                types.metadata, types.tensor_storage, types.bytes_storage)
+            if res is not None:
+                new_plans, md, careful = res
+                errors: list[str] = []
+                if careful:
+                    multi = len(new_plans) > 1
+                    for key, value in md.state_dict_metadata.items():
+                        if key in careful:
+                            _validate_key(key, value, multi, errors)
+                return new_plans, md, errors
+    except (AttributeError, TypeError):
+        # Objects that are not plans or items: the step-by-step path names them.
+        if res is not None:
+            raise
+    plans = dedup_save_plans(plans, save_to_lowest_rank) if dedup else plans
+    plans, md = create_global_save_plan(plans, rewrite_index_hints, types=types)
+    return plans, md, validate_global_plan(plans, md)

@@ -22,9 +22,10 @@ from libc.string cimport memcmp
 
 from ckcore._kernels._capi cimport (
     PyObject_GenericSetAttr, PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE,
-    ck_i128, ck_malloc_big, ck_mix64, ck_mul64, ck_new_instance,
+    ck_add64, ck_i128, ck_malloc_big, ck_mix64, ck_mul64, ck_new_instance,
 )
 from ckcore._kernels._types cimport i64, u64
+from ckcore._kernels._validate cimport fast_row, tensor_findings
 
 
 cdef int TENSOR = 0
@@ -710,3 +711,364 @@ def dedup_save_plans(list all_plans, bint save_to_lowest_rank):
     finally:
         free(eid)
         free(touched)
+
+
+# --------------------------------------------------- dedup + plan + validation
+
+cdef struct Fq:
+    # One fqn of the fused pass.
+    int cat            # TENSOR / SHARD / BYTE_IO: every item of the fqn has it
+    bint careful       # validate it the exact way (in Python), not on the rows
+    bint rebuilt       # dedup took one of its items: metadata and hints redone
+    i64 ent            # non-shard fqns: the one dedup entry all its items share
+    i64 n_items
+    i64 n_chunks       # tensor items so far: the next item's index hint
+    i64 ndim           # from the first item's tensor size
+    i64 tsize_at       # where that size lies in the size pool
+    i64 first          # position of its first surviving item (metadata order)
+
+
+cdef struct I64Buf:
+    i64* data
+    Py_ssize_t n, cap
+
+
+cdef i64* _i64buf_room(I64Buf* b, Py_ssize_t k) except NULL:
+    """Room for k more values at the end of b (not yet counted in b.n); never NULL."""
+    cdef Py_ssize_t cap
+    cdef i64* grown
+    if b.n + k > b.cap or b.data == NULL:
+        cap = 2 * b.cap + k + 1024
+        grown = <i64*>realloc(b.data, cap * sizeof(i64))
+        if grown == NULL:
+            raise MemoryError()
+        b.data = grown
+        b.cap = cap
+    return b.data + b.n
+
+
+cdef Fq* _fq_room(Fq** fq, Py_ssize_t* cap, Py_ssize_t n) except NULL:
+    cdef Fq* grown
+    if n == cap[0]:
+        cap[0] = 2 * cap[0] + 256
+        grown = <Fq*>realloc(fq[0], cap[0] * sizeof(Fq))
+        if grown == NULL:
+            raise MemoryError()
+        fq[0] = grown
+    return fq[0] + n
+
+
+cdef int _read_rows(object chunk, Py_ssize_t ndim, I64Buf* rows) except -1:
+    """Append chunk's offsets then sizes (ndim int64 values each) to rows.
+
+    Returns 1, appending nothing, when the chunk is not that (no such
+    attributes, another length, non-integers, offset + size past int64):
+    the exact validation then reads and reports it.
+    """
+    cdef i64* out = _i64buf_room(rows, 2 * ndim)
+    cdef Py_ssize_t j
+    cdef i64 e
+    cdef object o = getattr(chunk, "offsets", None)
+    cdef object s = getattr(chunk, "sizes", None)
+    if fast_row(o, ndim, out) or fast_row(s, ndim, out + ndim):
+        return 1
+    for j in range(ndim):
+        if ck_add64(out[j], out[ndim + j], &e):
+            return 1
+    rows.n += 2 * ndim
+    return 0
+
+
+def global_save_plan(list all_plans, bint dedup, bint save_to_lowest_rank,
+                     bint rewrite_index_hints, metadata_cls, tensor_md_cls, bytes_md_cls):
+    """dedup_save_plans, create_global_save_plan and validation's checks in one pass.
+
+    Each item is read once, in plan order (the order its objects lie in
+    memory): its index goes to the dedup table, its chunk to its fqn's
+    metadata, its rewritten copy is made with a provisional index hint, and
+    its chunk's offsets and sizes are kept as int64 rows. Dedup then picks
+    keepers; only fqns that lost an item to it are redone (metadata from the
+    first surviving item, chunks and hints renumbered). Validation runs on
+    the rows, each tensor's rows gathered in plan order, with the GIL
+    released.
+
+    Returns ``(plans, metadata, careful)``: ``careful`` is the set of fqns
+    whose validation must run the exact way in Python (a finding to report,
+    bytes entries, values that are not int64 rows, fqns redone by dedup).
+    Returns None when the plans need the step-by-step path, which raises
+    torch's errors or handles them exactly: an fqn mixing item types or with
+    two surviving non-shard items, a tensor item without tensor data or
+    chunk, an index offset that is not int64 values, a planned size past
+    int64.
+    """
+    cdef Py_ssize_t P = len(all_plans), total, p, k, n, pos, e, fid, nfq = 0, cap_fq = 0
+    cdef Py_ssize_t j, nd, m, maxn = 0
+    cdef int cat
+    cdef bint multi = P > 1, any_rebuilt = False
+    cdef list plan_items = _item_lists(all_plans, &total)
+    cdef _Dedup dd = _Dedup(total if dedup else 0)
+    cdef Key key
+    cdef list new_lists = [], tmds = [], chunk_lists = [], items, new_list, fqns
+    cdef object item, idx, t, fqn, off, td, chunk, tmd, chunks
+    cdef dict md
+    cdef set careful = set()
+    cdef _Ints hints = _Ints()
+    cdef Fq* fq = NULL
+    cdef Fq* f
+    cdef Ent* ents
+    cdef int32_t* eid = NULL
+    cdef i64* pfid = NULL
+    cdef i64* prow = NULL
+    cdef i64* perm = NULL
+    cdef i64* at = NULL
+    cdef i64* scratch = NULL
+    cdef unsigned char* touched = NULL
+    cdef unsigned char* lost = NULL
+    cdef I64Buf rows, tsz
+    rows.data = NULL
+    rows.n = rows.cap = 0
+    tsz.data = NULL
+    tsz.n = tsz.cap = 0
+    try:
+        eid = <int32_t*>malloc((total + 1) * sizeof(int32_t))
+        pfid = <i64*>malloc((total + 1) * sizeof(i64))
+        prow = <i64*>malloc((total + 1) * sizeof(i64))
+        touched = <unsigned char*>calloc(P + 1, 1)
+        lost = <unsigned char*>calloc(P + 1, 1)
+        if eid == NULL or pfid == NULL or prow == NULL or touched == NULL or lost == NULL:
+            raise MemoryError()
+        _i64buf_room(&rows, 4 * total)
+
+        # ---- one pass over every item, in plan order
+        pos = 0
+        for p in range(P):
+            items = <list>plan_items[p]
+            n = len(items)
+            new_list = [None] * n
+            new_lists.append(new_list)
+            for k in range(n):
+                item = items[k]
+                idx = item.index
+                t = item.type
+                cat = _category(t)
+                fqn = idx.fqn
+                fid = dd.fid(fqn)
+                if fid == nfq:
+                    f = _fq_room(&fq, &cap_fq, nfq)
+                    f.cat = cat
+                    f.careful = cat == BYTE_IO
+                    f.rebuilt = False
+                    f.ent = -1
+                    f.n_items = 0
+                    f.n_chunks = 0
+                    f.ndim = -1
+                    f.tsize_at = -1
+                    f.first = pos
+                    tmds.append(None)
+                    chunk_lists.append(None)
+                    nfq += 1
+                f = &fq[fid]
+                if f.cat != cat:
+                    return None
+                off = idx.offset
+                # The slot is prefetched now and probed once the item is built.
+                if dedup and dd.key(fid, off, &key, NULL):
+                    return None
+                pfid[pos] = fid
+                prow[pos] = -1
+                f.n_items += 1
+                if cat == BYTE_IO:
+                    new_list[k] = item
+                else:
+                    td = item.tensor_data
+                    if td is None:
+                        return None
+                    chunk = td.chunk
+                    if chunk is None:
+                        return None
+                    if f.n_chunks == 0:
+                        tmd = tensor_md_cls(properties=td.properties, size=td.size, chunks=[])
+                        tmds[fid] = tmd
+                        chunk_lists[fid] = chunks = tmd.chunks
+                        _first_size(f, td.size, &tsz)
+                    else:
+                        chunks = chunk_lists[fid]
+                    chunks.append(chunk)
+                    if rewrite_index_hints:
+                        new_list[k] = _rewritten(item, idx, fqn, off, t, td, hints.get(f.n_chunks))
+                    else:
+                        new_list[k] = item
+                    f.n_chunks += 1
+                    if not f.careful and f.ndim > 0:
+                        if _read_rows(chunk, f.ndim, &rows):
+                            f.careful = True
+                        else:
+                            prow[pos] = rows.n - 2 * f.ndim
+                e = dd.add(item, &key, p) if dedup else 0
+                eid[pos] = e
+                if cat != SHARD:
+                    if f.ent < 0:
+                        f.ent = e
+                    elif f.ent != e:
+                        return None
+                pos += 1
+
+        # ---- dedup: keepers, and which plans and fqns lose items
+        ents = dd.t.ents
+        for fid in range(nfq):
+            f = &fq[fid]
+            # A non-shard fqn must end with one item, or torch raises.
+            if f.cat != SHARD and f.n_items != (ents[f.ent].nholders if dedup else 1):
+                return None
+        if dedup and dd.last_dup >= 0:
+            if dd.select(P, save_to_lowest_rank, touched):
+                return None
+            pos = 0
+            for p in range(P):
+                n = len(<list>plan_items[p])
+                if touched[p]:
+                    for k in range(pos, pos + n):
+                        if ents[eid[k]].selected != p:
+                            lost[p] = 1
+                            fq[pfid[k]].rebuilt = True
+                            any_rebuilt = True
+                pos += n
+        if any_rebuilt:
+            _redo_lost(fq, nfq, plan_items, new_lists, tmds, chunk_lists, ents, eid, pfid,
+                       rewrite_index_hints, tensor_md_cls, hints)
+
+        # ---- metadata, in the order of each fqn's first surviving item
+        fqns = dd.fqns
+        order = range(nfq)
+        if any_rebuilt:
+            order = sorted(order, key=lambda i: fq[<Py_ssize_t>i].first)
+        md = {}
+        for fid in order:
+            md[fqns[fid]] = bytes_md_cls() if fq[fid].cat == BYTE_IO else tmds[fid]
+
+        out = []
+        pos = 0
+        for p in range(P):
+            new_list = <list>new_lists[p]
+            n = len(new_list)
+            if lost[p]:
+                new_list = [new_list[k] for k in range(n) if ents[eid[pos + k]].selected == p]
+            pos += n
+            out.append(_replace1(all_plans[p], F_ITEMS, new_list))
+
+        # ---- validation on the rows: each tensor's rows in plan order
+        perm = <i64*>malloc((total + 1) * sizeof(i64))
+        at = <i64*>calloc(nfq + 1, sizeof(i64))
+        if perm == NULL or at == NULL:
+            raise MemoryError()
+        for fid in range(nfq):
+            f = &fq[fid]
+            if f.careful or f.rebuilt or f.ndim <= 0:
+                f.careful = f.careful or f.rebuilt
+                continue
+            at[fid + 1] = f.n_chunks
+            if f.n_chunks * f.ndim > maxn:
+                maxn = f.n_chunks * f.ndim
+        scratch = <i64*>malloc((2 * maxn + 1) * sizeof(i64))
+        if scratch == NULL:
+            raise MemoryError()
+        with nogil:
+            for fid in range(nfq):
+                at[fid + 1] += at[fid]
+            for pos in range(total):
+                if prow[pos] >= 0:
+                    fid = pfid[pos]
+                    if not fq[fid].careful:
+                        perm[at[fid]] = prow[pos]
+                        at[fid] += 1
+            for fid in range(nfq):
+                f = &fq[fid]
+                if f.careful or f.ndim <= 0:
+                    continue
+                nd = f.ndim
+                m = f.n_chunks
+                # at[fid] is now the end of the fqn's rows in perm.
+                for k in range(m):
+                    for j in range(nd):
+                        scratch[k * nd + j] = rows.data[perm[at[fid] - m + k] + j]
+                        scratch[maxn + k * nd + j] = rows.data[perm[at[fid] - m + k] + nd + j]
+                if tensor_findings(m, nd, scratch, scratch + maxn, tsz.data + f.tsize_at, multi):
+                    f.careful = True
+        for fid in range(nfq):
+            if fq[fid].careful:
+                careful.add(fqns[fid])
+        return out, metadata_cls(md), careful
+    finally:
+        free(eid)
+        free(pfid)
+        free(prow)
+        free(perm)
+        free(at)
+        free(scratch)
+        free(touched)
+        free(lost)
+        free(fq)
+        free(rows.data)
+        free(tsz.data)
+
+
+cdef int _first_size(Fq* f, object size, I64Buf* tsz) except -1:
+    """Keep an fqn's tensor size as int64s for validation, or mark it careful."""
+    cdef Py_ssize_t nd
+    cdef i64* out
+    if not PyTuple_Check(size):
+        f.careful = True
+        return 0
+    nd = PyTuple_GET_SIZE(size)
+    out = _i64buf_room(tsz, nd + 1)
+    if fast_row(size, nd, out):
+        f.careful = True
+        return 0
+    f.ndim = nd
+    f.tsize_at = tsz.n
+    tsz.n += nd
+    return 0
+
+
+cdef int _redo_lost(Fq* fq, Py_ssize_t nfq, list plan_items, list new_lists, list tmds,
+                    list chunk_lists, Ent* ents, int32_t* eid, i64* pfid,
+                    bint rewrite_index_hints, object tensor_md_cls, _Ints hints) except -1:
+    """Redo the fqns that dedup took items from, over their surviving items.
+
+    Their metadata comes from the first surviving item, their chunk lists and
+    index hints count surviving items only (rare: replicated tensors, the
+    empty trailing shards of uneven splits).
+    """
+    cdef Py_ssize_t fid, p, k, n, pos = 0
+    cdef Fq* f
+    cdef list items, new_list
+    cdef object item, idx, td, tmd
+    for fid in range(nfq):
+        f = &fq[fid]
+        if f.rebuilt:
+            f.n_chunks = 0
+            f.first = -1
+    for p in range(len(plan_items)):
+        items = <list>plan_items[p]
+        new_list = <list>new_lists[p]
+        n = len(items)
+        for k in range(n):
+            f = &fq[pfid[pos]]
+            if f.rebuilt and ents[eid[pos]].selected == p:
+                if f.first < 0:
+                    f.first = pos
+                if f.cat != BYTE_IO:
+                    item = items[k]
+                    td = item.tensor_data
+                    if f.n_chunks == 0:
+                        tmd = tensor_md_cls(properties=td.properties, size=td.size, chunks=[])
+                        tmds[pfid[pos]] = tmd
+                        chunk_lists[pfid[pos]] = tmd.chunks
+                    chunk_lists[pfid[pos]].append(td.chunk)
+                    if rewrite_index_hints:
+                        idx = item.index
+                        new_list[k] = _rewritten(item, idx, idx.fqn, idx.offset, item.type, td,
+                                                 hints.get(f.n_chunks))
+                    f.n_chunks += 1
+            pos += 1
+    return 0

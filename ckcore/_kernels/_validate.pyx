@@ -30,7 +30,7 @@ import numpy as np
 from ckcore._kernels._box cimport box_overlap
 from ckcore._kernels._capi cimport (
     PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE,
-    ck_add64, ck_hi, ck_i128, ck_lo, ck_mix64, ck_mul64,
+    ck_add64, ck_hi, ck_i128, ck_lo, ck_mix64, ck_mul64, ck_mul128,
 )
 from ckcore._kernels._types cimport i64, u64
 
@@ -479,9 +479,9 @@ cdef int _read_row(object seq, Py_ssize_t ndim, i64* out, object key, Py_ssize_t
     return 0
 
 
-cdef inline int _fast_row(object seq, Py_ssize_t ndim, i64* out) noexcept:
-    # The common case (a tuple or torch.Size of small ints) without raising:
-    # returns 1 when the careful path must look (and raise) instead.
+cdef int fast_row(object seq, Py_ssize_t ndim, i64* out) noexcept:
+    # The common case (a tuple or torch.Size of ndim int64 values) without
+    # raising: returns 1 when the careful path must look (and raise) instead.
     cdef Py_ssize_t j
     cdef int ovf = 0
     cdef PyObject* v
@@ -521,9 +521,9 @@ def _read_chunks(key, list chunks, Py_ssize_t ndim):
             raise TypeError(
                 f"key:{key} chunk {i} {chunk!r}: expected an object with .offsets and .sizes"
             )
-        if _fast_row(o, ndim, &offs[i, 0]):
+        if fast_row(o, ndim, &offs[i, 0]):
             _read_row(o, ndim, &offs[i, 0], key, i, chunk, "offsets")
-        if _fast_row(s, ndim, &sizes[i, 0]):
+        if fast_row(s, ndim, &sizes[i, 0]):
             _read_row(s, ndim, &sizes[i, 0], key, i, chunk, "sizes")
         for j in range(ndim):
             if ck_add64(offs[i, j], sizes[i, j], &e):
@@ -560,6 +560,77 @@ def _self_overlap_pairs(const i64[:, ::1] offs, const i64[:, ::1] sizes):
         free(pb.data)
 
 
+cdef Py_ssize_t _bounds_volume(Py_ssize_t n, Py_ssize_t d, const i64* offs, const i64* sizes,
+                               const i64* tsize, i64* oob, ck_i128* total,
+                               bint* vol_ovf) noexcept nogil:
+    """torch's ``_check_box_bounds`` on every chunk, and the sum of chunk volumes.
+
+    Out-of-bounds chunks (negative offset or size, or past the tensor's
+    size) are counted, and their indices written to ``oob`` unless it is
+    NULL. ``total`` gets the exact 128-bit sum of the volumes unless some
+    chunk's volume overflows int64, which sets ``vol_ovf``.
+    """
+    cdef Py_ssize_t i, j, n_oob = 0
+    cdef i64 vol, o, s
+    cdef bint bad
+    total[0] = 0
+    vol_ovf[0] = False
+    for i in range(n):
+        vol = 1
+        bad = False
+        for j in range(d):
+            o = offs[i * d + j]
+            s = sizes[i * d + j]
+            if o < 0 or s < 0 or o + s > tsize[j]:
+                bad = True
+            if ck_mul64(vol, s, &vol):
+                vol_ovf[0] = True
+        if bad:
+            if oob != NULL:
+                oob[n_oob] = i
+            n_oob += 1
+        total[0] += vol
+    return n_oob
+
+
+cdef int tensor_findings(Py_ssize_t n, Py_ssize_t ndim, const i64* offs, const i64* sizes,
+                         const i64* tsize, bint check_fill) except -1 nogil:
+    """Would torch's validation report anything for this tensor? 1 if so, else 0.
+
+    The question ``_check_tensor`` answers in full, asked without building a
+    result: any out-of-bounds chunk, any overlapping pair, and (with
+    ``check_fill``, torch's "more than one plan") chunk volumes that do not
+    sum to the tensor's. Also 1 when the fill cannot be decided in 128-bit
+    arithmetic (a chunk volume past int64, a tensor volume past int128): the
+    caller then checks that tensor the exact way. Rows as for
+    ``find_self_overlaps``; ``1 <= ndim <= 63``.
+    """
+    cdef PairBuf pb
+    cdef ck_i128 total, tvol = 1
+    cdef bint vol_ovf
+    cdef Py_ssize_t j
+    if _bounds_volume(n, ndim, offs, sizes, tsize, NULL, &total, &vol_ovf):
+        return 1
+    if check_fill:
+        if vol_ovf:
+            return 1
+        for j in range(ndim):
+            if ck_mul128(tvol, tsize[j], &tvol):
+                return 1
+        if tvol != total:
+            return 1
+    if n <= 1:
+        return 0
+    pb.data = NULL
+    pb.n = 0
+    pb.cap = 0
+    try:
+        find_self_overlaps(n, ndim, offs, sizes, &pb)
+    finally:
+        free(pb.data)
+    return 1 if pb.n else 0
+
+
 def _check_tensor(const i64[:, ::1] offs, const i64[:, ::1] sizes, const i64[::1] tsize):
     """Bounds, volume and self-overlap of one tensor's chunks, in one nogil pass.
 
@@ -569,11 +640,12 @@ def _check_tensor(const i64[:, ::1] offs, const i64[:, ::1] sizes, const i64[::1
     chunk's volume overflows int64 and the caller must compute it), and
     the overlapping pairs as ``_self_overlap_pairs`` returns them.
     """
-    cdef Py_ssize_t n = offs.shape[0], d = offs.shape[1], i, j, n_oob = 0
+    cdef Py_ssize_t n = offs.shape[0], d = offs.shape[1], n_oob
     cdef PairBuf pb
     cdef ck_i128 total = 0
-    cdef i64 vol, e
-    cdef bint vol_ovf = False, bad
+    cdef bint vol_ovf = False
+    if sizes.shape[0] != n or sizes.shape[1] != d or tsize.shape[0] != d:
+        raise ValueError("offsets, sizes and the tensor size must agree in shape")
     oob_a = np.empty(n, dtype=np.int64)
     cdef i64[::1] oob = oob_a
     pb.data = NULL
@@ -581,19 +653,10 @@ def _check_tensor(const i64[:, ::1] offs, const i64[:, ::1] sizes, const i64[::1
     pb.cap = 0
     try:
         with nogil:
-            for i in range(n):
-                vol = 1
-                bad = False
-                for j in range(d):
-                    e = offs[i, j] + sizes[i, j]
-                    if offs[i, j] < 0 or sizes[i, j] < 0 or e > tsize[j]:
-                        bad = True
-                    if ck_mul64(vol, sizes[i, j], &vol):
-                        vol_ovf = True
-                if bad:
-                    oob[n_oob] = i
-                    n_oob += 1
-                total += vol
+            n_oob = _bounds_volume(n, d, &offs[0, 0] if n * d else NULL,
+                                   &sizes[0, 0] if n * d else NULL,
+                                   &tsize[0] if d else NULL,
+                                   &oob[0] if n else NULL, &total, &vol_ovf)
             if n > 1:
                 find_self_overlaps(n, d, &offs[0, 0] if d else NULL,
                                    &sizes[0, 0] if d else NULL, &pb)
