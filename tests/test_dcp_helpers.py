@@ -704,6 +704,61 @@ def test_save_planner_validation_error_matches_default():
     assert msgs[0] == msgs[1]
 
 
+def _sharded_and_replicated_plans(nranks: int):
+    """Every rank's local SavePlan of a sharded weight, a replicated bias and a
+    replicated bytes value, made by torch's own local planner."""
+    plans = []
+    for r in range(nranks):
+        sd = {"w": torch.zeros(2, 4), "b": torch.zeros(4), "step": 7}
+        p = t_dp.DefaultSavePlanner(flatten_state_dict=False)
+        p.set_up_planner(sd, is_coordinator=r == 0)
+        local = p.create_local_plan()
+        # Shard "w" by rows: rank r holds rows 2r..2r+1 of a (2 * nranks, 4) tensor.
+        items = [
+            dataclasses.replace(
+                i,
+                index=dataclasses.replace(i.index, offset=torch.Size([2 * r, 0])),
+                type=t_ph.WriteItemType.SHARD,
+                tensor_data=t_ph.TensorWriteData(
+                    ChunkStorageMetadata(torch.Size([2 * r, 0]), torch.Size([2, 4])),
+                    i.tensor_data.properties, torch.Size([2 * nranks, 4])),
+            ) if i.index.fqn == "w" else i
+            for i in local.items
+        ]
+        plans.append(dataclasses.replace(local, items=items))
+    return plans
+
+
+@pytest.mark.parametrize("lowest", [False, True])
+def test_save_planner_global_plan_many_ranks_matches_default(lowest):
+    # The fast planner dedups, plans and validates in one pass: same global
+    # plan (items and index hints) and metadata as DefaultSavePlanner's steps.
+    outs = []
+    for cls in (t_dp.DefaultSavePlanner, cdcp.FastSavePlanner):
+        p = cls(flatten_state_dict=False, dedup_save_to_lowest_rank=lowest)
+        plans, md = p.create_global_plan(_sharded_and_replicated_plans(6))
+        outs.append(([_saveplan(x) for x in plans],
+                     [[i.index.index for i in x.items] for x in plans], md))
+    assert outs[0] == outs[1]
+    assert sum(len(x[0]) for x in outs[1][0]) == 6 + 2  # every shard, one bias, one bytes
+
+
+def test_save_planner_subclass_dedup_hook_is_honoured():
+    calls = []
+
+    class KeepAll(cdcp.FastSavePlanner):
+        def _dedup_save_plans(self, all_plans):
+            calls.append(len(all_plans))
+            return all_plans
+
+    p = KeepAll(flatten_state_dict=False)
+    plans = _sharded_and_replicated_plans(2)
+    plans[1] = dataclasses.replace(plans[1], items=[i for i in plans[1].items if i.index.fqn == "w"])
+    global_plan, md = p.create_global_plan(plans)
+    assert calls == [2]
+    assert len(md.state_dict_metadata["w"].chunks) == 2
+
+
 @pytest.mark.parametrize("partial", [False, True])
 def test_load_planner_matches_default(partial):
     saved = _nested_sd()

@@ -552,6 +552,15 @@ def create_default_global_save_plan(
     return _gp.create_global_save_plan(all_plans, rewrite_index_hints, types=_TORCH_MD_TYPES)
 
 
+def _plan_global_save(
+    all_plans: list[SavePlan], save_to_lowest_rank: bool = False
+) -> tuple[list[SavePlan], Metadata, list[str]]:
+    """dedup_save_plans, create_default_global_save_plan and _validate_global_plan in turn,
+    in one pass over the items (:func:`ckcore.global_plan.plan_global_save`)."""
+    return _gp.plan_global_save(
+        all_plans, save_to_lowest_rank=save_to_lowest_rank, types=_TORCH_MD_TYPES)
+
+
 def _validate_global_plan(global_plan: list[SavePlan], metadata: Metadata) -> list[str]:
     """Drop-in for ``default_planner._validate_global_plan``: torch's error messages, same set.
 

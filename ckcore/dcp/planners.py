@@ -66,14 +66,25 @@ class FastSavePlanner(DefaultSavePlanner):
         return _h.dedup_save_plans(all_plans, self.dedup_save_to_lowest_rank)
 
     def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
-        deduped_plans = self._dedup_save_plans(all_plans)
-        global_plan, metadata = _h.create_default_global_save_plan(deduped_plans)
+        if type(self)._dedup_save_plans is FastSavePlanner._dedup_save_plans:
+            # Dedup, global plan and validation in one pass over the items.
+            # Validation does not read planner_data, so merging it after is
+            # the same as torch's order.
+            global_plan, metadata, validation_errors = _h._plan_global_save(
+                all_plans, self.dedup_save_to_lowest_rank)
+            if self.flatten_state_dict:
+                merged_mappings = dict(ChainMap(*[p.planner_data for p in global_plan]))
+                metadata = dataclasses.replace(metadata, planner_data=merged_mappings)
+        else:
+            # A subclass dedups its own way: torch's steps, in torch's order.
+            deduped_plans = self._dedup_save_plans(all_plans)
+            global_plan, metadata = _h.create_default_global_save_plan(deduped_plans)
 
-        if self.flatten_state_dict:
-            merged_mappings = dict(ChainMap(*[p.planner_data for p in global_plan]))
-            metadata = dataclasses.replace(metadata, planner_data=merged_mappings)
+            if self.flatten_state_dict:
+                merged_mappings = dict(ChainMap(*[p.planner_data for p in global_plan]))
+                metadata = dataclasses.replace(metadata, planner_data=merged_mappings)
 
-        validation_errors = _h._validate_global_plan(global_plan, metadata)
+            validation_errors = _h._validate_global_plan(global_plan, metadata)
         if validation_errors:
             error_summary = "; ".join(validation_errors)
             if len(error_summary) > 500:
