@@ -750,7 +750,7 @@ def run_demo(
     Returns the timings, the item counts and the plan report.
     """
     from . import _models
-    from .global_plan import create_global_save_plan, dedup_save_plans, validate_global_plan
+    from .global_plan import plan_global_save
     from .helpers import chunk_arrays, create_read_items_for_chunk_list, intersect_chunks
     from .layout import Shard, job_layouts
     from .planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
@@ -790,11 +790,8 @@ def run_demo(
     timings: dict[str, dict[str, float | None]] = {}
 
     def ck_save() -> tuple[list[Any], Metadata, list[str]]:
-        deduped = dedup_save_plans(ck_plans)
-        plans, md = create_global_save_plan(deduped)
         with _quiet_validation_logger():
-            errors = validate_global_plan(plans, md)
-        return plans, md, errors
+            return plan_global_save(ck_plans)
 
     if progress:
         progress.start("demo: ckcore", 3)
