@@ -31,6 +31,7 @@ from .global_plan import (
     MetadataTypes,
     create_global_save_plan,
     dedup_save_plans,
+    plan_global_save,
     validate_global_plan,
 )
 from .helpers import (
@@ -128,6 +129,7 @@ __all__ = [
     "merge_delta_local_plans",
     "paired_run_info",
     "paired_runs",
+    "plan_global_save",
     "read_runs",
     "validate_global_plan",
 ]
