@@ -42,6 +42,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Partial, _StridedShard
 
 import ckcore.dcp as cdcp
+from ckcore._kernels import _items
 from ckcore.dcp import helpers as ch
 
 ORIG = ch.ORIGINALS
@@ -959,6 +960,38 @@ def test_checked_read_items_refuse_exactly_the_bad_layouts(case):
             match=r"checkpoint metadata (does not fill w|for w has saved chunks that overlap)",
         ):
             ch._read_items_checked("w", md, obj)
+
+
+@SETTINGS
+@given(read_case())
+def test_one_call_verified_read_items_only_for_proven_covers(case):
+    # FastLoadPlanner's one compiled call (read, intersect, check the cover,
+    # build) returns items only when the reads tile every local chunk; anything
+    # else (None) goes to the array path, which names the problem.
+    md, local = case
+    shape = tuple(md.size)
+    if shape and shape[0] >= 2**62 - 100:
+        return  # the reference allocates per element
+    got = _items.read_items("w", list(local), list(md.chunks), len(shape), ReadItem,
+                            MetadataIndex, LoadItemType.TENSOR, torch.Size, True)
+    if not _fills_exactly(shape, md.chunks, local):
+        assert got is None
+    elif got is not None:
+        same_reads(got, ORIG["create_read_items_for_chunk_list"]("w", md, local))
+
+
+def test_one_call_verified_read_items_on_a_resharded_grid():
+    # 4x4 saved as 2x2 blocks, loaded as rows: proven in the one call.
+    saved = [_chunk((r, c), (2, 2)) for r in (0, 2) for c in (0, 2)]
+    md = TensorStorageMetadata(TensorProperties(), torch.Size([4, 4]), saved)
+    local = [_chunk((1, 0), (2, 4))]
+    got = _items.read_items("w", local, saved, 2, ReadItem, MetadataIndex,
+                            LoadItemType.TENSOR, torch.Size, True)
+    assert got is not None and len(got) == 4
+    same_reads(got, ORIG["create_read_items_for_chunk_list"]("w", md, local))
+    # A lost saved chunk leaves a hole: no items from the one call.
+    assert _items.read_items("w", local, saved[:3], 2, ReadItem, MetadataIndex,
+                             LoadItemType.TENSOR, torch.Size, True) is None
 
 
 @pytest.mark.parametrize("overlap", [False, True])

@@ -17,11 +17,7 @@ gets ``COVER_UNDECIDED`` and settles overlaps with the intersection kernel.
 
 from ckcore._kernels._types cimport i64, isize
 
-cdef enum:
-    C_OK = 0
-    C_VOLUME = 1       # reads hold fewer (or more) elements than the chunk
-    C_OVERLAP = 2      # two reads write the same element
-    C_UNDECIDED = 3    # too many reads for the pairwise check; volumes do match
+# C_OK, C_VOLUME, C_OVERLAP, C_UNDECIDED: the enum of _coverage.pxd.
 
 COVER_OK = C_OK
 COVER_VOLUME = C_VOLUME
@@ -58,9 +54,9 @@ cdef inline bint _positive_overlap(const i64* a_off, const i64* a_len,
     return True
 
 
-cdef int _check(const i64* li, const i64* doff, const i64* ln, isize k,
-                const i64* lsizes, isize nloc, isize nd, isize max_pairwise,
-                isize* out) noexcept nogil:
+cdef int check_reads(const i64* li, const i64* doff, const i64* ln, isize k,
+                     const i64* lsizes, isize nloc, isize nd, isize max_pairwise,
+                     isize* out) noexcept nogil:
     # out = [local chunk, read a, read b, covered volume]
     cdef isize start = 0, end, p, q, i
     cdef i64 covered, vol, want
@@ -132,11 +128,11 @@ def check_cover(const i64[::1] local_index, const i64[:, ::1] dest_offsets,
         raise ValueError("check_cover: max_pairwise must be non-negative")
     out[0] = out[1] = out[2] = out[3] = -1
     with nogil:
-        code = _check(&local_index[0] if k else NULL,
-                      &dest_offsets[0, 0] if k and nd else NULL,
-                      &lengths[0, 0] if k and nd else NULL, k,
-                      &local_sizes[0, 0] if nloc and nd else NULL, nloc, nd,
-                      max_pairwise, out)
+        code = check_reads(&local_index[0] if k else NULL,
+                           &dest_offsets[0, 0] if k and nd else NULL,
+                           &lengths[0, 0] if k and nd else NULL, k,
+                           &local_sizes[0, 0] if nloc and nd else NULL, nloc, nd,
+                           max_pairwise, out)
     if code < 0:
         raise ValueError(
             "check_cover: local_index must be sorted and within the local chunks")

@@ -27,6 +27,7 @@ from ckcore._kernels._capi cimport PyObject_GenericSetAttr, ck_new_instance, ck_
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
+from ckcore._kernels._coverage cimport C_OK, check_reads
 from ckcore._kernels._intersect cimport PATH_AUTO, IdxBuf, intersect_pairs
 from ckcore._kernels._types cimport i64, isize
 
@@ -396,37 +397,45 @@ def build_read_items(str fqn,
 
 
 def read_items(str fqn, list local_chunks, list saved_chunks, isize ndim,
-               read_item_cls, metadata_index_cls, tensor_type, size_cls):
+               read_item_cls, metadata_index_cls, tensor_type, size_cls, bint verify=False):
     """ReadItems filling ``local_chunks`` from ``saved_chunks``, chunk objects in, items out.
 
     The one-call path behind ``create_read_items_for_chunk_list``: chunks are
     read into C buffers (checked as :func:`chunk_arrays` checks them, against
-    the tensor's ``ndim``), intersected with the GIL released, and the items
-    built straight from the pairs, with no intermediate arrays. Classes as in
-    :func:`build_read_items`. Canonical order: by local chunk, then saved chunk.
+    the tensor's ``ndim``, local chunks first), intersected with the GIL
+    released, and the items built straight from the pairs, with no
+    intermediate arrays. Classes as in :func:`build_read_items`. Canonical
+    order: by local chunk, then saved chunk.
+
+    With ``verify``, the reads must also fill every local chunk exactly once
+    (``_coverage.check_reads``, before any object is built); when they do
+    not, or the check cannot decide cheaply, or either list is empty, the
+    result is None and the caller runs the array path, which names the
+    problem.
     """
     cdef isize nl = len(local_chunks), ns = len(saved_chunks), nd = ndim
-    cdef isize i, p, s, d
+    cdef isize i, p, s, d, k
     cdef i64* lo = NULL
     cdef i64* ls = NULL
     cdef i64* so = NULL
     cdef i64* ss = NULL
-    cdef i64* row = NULL
+    cdef i64* rows = NULL
+    cdef i64* li = NULL
     cdef isize* seg = NULL
+    cdef isize cover[4]
     cdef IdxBuf out
     cdef i64 a0, a1, b0, b1
     cdef list items, dest_idx, stor_idx
     cdef object di, st, dro, sro, lro
     cdef _RowCache cache
     cdef bint gc_was_enabled
+    cdef int code = C_OK
     if nd < 0:
         raise ValueError(f"{fqn}: ndim must be non-negative, got {nd}")
     if nl == 0 or ns == 0:
-        return []
+        return None if verify else []
     _check_plain_class(read_item_cls, "read_item_cls")
     _check_plain_class(metadata_index_cls, "metadata_index_cls")
-    _chunk_ndim(local_chunks, fqn, nd)
-    _chunk_ndim(saved_chunks, fqn, nd)
     out.data = NULL
     out.len = 0
     out.cap = 0
@@ -435,15 +444,40 @@ def read_items(str fqn, list local_chunks, list saved_chunks, isize ndim,
         ls = <i64*>malloc(<size_t>(nl * nd + 1) * sizeof(i64))
         so = <i64*>malloc(<size_t>(ns * nd + 1) * sizeof(i64))
         ss = <i64*>malloc(<size_t>(ns * nd + 1) * sizeof(i64))
-        row = <i64*>malloc(<size_t>(3 * nd + 1) * sizeof(i64))
         seg = <isize*>malloc(<size_t>(nl + 1) * sizeof(isize))
-        if lo == NULL or ls == NULL or so == NULL or ss == NULL or row == NULL or seg == NULL:
+        if lo == NULL or ls == NULL or so == NULL or ss == NULL or seg == NULL:
             raise MemoryError()
+        _chunk_ndim(local_chunks, fqn, nd)
         _read_chunks(local_chunks, fqn, nd, True, lo, ls)
+        _chunk_ndim(saved_chunks, fqn, nd)
         _read_chunks(saved_chunks, fqn, nd, True, so, ss)
         with nogil:
             intersect_pairs(lo, ls, nl, so, ss, ns, nd, PATH_AUTO, &out, seg)
-        items = PyList_New(out.len)
+        k = out.len
+        # Every pair's (storage offsets, dest offsets, lengths), as three
+        # k x nd blocks: torch's narrowing, per dimension, relative to each chunk.
+        rows = <i64*>malloc(<size_t>(3 * k * nd + 1) * sizeof(i64))
+        li = <i64*>malloc(<size_t>(k + 1) * sizeof(i64))
+        if rows == NULL or li == NULL:
+            raise MemoryError()
+        with nogil:
+            for i in range(nl):
+                for p in range(seg[i], seg[i + 1]):
+                    s = out.data[p]
+                    li[p] = i
+                    for d in range(nd):
+                        a0 = lo[i * nd + d]
+                        a1 = a0 + ls[i * nd + d]
+                        b0 = so[s * nd + d]
+                        b1 = b0 + ss[s * nd + d]
+                        rows[p * nd + d] = a0 - b0 if a0 > b0 else 0
+                        rows[(k + p) * nd + d] = b0 - a0 if b0 > a0 else 0
+                        rows[(2 * k + p) * nd + d] = (a1 if a1 < b1 else b1) - (a0 if a0 > b0 else b0)
+            if verify:
+                code = check_reads(li, rows + k * nd, rows + 2 * k * nd, k, ls, nl, nd, 64, cover)
+        if code != C_OK:
+            return None
+        items = PyList_New(k)
         dest_idx = [None] * nl
         stor_idx = [None] * ns
         cache = _RowCache(nd, size_cls)
@@ -454,15 +488,6 @@ def read_items(str fqn, list local_chunks, list saved_chunks, isize ndim,
             for i in range(nl):
                 for p in range(seg[i], seg[i + 1]):
                     s = out.data[p]
-                    # torch's narrowing, per dimension: offsets relative to each chunk.
-                    for d in range(nd):
-                        a0 = lo[i * nd + d]
-                        a1 = a0 + ls[i * nd + d]
-                        b0 = so[s * nd + d]
-                        b1 = b0 + ss[s * nd + d]
-                        row[d] = a0 - b0 if a0 > b0 else 0
-                        row[nd + d] = b0 - a0 if b0 > a0 else 0
-                        row[2 * nd + d] = (a1 if a1 < b1 else b1) - (a0 if a0 > b0 else b0)
                     di = dest_idx[i]
                     if di is None:
                         di = _index_obj(metadata_index_cls, fqn, local_chunks[i].offsets, i,
@@ -473,9 +498,9 @@ def read_items(str fqn, list local_chunks, list saved_chunks, isize ndim,
                         st = _index_obj(metadata_index_cls, fqn, saved_chunks[s].offsets, s,
                                         size_cls)
                         stor_idx[s] = st
-                    sro = cache.get(row)
-                    dro = cache.get(row + nd)
-                    lro = cache.get(row + 2 * nd)
+                    sro = cache.get(rows + p * nd)
+                    dro = cache.get(rows + (k + p) * nd)
+                    lro = cache.get(rows + (2 * k + p) * nd)
                     item = _make_item(read_item_cls, tensor_type, di, dro, st, sro, lro)
                     Py_INCREF(item)
                     PyList_SET_ITEM(items, p, item)
@@ -488,7 +513,8 @@ def read_items(str fqn, list local_chunks, list saved_chunks, isize ndim,
         free(ls)
         free(so)
         free(ss)
-        free(row)
+        free(rows)
+        free(li)
         free(seg)
         free(out.data)
 

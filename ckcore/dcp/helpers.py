@@ -451,6 +451,14 @@ def _read_items_checked(fqn: str, md: Any, obj: Any) -> list[ReadItem]:
         return []
     saved = md.chunks if isinstance(md.chunks, list) else list(md.chunks)
     ndim = len(md.size)
+    # One compiled call reads, intersects, verifies the cover and builds the
+    # items; None when the cover is not proven there (a hole, an overlap, too
+    # many reads into one chunk, no saved chunks): the array path below then
+    # decides and names the problem.
+    items = _items.read_items(fqn, local_chunks, saved, ndim, ReadItem, MetadataIndex,
+                              LoadItemType.TENSOR, torch.Size, True)
+    if items is not None:
+        return items
     # chunk_arrays validates (non-negative, int64, ndim) and names fqn and chunk;
     # the raw kernel then skips the façade's second look at the arrays.
     loff, lsize = _items.chunk_arrays(local_chunks, fqn, ndim)
