@@ -739,9 +739,9 @@ cdef int intersect_pairs(const i64* loff, const i64* lsize, isize nl,
     return 0
 
 
-cdef void _fill(const i64* loff, const i64* lsize, const i64* soff, const i64* ssize,
-                isize nd, isize nl, const isize* seg, const isize* sidx,
-                i64* li, i64* si, i64* so, i64* do, i64* ln) noexcept nogil:
+cdef void fill_pairs(const i64* loff, const i64* lsize, const i64* soff, const i64* ssize,
+                     isize nd, isize nl, const isize* seg, const isize* sidx,
+                     i64* li, i64* si, i64* so, i64* do, i64* ln) noexcept nogil:
     # Per pair and dimension, torch's narrowing: offsets relative to each chunk.
     cdef isize i, p, d, s
     cdef i64 a0, a1, b0, b1
@@ -824,11 +824,11 @@ def intersect(const i64[:, ::1] local_offsets, const i64[:, ::1] local_sizes,
             do_v = do
             ln_v = ln
             with nogil:
-                _fill(lo_p, ls_p, so_p, ss_p, nd, nl, seg, out.data,
-                      &li_v[0], &si_v[0],
-                      &so_v[0, 0] if nd else &dummy,
-                      &do_v[0, 0] if nd else &dummy,
-                      &ln_v[0, 0] if nd else &dummy)
+                fill_pairs(lo_p, ls_p, so_p, ss_p, nd, nl, seg, out.data,
+                           &li_v[0], &si_v[0],
+                           &so_v[0, 0] if nd else &dummy,
+                           &do_v[0, 0] if nd else &dummy,
+                           &ln_v[0, 0] if nd else &dummy)
         return li, si, so, do, ln
     finally:
         free(out.data)

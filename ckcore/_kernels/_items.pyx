@@ -28,7 +28,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
 from ckcore._kernels._coverage cimport C_OK, check_reads
-from ckcore._kernels._intersect cimport PATH_AUTO, IdxBuf, intersect_pairs
+from ckcore._kernels._intersect cimport PATH_AUTO, IdxBuf, fill_pairs, intersect_pairs
 from ckcore._kernels._types cimport i64, isize
 
 import gc
@@ -414,7 +414,7 @@ def read_items(str fqn, list local_chunks, list saved_chunks, isize ndim,
     problem.
     """
     cdef isize nl = len(local_chunks), ns = len(saved_chunks), nd = ndim
-    cdef isize i, p, s, d, k
+    cdef isize i, p, s, k
     cdef i64* lo = NULL
     cdef i64* ls = NULL
     cdef i64* so = NULL
@@ -424,7 +424,6 @@ def read_items(str fqn, list local_chunks, list saved_chunks, isize ndim,
     cdef isize* seg = NULL
     cdef isize cover[4]
     cdef IdxBuf out
-    cdef i64 a0, a1, b0, b1
     cdef list items, dest_idx, stor_idx
     cdef object di, st, dro, sro, lro
     cdef _RowCache cache
@@ -455,24 +454,14 @@ def read_items(str fqn, list local_chunks, list saved_chunks, isize ndim,
             intersect_pairs(lo, ls, nl, so, ss, ns, nd, PATH_AUTO, &out, seg)
         k = out.len
         # Every pair's (storage offsets, dest offsets, lengths), as three
-        # k x nd blocks: torch's narrowing, per dimension, relative to each chunk.
+        # k x nd blocks, and its local and saved chunk (li, li + k).
         rows = <i64*>malloc(<size_t>(3 * k * nd + 1) * sizeof(i64))
-        li = <i64*>malloc(<size_t>(k + 1) * sizeof(i64))
+        li = <i64*>malloc(<size_t>(2 * k + 1) * sizeof(i64))
         if rows == NULL or li == NULL:
             raise MemoryError()
         with nogil:
-            for i in range(nl):
-                for p in range(seg[i], seg[i + 1]):
-                    s = out.data[p]
-                    li[p] = i
-                    for d in range(nd):
-                        a0 = lo[i * nd + d]
-                        a1 = a0 + ls[i * nd + d]
-                        b0 = so[s * nd + d]
-                        b1 = b0 + ss[s * nd + d]
-                        rows[p * nd + d] = a0 - b0 if a0 > b0 else 0
-                        rows[(k + p) * nd + d] = b0 - a0 if b0 > a0 else 0
-                        rows[(2 * k + p) * nd + d] = (a1 if a1 < b1 else b1) - (a0 if a0 > b0 else b0)
+            fill_pairs(lo, ls, so, ss, nd, nl, seg, out.data, li, li + k,
+                       rows, rows + k * nd, rows + 2 * k * nd)
             if verify:
                 code = check_reads(li, rows + k * nd, rows + 2 * k * nd, k, ls, nl, nd, 64, cover)
         if code != C_OK:
@@ -487,7 +476,7 @@ def read_items(str fqn, list local_chunks, list saved_chunks, isize ndim,
         try:
             for i in range(nl):
                 for p in range(seg[i], seg[i + 1]):
-                    s = out.data[p]
+                    s = li[k + p]
                     di = dest_idx[i]
                     if di is None:
                         di = _index_obj(metadata_index_cls, fqn, local_chunks[i].offsets, i,
