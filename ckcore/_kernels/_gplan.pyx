@@ -48,31 +48,24 @@ cdef dict _FIELDS = {}
 cdef dict _CATS = {}
 
 
-cdef type _last_cls = None
-cdef tuple _last_fields = None
-cdef type _last_index_cls = None
-cdef tuple _last_index_fields = None
+cdef class _LastFields:
+    """A one-entry identity cache of _fields_slow: plans hold a handful of
+    classes, so the last one asked for is almost always asked for again."""
+    cdef type cls
+    cdef tuple fields
+
+    cdef inline tuple of(self, type cls):
+        if cls is not self.cls:
+            self.fields = _fields_slow(cls)
+            self.cls = cls
+        return self.fields
 
 
-cdef inline tuple _fields_of(type cls):
-    # Plans hold a handful of classes: a one-entry identity cache skips the dict.
-    global _last_cls, _last_fields
-    if cls is _last_cls:
-        return _last_fields
-    _last_fields = _fields_slow(cls)
-    _last_cls = cls
-    return _last_fields
-
-
-cdef inline tuple _index_fields_of(type cls):
-    # The same for index classes, which alternate with item classes when
-    # items are rewritten: one shared entry would miss on every call.
-    global _last_index_cls, _last_index_fields
-    if cls is _last_index_cls:
-        return _last_index_fields
-    _last_index_fields = _fields_slow(cls)
-    _last_index_cls = cls
-    return _last_index_fields
+# Plans, items and index objects alternate when items are rewritten: one
+# cache each, as a shared entry would miss on every call.
+cdef _LastFields _PLAN_FIELDS = _LastFields()
+cdef _LastFields _ITEM_FIELDS = _LastFields()
+cdef _LastFields _INDEX_FIELDS = _LastFields()
 
 
 cdef tuple _fields_slow(type cls):
@@ -89,9 +82,9 @@ cdef tuple _fields_slow(type cls):
 
 
 cdef object _replace1(object obj, str name, object value):
-    """dataclasses.replace(obj, **{name: value}), without running __init__."""
+    """dataclasses.replace(plan, **{name: value}) for a plan obj, without running __init__."""
     cdef type cls = type(obj)
-    cdef tuple names = _fields_of(cls)
+    cdef tuple names = _PLAN_FIELDS.of(cls)
     cdef object new, n
     if not names:
         return dataclasses.replace(obj, **{name: value})
@@ -132,9 +125,9 @@ cdef object _replace_known(object obj, tuple names, str name, object value,
 cdef inline object _rewritten(object item, object idx, object fqn, object off, object t,
                               object td, object hint):
     """replace(item, index=replace(item.index, index=hint)), its other fields known."""
-    cdef object new_idx = _replace_known(idx, _index_fields_of(type(idx)), F_INDEX, hint,
+    cdef object new_idx = _replace_known(idx, _INDEX_FIELDS.of(type(idx)), F_INDEX, hint,
                                          F_FQN, fqn, F_OFFSET, off)
-    return _replace_known(item, _fields_of(type(item)), F_INDEX, new_idx,
+    return _replace_known(item, _ITEM_FIELDS.of(type(item)), F_INDEX, new_idx,
                           F_TYPE, t, F_TENSOR_DATA, td)
 
 
