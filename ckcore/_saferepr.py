@@ -1,0 +1,106 @@
+"""Bounded, non-raising descriptions of untrusted values for error messages.
+
+A hostile ``.metadata`` can hold values whose ``repr()`` is unbounded: a
+list whose levels share their children (3 kB of pickle that prints as
+gigabytes), a dataclass instance without its fields (its generated
+``__repr__`` raises), an int of a million digits (``repr`` raises
+ValueError past ``sys.int_info.default_max_str_digits``), a dict of a
+million entries. :func:`saferepr` writes at most a few levels and a few
+elements of each container, never calls a ``__repr__`` it does not know, and
+never raises, the way :mod:`reprlib` bounds its output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from itertools import islice
+
+__all__ = ["saferepr"]
+
+_MAX_LEVEL = 3
+_MAX_ITEMS = 6
+_MAX_STR = 60
+_MAX_TOTAL = 240
+
+
+def _text(s: str | bytes) -> str:
+    if len(s) <= _MAX_STR:
+        return repr(s)
+    head = s[: _MAX_STR - 20]
+    return f"{head!r}...<{len(s)} {'chars' if isinstance(s, str) else 'bytes'}>"
+
+
+def _items(x, level: int, left: str, right: str, n: int) -> str:
+    if level <= 0:
+        return f"{left}...{right}" if n else f"{left}{right}"
+    parts = [_repr(v, level - 1) for v in islice(x, _MAX_ITEMS)]
+    if n > _MAX_ITEMS:
+        parts.append(f"...<{n} items>")
+    if left == "(" and n == 1:
+        return f"({parts[0]},)"
+    return left + ", ".join(parts) + right
+
+
+def _repr(x: object, level: int) -> str:
+    t = type(x)
+    if x is None or t is bool or t is float or t is complex:
+        return repr(x)
+    if t is int:
+        # Past 128 bits repr() is slow (quadratic) or raises (max str digits).
+        return repr(x) if x.bit_length() <= 128 else f"<int of {x.bit_length()} bits>"
+    if t is str or t is bytes:
+        return _text(x)  # type: ignore[arg-type]
+    if t is tuple:
+        return _items(x, level, "(", ")", len(x))  # type: ignore[arg-type]
+    if t is list:
+        return _items(x, level, "[", "]", len(x))  # type: ignore[arg-type]
+    if t is set or t is frozenset:
+        n = len(x)  # type: ignore[arg-type]
+        if n == 0:
+            return f"{t.__name__}()"
+        return _items(x, level, "{", "}", n)
+    if isinstance(x, dict):
+        n = len(x)
+        if level <= 0:
+            return "{...}" if n else "{}"
+        parts = [
+            f"{_repr(k, level - 1)}: {_repr(v, level - 1)}"
+            for k, v in islice(x.items(), _MAX_ITEMS)
+        ]
+        if n > _MAX_ITEMS:
+            parts.append(f"...<{n} items>")
+        return "{" + ", ".join(parts) + "}"
+    name = t.__name__[:_MAX_STR]
+    if dataclasses.is_dataclass(t):
+        if level <= 0:
+            return f"{name}(...)"
+        # The instance dict, not the fields: a hostile stream may build an
+        # instance without some of them.
+        d = getattr(x, "__dict__", None)
+        if type(d) is not dict:
+            return f"<{name} object>"
+        parts = [
+            f"{k}={_repr(v, level - 1)}" if type(k) is str else "?"
+            for k, v in islice(d.items(), _MAX_ITEMS)
+        ]
+        return f"{name}(" + ", ".join(parts) + ")"
+    return f"<{name} object>"
+
+
+def saferepr(x: object, limit: int = _MAX_TOTAL) -> str:
+    """A description of ``x`` of at most ``limit`` characters, in bounded time; never raises.
+
+    Containers show at most a few levels and a few items each; dataclass
+    instances show their instance fields; objects of other types show only
+    their type name, since their ``__repr__`` may be anything.
+
+    >>> saferepr(list(range(100)))
+    '[0, 1, 2, 3, 4, 5, ...<100 items>]'
+    >>> saferepr(((((((1,),),),),),))
+    '((((...),),),)'
+    """
+    try:
+        text = _repr(x, _MAX_LEVEL)
+    except Exception:  # noqa: BLE001 - a description must never be what fails
+        text = f"<{type(x).__name__[:_MAX_STR]} object>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
