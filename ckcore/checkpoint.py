@@ -41,30 +41,61 @@ There is no header and no other format: ``Metadata.version`` is ``"1.0.0"``
 The HuggingFace writer stores JSON (``model.safetensors.index.json``), not a
 ``.metadata`` pickle; it is out of scope here.
 
-The unpickler subclasses the C-accelerated :class:`pickle.Unpickler`, so only
-the handful of ``find_class`` calls (each global is memoised by the pickler)
-run Python code. Loading pauses the cyclic GC (which otherwise rescans the
-growing heap again and again: most of torch's own ``pickle.load`` time on a
-large file) and checks the result's structure with a compiled walk
-(:mod:`ckcore._kernels._mdcheck`). On a 51,200-chunk file this is several
-times faster than torch's ``FileSystemReader.read_metadata`` and on par with
-torch's ``pickle.load`` given the same GC pause (bench/test_bench_metadata.py).
+How a file is read, in order:
+
+1. **The file.** Only a regular file is read (a FIFO, a device such as
+   ``/dev/zero`` or a directory is refused before any read), opened without
+   blocking, and only up to a size cap (``max_bytes``, default
+   :data:`DEFAULT_MAX_BYTES`, or the environment variable
+   ``CKCORE_MAX_METADATA_BYTES``): memory stays proportional to the cap.
+2. **The opcodes** (:mod:`ckcore._kernels._pickle_scan`, GIL released). The
+   stream is run over abstract values before anything is built. Globals come
+   only from the allow-list; a metadata class is only instantiated by
+   ``NEWOBJ`` without arguments and gets its state by one ``BUILD`` of the
+   shape torch writes; ``BUILD`` on a class, a function or anything else is
+   refused (it would set attributes process-wide), as are ``INST``,
+   ``OBJ``, ``EXT*``, persistent ids and out-of-band buffers; callables get
+   only the arguments their types take; memo indices are dense; containers
+   nest at most :data:`MAX_DEPTH` deep (hashing a deeper tuple overflows the
+   C stack); every declared length lies inside the stream.
+3. **The objects.** The C-accelerated :class:`pickle.Unpickler` builds the
+   scanned stream with the GC paused (which otherwise rescans the growing
+   heap again and again: most of torch's own ``pickle.load`` time on a
+   large file); ``find_class`` resolves the same allow-list. Functions and
+   Python classes the stream may call are handed out behind a slot-only
+   stand-in that refuses ``BUILD``, so even a stream the scan let through
+   could not reach them.
+4. **The structure** (:mod:`ckcore._kernels._mdcheck`). Every instance has
+   exactly the fields of its class with values of the exact types torch
+   writes (shapes are tuples of int64 >= 0), checked by type before any
+   hash. The allow-listed classes are compared with a snapshot taken before
+   the load, as a last tripwire: a change is undone and refused.
+
+Errors name the file and describe untrusted values with
+:func:`ckcore._saferepr.saferepr` (bounded size and time). The reading costs
+about what torch's ``pickle.load`` costs with the same GC pause, a fraction
+of torch's ``FileSystemReader.read_metadata`` (bench/test_bench_metadata.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pathlib
 import pickle
+import pickletools
+import stat
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import islice
 from typing import IO, Any
 
 from ._gc import paused
-from ._kernels import _mdcheck
+from ._kernels import _mdcheck, _pickle_scan
+from ._saferepr import saferepr
 from .dtypes import _ALIASES, DTYPE_ITEMSIZE
 from .metadata import (
     BytesStorageMetadata,
@@ -77,6 +108,8 @@ from .metadata import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
+    "MAX_DEPTH",
     "METADATA_FILENAME",
     "Checkpoint",
     "CheckpointError",
@@ -89,6 +122,17 @@ __all__ = [
 
 #: Name of the global metadata file FileSystemWriter writes (``filesystem._metadata_fn``).
 METADATA_FILENAME = ".metadata"
+
+#: Largest ``.metadata`` read unless the caller passes ``max_bytes`` or sets
+#: ``CKCORE_MAX_METADATA_BYTES``. A 740,352-item plan (a 70B model saved by
+#: 1,024 ranks) pickles to about 30 MB; the objects built take roughly 15
+#: times the file's size in memory.
+DEFAULT_MAX_BYTES = 1 << 30
+
+#: Deepest nesting of containers accepted in ``.metadata``. torch's own
+#: metadata nests about 10 deep; hashing a tuple nested a million deep
+#: overflows the C stack.
+MAX_DEPTH = 100
 
 
 class CheckpointError(ValueError):
@@ -132,17 +176,14 @@ class ItemLocation:
 # The allow-list.
 # --------------------------------------------------------------------------
 
-def _r(obj: object) -> str:
-    """repr() for error messages about untrusted objects: bounded, and never raises.
+_r = saferepr
 
-    A hostile or damaged stream can build dataclass instances without their
-    fields, whose generated ``__repr__`` would raise AttributeError.
-    """
-    try:
-        text = repr(obj)
-    except Exception:  # noqa: BLE001
-        text = f"<{type(obj).__name__} object>"
-    return text if len(text) <= 200 else text[:197] + "..."
+
+def _fqn(fqn: object) -> str:
+    # An fqn as it reads in messages: plain when short and printable.
+    if type(fqn) is str and len(fqn) <= 120 and fqn.isprintable():
+        return fqn
+    return _r(fqn)
 
 
 _MEM_FORMAT_BY_ENCODING = {0: "contiguous_format", 1: "channels_last", 2: "preserve_format"}
@@ -190,6 +231,34 @@ class _TensorPropertiesState(TensorProperties):
         self.__class__ = TensorProperties
 
 
+class _Callable:
+    """A slot-only stand-in for an allow-listed function or Python class.
+
+    ``find_class`` hands the stream this wrapper, never the function or
+    class itself: pickle's ``BUILD`` on it calls :meth:`__setstate__`, which
+    refuses, so neither ``__dict__``/``__defaults__`` of a function nor an
+    attribute of a class (``pathlib.PurePosixPath._str`` renders every path
+    of the process) can be set from a file. Calling it calls the original.
+    """
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Any) -> None:
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise UnsafeCheckpointError("refusing to set an attribute of an allow-listed callable")
+
+    def __setstate__(self, state: Any) -> None:
+        raise UnsafeCheckpointError("refusing BUILD on an allow-listed function or class")
+
+    def __reduce__(self) -> Any:
+        raise TypeError("an allow-list stand-in is not picklable")
+
+
 def _path_class(pure: type, concrete: type) -> type:
     # A concrete Path of the other OS flavour cannot be instantiated here;
     # its pure twin keeps the value (and compares equal to torch's on the same OS).
@@ -200,52 +269,86 @@ _DCP_MD = "torch.distributed.checkpoint.metadata"
 _SHARD_MD = "torch.distributed._shard.sharded_tensor.metadata"
 _FS = "torch.distributed.checkpoint.filesystem"
 
-_ALLOWED: dict[tuple[str, str], Any] = {
-    (_DCP_MD, "Metadata"): Metadata,
-    (_DCP_MD, "TensorStorageMetadata"): TensorStorageMetadata,
-    (_DCP_MD, "ChunkStorageMetadata"): ChunkStorageMetadata,
-    (_DCP_MD, "BytesStorageMetadata"): BytesStorageMetadata,
-    (_DCP_MD, "MetadataIndex"): MetadataIndex,
-    (_DCP_MD, "StorageMeta"): StorageMeta,
-    (_DCP_MD, "TensorProperties"): _TensorPropertiesState,
-    (_DCP_MD, "_MEM_FORMAT_ENCODING"): _mem_format_from_encoding,
+_PATH_GUARDS = {
+    cls: _Callable(cls)
+    for cls in {pathlib.PurePosixPath, pathlib.PureWindowsPath,
+                _path_class(pathlib.PurePosixPath, pathlib.PosixPath),
+                _path_class(pathlib.PureWindowsPath, pathlib.WindowsPath)}
+}
+_K = _pickle_scan.GLOBAL_KINDS
+
+# (module, name) -> (what find_class returns, the kind the opcode scan models).
+# Metadata classes go out as themselves (NEWOBJ needs a type; the scan lets
+# BUILD reach only their fresh instances); functions and Python classes go
+# out behind _Callable; builtin types cannot be changed from Python at all.
+_TABLE: dict[tuple[str, str], tuple[Any, int]] = {
+    (_DCP_MD, "Metadata"): (Metadata, _K["Metadata"]),
+    (_DCP_MD, "TensorStorageMetadata"): (TensorStorageMetadata, _K["TensorStorageMetadata"]),
+    (_DCP_MD, "ChunkStorageMetadata"): (ChunkStorageMetadata, _K["ChunkStorageMetadata"]),
+    (_DCP_MD, "BytesStorageMetadata"): (BytesStorageMetadata, _K["BytesStorageMetadata"]),
+    (_DCP_MD, "MetadataIndex"): (MetadataIndex, _K["MetadataIndex"]),
+    (_DCP_MD, "StorageMeta"): (StorageMeta, _K["StorageMeta"]),
+    (_DCP_MD, "TensorProperties"): (_TensorPropertiesState, _K["TensorProperties"]),
+    (_DCP_MD, "_MEM_FORMAT_ENCODING"): (
+        _Callable(_mem_format_from_encoding), _K["memory_format_encoding"]),
     # Checkpoints of torch < 2.0 took TensorProperties from the ShardedTensor
     # package; its pickled state is the same tuple.
-    (_SHARD_MD, "TensorProperties"): _TensorPropertiesState,
-    (_SHARD_MD, "MEM_FORMAT_ENCODING"): _mem_format_from_encoding,
-    (_FS, "_StorageInfo"): StorageInfo,
-    ("torch", "Size"): tuple,
-    ("torch.serialization", "_get_layout"): _layout_from_name,
+    (_SHARD_MD, "TensorProperties"): (_TensorPropertiesState, _K["TensorProperties"]),
+    (_SHARD_MD, "MEM_FORMAT_ENCODING"): (
+        _Callable(_mem_format_from_encoding), _K["memory_format_encoding"]),
+    (_FS, "_StorageInfo"): (StorageInfo, _K["StorageInfo"]),
+    ("torch", "Size"): (tuple, _K["Size"]),
+    ("torch.serialization", "_get_layout"): (_Callable(_layout_from_name), _K["get_layout"]),
     # Plain containers a planner's planner_data may hold; constructing them runs
     # no user code, and their size is bounded by the file's (bytearray is left
     # out: bytearray(n) would allocate n bytes on the file's say-so).
-    ("collections", "OrderedDict"): OrderedDict,
-    ("builtins", "tuple"): tuple,
-    ("builtins", "list"): list,
-    ("builtins", "dict"): dict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "complex"): complex,
-    ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
-    ("pathlib", "PureWindowsPath"): pathlib.PureWindowsPath,
-    ("pathlib", "PosixPath"): _path_class(pathlib.PurePosixPath, pathlib.PosixPath),
-    ("pathlib", "WindowsPath"): _path_class(pathlib.PureWindowsPath, pathlib.WindowsPath),
+    ("collections", "OrderedDict"): (OrderedDict, _K["OrderedDict"]),
+    ("builtins", "tuple"): (tuple, _K["tuple"]),
+    ("builtins", "list"): (list, _K["list"]),
+    ("builtins", "dict"): (dict, _K["dict"]),
+    ("builtins", "set"): (set, _K["set"]),
+    ("builtins", "frozenset"): (frozenset, _K["frozenset"]),
+    ("builtins", "complex"): (complex, _K["complex"]),
 }
 # Python >= 3.13 moved the concrete classes to pathlib._local.
-for _name in ("PurePosixPath", "PureWindowsPath", "PosixPath", "WindowsPath"):
-    _ALLOWED[("pathlib._local", _name)] = _ALLOWED[("pathlib", _name)]
+for _mod in ("pathlib", "pathlib._local"):
+    for _name, _pure, _concrete in (
+        ("PurePosixPath", pathlib.PurePosixPath, pathlib.PurePosixPath),
+        ("PureWindowsPath", pathlib.PureWindowsPath, pathlib.PureWindowsPath),
+        ("PosixPath", pathlib.PurePosixPath, pathlib.PosixPath),
+        ("WindowsPath", pathlib.PureWindowsPath, pathlib.WindowsPath),
+    ):
+        _TABLE[(_mod, _name)] = (_PATH_GUARDS[_path_class(_pure, _concrete)], _K["path"])
 # torch.dtype pickles as the global torch.<name> (its __reduce__ returns the name).
 for _name in DTYPE_ITEMSIZE:
-    _ALLOWED[("torch", _name)] = _name
+    _TABLE[("torch", _name)] = (_name, _K["constant"])
 for _alias, _name in _ALIASES.items():
-    _ALLOWED[("torch", _alias)] = _name
+    _TABLE[("torch", _alias)] = (_name, _K["constant"])
 for _name in _LAYOUTS:
-    _ALLOWED[("torch", _name)] = _name
+    _TABLE[("torch", _name)] = (_name, _K["constant"])
 # torch.memory_format pickles as the global "torch._utils" / "torch.<name>".
 for _name in _MEMORY_FORMATS:
-    _ALLOWED[("torch._utils", "torch." + _name)] = _name
-    _ALLOWED[("torch", _name)] = _name
-del _name, _alias
+    _TABLE[("torch._utils", "torch." + _name)] = (_name, _K["constant"])
+    _TABLE[("torch", _name)] = (_name, _K["constant"])
+del _mod, _name, _alias, _pure, _concrete
+
+#: What the unpickler may reach: (module, name) -> the object it gets.
+_ALLOWED: dict[tuple[str, str], Any] = {key: obj for key, (obj, _) in _TABLE.items()}
+_KINDS: dict[tuple[str, str], int] = {key: kind for key, (_, kind) in _TABLE.items()}
+
+
+def _global_kind(module: bytes, name: bytes) -> int:
+    # The opcode scan's view of the same table (0: refused).
+    return _KINDS.get((module.decode("utf-8"), name.decode("utf-8")), 0)
+
+
+# Every class whose attributes a load could reach, for the tripwire in _load.
+_GUARDED_CLASSES: tuple[type, ...] = (
+    Metadata, TensorStorageMetadata, ChunkStorageMetadata, BytesStorageMetadata,
+    MetadataIndex, StorageMeta, StorageInfo, TensorProperties, _TensorPropertiesState,
+    pathlib.PurePath, pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.Path,
+    pathlib.PosixPath, pathlib.WindowsPath,
+)
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -253,20 +356,20 @@ class _SafeUnpickler(pickle.Unpickler):
 
     Every opcode that names a global (GLOBAL, STACK_GLOBAL, INST, OBJ and the
     EXT codes) goes through ``find_class``, so nothing outside the table can
-    be called. Protocol 0/1 object pickles (``copyreg._reconstructor``) are
-    refused too: torch writes protocol 4 (5 on Python >= 3.14).
+    be called. It only ever runs on a stream the opcode scan accepted (see
+    :func:`_load_paused`); the table check here is the second line.
     """
 
     def find_class(self, module: str, name: str) -> Any:
+        if type(module) is not str or type(name) is not str:
+            raise UnsafeCheckpointError(f"refusing global {_r(module)}.{_r(name)}")
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
             raise UnsafeCheckpointError(
-                f"refusing global {module[:100]}.{name[:100]} (module {_r(module)}, class {_r(name)}): "
-                "not on ckcore's allow-list of DCP metadata classes; nothing was executed"
+                f"refusing global {_r(module)}.{_r(name)}: not on ckcore's allow-list "
+                "of DCP metadata classes; nothing was executed"
             ) from None
-        except TypeError:  # unhashable: cannot come from a valid stream
-            raise UnsafeCheckpointError(f"refusing global {_r(module)}.{_r(name)}") from None
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafeCheckpointError(f"refusing persistent id {_r(pid)}: DCP metadata has none")
@@ -276,12 +379,28 @@ class _SafeUnpickler(pickle.Unpickler):
 # Shape check of what came out: the stream may be valid pickle yet not DCP metadata.
 # --------------------------------------------------------------------------
 
+_FIELDS = {
+    cls: frozenset(f.name for f in dataclasses.fields(cls))
+    for cls in (Metadata, TensorStorageMetadata, StorageMeta, BytesStorageMetadata)
+}
+
+
+def _fields_ok(obj: object) -> bool:
+    # Exactly the dataclass's own fields, or fewer (a checkpoint of an older
+    # torch lacks the newer ones; the class defaults supply them): a BUILD
+    # state with any other key (a dunder, another class's field) is refused.
+    d = getattr(obj, "__dict__", None)
+    return type(d) is dict and all(type(k) is str for k in d) and d.keys() <= _FIELDS[type(obj)]
+
 
 def _valid_properties(p: dict) -> bool:
+    # Types first: a value is only hashed (``in``) once it is known to be a str.
+    dtype, layout, fmt = p.get("dtype"), p.get("layout"), p.get("memory_format")
     return (
-        p.get("dtype") in DTYPE_ITEMSIZE
-        and p.get("layout") in _LAYOUTS
-        and p.get("memory_format") in _MEMORY_FORMATS
+        len(p) == 5
+        and type(dtype) is str and dtype in DTYPE_ITEMSIZE
+        and type(layout) is str and layout in _LAYOUTS
+        and type(fmt) is str and fmt in _MEMORY_FORMATS
         and type(p.get("requires_grad")) is bool
         and type(p.get("pin_memory")) is bool
     )
@@ -294,38 +413,60 @@ def _check_chunks(fqn: str, chunks: list, ndim: int) -> None:
         return
     c = chunks[i]
     if type(c) is not ChunkStorageMetadata:
-        raise _StructureError(f"{fqn}: chunk {i} is {type(c).__name__}")
-    offs, sizes = c.__dict__.get("offsets"), c.__dict__.get("sizes")
+        raise _StructureError(f"{_fqn(fqn)}: chunk {i} is {type(c).__name__}")
+    d = c.__dict__
+    if d.keys() - {"offsets", "sizes"}:
+        raise _StructureError(f"{_fqn(fqn)}: chunk {i} has fields other than offsets and sizes: "
+                              f"{_r(sorted(map(str, d)))}")
     raise _StructureError(
-        f"{fqn}: chunk {i} has invalid offsets/sizes {_r(offs)}/{_r(sizes)} "
-        f"for a {ndim}-d tensor (want tuples of {ndim} ints in [0, 2**63))"
+        f"{_fqn(fqn)}: chunk {i} has invalid offsets/sizes {_r(d.get('offsets'))}/"
+        f"{_r(d.get('sizes'))} for a {ndim}-d tensor (want tuples of {ndim} ints in [0, 2**63))"
     )
 
 
 def _check_storage_data(sd: dict) -> None:
-    if not set(map(type, sd)) <= {MetadataIndex}:
-        bad = next(k for k in sd if type(k) is not MetadataIndex)
-        raise _StructureError(f"storage_data key {_r(bad)} is not a MetadataIndex")
+    keys = list(sd)
+    i = _mdcheck.first_bad_index(keys, MetadataIndex)
+    if i >= 0:
+        raise _StructureError(f"storage_data key {_r(keys[i])} is not a valid MetadataIndex")
     # Custom storage writers may store other values; the kernel checks only
     # the filesystem's records (StorageInfo) and skips the rest.
     infos = list(sd.values())
     i = _mdcheck.first_bad_storage_info(infos, StorageInfo)
     if i >= 0:
-        key = next(islice(sd, i, None))
-        raise _StructureError(f"storage_data[{_r(key)}] is invalid: {_r(infos[i])}")
+        raise _StructureError(f"storage_data[{_r(keys[i])}] is invalid: {_r(infos[i])}")
+
+
+def _check_storage_meta(sm: object) -> None:
+    if type(sm) is not StorageMeta or not _fields_ok(sm):
+        raise _StructureError(f"storage_meta is {type(sm).__name__}, not a valid StorageMeta: "
+                              f"{_r(sm)}")
+    d = sm.__dict__
+    cid = d.get("checkpoint_id")
+    if cid is not None and type(cid) is not str and not isinstance(cid, pathlib.PurePath):
+        raise _StructureError(f"storage_meta.checkpoint_id is {_r(cid)}")
+    for key in ("save_id", "load_id"):
+        v = d.get(key)
+        if v is not None and type(v) is not str:
+            raise _StructureError(f"storage_meta.{key} is {_r(v)}")
+    modules = d.get("modules", [])
+    if type(modules) is not list or not all(type(m) is str for m in modules):
+        raise _StructureError(f"storage_meta.modules is {_r(modules)}")
 
 
 def _check_metadata(md: object) -> Metadata:
     """Raise CheckpointError unless ``md`` is a well-formed ckcore Metadata.
 
-    The unpickler guarantees only that no foreign code ran; a valid pickle
-    may still hold e.g. a list where chunks belong, or a TensorProperties
-    whose BUILD never came. Callers (planning kernels, the CLI) rely on the
-    types, so they are checked here, in bulk.
+    The scan and the unpickler guarantee that no foreign code ran and that
+    every object was made the way torch makes it; a valid stream may still
+    hold e.g. a list where chunks belong, or a TensorProperties whose BUILD
+    never came. Callers (planning kernels, the CLI) rely on the types, so
+    they are checked here, in bulk, each value by type before it is hashed.
     """
-    if type(md) is not Metadata:
-        raise _StructureError(f"top-level object is {type(md).__name__}, not DCP Metadata")
-    sdm = md.__dict__.get("state_dict_metadata")
+    if type(md) is not Metadata or not _fields_ok(md):
+        raise _StructureError(f"top-level object is not DCP Metadata: {_r(md)}")
+    md_dict = md.__dict__
+    sdm = md_dict.get("state_dict_metadata")
     if type(sdm) is not dict:
         raise _StructureError("Metadata.state_dict_metadata is missing or not a dict")
     for fqn, item in sdm.items():
@@ -333,24 +474,27 @@ def _check_metadata(md: object) -> Metadata:
             raise _StructureError(f"state_dict_metadata key {_r(fqn)} is not a str")
         kind = type(item)
         if kind is BytesStorageMetadata:
+            if item.__dict__:
+                raise _StructureError(f"{_fqn(fqn)}: bytes storage metadata has fields")
             continue
         if kind is not TensorStorageMetadata:
-            raise _StructureError(f"{fqn}: storage metadata is {kind.__name__}")
+            raise _StructureError(f"{_fqn(fqn)}: storage metadata is {kind.__name__}")
+        if not _fields_ok(item):
+            raise _StructureError(f"{_fqn(fqn)}: invalid tensor storage metadata {_r(item)}")
         d = item.__dict__
         props = d.get("properties")
         if type(props) is not TensorProperties or not _valid_properties(props.__dict__):
-            raise _StructureError(f"{fqn}: invalid tensor properties {_r(props)}")
+            raise _StructureError(f"{_fqn(fqn)}: invalid tensor properties {_r(props)}")
         size = d.get("size")
         if not _mdcheck.shape_ok(size, len(size) if type(size) is tuple else -1):
-            raise _StructureError(f"{fqn}: invalid size {_r(size)}")
+            raise _StructureError(f"{_fqn(fqn)}: invalid size {_r(size)}")
         chunks = d.get("chunks")
         if type(chunks) is not list:
-            raise _StructureError(f"{fqn}: chunks is {type(chunks).__name__}, not a list")
+            raise _StructureError(f"{_fqn(fqn)}: chunks is {type(chunks).__name__}, not a list")
         _check_chunks(fqn, chunks, len(size))
-    md_dict = md.__dict__
     sm = md_dict.get("storage_meta")
-    if sm is not None and type(sm) is not StorageMeta:
-        raise _StructureError(f"storage_meta is {type(sm).__name__}, not StorageMeta")
+    if sm is not None:
+        _check_storage_meta(sm)
     version = md_dict.get("version")
     if version is not None and type(version) is not str:
         raise _StructureError(f"version is {_r(version)}, not a str")
@@ -374,19 +518,213 @@ def _metadata_path(path: str | os.PathLike, rank: int | None = None) -> pathlib.
     return p
 
 
-def _load(file: IO[bytes], name: str) -> Metadata:
-    # The unpickler allocates several container objects per chunk and the
-    # cyclic GC would rescan the growing young generation again and again:
-    # measured, that is ~80% of the load time of a 50k-chunk file (torch's
-    # pickle.load pays it too). Nothing built here needs the cycle
-    # collector while loading; it runs again afterwards.
-    with paused():
-        return _load_paused(file, name)
+def _max_bytes(max_bytes: int | None) -> int:
+    if max_bytes is None:
+        env = os.environ.get("CKCORE_MAX_METADATA_BYTES")
+        if env is None:
+            return DEFAULT_MAX_BYTES
+        try:
+            max_bytes = int(env)
+        except ValueError:
+            raise ValueError(f"CKCORE_MAX_METADATA_BYTES={_r(env)} is not an integer") from None
+    if type(max_bytes) is not int:
+        raise TypeError(f"max_bytes must be an int, got {type(max_bytes).__name__}")
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    return max_bytes
 
 
-def _load_paused(file: IO[bytes], name: str) -> Metadata:
+def _too_big(name: str, size: int, cap: int) -> CheckpointError:
+    return CheckpointError(
+        f"{name}: DCP metadata of {size} bytes is larger than the cap of {cap} bytes "
+        "(pass max_bytes= or set CKCORE_MAX_METADATA_BYTES to read it)"
+    )
+
+
+def _read_file(p: pathlib.Path, cap: int) -> bytes:
+    # O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever.
+    # The type is checked on the open descriptor, not the path, so a file
+    # swapped after a check cannot slip through.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        md = _SafeUnpickler(file).load()
+        fd = os.open(p, flags)
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read DCP metadata: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{p}: DCP metadata must be a regular file")
+        if st.st_size > cap:
+            raise _too_big(str(p), st.st_size, cap)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            # One read then BytesIO: the C unpickler reads a BytesIO without
+            # Python-level read() calls per frame. One byte past the cap tells
+            # a file that grew since fstat.
+            data = f.read(cap + 1)
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read DCP metadata: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(data) > cap:
+        raise _too_big(str(p), len(data), cap)
+    return data
+
+
+def _snapshot() -> list[tuple[type, dict[str, Any]]]:
+    return [(cls, dict(vars(cls))) for cls in _GUARDED_CLASSES]
+
+
+def _restore(snapshot: list[tuple[type, dict[str, Any]]]) -> list[str]:
+    # The tripwire: undo any change to an allow-listed class and name it.
+    changed = []
+    for cls, before in snapshot:
+        now = vars(cls)
+        if now.keys() == before.keys() and all(now[k] is v for k, v in before.items()):
+            continue
+        changed.append(cls.__qualname__)
+        for k in [k for k in now if k not in before]:
+            delattr(cls, k)
+        for k, v in before.items():
+            if now.get(k) is not v:
+                setattr(cls, k, v)
+    return changed
+
+
+# Below this size the scan runs to its end before unpickling starts; above
+# it, on its own thread, ahead of the unpickler (see _Gated).
+_PIPELINE_BYTES = 1 << 20
+
+
+class _ScanStopped(Exception):
+    """The scan refused the stream before the unpickler caught up with it."""
+
+
+class _Gated(io.RawIOBase):
+    """The stream, handed to the unpickler only as far as the scan has accepted it.
+
+    The scan (GIL released, on another thread) runs several times faster than
+    the unpickler, so the unpickler seldom waits; on a machine with a spare
+    core the scan costs no wall time. ``read``/``readinto``/``readline``
+    block until every opcode in the bytes they return has been accepted, and
+    raise :class:`_ScanStopped` if the scan refused an opcode first.
+    """
+
+    def __init__(self, data: bytes, scanner: Any) -> None:
+        super().__init__()
+        self._data = data
+        self._view = memoryview(data)
+        self._pos = 0
+        self._scanner = scanner
+
+    def readable(self) -> bool:
+        return True
+
+    def _wait(self, end: int) -> None:
+        sc = self._scanner
+        delay = 1e-5
+        while sc.progress < end:
+            if sc.finished:
+                if sc.progress >= end:
+                    return
+                if sc.outcome_accepted:
+                    # Bytes past STOP (the rest of its frame) are read, never run.
+                    return
+                raise _ScanStopped
+            time.sleep(delay)
+            delay = min(delay * 2, 1e-3)
+
+    def read(self, n: int | None = -1) -> bytes:
+        end = len(self._data) if n is None or n < 0 else min(self._pos + n, len(self._data))
+        self._wait(end)
+        out = self._data[self._pos:end]
+        self._pos = end
+        return out
+
+    def readinto(self, b: Any) -> int:
+        m = memoryview(b).cast("B")
+        end = min(self._pos + len(m), len(self._data))
+        self._wait(end)
+        n = end - self._pos
+        m[:n] = self._view[self._pos:end]
+        self._pos = end
+        return n
+
+    def readline(self, size: int | None = -1) -> bytes:
+        nl = self._data.find(b"\n", self._pos)
+        end = len(self._data) if nl < 0 else nl + 1
+        if size is not None and size >= 0:
+            end = min(end, self._pos + size)
+        self._wait(end)
+        out = self._data[self._pos:end]
+        self._pos = end
+        return out
+
+
+def _refusal(found: tuple[bool, int, str], data: bytes, name: str,
+             refused: list[tuple[bytes, bytes]]) -> CheckpointError:
+    unsafe, pos, why = found
+    if refused:
+        mod, qual = (b.decode("utf-8", "replace") for b in refused[-1])
+        why = (f"refusing global {mod[:100]}.{qual[:100]} (module {_r(mod)}, "
+               f"class {_r(qual)}): not on ckcore's allow-list of DCP metadata classes")
+    op = pickletools.code2op.get(chr(data[pos])) if pos < len(data) else None
+    where = f"byte {pos}" + (f", opcode {op.name}" if op is not None else "")
+    if unsafe:
+        return UnsafeCheckpointError(f"{name}: {why} ({where}); nothing was executed")
+    return CheckpointError(f"{name}: corrupted or truncated DCP metadata ({where}): {why}")
+
+
+def _load(data: bytes, name: str) -> Metadata:
+    refused: list[tuple[bytes, bytes]] = []
+
+    def lookup(module: bytes, qualname: bytes) -> int:
+        kind = _global_kind(module, qualname)
+        if not kind:
+            refused.append((module, qualname))
+        return kind
+
+    scanner = _pickle_scan.Scanner(data, lookup, MAX_DEPTH)
+    thread = None
+    if len(data) < _PIPELINE_BYTES:
+        found = scanner.run()
+        if found is not None:
+            raise _refusal(found, data, name, refused)
+        stream: IO[bytes] = io.BytesIO(data)
+    else:
+        thread = threading.Thread(target=scanner.run, name="ckcore-pickle-scan", daemon=True)
+        thread.start()
+        stream = _Gated(data, scanner)  # type: ignore[assignment]
+    snapshot = _snapshot()
+    try:
+        # The unpickler allocates several container objects per chunk and the
+        # cyclic GC would rescan the growing young generation again and again:
+        # measured, that is ~80% of the load time of a 50k-chunk file (torch's
+        # pickle.load pays it too). Nothing built here needs the cycle
+        # collector while loading; it runs again afterwards.
+        with paused():
+            return _load_paused(stream, name)
+    except _ScanStopped:
+        pass
+    finally:
+        if thread is not None:
+            scanner.cancel()
+            thread.join()
+        changed = _restore(snapshot)
+        if changed:
+            raise UnsafeCheckpointError(
+                f"{name}: loading changed allow-listed classes ({', '.join(changed)}); "
+                "the change was undone and the file refused"
+            )
+    # Only a refusal of the scan ahead of the unpickler gets here.
+    found = scanner.result()
+    if found is None:
+        raise CheckpointError(f"{name}: the opcode scan stopped without a result")
+    raise _refusal(found, data, name, refused)
+
+
+def _load_paused(stream: IO[bytes], name: str) -> Metadata:
+    try:
+        md = _SafeUnpickler(stream).load()
         # Checked while the GC is still paused: the first allocations after
         # re-enabling it would otherwise run the deferred young-generation
         # pass (and possibly an older one) in the middle of the check.
@@ -399,17 +737,22 @@ def _load_paused(file: IO[bytes], name: str) -> Metadata:
         raise CheckpointError(f"{name}: corrupted DCP metadata: {e}") from None
     except RecursionError:
         raise CheckpointError(f"{name}: corrupted DCP metadata: nesting too deep") from None
+    except _ScanStopped:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure of the stream is "corrupted"
-        # UnpicklingError, EOFError (truncated), ValueError, TypeError, KeyError,
-        # MemoryError, ... : report the file, not the pickle internals.
+        # UnpicklingError, ValueError, TypeError, KeyError, MemoryError, ... :
+        # report the file, not the pickle internals.
         raise CheckpointError(
-            f"{name}: corrupted or truncated DCP metadata ({type(e).__name__}: {e})"
+            f"{name}: corrupted DCP metadata ({type(e).__name__}: {_r(str(e))})"
         ) from None
     return md
 
 
 def load_metadata(
-    path_or_file: str | os.PathLike | IO[bytes], *, rank: int | None = None
+    path_or_file: str | os.PathLike | IO[bytes],
+    *,
+    rank: int | None = None,
+    max_bytes: int | None = None,
 ) -> Metadata:
     """Read a DCP checkpoint's ``.metadata`` without torch and without executing pickle code.
 
@@ -421,31 +764,45 @@ def load_metadata(
     names. Unlike torch's ``FileSystemReader.read_metadata`` it does not stamp a
     fresh ``load_id`` into ``storage_meta``: the result is the file's content.
 
-    Raises :class:`UnsafeCheckpointError` if the file names any global outside
-    the allow-list (nothing is called), :class:`CheckpointError` if it is
-    missing, truncated, corrupted or not DCP metadata; both name the file.
+    Only a regular file is read, and at most ``max_bytes`` of it (default
+    :data:`DEFAULT_MAX_BYTES`, or ``CKCORE_MAX_METADATA_BYTES`` when set).
+    Raises :class:`UnsafeCheckpointError` if the stream asks for anything
+    that could run or change code (a global outside the allow-list, a call
+    or ``BUILD`` torch's metadata never makes: nothing is called),
+    :class:`CheckpointError` if it is missing, not a regular file, over the
+    cap, truncated, corrupted or not DCP metadata; both name the file.
 
     >>> md = load_metadata("/ckpt/step_100")            # doctest: +SKIP
     >>> md.state_dict_metadata["w"].properties.dtype     # doctest: +SKIP
     'bfloat16'
     """
+    cap = _max_bytes(max_bytes)
     if hasattr(path_or_file, "read"):
         f = path_or_file
-        name = str(getattr(f, "name", "<metadata stream>"))
-        return _load(f, name)  # type: ignore[arg-type]
+        name = _r(str(getattr(f, "name", "<metadata stream>")))
+        try:
+            data = f.read(cap + 1)  # type: ignore[union-attr]
+        except OSError as e:
+            raise CheckpointError(f"{name}: cannot read DCP metadata: {e}") from None
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"{name}: the file object must be opened in binary mode")
+        if len(data) > cap:
+            raise _too_big(name, len(data), cap)
+        return _load(bytes(data), name)
     p = _metadata_path(path_or_file, rank)  # type: ignore[arg-type]
-    try:
-        # One read then BytesIO: the C unpickler reads a BytesIO without
-        # Python-level read() calls per frame.
-        data = p.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{p}: cannot read DCP metadata: {e.strerror or e}") from e
-    return _load(io.BytesIO(data), str(p))
+    return _load(_read_file(p, cap), str(p))
 
 
-def loads_metadata(data: bytes, *, name: str = "<metadata bytes>") -> Metadata:
+def loads_metadata(
+    data: bytes, *, name: str = "<metadata bytes>", max_bytes: int | None = None
+) -> Metadata:
     """Like :func:`load_metadata` for the bytes of a ``.metadata`` file; ``name`` goes in errors."""
-    return _load(io.BytesIO(data), name)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    cap = _max_bytes(max_bytes)
+    if len(data) > cap:
+        raise _too_big(name, len(data), cap)
+    return _load(bytes(data), name)
 
 
 # --------------------------------------------------------------------------
@@ -484,10 +841,13 @@ class Checkpoint:
     ItemLocation(path=PosixPath('/ckpt/step_100/__0_0.distcp'), offset=0, length=1261, ...)
     """
 
-    def __init__(self, path: str | os.PathLike, *, rank: int | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, rank: int | None = None, max_bytes: int | None = None
+    ) -> None:
         """Open the checkpoint at ``path`` (a directory, or its metadata file) and read its metadata.
 
-        Raises :class:`CheckpointError` (or :class:`UnsafeCheckpointError`) as
+        ``rank`` and ``max_bytes`` are :func:`load_metadata`'s. Raises
+        :class:`CheckpointError` (or :class:`UnsafeCheckpointError`) as
         :func:`load_metadata` does; data files are only ``stat``-ed, never read.
         """
         p = pathlib.Path(path)
@@ -497,7 +857,7 @@ class Checkpoint:
         else:
             self.dir = p.parent
             self.metadata_path = p
-        self.metadata: Metadata = load_metadata(self.metadata_path)
+        self.metadata: Metadata = load_metadata(self.metadata_path, max_bytes=max_bytes)
         sd = self.metadata.storage_data
         self.storage: dict[MetadataIndex, Any] = sd if isinstance(sd, dict) else {}
         files: dict[str, int | None] = {}

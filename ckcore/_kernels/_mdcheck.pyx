@@ -23,13 +23,35 @@ cdef extern from "Python.h":
     bint _unicode_check_exact "PyUnicode_CheckExact"(PyObject *o) noexcept
     # Cannot fail on an exact int: overflow is reported through the flag.
     long long _as_ll "PyLong_AsLongLongAndOverflow"(PyObject *o, int *overflow) noexcept
+    bint _dict_check_exact "PyDict_CheckExact"(PyObject *o) noexcept
+    Py_ssize_t _dict_size "PyDict_GET_SIZE"(PyObject *o) noexcept
+    bint _list_check_exact "PyList_CheckExact"(PyObject *o) noexcept
+    Py_ssize_t _list_size "PyList_GET_SIZE"(PyObject *o) noexcept
+    PyObject *_list_item "PyList_GET_ITEM"(PyObject *o, Py_ssize_t i) noexcept
+    # Borrowed; NULL when the key is missing. Keys here are exact str, whose
+    # hash and comparison cannot fail or run code.
+    PyObject *_dict_get "PyDict_GetItem"(PyObject *d, PyObject *key) noexcept
+    PyObject *_none "Py_None"
+
+
+cdef inline PyObject *_fields(object obj, Py_ssize_t min_n, Py_ssize_t max_n):
+    # The instance dict of ``obj`` if it holds between min_n and max_n entries,
+    # else NULL. A hostile stream's BUILD may have added keys (a dunder, a
+    # field of another class): counting them is how they are refused, since
+    # every key that may be there is then looked up by name.
+    cdef object d = getattr(obj, "__dict__", None)
+    if not _dict_check_exact(<PyObject *>d):
+        return NULL
+    if not min_n <= _dict_size(<PyObject *>d) <= max_n:
+        return NULL
+    return <PyObject *>d
 
 
 cdef inline bint _nonneg_i64(PyObject *v) noexcept:
     cdef int overflow = 0
     cdef long long x
     # bool is an int subclass: refused, as a shape never holds one.
-    if not _long_check_exact(v):
+    if v == NULL or not _long_check_exact(v):
         return False
     x = _as_ll(v, &overflow)
     return overflow == 0 and x >= 0
@@ -37,7 +59,7 @@ cdef inline bint _nonneg_i64(PyObject *v) noexcept:
 
 cdef inline bint _shape_ok(PyObject *t, Py_ssize_t ndim) noexcept:
     cdef Py_ssize_t j
-    if not _tuple_check_exact(t) or _tuple_size(t) != ndim:
+    if t == NULL or not _tuple_check_exact(t) or _tuple_size(t) != ndim:
         return False
     for j in range(ndim):
         if not _nonneg_i64(_tuple_item(t, j)):
@@ -53,44 +75,115 @@ def shape_ok(object shape, Py_ssize_t ndim):
 def first_bad_chunk(list chunks, type chunk_cls, Py_ssize_t ndim):
     """Index of the first chunk that is not a well-formed ``chunk_cls``, or -1.
 
-    Well-formed: exactly of type ``chunk_cls``, with ``offsets`` and
-    ``sizes`` exact tuples of ``ndim`` ints in ``[0, 2**63)``.
+    Well-formed: exactly of type ``chunk_cls``, with exactly the fields
+    ``offsets`` and ``sizes``, each an exact tuple of ``ndim`` ints in
+    ``[0, 2**63)``.
     """
     cdef Py_ssize_t i
-    cdef object c, offsets, sizes
+    cdef object c
+    cdef PyObject *d
+    cdef PyObject *offsets
+    cdef PyObject *sizes
     for i in range(len(chunks)):
         c = chunks[i]
         if type(c) is not chunk_cls:
             return i
         # A chunk built by NEWOBJ without its BUILD has no fields.
-        offsets = getattr(c, "offsets", None)
-        sizes = getattr(c, "sizes", None)
-        if not (_shape_ok(<PyObject *>offsets, ndim)
-                and _shape_ok(<PyObject *>sizes, ndim)):
+        d = _fields(c, 2, 2)
+        if d == NULL:
+            return i
+        offsets = _dict_get(d, <PyObject *>"offsets")
+        sizes = _dict_get(d, <PyObject *>"sizes")
+        if (offsets == NULL or sizes == NULL or not _shape_ok(offsets, ndim)
+                or not _shape_ok(sizes, ndim)):
             return i
     return -1
+
+
+cdef inline bint _is_str(PyObject *v) noexcept:
+    return v != NULL and _unicode_check_exact(v)
+
+
+cdef bint _str_seq(PyObject *v) noexcept:
+    # None, or a list/tuple of exact str (StorageInfo.transform_descriptors).
+    cdef Py_ssize_t j, n
+    if v == _none:
+        return True
+    if _tuple_check_exact(v):
+        n = _tuple_size(v)
+        for j in range(n):
+            if not _unicode_check_exact(_tuple_item(v, j)):
+                return False
+        return True
+    if _list_check_exact(v):
+        n = _list_size(v)
+        for j in range(n):
+            if not _unicode_check_exact(_list_item(v, j)):
+                return False
+        return True
+    return False
 
 
 def first_bad_storage_info(list infos, type info_cls):
     """Index of the first ``info_cls`` whose fields are malformed, or -1.
 
     Well-formed: ``relative_path`` an exact str, ``offset`` and ``length``
-    ints in ``[0, 2**63)``. Values of other types (a custom storage
-    writer's records) are skipped.
+    ints in ``[0, 2**63)``, ``transform_descriptors`` absent, None or a
+    list/tuple of str, and no other field. Values of other types (a custom
+    storage writer's records) are skipped.
     """
     cdef Py_ssize_t i
-    cdef object info, rp, off, length
+    cdef object info
+    cdef PyObject *d
+    cdef PyObject *td
     for i in range(len(infos)):
         info = infos[i]
         if type(info) is not info_cls:
             continue
-        rp = getattr(info, "relative_path", None)
-        off = getattr(info, "offset", None)
-        length = getattr(info, "length", None)
-        if (
-            not _unicode_check_exact(<PyObject *>rp)
-            or not _nonneg_i64(<PyObject *>off)
-            or not _nonneg_i64(<PyObject *>length)
-        ):
+        d = _fields(info, 3, 4)
+        if d == NULL:
+            return i
+        td = _dict_get(d, <PyObject *>"transform_descriptors")
+        if _dict_size(d) != 3 + (td != NULL):
+            return i
+        if td != NULL and not _str_seq(td):
+            return i
+        if not (_is_str(_dict_get(d, <PyObject *>"relative_path"))
+                and _nonneg_i64(_dict_get(d, <PyObject *>"offset"))
+                and _nonneg_i64(_dict_get(d, <PyObject *>"length"))):
+            return i
+    return -1
+
+
+def first_bad_index(list keys, type index_cls):
+    """Index of the first key that is not a well-formed ``index_cls``, or -1.
+
+    Well-formed: exactly of type ``index_cls`` with an exact str ``fqn``,
+    ``offset`` absent, None or an exact tuple of ints in ``[0, 2**63)``,
+    ``index`` absent, None or an exact int, and no other field.
+    """
+    cdef Py_ssize_t i, n
+    cdef object key
+    cdef PyObject *d
+    cdef PyObject *fqn
+    cdef PyObject *off
+    cdef PyObject *idx
+    for i in range(len(keys)):
+        key = keys[i]
+        if type(key) is not index_cls:
+            return i
+        d = _fields(key, 1, 3)
+        if d == NULL:
+            return i
+        fqn = _dict_get(d, <PyObject *>"fqn")
+        off = _dict_get(d, <PyObject *>"offset")
+        idx = _dict_get(d, <PyObject *>"index")
+        n = 1 + (off != NULL) + (idx != NULL)
+        if _dict_size(d) != n or not _is_str(fqn):
+            return i
+        if off != NULL and off != _none and not (
+                _tuple_check_exact(off) and _shape_ok(off, _tuple_size(off))):
+            return i
+        if idx != NULL and idx != _none and not _long_check_exact(idx):
             return i
     return -1
