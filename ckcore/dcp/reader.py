@@ -22,8 +22,18 @@ instead, per file:
 Items with stream transforms (compression, extensions), formats it cannot
 parse, dtype conversions or non-CPU destinations go through torch's own
 path (``FileSystemReader.read_data``) or a staging tensor, so the result is
-always what torch would load. Metadata reading, planning hooks and
-``checkpoint_id`` handling are inherited from ``FileSystemReader``.
+always what torch would load. Planning hooks and ``checkpoint_id``
+handling are inherited from ``FileSystemReader``.
+
+One thing differs from torch's reader because a checkpoint may come from
+anywhere:
+
+* ``.metadata`` is read with ckcore's allow-list unpickler
+  (:func:`ckcore.checkpoint.load_metadata`), never ``pickle.load``, and
+  converted to torch's classes (:func:`ckcore.dcp.convert.to_torch`); the
+  result equals what torch's ``read_metadata`` returns for any real
+  checkpoint. A file that names any other global raises
+  :class:`~ckcore.checkpoint.UnsafeCheckpointError` and nothing in it runs.
 """
 
 from __future__ import annotations
@@ -37,12 +47,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch.distributed.checkpoint.filesystem import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
 from ckcore import ranges as _r
+from ckcore._gc import paused
 from ckcore._torchsave import CorruptItem, TensorLocation, UnsupportedItem, locate_tensor
+from ckcore.checkpoint import load_metadata
+from ckcore.dcp.convert import to_torch
 
 __all__ = ["RangeFileSystemReader"]
 
@@ -118,6 +131,18 @@ class RangeFileSystemReader(FileSystemReader):
     readahead alone.
     ``stats`` counts read calls and bytes read by ``read_data`` (the
     whole-chunk fallback is counted as the items' full lengths).
+
+    ``safe_metadata`` (default True): ``read_metadata`` reads ``.metadata``
+    (or ``__{rank}.metadata``, from the same path torch's reader uses) with
+    ckcore's allow-list unpickler and returns torch's ``Metadata``, equal to
+    what ``FileSystemReader.read_metadata`` returns (including the fresh
+    ``storage_meta.load_id``). A file naming any global outside the
+    allow-list raises :class:`~ckcore.checkpoint.UnsafeCheckpointError`
+    without running anything; a missing, truncated or malformed one raises
+    :class:`~ckcore.checkpoint.CheckpointError`. ``safe_metadata=False``
+    restores torch's ``pickle.load``, which executes whatever the file
+    names: use it only for checkpoints you trust, e.g. ones whose
+    ``planner_data`` holds a custom planner's classes.
     """
 
     def __init__(
@@ -131,6 +156,7 @@ class RangeFileSystemReader(FileSystemReader):
         direct_min_bytes: int = 4096,
         small_item_bytes: int = _SMALL_ITEM,
         prefetch_bytes: int = 8 << 20,
+        safe_metadata: bool = True,
     ) -> None:
         super().__init__(path, _extension_registry)
         if not max_overread >= 1.0:
@@ -143,9 +169,30 @@ class RangeFileSystemReader(FileSystemReader):
         self.direct_min_bytes = int(direct_min_bytes)
         self.small_item_bytes = int(small_item_bytes)
         self.prefetch_bytes = int(prefetch_bytes)
+        self.safe_metadata = bool(safe_metadata)
         self.stats = {"read_calls": 0, "bytes_read": 0, "fallback_items": 0}
         self._md: Metadata | None = None
         self._scratch: np.ndarray | None = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """The checkpoint's torch ``Metadata``, read without ``pickle.load`` unless ``safe_metadata=False``.
+
+        ``rank=r`` reads ``__{r}.metadata`` as torch's reader does (``dcp.load``
+        asks for it when the global file is missing).
+        """
+        if not self.safe_metadata:
+            return super().read_metadata(*args, **kwargs)
+        path = self._get_metadata_path(kwargs.get("rank"))
+        # The conversion builds a few acyclic objects per chunk; with the
+        # cyclic GC running, its young-generation passes over them cost twice
+        # the conversion itself on a 50k-chunk file.
+        with paused():
+            metadata = to_torch(load_metadata(path))
+        # As torch's reader: every load gets its own id, recorded in the metadata.
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
