@@ -1,4 +1,4 @@
-"""RangeFileSystemReader on untrusted checkpoints: safe metadata.
+"""RangeFileSystemReader on untrusted checkpoints: safe metadata, paths kept inside.
 
 * ``read_metadata`` goes through ckcore's allow-list unpickler and returns
   exactly what torch's ``FileSystemReader.read_metadata`` returns (types,
@@ -9,6 +9,11 @@
   payload never runs; ``safe_metadata=False`` brings back torch's
   ``pickle.load`` (shown with a payload that only creates a marker file in
   tmp_path).
+* A storage entry naming ``../x``, ``/etc/passwd``, ``a/../../x`` (or NUL,
+  or a file under a symlinked directory) fails the load with CheckpointError
+  before any file is opened, even where a readable copy of the data waits at
+  the escaped target; a file that is itself a symlink, or sits in a real
+  subdirectory, still loads.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import pathlib
 import pickle
 import shutil
+import sys
 
 import pytest
 import torch
@@ -276,3 +282,199 @@ def test_opt_out_reads_custom_classes(saved, tmp_path):
 @dataclasses.dataclass
 class _Custom:
     value: int = 5
+
+
+# ---------------------------------------------------------------- paths outside the checkpoint
+
+
+class _Opens:
+    """Every path opened in this process while recording (the ``open`` audit event
+    covers ``open()``, ``io.open``, ``Path.open`` and ``os.open``)."""
+
+    paths: list[str] | None = None
+
+    @classmethod
+    def hook(cls, event, args):
+        if event == "open" and cls.paths is not None and args and args[0] is not None:
+            p = args[0]
+            if isinstance(p, (str, bytes, os.PathLike)):
+                cls.paths.append(os.path.abspath(os.fsdecode(p)))
+
+
+sys.addaudithook(_Opens.hook)  # audit hooks cannot be removed; it idles unless recording
+
+
+class recording_opens:
+    def __enter__(self):
+        _Opens.paths = []
+        return _Opens.paths
+
+    def __exit__(self, *exc):
+        _Opens.paths = None
+
+
+def _escaping_copy(saved_path, tmp_path, fqn, rel):
+    """A copy of the checkpoint at tmp_path/ckpt whose entry for ``fqn`` names ``rel``.
+
+    A readable copy of the data file waits at tmp_path/x, where ``../x`` and
+    ``a/../../x`` lead (ckpt/a exists), so a reader that followed the path
+    would load successfully instead of failing on a missing file.
+    """
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(saved_path, ckpt)
+    (ckpt / "a").mkdir()
+    data = sorted(p for p in ckpt.iterdir() if p.suffix == ".distcp")
+    shutil.copy(data[0], tmp_path / "x")
+
+    def edit(md):
+        hits = [k for k in md.storage_data if k.fqn == fqn]
+        assert hits, fqn
+        for k in hits:
+            md.storage_data[k].relative_path = rel
+
+    rewrite_metadata(ckpt, edit)
+    return ckpt
+
+
+ESCAPES = ["../x", "/etc/passwd", "a/../../x", "x\0y"]
+
+
+@pytest.mark.parametrize("rel", ESCAPES)
+@pytest.mark.parametrize("fqn", ["wt", "blob"])  # a tensor chunk, a bytes item
+def test_escaping_path_fails_load_before_any_open(saved, tmp_path, rel, fqn):
+    path, sd = saved
+    ckpt = _escaping_copy(path, tmp_path, fqn, rel)
+    got = filled_like(sd)
+    reader = RangeFileSystemReader(str(ckpt))
+    with recording_opens() as opened, pytest.raises(CheckpointException) as ei:
+        dcp.load(got, storage_reader=reader, planner=FastLoadPlanner(), no_dist=True)
+    (err, _trace), = ei.value.failures.values()
+    assert isinstance(err, CheckpointError), err
+    msg = str(err)
+    assert repr(fqn) in msg and "outside the checkpoint directory" in msg
+    assert repr(rel)[1:-1] in msg
+    # Nothing was read: neither the escaped targets nor the checkpoint's own data files.
+    outside = {str(tmp_path / "x"), "/etc/passwd"}
+    assert not [p for p in opened if p in outside or p.endswith(".distcp")], opened
+    assert reader.stats["read_calls"] == 0 and reader.stats["bytes_read"] == 0
+    assert_equal_sd(filled_like(sd), got)
+
+
+@pytest.mark.parametrize("safe_metadata", [True, False])
+def test_read_data_refuses_whatever_loaded_the_metadata(saved, tmp_path, safe_metadata):
+    path, sd = saved
+    ckpt = _escaping_copy(path, tmp_path, "w", "../x")
+    reader = RangeFileSystemReader(str(ckpt), safe_metadata=safe_metadata)
+    with pytest.raises(CheckpointException, match=r"names the file '\.\./x'"):
+        dcp.load(filled_like(sd), storage_reader=reader, no_dist=True)
+
+
+def test_fallback_items_are_checked_too(tmp_path, monkeypatch):
+    """A conjugate tensor goes through torch's whole-chunk read_data: never reached here."""
+    sd = {"cj": torch.randn(6, 4, dtype=torch.complex64).conj(), "plain": torch.randn(5, 5)}
+    src = tmp_path / "src"
+    dcp.save(sd, checkpoint_id=str(src), no_dist=True)
+    good = {"cj": torch.zeros(6, 4, dtype=torch.complex64), "plain": torch.zeros(5, 5)}
+    reader = RangeFileSystemReader(str(src))
+    dcp.load(good, storage_reader=reader, no_dist=True)
+    assert reader.stats["fallback_items"] == 1  # the path under test is the fallback
+
+    ckpt = _escaping_copy(src, tmp_path, "cj", "a/../../x")
+    calls = []
+    real = FileSystemReader.read_data
+    monkeypatch.setattr(FileSystemReader, "read_data",
+                        lambda self, *a: calls.append(a) or real(self, *a))
+    got = {"cj": torch.zeros(6, 4, dtype=torch.complex64), "plain": torch.zeros(5, 5)}
+    with recording_opens() as opened, pytest.raises(CheckpointException,
+                                                    match=r"'cj'.*'a/\.\./\.\./x'"):
+        dcp.load(got, storage_reader=RangeFileSystemReader(str(ckpt)), no_dist=True)
+    assert calls == []
+    assert not [p for p in opened if p == str(tmp_path / "x") or p.endswith(".distcp")]
+
+
+def test_symlinked_file_inside_is_read(saved, tmp_path):
+    """Symlinks are not resolved: a plain name inside the directory is read even when it
+    is a link (FileSystemWriter never writes one, but copying tools may)."""
+    path, sd = saved
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(path, ckpt)
+    store = tmp_path / "store"
+    store.mkdir()
+    for p in ckpt.iterdir():
+        if p.suffix == ".distcp":
+            shutil.move(p, store / p.name)
+            p.symlink_to(store / p.name)
+    got = zeros_like(sd)
+    dcp.load(got, storage_reader=RangeFileSystemReader(str(ckpt)), planner=FastLoadPlanner(),
+             no_dist=True)
+    assert_equal_sd(sd, got)
+
+
+def _move_data_into(ckpt, subdir_maker, rel_dir):
+    """Move the data files of ``ckpt`` under ``rel_dir`` (made by ``subdir_maker``)
+    and point every storage entry there."""
+    target = subdir_maker()
+    for p in list(ckpt.iterdir()):
+        if p.suffix == ".distcp":
+            shutil.move(p, target / p.name)
+
+    def edit(md):
+        for info in md.storage_data.values():
+            info.relative_path = f"{rel_dir}/{info.relative_path}"
+
+    rewrite_metadata(ckpt, edit)
+
+
+def test_subdirectory_inside_is_read(saved, tmp_path):
+    path, sd = saved
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(path, ckpt)
+
+    def make():
+        (ckpt / "sub").mkdir()
+        return ckpt / "sub"
+
+    _move_data_into(ckpt, make, "sub")
+    got = zeros_like(sd)
+    dcp.load(got, storage_reader=RangeFileSystemReader(str(ckpt)), planner=FastLoadPlanner(),
+             no_dist=True)
+    assert_equal_sd(sd, got)
+
+
+def test_symlinked_directory_is_refused(saved, tmp_path):
+    """Only the file itself may be a link: ``sub/f`` with ``sub -> elsewhere`` leaves the
+    directory although the name looks inside."""
+    path, sd = saved
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(path, ckpt)
+    elsewhere = tmp_path / "elsewhere"
+
+    def make():
+        elsewhere.mkdir()
+        (ckpt / "sub").symlink_to(elsewhere, target_is_directory=True)
+        return elsewhere
+
+    _move_data_into(ckpt, make, "sub")
+    got = filled_like(sd)
+    with recording_opens() as opened, pytest.raises(
+        CheckpointException, match=r"CheckpointError: .*'sub/__0_0\.distcp'.*symlinked directory"
+    ):
+        dcp.load(got, storage_reader=RangeFileSystemReader(str(ckpt)), no_dist=True)
+    assert not [p for p in opened if p.endswith(".distcp")], opened
+    assert_equal_sd(filled_like(sd), got)
+
+
+def test_non_string_path_is_refused_with_the_opt_out(saved, tmp_path):
+    """torch's pickle.load takes any type; the check does not assume a str."""
+    path, sd = saved
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(path, ckpt)
+
+    def edit(md):
+        for info in md.storage_data.values():
+            info.relative_path = ["../x"]  # unhashable as well
+
+    rewrite_metadata(ckpt, edit)
+    reader = RangeFileSystemReader(str(ckpt), safe_metadata=False)
+    with pytest.raises(CheckpointException, match=r"a list, not a str"):
+        dcp.load(filled_like(sd), storage_reader=reader, no_dist=True)

@@ -25,7 +25,7 @@ path (``FileSystemReader.read_data``) or a staging tensor, so the result is
 always what torch would load. Planning hooks and ``checkpoint_id``
 handling are inherited from ``FileSystemReader``.
 
-One thing differs from torch's reader because a checkpoint may come from
+Two things differ from torch's reader because a checkpoint may come from
 anywhere:
 
 * ``.metadata`` is read with ckcore's allow-list unpickler
@@ -34,6 +34,9 @@ anywhere:
   result equals what torch's ``read_metadata`` returns for any real
   checkpoint. A file that names any other global raises
   :class:`~ckcore.checkpoint.UnsafeCheckpointError` and nothing in it runs.
+* ``read_data`` refuses storage entries whose ``relative_path`` would leave
+  the checkpoint directory (absolute, ``..``, NUL, a symlinked directory)
+  before opening any file.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from __future__ import annotations
 import ctypes
 import io
 import os
+import pathlib
+import stat
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,8 +58,9 @@ from torch.futures import Future
 
 from ckcore import ranges as _r
 from ckcore._gc import paused
+from ckcore._saferepr import saferepr
 from ckcore._torchsave import CorruptItem, TensorLocation, UnsupportedItem, locate_tensor
-from ckcore.checkpoint import load_metadata
+from ckcore.checkpoint import CheckpointError, _escapes, load_metadata
 from ckcore.dcp.convert import to_torch
 
 __all__ = ["RangeFileSystemReader"]
@@ -111,6 +117,43 @@ def _slabs(
             yield o, ln
 
 
+def _symlinked_dir(root: object, relative_path: str) -> str | None:
+    # The first directory component of `relative_path` under `root` that is a
+    # symlink (lstat, nothing is resolved or opened), or None.
+    d = os.fspath(root)  # type: ignore[arg-type]
+    for part in pathlib.PurePath(relative_path).parts[:-1]:
+        d = os.path.join(d, part)
+        try:
+            if stat.S_ISLNK(os.lstat(d).st_mode):
+                return d
+        except OSError:
+            return None  # missing: the open fails later, as in torch
+    return None
+
+
+def _check_inside(root: object, relative_path: object, req: ReadItem) -> None:
+    # FileSystemWriter writes plain file names only. A path that leaves the
+    # checkpoint directory lexically (absolute, "..", NUL) or through a
+    # symlinked directory is refused before any open. The file itself may be
+    # a symlink: symlinks are not resolved, so a copy tool's links still load.
+    if type(relative_path) is str:
+        if not _escapes(relative_path):
+            link = _symlinked_dir(root, relative_path)
+            if link is None:
+                return
+            why = f"reached through the symlinked directory {saferepr(link)}"
+        else:
+            why = "absolute path, '..' or NUL"
+    else:
+        why = f"a {type(relative_path).__name__}, not a str"
+    idx = req.storage_index
+    raise CheckpointError(
+        f"storage entry for {saferepr(idx.fqn)} (chunk at {saferepr(tuple(idx.offset or ()))}, "
+        f"index {saferepr(idx.index)}) names the file {saferepr(relative_path)}, which lies "
+        f"outside the checkpoint directory {str(root)!r} ({why}); refusing to read it"
+    )
+
+
 class RangeFileSystemReader(FileSystemReader):
     """``FileSystemReader`` that reads only the byte ranges each ReadItem needs.
 
@@ -143,6 +186,14 @@ class RangeFileSystemReader(FileSystemReader):
     restores torch's ``pickle.load``, which executes whatever the file
     names: use it only for checkpoints you trust, e.g. ones whose
     ``planner_data`` holds a custom planner's classes.
+
+    Whatever ``safe_metadata`` is, ``read_data`` raises
+    :class:`~ckcore.checkpoint.CheckpointError`, before opening any file,
+    when a storage entry of the plan names a file outside the checkpoint
+    directory: an absolute path, a ``..`` component, a NUL byte, or a
+    directory component that is a symlink. This covers items served by
+    torch's whole-chunk path too. Symlinks are not resolved: the named file
+    itself may be a symlink.
     """
 
     def __init__(
@@ -214,10 +265,22 @@ class RangeFileSystemReader(FileSystemReader):
     # ------------------------------------------------------------- read_data
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        """Read every item of ``plan``, calling the planner's hooks as torch's reader does."""
+        """Read every item of ``plan``, calling the planner's hooks as torch's reader does.
+
+        Raises :class:`~ckcore.checkpoint.CheckpointError` before opening any
+        file if an item's storage entry names a file outside the checkpoint
+        directory.
+        """
         per_file: dict[str, list[ReadItem]] = {}
         for read_item in plan.items:
-            per_file.setdefault(self.storage_data[read_item.storage_index].relative_path, []).append(read_item)
+            rp = self.storage_data[read_item.storage_index].relative_path
+            reqs = per_file.get(rp) if type(rp) is str else None
+            if reqs is None:
+                # Each file is checked once, before anything is opened; the
+                # fallback through torch's read_data reads the same entries.
+                _check_inside(self.path, rp, read_item)
+                per_file[rp] = reqs = []
+            reqs.append(read_item)
 
         fallback: list[ReadItem] = []
         for relative_path, reqs in per_file.items():
