@@ -29,6 +29,8 @@ import ckcore
 from ckcore.dcp._simulate import BoxLoadPlanner, col_boxes, grid_boxes, row_boxes, save_as_ranks
 from ckcore.dcp.reader import RangeFileSystemReader
 
+from ._identical import assert_identical
+
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 # Reader configurations: default; every item through ranges with a tiny
@@ -333,10 +335,16 @@ def test_bad_reader_arguments(tmp_path):
 
 _WORKER = textwrap.dedent(
     """
-    import os, sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+    import os, pickle, sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
     from ckcore.dcp.reader import RangeFileSystemReader
+    # The reader's default (safe_metadata=True) must never pickle.load .metadata.
+    _pickle_load = pickle.load
+    def _no_metadata_pickle(f, *a, **k):
+        assert not str(getattr(f, "name", "")).endswith(".metadata"), "pickle.load of .metadata"
+        return _pickle_load(f, *a, **k)
+    pickle.load = _no_metadata_pickle
     rank, world, port, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
@@ -406,6 +414,10 @@ def test_gloo_two_process_save_and_resharded_load(tmp_path):
     whole = {k: torch.zeros_like(v) for k, v in full.items()}
     dcp.load(whole, storage_reader=RangeFileSystemReader(path), planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
     assert_same(full, whole)
+    # the safe metadata of a 2-rank DTensor save is torch's, field for field
+    ref, ours = FileSystemReader(path), RangeFileSystemReader(path)
+    ours.load_id = ref.load_id
+    assert_identical(ref.read_metadata(), ours.read_metadata())
 
 
 def test_elementwise_runs_stay_bounded(tmp_path, monkeypatch):

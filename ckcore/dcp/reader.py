@@ -22,8 +22,21 @@ instead, per file:
 Items with stream transforms (compression, extensions), formats it cannot
 parse, dtype conversions or non-CPU destinations go through torch's own
 path (``FileSystemReader.read_data``) or a staging tensor, so the result is
-always what torch would load. Metadata reading, planning hooks and
-``checkpoint_id`` handling are inherited from ``FileSystemReader``.
+always what torch would load. Planning hooks and ``checkpoint_id``
+handling are inherited from ``FileSystemReader``.
+
+Two things differ from torch's reader because a checkpoint may come from
+anywhere:
+
+* ``.metadata`` is read with ckcore's allow-list unpickler
+  (:func:`ckcore.checkpoint.load_metadata`), never ``pickle.load``, and
+  converted to torch's classes (:func:`ckcore.dcp.convert.to_torch`); the
+  result equals what torch's ``read_metadata`` returns for any real
+  checkpoint. A file that names any other global raises
+  :class:`~ckcore.checkpoint.UnsafeCheckpointError` and nothing in it runs.
+* ``read_data`` refuses storage entries whose ``relative_path`` would leave
+  the checkpoint directory (absolute, ``..``, NUL, a symlinked directory)
+  before opening any file.
 """
 
 from __future__ import annotations
@@ -31,18 +44,24 @@ from __future__ import annotations
 import ctypes
 import io
 import os
+import pathlib
+import stat
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch.distributed.checkpoint.filesystem import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
 from ckcore import ranges as _r
+from ckcore._gc import paused
+from ckcore._saferepr import saferepr
 from ckcore._torchsave import CorruptItem, TensorLocation, UnsupportedItem, locate_tensor
+from ckcore.checkpoint import CheckpointError, _escapes, load_metadata
+from ckcore.dcp.convert import to_torch
 
 __all__ = ["RangeFileSystemReader"]
 
@@ -98,6 +117,43 @@ def _slabs(
             yield o, ln
 
 
+def _symlinked_dir(root: object, relative_path: str) -> str | None:
+    # The first directory component of `relative_path` under `root` that is a
+    # symlink (lstat, nothing is resolved or opened), or None.
+    d = os.fspath(root)  # type: ignore[arg-type]
+    for part in pathlib.PurePath(relative_path).parts[:-1]:
+        d = os.path.join(d, part)
+        try:
+            if stat.S_ISLNK(os.lstat(d).st_mode):
+                return d
+        except OSError:
+            return None  # missing: the open fails later, as in torch
+    return None
+
+
+def _check_inside(root: object, relative_path: object, req: ReadItem) -> None:
+    # FileSystemWriter writes plain file names only. A path that leaves the
+    # checkpoint directory lexically (absolute, "..", NUL) or through a
+    # symlinked directory is refused before any open. The file itself may be
+    # a symlink: symlinks are not resolved, so a copy tool's links still load.
+    if type(relative_path) is str:
+        if not _escapes(relative_path):
+            link = _symlinked_dir(root, relative_path)
+            if link is None:
+                return
+            why = f"reached through the symlinked directory {saferepr(link)}"
+        else:
+            why = "absolute path, '..' or NUL"
+    else:
+        why = f"a {type(relative_path).__name__}, not a str"
+    idx = req.storage_index
+    raise CheckpointError(
+        f"storage entry for {saferepr(idx.fqn)} (chunk at {saferepr(tuple(idx.offset or ()))}, "
+        f"index {saferepr(idx.index)}) names the file {saferepr(relative_path)}, which lies "
+        f"outside the checkpoint directory {str(root)!r} ({why}); refusing to read it"
+    )
+
+
 class RangeFileSystemReader(FileSystemReader):
     """``FileSystemReader`` that reads only the byte ranges each ReadItem needs.
 
@@ -118,6 +174,26 @@ class RangeFileSystemReader(FileSystemReader):
     readahead alone.
     ``stats`` counts read calls and bytes read by ``read_data`` (the
     whole-chunk fallback is counted as the items' full lengths).
+
+    ``safe_metadata`` (default True): ``read_metadata`` reads ``.metadata``
+    (or ``__{rank}.metadata``, from the same path torch's reader uses) with
+    ckcore's allow-list unpickler and returns torch's ``Metadata``, equal to
+    what ``FileSystemReader.read_metadata`` returns (including the fresh
+    ``storage_meta.load_id``). A file naming any global outside the
+    allow-list raises :class:`~ckcore.checkpoint.UnsafeCheckpointError`
+    without running anything; a missing, truncated or malformed one raises
+    :class:`~ckcore.checkpoint.CheckpointError`. ``safe_metadata=False``
+    restores torch's ``pickle.load``, which executes whatever the file
+    names: use it only for checkpoints you trust, e.g. ones whose
+    ``planner_data`` holds a custom planner's classes.
+
+    Whatever ``safe_metadata`` is, ``read_data`` raises
+    :class:`~ckcore.checkpoint.CheckpointError`, before opening any file,
+    when a storage entry of the plan names a file outside the checkpoint
+    directory: an absolute path, a ``..`` component, a NUL byte, or a
+    directory component that is a symlink. This covers items served by
+    torch's whole-chunk path too. Symlinks are not resolved: the named file
+    itself may be a symlink.
     """
 
     def __init__(
@@ -131,6 +207,7 @@ class RangeFileSystemReader(FileSystemReader):
         direct_min_bytes: int = 4096,
         small_item_bytes: int = _SMALL_ITEM,
         prefetch_bytes: int = 8 << 20,
+        safe_metadata: bool = True,
     ) -> None:
         super().__init__(path, _extension_registry)
         if not max_overread >= 1.0:
@@ -143,9 +220,30 @@ class RangeFileSystemReader(FileSystemReader):
         self.direct_min_bytes = int(direct_min_bytes)
         self.small_item_bytes = int(small_item_bytes)
         self.prefetch_bytes = int(prefetch_bytes)
+        self.safe_metadata = bool(safe_metadata)
         self.stats = {"read_calls": 0, "bytes_read": 0, "fallback_items": 0}
         self._md: Metadata | None = None
         self._scratch: np.ndarray | None = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """The checkpoint's torch ``Metadata``, read without ``pickle.load`` unless ``safe_metadata=False``.
+
+        ``rank=r`` reads ``__{r}.metadata`` as torch's reader does (``dcp.load``
+        asks for it when the global file is missing).
+        """
+        if not self.safe_metadata:
+            return super().read_metadata(*args, **kwargs)
+        path = self._get_metadata_path(kwargs.get("rank"))
+        # The conversion builds a few acyclic objects per chunk; with the
+        # cyclic GC running, its young-generation passes over them cost twice
+        # the conversion itself on a 50k-chunk file.
+        with paused():
+            metadata = to_torch(load_metadata(path))
+        # As torch's reader: every load gets its own id, recorded in the metadata.
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
@@ -167,10 +265,22 @@ class RangeFileSystemReader(FileSystemReader):
     # ------------------------------------------------------------- read_data
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        """Read every item of ``plan``, calling the planner's hooks as torch's reader does."""
+        """Read every item of ``plan``, calling the planner's hooks as torch's reader does.
+
+        Raises :class:`~ckcore.checkpoint.CheckpointError` before opening any
+        file if an item's storage entry names a file outside the checkpoint
+        directory.
+        """
         per_file: dict[str, list[ReadItem]] = {}
         for read_item in plan.items:
-            per_file.setdefault(self.storage_data[read_item.storage_index].relative_path, []).append(read_item)
+            rp = self.storage_data[read_item.storage_index].relative_path
+            reqs = per_file.get(rp) if type(rp) is str else None
+            if reqs is None:
+                # Each file is checked once, before anything is opened; the
+                # fallback through torch's read_data reads the same entries.
+                _check_inside(self.path, rp, read_item)
+                per_file[rp] = reqs = []
+            reqs.append(read_item)
 
         fallback: list[ReadItem] = []
         for relative_path, reqs in per_file.items():
