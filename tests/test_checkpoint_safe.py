@@ -11,13 +11,11 @@ torch's module paths, and hostile pickles.
 
 from __future__ import annotations
 
-import copyreg
 import io
 import os
 import pickle
 import random
 import shutil
-import struct
 import subprocess
 import sys
 import types
@@ -46,6 +44,8 @@ from ckcore.metadata import (
     TensorStorageMetadata,
 )
 
+from ._streams import call_global, sample_metadata, torchify
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "data" / "dcp_small"
 FIXTURE_MD = FIXTURE / ".metadata"
@@ -62,70 +62,6 @@ FIXTURE_TENSORS = {
     "nested.deeper.u8": ("uint8", (4,)),
 }
 FIXTURE_BYTES = {"blob", "step", "config.lr", "config.name"}
-
-
-# --------------------------------------------------------------------------
-# Crafting streams without torch.
-# --------------------------------------------------------------------------
-
-
-class _TorchStylePickler(pickle.Pickler):
-    """Pickles ckcore objects the way torch pickles its own (TensorProperties as a state tuple)."""
-
-    state_len = 5
-
-    def reducer_override(self, obj):
-        if type(obj) is TensorProperties:
-            state = (obj.dtype, obj.layout, obj.requires_grad, obj.memory_format, obj.pin_memory)
-            return (copyreg.__newobj__, (TensorProperties,), state[: self.state_len])
-        return NotImplemented
-
-
-def torchify(obj, state_len: int = 5) -> bytes:
-    """A pickle of ckcore objects whose globals name torch's classes, as torch's files do."""
-    buf = io.BytesIO()
-    # Protocol 2 writes globals as text lines, so renaming them is a replace.
-    pickler = _TorchStylePickler(buf, protocol=2)
-    pickler.state_len = state_len
-    pickler.dump(obj)
-    data = buf.getvalue()
-    data = data.replace(b"cckcore.metadata\n", b"ctorch.distributed.checkpoint.metadata\n")
-    data = data.replace(
-        b"cckcore.checkpoint\nStorageInfo\n", b"ctorch.distributed.checkpoint.filesystem\n_StorageInfo\n"
-    )
-    assert b"ckcore" not in data
-    return data
-
-
-def call_global(module: str, name: str, arg: object) -> bytes:
-    """Protocol-2 stream: ``module.name(arg)`` via GLOBAL + REDUCE (arg: str or small int)."""
-    if isinstance(arg, str):
-        a = arg.encode()
-        argop = b"X" + struct.pack("<I", len(a)) + a
-    else:
-        argop = b"K" + bytes([arg])
-    return b"\x80\x02c" + f"{module}\n{name}\n".encode() + argop + b"\x85R."
-
-
-def sample_metadata(n_tensors: int = 3) -> Metadata:
-    """A small well-formed ckcore Metadata with storage info, like a 2-rank save."""
-    sdm: dict = {}
-    sd: dict = {}
-    for t in range(n_tensors):
-        fqn = f"layer{t}.weight"
-        chunks = [ChunkStorageMetadata((0, 0), (4, 8)), ChunkStorageMetadata((4, 0), (4, 8))]
-        sdm[fqn] = TensorStorageMetadata(TensorProperties("bfloat16"), (8, 8), chunks)
-        for i, c in enumerate(chunks):
-            sd[MetadataIndex(fqn, c.offsets, i)] = StorageInfo(f"__{i}_0.distcp", 100 * t, 100)
-    sdm["step"] = BytesStorageMetadata()
-    sd[MetadataIndex("step")] = StorageInfo("__0_0.distcp", 1000, 10, ["zstd/1"])
-    return Metadata(
-        sdm,
-        planner_data={k: tuple(k.split(".")) for k in sdm},
-        storage_data=sd,
-        storage_meta=StorageMeta(checkpoint_id=PosixPath("/ck"), save_id="s"),
-        version="1.0.0",
-    )
 
 
 # --------------------------------------------------------------------------

@@ -908,13 +908,16 @@ cdef class Scanner:
     def result(self):
         """None if the stream was accepted, else ``(unsafe, position, message)``.
 
-        See :func:`scan`. Raises MemoryError if the scan ran out of memory,
-        RuntimeError if it has not finished or was cancelled.
+        See :func:`scan`; a cancelled scan reports itself as damage. Raises
+        MemoryError if the scan ran out of memory, RuntimeError if it has
+        not finished.
         """
         if self.outcome == 1:
             return None
-        if self.outcome != 3 or self.s.error == E_OK:
+        if self.outcome != 3:
             raise RuntimeError("the pickle scan has not finished")
+        if self.s.error == E_OK:
+            return (False, self.s.op_pos, "the scan was cancelled")
         if self.s.error == E_NO_MEMORY:
             raise MemoryError(_MESSAGES[E_NO_MEMORY].decode())
         return (self.s.error >= E_UNSAFE_FIRST, self.s.op_pos,
