@@ -32,7 +32,7 @@ unpickler builds exactly as the scan modelled it. Field *values* are checked
 afterwards on the built objects (``ckcore._kernels._mdcheck``).
 """
 
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 from cpython.object cimport PyObject
 from libc.string cimport memchr, memcpy
@@ -143,6 +143,7 @@ ctypedef struct Scan:
     Py_ssize_t n_stack, cap_stack
     Py_ssize_t *marks
     Py_ssize_t n_marks, cap_marks
+    Py_ssize_t fence     # the innermost MARK's stack position (0 without one)
     int64_t *memo
     Py_ssize_t cap_memo, memo_len
     int error
@@ -190,12 +191,52 @@ cdef inline int64_t _new(Scan *s, uint8_t kind, int depth) noexcept nogil:
     return s.n_vals - 1
 
 
+# Values that carry nothing but their kind (None, bools, ints, floats, bytes,
+# the empty tuple) get no table entry: their stack and memo word is a tag
+# below TAG_BASE. Table indices are >= 0; -1 is the error return.
+cdef enum:
+    TAG_BASE = -1000
+
+
+cdef inline bint _failed(int64_t w) noexcept nogil:
+    # The error return of _pop/_top/_new (tags are further below).
+    return w < 0 and w > TAG_BASE
+
+
+cdef inline int64_t _tag(uint8_t kind) noexcept nogil:
+    return TAG_BASE - kind
+
+
+cdef inline uint8_t _kind(Scan *s, int64_t w) noexcept nogil:
+    return <uint8_t>(TAG_BASE - w) if w <= TAG_BASE else s.vals[w].kind
+
+
+cdef inline int _depth(Scan *s, int64_t w) noexcept nogil:
+    if w <= TAG_BASE:
+        return 1 if TAG_BASE - w == K_TUPLE else 0
+    return s.vals[w].depth
+
+
+cdef inline int32_t _len(Scan *s, int64_t w) noexcept nogil:
+    # K_TUPLE: its length (-1 when not modelled); K_STR: its byte length.
+    return 0 if w <= TAG_BASE else s.vals[w].n
+
+
+cdef inline int64_t _first(Scan *s, int64_t w) noexcept nogil:
+    # K_TUPLE: the word of its first item.
+    return -1 if w <= TAG_BASE else s.vals[w].ref
+
+
+cdef inline uint16_t _mask(Scan *s, int64_t w) noexcept nogil:
+    return 0 if w <= TAG_BASE else s.vals[w].mask
+
+
 cdef inline Py_ssize_t _fence(Scan *s) noexcept nogil:
-    return s.marks[s.n_marks - 1] if s.n_marks else 0
+    return s.fence
 
 
 cdef inline int _push(Scan *s, int64_t vid) noexcept nogil:
-    if vid < 0:
+    if vid < 0 and vid > TAG_BASE:
         return -1
     if s.n_stack == s.cap_stack and _grow(<void **>&s.stack, &s.cap_stack, s.n_stack + 1,
                                           sizeof(int64_t)) < 0:
@@ -228,6 +269,7 @@ cdef inline Py_ssize_t _pop_mark(Scan *s) noexcept nogil:
         return -1
     s.n_marks -= 1
     m = s.marks[s.n_marks]
+    s.fence = s.marks[s.n_marks - 1] if s.n_marks else 0
     return m
 
 
@@ -249,9 +291,11 @@ cdef int _max_depth(Scan *s, Py_ssize_t first) noexcept nogil:
     # Deepest nesting among stack[first:].
     cdef Py_ssize_t i
     cdef int depth = 0
+    cdef int d
     for i in range(first, s.n_stack):
-        if s.vals[s.stack[i]].depth > depth:
-            depth = s.vals[s.stack[i]].depth
+        d = _depth(s, s.stack[i])
+        if d > depth:
+            depth = d
     return depth
 
 
@@ -260,13 +304,16 @@ cdef uint16_t _kinds(Scan *s, Py_ssize_t first) noexcept nogil:
     cdef Py_ssize_t i
     cdef uint16_t mask = 0
     for i in range(first, s.n_stack):
-        mask |= <uint16_t>(1 << s.vals[s.stack[i]].kind)
+        mask |= <uint16_t>(1 << _kind(s, s.stack[i]))
     return mask
 
 
 cdef inline int _seq(Scan *s, Py_ssize_t first, uint8_t kind) noexcept nogil:
     # stack[first:] becomes one tuple/list/frozenset value.
-    cdef int64_t vid = _new(s, kind, _max_depth(s, first) + 1)
+    cdef int64_t vid
+    if kind == K_TUPLE and first == s.n_stack:
+        return _push(s, _tag(K_TUPLE))
+    vid = _new(s, kind, _max_depth(s, first) + 1)
     if vid < 0:
         return -1
     s.vals[vid].mask = _kinds(s, first)
@@ -286,6 +333,10 @@ cdef inline uint64_t _le(Scan *s, int nbytes) noexcept nogil:
         x = (x << 8) | tmp[i]
     s.pos += nbytes
     return x
+
+
+cdef inline uint32_t _le32(const uint8_t *p) noexcept nogil:
+    return <uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
 
 
 cdef Py_ssize_t _line(Scan *s) noexcept nogil:
@@ -347,28 +398,47 @@ cdef int _seq_from_mark(Scan *s, uint8_t kind) noexcept nogil:
 
 cdef inline int _tuple_n(Scan *s, Py_ssize_t n) noexcept nogil:
     # EMPTY_TUPLE, TUPLE1..3: the top n values (above the fence).
-    if s.n_stack - n < _fence(s):
+    cdef int64_t vid, w
+    cdef Py_ssize_t i, first = s.n_stack - n
+    cdef int depth = 0, d
+    cdef uint16_t mask = 0
+    if first < s.fence:
         return _fail(s, E_UNDERFLOW)
-    return _seq(s, s.n_stack - n, K_TUPLE)
+    if n == 0:
+        return _push(s, _tag(K_TUPLE))
+    for i in range(first, s.n_stack):
+        w = s.stack[i]
+        d = _depth(s, w)
+        depth = d if d > depth else depth
+        mask |= <uint16_t>(1 << _kind(s, w))
+    vid = _new(s, K_TUPLE, depth + 1)
+    if vid < 0:
+        return -1
+    s.vals[vid].mask = mask
+    s.vals[vid].n = <int32_t>n
+    s.vals[vid].ref = s.stack[first]
+    # The tuple takes its items' place: the stack cannot need to grow.
+    s.stack[first] = vid
+    s.n_stack = first + 1
+    return 0
 
 
 cdef inline int _into(Scan *s, Py_ssize_t first, int64_t target, uint8_t kind) noexcept nogil:
     # APPEND(S) / SETITEM(S) / ADDITEMS: the values from stack[first:] go into
     # ``target``, which must be a container of ``kind``; its depth follows.
-    cdef Py_ssize_t i
     cdef int depth
     cdef Val *t
-    if target < 0:
+    if _failed(target):
         return -1
-    t = &s.vals[target]
-    if t.kind != kind:
+    if _kind(s, target) != kind or target <= TAG_BASE:
         return _fail(s, E_TARGET)
+    t = &s.vals[target]
     if kind == K_DICT and (s.n_stack - first) % 2:
         return _fail(s, E_UNDERFLOW)
     depth = t.depth
-    for i in range(first, s.n_stack):
-        if s.vals[s.stack[i]].depth + 1 > depth:
-            depth = s.vals[s.stack[i]].depth + 1
+    cdef int inner = _max_depth(s, first) + 1
+    if inner > depth:
+        depth = inner
     if depth > s.max_depth:
         return _fail(s, E_DEPTH)
     t.depth = <uint16_t>depth
@@ -393,11 +463,11 @@ cdef int64_t _call_result(Scan *s, int g, int64_t args) noexcept nogil:
     # What calling global kind ``g`` with the argument tuple ``args`` gives,
     # or -1 if that call is refused. NEWOBJ and REDUCE share the rules.
     # Read everything from ``args`` first: _new may move the value table.
-    cdef uint8_t kind = s.vals[args].kind
-    cdef int32_t n = s.vals[args].n
-    cdef uint16_t mask = s.vals[args].mask
-    cdef uint8_t k0 = s.vals[s.vals[args].ref].kind if n > 0 else K_NONE
-    cdef int d0 = s.vals[s.vals[args].ref].depth if n > 0 else 0
+    cdef uint8_t kind = _kind(s, args)
+    cdef int32_t n = _len(s, args)
+    cdef uint16_t mask = _mask(s, args)
+    cdef uint8_t k0 = _kind(s, _first(s, args)) if n > 0 else K_NONE
+    cdef int d0 = _depth(s, _first(s, args)) if n > 0 else 0
     cdef uint16_t seqs = (1 << K_TUPLE) | (1 << K_LIST) | (1 << K_SET) | (1 << K_FROZENSET)
     cdef uint16_t nums = (1 << K_INT) | (1 << K_FLOAT) | (1 << K_NUM) | (1 << K_BOOL)
     cdef int64_t vid
@@ -446,13 +516,13 @@ cdef int64_t _call_result(Scan *s, int g, int64_t args) noexcept nogil:
 cdef int _newobj(Scan *s, int64_t cls, int64_t args) noexcept nogil:
     cdef int g
     cdef int64_t vid
-    if cls < 0 or args < 0:
+    if _failed(cls) or _failed(args):
         return -1
-    if s.vals[cls].kind != K_GLOBAL or s.vals[args].kind != K_TUPLE:
+    if _kind(s, cls) != K_GLOBAL or _kind(s, args) != K_TUPLE:
         return _fail(s, E_CALL)
     g = s.vals[cls].n
     if G_METADATA <= g <= G_TPROPS:
-        if s.vals[args].n != 0:
+        if _len(s, args) != 0:
             return _fail(s, E_CALL)
         vid = _new(s, K_INST, 1)
         if vid < 0:
@@ -468,27 +538,27 @@ cdef int _build(Scan *s) noexcept nogil:
     cdef int64_t state = _pop(s)
     cdef int64_t target = _top(s)
     cdef Val *t
-    cdef Val *st
     cdef int depth
-    if state < 0 or target < 0:
+    if _failed(state) or _failed(target):
         return -1
+    if _kind(s, target) != K_INST:
+        return _fail(s, E_BUILD)
     t = &s.vals[target]
-    st = &s.vals[state]
-    if t.kind != K_INST or t.built:
+    if t.built:
         return _fail(s, E_BUILD)
     if t.n == G_TPROPS:
         # torch's TensorProperties.__getstate__: (dtype, layout, requires_grad,
         # memory_format, pin_memory); ckcore's stand-in takes exactly that.
-        if st.kind != K_TUPLE or st.n != 5:
+        if _kind(s, state) != K_TUPLE or _len(s, state) != 5:
             return _fail(s, E_BUILD)
-    elif st.kind != K_DICT:
+    elif _kind(s, state) != K_DICT:
         # A (dict, slots) pair would make the unpickler setattr() its keys.
         return _fail(s, E_BUILD)
-    depth = st.depth + 1
+    depth = _depth(s, state) + 1
     # MetadataIndex is hashed as a dict key: its state stays shallow (a dict
     # of a str, an offsets tuple of ints and an int), so hashing it never
     # recurses through a deep value.
-    if t.n == G_INDEX and st.depth > 2:
+    if t.n == G_INDEX and depth > 3:
         return _fail(s, E_DEPTH)
     if depth > s.max_depth:
         return _fail(s, E_DEPTH)
@@ -500,9 +570,9 @@ cdef int _build(Scan *s) noexcept nogil:
 cdef int _reduce(Scan *s) noexcept nogil:
     cdef int64_t args = _pop(s)
     cdef int64_t fn = _pop(s)
-    if args < 0 or fn < 0:
+    if _failed(args) or _failed(fn):
         return -1
-    if s.vals[fn].kind != K_GLOBAL:
+    if _kind(s, fn) != K_GLOBAL:
         return _fail(s, E_CALL)
     return _push(s, _call_result(s, s.vals[fn].n, args))
 
@@ -522,10 +592,11 @@ cdef inline int64_t _str(Scan *s, int64_t n, bint known) noexcept nogil:
 
 
 cdef inline int64_t _sized(Scan *s, uint8_t kind, int64_t n) noexcept nogil:
+    # A scalar with an n-byte argument (ints, floats, bytes): a tag.
     if _declared(s, n) < 0:
         return -1
     s.pos += n
-    return _new(s, kind, 0)
+    return _tag(kind)
 
 
 cdef int _resolve(Scan *s, PyObject *lookup, Py_ssize_t mod, Py_ssize_t mod_n,
@@ -563,21 +634,22 @@ cdef int _step(Scan *s, PyObject *lookup) noexcept nogil:
             return _fail(s, E_NO_MEMORY)
         s.marks[s.n_marks] = s.n_stack
         s.n_marks += 1
+        s.fence = s.n_stack
         return 0
     elif op == 0x2e:    # STOP
         a = _pop(s)
-        if a < 0:
+        if _failed(a):
             return -1
-        if (s.n_stack or s.n_marks or s.vals[a].kind != K_INST or s.vals[a].n != G_METADATA
+        if (s.n_stack or s.n_marks or _kind(s, a) != K_INST or s.vals[a].n != G_METADATA
                 or not s.vals[a].built):
             return _fail(s, E_RESULT)
         s.result = a
         return 1
     elif op == 0x30:    # POP: a value, or the MARK on top of the stack
         if s.n_marks and s.marks[s.n_marks - 1] == s.n_stack:
-            s.n_marks -= 1
+            _pop_mark(s)
             return 0
-        return 0 if _pop(s) >= 0 else -1
+        return -1 if _failed(_pop(s)) else 0
     elif op == 0x31:    # POP_MARK
         m = _pop_mark(s)
         if m < 0:
@@ -587,7 +659,7 @@ cdef int _step(Scan *s, PyObject *lookup) noexcept nogil:
     elif op == 0x32:    # DUP
         return _push(s, _top(s))
     elif op == 0x4e:    # NONE
-        return _push(s, _new(s, K_NONE, 0))
+        return _push(s, _tag(K_NONE))
     elif op == 0x49 or op == 0x4c:   # INT, LONG (text; I01/I00 are bools)
         p0 = s.pos
         n = _line(s)
@@ -595,12 +667,12 @@ cdef int _step(Scan *s, PyObject *lookup) noexcept nogil:
             return -1
         if (op == 0x49 and n == 2 and s.buf[p0] == 48
                 and (s.buf[p0 + 1] == 48 or s.buf[p0 + 1] == 49)):
-            return _push(s, _new(s, K_BOOL, 0))
-        return _push(s, _new(s, K_INT, 0))
+            return _push(s, _tag(K_BOOL))
+        return _push(s, _tag(K_INT))
     elif op == 0x46:    # FLOAT (text)
         if _line(s) < 0:
             return -1
-        return _push(s, _new(s, K_FLOAT, 0))
+        return _push(s, _tag(K_FLOAT))
     elif op == 0x4a:    # BININT
         return _push(s, _sized(s, K_INT, 4))
     elif op == 0x4b:    # BININT1
@@ -659,9 +731,9 @@ cdef int _step(Scan *s, PyObject *lookup) noexcept nogil:
     elif op == 0x93:    # STACK_GLOBAL
         b = _pop(s)
         a = _pop(s)
-        if a < 0 or b < 0:
+        if _failed(a) or _failed(b):
             return -1
-        if (s.vals[a].kind != K_STR or s.vals[b].kind != K_STR
+        if (_kind(s, a) != K_STR or _kind(s, b) != K_STR
                 or s.vals[a].n < 0 or s.vals[b].n < 0):
             return _fail(s, E_GLOBAL)
         return _resolve(s, lookup, s.vals[a].ref, s.vals[a].n, s.vals[b].ref, s.vals[b].n)
@@ -699,12 +771,14 @@ cdef int _step(Scan *s, PyObject *lookup) noexcept nogil:
     elif op == 0x68 or op == 0x71:   # BINGET, BINPUT
         if _need(s, 1) < 0:
             return -1
-        a = <int64_t>_le(s, 1)
+        a = s.buf[s.pos]
+        s.pos += 1
         return _memo_get(s, a) if op == 0x68 else _memo_put(s, a)
     elif op == 0x6a or op == 0x72:   # LONG_BINGET, LONG_BINPUT
         if _need(s, 4) < 0:
             return -1
-        a = <int64_t>_le(s, 4)
+        a = <int64_t>_le32(s.buf + s.pos)
+        s.pos += 4
         return _memo_get(s, a) if op == 0x6a else _memo_put(s, a)
     elif op == 0x69 or op == 0x6f or op == 0x50 or op == 0x51:   # INST, OBJ, PERSID, BINPERSID
         return _fail(s, E_FORBIDDEN_OPCODE)
@@ -728,7 +802,7 @@ cdef int _step(Scan *s, PyObject *lookup) noexcept nogil:
     elif op == 0x87:
         return _tuple_n(s, 3)
     elif op == 0x88 or op == 0x89:   # NEWTRUE, NEWFALSE
-        return _push(s, _new(s, K_BOOL, 0))
+        return _push(s, _tag(K_BOOL))
     elif op == 0x8a:    # LONG1
         if _need(s, 1) < 0:
             return -1
@@ -771,12 +845,16 @@ cdef int _step(Scan *s, PyObject *lookup) noexcept nogil:
         b = _pop(s)
         a = _pop(s)
         vid = _pop(s)
-        if a < 0 or b < 0 or vid < 0:
+        if _failed(a) or _failed(b) or _failed(vid):
             return -1
-        if s.vals[b].kind != K_DICT or s.vals[b].ref != 0:
+        if _kind(s, b) != K_DICT or s.vals[b].ref != 0:
             return _fail(s, E_CALL)
         return _newobj(s, vid, a)
-    elif op == 0x94:    # MEMOIZE
+    elif op == 0x94:    # MEMOIZE (the commonest opcode: its fast path is here)
+        if s.n_stack > s.fence and s.memo_len < s.cap_memo:
+            s.memo[s.memo_len] = s.stack[s.n_stack - 1]
+            s.memo_len += 1
+            return 0
         return _memo_put(s, s.memo_len)
     elif op == 0x95:    # FRAME: a length prefix only; the opcodes inside are scanned as usual
         if _need(s, 8) < 0:
@@ -838,6 +916,7 @@ cdef class Scanner:
         self.s.n_stack = self.s.cap_stack = 0
         self.s.marks = NULL
         self.s.n_marks = self.s.cap_marks = 0
+        self.s.fence = 0
         self.s.memo = NULL
         self.s.cap_memo = self.s.memo_len = 0
         self.s.error = E_OK
