@@ -232,7 +232,7 @@ def test_dense_memo_is_accepted():
 
 
 @pytest.mark.parametrize("wrap, close", [
-    (b"", b"\x85"), (b"(", b"t"), (b"(", b"l"), (b"(", b"\x91"), (b"]", b"a"),
+    (b"", b"\x85"), (b"(", b"t"), (b"(", b"l"), (b"]", b"a"), (b"}" + sbu("k"), b"s"),
 ])
 def test_nesting_limit(wrap, close):
     inner = b"N"
@@ -240,6 +240,44 @@ def test_nesting_limit(wrap, close):
         inner = wrap + inner + close
     assert refusal(b"\x80\x04" + inner + b"0" + EMPTY_MD[2:]) is None
     assert_damaged(b"\x80\x04" + wrap + inner + close + b"0" + EMPTY_MD[2:], "nested deeper")
+
+
+@pytest.mark.parametrize("stream", [
+    b"}K\x01Ns",                      # an int key: its hash is the file's to choose
+    b"}K\x01K\x02\x86Ns",             # a tuple key
+    b"(K\x01Nd",                      # DICT with an int key
+    b"\x8f(K\x01\x90",                # a set of ints
+    b"(N\x91",                        # a frozenset holding None
+    glob("builtins", "set") + b"K\x01\x85\x85R",        # set((1,))
+    glob("builtins", "frozenset") + b"]K\x01a\x85R",     # frozenset([1])
+])
+def test_only_strings_are_hashed(stream):
+    assert_unsafe(b"\x80\x04" + stream + b".", "dict key or set element")
+
+
+def test_string_keys_and_elements_are_accepted():
+    ok = (b"}" + sbu("a") + b"Ns" + b"0" + b"\x8f(" + sbu("a") + sbu("b") + b"\x900"
+          + b"(" + sbu("a") + b"\x910"
+          + glob("builtins", "set") + b"]" + sbu("a") + b"a\x85R0")
+    assert refusal(b"\x80\x04" + ok + EMPTY_MD[2:]) is None
+
+
+def test_hash_bomb_of_shared_tuples_is_refused():
+    # T(k+1) = (T(k), T(k)): hashing T(60) would take 2**60 steps. Tuples
+    # are never hashed, so it can only ride along in a value, not as a key.
+    bomb = b"K\x00" + b"\x94" + b"".join(
+        b"h" + bytes([k]) + b"h" + bytes([k]) + b"\x86\x94" for k in range(60))
+    key = b"h" + bytes([60])
+    assert_unsafe(b"\x80\x04" + bomb + b"}" + key + b"Ns.", "dict key")
+    assert_unsafe(b"\x80\x04" + bomb + b"(" + key + b"\x91.", "dict key or set element")
+
+
+def test_metadata_index_offsets_stay_short():
+    key = glob(MD, "MetadataIndex") + b")\x81}(" + sbu("fqn") + sbu("w") + sbu("offset")
+    wide = b"(" + b"K\x00" * 1025 + b"t"
+    assert_damaged(b"\x80\x04" + key + wide + b"ub.", "MetadataIndex offset")
+    ok = b"(" + b"K\x00" * 1024 + b"t"
+    assert refusal(b"\x80\x04" + key + ok + b"ub0" + EMPTY_MD[2:]) is None
 
 
 def test_a_million_deep_tuple_is_refused_without_recursion():

@@ -56,6 +56,18 @@ cdef enum:
     K_INST
     K_PATH
 
+# What may be hashed: dict keys are str (or a metadata object: MetadataIndex
+# keys storage_data), set elements are str. Ints and tuples are left out:
+# their hashes are not randomised, so a file could pick thousands of keys
+# with one hash and make every insertion walk all of them.
+cdef enum:
+    HASHABLE_KEYS = (1 << K_STR) | (1 << K_GLOBAL) | (1 << K_INST)
+    HASHABLE_ELEMENTS = (1 << K_STR) | (1 << K_GLOBAL)
+    # MetadataIndex is a dict key: its offsets tuple is hashed on every
+    # insertion, so it stays as short as a shape can reasonably be.
+    MAX_INDEX_WIDTH = 1024
+
+
 # Kinds of globals: the allow-list table maps (module, name) to one of these.
 # 1..8 are the metadata classes (NEWOBJ then BUILD).
 cdef enum:
@@ -99,14 +111,15 @@ cdef enum:
     E_BUILD
     E_CALL
     E_TARGET
+    E_KEY
 
-cdef const char *_MESSAGES[16]
+cdef const char *_MESSAGES[17]
 _MESSAGES[E_OK] = b"ok"
 _MESSAGES[E_TRUNCATED] = b"the stream ends inside an opcode or before STOP"
 _MESSAGES[E_BAD_OPCODE] = b"invalid opcode"
 _MESSAGES[E_UNDERFLOW] = b"an opcode takes more values than the stack holds"
 _MESSAGES[E_MEMO] = b"memo misuse (an index read before it was set, or set out of order)"
-_MESSAGES[E_DEPTH] = b"values nested deeper than the limit"
+_MESSAGES[E_DEPTH] = b"values nested deeper than the limit (or a MetadataIndex offset too long)"
 _MESSAGES[E_LENGTH] = b"a declared length is negative or runs past the end of the stream"
 _MESSAGES[E_PROTOCOL] = b"unsupported pickle protocol"
 _MESSAGES[E_RESULT] = b"the stream's result is not a DCP Metadata object"
@@ -120,14 +133,18 @@ _MESSAGES[E_BUILD] = (
     b"NEWOBJ, with the state its class pickles")
 _MESSAGES[E_CALL] = b"call refused: a global called with arguments its type does not take"
 _MESSAGES[E_TARGET] = b"APPEND/SETITEM/ADDITEMS on an object that is not a list/dict/set"
+_MESSAGES[E_KEY] = (
+    b"a dict key or set element that is not a str (or, for a dict, a metadata object): "
+    b"DCP metadata hashes nothing else, and other values can make hashing slow")
 
 
 ctypedef struct Val:
     uint8_t kind
     uint8_t built        # K_INST: BUILD done
     uint16_t depth       # containers: nesting (0 for scalars)
-    uint16_t mask        # K_TUPLE: bit per kind of its items
-    int32_t n            # K_TUPLE: length; K_GLOBAL/K_INST: G_* kind; K_STR: byte length or -1
+    uint16_t mask        # K_TUPLE/K_LIST/K_SET/K_FROZENSET: bit per kind of its items
+    int32_t n            # K_TUPLE: length; K_GLOBAL/K_INST: G_* kind; K_STR: byte length or -1;
+    #                      K_DICT: the longest tuple among its values
     int64_t ref          # K_TUPLE: first item's id; K_STR: offset of its bytes; K_DICT: entries
 
 
@@ -423,6 +440,22 @@ cdef inline int _tuple_n(Scan *s, Py_ssize_t n) noexcept nogil:
     return 0
 
 
+cdef int _dict_pairs(Scan *s, Py_ssize_t first, Val *d) noexcept nogil:
+    # Keys must be hashable cheaply (HASHABLE_KEYS); the dict remembers its
+    # longest tuple value, for the MetadataIndex width rule in _build.
+    cdef Py_ssize_t i
+    cdef int64_t v
+    for i in range(first, s.n_stack, 2):
+        if not (HASHABLE_KEYS >> _kind(s, s.stack[i])) & 1:
+            return _fail(s, E_KEY)
+        v = s.stack[i + 1]
+        if _kind(s, v) == K_TUPLE and _len(s, v) > d.n:
+            d.n = _len(s, v)
+        elif _kind(s, v) == K_TUPLE and _len(s, v) < 0:
+            d.n = 0x7fffffff
+    return 0
+
+
 cdef inline int _into(Scan *s, Py_ssize_t first, int64_t target, uint8_t kind) noexcept nogil:
     # APPEND(S) / SETITEM(S) / ADDITEMS: the values from stack[first:] go into
     # ``target``, which must be a container of ``kind``; its depth follows.
@@ -433,8 +466,15 @@ cdef inline int _into(Scan *s, Py_ssize_t first, int64_t target, uint8_t kind) n
     if _kind(s, target) != kind or target <= TAG_BASE:
         return _fail(s, E_TARGET)
     t = &s.vals[target]
-    if kind == K_DICT and (s.n_stack - first) % 2:
-        return _fail(s, E_UNDERFLOW)
+    if kind == K_DICT:
+        if (s.n_stack - first) % 2:
+            return _fail(s, E_UNDERFLOW)
+        if _dict_pairs(s, first, t) < 0:
+            return -1
+    elif kind == K_SET:
+        if _kinds(s, first) & ~HASHABLE_ELEMENTS:
+            return _fail(s, E_KEY)
+    t.mask |= _kinds(s, first)
     depth = t.depth
     cdef int inner = _max_depth(s, first) + 1
     if inner > depth:
@@ -448,14 +488,16 @@ cdef inline int _into(Scan *s, Py_ssize_t first, int64_t target, uint8_t kind) n
     return 0
 
 
-cdef int64_t _opaque_tuple(Scan *s, int depth) noexcept nogil:
-    # A tuple made by a call: its length and item kinds are not modelled, so
-    # it can never serve as the arguments of a call or as a BUILD state.
-    cdef int64_t vid = _new(s, K_TUPLE, depth)
+cdef int64_t _copy_tuple(Scan *s, int64_t w) noexcept nogil:
+    # A new tuple value equal to tuple ``w`` (torch.Size(t), tuple(t)).
+    cdef int64_t vid
+    if w <= TAG_BASE:
+        return w
+    vid = _new(s, K_TUPLE, s.vals[w].depth)
     if vid >= 0:
-        s.vals[vid].n = -1
-        s.vals[vid].mask = 0xffff
-        s.vals[vid].ref = -1
+        s.vals[vid].n = s.vals[w].n
+        s.vals[vid].mask = s.vals[w].mask
+        s.vals[vid].ref = s.vals[w].ref
     return vid
 
 
@@ -470,15 +512,20 @@ cdef int64_t _call_result(Scan *s, int g, int64_t args) noexcept nogil:
     cdef int d0 = _depth(s, _first(s, args)) if n > 0 else 0
     cdef uint16_t seqs = (1 << K_TUPLE) | (1 << K_LIST) | (1 << K_SET) | (1 << K_FROZENSET)
     cdef uint16_t nums = (1 << K_INT) | (1 << K_FLOAT) | (1 << K_NUM) | (1 << K_BOOL)
+    cdef uint16_t m0
     cdef int64_t vid
     if kind != K_TUPLE or n < 0:
         _fail(s, E_CALL)
         return -1
     # A metadata class is never called (NEWOBJ without arguments, see
     # _newobj); the other globals each take the arguments their type takes.
-    if g == G_SIZE:
-        if n == 1 and (k0 == K_TUPLE or k0 == K_LIST):
-            return _opaque_tuple(s, d0)
+    if g == G_SIZE or g == G_TUPLE:
+        # torch.Size(t) / tuple(t) of a tuple: the same tuple, as modelled.
+        # (Of a list, the length and items would not be known.)
+        if n == 0 and g == G_TUPLE:
+            return _tag(K_TUPLE)
+        if n == 1 and k0 == K_TUPLE:
+            return _copy_tuple(s, _first(s, args))
     elif g == G_MEMFMT:
         if n == 1 and k0 == K_INT:
             vid = _new(s, K_STR, 0)
@@ -491,18 +538,22 @@ cdef int64_t _call_result(Scan *s, int g, int64_t args) noexcept nogil:
             if vid >= 0:
                 s.vals[vid].n = -1
             return vid
-    elif g == G_TUPLE or g == G_LIST or g == G_SET or g == G_FROZENSET:
+    elif g == G_LIST or g == G_SET or g == G_FROZENSET:
         if n == 0 or (n == 1 and (seqs >> k0) & 1):
-            if g == G_TUPLE:
-                return _opaque_tuple(s, max(d0, 1))
-            return _new(s, K_LIST if g == G_LIST else K_SET if g == G_SET else K_FROZENSET,
-                        max(d0, 1))
-    elif g == G_DICT or g == G_ODICT:
-        if n == 0 or (n == 1 and (k0 == K_DICT or k0 == K_LIST)):
-            vid = _new(s, K_DICT, max(d0, 1))
+            # set/frozenset hash the items: only what a set may hold.
+            m0 = _mask(s, _first(s, args)) if n else 0
+            if g != G_LIST and m0 & ~HASHABLE_ELEMENTS:
+                _fail(s, E_KEY)
+                return -1
+            vid = _new(s, K_LIST if g == G_LIST else K_SET if g == G_SET else K_FROZENSET,
+                       max(d0, 1))
             if vid >= 0:
-                s.vals[vid].ref = 1 if n else 0
+                s.vals[vid].mask = m0
             return vid
+    elif g == G_DICT or g == G_ODICT:
+        # Empty only (items come by SETITEMS, where keys are checked).
+        if n == 0:
+            return _new(s, K_DICT, 1)
     elif g == G_COMPLEX:
         if n <= 2 and (mask & ~(nums | (1 << K_STR))) == 0:
             return _new(s, K_NUM, 0)
@@ -558,7 +609,7 @@ cdef int _build(Scan *s) noexcept nogil:
     # MetadataIndex is hashed as a dict key: its state stays shallow (a dict
     # of a str, an offsets tuple of ints and an int), so hashing it never
     # recurses through a deep value.
-    if t.n == G_INDEX and depth > 3:
+    if t.n == G_INDEX and (depth > 3 or s.vals[state].n > MAX_INDEX_WIDTH):
         return _fail(s, E_DEPTH)
     if depth > s.max_depth:
         return _fail(s, E_DEPTH)
@@ -746,6 +797,8 @@ cdef int _step(Scan *s, PyObject *lookup) noexcept nogil:
         vid = _new(s, K_DICT, _max_depth(s, m) + 1)
         if vid < 0:
             return -1
+        if _dict_pairs(s, m, &s.vals[vid]) < 0:
+            return -1
         s.vals[vid].ref = (s.n_stack - m) // 2
         s.n_stack = m
         return _push(s, vid)
@@ -840,6 +893,8 @@ cdef int _step(Scan *s, PyObject *lookup) noexcept nogil:
     elif op == 0x8f:    # EMPTY_SET
         return _push(s, _new(s, K_SET, 1))
     elif op == 0x91:    # FROZENSET
+        if s.n_marks and _kinds(s, s.marks[s.n_marks - 1]) & ~HASHABLE_ELEMENTS:
+            return _fail(s, E_KEY)
         return _seq_from_mark(s, K_FROZENSET)
     elif op == 0x92:    # NEWOBJ_EX: keyword arguments must be an empty dict
         b = _pop(s)
