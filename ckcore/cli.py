@@ -16,10 +16,13 @@ the command line over ckcore's torch-free pieces:
   and load at another, timed for ckcore and (when installed) torch.
 
 Exit status: 0 success (and, for ``validate``, a sound checkpoint), 1 for
-``validate`` problems, 2 for an unusable input or bad arguments (a missing
-path, a corrupted ``.metadata``, a layout that does not fit a tensor), 130
-on Ctrl-C. Errors are one ``ckcore: error: ...`` line on stderr, never a
-traceback (set ``CKCORE_DEBUG=1`` to get one).
+``validate`` problems, 2 for every error: bad arguments, an unusable input
+(a missing path, a corrupted or unsafe ``.metadata``, a layout that does not
+fit a tensor), running out of memory, or a bug in ckcore ("internal error",
+naming the exception type); 130 when interrupted (Ctrl-C), as shells report
+it. Every error is one ``ckcore: error: ...`` line on stderr, argparse's
+usage errors included, never a traceback: set ``CKCORE_DEBUG=1`` in the
+environment to have errors re-raised with their traceback instead.
 
 Nothing here imports torch, except ``demo``, which times torch when it is
 installed (and ``--no-torch`` is not given).
@@ -37,7 +40,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import numpy as np
 
@@ -968,11 +971,22 @@ def _print_demo(report: dict[str, Any], out: IO[str], top: int) -> None:
 # --------------------------------------------------------------------------
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``ckcore: error: ...`` and exit status 2, like every error."""
+
+    def error(self, message: str) -> NoReturn:
+        # argparse prints the usage block and exits itself; the command's
+        # contract is one error line, which main() writes.
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _ArgumentParser(
         prog="ckcore",
         description="Inspect, validate and plan PyTorch Distributed Checkpoints (DCP) without torch.",
-        epilog="Exit status: 0 ok, 1 validate found problems, 2 bad input or arguments.",
+        epilog="Exit status: 0 ok, 1 validate found problems, 2 any error (bad arguments, an "
+               "unreadable, unsafe or corrupted checkpoint, ...), written as one line on stderr; "
+               "CKCORE_DEBUG=1 re-raises errors with their traceback.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -1114,38 +1128,69 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None,
          stderr: IO[str] | None = None) -> int:
     """Run the ``ckcore`` command with ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
+    0 ok, 1 ``validate`` found problems, 2 any error: bad arguments, an
+    unreadable, unsafe or corrupted checkpoint, out of memory, or a bug in
+    ckcore; 130 when interrupted (Ctrl-C). Every error is one
+    ``ckcore: error: ...`` line on ``stderr``, never a traceback unless the
+    environment sets ``CKCORE_DEBUG=1`` (errors are then re-raised).
+
     Usable in-process (tests call ``main([...])``): it never calls
-    ``sys.exit`` itself and turns argument errors into a return value.
-    ``stdout``/``stderr`` default to the current ``sys.stdout``/``sys.stderr``.
+    ``sys.exit`` itself. ``stdout``/``stderr`` default to the current
+    ``sys.stdout``/``sys.stderr``.
     """
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
+    debug = bool(os.environ.get("CKCORE_DEBUG"))
     parser = _parser()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2): argparse already printed
-        return exc.code if isinstance(exc.code, int) else 2
+    except UsageError as exc:
+        err.write(f"ckcore: error: {_one_line(exc)}\n")
+        return 2
+    except SystemExit as exc:  # --help has been printed
+        return 0 if exc.code in (0, None) else 2
     try:
         return _COMMANDS[args.command](args, out, err)
     except BrokenPipeError:  # pragma: no cover - `ckcore inspect | head`
         return 0
-    except (CheckpointError, UsageError, ValueError, TypeError, OSError) as exc:
-        if os.environ.get("CKCORE_DEBUG"):
-            raise
-        err.write(f"ckcore: error: {_one_line(exc)}\n")
-        return 2
     except KeyboardInterrupt:
         err.write("ckcore: interrupted\n")
         return 130
-    except Exception as exc:
-        if os.environ.get("CKCORE_DEBUG"):
+    except MemoryError:
+        if debug:
             raise
-        err.write(f"ckcore: internal error: {type(exc).__name__}: {_one_line(exc)} "
-                  "(set CKCORE_DEBUG=1 for a traceback)\n")
-        return 3
+        err.write("ckcore: error: out of memory\n")
+        return 2
+    except (CheckpointError, UsageError, ValueError, TypeError, OSError) as exc:
+        if debug:
+            raise
+        err.write(f"ckcore: error: {_one_line(exc)}\n")
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line, not a traceback
+        if debug:
+            raise
+        err.write(f"ckcore: error: internal error: {type(exc).__name__}: {_one_line(exc)} "
+                  "(a bug in ckcore; set CKCORE_DEBUG=1 for a traceback)\n")
+        return 2
+
+
+#: Longest error line written (a message quoting file content is cut there).
+_MAX_ERROR = 1000
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+    """An exception's message as one bounded line of printable text.
+
+    Messages quote values from the checkpoint (bounded at the source with
+    :func:`~ckcore._saferepr.saferepr`, but not every raiser does): newlines
+    would split the error line and control characters reach the terminal.
+    """
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - a message must never be what fails
+        text = ""
+    text = " ".join(text[: 4 * _MAX_ERROR].split()) or type(exc).__name__
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= _MAX_ERROR else text[: _MAX_ERROR - 3] + "..."

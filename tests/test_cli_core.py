@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import ckcore
+import ckcore.cli
 from ckcore.checkpoint import Checkpoint, load_metadata
 from ckcore.cli import (
     COALESCING,
@@ -464,11 +465,91 @@ def test_progress_only_when_asked_or_tty():
     assert "\r" in tty.getvalue() and "work: 3/3 (100%)" in tty.getvalue()
 
 
-def test_usage_errors_return_2_without_exiting():
-    code, _, err = run("frobnicate")
-    assert code == 2 and "invalid choice" in err
-    code, out, _ = run("--help")
-    assert code == 0 and "inspect" in out
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "the following arguments are required: COMMAND"),
+        (["validate"], "the following arguments are required: path (see 'ckcore validate --help')"),
+        (["validate", SHARDED, "--bogus"], "unrecognized arguments: --bogus"),
+        (["plan", SHARDED, "--world-size", "x"], "argument --world-size: invalid int value: 'x'"),
+        (["inspect", SHARDED, "--json=yes"], "--json: ignored explicit argument 'yes'"),
+    ],
+)
+def test_usage_errors_are_one_line_with_status_2(argv, message):
+    # argparse's own errors (usage block + message, sys.exit(2)) become one line and a return value.
+    code, out, err = run(*argv)
+    assert code == 2 and out == ""
+    assert message in one_error_line(err)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["validate", "--help"], ["plan", "-h"]])
+def test_help_still_works(argv):
+    code, out, err = run(*argv)
+    assert code == 0 and err == ""
+    assert out.startswith("usage: ckcore")
+
+
+def _raise(exc):
+    def boom(*args, **kwargs):
+        raise exc
+    return boom
+
+
+def test_internal_error_is_one_line_with_status_2(monkeypatch):
+    # A bug (any unexpected exception): one line naming its type, status 2, no traceback.
+    monkeypatch.delenv("CKCORE_DEBUG", raising=False)
+    monkeypatch.setattr(ckcore.cli, "inspect_checkpoint", _raise(KeyError("first\nsecond")))
+    code, out, err = run("inspect", SHARDED)
+    assert code == 2 and out == ""
+    line = one_error_line(err)
+    assert line.startswith("ckcore: error: internal error: KeyError: ") and "CKCORE_DEBUG=1" in line
+    monkeypatch.setenv("CKCORE_DEBUG", "1")
+    with pytest.raises(KeyError):
+        run("inspect", SHARDED)
+
+
+def test_out_of_memory_is_one_line_with_status_2(monkeypatch):
+    monkeypatch.delenv("CKCORE_DEBUG", raising=False)
+    monkeypatch.setattr(ckcore.cli, "validate_checkpoint", _raise(MemoryError()))
+    code, out, err = run("validate", SHARDED)
+    assert code == 2 and out == ""
+    assert one_error_line(err) == "ckcore: error: out of memory"
+
+
+def test_error_line_is_bounded_and_printable(monkeypatch):
+    # A message quoting a megabyte of file content with control characters in it.
+    monkeypatch.delenv("CKCORE_DEBUG", raising=False)
+    hostile = "\x1b[2J" + "x" * 1_000_000 + "\nckcore: error: fake second line\r"
+    monkeypatch.setattr(ckcore.cli, "inspect_checkpoint", _raise(ValueError(hostile)))
+    code, _, err = run("inspect", SHARDED)
+    line = one_error_line(err)
+    assert code == 2 and len(line) <= 1100 and line.isprintable()
+    assert "\\x1b" in line
+
+
+def test_exit_statuses_are_0_1_2_or_130():
+    # The documented contract, checked on the source: every status main() and
+    # the commands return is 0, 1, 2 (or 130 on Ctrl-C), and nothing exits itself.
+    import ast
+
+    tree = ast.parse(open(ckcore.cli.__file__, encoding="utf-8").read())
+    exits = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and getattr(n.func, "attr", getattr(n.func, "id", None)) in ("exit", "_exit")]
+    assert exits == []
+    statuses = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and (node.name == "main" or node.name.startswith("_cmd_")):
+            for ret in ast.walk(node):
+                if isinstance(ret, ast.Return) and ret.value is not None:
+                    if ast.unparse(ret.value).startswith("_COMMANDS["):
+                        continue  # main returns what a command returns
+                    values = [n for n in ast.walk(ret.value) if isinstance(n, ast.Constant)]
+                    assert values, f"{node.name}: return {ast.unparse(ret.value)} is not a literal status"
+                    statuses |= {n.value for n in values if isinstance(n.value, int)}
+    assert statuses == {0, 1, 2, 130}
+    main_py = os.path.join(os.path.dirname(ckcore.cli.__file__), "__main__.py")
+    assert "sys.exit(main())" in open(main_py, encoding="utf-8").read()
 
 
 def test_cli_never_imports_torch():
