@@ -39,12 +39,13 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any, NoReturn
 
 import numpy as np
 
-from .checkpoint import Checkpoint, CheckpointError
+from ._saferepr import saferepr
+from .checkpoint import Checkpoint, CheckpointError, StorageInfo
 from .dtypes import itemsize
 from .metadata import (
     ChunkStorageMetadata,
@@ -56,6 +57,11 @@ from .metadata import (
 
 __all__ = [
     "COALESCING",
+    "DEFAULT_MAX_FINDINGS",
+    "FINDING_KINDS",
+    "PAIR_COUNT_LIMIT",
+    "SWEEP_BUDGET",
+    "Findings",
     "inspect_checkpoint",
     "main",
     "parse_layout_rules",
@@ -100,9 +106,59 @@ def _human(n: int | None) -> str:
     return f"{n} B"  # pragma: no cover - loop always returns
 
 
-def _shape(t: Sequence[int]) -> str:
-    """A shape as Python writes a tuple: ``()``, ``(5,)``, ``(4, 3)``."""
-    return str(tuple(int(v) for v in t))
+#: Dims written in full in messages and tables; a longer shape is abbreviated
+#: (a crafted ``.metadata`` can give a tensor any number of dims and share
+#: that one size tuple between all its tensors and chunks).
+_MAX_DIMS_SHOWN = 16
+
+#: Longest fqn or file name written as is; longer ones are abbreviated.
+_MAX_NAME = 200
+
+
+def _shape(t: Any) -> str:
+    """A shape as Python writes a tuple: ``()``, ``(5,)``, ``(4, 3)``; bounded for long or odd ones."""
+    if (type(t) is tuple or type(t) is list) and len(t) <= _MAX_DIMS_SHOWN and all(
+            type(v) is int and -(2**64) < v < 2**64 for v in t):
+        return str(tuple(t))
+    return saferepr(tuple(t) if type(t) is list else t)
+
+
+def _name(s: Any) -> str:
+    """An fqn or file name from the checkpoint, for a message or a table cell.
+
+    As is when it is a short printable str (every real one); otherwise
+    :func:`~ckcore._saferepr.saferepr`'s bounded, escaped form, so a
+    megabyte fqn or one with a newline cannot flood or split the output.
+    """
+    if type(s) is str and len(s) <= _MAX_NAME and s.isprintable():
+        return s
+    return saferepr(s)
+
+
+def _chunk(c: Any) -> str:
+    """A chunk as its ``repr`` writes it (as torch's messages quote it), with bounded shapes."""
+    return f"ChunkStorageMetadata(offsets={_shape(getattr(c, 'offsets', None))}, " \
+           f"sizes={_shape(getattr(c, 'sizes', None))})"
+
+
+#: Largest volume :func:`_volume` computes exactly.
+_VOLUME_CAP = 2**256
+
+
+def _volume(values: Sequence[int]) -> int | None:
+    """The product of ``values``, or None past 2**256 in magnitude.
+
+    A crafted shape of a million dims makes ``math.prod`` an hour of bignum
+    work; no real tensor has 2**256 elements.
+    """
+    if 0 in values:
+        return 0
+    v = 1
+    for x in values:
+        v *= x
+        if not -_VOLUME_CAP <= v <= _VOLUME_CAP:
+            return None
+    return v
 
 
 def _mesh(t: Sequence[int]) -> str:
@@ -312,63 +368,283 @@ def _print_inspect(report: dict[str, Any], out: IO[str]) -> None:
 # validate
 # --------------------------------------------------------------------------
 
+#: Findings of each kind ``validate`` shows by default (``--max-findings``).
+DEFAULT_MAX_FINDINGS = 20
 
-def validate_checkpoint(ck: Checkpoint, progress: Progress | None = None) -> list[str]:
-    """Every problem of a checkpoint on disk, one message each; empty when it is sound.
+#: Overlapping chunk pairs counted, over the whole checkpoint, before the
+#: count becomes "at least": a few kilobytes of crafted ``.metadata`` hold
+#: billions of pairs, and counting them can take as long as listing them
+#: (identical chunks are the exception: they are counted exactly, for free).
+PAIR_COUNT_LIMIT = 10_000_000
 
-    Global checks are :func:`ckcore.global_plan.validate_global_plan`'s
-    (torch's ``_validate_global_plan``): out-of-bounds chunks, overlapping
-    chunks, and "invalid fill" (chunk volumes not summing to the tensor's).
-    torch checks the fill only when more than one rank saved; a checkpoint on
-    disk is checked always, since a gap means unreadable elements whoever
-    wrote it. Storage checks: every chunk and bytes item has a storage entry,
-    every entry's file exists and holds its byte range, no entry names an
-    unknown item, no two entries share bytes of a file, and (when no stream
-    transform was applied) no tensor chunk's entry is shorter than the
-    chunk's raw bytes.
+#: Chunk comparisons the overlap sweep may make over the whole checkpoint
+#: (about a second). Only layouts that no dimension can split need the sweep,
+#: and none of DCP's do; a crafted one can need n^2 comparisons without a
+#: single overlap. A tensor whose check runs out is a finding of its own.
+SWEEP_BUDGET = 500_000_000
+
+#: Every kind of finding, in report order: id (the ``--json`` key) -> what a
+#: count of them is called in "... and N more ...".
+FINDING_KINDS = {
+    "unvalidatable": "tensors that cannot be validated",
+    "out_of_bounds": "out-of-bounds chunks",
+    "overlapping_chunks": "overlapping chunk pairs",
+    "overlap_check_stopped": "tensors whose overlap check stopped",
+    "invalid_fill": "tensors whose chunks do not fill them",
+    "missing_storage_entry": "items without a storage entry",
+    "unknown_storage_entry": "storage entries naming no item",
+    "foreign_storage_entry": "storage entries that are not FileSystemWriter records",
+    "path_outside": "storage entries naming a file outside the checkpoint",
+    "missing_file": "storage entries in missing files",
+    "beyond_file_end": "storage entries beyond the end of their file",
+    "overlapping_storage": "storage entries sharing bytes with another",
+    "short_storage": "chunks whose storage entry is shorter than their raw bytes",
+}
+
+
+class Findings:
+    """What ``validate`` found, by kind: the first ``limit`` messages of each, and counts.
+
+    ``limit`` <= 0 keeps every message. Checks call :meth:`add` for each
+    finding with a function that writes its message, called only for the
+    messages kept, so a million findings cost a million counts, not a
+    million strings. ``counts`` maps each kind found to its number;
+    ``inexact`` holds the kinds whose count is a lower bound (counting
+    stopped, see :data:`PAIR_COUNT_LIMIT`).
     """
-    from .global_plan import validate_global_plan
-    from .planner import SavePlan
 
+    def __init__(self, limit: int = DEFAULT_MAX_FINDINGS) -> None:
+        """Keep the first ``limit`` messages of each kind (every message when ``limit`` <= 0)."""
+        self.limit = limit
+        self.shown: dict[str, list[str]] = {}
+        self.counts: dict[str, int] = {}
+        self.inexact: set[str] = set()
+
+    def room(self, kind: str) -> int:
+        """How many more messages of ``kind`` would be kept (-1: no limit)."""
+        if self.limit <= 0:
+            return -1
+        return max(0, self.limit - len(self.shown.get(kind, ())))
+
+    def add(self, kind: str, message: Callable[[], str]) -> None:
+        """Count one finding of ``kind``; keep ``message()`` if there is room for it."""
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if self.room(kind):
+            self.shown.setdefault(kind, []).append(message())
+
+    def add_many(self, kind: str, messages: Sequence[str], count: int, exact: bool = True) -> None:
+        """Record ``count`` findings of ``kind`` (a lower bound unless ``exact``), ``messages`` the kept ones."""
+        if count <= 0 and exact:
+            return
+        self.counts[kind] = self.counts.get(kind, 0) + count
+        room = self.room(kind)
+        kept = list(messages) if room < 0 else list(messages[:room])
+        if kept:
+            self.shown.setdefault(kind, []).extend(kept)
+        if not exact:
+            self.inexact.add(kind)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing was found."""
+        return not self.counts
+
+    @property
+    def total(self) -> int:
+        """Number of findings (a lower bound unless :attr:`exact`)."""
+        return sum(self.counts.values())
+
+    @property
+    def exact(self) -> bool:
+        """Whether every count is exact."""
+        return not self.inexact
+
+    @property
+    def messages(self) -> list[str]:
+        """The kept messages, kind by kind in :data:`FINDING_KINDS` order."""
+        return [m for kind in FINDING_KINDS for m in self.shown.get(kind, ())]
+
+    def lines(self) -> Iterator[str]:
+        """The text report: each kind's kept messages, then a line counting the rest."""
+        for kind, label in FINDING_KINDS.items():
+            count = self.counts.get(kind)
+            if count is None:
+                continue
+            shown = self.shown.get(kind, [])
+            yield from shown
+            rest = count - len(shown)
+            if kind in self.inexact:
+                yield (f"... and at least {rest:,} more {label} "
+                       f"(counting stopped at {count:,})")
+            elif rest > 0:
+                yield f"... and {rest:,} more {label} (--max-findings 0 shows all)"
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``--json`` fields: ``problems`` (kept messages), ``counts``, ``inexact``, ``total``."""
+        return {
+            "problems": self.messages,
+            "counts": {k: self.counts[k] for k in FINDING_KINDS if k in self.counts},
+            "inexact": [k for k in FINDING_KINDS if k in self.inexact],
+            "total": self.total,
+            "max_findings": self.limit,
+        }
+
+
+def validate_checkpoint(ck: Checkpoint, progress: Progress | None = None, *,
+                        max_findings: int = DEFAULT_MAX_FINDINGS) -> Findings:
+    """Every problem of a checkpoint on disk, as :class:`Findings`; ``ok`` when it is sound.
+
+    Global checks are torch's ``_validate_global_plan``'s, with its messages
+    (quoting bounded shapes and names): out-of-bounds chunks, overlapping
+    chunk pairs (torch's predicate), and "invalid fill" (chunk volumes not
+    summing to the tensor's). torch checks the fill only when more than one
+    rank saved; a checkpoint on disk is checked always, since a gap means
+    unreadable elements whoever wrote it. Storage checks: every chunk and
+    bytes item has a storage entry, every entry is a FileSystemWriter record
+    whose file exists inside the checkpoint and holds its byte range, no
+    entry names an unknown item, no two entries share bytes of a file, and
+    (when no stream transform was applied) no tensor chunk's entry is
+    shorter than the chunk's raw bytes.
+
+    Bounded for crafted input: each kind keeps its first ``max_findings``
+    messages (all when <= 0) and counts the rest; overlapping pairs are
+    counted up to :data:`PAIR_COUNT_LIMIT` (all when ``max_findings`` <= 0),
+    and the overlap sweep makes at most :data:`SWEEP_BUDGET` comparisons.
+    """
+    f = Findings(max_findings)
     md = ck.metadata
-    problems: list[str] = []
-    # Two plans make validate_global_plan check the fill (see docstring).
-    two_plans = [SavePlan([]), SavePlan([])]
     tensors = list(_tensor_items(md))
     if progress:
         progress.start("validating", len(tensors))
-    with _quiet_validation_logger():
-        # One tensor at a time, so a tensor the kernel refuses (ValueError)
-        # becomes a reported problem and the others are still checked.
-        for done, (fqn, item) in enumerate(tensors, 1):
-            one = Metadata({fqn: item})
-            try:
-                problems.extend(validate_global_plan(two_plans, one))
-            except (ValueError, TypeError) as exc:
-                problems.append(f"key:{fqn} cannot be validated: {exc}")
-            if progress:
-                progress.update(done)
+    budget = {"pairs": PAIR_COUNT_LIMIT if max_findings > 0 else -1, "sweep": SWEEP_BUDGET}
+    for done, (fqn, item) in enumerate(tensors, 1):
+        _validate_tensor(fqn, item, f, budget)
+        if progress:
+            progress.update(done)
     if progress:
         progress.done()
-    problems.extend(ck.problems())
-    problems.extend(_overlapping_storage(ck))
-    for fqn, item in _tensor_items(md):
-        size = itemsize(item.properties.dtype)
-        for i, c in enumerate(item.chunks):
-            info = ck.storage.get(MetadataIndex(fqn, c.offsets))
-            if info is None or getattr(info, "transform_descriptors", None):
-                continue
-            raw = math.prod(c.sizes) * size
-            if info.length < raw:
-                problems.append(
-                    f"{fqn}: chunk {i} at offsets {tuple(c.offsets)} needs {raw} bytes but its "
-                    f"storage entry in {info.relative_path} holds {info.length}"
-                )
-    return problems
+    _storage_findings(ck, f)
+    _overlapping_storage(ck, f)
+    _short_storage(ck, f)
+    return f
 
 
-def _overlapping_storage(ck: Checkpoint) -> list[str]:
-    """Storage entries whose byte ranges overlap in one file.
+def _validate_tensor(fqn: str, item: TensorStorageMetadata, f: Findings,
+                     budget: dict[str, int]) -> None:
+    """torch's global checks of one tensor into ``f``; ``budget`` is what the run has left."""
+    from ._kernels._validate import _check_tensor_bounded, _read_chunks
+    from .global_plan import _torch_order
+
+    size = item.size
+    ndim = len(size)
+    if ndim == 0:  # torch skips 0-d tensors
+        return
+    chunks = item.chunks
+    if not isinstance(chunks, list):
+        chunks = list(chunks)
+    try:
+        tsize = np.array(size, dtype=np.int64)
+        # Raises for chunks the kernel cannot check (wrong number of dims,
+        # offset + size past int64); the other tensors are still checked.
+        offs, sizes = _read_chunks(fqn, chunks, ndim)
+    except (TypeError, ValueError, OverflowError) as exc:
+        why = _one_line(exc)
+        f.add("unvalidatable", lambda: f"key:{_name(fqn)} cannot be validated: {why}")
+        return
+    keep = f.room("overlapping_chunks")
+    stop = max(1, budget["pairs"]) if budget["pairs"] >= 0 else -1
+    oob, volume, pairs, found, complete, exhausted, spent = _check_tensor_bounded(
+        offs, sizes, tsize, keep, stop, max(0, budget["sweep"]))
+    budget["sweep"] -= spent
+    if budget["pairs"] >= 0:
+        budget["pairs"] = budget["pairs"] - found if complete else 0
+    room = f.room("out_of_bounds")
+    shape = _shape(size)
+    f.add_many("out_of_bounds", [
+        f"key:{_name(fqn)} has out of bounds chunk: tensor-size:{shape} chunk: {_chunk(chunks[i])}"
+        for i in (oob if room < 0 else oob[:room]).tolist()
+    ], len(oob))
+    if found:
+        shown = []
+        if len(pairs):
+            cur, oth = _torch_order(offs, sizes, size, pairs)
+            shown = [f"key:{_name(fqn)} has overlapping chunks: {_chunk(chunks[i])} {_chunk(chunks[j])}"
+                     for i, j in zip(cur.tolist(), oth.tolist())]
+        f.add_many("overlapping_chunks", shown, found, exact=complete)
+    if exhausted:
+        f.add("overlap_check_stopped", lambda: (
+            f"key:{_name(fqn)} overlap check stopped: its {len(chunks):,} chunks need more than "
+            f"{SWEEP_BUDGET:,} comparisons for the whole checkpoint (no DCP layout does)"))
+    tensor_volume = _volume(size)
+    if volume is None:
+        # Some chunk's volume passes int64: exact Python ints.
+        vols = [_volume(c.sizes) for c in chunks]
+        volume = None if None in vols else sum(vols)
+        if volume is None or tensor_volume is None:
+            f.add("unvalidatable", lambda: (
+                f"key:{_name(fqn)} cannot be validated: a volume passes 2**256 elements"))
+            return
+    if tensor_volume != volume:
+        f.add("invalid_fill", lambda: (
+            f"key:{_name(fqn)} invalid fill tensor-volume: "
+            f"{'more than 2**256' if tensor_volume is None else tensor_volume} chunks-volume: {volume}"))
+
+
+def _storage_findings(ck: Checkpoint, f: Findings) -> None:
+    """Storage entries against items and files (what ``Checkpoint.problems`` checks), into ``f``.
+
+    Every tensor chunk and bytes item needs a storage entry, every entry an
+    item, a FileSystemWriter record, a file inside the checkpoint directory
+    that exists and holds ``[offset, offset + length)``.
+    """
+    from .checkpoint import _escapes
+
+    storage = ck.storage
+    expected: set[MetadataIndex] = set()
+    for fqn, item in ck.metadata.state_dict_metadata.items():
+        if type(item) is TensorStorageMetadata:
+            for i, c in enumerate(item.chunks):
+                key = MetadataIndex(fqn, c.offsets)
+                expected.add(key)
+                if key not in storage:
+                    f.add("missing_storage_entry", lambda: (
+                        f"{_name(fqn)}: chunk {i} at offsets {_shape(c.offsets)} has no storage entry"))
+        else:
+            key = MetadataIndex(fqn)
+            expected.add(key)
+            if key not in storage:
+                f.add("missing_storage_entry", lambda: f"{_name(fqn)}: bytes item has no storage entry")
+    for key, info in storage.items():
+        if key not in expected:
+            f.add("unknown_storage_entry", lambda: (
+                f"storage entry {_index(key)} names no item in state_dict_metadata"))
+        if type(info) is not StorageInfo:
+            f.add("foreign_storage_entry", lambda: (
+                f"storage entry {_index(key)} is a {_name(type(info).__name__)}, "
+                "not a FileSystemWriter record"))
+            continue
+        rp = info.relative_path
+        if _escapes(rp):
+            f.add("path_outside", lambda: (
+                f"{_name(key.fqn)}: file {_name(rp)} lies outside the checkpoint directory"))
+            continue
+        size = ck.files.get(rp)
+        if size is None:
+            f.add("missing_file", lambda: f"{_name(key.fqn)}: file {_name(rp)} is missing")
+        elif info.offset + info.length > size:
+            f.add("beyond_file_end", lambda: (
+                f"{_name(key.fqn)}: bytes [{info.offset}, {info.offset + info.length}) "
+                f"lie beyond the end of {_name(rp)} ({size} bytes)"))
+
+
+def _index(key: Any) -> str:
+    """A storage key for a message: its fqn and, for a chunk, its offsets."""
+    fqn, offset = getattr(key, "fqn", None), getattr(key, "offset", None)
+    return _name(fqn) if offset is None else f"{_name(fqn)} at offsets {_shape(offset)}"
+
+
+def _overlapping_storage(ck: Checkpoint, f: Findings) -> None:
+    """Storage entries whose byte ranges overlap in one file, into ``f``.
 
     FileSystemWriter writes every item once, back to back, so two entries
     sharing bytes mean the metadata and the files do not belong together
@@ -376,22 +652,39 @@ def _overlapping_storage(ck: Checkpoint) -> list[str]:
     """
     by_file: dict[str, list[tuple[int, int, Any]]] = {}
     for key, info in ck.storage.items():
-        rp = getattr(info, "relative_path", None)
-        if rp is not None and info.length > 0:
-            by_file.setdefault(rp, []).append((info.offset, info.offset + info.length, key))
-    out = []
+        if type(info) is StorageInfo and info.length > 0:
+            by_file.setdefault(info.relative_path, []).append(
+                (info.offset, info.offset + info.length, key))
     for rp, entries in sorted(by_file.items()):
         entries.sort(key=lambda e: (e[0], e[1]))
         reach_end, reach_key = -1, None
         for start, end, key in entries:
             if start < reach_end:
-                out.append(
-                    f"{key.fqn}: bytes [{start}, {end}) of {rp} overlap those of {reach_key.fqn} "
-                    f"(up to byte {reach_end})"
-                )
+                f.add("overlapping_storage", lambda: (
+                    f"{_name(key.fqn)}: bytes [{start}, {end}) of {_name(rp)} overlap those of "
+                    f"{_name(reach_key.fqn)} (up to byte {reach_end})"))
             if end > reach_end:
                 reach_end, reach_key = end, key
-    return out
+
+
+def _short_storage(ck: Checkpoint, f: Findings) -> None:
+    """Tensor chunks whose storage entry holds fewer bytes than the chunk's raw bytes, into ``f``.
+
+    Skipped for entries written through a stream transform (compression).
+    """
+    for fqn, item in _tensor_items(ck.metadata):
+        size = itemsize(item.properties.dtype)
+        for i, c in enumerate(item.chunks):
+            info = ck.storage.get(MetadataIndex(fqn, c.offsets))
+            if type(info) is not StorageInfo or info.transform_descriptors:
+                continue
+            vol = _volume(c.sizes)
+            raw = None if vol is None else vol * size
+            if raw is None or info.length < raw:
+                f.add("short_storage", lambda: (
+                    f"{_name(fqn)}: chunk {i} at offsets {_shape(c.offsets)} needs "
+                    f"{'more than 2**256' if raw is None else raw} bytes but its storage entry in "
+                    f"{_name(info.relative_path)} holds {info.length}"))
 
 
 # --------------------------------------------------------------------------
@@ -836,8 +1129,6 @@ def run_demo(
     # Storage as FileSystemWriter lays it out: rank r's items back to back in __r_0.distcp.
     storage: dict[MetadataIndex, Any] = {}
     files: dict[str, int] = {}
-    from .checkpoint import StorageInfo
-
     for r, plan in enumerate(global_plans):
         name = f"__{r}_0.distcp"
         pos = 0
@@ -971,6 +1262,16 @@ def _print_demo(report: dict[str, Any], out: IO[str], top: int) -> None:
 # --------------------------------------------------------------------------
 
 
+def _max_findings(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 (0: no limit), got {text[:40]!r}")
+    return n
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line usage errors: ``ckcore: error: ...`` and exit status 2, like every error."""
 
@@ -1003,6 +1304,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser(
         "validate", help="overlaps, bounds, coverage and storage checks; exit 0 only when sound")
     sp.add_argument("path", help="checkpoint directory (or its .metadata file)")
+    sp.add_argument("--max-findings", type=_max_findings, default=DEFAULT_MAX_FINDINGS, metavar="N",
+                    help=f"show the first N findings of each kind and count the rest "
+                         f"(default {DEFAULT_MAX_FINDINGS}; 0: show all)")
     common(sp)
 
     sp = sub.add_parser(
@@ -1054,14 +1358,15 @@ def _cmd_inspect(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
 
 def _cmd_validate(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     ck = open_checkpoint(args.path)
-    problems = validate_checkpoint(ck, Progress(err, args.progress))
+    findings = validate_checkpoint(ck, Progress(err, args.progress), max_findings=args.max_findings)
     if args.json:
-        json.dump({"path": str(ck.dir), "ok": not problems, "problems": problems}, out, indent=1)
+        json.dump({"path": str(ck.dir), "ok": findings.ok, **findings.as_json()}, out, indent=1)
         out.write("\n")
-    elif problems:
-        for line in problems:
+    elif not findings.ok:
+        for line in findings.lines():
             out.write(line + "\n")
-        err.write(f"ckcore: {ck.dir}: {len(problems)} problem(s)\n")
+        at_least = "" if findings.exact else "at least "
+        err.write(f"ckcore: {ck.dir}: {at_least}{findings.total:,} problem(s)\n")
     else:
         md = ck.metadata
         n_t = sum(1 for _ in _tensor_items(md))
@@ -1069,7 +1374,7 @@ def _cmd_validate(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         out.write(f"ok: {ck.dir}: {_n(n_t, 'tensor')}, {_n(n_c, 'chunk')}, "
                   f"{_n(len(md.state_dict_metadata) - n_t, 'bytes item')}, {_n(len(ck.files), 'file')}: "
                   "no overlaps, in bounds, fully covered, storage complete\n")
-    return 1 if problems else 0
+    return 0 if findings.ok else 1
 
 
 def _cmd_plan(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
