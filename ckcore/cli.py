@@ -59,6 +59,7 @@ __all__ = [
     "COALESCING",
     "DEFAULT_MAX_FINDINGS",
     "FINDING_KINDS",
+    "MAX_SHAPE_DIMS",
     "PAIR_COUNT_LIMIT",
     "SWEEP_BUDGET",
     "Findings",
@@ -78,6 +79,9 @@ __all__ = [
 COALESCING = "whole storage items, per rank and file sorted by offset, touching/overlapping merged"
 
 _I64_MAX = 2**63 - 1
+
+#: Dims of a shape ``inspect --json`` lists (a longer one is given as ``ndim`` only).
+MAX_SHAPE_DIMS = 64
 
 #: Largest target world ``plan`` accepts: its arrays hold a row per rank and
 #: tensor dim, so a typo such as ``--world-size 100000000`` would otherwise
@@ -116,11 +120,20 @@ _MAX_NAME = 200
 
 
 def _shape(t: Any) -> str:
-    """A shape as Python writes a tuple: ``()``, ``(5,)``, ``(4, 3)``; bounded for long or odd ones."""
-    if (type(t) is tuple or type(t) is list) and len(t) <= _MAX_DIMS_SHOWN and all(
-            type(v) is int and -(2**64) < v < 2**64 for v in t):
-        return str(tuple(t))
-    return saferepr(tuple(t) if type(t) is list else t)
+    """A shape as Python writes a tuple: ``()``, ``(5,)``, ``(4, 3)``; bounded for long or odd ones.
+
+    Past :data:`_MAX_DIMS_SHOWN` dims: ``(1, 1, 1, 1, 1, 1, ...<5000 dims>)``.
+    """
+    if type(t) is list:
+        t = tuple(t)
+    if type(t) is not tuple:
+        return saferepr(t)
+    head = t if len(t) <= _MAX_DIMS_SHOWN else t[:6]
+    if not all(type(v) is int and -(2**64) < v < 2**64 for v in head):
+        return saferepr(t)
+    if len(t) <= _MAX_DIMS_SHOWN:
+        return str(t)
+    return "(" + ", ".join(map(str, head)) + f", ...<{len(t)} dims>)"
 
 
 def _name(s: Any) -> str:
@@ -146,19 +159,19 @@ _VOLUME_CAP = 2**256
 
 
 def _volume(values: Sequence[int]) -> int | None:
-    """The product of ``values``, or None past 2**256 in magnitude.
+    """The product of the ints ``values``, or None past 2**256 in magnitude.
 
-    A crafted shape of a million dims makes ``math.prod`` an hour of bignum
+    A crafted shape of a million dims makes ``math.prod`` minutes of bignum
     work; no real tensor has 2**256 elements.
     """
-    if 0 in values:
-        return 0
-    v = 1
-    for x in values:
-        v *= x
-        if not -_VOLUME_CAP <= v <= _VOLUME_CAP:
+    if len(values) > 64:
+        if 0 in values:
+            return 0
+        # Every value other than 1 at least doubles the magnitude.
+        if len(values) - values.count(1) > 256:
             return None
-    return v
+    v = math.prod(values)
+    return v if -_VOLUME_CAP <= v <= _VOLUME_CAP else None
 
 
 def _mesh(t: Sequence[int]) -> str:
@@ -265,10 +278,21 @@ def _tensor_items(md: Metadata) -> Iterator[tuple[str, TensorStorageMetadata]]:
 
 def _tensor_nbytes(fqn: str, item: TensorStorageMetadata) -> int:
     """Exact bytes of the whole tensor; refuses sizes whose byte count leaves int64."""
-    n = math.prod(item.size) * itemsize(item.properties.dtype)
-    if n > _I64_MAX:
-        raise CheckpointError(f"{fqn}: tensor of size {item.size} has {n} bytes, more than int64 holds")
+    vol = _volume(item.size)
+    n = None if vol is None else vol * itemsize(item.properties.dtype)
+    if n is None or n > _I64_MAX:
+        raise CheckpointError(
+            f"{_name(fqn)}: tensor of size {_shape(item.size)} has more bytes than int64 holds")
     return n
+
+
+def _record(info: Any) -> StorageInfo | None:
+    """A storage entry if it is a FileSystemWriter record, else None.
+
+    The reader keeps other values (a custom writer's records, or anything a
+    crafted file puts there); their fields cannot be trusted to exist.
+    """
+    return info if type(info) is StorageInfo else None
 
 
 # --------------------------------------------------------------------------
@@ -279,12 +303,16 @@ def _tensor_nbytes(fqn: str, item: TensorStorageMetadata) -> int:
 def inspect_checkpoint(ck: Checkpoint) -> dict[str, Any]:
     """What a checkpoint holds, as plain data (the ``--json`` form of ``ckcore inspect``).
 
-    ``tensors``: per fqn its dtype, global ``shape``, ``chunks`` (count),
-    ``bytes`` (the tensor's logical size, numel x itemsize) and ``stored_bytes``
-    (sum of its storage entries, which include serialization overhead; None
-    when an entry is missing). ``bytes_items``: per fqn its stored bytes.
-    ``files``: per data file its size on disk (None when missing) and the
-    number of items stored in it. ``totals`` sums them.
+    ``tensors``: per fqn its dtype, global ``shape`` (None past
+    :data:`MAX_SHAPE_DIMS` dims), ``ndim``, ``chunks`` (count), ``bytes`` (the
+    tensor's logical size, numel x itemsize) and ``stored_bytes`` (sum of its
+    storage entries, which include serialization overhead; None when an entry
+    is missing or not a FileSystemWriter record). ``bytes_items``: per fqn its
+    stored bytes. ``files``: per data file its size on disk (None when
+    missing) and the number of items stored in it. ``totals`` sums them.
+
+    Its size is proportional to the ``.metadata`` file's: a row per tensor,
+    bytes item and file, each of bounded size.
     """
     md = ck.metadata
     storage = ck.storage
@@ -292,29 +320,32 @@ def inspect_checkpoint(ck: Checkpoint) -> dict[str, Any]:
     bytes_items: dict[str, Any] = {}
     items_per_file: dict[str, int] = {}
     for info in storage.values():
-        rp = getattr(info, "relative_path", None)
-        if rp is not None:
-            items_per_file[rp] = items_per_file.get(rp, 0) + 1
+        if _record(info) is not None:
+            items_per_file[info.relative_path] = items_per_file.get(info.relative_path, 0) + 1
     n_chunks = 0
     for fqn, item in md.state_dict_metadata.items():
         if type(item) is TensorStorageMetadata:
             stored: int | None = 0
             for c in item.chunks:
-                info = storage.get(MetadataIndex(fqn, c.offsets))
+                info = _record(storage.get(MetadataIndex(fqn, c.offsets)))
                 if info is None or stored is None:
                     stored = None
                 else:
                     stored += info.length
             n_chunks += len(item.chunks)
+            ndim = len(item.size)
             tensors[fqn] = {
                 "dtype": item.properties.dtype,
-                "shape": list(item.size),
+                # One size tuple may be shared by every tensor of a crafted
+                # file: listing a million dims per tensor would multiply it.
+                "shape": list(item.size) if ndim <= MAX_SHAPE_DIMS else None,
+                "ndim": ndim,
                 "chunks": len(item.chunks),
                 "bytes": _tensor_nbytes(fqn, item),
                 "stored_bytes": stored,
             }
         else:
-            info = storage.get(MetadataIndex(fqn))
+            info = _record(storage.get(MetadataIndex(fqn)))
             bytes_items[fqn] = {"stored_bytes": None if info is None else info.length}
     files = {
         rp: {"size": size, "items": items_per_file.get(rp, 0)} for rp, size in sorted(ck.files.items())
@@ -341,20 +372,22 @@ def inspect_checkpoint(ck: Checkpoint) -> dict[str, Any]:
 def _print_inspect(report: dict[str, Any], out: IO[str]) -> None:
     t = report["totals"]
     w = out.write
-    w(f"checkpoint {report['path']}  (DCP metadata version {report['version'] or 'unknown'})\n")
+    version = _name(report["version"]) if report["version"] else "unknown"
+    w(f"checkpoint {report['path']}  (DCP metadata version {version})\n")
     if report["tensors"]:
         rows = [
-            [fqn, v["dtype"], _shape(v["shape"]), str(v["chunks"]), _human(v["bytes"]),
-             _human(v["stored_bytes"])]
+            [_name(fqn), v["dtype"],
+             _shape(v["shape"]) if v["shape"] is not None else f"(...<{v['ndim']} dims>)",
+             str(v["chunks"]), _human(v["bytes"]), _human(v["stored_bytes"])]
             for fqn, v in report["tensors"].items()
         ]
         w("\n" + "\n".join(_table(rows, ["tensor", "dtype", "shape", "chunks", "bytes", "stored"],
                                     right=(3, 4, 5))) + "\n")
     if report["bytes_items"]:
-        rows = [[fqn, _human(v["stored_bytes"])] for fqn, v in report["bytes_items"].items()]
+        rows = [[_name(fqn), _human(v["stored_bytes"])] for fqn, v in report["bytes_items"].items()]
         w("\n" + "\n".join(_table(rows, ["bytes item", "stored"], right=(1,))) + "\n")
     if report["files"]:
-        rows = [[rp, _human(v["size"]) if v["size"] is not None else "MISSING", str(v["items"])]
+        rows = [[_name(rp), _human(v["size"]) if v["size"] is not None else "MISSING", str(v["items"])]
                 for rp, v in report["files"].items()]
         w("\n" + "\n".join(_table(rows, ["file", "size", "items"], right=(1, 2))) + "\n")
     missing = f", {t['missing_files']} missing" if t["missing_files"] else ""
@@ -756,7 +789,7 @@ def resolve_layouts(
                 out[fqn] = (tuple(item.size), placements)
                 break
         else:
-            raise UsageError(f"{fqn}: no --layout pattern matches it; add a catch-all such as '*=R'")
+            raise UsageError(f"{_name(fqn)}: no --layout pattern matches it; add a catch-all such as '*=R'")
     return tuple(mesh), out
 
 
@@ -770,9 +803,13 @@ def _check_byte_totals(ck: Checkpoint) -> None:
     """
     stored = 0
     for key, info in ck.storage.items():
+        if _record(info) is None:
+            raise CheckpointError(
+                f"storage entry {_index(key)} is a {_name(type(info).__name__)}, not a "
+                "FileSystemWriter record (run `ckcore validate`)")
         end = info.offset + info.length
         if end > _I64_MAX:
-            raise CheckpointError(f"{key.fqn}: storage entry ends at byte {end}, beyond int64")
+            raise CheckpointError(f"{_name(key.fqn)}: storage entry ends at byte {end}, beyond int64")
         stored += info.length
     kept = sum(_tensor_nbytes(fqn, t) for fqn, t in _tensor_items(ck.metadata)) + stored
     if stored > _I64_MAX or kept > _I64_MAX:
@@ -795,12 +832,43 @@ def _saved_storage(table: dict[tuple[str, Any], Any], fqn: str, item: TensorStor
         info = table.get((fqn, tuple(c.offsets)))
         if info is None:
             raise CheckpointError(
-                f"{fqn}: chunk {i} at offsets {tuple(c.offsets)} has no storage entry "
+                f"{_name(fqn)}: chunk {i} at offsets {_shape(c.offsets)} has no storage entry "
                 "(run `ckcore validate`)")
         fid[i] = file_ids.setdefault(info.relative_path, len(file_ids))
         off[i] = info.offset
         ln[i] = info.length
     return fid, off, ln
+
+
+def _check_plannable(fqn: str, offs: np.ndarray, sizes: np.ndarray, size: Sequence[int],
+                     budget: list[int]) -> None:
+    """Refuse saved chunks that no DCP save writes and that would make the plan unbounded.
+
+    Two chunks at the same offsets (a save stores each chunk once, under its
+    offsets) or overlapping chunks: a crafted file repeats one chunk object a
+    million times for 2 bytes each, and every rank would read each copy.
+    ``budget`` (one-element list) is the overlap sweep's comparisons left.
+    """
+    from ._kernels._validate import _check_tensor_bounded
+
+    n, ndim = offs.shape
+    if n < 2:
+        return
+    # Two non-empty chunks at the same offsets overlap, which the kernel
+    # finds; only empty ones need the sort.
+    if ndim == 0 or ((sizes == 0).any() and len(np.unique(offs, axis=0)) < n):
+        raise CheckpointError(
+            f"{_name(fqn)}: two saved chunks start at the same offsets, which no DCP save "
+            "writes (run `ckcore validate`)")
+    *_, found, _, exhausted, spent = _check_tensor_bounded(
+        offs, sizes, np.array(size, dtype=np.int64), 0, 1, max(0, budget[0]))
+    budget[0] -= spent
+    if found:
+        raise CheckpointError(f"{_name(fqn)}: saved chunks overlap (run `ckcore validate`)")
+    if exhausted:
+        raise CheckpointError(
+            f"{_name(fqn)}: saved chunks too irregular to check for overlaps within "
+            f"{SWEEP_BUDGET:,} comparisons, which no DCP layout needs (run `ckcore validate`)")
 
 
 def _coalesce(rank: np.ndarray, fid: np.ndarray, off: np.ndarray, ln: np.ndarray, world: int):
@@ -857,8 +925,12 @@ def plan_reads(
     The per-rank intersection is :func:`ckcore.intersect_chunks` (array form)
     on target chunks from :func:`ckcore.layout.local_shapes_and_offsets`.
     Ranks come heaviest first (bytes read, then rank).
+
+    Refuses (CheckpointError) what no DCP save writes and would make the plan
+    unbounded: saved chunks at the same offsets or overlapping, storage
+    entries that are not FileSystemWriter records, byte counts past int64.
     """
-    from .helpers import intersect_chunks
+    from .helpers import chunk_arrays, intersect_chunks
     from .layout import format_placements, local_shapes_and_offsets
 
     md = ck.metadata
@@ -875,7 +947,8 @@ def plan_reads(
     table = _storage_table(ck)
     missing = sorted(set(tensors) - set(layouts))
     if missing:
-        raise UsageError(f"{missing[0]}: no target layout given for it")
+        raise UsageError(f"{_name(missing[0])}: no target layout given for it")
+    sweep_budget = [SWEEP_BUDGET]
     if progress:
         progress.start("planning reads", len(tensors))
     for done, (fqn, item) in enumerate(tensors.items(), 1):
@@ -885,13 +958,14 @@ def plan_reads(
             sizes, offsets = local_shapes_and_offsets(shape, mesh, placements)
         except (TypeError, ValueError) as exc:
             raise UsageError(
-                f"{fqn}: layout {format_placements(placements)} on mesh {_mesh(mesh)} does not fit "
-                f"the tensor {_shape(shape)}: {exc}") from None
+                f"{_name(fqn)}: layout {format_placements(placements)} on mesh {_mesh(mesh)} does "
+                f"not fit the tensor {_shape(shape)}: {exc}") from None
         if not item.chunks:
             continue
+        saved_chunks = chunk_arrays(item.chunks, _name(fqn), len(shape))
+        _check_plannable(fqn, *saved_chunks, item.size, sweep_budget)
         saved = _saved_storage(table, fqn, item, file_ids)
-        hits = intersect_chunks((offsets, sizes), item.chunks,
-                                fqn=fqn, ndim=len(shape))
+        hits = intersect_chunks((offsets, sizes), saved_chunks, fqn=_name(fqn), ndim=len(shape))
         if len(hits):
             r = hits.local_index
             np.add.at(items, r, 1)
@@ -910,7 +984,8 @@ def plan_reads(
             continue
         info = ck.storage.get(MetadataIndex(fqn))
         if info is None:
-            raise CheckpointError(f"{fqn}: bytes item has no storage entry (run `ckcore validate`)")
+            raise CheckpointError(
+                f"{_name(fqn)}: bytes item has no storage entry (run `ckcore validate`)")
         all_ranks = np.arange(world, dtype=np.int64)
         items += 1
         useful += info.length

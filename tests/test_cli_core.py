@@ -412,11 +412,84 @@ def test_bad_metadata_is_one_error_line(sharded_copy, damage, command):
         assert "refusing global" in line
 
 
-@pytest.mark.parametrize("command", ["inspect", "validate"])
+@pytest.mark.parametrize("command", ["inspect", "validate", "plan"])
 def test_missing_path(tmp_path, command):
-    code, out, err = run(command, str(tmp_path / "nope"))
+    extra = ["--world-size", "2"] if command == "plan" else []
+    code, out, err = run(command, str(tmp_path / "nope"), *extra)
     assert code == 2 and out == ""
     assert "no such file or directory" in one_error_line(err)
+
+
+def test_inspect_of_a_crafted_file_is_proportional_to_it(tmp_path):
+    # 2000 tensors sharing one 5000-dim size tuple (and one chunk list):
+    # listing every dim of every tensor would be 10 million numbers.
+    dims = (1,) * 5000
+    chunks = [ChunkStorageMetadata((0,) * 5000, dims)]
+    long_fqn = "b" * 100_000
+    tensors = {f"t{i}": (dims, chunks) for i in range(2000)}
+    tensors[long_fqn] = ((2, 3), [])
+    tensors["x\nfake row"] = ((4,), [])
+    size = write_crafted(tmp_path, tensors)
+    code, out, err = run("inspect", str(tmp_path), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    t0 = report["tensors"]["t0"]
+    assert t0["shape"] is None and t0["ndim"] == 5000 and t0["bytes"] == 4
+    assert report["tensors"][long_fqn]["shape"] == [2, 3]
+    assert len(out) < 300 * size
+    code, text, _ = run("inspect", str(tmp_path))
+    assert code == 0
+    lines = text.splitlines()
+    assert len(lines) < 2100 and max(map(len, lines)) < 500
+    assert any(line.startswith("t0 ") and "(...<5000 dims>)" in line for line in lines)
+    assert any(line.startswith("'x\\nfake row'") for line in lines)
+    assert not any(line.startswith("fake row") for line in lines)
+
+
+def test_storage_entries_that_are_not_records(tmp_path):
+    # A tuple where a _StorageInfo belongs: the reader keeps it (custom
+    # writers store their own records); nothing may read fields off it.
+    c = ChunkStorageMetadata((0,), (4,))
+    write_crafted(tmp_path, {"w": ((4,), [c])},
+                  storage={MetadataIndex("w", (0,)): ("__0_0.distcp", 0, 16)}, data={})
+    code, out, err = run("inspect", str(tmp_path), "--json")
+    assert code == 0, err
+    assert json.loads(out)["tensors"]["w"]["stored_bytes"] is None
+    code, out, _ = run("validate", str(tmp_path))
+    assert code == 1
+    assert "storage entry w at offsets (0,) is a tuple, not a FileSystemWriter record" in out
+    code, out, err = run("plan", str(tmp_path), "--world-size", "2")
+    assert code == 2 and out == ""
+    assert "is a tuple, not a FileSystemWriter record" in one_error_line(err)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("identical", "w: saved chunks overlap"),
+    ("identical-empty", "w: two saved chunks start at the same offsets"),
+    ("0-d", "w: two saved chunks start at the same offsets"),
+])
+def test_plan_refuses_repeated_chunks(tmp_path, case, message):
+    # A chunk repeated 100,000 times (2 to 5 bytes a copy) would be read by
+    # every rank 100,000 times: plan refuses what no save writes.
+    if case == "identical":
+        tensors = {"w": ((4,), [ChunkStorageMetadata((0,), (4,))] * 100_000)}
+    elif case == "identical-empty":  # empty, strictly inside the target chunks
+        tensors = {"w": ((4,), [ChunkStorageMetadata((0,), (4,)), *[ChunkStorageMetadata((2,), (0,))] * 100_000])}
+    else:
+        tensors = {"w": ((), [ChunkStorageMetadata((), ())] * 100_000)}
+    write_crafted(tmp_path, tensors)
+    code, out, err = run("plan", str(tmp_path), "--world-size", "1000")
+    assert code == 2 and out == ""
+    assert message in one_error_line(err)
+
+
+def test_plan_errors_bound_long_fqns(tmp_path):
+    long_fqn = "c" * 1_000_000
+    write_crafted(tmp_path, {long_fqn: ((4,), [ChunkStorageMetadata((0,), (4,))])})
+    code, out, err = run("plan", str(tmp_path), "--mesh", "2", "--layout", "*=S(3)")
+    assert code == 2 and out == ""
+    line = one_error_line(err)
+    assert len(line) < 1100 and "...<1000000 chars>" in line
 
 
 # --------------------------------------------------------------------------
