@@ -15,6 +15,21 @@ the command line over ckcore's torch-free pieces:
 * ``ckcore demo``           a 70B-class model planned for save at one layout
   and load at another, timed for ckcore and (when installed) torch.
 
+Every command takes ``--json`` (the report as one JSON object on stdout) and
+``--progress``. The ``.metadata`` is untrusted input: a few kilobytes of
+pickle can repeat one chunk object a million times, so everything printed
+is bounded. ``validate`` shows the first ``--max-findings N`` findings of
+each kind (default 20, 0 for all) and a line counting the rest (``... and
+4,498,480 more overlapping chunk pairs``); its ``--json`` lists the same
+messages plus each kind's count (``inexact`` names the counts that are lower
+bounds). It keeps only the overlapping pairs
+it shows, counts pairs up to :data:`PAIR_COUNT_LIMIT` ("at least" past it)
+and gives the overlap sweep :data:`SWEEP_BUDGET` comparisons. ``inspect``
+writes a row per tensor, bytes item and file, each of bounded size, and
+``plan`` a row per target rank; names and shapes from the file are
+abbreviated in text and in error messages
+(:func:`~ckcore._saferepr.saferepr`).
+
 Exit status: 0 success (and, for ``validate``, a sound checkpoint), 1 for
 ``validate`` problems, 2 for every error: bad arguments, an unusable input
 (a missing path, a corrupted or unsafe ``.metadata``, a layout that does not
