@@ -54,7 +54,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, Any, NoReturn
 
 import numpy as np
@@ -454,9 +454,8 @@ class Findings:
     """What ``validate`` found, by kind: the first ``limit`` messages of each, and counts.
 
     ``limit`` <= 0 keeps every message. Checks call :meth:`add` for each
-    finding with a function that writes its message, called only for the
-    messages kept, so a million findings cost a million counts, not a
-    million strings. ``counts`` maps each kind found to its number;
+    finding and write its message (:meth:`keep`) only when ``add`` asks for
+    it, so a million findings cost a million counts, not a million strings. ``counts`` maps each kind found to its number;
     ``inexact`` holds the kinds whose count is a lower bound (counting
     stopped, see :data:`PAIR_COUNT_LIMIT`).
     """
@@ -474,11 +473,14 @@ class Findings:
             return -1
         return max(0, self.limit - len(self.shown.get(kind, ())))
 
-    def add(self, kind: str, message: Callable[[], str]) -> None:
-        """Count one finding of ``kind``; keep ``message()`` if there is room for it."""
+    def add(self, kind: str) -> bool:
+        """Count one finding of ``kind``; True when its message is to be kept (see :meth:`keep`)."""
         self.counts[kind] = self.counts.get(kind, 0) + 1
-        if self.room(kind):
-            self.shown.setdefault(kind, []).append(message())
+        return self.room(kind) != 0
+
+    def keep(self, kind: str, message: str) -> None:
+        """Keep the message of a finding :meth:`add` counted and wanted."""
+        self.shown.setdefault(kind, []).append(message)
 
     def add_many(self, kind: str, messages: Sequence[str], count: int, exact: bool = True) -> None:
         """Record ``count`` findings of ``kind`` (a lower bound unless ``exact``), ``messages`` the kept ones."""
@@ -597,7 +599,8 @@ def _validate_tensor(fqn: str, item: TensorStorageMetadata, f: Findings,
         offs, sizes = _read_chunks(fqn, chunks, ndim)
     except (TypeError, ValueError, OverflowError) as exc:
         why = _one_line(exc)
-        f.add("unvalidatable", lambda: f"key:{_name(fqn)} cannot be validated: {why}")
+        if f.add("unvalidatable"):
+            f.keep("unvalidatable", f"key:{_name(fqn)} cannot be validated: {why}")
         return
     keep = f.room("overlapping_chunks")
     stop = max(1, budget["pairs"]) if budget["pairs"] >= 0 else -1
@@ -619,8 +622,8 @@ def _validate_tensor(fqn: str, item: TensorStorageMetadata, f: Findings,
             shown = [f"key:{_name(fqn)} has overlapping chunks: {_chunk(chunks[i])} {_chunk(chunks[j])}"
                      for i, j in zip(cur.tolist(), oth.tolist())]
         f.add_many("overlapping_chunks", shown, found, exact=complete)
-    if exhausted:
-        f.add("overlap_check_stopped", lambda: (
+    if exhausted and f.add("overlap_check_stopped"):
+        f.keep("overlap_check_stopped", (
             f"key:{_name(fqn)} overlap check stopped: its {len(chunks):,} chunks need more than "
             f"{SWEEP_BUDGET:,} comparisons for the whole checkpoint (no DCP layout does)"))
     tensor_volume = _volume(size)
@@ -629,11 +632,12 @@ def _validate_tensor(fqn: str, item: TensorStorageMetadata, f: Findings,
         vols = [_volume(c.sizes) for c in chunks]
         volume = None if None in vols else sum(vols)
         if volume is None or tensor_volume is None:
-            f.add("unvalidatable", lambda: (
-                f"key:{_name(fqn)} cannot be validated: a volume passes 2**256 elements"))
+            if f.add("unvalidatable"):
+                f.keep("unvalidatable", (
+                    f"key:{_name(fqn)} cannot be validated: a volume passes 2**256 elements"))
             return
-    if tensor_volume != volume:
-        f.add("invalid_fill", lambda: (
+    if tensor_volume != volume and f.add("invalid_fill"):
+        f.keep("invalid_fill", (
             f"key:{_name(fqn)} invalid fill tensor-volume: "
             f"{'more than 2**256' if tensor_volume is None else tensor_volume} chunks-volume: {volume}"))
 
@@ -654,33 +658,36 @@ def _storage_findings(ck: Checkpoint, f: Findings) -> None:
             for i, c in enumerate(item.chunks):
                 key = MetadataIndex(fqn, c.offsets)
                 expected.add(key)
-                if key not in storage:
-                    f.add("missing_storage_entry", lambda: (
+                if key not in storage and f.add("missing_storage_entry"):
+                    f.keep("missing_storage_entry", (
                         f"{_name(fqn)}: chunk {i} at offsets {_shape(c.offsets)} has no storage entry"))
         else:
             key = MetadataIndex(fqn)
             expected.add(key)
-            if key not in storage:
-                f.add("missing_storage_entry", lambda: f"{_name(fqn)}: bytes item has no storage entry")
+            if key not in storage and f.add("missing_storage_entry"):
+                f.keep("missing_storage_entry", f"{_name(fqn)}: bytes item has no storage entry")
     for key, info in storage.items():
-        if key not in expected:
-            f.add("unknown_storage_entry", lambda: (
+        if key not in expected and f.add("unknown_storage_entry"):
+            f.keep("unknown_storage_entry", (
                 f"storage entry {_index(key)} names no item in state_dict_metadata"))
         if type(info) is not StorageInfo:
-            f.add("foreign_storage_entry", lambda: (
-                f"storage entry {_index(key)} is a {_name(type(info).__name__)}, "
-                "not a FileSystemWriter record"))
+            if f.add("foreign_storage_entry"):
+                f.keep("foreign_storage_entry", (
+                    f"storage entry {_index(key)} is a {_name(type(info).__name__)}, "
+                    "not a FileSystemWriter record"))
             continue
         rp = info.relative_path
         if _escapes(rp):
-            f.add("path_outside", lambda: (
-                f"{_name(key.fqn)}: file {_name(rp)} lies outside the checkpoint directory"))
+            if f.add("path_outside"):
+                f.keep("path_outside", (
+                    f"{_name(key.fqn)}: file {_name(rp)} lies outside the checkpoint directory"))
             continue
         size = ck.files.get(rp)
         if size is None:
-            f.add("missing_file", lambda: f"{_name(key.fqn)}: file {_name(rp)} is missing")
-        elif info.offset + info.length > size:
-            f.add("beyond_file_end", lambda: (
+            if f.add("missing_file"):
+                f.keep("missing_file", f"{_name(key.fqn)}: file {_name(rp)} is missing")
+        elif info.offset + info.length > size and f.add("beyond_file_end"):
+            f.keep("beyond_file_end", (
                 f"{_name(key.fqn)}: bytes [{info.offset}, {info.offset + info.length}) "
                 f"lie beyond the end of {_name(rp)} ({size} bytes)"))
 
@@ -707,8 +714,8 @@ def _overlapping_storage(ck: Checkpoint, f: Findings) -> None:
         entries.sort(key=lambda e: (e[0], e[1]))
         reach_end, reach_key = -1, None
         for start, end, key in entries:
-            if start < reach_end:
-                f.add("overlapping_storage", lambda: (
+            if start < reach_end and f.add("overlapping_storage"):
+                f.keep("overlapping_storage", (
                     f"{_name(key.fqn)}: bytes [{start}, {end}) of {_name(rp)} overlap those of "
                     f"{_name(reach_key.fqn)} (up to byte {reach_end})"))
             if end > reach_end:
@@ -728,8 +735,8 @@ def _short_storage(ck: Checkpoint, f: Findings) -> None:
                 continue
             vol = _volume(c.sizes)
             raw = None if vol is None else vol * size
-            if raw is None or info.length < raw:
-                f.add("short_storage", lambda: (
+            if raw is None or info.length < raw and f.add("short_storage"):
+                f.keep("short_storage", (
                     f"{_name(fqn)}: chunk {i} at offsets {_shape(c.offsets)} needs "
                     f"{'more than 2**256' if raw is None else raw} bytes but its storage entry in "
                     f"{_name(info.relative_path)} holds {info.length}"))
@@ -1562,7 +1569,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None,
             raise
         err.write(f"ckcore: error: {_one_line(exc)}\n")
         return 2
-    except Exception as exc:  # noqa: BLE001 - a bug: still one line, not a traceback
+    except Exception as exc:  # a bug: still one line, not a traceback
         if debug:
             raise
         err.write(f"ckcore: error: internal error: {type(exc).__name__}: {_one_line(exc)} "

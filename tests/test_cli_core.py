@@ -303,8 +303,8 @@ def test_max_findings(tmp_path, limit, shown):
     lines = out.splitlines()
     assert sum(line.startswith("key:w has overlapping chunks") for line in lines) == shown
     more = [line for line in lines if line.startswith("...")]
-    assert more == ([] if shown == 28 else [f"... and {28 - shown} more overlapping chunk pairs "
-                                            "(--max-findings 0 shows all)"])
+    expected = f"... and {28 - shown} more overlapping chunk pairs (--max-findings 0 shows all)"
+    assert more == ([] if shown == 28 else [expected])
     assert err.endswith(": 29 problem(s)\n")
     code, out, _ = run("validate", str(tmp_path), "--max-findings", limit, "--json")
     report = json.loads(out)
@@ -802,8 +802,9 @@ def test_exit_statuses_are_0_1_2_or_130():
     # The documented contract, checked on the source: every status main() and
     # the commands return is 0, 1, 2 (or 130 on Ctrl-C), and nothing exits itself.
     import ast
+    from pathlib import Path
 
-    tree = ast.parse(open(ckcore.cli.__file__, encoding="utf-8").read())
+    tree = ast.parse(Path(ckcore.cli.__file__).read_text(encoding="utf-8"))
     exits = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Call)
              and getattr(n.func, "attr", getattr(n.func, "id", None)) in ("exit", "_exit")]
     assert exits == []
@@ -818,8 +819,8 @@ def test_exit_statuses_are_0_1_2_or_130():
                     assert values, f"{node.name}: return {ast.unparse(ret.value)} is not a literal status"
                     statuses |= {n.value for n in values if isinstance(n.value, int)}
     assert statuses == {0, 1, 2, 130}
-    main_py = os.path.join(os.path.dirname(ckcore.cli.__file__), "__main__.py")
-    assert "sys.exit(main())" in open(main_py, encoding="utf-8").read()
+    main_py = Path(ckcore.cli.__file__).with_name("__main__.py")
+    assert "sys.exit(main())" in main_py.read_text(encoding="utf-8")
 
 
 def test_cli_never_imports_torch():
