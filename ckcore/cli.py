@@ -15,11 +15,29 @@ the command line over ckcore's torch-free pieces:
 * ``ckcore demo``           a 70B-class model planned for save at one layout
   and load at another, timed for ckcore and (when installed) torch.
 
+Every command takes ``--json`` (the report as one JSON object on stdout) and
+``--progress``. The ``.metadata`` is untrusted input: a few kilobytes of
+pickle can repeat one chunk object a million times, so everything printed
+is bounded. ``validate`` shows the first ``--max-findings N`` findings of
+each kind (default 20, 0 for all) and a line counting the rest (``... and
+4,498,480 more overlapping chunk pairs``); its ``--json`` lists the same
+messages plus each kind's count (``inexact`` names the counts that are lower
+bounds). It keeps only the overlapping pairs
+it shows, counts pairs up to :data:`PAIR_COUNT_LIMIT` ("at least" past it)
+and gives the overlap sweep :data:`SWEEP_BUDGET` comparisons. ``inspect``
+writes a row per tensor, bytes item and file, each of bounded size, and
+``plan`` a row per target rank; names and shapes from the file are
+abbreviated in text and in error messages
+(:func:`~ckcore._saferepr.saferepr`).
+
 Exit status: 0 success (and, for ``validate``, a sound checkpoint), 1 for
-``validate`` problems, 2 for an unusable input or bad arguments (a missing
-path, a corrupted ``.metadata``, a layout that does not fit a tensor), 130
-on Ctrl-C. Errors are one ``ckcore: error: ...`` line on stderr, never a
-traceback (set ``CKCORE_DEBUG=1`` to get one).
+``validate`` problems, 2 for every error: bad arguments, an unusable input
+(a missing path, a corrupted or unsafe ``.metadata``, a layout that does not
+fit a tensor), running out of memory, or a bug in ckcore ("internal error",
+naming the exception type); 130 when interrupted (Ctrl-C), as shells report
+it. Every error is one ``ckcore: error: ...`` line on stderr, argparse's
+usage errors included, never a traceback: set ``CKCORE_DEBUG=1`` in the
+environment to have errors re-raised with their traceback instead.
 
 Nothing here imports torch, except ``demo``, which times torch when it is
 installed (and ``--no-torch`` is not given).
@@ -37,11 +55,12 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import numpy as np
 
-from .checkpoint import Checkpoint, CheckpointError
+from ._saferepr import saferepr
+from .checkpoint import Checkpoint, CheckpointError, StorageInfo
 from .dtypes import itemsize
 from .metadata import (
     ChunkStorageMetadata,
@@ -53,6 +72,12 @@ from .metadata import (
 
 __all__ = [
     "COALESCING",
+    "DEFAULT_MAX_FINDINGS",
+    "FINDING_KINDS",
+    "MAX_SHAPE_DIMS",
+    "PAIR_COUNT_LIMIT",
+    "SWEEP_BUDGET",
+    "Findings",
     "inspect_checkpoint",
     "main",
     "parse_layout_rules",
@@ -69,6 +94,9 @@ __all__ = [
 COALESCING = "whole storage items, per rank and file sorted by offset, touching/overlapping merged"
 
 _I64_MAX = 2**63 - 1
+
+#: Dims of a shape ``inspect --json`` lists (a longer one is given as ``ndim`` only).
+MAX_SHAPE_DIMS = 64
 
 #: Largest target world ``plan`` accepts: its arrays hold a row per rank and
 #: tensor dim, so a typo such as ``--world-size 100000000`` would otherwise
@@ -97,9 +125,68 @@ def _human(n: int | None) -> str:
     return f"{n} B"  # pragma: no cover - loop always returns
 
 
-def _shape(t: Sequence[int]) -> str:
-    """A shape as Python writes a tuple: ``()``, ``(5,)``, ``(4, 3)``."""
-    return str(tuple(int(v) for v in t))
+#: Dims written in full in messages and tables; a longer shape is abbreviated
+#: (a crafted ``.metadata`` can give a tensor any number of dims and share
+#: that one size tuple between all its tensors and chunks).
+_MAX_DIMS_SHOWN = 16
+
+#: Longest fqn or file name written as is; longer ones are abbreviated.
+_MAX_NAME = 200
+
+
+def _shape(t: Any) -> str:
+    """A shape as Python writes a tuple: ``()``, ``(5,)``, ``(4, 3)``; bounded for long or odd ones.
+
+    Past :data:`_MAX_DIMS_SHOWN` dims: ``(1, 1, 1, 1, 1, 1, ...<5000 dims>)``.
+    """
+    if type(t) is list:
+        t = tuple(t)
+    if type(t) is not tuple:
+        return saferepr(t)
+    head = t if len(t) <= _MAX_DIMS_SHOWN else t[:6]
+    if not all(type(v) is int and -(2**64) < v < 2**64 for v in head):
+        return saferepr(t)
+    if len(t) <= _MAX_DIMS_SHOWN:
+        return str(t)
+    return "(" + ", ".join(map(str, head)) + f", ...<{len(t)} dims>)"
+
+
+def _name(s: Any) -> str:
+    """An fqn or file name from the checkpoint, for a message or a table cell.
+
+    As is when it is a short printable str (every real one); otherwise
+    :func:`~ckcore._saferepr.saferepr`'s bounded, escaped form, so a
+    megabyte fqn or one with a newline cannot flood or split the output.
+    """
+    if type(s) is str and len(s) <= _MAX_NAME and s.isprintable():
+        return s
+    return saferepr(s)
+
+
+def _chunk(c: Any) -> str:
+    """A chunk as its ``repr`` writes it (as torch's messages quote it), with bounded shapes."""
+    return f"ChunkStorageMetadata(offsets={_shape(getattr(c, 'offsets', None))}, " \
+           f"sizes={_shape(getattr(c, 'sizes', None))})"
+
+
+#: Largest volume :func:`_volume` computes exactly.
+_VOLUME_CAP = 2**256
+
+
+def _volume(values: Sequence[int]) -> int | None:
+    """The product of the ints ``values``, or None past 2**256 in magnitude.
+
+    A crafted shape of a million dims makes ``math.prod`` minutes of bignum
+    work; no real tensor has 2**256 elements.
+    """
+    if len(values) > 64:
+        if 0 in values:
+            return 0
+        # Every value other than 1 at least doubles the magnitude.
+        if len(values) - values.count(1) > 256:
+            return None
+    v = math.prod(values)
+    return v if -_VOLUME_CAP <= v <= _VOLUME_CAP else None
 
 
 def _mesh(t: Sequence[int]) -> str:
@@ -206,10 +293,21 @@ def _tensor_items(md: Metadata) -> Iterator[tuple[str, TensorStorageMetadata]]:
 
 def _tensor_nbytes(fqn: str, item: TensorStorageMetadata) -> int:
     """Exact bytes of the whole tensor; refuses sizes whose byte count leaves int64."""
-    n = math.prod(item.size) * itemsize(item.properties.dtype)
-    if n > _I64_MAX:
-        raise CheckpointError(f"{fqn}: tensor of size {item.size} has {n} bytes, more than int64 holds")
+    vol = _volume(item.size)
+    n = None if vol is None else vol * itemsize(item.properties.dtype)
+    if n is None or n > _I64_MAX:
+        raise CheckpointError(
+            f"{_name(fqn)}: tensor of size {_shape(item.size)} has more bytes than int64 holds")
     return n
+
+
+def _record(info: Any) -> StorageInfo | None:
+    """A storage entry if it is a FileSystemWriter record, else None.
+
+    The reader keeps other values (a custom writer's records, or anything a
+    crafted file puts there); their fields cannot be trusted to exist.
+    """
+    return info if type(info) is StorageInfo else None
 
 
 # --------------------------------------------------------------------------
@@ -220,12 +318,16 @@ def _tensor_nbytes(fqn: str, item: TensorStorageMetadata) -> int:
 def inspect_checkpoint(ck: Checkpoint) -> dict[str, Any]:
     """What a checkpoint holds, as plain data (the ``--json`` form of ``ckcore inspect``).
 
-    ``tensors``: per fqn its dtype, global ``shape``, ``chunks`` (count),
-    ``bytes`` (the tensor's logical size, numel x itemsize) and ``stored_bytes``
-    (sum of its storage entries, which include serialization overhead; None
-    when an entry is missing). ``bytes_items``: per fqn its stored bytes.
-    ``files``: per data file its size on disk (None when missing) and the
-    number of items stored in it. ``totals`` sums them.
+    ``tensors``: per fqn its dtype, global ``shape`` (None past
+    :data:`MAX_SHAPE_DIMS` dims), ``ndim``, ``chunks`` (count), ``bytes`` (the
+    tensor's logical size, numel x itemsize) and ``stored_bytes`` (sum of its
+    storage entries, which include serialization overhead; None when an entry
+    is missing or not a FileSystemWriter record). ``bytes_items``: per fqn its
+    stored bytes. ``files``: per data file its size on disk (None when
+    missing) and the number of items stored in it. ``totals`` sums them.
+
+    Its size is proportional to the ``.metadata`` file's: a row per tensor,
+    bytes item and file, each of bounded size.
     """
     md = ck.metadata
     storage = ck.storage
@@ -233,29 +335,32 @@ def inspect_checkpoint(ck: Checkpoint) -> dict[str, Any]:
     bytes_items: dict[str, Any] = {}
     items_per_file: dict[str, int] = {}
     for info in storage.values():
-        rp = getattr(info, "relative_path", None)
-        if rp is not None:
-            items_per_file[rp] = items_per_file.get(rp, 0) + 1
+        if _record(info) is not None:
+            items_per_file[info.relative_path] = items_per_file.get(info.relative_path, 0) + 1
     n_chunks = 0
     for fqn, item in md.state_dict_metadata.items():
         if type(item) is TensorStorageMetadata:
             stored: int | None = 0
             for c in item.chunks:
-                info = storage.get(MetadataIndex(fqn, c.offsets))
+                info = _record(storage.get(MetadataIndex(fqn, c.offsets)))
                 if info is None or stored is None:
                     stored = None
                 else:
                     stored += info.length
             n_chunks += len(item.chunks)
+            ndim = len(item.size)
             tensors[fqn] = {
                 "dtype": item.properties.dtype,
-                "shape": list(item.size),
+                # One size tuple may be shared by every tensor of a crafted
+                # file: listing a million dims per tensor would multiply it.
+                "shape": list(item.size) if ndim <= MAX_SHAPE_DIMS else None,
+                "ndim": ndim,
                 "chunks": len(item.chunks),
                 "bytes": _tensor_nbytes(fqn, item),
                 "stored_bytes": stored,
             }
         else:
-            info = storage.get(MetadataIndex(fqn))
+            info = _record(storage.get(MetadataIndex(fqn)))
             bytes_items[fqn] = {"stored_bytes": None if info is None else info.length}
     files = {
         rp: {"size": size, "items": items_per_file.get(rp, 0)} for rp, size in sorted(ck.files.items())
@@ -282,20 +387,22 @@ def inspect_checkpoint(ck: Checkpoint) -> dict[str, Any]:
 def _print_inspect(report: dict[str, Any], out: IO[str]) -> None:
     t = report["totals"]
     w = out.write
-    w(f"checkpoint {report['path']}  (DCP metadata version {report['version'] or 'unknown'})\n")
+    version = _name(report["version"]) if report["version"] else "unknown"
+    w(f"checkpoint {report['path']}  (DCP metadata version {version})\n")
     if report["tensors"]:
         rows = [
-            [fqn, v["dtype"], _shape(v["shape"]), str(v["chunks"]), _human(v["bytes"]),
-             _human(v["stored_bytes"])]
+            [_name(fqn), v["dtype"],
+             _shape(v["shape"]) if v["shape"] is not None else f"(...<{v['ndim']} dims>)",
+             str(v["chunks"]), _human(v["bytes"]), _human(v["stored_bytes"])]
             for fqn, v in report["tensors"].items()
         ]
         w("\n" + "\n".join(_table(rows, ["tensor", "dtype", "shape", "chunks", "bytes", "stored"],
                                     right=(3, 4, 5))) + "\n")
     if report["bytes_items"]:
-        rows = [[fqn, _human(v["stored_bytes"])] for fqn, v in report["bytes_items"].items()]
+        rows = [[_name(fqn), _human(v["stored_bytes"])] for fqn, v in report["bytes_items"].items()]
         w("\n" + "\n".join(_table(rows, ["bytes item", "stored"], right=(1,))) + "\n")
     if report["files"]:
-        rows = [[rp, _human(v["size"]) if v["size"] is not None else "MISSING", str(v["items"])]
+        rows = [[_name(rp), _human(v["size"]) if v["size"] is not None else "MISSING", str(v["items"])]
                 for rp, v in report["files"].items()]
         w("\n" + "\n".join(_table(rows, ["file", "size", "items"], right=(1, 2))) + "\n")
     missing = f", {t['missing_files']} missing" if t["missing_files"] else ""
@@ -309,63 +416,290 @@ def _print_inspect(report: dict[str, Any], out: IO[str]) -> None:
 # validate
 # --------------------------------------------------------------------------
 
+#: Findings of each kind ``validate`` shows by default (``--max-findings``).
+DEFAULT_MAX_FINDINGS = 20
 
-def validate_checkpoint(ck: Checkpoint, progress: Progress | None = None) -> list[str]:
-    """Every problem of a checkpoint on disk, one message each; empty when it is sound.
+#: Overlapping chunk pairs counted, over the whole checkpoint, before the
+#: count becomes "at least": a few kilobytes of crafted ``.metadata`` hold
+#: billions of pairs, and counting them can take as long as listing them
+#: (identical chunks are the exception: they are counted exactly, for free).
+PAIR_COUNT_LIMIT = 10_000_000
 
-    Global checks are :func:`ckcore.global_plan.validate_global_plan`'s
-    (torch's ``_validate_global_plan``): out-of-bounds chunks, overlapping
-    chunks, and "invalid fill" (chunk volumes not summing to the tensor's).
-    torch checks the fill only when more than one rank saved; a checkpoint on
-    disk is checked always, since a gap means unreadable elements whoever
-    wrote it. Storage checks: every chunk and bytes item has a storage entry,
-    every entry's file exists and holds its byte range, no entry names an
-    unknown item, no two entries share bytes of a file, and (when no stream
-    transform was applied) no tensor chunk's entry is shorter than the
-    chunk's raw bytes.
+#: Chunk comparisons the overlap sweep may make over the whole checkpoint
+#: (about a second). Only layouts that no dimension can split need the sweep,
+#: and none of DCP's do; a crafted one can need n^2 comparisons without a
+#: single overlap. A tensor whose check runs out is a finding of its own.
+SWEEP_BUDGET = 500_000_000
+
+#: Every kind of finding, in report order: id (the ``--json`` key) -> what a
+#: count of them is called in "... and N more ...".
+FINDING_KINDS = {
+    "unvalidatable": "tensors that cannot be validated",
+    "out_of_bounds": "out-of-bounds chunks",
+    "overlapping_chunks": "overlapping chunk pairs",
+    "overlap_check_stopped": "tensors whose overlap check stopped",
+    "invalid_fill": "tensors whose chunks do not fill them",
+    "missing_storage_entry": "items without a storage entry",
+    "unknown_storage_entry": "storage entries naming no item",
+    "foreign_storage_entry": "storage entries that are not FileSystemWriter records",
+    "path_outside": "storage entries naming a file outside the checkpoint",
+    "missing_file": "storage entries in missing files",
+    "beyond_file_end": "storage entries beyond the end of their file",
+    "overlapping_storage": "storage entries sharing bytes with another",
+    "short_storage": "chunks whose storage entry is shorter than their raw bytes",
+}
+
+
+class Findings:
+    """What ``validate`` found, by kind: the first ``limit`` messages of each, and counts.
+
+    ``limit`` <= 0 keeps every message. Checks call :meth:`add` for each
+    finding and write its message (:meth:`keep`) only when ``add`` asks for
+    it, so a million findings cost a million counts, not a million strings. ``counts`` maps each kind found to its number;
+    ``inexact`` holds the kinds whose count is a lower bound (counting
+    stopped, see :data:`PAIR_COUNT_LIMIT`).
     """
-    from .global_plan import validate_global_plan
-    from .planner import SavePlan
 
+    def __init__(self, limit: int = DEFAULT_MAX_FINDINGS) -> None:
+        """Keep the first ``limit`` messages of each kind (every message when ``limit`` <= 0)."""
+        self.limit = limit
+        self.shown: dict[str, list[str]] = {}
+        self.counts: dict[str, int] = {}
+        self.inexact: set[str] = set()
+
+    def room(self, kind: str) -> int:
+        """How many more messages of ``kind`` would be kept (-1: no limit)."""
+        if self.limit <= 0:
+            return -1
+        return max(0, self.limit - len(self.shown.get(kind, ())))
+
+    def add(self, kind: str) -> bool:
+        """Count one finding of ``kind``; True when its message is to be kept (see :meth:`keep`)."""
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        return self.room(kind) != 0
+
+    def keep(self, kind: str, message: str) -> None:
+        """Keep the message of a finding :meth:`add` counted and wanted."""
+        self.shown.setdefault(kind, []).append(message)
+
+    def add_many(self, kind: str, messages: Sequence[str], count: int, exact: bool = True) -> None:
+        """Record ``count`` findings of ``kind`` (a lower bound unless ``exact``), ``messages`` the kept ones."""
+        if count <= 0 and exact:
+            return
+        self.counts[kind] = self.counts.get(kind, 0) + count
+        room = self.room(kind)
+        kept = list(messages) if room < 0 else list(messages[:room])
+        if kept:
+            self.shown.setdefault(kind, []).extend(kept)
+        if not exact:
+            self.inexact.add(kind)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing was found."""
+        return not self.counts
+
+    @property
+    def total(self) -> int:
+        """Number of findings (a lower bound unless :attr:`exact`)."""
+        return sum(self.counts.values())
+
+    @property
+    def exact(self) -> bool:
+        """Whether every count is exact."""
+        return not self.inexact
+
+    @property
+    def messages(self) -> list[str]:
+        """The kept messages, kind by kind in :data:`FINDING_KINDS` order."""
+        return [m for kind in FINDING_KINDS for m in self.shown.get(kind, ())]
+
+    def lines(self) -> Iterator[str]:
+        """The text report: each kind's kept messages, then a line counting the rest."""
+        for kind, label in FINDING_KINDS.items():
+            count = self.counts.get(kind)
+            if count is None:
+                continue
+            shown = self.shown.get(kind, [])
+            yield from shown
+            rest = count - len(shown)
+            if kind in self.inexact:
+                yield (f"... and at least {rest:,} more {label} "
+                       f"(counting stopped at {count:,})")
+            elif rest > 0:
+                yield f"... and {rest:,} more {label} (--max-findings 0 shows all)"
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``--json`` fields: ``problems`` (kept messages), ``counts``, ``inexact``, ``total``."""
+        return {
+            "problems": self.messages,
+            "counts": {k: self.counts[k] for k in FINDING_KINDS if k in self.counts},
+            "inexact": [k for k in FINDING_KINDS if k in self.inexact],
+            "total": self.total,
+            "max_findings": self.limit,
+        }
+
+
+def validate_checkpoint(ck: Checkpoint, progress: Progress | None = None, *,
+                        max_findings: int = DEFAULT_MAX_FINDINGS) -> Findings:
+    """Every problem of a checkpoint on disk, as :class:`Findings`; ``ok`` when it is sound.
+
+    Global checks are torch's ``_validate_global_plan``'s, with its messages
+    (quoting bounded shapes and names): out-of-bounds chunks, overlapping
+    chunk pairs (torch's predicate), and "invalid fill" (chunk volumes not
+    summing to the tensor's). torch checks the fill only when more than one
+    rank saved; a checkpoint on disk is checked always, since a gap means
+    unreadable elements whoever wrote it. Storage checks: every chunk and
+    bytes item has a storage entry, every entry is a FileSystemWriter record
+    whose file exists inside the checkpoint and holds its byte range, no
+    entry names an unknown item, no two entries share bytes of a file, and
+    (when no stream transform was applied) no tensor chunk's entry is
+    shorter than the chunk's raw bytes.
+
+    Bounded for crafted input: each kind keeps its first ``max_findings``
+    messages (all when <= 0) and counts the rest; overlapping pairs are
+    counted up to :data:`PAIR_COUNT_LIMIT` (all when ``max_findings`` <= 0),
+    and the overlap sweep makes at most :data:`SWEEP_BUDGET` comparisons.
+    """
+    f = Findings(max_findings)
     md = ck.metadata
-    problems: list[str] = []
-    # Two plans make validate_global_plan check the fill (see docstring).
-    two_plans = [SavePlan([]), SavePlan([])]
     tensors = list(_tensor_items(md))
     if progress:
         progress.start("validating", len(tensors))
-    with _quiet_validation_logger():
-        # One tensor at a time, so a tensor the kernel refuses (ValueError)
-        # becomes a reported problem and the others are still checked.
-        for done, (fqn, item) in enumerate(tensors, 1):
-            one = Metadata({fqn: item})
-            try:
-                problems.extend(validate_global_plan(two_plans, one))
-            except (ValueError, TypeError) as exc:
-                problems.append(f"key:{fqn} cannot be validated: {exc}")
-            if progress:
-                progress.update(done)
+    budget = {"pairs": PAIR_COUNT_LIMIT if max_findings > 0 else -1, "sweep": SWEEP_BUDGET}
+    for done, (fqn, item) in enumerate(tensors, 1):
+        _validate_tensor(fqn, item, f, budget)
+        if progress:
+            progress.update(done)
     if progress:
         progress.done()
-    problems.extend(ck.problems())
-    problems.extend(_overlapping_storage(ck))
-    for fqn, item in _tensor_items(md):
-        size = itemsize(item.properties.dtype)
-        for i, c in enumerate(item.chunks):
-            info = ck.storage.get(MetadataIndex(fqn, c.offsets))
-            if info is None or getattr(info, "transform_descriptors", None):
-                continue
-            raw = math.prod(c.sizes) * size
-            if info.length < raw:
-                problems.append(
-                    f"{fqn}: chunk {i} at offsets {tuple(c.offsets)} needs {raw} bytes but its "
-                    f"storage entry in {info.relative_path} holds {info.length}"
-                )
-    return problems
+    _storage_findings(ck, f)
+    _overlapping_storage(ck, f)
+    _short_storage(ck, f)
+    return f
 
 
-def _overlapping_storage(ck: Checkpoint) -> list[str]:
-    """Storage entries whose byte ranges overlap in one file.
+def _validate_tensor(fqn: str, item: TensorStorageMetadata, f: Findings,
+                     budget: dict[str, int]) -> None:
+    """torch's global checks of one tensor into ``f``; ``budget`` is what the run has left."""
+    from ._kernels._validate import _check_tensor_bounded, _read_chunks
+    from .global_plan import _torch_order
+
+    size = item.size
+    ndim = len(size)
+    if ndim == 0:  # torch skips 0-d tensors
+        return
+    chunks = item.chunks
+    if not isinstance(chunks, list):
+        chunks = list(chunks)
+    try:
+        tsize = np.array(size, dtype=np.int64)
+        # Raises for chunks the kernel cannot check (wrong number of dims,
+        # offset + size past int64); the other tensors are still checked.
+        offs, sizes = _read_chunks(fqn, chunks, ndim)
+    except (TypeError, ValueError, OverflowError) as exc:
+        why = _one_line(exc)
+        if f.add("unvalidatable"):
+            f.keep("unvalidatable", f"key:{_name(fqn)} cannot be validated: {why}")
+        return
+    keep = f.room("overlapping_chunks")
+    stop = max(1, budget["pairs"]) if budget["pairs"] >= 0 else -1
+    oob, volume, pairs, found, complete, exhausted, spent = _check_tensor_bounded(
+        offs, sizes, tsize, keep, stop, max(0, budget["sweep"]))
+    budget["sweep"] -= spent
+    if budget["pairs"] >= 0:
+        budget["pairs"] = budget["pairs"] - found if complete else 0
+    room = f.room("out_of_bounds")
+    shape = _shape(size)
+    f.add_many("out_of_bounds", [
+        f"key:{_name(fqn)} has out of bounds chunk: tensor-size:{shape} chunk: {_chunk(chunks[i])}"
+        for i in (oob if room < 0 else oob[:room]).tolist()
+    ], len(oob))
+    if found:
+        shown = []
+        if len(pairs):
+            cur, oth = _torch_order(offs, sizes, size, pairs)
+            shown = [f"key:{_name(fqn)} has overlapping chunks: {_chunk(chunks[i])} {_chunk(chunks[j])}"
+                     for i, j in zip(cur.tolist(), oth.tolist())]
+        f.add_many("overlapping_chunks", shown, found, exact=complete)
+    if exhausted and f.add("overlap_check_stopped"):
+        f.keep("overlap_check_stopped", (
+            f"key:{_name(fqn)} overlap check stopped: its {len(chunks):,} chunks need more than "
+            f"{SWEEP_BUDGET:,} comparisons for the whole checkpoint (no DCP layout does)"))
+    tensor_volume = _volume(size)
+    if volume is None:
+        # Some chunk's volume passes int64: exact Python ints.
+        vols = [_volume(c.sizes) for c in chunks]
+        volume = None if None in vols else sum(vols)
+        if volume is None or tensor_volume is None:
+            if f.add("unvalidatable"):
+                f.keep("unvalidatable", (
+                    f"key:{_name(fqn)} cannot be validated: a volume passes 2**256 elements"))
+            return
+    if tensor_volume != volume and f.add("invalid_fill"):
+        f.keep("invalid_fill", (
+            f"key:{_name(fqn)} invalid fill tensor-volume: "
+            f"{'more than 2**256' if tensor_volume is None else tensor_volume} chunks-volume: {volume}"))
+
+
+def _storage_findings(ck: Checkpoint, f: Findings) -> None:
+    """Storage entries against items and files (what ``Checkpoint.problems`` checks), into ``f``.
+
+    Every tensor chunk and bytes item needs a storage entry, every entry an
+    item, a FileSystemWriter record, a file inside the checkpoint directory
+    that exists and holds ``[offset, offset + length)``.
+    """
+    from .checkpoint import _escapes
+
+    storage = ck.storage
+    expected: set[MetadataIndex] = set()
+    for fqn, item in ck.metadata.state_dict_metadata.items():
+        if type(item) is TensorStorageMetadata:
+            for i, c in enumerate(item.chunks):
+                key = MetadataIndex(fqn, c.offsets)
+                expected.add(key)
+                if key not in storage and f.add("missing_storage_entry"):
+                    f.keep("missing_storage_entry", (
+                        f"{_name(fqn)}: chunk {i} at offsets {_shape(c.offsets)} has no storage entry"))
+        else:
+            key = MetadataIndex(fqn)
+            expected.add(key)
+            if key not in storage and f.add("missing_storage_entry"):
+                f.keep("missing_storage_entry", f"{_name(fqn)}: bytes item has no storage entry")
+    for key, info in storage.items():
+        if key not in expected and f.add("unknown_storage_entry"):
+            f.keep("unknown_storage_entry", (
+                f"storage entry {_index(key)} names no item in state_dict_metadata"))
+        if type(info) is not StorageInfo:
+            if f.add("foreign_storage_entry"):
+                f.keep("foreign_storage_entry", (
+                    f"storage entry {_index(key)} is a {_name(type(info).__name__)}, "
+                    "not a FileSystemWriter record"))
+            continue
+        rp = info.relative_path
+        if _escapes(rp):
+            if f.add("path_outside"):
+                f.keep("path_outside", (
+                    f"{_name(key.fqn)}: file {_name(rp)} lies outside the checkpoint directory"))
+            continue
+        size = ck.files.get(rp)
+        if size is None:
+            if f.add("missing_file"):
+                f.keep("missing_file", f"{_name(key.fqn)}: file {_name(rp)} is missing")
+        elif info.offset + info.length > size and f.add("beyond_file_end"):
+            f.keep("beyond_file_end", (
+                f"{_name(key.fqn)}: bytes [{info.offset}, {info.offset + info.length}) "
+                f"lie beyond the end of {_name(rp)} ({size} bytes)"))
+
+
+def _index(key: Any) -> str:
+    """A storage key for a message: its fqn and, for a chunk, its offsets."""
+    fqn, offset = getattr(key, "fqn", None), getattr(key, "offset", None)
+    return _name(fqn) if offset is None else f"{_name(fqn)} at offsets {_shape(offset)}"
+
+
+def _overlapping_storage(ck: Checkpoint, f: Findings) -> None:
+    """Storage entries whose byte ranges overlap in one file, into ``f``.
 
     FileSystemWriter writes every item once, back to back, so two entries
     sharing bytes mean the metadata and the files do not belong together
@@ -373,22 +707,39 @@ def _overlapping_storage(ck: Checkpoint) -> list[str]:
     """
     by_file: dict[str, list[tuple[int, int, Any]]] = {}
     for key, info in ck.storage.items():
-        rp = getattr(info, "relative_path", None)
-        if rp is not None and info.length > 0:
-            by_file.setdefault(rp, []).append((info.offset, info.offset + info.length, key))
-    out = []
+        if type(info) is StorageInfo and info.length > 0:
+            by_file.setdefault(info.relative_path, []).append(
+                (info.offset, info.offset + info.length, key))
     for rp, entries in sorted(by_file.items()):
         entries.sort(key=lambda e: (e[0], e[1]))
         reach_end, reach_key = -1, None
         for start, end, key in entries:
-            if start < reach_end:
-                out.append(
-                    f"{key.fqn}: bytes [{start}, {end}) of {rp} overlap those of {reach_key.fqn} "
-                    f"(up to byte {reach_end})"
-                )
+            if start < reach_end and f.add("overlapping_storage"):
+                f.keep("overlapping_storage", (
+                    f"{_name(key.fqn)}: bytes [{start}, {end}) of {_name(rp)} overlap those of "
+                    f"{_name(reach_key.fqn)} (up to byte {reach_end})"))
             if end > reach_end:
                 reach_end, reach_key = end, key
-    return out
+
+
+def _short_storage(ck: Checkpoint, f: Findings) -> None:
+    """Tensor chunks whose storage entry holds fewer bytes than the chunk's raw bytes, into ``f``.
+
+    Skipped for entries written through a stream transform (compression).
+    """
+    for fqn, item in _tensor_items(ck.metadata):
+        size = itemsize(item.properties.dtype)
+        for i, c in enumerate(item.chunks):
+            info = ck.storage.get(MetadataIndex(fqn, c.offsets))
+            if type(info) is not StorageInfo or info.transform_descriptors:
+                continue
+            vol = _volume(c.sizes)
+            raw = None if vol is None else vol * size
+            if raw is None or info.length < raw and f.add("short_storage"):
+                f.keep("short_storage", (
+                    f"{_name(fqn)}: chunk {i} at offsets {_shape(c.offsets)} needs "
+                    f"{'more than 2**256' if raw is None else raw} bytes but its storage entry in "
+                    f"{_name(info.relative_path)} holds {info.length}"))
 
 
 # --------------------------------------------------------------------------
@@ -460,7 +811,7 @@ def resolve_layouts(
                 out[fqn] = (tuple(item.size), placements)
                 break
         else:
-            raise UsageError(f"{fqn}: no --layout pattern matches it; add a catch-all such as '*=R'")
+            raise UsageError(f"{_name(fqn)}: no --layout pattern matches it; add a catch-all such as '*=R'")
     return tuple(mesh), out
 
 
@@ -474,9 +825,13 @@ def _check_byte_totals(ck: Checkpoint) -> None:
     """
     stored = 0
     for key, info in ck.storage.items():
+        if _record(info) is None:
+            raise CheckpointError(
+                f"storage entry {_index(key)} is a {_name(type(info).__name__)}, not a "
+                "FileSystemWriter record (run `ckcore validate`)")
         end = info.offset + info.length
         if end > _I64_MAX:
-            raise CheckpointError(f"{key.fqn}: storage entry ends at byte {end}, beyond int64")
+            raise CheckpointError(f"{_name(key.fqn)}: storage entry ends at byte {end}, beyond int64")
         stored += info.length
     kept = sum(_tensor_nbytes(fqn, t) for fqn, t in _tensor_items(ck.metadata)) + stored
     if stored > _I64_MAX or kept > _I64_MAX:
@@ -499,12 +854,43 @@ def _saved_storage(table: dict[tuple[str, Any], Any], fqn: str, item: TensorStor
         info = table.get((fqn, tuple(c.offsets)))
         if info is None:
             raise CheckpointError(
-                f"{fqn}: chunk {i} at offsets {tuple(c.offsets)} has no storage entry "
+                f"{_name(fqn)}: chunk {i} at offsets {_shape(c.offsets)} has no storage entry "
                 "(run `ckcore validate`)")
         fid[i] = file_ids.setdefault(info.relative_path, len(file_ids))
         off[i] = info.offset
         ln[i] = info.length
     return fid, off, ln
+
+
+def _check_plannable(fqn: str, offs: np.ndarray, sizes: np.ndarray, size: Sequence[int],
+                     budget: list[int]) -> None:
+    """Refuse saved chunks that no DCP save writes and that would make the plan unbounded.
+
+    Two chunks at the same offsets (a save stores each chunk once, under its
+    offsets) or overlapping chunks: a crafted file repeats one chunk object a
+    million times for 2 bytes each, and every rank would read each copy.
+    ``budget`` (one-element list) is the overlap sweep's comparisons left.
+    """
+    from ._kernels._validate import _check_tensor_bounded
+
+    n, ndim = offs.shape
+    if n < 2:
+        return
+    # Two non-empty chunks at the same offsets overlap, which the kernel
+    # finds; only empty ones need the sort.
+    if ndim == 0 or ((sizes == 0).any() and len(np.unique(offs, axis=0)) < n):
+        raise CheckpointError(
+            f"{_name(fqn)}: two saved chunks start at the same offsets, which no DCP save "
+            "writes (run `ckcore validate`)")
+    *_, found, _, exhausted, spent = _check_tensor_bounded(
+        offs, sizes, np.array(size, dtype=np.int64), 0, 1, max(0, budget[0]))
+    budget[0] -= spent
+    if found:
+        raise CheckpointError(f"{_name(fqn)}: saved chunks overlap (run `ckcore validate`)")
+    if exhausted:
+        raise CheckpointError(
+            f"{_name(fqn)}: saved chunks too irregular to check for overlaps within "
+            f"{SWEEP_BUDGET:,} comparisons, which no DCP layout needs (run `ckcore validate`)")
 
 
 def _coalesce(rank: np.ndarray, fid: np.ndarray, off: np.ndarray, ln: np.ndarray, world: int):
@@ -561,8 +947,12 @@ def plan_reads(
     The per-rank intersection is :func:`ckcore.intersect_chunks` (array form)
     on target chunks from :func:`ckcore.layout.local_shapes_and_offsets`.
     Ranks come heaviest first (bytes read, then rank).
+
+    Refuses (CheckpointError) what no DCP save writes and would make the plan
+    unbounded: saved chunks at the same offsets or overlapping, storage
+    entries that are not FileSystemWriter records, byte counts past int64.
     """
-    from .helpers import intersect_chunks
+    from .helpers import chunk_arrays, intersect_chunks
     from .layout import format_placements, local_shapes_and_offsets
 
     md = ck.metadata
@@ -579,7 +969,8 @@ def plan_reads(
     table = _storage_table(ck)
     missing = sorted(set(tensors) - set(layouts))
     if missing:
-        raise UsageError(f"{missing[0]}: no target layout given for it")
+        raise UsageError(f"{_name(missing[0])}: no target layout given for it")
+    sweep_budget = [SWEEP_BUDGET]
     if progress:
         progress.start("planning reads", len(tensors))
     for done, (fqn, item) in enumerate(tensors.items(), 1):
@@ -589,13 +980,14 @@ def plan_reads(
             sizes, offsets = local_shapes_and_offsets(shape, mesh, placements)
         except (TypeError, ValueError) as exc:
             raise UsageError(
-                f"{fqn}: layout {format_placements(placements)} on mesh {_mesh(mesh)} does not fit "
-                f"the tensor {_shape(shape)}: {exc}") from None
+                f"{_name(fqn)}: layout {format_placements(placements)} on mesh {_mesh(mesh)} does "
+                f"not fit the tensor {_shape(shape)}: {exc}") from None
         if not item.chunks:
             continue
+        saved_chunks = chunk_arrays(item.chunks, _name(fqn), len(shape))
+        _check_plannable(fqn, *saved_chunks, item.size, sweep_budget)
         saved = _saved_storage(table, fqn, item, file_ids)
-        hits = intersect_chunks((offsets, sizes), item.chunks,
-                                fqn=fqn, ndim=len(shape))
+        hits = intersect_chunks((offsets, sizes), saved_chunks, fqn=_name(fqn), ndim=len(shape))
         if len(hits):
             r = hits.local_index
             np.add.at(items, r, 1)
@@ -614,7 +1006,8 @@ def plan_reads(
             continue
         info = ck.storage.get(MetadataIndex(fqn))
         if info is None:
-            raise CheckpointError(f"{fqn}: bytes item has no storage entry (run `ckcore validate`)")
+            raise CheckpointError(
+                f"{_name(fqn)}: bytes item has no storage entry (run `ckcore validate`)")
         all_ranks = np.arange(world, dtype=np.int64)
         items += 1
         useful += info.length
@@ -833,8 +1226,6 @@ def run_demo(
     # Storage as FileSystemWriter lays it out: rank r's items back to back in __r_0.distcp.
     storage: dict[MetadataIndex, Any] = {}
     files: dict[str, int] = {}
-    from .checkpoint import StorageInfo
-
     for r, plan in enumerate(global_plans):
         name = f"__{r}_0.distcp"
         pos = 0
@@ -968,11 +1359,32 @@ def _print_demo(report: dict[str, Any], out: IO[str], top: int) -> None:
 # --------------------------------------------------------------------------
 
 
+def _max_findings(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 (0: no limit), got {text[:40]!r}")
+    return n
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``ckcore: error: ...`` and exit status 2, like every error."""
+
+    def error(self, message: str) -> NoReturn:
+        # argparse prints the usage block and exits itself; the command's
+        # contract is one error line, which main() writes.
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _ArgumentParser(
         prog="ckcore",
         description="Inspect, validate and plan PyTorch Distributed Checkpoints (DCP) without torch.",
-        epilog="Exit status: 0 ok, 1 validate found problems, 2 bad input or arguments.",
+        epilog="Exit status: 0 ok, 1 validate found problems, 2 any error (bad arguments, an "
+               "unreadable, unsafe or corrupted checkpoint, ...), written as one line on stderr; "
+               "CKCORE_DEBUG=1 re-raises errors with their traceback.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -989,6 +1401,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser(
         "validate", help="overlaps, bounds, coverage and storage checks; exit 0 only when sound")
     sp.add_argument("path", help="checkpoint directory (or its .metadata file)")
+    sp.add_argument("--max-findings", type=_max_findings, default=DEFAULT_MAX_FINDINGS, metavar="N",
+                    help=f"show the first N findings of each kind and count the rest "
+                         f"(default {DEFAULT_MAX_FINDINGS}; 0: show all)")
     common(sp)
 
     sp = sub.add_parser(
@@ -1040,14 +1455,15 @@ def _cmd_inspect(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
 
 def _cmd_validate(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     ck = open_checkpoint(args.path)
-    problems = validate_checkpoint(ck, Progress(err, args.progress))
+    findings = validate_checkpoint(ck, Progress(err, args.progress), max_findings=args.max_findings)
     if args.json:
-        json.dump({"path": str(ck.dir), "ok": not problems, "problems": problems}, out, indent=1)
+        json.dump({"path": str(ck.dir), "ok": findings.ok, **findings.as_json()}, out, indent=1)
         out.write("\n")
-    elif problems:
-        for line in problems:
+    elif not findings.ok:
+        for line in findings.lines():
             out.write(line + "\n")
-        err.write(f"ckcore: {ck.dir}: {len(problems)} problem(s)\n")
+        at_least = "" if findings.exact else "at least "
+        err.write(f"ckcore: {ck.dir}: {at_least}{findings.total:,} problem(s)\n")
     else:
         md = ck.metadata
         n_t = sum(1 for _ in _tensor_items(md))
@@ -1055,7 +1471,7 @@ def _cmd_validate(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         out.write(f"ok: {ck.dir}: {_n(n_t, 'tensor')}, {_n(n_c, 'chunk')}, "
                   f"{_n(len(md.state_dict_metadata) - n_t, 'bytes item')}, {_n(len(ck.files), 'file')}: "
                   "no overlaps, in bounds, fully covered, storage complete\n")
-    return 1 if problems else 0
+    return 0 if findings.ok else 1
 
 
 def _cmd_plan(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
@@ -1114,38 +1530,69 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None,
          stderr: IO[str] | None = None) -> int:
     """Run the ``ckcore`` command with ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
+    0 ok, 1 ``validate`` found problems, 2 any error: bad arguments, an
+    unreadable, unsafe or corrupted checkpoint, out of memory, or a bug in
+    ckcore; 130 when interrupted (Ctrl-C). Every error is one
+    ``ckcore: error: ...`` line on ``stderr``, never a traceback unless the
+    environment sets ``CKCORE_DEBUG=1`` (errors are then re-raised).
+
     Usable in-process (tests call ``main([...])``): it never calls
-    ``sys.exit`` itself and turns argument errors into a return value.
-    ``stdout``/``stderr`` default to the current ``sys.stdout``/``sys.stderr``.
+    ``sys.exit`` itself. ``stdout``/``stderr`` default to the current
+    ``sys.stdout``/``sys.stderr``.
     """
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
+    debug = bool(os.environ.get("CKCORE_DEBUG"))
     parser = _parser()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2): argparse already printed
-        return exc.code if isinstance(exc.code, int) else 2
+    except UsageError as exc:
+        err.write(f"ckcore: error: {_one_line(exc)}\n")
+        return 2
+    except SystemExit as exc:  # --help has been printed
+        return 0 if exc.code in (0, None) else 2
     try:
         return _COMMANDS[args.command](args, out, err)
     except BrokenPipeError:  # pragma: no cover - `ckcore inspect | head`
         return 0
-    except (CheckpointError, UsageError, ValueError, TypeError, OSError) as exc:
-        if os.environ.get("CKCORE_DEBUG"):
-            raise
-        err.write(f"ckcore: error: {_one_line(exc)}\n")
-        return 2
     except KeyboardInterrupt:
         err.write("ckcore: interrupted\n")
         return 130
-    except Exception as exc:
-        if os.environ.get("CKCORE_DEBUG"):
+    except MemoryError:
+        if debug:
             raise
-        err.write(f"ckcore: internal error: {type(exc).__name__}: {_one_line(exc)} "
-                  "(set CKCORE_DEBUG=1 for a traceback)\n")
-        return 3
+        err.write("ckcore: error: out of memory\n")
+        return 2
+    except (CheckpointError, UsageError, ValueError, TypeError, OSError) as exc:
+        if debug:
+            raise
+        err.write(f"ckcore: error: {_one_line(exc)}\n")
+        return 2
+    except Exception as exc:  # a bug: still one line, not a traceback
+        if debug:
+            raise
+        err.write(f"ckcore: error: internal error: {type(exc).__name__}: {_one_line(exc)} "
+                  "(a bug in ckcore; set CKCORE_DEBUG=1 for a traceback)\n")
+        return 2
+
+
+#: Longest error line written (a message quoting file content is cut there).
+_MAX_ERROR = 1000
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+    """An exception's message as one bounded line of printable text.
+
+    Messages quote values from the checkpoint (bounded at the source with
+    :func:`~ckcore._saferepr.saferepr`, but not every raiser does): newlines
+    would split the error line and control characters reach the terminal.
+    """
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - a message must never be what fails
+        text = ""
+    text = " ".join(text[: 4 * _MAX_ERROR].split()) or type(exc).__name__
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= _MAX_ERROR else text[: _MAX_ERROR - 3] + "..."

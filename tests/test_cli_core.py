@@ -3,11 +3,13 @@
 Torch-free (runs under ``--torch-free``): the checkpoints are the committed
 fixtures tests/data/dcp_small (single process) and tests/data/dcp_sharded
 (2 gloo ranks, see tests/data/make_cli_fixture.py); damaged variants are
-made by editing copies of the files or the loaded metadata.
+made by editing copies of the files or the loaded metadata, hostile ones by
+pickling ckcore's objects under torch's class names (:func:`write_crafted`).
 """
 
 from __future__ import annotations
 
+import copyreg
 import io
 import json
 import math
@@ -17,12 +19,14 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 import ckcore
-from ckcore.checkpoint import Checkpoint, load_metadata
+import ckcore.cli
+from ckcore.checkpoint import Checkpoint, StorageInfo, load_metadata
 from ckcore.cli import (
     COALESCING,
     Progress,
@@ -34,7 +38,14 @@ from ckcore.cli import (
     validate_checkpoint,
 )
 from ckcore.dtypes import itemsize
-from ckcore.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+from ckcore.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CKCORE_HOME = os.path.dirname(os.path.dirname(os.path.abspath(ckcore.__file__)))
@@ -54,6 +65,69 @@ def one_error_line(err: str) -> str:
     assert lines[0].startswith("ckcore: error: "), err
     assert "Traceback" not in err
     return lines[0]
+
+
+class _TorchStylePickler(pickle.Pickler):
+    # TensorProperties pickles as torch's does: NEWOBJ, then a 5-tuple state.
+    def reducer_override(self, obj):
+        if type(obj) is TensorProperties:
+            state = (obj.dtype, obj.layout, obj.requires_grad, obj.memory_format, obj.pin_memory)
+            return copyreg.__newobj__, (TensorProperties,), state
+        return NotImplemented
+
+
+def write_crafted(path, tensors, storage=None, data=None):
+    """A checkpoint directory whose ``.metadata`` is written the way torch writes it, without torch.
+
+    ``tensors``: fqn -> (global size, chunk list) or None for a bytes item; a
+    chunk repeated in the list is pickled once and referenced (2 to 5 bytes a
+    copy), as a hostile file would. ``storage``: MetadataIndex -> StorageInfo
+    (default: one entry per distinct chunk, back to back in ``__0_0.distcp``).
+    ``data``: file name -> size of the data files to create (default: each
+    file as long as its entries reach). Returns the ``.metadata`` size.
+    """
+    sdm = {}
+    for fqn, spec in tensors.items():
+        if spec is None:
+            sdm[fqn] = BytesStorageMetadata()
+        else:
+            size, chunks = spec
+            sdm[fqn] = TensorStorageMetadata(TensorProperties("float32"), tuple(size), chunks)
+    if storage is None:
+        storage, pos = {}, 0
+        for fqn, item in sdm.items():
+            for c in getattr(item, "chunks", [None]):
+                key = MetadataIndex(fqn) if c is None else MetadataIndex(fqn, c.offsets)
+                if key not in storage:
+                    n = 8 if c is None else math.prod(c.sizes) * 4
+                    storage[key] = StorageInfo("__0_0.distcp", pos, n)
+                    pos += n
+    if data is None:
+        data = {}
+        for info in storage.values():
+            end = info.offset + info.length
+            data[info.relative_path] = max(data.get(info.relative_path, 0), end)
+    buf = io.BytesIO()
+    _TorchStylePickler(buf, protocol=2).dump(Metadata(sdm, storage_data=storage, version="1.0.0"))
+    raw = buf.getvalue()
+    # Protocol 2 names globals in text lines: rename ckcore's classes to torch's.
+    raw = raw.replace(b"cckcore.metadata\n", b"ctorch.distributed.checkpoint.metadata\n")
+    raw = raw.replace(b"cckcore.checkpoint\nStorageInfo\n",
+                      b"ctorch.distributed.checkpoint.filesystem\n_StorageInfo\n")
+    assert b"ckcore" not in raw
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, ".metadata"), "wb") as fh:
+        fh.write(raw)
+    for name, size in data.items():
+        with open(os.path.join(path, name), "wb") as fh:
+            fh.truncate(size)
+    return len(raw)
+
+
+def identical_chunks(path, n):
+    """One 4-element tensor saved as the same chunk n times: n(n-1)/2 overlapping pairs."""
+    c = ChunkStorageMetadata((0,), (4,))
+    return write_crafted(path, {"w": ((4,), [c] * n)})
 
 
 @pytest.fixture
@@ -132,7 +206,8 @@ def test_validate_sound_checkpoints(path):
     assert out.startswith("ok: ")
     assert err == ""
     code, out, _ = run("validate", path, "--json")
-    assert code == 0 and json.loads(out) == {"path": path, "ok": True, "problems": []}
+    assert code == 0 and json.loads(out) == {"path": path, "ok": True, "problems": [], "counts": {},
+                                             "inexact": [], "total": 0, "max_findings": 20}
 
 
 def test_validate_missing_and_truncated_data_files(sharded_copy):
@@ -166,7 +241,7 @@ def test_validate_global_checks_on_edited_metadata():
     # Out of bounds and a gap: norm's second chunk grows past the end, wo loses a chunk.
     norm.chunks[1] = ChunkStorageMetadata((3,), (3,))
     del wo.chunks[1]
-    problems = validate_checkpoint(ck)
+    problems = validate_checkpoint(ck).messages
     assert any(p.startswith("key:layers.0.wq.weight has overlapping chunks") for p in problems)
     assert any(p.startswith("key:layers.0.wq.weight invalid fill tensor-volume: 32 chunks-volume: 36")
                for p in problems)
@@ -184,9 +259,132 @@ def test_validate_storage_entry_missing_and_too_short():
     del ck.storage[key]
     info = ck.storage[MetadataIndex("embed.weight", (0, 0))]
     info.length = 10  # 3x4 float32 need 48 raw bytes
-    problems = validate_checkpoint(ck)
+    problems = validate_checkpoint(ck).messages
     assert "layers.0.wq.weight: chunk 0 at offsets (0, 0) has no storage entry" in problems
     assert any(p.startswith("embed.weight: chunk 0 at offsets (0, 0) needs 48 bytes") for p in problems)
+
+
+def test_validate_output_is_bounded_for_millions_of_overlapping_pairs(tmp_path):
+    # 3000 copies of one chunk: a 7 kB .metadata with 4,498,500 overlapping
+    # pairs. Before the bound: 4.5 million lines, 558 MB, 13 s, 1.3 GB RSS.
+    size = identical_chunks(tmp_path, 3000)
+    assert size < 10_000
+    t0 = time.perf_counter()
+    code, out, err = run("validate", str(tmp_path))
+    elapsed = time.perf_counter() - t0
+    assert code == 1
+    lines = out.splitlines()
+    assert len(lines) == 20 + 1 + 1 and len(out) < 5000
+    assert all(line.startswith("key:w has overlapping chunks: ") for line in lines[:20])
+    assert lines[20] == "... and 4,498,480 more overlapping chunk pairs (--max-findings 0 shows all)"
+    assert lines[21] == "key:w invalid fill tensor-volume: 4 chunks-volume: 12000"
+    assert err == f"ckcore: {tmp_path}: 4,498,501 problem(s)\n"
+    assert elapsed < 5, elapsed
+
+
+def test_validate_counts_identical_chunks_exactly_without_walking_them(tmp_path):
+    # 200,000 copies (under 1 MB): 2e10 pairs, counted exactly and at once.
+    identical_chunks(tmp_path, 200_000)
+    t0 = time.perf_counter()
+    code, out, _ = run("validate", str(tmp_path), "--max-findings", "3", "--json")
+    assert time.perf_counter() - t0 < 10
+    report = json.loads(out)
+    assert code == 1 and report["ok"] is False
+    assert report["counts"] == {"overlapping_chunks": 200_000 * 199_999 // 2, "invalid_fill": 1}
+    assert report["inexact"] == [] and report["total"] == 200_000 * 199_999 // 2 + 1
+    assert len(report["problems"]) == 3 + 1 and report["max_findings"] == 3
+
+
+@pytest.mark.parametrize("limit, shown", [("0", 28), ("5", 5), ("28", 28), ("100", 28)])
+def test_max_findings(tmp_path, limit, shown):
+    identical_chunks(tmp_path, 8)  # 28 pairs
+    code, out, err = run("validate", str(tmp_path), "--max-findings", limit)
+    assert code == 1
+    lines = out.splitlines()
+    assert sum(line.startswith("key:w has overlapping chunks") for line in lines) == shown
+    more = [line for line in lines if line.startswith("...")]
+    expected = f"... and {28 - shown} more overlapping chunk pairs (--max-findings 0 shows all)"
+    assert more == ([] if shown == 28 else [expected])
+    assert err.endswith(": 29 problem(s)\n")
+    code, out, _ = run("validate", str(tmp_path), "--max-findings", limit, "--json")
+    report = json.loads(out)
+    assert len(report["problems"]) == shown + 1
+    assert report["counts"] == {"overlapping_chunks": 28, "invalid_fill": 1}
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "1.5"])
+def test_max_findings_must_be_a_count(value):
+    code, out, err = run("validate", SHARDED, "--max-findings", value)
+    assert code == 2 and out == ""
+    assert "argument --max-findings: expected a count >= 0" in one_error_line(err)
+
+
+def test_pair_count_stops_at_the_limit_and_says_at_least(tmp_path, monkeypatch):
+    # 200 distinct chunks that all overlap (each starts one element later and
+    # reaches past the others' ends): 19,900 pairs walked one by one.
+    chunks = [ChunkStorageMetadata((i,), (400,)) for i in range(200)]
+    write_crafted(tmp_path, {"w": ((600,), chunks)})
+    monkeypatch.setattr(ckcore.cli, "PAIR_COUNT_LIMIT", 1000)
+    code, out, err = run("validate", str(tmp_path))
+    assert code == 1
+    more = [line for line in out.splitlines() if line.startswith("...")]
+    assert more == ["... and at least 980 more overlapping chunk pairs (counting stopped at 1,000)"]
+    assert err == f"ckcore: {tmp_path}: at least 1,001 problem(s)\n"  # + the overfill
+    code, out, _ = run("validate", str(tmp_path), "--json")
+    report = json.loads(out)
+    assert report["inexact"] == ["overlapping_chunks"] and report["counts"]["overlapping_chunks"] == 1000
+    # No limit: every pair counted (and shown).
+    code, out, _ = run("validate", str(tmp_path), "--max-findings", "0", "--json")
+    report = json.loads(out)
+    assert report["inexact"] == [] and report["counts"]["overlapping_chunks"] == 19_900
+    assert len(report["problems"]) == 19_900 + 1
+
+
+def test_overlap_sweep_budget(tmp_path, monkeypatch):
+    # Chunks that share a sweep interval, overlap nowhere, and that no
+    # dimension splits: the sweep would compare every pair.
+    n = 300
+    chunks = [ChunkStorageMetadata((i, i), (n, 1)) for i in range(n)]
+    chunks.append(ChunkStorageMetadata((10 * n, 0), (n, n)))
+    write_crafted(tmp_path, {"w": ((11 * n, n), chunks)})
+    code, out, _ = run("validate", str(tmp_path), "--json")
+    assert "overlap_check_stopped" not in json.loads(out)["counts"]
+    monkeypatch.setattr(ckcore.cli, "SWEEP_BUDGET", 1000)
+    code, out, _ = run("validate", str(tmp_path))
+    assert code == 1
+    assert "key:w overlap check stopped: its 301 chunks need more than 1,000 comparisons" in out
+
+
+def test_storage_findings_are_bounded_per_kind(tmp_path):
+    # 5000 chunks tiling a tensor, their data file gone: one finding per
+    # storage entry, 20 shown.
+    chunks = [ChunkStorageMetadata((i,), (1,)) for i in range(5000)]
+    write_crafted(tmp_path, {"w": ((5000,), chunks)})
+    os.remove(tmp_path / "__0_0.distcp")
+    code, out, err = run("validate", str(tmp_path))
+    assert code == 1
+    lines = out.splitlines()
+    assert len(lines) == 21
+    assert lines[0] == "w: file __0_0.distcp is missing"
+    assert lines[-1] == "... and 4,980 more storage entries in missing files (--max-findings 0 shows all)"
+    assert err.endswith(": 5,000 problem(s)\n")
+
+
+def test_huge_and_multiline_fqns_are_bounded_in_findings(tmp_path):
+    # A 1 MB fqn, repeated in every message, and one with a newline that
+    # would forge a line of output.
+    long_fqn = "a" * 1_000_000
+    c = ChunkStorageMetadata((0,), (4,))
+    write_crafted(tmp_path, {"x\nok: forged": ((4,), [c, c]), long_fqn: ((4,), [c] * 50)}, storage={})
+    code, out, _ = run("validate", str(tmp_path))
+    assert code == 1
+    lines = out.splitlines()
+    assert max(map(len, lines)) < 1000
+    assert not any(line.startswith("ok:") for line in lines)
+    assert any(line.startswith("key:'x\\nok: forged' has overlapping chunks") for line in lines)
+    assert len(out) < 40_000
+    code, out, _ = run("validate", str(tmp_path), "--json")
+    assert len(out) < 40_000
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "delete", "unsafe"])
@@ -214,11 +412,84 @@ def test_bad_metadata_is_one_error_line(sharded_copy, damage, command):
         assert "refusing global" in line
 
 
-@pytest.mark.parametrize("command", ["inspect", "validate"])
+@pytest.mark.parametrize("command", ["inspect", "validate", "plan"])
 def test_missing_path(tmp_path, command):
-    code, out, err = run(command, str(tmp_path / "nope"))
+    extra = ["--world-size", "2"] if command == "plan" else []
+    code, out, err = run(command, str(tmp_path / "nope"), *extra)
     assert code == 2 and out == ""
     assert "no such file or directory" in one_error_line(err)
+
+
+def test_inspect_of_a_crafted_file_is_proportional_to_it(tmp_path):
+    # 2000 tensors sharing one 5000-dim size tuple (and one chunk list):
+    # listing every dim of every tensor would be 10 million numbers.
+    dims = (1,) * 5000
+    chunks = [ChunkStorageMetadata((0,) * 5000, dims)]
+    long_fqn = "b" * 100_000
+    tensors = {f"t{i}": (dims, chunks) for i in range(2000)}
+    tensors[long_fqn] = ((2, 3), [])
+    tensors["x\nfake row"] = ((4,), [])
+    size = write_crafted(tmp_path, tensors)
+    code, out, err = run("inspect", str(tmp_path), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    t0 = report["tensors"]["t0"]
+    assert t0["shape"] is None and t0["ndim"] == 5000 and t0["bytes"] == 4
+    assert report["tensors"][long_fqn]["shape"] == [2, 3]
+    assert len(out) < 300 * size
+    code, text, _ = run("inspect", str(tmp_path))
+    assert code == 0
+    lines = text.splitlines()
+    assert len(lines) < 2100 and max(map(len, lines)) < 500
+    assert any(line.startswith("t0 ") and "(...<5000 dims>)" in line for line in lines)
+    assert any(line.startswith("'x\\nfake row'") for line in lines)
+    assert not any(line.startswith("fake row") for line in lines)
+
+
+def test_storage_entries_that_are_not_records(tmp_path):
+    # A tuple where a _StorageInfo belongs: the reader keeps it (custom
+    # writers store their own records); nothing may read fields off it.
+    c = ChunkStorageMetadata((0,), (4,))
+    write_crafted(tmp_path, {"w": ((4,), [c])},
+                  storage={MetadataIndex("w", (0,)): ("__0_0.distcp", 0, 16)}, data={})
+    code, out, err = run("inspect", str(tmp_path), "--json")
+    assert code == 0, err
+    assert json.loads(out)["tensors"]["w"]["stored_bytes"] is None
+    code, out, _ = run("validate", str(tmp_path))
+    assert code == 1
+    assert "storage entry w at offsets (0,) is a tuple, not a FileSystemWriter record" in out
+    code, out, err = run("plan", str(tmp_path), "--world-size", "2")
+    assert code == 2 and out == ""
+    assert "is a tuple, not a FileSystemWriter record" in one_error_line(err)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("identical", "w: saved chunks overlap"),
+    ("identical-empty", "w: two saved chunks start at the same offsets"),
+    ("0-d", "w: two saved chunks start at the same offsets"),
+])
+def test_plan_refuses_repeated_chunks(tmp_path, case, message):
+    # A chunk repeated 100,000 times (2 to 5 bytes a copy) would be read by
+    # every rank 100,000 times: plan refuses what no save writes.
+    if case == "identical":
+        tensors = {"w": ((4,), [ChunkStorageMetadata((0,), (4,))] * 100_000)}
+    elif case == "identical-empty":  # empty, strictly inside the target chunks
+        tensors = {"w": ((4,), [ChunkStorageMetadata((0,), (4,)), *[ChunkStorageMetadata((2,), (0,))] * 100_000])}
+    else:
+        tensors = {"w": ((), [ChunkStorageMetadata((), ())] * 100_000)}
+    write_crafted(tmp_path, tensors)
+    code, out, err = run("plan", str(tmp_path), "--world-size", "1000")
+    assert code == 2 and out == ""
+    assert message in one_error_line(err)
+
+
+def test_plan_errors_bound_long_fqns(tmp_path):
+    long_fqn = "c" * 1_000_000
+    write_crafted(tmp_path, {long_fqn: ((4,), [ChunkStorageMetadata((0,), (4,))])})
+    code, out, err = run("plan", str(tmp_path), "--mesh", "2", "--layout", "*=S(3)")
+    assert code == 2 and out == ""
+    line = one_error_line(err)
+    assert len(line) < 1100 and "...<1000000 chars>" in line
 
 
 # --------------------------------------------------------------------------
@@ -464,11 +735,92 @@ def test_progress_only_when_asked_or_tty():
     assert "\r" in tty.getvalue() and "work: 3/3 (100%)" in tty.getvalue()
 
 
-def test_usage_errors_return_2_without_exiting():
-    code, _, err = run("frobnicate")
-    assert code == 2 and "invalid choice" in err
-    code, out, _ = run("--help")
-    assert code == 0 and "inspect" in out
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "the following arguments are required: COMMAND"),
+        (["validate"], "the following arguments are required: path (see 'ckcore validate --help')"),
+        (["validate", SHARDED, "--bogus"], "unrecognized arguments: --bogus"),
+        (["plan", SHARDED, "--world-size", "x"], "argument --world-size: invalid int value: 'x'"),
+        (["inspect", SHARDED, "--json=yes"], "--json: ignored explicit argument 'yes'"),
+    ],
+)
+def test_usage_errors_are_one_line_with_status_2(argv, message):
+    # argparse's own errors (usage block + message, sys.exit(2)) become one line and a return value.
+    code, out, err = run(*argv)
+    assert code == 2 and out == ""
+    assert message in one_error_line(err)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["validate", "--help"], ["plan", "-h"]])
+def test_help_still_works(argv):
+    code, out, err = run(*argv)
+    assert code == 0 and err == ""
+    assert out.startswith("usage: ckcore")
+
+
+def _raise(exc):
+    def boom(*args, **kwargs):
+        raise exc
+    return boom
+
+
+def test_internal_error_is_one_line_with_status_2(monkeypatch):
+    # A bug (any unexpected exception): one line naming its type, status 2, no traceback.
+    monkeypatch.delenv("CKCORE_DEBUG", raising=False)
+    monkeypatch.setattr(ckcore.cli, "inspect_checkpoint", _raise(KeyError("first\nsecond")))
+    code, out, err = run("inspect", SHARDED)
+    assert code == 2 and out == ""
+    line = one_error_line(err)
+    assert line.startswith("ckcore: error: internal error: KeyError: ") and "CKCORE_DEBUG=1" in line
+    monkeypatch.setenv("CKCORE_DEBUG", "1")
+    with pytest.raises(KeyError):
+        run("inspect", SHARDED)
+
+
+def test_out_of_memory_is_one_line_with_status_2(monkeypatch):
+    monkeypatch.delenv("CKCORE_DEBUG", raising=False)
+    monkeypatch.setattr(ckcore.cli, "validate_checkpoint", _raise(MemoryError()))
+    code, out, err = run("validate", SHARDED)
+    assert code == 2 and out == ""
+    assert one_error_line(err) == "ckcore: error: out of memory"
+
+
+def test_error_line_is_bounded_and_printable(monkeypatch):
+    # A message quoting a megabyte of file content with control characters in it.
+    monkeypatch.delenv("CKCORE_DEBUG", raising=False)
+    hostile = "\x1b[2J" + "x" * 1_000_000 + "\nckcore: error: fake second line\r"
+    monkeypatch.setattr(ckcore.cli, "inspect_checkpoint", _raise(ValueError(hostile)))
+    code, _, err = run("inspect", SHARDED)
+    line = one_error_line(err)
+    assert code == 2 and len(line) <= 1100 and line.isprintable()
+    assert "\\x1b" in line
+
+
+def test_exit_statuses_are_0_1_2_or_130():
+    # The documented contract, checked on the source: every status main() and
+    # the commands return is 0, 1, 2 (or 130 on Ctrl-C), and nothing exits itself.
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(ckcore.cli.__file__).read_text(encoding="utf-8"))
+    exits = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and getattr(n.func, "attr", getattr(n.func, "id", None)) in ("exit", "_exit")]
+    assert exits == []
+    statuses = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and (node.name == "main" or node.name.startswith("_cmd_")):
+            for ret in ast.walk(node):
+                if isinstance(ret, ast.Return) and ret.value is not None:
+                    if ast.unparse(ret.value).startswith("_COMMANDS["):
+                        continue  # main returns what a command returns
+                    values = [n for n in ast.walk(ret.value) if isinstance(n, ast.Constant)]
+                    assert values, f"{node.name}: return {ast.unparse(ret.value)} is not a literal status"
+                    statuses |= {n.value for n in values if isinstance(n.value, int)}
+    assert statuses == {0, 1, 2, 130}
+    main_py = Path(ckcore.cli.__file__).with_name("__main__.py")
+    assert "sys.exit(main())" in main_py.read_text(encoding="utf-8")
 
 
 def test_cli_never_imports_torch():
@@ -496,7 +848,7 @@ def test_plan_refuses_byte_counts_beyond_int64():
     mesh, layouts = resolve_layouts(ck.metadata, world_size=2)
     with pytest.raises(ValueError, match=r"embed.weight: storage entry ends at byte 92233720368547\d+, beyond int64"):
         plan_reads(ck, mesh, layouts)
-    problems = validate_checkpoint(ck)
+    problems = validate_checkpoint(ck).messages
     assert any(p.startswith("embed.weight: bytes [9223372036854775708,") for p in problems)
 
 
@@ -520,14 +872,14 @@ def test_validate_overlapping_storage_entries():
     b = ck.storage[MetadataIndex("embed.weight", (0, 0))]
     assert a.relative_path == b.relative_path
     b.offset = a.offset + 10  # embed's bytes now start inside wq's second chunk
-    problems = validate_checkpoint(ck)
+    problems = validate_checkpoint(ck).messages
     hits = [p for p in problems if "overlap those of" in p]
     expected = (
         f"embed.weight: bytes [{a.offset + 10}, {a.offset + 10 + b.length}) of {a.relative_path} "
         f"overlap those of layers.0.wq.weight (up to byte {a.offset + a.length})"
     )
     assert hits == [expected]
-    assert validate_checkpoint(Checkpoint(SHARDED)) == []
+    assert validate_checkpoint(Checkpoint(SHARDED)).ok
 
 
 def test_mutated_metadata_never_crashes(tmp_path):

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.default_planner import _validate_global_plan
 sys.path.insert(0, str(Path(__file__).parent))
 from gp_cases import ck_md, normalize, torch_md
 
-from ckcore._kernels._validate import _self_overlap_pairs
+from ckcore._kernels._validate import _check_tensor, _check_tensor_bounded, _self_overlap_pairs
 from ckcore.global_plan import validate_global_plan
 
 TWO_PLANS = [object(), object()]
@@ -176,6 +176,58 @@ def test_kernel_pairs_equal_naive(layout):
     offs = np.array([c[0] for c in chunks], dtype=np.int64).reshape(-1, ndim)
     sizes = np.array([c[1] for c in chunks], dtype=np.int64).reshape(-1, ndim)
     assert kernel_pairs(offs, sizes) == naive_pairs(offs, sizes)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(random_layout(5, 40), structured_layout(5)),
+       st.integers(-1, 6), st.integers(-1, 12))
+def test_bounded_search_keeps_a_prefix_and_counts(layout, keep, stop):
+    # _check_tensor_bounded: at most `keep` true pairs, an exact count when it
+    # says complete, a lower bound of at least `stop` when it stopped.
+    size, chunks = layout
+    ndim = len(size)
+    offs = np.array([c[0] for c in chunks], dtype=np.int64).reshape(-1, ndim)
+    sizes = np.array([c[1] for c in chunks], dtype=np.int64).reshape(-1, ndim)
+    tsize = np.array(size, dtype=np.int64)
+    naive = naive_pairs(offs, sizes)
+    oob, volume, pairs, found, complete, exhausted, spent = _check_tensor_bounded(
+        offs, sizes, tsize, keep, stop, -1)
+    full = _check_tensor(offs, sizes, tsize)
+    assert oob.tolist() == full[0].tolist() and volume == full[1]
+    got = [tuple(sorted(p, reverse=True)) for p in pairs.tolist()]
+    assert set(got) <= naive and len(got) == len(set(got))
+    assert not exhausted and spent == 0
+    if complete:
+        assert found == len(naive)
+    else:
+        assert 0 <= stop <= found <= len(naive)
+    assert len(got) == (found if keep < 0 else min(keep, found))
+
+
+def test_bounded_search_counts_identical_chunks_without_walking_them():
+    # One chunk repeated 200,000 times (a crafted file repeats one pickled
+    # object for 2 bytes a copy): 2e10 pairs, counted exactly, 5 kept.
+    n = 200_000
+    offs = np.zeros((n, 2), dtype=np.int64)
+    sizes = np.full((n, 2), 4, dtype=np.int64)
+    res = _check_tensor_bounded(offs, sizes, np.array([4, 4], dtype=np.int64), 5, 1000, -1)
+    _, _, pairs, found, complete, exhausted, _ = res
+    assert pairs.shape == (5, 2) and found == n * (n - 1) // 2 and complete and not exhausted
+
+
+def test_sweep_budget_ends_a_quadratic_search():
+    # Chunks that all share a sweep interval yet overlap in no pair, and no
+    # dimension splits them: n^2/2 comparisons without a budget.
+    n = 3000
+    i = np.arange(n, dtype=np.int64)
+    offs = np.vstack([np.stack([i, i], 1), [[10 * n, 0]]])
+    sizes = np.vstack([np.stack([np.full(n, n), np.ones(n, dtype=np.int64)], 1), [[n, n]]])
+    tsize = np.array([11 * n, n], dtype=np.int64)
+    offs, sizes = np.ascontiguousarray(offs), np.ascontiguousarray(sizes)
+    *_, found, complete, exhausted, spent = _check_tensor_bounded(offs, sizes, tsize, 20, -1, 10_000)
+    assert (found, complete, exhausted, spent) == (0, False, True, 10_000)
+    *_, found, complete, exhausted, spent = _check_tensor_bounded(offs, sizes, tsize, 20, -1, 10**8)
+    assert (found, complete, exhausted) == (0, True, False) and 0 < spent < 10**8
 
 
 # ----------------------------------------------------------------- adversarial

@@ -16,3 +16,11 @@ def _check_tensor(
     sizes: npt.NDArray[np.int64],
     tsize: npt.NDArray[np.int64],
 ) -> tuple[npt.NDArray[np.int64], int | None, npt.NDArray[np.int64]]: ...
+def _check_tensor_bounded(
+    offs: npt.NDArray[np.int64],
+    sizes: npt.NDArray[np.int64],
+    tsize: npt.NDArray[np.int64],
+    keep: int,
+    stop: int,
+    budget: int,
+) -> tuple[npt.NDArray[np.int64], int | None, npt.NDArray[np.int64], int, bool, bool, int]: ...

@@ -14,7 +14,9 @@ fine grids). This kernel finds the same findings without that cliff:
   disjoint (interval grouping, which handles irregular and MoE layouts), and
   only sweeps what no dimension can split, on the dimension with the most
   distinct offsets. Its cost follows the number of chunk pairs that share a
-  sweep interval, never n² on these layouts;
+  sweep interval, never n² on these layouts. A caller may keep only the
+  first pairs and stop after a count (``PairBuf``): a crafted file can hold
+  billions of overlapping pairs in a few kilobytes;
 * volumes are summed in 128 bits, so they never wrap.
 """
 
@@ -37,20 +39,52 @@ from ckcore._kernels._types cimport i64, u64
 
 # ---------------------------------------------------------------- small C tools
 
+cdef void pairbuf_init(PairBuf* pb, Py_ssize_t keep, Py_ssize_t stop) noexcept nogil:
+    pb.data = NULL
+    pb.n = 0
+    pb.cap = 0
+    pb.keep = keep
+    pb.found = 0
+    pb.stop = stop
+    pb.budget = -1
+    pb.exhausted = False
+
+
 cdef int pairbuf_push(PairBuf* pb, i64 a, i64 b) except -1 nogil:
     cdef Py_ssize_t cap
     cdef i64* data
-    if pb.n == pb.cap:
-        cap = 64 if pb.cap == 0 else pb.cap * 2
-        data = <i64*>realloc(pb.data, <size_t>cap * 2 * sizeof(i64))
-        if data == NULL:
-            with gil:
-                raise MemoryError("overlap pair buffer")
-        pb.data = data
-        pb.cap = cap
-    pb.data[2 * pb.n] = a
-    pb.data[2 * pb.n + 1] = b
-    pb.n += 1
+    pb.found += 1
+    if pb.keep < 0 or pb.n < pb.keep:
+        if pb.n == pb.cap:
+            cap = 64 if pb.cap == 0 else pb.cap * 2
+            data = <i64*>realloc(pb.data, <size_t>cap * 2 * sizeof(i64))
+            if data == NULL:
+                with gil:
+                    raise MemoryError("overlap pair buffer")
+            pb.data = data
+            pb.cap = cap
+        pb.data[2 * pb.n] = a
+        pb.data[2 * pb.n + 1] = b
+        pb.n += 1
+    return 1 if 0 <= pb.stop <= pb.found else 0
+
+
+cdef int _all_pairs(PairBuf* pb, const i64* S, Py_ssize_t m) except -1 nogil:
+    # Every pair of the m chunks S (0..m-1 when S is NULL) overlaps. Once no
+    # more pairs are kept the rest are counted, not walked: m identical
+    # chunks (one chunk object repeated in a crafted file costs 2 bytes a
+    # copy) hold m(m-1)/2 pairs. m is a number of chunks held in memory, so
+    # m(m-1)/2 fits in 63 bits. Counting costs nothing, so it does not end
+    # the search even past pb.stop: the next pair walked elsewhere does, and
+    # if there is none the count is exact.
+    cdef Py_ssize_t i, j
+    for i in range(m):
+        for j in range(i):
+            if 0 <= pb.keep <= pb.n:
+                pb.found += m * (m - 1) // 2 - (i * (i - 1) // 2 + j)
+                return 0
+            if pairbuf_push(pb, S[i] if S != NULL else i, S[j] if S != NULL else j):
+                return 1
     return 0
 
 
@@ -101,6 +135,8 @@ cdef int _sweep(Ctx* c, const i64* S, Py_ssize_t m, Py_ssize_t s) except -1 nogi
     # end is past the current start; every active chunk is box-checked. Exact
     # for torch's predicate for any values (also negative sizes): a chunk
     # dropped because end <= start is separated from every later chunk.
+    # Returns 1 when the pair buffer asked to stop or its budget ran out, as
+    # _split and find_self_overlaps do.
     cdef Py_ssize_t d = c.ndim, i, j, na = 0, w
     cdef i64 cur, oth, start
     cdef Key3* keys = <Key3*>_alloc(m, sizeof(Key3))
@@ -125,9 +161,15 @@ cdef int _sweep(Ctx* c, const i64* S, Py_ssize_t m, Py_ssize_t s) except -1 nogi
                 act[w] = oth
                 act_end[w] = act_end[j]
                 w += 1
+                if c.out.budget >= 0:
+                    if c.out.budget == 0:
+                        c.out.exhausted = True
+                        return 1
+                    c.out.budget -= 1
                 if box_overlap(c.offs + cur * d, c.sizes + cur * d,
                                c.offs + oth * d, c.sizes + oth * d, d):
-                    pairbuf_push(c.out, cur, oth)
+                    if pairbuf_push(c.out, cur, oth):
+                        return 1
             na = w
             act[na] = cur
             act_end[na] = start + c.sizes[cur * d + s]
@@ -177,7 +219,7 @@ cdef int _split(Ctx* c, const i64* S, Py_ssize_t m, unsigned long long cand) exc
     # pairwise separated, chunks in different groups cannot overlap, chunks in
     # a group with an empty interval cannot either, and the rest share that
     # dimension: recurse per group without it. Otherwise sweep.
-    cdef Py_ssize_t d = c.ndim, k, i, j, g0, groups, noffs
+    cdef Py_ssize_t d = c.ndim, k, j, g0, groups, noffs
     cdef Py_ssize_t best_k = -1, best_groups = 0, sweep_k = -1, sweep_offs = 0
     cdef Key3* keys = NULL
     cdef Key3* best = NULL
@@ -215,16 +257,15 @@ cdef int _split(Ctx* c, const i64* S, Py_ssize_t m, unsigned long long cand) exc
                     sub[j - g0] = best[j].idx
                     j += 1
                 if best[g0].b != 0 and j - g0 > 1:
-                    _split(c, sub, j - g0, cand & ~(1ULL << best_k))
+                    if _split(c, sub, j - g0, cand & ~(1ULL << best_k)):
+                        return 1
                 g0 = j
         elif sweep_k < 0:
             # Every dimension is shared with a non-empty interval: the chunks
             # are identical boxes with volume, and every pair overlaps.
-            for i in range(m):
-                for j in range(i):
-                    pairbuf_push(c.out, S[i], S[j])
+            return _all_pairs(c.out, S, m)
         else:
-            _sweep(c, S, m, sweep_k)
+            return _sweep(c, S, m, sweep_k)
     finally:
         free(keys)
         free(best)
@@ -389,7 +430,9 @@ cdef int find_self_overlaps(Py_ssize_t n, Py_ssize_t ndim, const i64* offs,
 
     Rows are ``ndim`` int64 values; ``offs + sizes`` must not overflow. The
     predicate is torch's (``_box.pxd``), including empty chunks strictly
-    inside another one. Pairs come in no particular order.
+    inside another one. Pairs come in no particular order. Returns 1 if the
+    search ended early (at ``out.stop`` pairs, or out of ``out.budget``), 0 if
+    it found them all (see PairBuf).
     """
     cdef Ctx c
     cdef Py_ssize_t i, k, groups, noffs, best_k = 0, best_offs = -1
@@ -398,9 +441,7 @@ cdef int find_self_overlaps(Py_ssize_t n, Py_ssize_t ndim, const i64* offs,
     cdef Key3* keys = NULL
     if n <= 1 or ndim <= 0:
         if ndim == 0:
-            for i in range(n):
-                for k in range(i):
-                    pairbuf_push(out, i, k)
+            return _all_pairs(out, NULL, n)
         return 0
     c.n = n
     c.ndim = ndim
@@ -429,16 +470,14 @@ cdef int find_self_overlaps(Py_ssize_t n, Py_ssize_t ndim, const i64* offs,
                 if noffs > best_offs:
                     best_offs = noffs
                     best_k = k
-            _sweep(&c, S, n, best_k)
-            return 0
+            return _sweep(&c, S, n, best_k)
         _grid_free(&c, &proven)
         if proven:
             return 0
-        _split(&c, S, n, (1ULL << ndim) - 1)
+        return _split(&c, S, n, (1ULL << ndim) - 1)
     finally:
         free(S)
         free(keys)
-    return 0
 
 
 # ------------------------------------------------------ Python-facing entry points
@@ -545,9 +584,7 @@ def _self_overlap_pairs(const i64[:, ::1] offs, const i64[:, ::1] sizes):
     cdef PairBuf pb
     if sizes.shape[0] != n or sizes.shape[1] != d:
         raise ValueError("offsets and sizes must have the same shape")
-    pb.data = NULL
-    pb.n = 0
-    pb.cap = 0
+    pairbuf_init(&pb, -1, -1)
     try:
         with nogil:
             find_self_overlaps(n, d, &offs[0, 0] if n * d else NULL,
@@ -621,14 +658,45 @@ cdef int tensor_findings(Py_ssize_t n, Py_ssize_t ndim, const i64* offs, const i
             return 1
     if n <= 1:
         return 0
-    pb.data = NULL
-    pb.n = 0
-    pb.cap = 0
+    # One pair answers the question: keep none, stop at the first.
+    pairbuf_init(&pb, 0, 1)
     try:
         find_self_overlaps(n, ndim, offs, sizes, &pb)
     finally:
         free(pb.data)
-    return 1 if pb.n else 0
+    return 1 if pb.found else 0
+
+
+cdef tuple _check(const i64[:, ::1] offs, const i64[:, ::1] sizes, const i64[::1] tsize,
+                  Py_ssize_t keep, Py_ssize_t stop, Py_ssize_t budget):
+    cdef Py_ssize_t n = offs.shape[0], d = offs.shape[1], n_oob
+    cdef PairBuf pb
+    cdef ck_i128 total = 0
+    cdef bint vol_ovf = False
+    cdef int stopped = 0
+    if sizes.shape[0] != n or sizes.shape[1] != d or tsize.shape[0] != d:
+        raise ValueError("offsets, sizes and the tensor size must agree in shape")
+    oob_a = np.empty(n, dtype=np.int64)
+    cdef i64[::1] oob = oob_a
+    pairbuf_init(&pb, keep, stop)
+    pb.budget = budget
+    try:
+        with nogil:
+            n_oob = _bounds_volume(n, d, &offs[0, 0] if n * d else NULL,
+                                   &sizes[0, 0] if n * d else NULL,
+                                   &tsize[0] if d else NULL,
+                                   &oob[0] if n else NULL, &total, &vol_ovf)
+            if n > 1:
+                stopped = find_self_overlaps(n, d, &offs[0, 0] if d else NULL,
+                                             &sizes[0, 0] if d else NULL, &pb)
+        pairs = np.empty((pb.n, 2), dtype=np.int64)
+        if pb.n:
+            pairs.reshape(-1)[:] = <i64[:2 * pb.n]>pb.data
+    finally:
+        free(pb.data)
+    volume = None if vol_ovf else (int(ck_hi(total)) << 64) + int(ck_lo(total))
+    spent = budget - pb.budget if budget >= 0 else 0
+    return oob_a[:n_oob], volume, pairs, pb.found, not stopped, bool(pb.exhausted), spent
 
 
 def _check_tensor(const i64[:, ::1] offs, const i64[:, ::1] sizes, const i64[::1] tsize):
@@ -640,30 +708,20 @@ def _check_tensor(const i64[:, ::1] offs, const i64[:, ::1] sizes, const i64[::1
     chunk's volume overflows int64 and the caller must compute it), and
     the overlapping pairs as ``_self_overlap_pairs`` returns them.
     """
-    cdef Py_ssize_t n = offs.shape[0], d = offs.shape[1], n_oob
-    cdef PairBuf pb
-    cdef ck_i128 total = 0
-    cdef bint vol_ovf = False
-    if sizes.shape[0] != n or sizes.shape[1] != d or tsize.shape[0] != d:
-        raise ValueError("offsets, sizes and the tensor size must agree in shape")
-    oob_a = np.empty(n, dtype=np.int64)
-    cdef i64[::1] oob = oob_a
-    pb.data = NULL
-    pb.n = 0
-    pb.cap = 0
-    try:
-        with nogil:
-            n_oob = _bounds_volume(n, d, &offs[0, 0] if n * d else NULL,
-                                   &sizes[0, 0] if n * d else NULL,
-                                   &tsize[0] if d else NULL,
-                                   &oob[0] if n else NULL, &total, &vol_ovf)
-            if n > 1:
-                find_self_overlaps(n, d, &offs[0, 0] if d else NULL,
-                                   &sizes[0, 0] if d else NULL, &pb)
-        pairs = np.empty((pb.n, 2), dtype=np.int64)
-        if pb.n:
-            pairs.reshape(-1)[:] = <i64[:2 * pb.n]>pb.data
-    finally:
-        free(pb.data)
-    volume = None if vol_ovf else (int(ck_hi(total)) << 64) + int(ck_lo(total))
-    return oob_a[:n_oob], volume, pairs
+    return _check(offs, sizes, tsize, -1, -1, -1)[:3]
+
+
+def _check_tensor_bounded(const i64[:, ::1] offs, const i64[:, ::1] sizes, const i64[::1] tsize,
+                          Py_ssize_t keep, Py_ssize_t stop, Py_ssize_t budget):
+    """``_check_tensor`` for reports that show only a few overlapping pairs, in bounded time.
+
+    Returns ``(oob, volume, pairs, found, complete, exhausted, spent)``:
+    ``pairs`` holds the first ``keep`` pairs found (all when ``keep < 0``);
+    the search ends once ``stop`` pairs are found (never when ``stop < 0``)
+    or after ``budget`` box comparisons in the sweep (unlimited when
+    ``budget < 0``), which sets ``exhausted``. ``found`` counts the pairs,
+    exactly when ``complete``, else as a lower bound; ``spent`` is the
+    comparisons used. Identical chunks are counted without being walked, so
+    their m(m-1)/2 pairs cost O(m).
+    """
+    return _check(offs, sizes, tsize, keep, stop, budget)
