@@ -357,7 +357,7 @@ class _SafeUnpickler(pickle.Unpickler):
     Every opcode that names a global (GLOBAL, STACK_GLOBAL, INST, OBJ and the
     EXT codes) goes through ``find_class``, so nothing outside the table can
     be called. It only ever runs on a stream the opcode scan accepted (see
-    :func:`_load_paused`); the table check here is the second line.
+    :func:`_load`); the table check here is the second line.
     """
 
     def find_class(self, module: str, name: str) -> Any:
@@ -454,7 +454,7 @@ def _check_storage_meta(sm: object) -> None:
         raise _StructureError(f"storage_meta.modules is {_r(modules)}")
 
 
-def _check_metadata(md: object) -> Metadata:
+def _check_metadata(md: object, nbytes: int | None = None) -> Metadata:
     """Raise CheckpointError unless ``md`` is a well-formed ckcore Metadata.
 
     The scan and the unpickler guarantee that no foreign code ran and that
@@ -462,6 +462,12 @@ def _check_metadata(md: object) -> Metadata:
     hold e.g. a list where chunks belong, or a TensorProperties whose BUILD
     never came. Callers (planning kernels, the CLI) rely on the types, so
     they are checked here, in bulk, each value by type before it is hashed.
+
+    ``nbytes`` (the file's length) bounds the structure: a stream can share
+    one chunk list or shape among many tensors at a few bytes each, and
+    every reader of the result (this check, planning, the command) would
+    then do work far beyond the file's size. Counted as chunk dimensions,
+    a real file holds fewer than it has bytes.
     """
     if type(md) is not Metadata or not _fields_ok(md):
         raise _StructureError(f"top-level object is not DCP Metadata: {_r(md)}")
@@ -469,6 +475,7 @@ def _check_metadata(md: object) -> Metadata:
     sdm = md_dict.get("state_dict_metadata")
     if type(sdm) is not dict:
         raise _StructureError("Metadata.state_dict_metadata is missing or not a dict")
+    budget = None if nbytes is None else 2 * nbytes + 4096
     for fqn, item in sdm.items():
         if type(fqn) is not str:
             raise _StructureError(f"state_dict_metadata key {_r(fqn)} is not a str")
@@ -491,6 +498,12 @@ def _check_metadata(md: object) -> Metadata:
         chunks = d.get("chunks")
         if type(chunks) is not list:
             raise _StructureError(f"{_fqn(fqn)}: chunks is {type(chunks).__name__}, not a list")
+        if budget is not None:
+            budget -= (len(chunks) + 1) * max(len(size), 1)
+            if budget < 0:
+                raise _StructureError(
+                    f"{_fqn(fqn)}: more chunk dimensions than a file of {nbytes} bytes can hold "
+                    "(chunk lists or shapes shared between tensors)")
         _check_chunks(fqn, chunks, len(size))
     sm = md_dict.get("storage_meta")
     if sm is not None:
@@ -702,7 +715,7 @@ def _load(data: bytes, name: str) -> Metadata:
         # pickle.load pays it too). Nothing built here needs the cycle
         # collector while loading; it runs again afterwards.
         with paused():
-            return _load_paused(stream, name)
+            return _load_paused(stream, name, len(data))
     except _ScanStopped:
         pass
     finally:
@@ -722,13 +735,13 @@ def _load(data: bytes, name: str) -> Metadata:
     raise _refusal(found, data, name, refused)
 
 
-def _load_paused(stream: IO[bytes], name: str) -> Metadata:
+def _load_paused(stream: IO[bytes], name: str, nbytes: int) -> Metadata:
     try:
         md = _SafeUnpickler(stream).load()
         # Checked while the GC is still paused: the first allocations after
         # re-enabling it would otherwise run the deferred young-generation
         # pass (and possibly an older one) in the middle of the check.
-        _check_metadata(md)
+        _check_metadata(md, nbytes)
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f"{name}: {e}") from None
     except _StructureError as e:

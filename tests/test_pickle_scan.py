@@ -280,6 +280,29 @@ def test_metadata_index_offsets_stay_short():
     assert refusal(b"\x80\x04" + key + ok + b"ub0" + EMPTY_MD[2:]) is None
 
 
+def test_shared_chunk_lists_are_bounded_by_the_file_size():
+    # One list of 20,000 chunks shared by 200 tensors: 4 million chunks to
+    # every reader of the result, from a file of a few hundred kB.
+    from ckcore.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    chunks = [ChunkStorageMetadata((i,), (1,)) for i in range(20_000)]
+    sdm = {f"t{i}": TensorStorageMetadata(TensorProperties("float32"), (20_000,), chunks)
+           for i in range(200)}
+    data = torchify(Metadata(sdm))
+    with pytest.raises(CheckpointError, match="more chunk dimensions than a file of"):
+        loads_metadata(data)
+    # The same tensors, each with its own list, are fine at the file's size.
+    sdm = {f"t{i}": TensorStorageMetadata(TensorProperties("float32"), (200,),
+                                          [ChunkStorageMetadata((j,), (1,)) for j in range(200)])
+           for i in range(50)}
+    assert len(loads_metadata(torchify(Metadata(sdm))).state_dict_metadata) == 50
+
+
 def test_a_million_deep_tuple_is_refused_without_recursion():
     assert_damaged(b"\x80\x04N" + b"\x85" * 1_000_000 + b".", "nested deeper")
 
@@ -464,8 +487,8 @@ def test_tripwire_restores_and_refuses(monkeypatch):
 
     real_load = ckpt._load_paused
 
-    def poisoning(stream, name):
-        md = real_load(stream, name)
+    def poisoning(stream, name, nbytes):
+        md = real_load(stream, name, nbytes)
         ChunkStorageMetadata.poisoned = True  # what a hole in the scan would allow
         ChunkStorageMetadata.__eq__ = lambda self, other: True
         return md
