@@ -907,10 +907,10 @@ class Checkpoint:
         try:
             info = self.storage[key]
         except KeyError:
-            raise KeyError(f"{self.metadata_path}: no storage entry for {key}") from None
+            raise KeyError(f"{self.metadata_path}: no storage entry for {_r(key)}") from None
         if type(info) is not StorageInfo:
             raise CheckpointError(
-                f"{self.metadata_path}: storage entry for {key} is {type(info).__name__}, "
+                f"{self.metadata_path}: storage entry for {_r(key)} is {type(info).__name__}, "
                 "not a FileSystemWriter record"
             )
         return info
@@ -929,7 +929,7 @@ class Checkpoint:
         rp = info.relative_path
         if _escapes(rp):
             raise CheckpointError(
-                f"{self.metadata_path}: storage entry for {index} names {rp!r}, "
+                f"{self.metadata_path}: storage entry for {_r(index)} names {_r(rp)}, "
                 "outside the checkpoint directory"
             )
         return ItemLocation(self.dir / rp, info.offset, info.length, info.transform_descriptors)
@@ -951,27 +951,28 @@ class Checkpoint:
                     key = MetadataIndex(fqn, c.offsets)
                     expected.add(key)
                     if key not in storage:
-                        out.append(f"{fqn}: chunk {i} at offsets {c.offsets} has no storage entry")
+                        out.append(f"{_fqn(fqn)}: chunk {i} at offsets {_r(c.offsets)} "
+                                   "has no storage entry")
             else:
                 key = MetadataIndex(fqn)
                 expected.add(key)
                 if key not in storage:
-                    out.append(f"{fqn}: bytes item has no storage entry")
+                    out.append(f"{_fqn(fqn)}: bytes item has no storage entry")
         for key, info in storage.items():
             if key not in expected:
-                out.append(f"storage entry {key} names no item in state_dict_metadata")
+                out.append(f"storage entry {_r(key)} names no item in state_dict_metadata")
             if type(info) is not StorageInfo:
                 continue
             rp = info.relative_path
             if _escapes(rp):
-                out.append(f"{key.fqn}: file {rp!r} lies outside the checkpoint directory")
+                out.append(f"{_fqn(key.fqn)}: file {_r(rp)} lies outside the checkpoint directory")
                 continue
             size = self.files.get(rp)
             if size is None:
-                out.append(f"{key.fqn}: file {rp} is missing")
+                out.append(f"{_fqn(key.fqn)}: file {_fqn(rp)} is missing")
             elif info.offset + info.length > size:
                 out.append(
-                    f"{key.fqn}: bytes [{info.offset}, {info.offset + info.length}) "
-                    f"lie beyond the end of {rp} ({size} bytes)"
+                    f"{_fqn(key.fqn)}: bytes [{info.offset}, {info.offset + info.length}) "
+                    f"lie beyond the end of {_fqn(rp)} ({size} bytes)"
                 )
         return out

@@ -309,7 +309,8 @@ class RangeFileSystemReader(FileSystemReader):
     def _where(self, path: str, req: ReadItem) -> str:
         info = self.storage_data[req.storage_index]
         return (
-            f"{path}: item {req.storage_index.fqn!r} (chunk at {tuple(req.storage_index.offset or ())}, "
+            f"{path}: item {saferepr(req.storage_index.fqn)} "
+            f"(chunk at {saferepr(tuple(req.storage_index.offset or ()))}, "
             f"bytes [{info.offset}, {info.offset + info.length}))"
         )
 
