@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ckcore._saferepr import saferepr
 from ckcore.dtypes import DTYPE_ITEMSIZE
 
 __all__ = ["CorruptItem", "TensorLocation", "UnsupportedItem", "locate_tensor"]
@@ -92,26 +93,35 @@ class TensorLocation:
 
 # ----------------------------------------------------------------- unpickling
 
+class _NoBuild:
+    # A pickle can apply BUILD to any object on its stack, and BUILD writes
+    # straight into the instance (past a frozen dataclass's __setattr__).
+    # The objects the allow-list hands out refuse it, so a storage type or
+    # dtype always holds the name the allow-list gave it; the error is
+    # raised inside load() and reported as a CorruptItem.
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError(f"BUILD on {type(self).__name__}")
+
 
 @dataclass(frozen=True)
-class _StorageType:
+class _StorageType(_NoBuild):
     dtype: str | None  # None: UntypedStorage (the dtype comes with _rebuild_tensor_v3)
 
 
 @dataclass(frozen=True)
-class _Dtype:
+class _Dtype(_NoBuild):
     name: str
 
 
 @dataclass(frozen=True)
-class _Storage:
+class _Storage(_NoBuild):
     dtype: str | None
     key: str
     numel: int
 
 
 @dataclass(frozen=True)
-class _Rebuilt:
+class _Rebuilt(_NoBuild):
     storage: Any
     storage_offset: Any
     size: Any
@@ -156,7 +166,7 @@ class _AllowListUnpickler(pickle.Unpickler):
             and isinstance(pid[4], int)
         ):
             return _Storage(pid[1].dtype, pid[2], pid[4])
-        raise UnsupportedItem(f"unsupported persistent id {pid!r}")
+        raise UnsupportedItem(f"unsupported persistent id {saferepr(pid)}")
 
 
 def _int_tuple(v: Any) -> tuple[int, ...] | None:
@@ -351,7 +361,8 @@ def locate_tensor(
     if not isinstance(obj, _Rebuilt) or not isinstance(obj.storage, _Storage):
         raise UnsupportedItem(f"{where}: data.pkl is not a plain tensor ({type(obj).__name__})")
     if obj.metadata:
-        raise UnsupportedItem(f"{where}: tensor carries metadata {obj.metadata!r} (conj/neg bits)")
+        raise UnsupportedItem(
+            f"{where}: tensor carries metadata {saferepr(obj.metadata)} (conj/neg bits)")
     st = obj.storage
     if st.dtype is not None:
         dtype = st.dtype

@@ -113,6 +113,17 @@ def test_zip64_extra_field_read_when_complete():
     assert _locate(bytes(data)).storage_nbytes == _locate(good).storage_nbytes
 
 
+@pytest.mark.parametrize("state", [
+    b"}" + _s("dtype") + _s("weird") + b"s",   # a dtype the allow-list never gave
+    b"}" + _s("dtype") + b"]s",                # an unhashable one
+], ids=["foreign-dtype", "unhashable-dtype"])
+def test_pickle_build_on_allow_listed_objects_is_refused(state):
+    # BUILD (opcode b) on the storage type the allow-list returned would
+    # rewrite its dtype; the locator must refuse, not fail on the result.
+    with pytest.raises(CorruptItem, match="BUILD"):
+        _locate(_archive(_pickle(state + b"b")))
+
+
 def _check(data: bytes) -> None:
     try:
         _locate(data)
