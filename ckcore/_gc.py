@@ -7,15 +7,45 @@ collector running, each allocation burst triggers collections whose older
 generations walk the whole heap: measured, that costs more than the planning
 itself. None of the objects built here can form a cycle, so collection waits
 until the work is done, and the caller's setting is restored even on error.
+
+The collector's switch is one per process while pauses may overlap on
+several threads: a pause taken while another is open must neither restore
+the setting early nor take the paused state for the caller's. Pauses are
+therefore counted under a lock; the first one remembers the setting and the
+last one to end restores it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 from collections.abc import Iterator
 
-__all__ = ["paused"]
+__all__ = ["pause", "paused", "resume"]
+
+_lock = threading.Lock()
+_depth = 0
+_restore = False
+
+
+def pause() -> None:
+    """Start a pause of the cyclic GC; every call must be matched by :func:`resume`."""
+    global _depth, _restore
+    with _lock:
+        if _depth == 0:
+            _restore = gc.isenabled()
+            gc.disable()
+        _depth += 1
+
+
+def resume() -> None:
+    """End a pause; the last one open restores the setting the first one found."""
+    global _depth
+    with _lock:
+        _depth -= 1
+        if _depth == 0 and _restore:
+            gc.enable()
 
 
 @contextlib.contextmanager
@@ -32,13 +62,13 @@ def paused(promote: bool = False) -> Iterator[None]:
     of the frozen objects (``gc.get_freeze_count()``), so a process that froze
     millions of objects pays that walk per call.
     """
-    enabled = gc.isenabled()
-    gc.disable()
+    pause()
     try:
         yield
     finally:
-        if promote and gc.get_freeze_count() == 0:
-            gc.freeze()
-            gc.unfreeze()
-        if enabled:
-            gc.enable()
+        try:
+            if promote and gc.get_freeze_count() == 0:
+                gc.freeze()
+                gc.unfreeze()
+        finally:
+            resume()

@@ -31,10 +31,11 @@ from ckcore._kernels._coverage cimport C_OK, check_reads
 from ckcore._kernels._intersect cimport PATH_AUTO, IdxBuf, fill_pairs, intersect_pairs
 from ckcore._kernels._types cimport i64, isize
 
-import gc
 import operator
 
 import numpy as np
+
+from ckcore._gc import pause, resume
 
 cdef str _DICT = "__dict__"
 
@@ -373,7 +374,6 @@ def build_read_items(str fqn,
     cdef object item, di, st
     cdef _RowCache cache = _RowCache(nd, size_cls)
     cdef i64 zero = 0
-    cdef bint gc_was_enabled = gc.isenabled()
     _check_plain_class(read_item_cls, "read_item_cls")
     _check_plain_class(metadata_index_cls, "metadata_index_cls")
     if k and (storage_offsets.shape[0] != k or dest_offsets.shape[0] != k or lengths.shape[0] != k
@@ -382,7 +382,7 @@ def build_read_items(str fqn,
         raise ValueError(f"{fqn}: intersection arrays disagree in shape")
     # Tens of thousands of new container objects would trigger the cyclic GC over and
     # over (each pass walking every live object); none of them can form a cycle.
-    gc.disable()
+    pause()
     try:
         for p in range(k):
             li = local_index[p]
@@ -405,8 +405,7 @@ def build_read_items(str fqn,
             Py_INCREF(item)
             PyList_SET_ITEM(out, p, item)
     finally:
-        if gc_was_enabled:
-            gc.enable()
+        resume()
     return out
 
 
@@ -449,7 +448,6 @@ def read_items(str fqn, local_chunks, saved_chunks, isize ndim,
     cdef list items, dest_idx, stor_idx, loffs, soffs
     cdef object di, st, dro, sro, lro
     cdef _RowCache cache
-    cdef bint gc_was_enabled
     cdef int code = C_OK
     if nd < 0:
         raise ValueError(f"{fqn}: ndim must be non-negative, got {nd}")
@@ -494,9 +492,8 @@ def read_items(str fqn, local_chunks, saved_chunks, isize ndim,
         dest_idx = [None] * nl
         stor_idx = [None] * ns
         cache = _RowCache(nd, size_cls)
-        gc_was_enabled = gc.isenabled()
         # As in build_read_items: no cycles among the new objects, so no GC passes.
-        gc.disable()
+        pause()
         try:
             for i in range(nl):
                 for p in range(seg[i], seg[i + 1]):
@@ -516,8 +513,7 @@ def read_items(str fqn, local_chunks, saved_chunks, isize ndim,
                     Py_INCREF(item)
                     PyList_SET_ITEM(items, p, item)
         finally:
-            if gc_was_enabled:
-                gc.enable()
+            resume()
         return items
     finally:
         free(lo)
