@@ -54,12 +54,16 @@ def first_bad_chunk(list chunks, type chunk_cls, Py_ssize_t ndim):
     """Index of the first chunk that is not a well-formed ``chunk_cls``, or -1.
 
     Well-formed: exactly of type ``chunk_cls``, with ``offsets`` and
-    ``sizes`` exact tuples of ``ndim`` ints in ``[0, 2**63)``.
+    ``sizes`` exact tuples of ``ndim`` ints in ``[0, 2**63)``. The answer is
+    about one snapshot of ``chunks``, taken on entry.
     """
+    # Reading an attribute can run Python code (a property of chunk_cls),
+    # during which the list may change: the loop indexes its own snapshot.
+    cdef tuple snap = tuple(chunks)
     cdef Py_ssize_t i
     cdef object c, offsets, sizes
-    for i in range(len(chunks)):
-        c = chunks[i]
+    for i in range(len(snap)):
+        c = snap[i]
         if type(c) is not chunk_cls:
             return i
         # A chunk built by NEWOBJ without its BUILD has no fields.
@@ -76,12 +80,14 @@ def first_bad_storage_info(list infos, type info_cls):
 
     Well-formed: ``relative_path`` an exact str, ``offset`` and ``length``
     ints in ``[0, 2**63)``. Values of other types (a custom storage
-    writer's records) are skipped.
+    writer's records) are skipped. The answer is about one snapshot of
+    ``infos``, taken on entry.
     """
+    cdef tuple snap = tuple(infos)
     cdef Py_ssize_t i
     cdef object info, rp, off, length
-    for i in range(len(infos)):
-        info = infos[i]
+    for i in range(len(snap)):
+        info = snap[i]
         if type(info) is not info_cls:
             continue
         rp = getattr(info, "relative_path", None)
