@@ -257,51 +257,76 @@ cdef object _size_rule(type cls):
     return rule
 
 
-cdef type _last_item_cls = None
-cdef object _last_rule = None
-cdef object _last_dt = None
-cdef i64 _last_isz = 0
+cdef class _LastSize:
+    """The last (item class, size rule) and (rule, dtype, item size) looked up.
+
+    Immutable once made, and swapped in whole: threads planning at once
+    share the cache, and a lookup that runs Python code (the rule, a hash)
+    may let another thread in between, so no reader ever sees one thread's
+    class with another's rule.
+    """
+    cdef type cls
+    cdef object rule
+    cdef object dt
+    cdef i64 isz
+
+
+cdef _LastSize _LAST_SIZE = _LastSize()
+
+
+cdef inline int _as_i64(object v, i64* out) noexcept:
+    # An exact int64 from a Python int; 1 for anything else (another type, or
+    # beyond int64), where the caller must use Python ints instead.
+    cdef int ovf = 0
+    if not PyLong_Check(v):
+        return 1
+    out[0] = PyLong_AsLongLongAndOverflow(v, &ovf)
+    return 1 if ovf else 0
 
 
 cdef int _storage_size(object item, i64* out) except -1:
     # `item.tensor_storage_size() or 1` as an int64; returns 1 if it does not
-    # fit (the caller then falls back to Python ints). One-entry identity
-    # caches stand in for the class and dtype lookups (a plan has a handful).
-    global _last_item_cls, _last_rule, _last_dt, _last_isz
-    cdef object rule
-    cdef object td, v, isz
-    if type(item) is _last_item_cls:
-        rule = _last_rule
+    # fit or is not computed from int64 values (the caller then falls back to
+    # Python ints, with torch's own arithmetic). A one-entry cache stands in
+    # for the class and dtype lookups (a plan has a handful).
+    global _LAST_SIZE
+    cdef _LastSize last = _LAST_SIZE
+    cdef _LastSize new
+    cdef object rule, td, v, isz, dt
+    cdef i64 numel = 1, x = 0
+    if type(item) is last.cls:
+        rule = last.rule
     else:
         rule = _size_rule(type(item))
-        _last_item_cls = type(item)
-        _last_rule = rule
-        _last_dt = None
-    cdef i64 numel = 1, x
+        new = _LastSize()
+        new.cls = type(item)
+        new.rule = rule
+        _LAST_SIZE = last = new
     if rule is None:
         v = item.tensor_storage_size() or 1
-        if v > 0x7FFFFFFFFFFFFFFF or v < -0x8000000000000000:
-            return 1
-        out[0] = v
-        return 0
+        return _as_i64(v, out)
     td = item.tensor_data
     if td is None:
         out[0] = 1
         return 0
     for v in td.size:
-        x = v
-        if ck_mul64(numel, x, &numel):
+        if _as_i64(v, &x) or ck_mul64(numel, x, &numel):
             return 1
     dt = td.properties.dtype
-    if dt is not _last_dt or _last_dt is None:
+    if dt is not last.dt or last.dt is None:
         isz = _ITEMSIZE.get((rule, dt))
         if isz is None:
             isz = rule(dt)
             _ITEMSIZE[(rule, dt)] = isz
-        _last_isz = isz
-        _last_dt = dt
-    x = _last_isz
-    if ck_mul64(numel, x, &numel):
+        if _as_i64(isz, &x):
+            return 1
+        new = _LastSize()
+        new.cls = last.cls
+        new.rule = rule
+        new.dt = dt
+        new.isz = x
+        _LAST_SIZE = last = new
+    if ck_mul64(numel, last.isz, &numel):
         return 1
     out[0] = numel if numel != 0 else 1
     return 0
