@@ -432,3 +432,34 @@ def test_read_runs_many_iovecs_and_errors(tmp_path):
         os.close(fd)
     with pytest.raises(OSError):
         read_runs(fd, [[0, 0, 8]], [[0, 8]], bytearray(8))  # closed descriptor
+
+
+def test_read_runs_block_starting_before_its_first_run(tmp_path):
+    # Blocks given by a caller need not start at a run (a block aligned down to
+    # a page, say): the bytes before a block's first run are not needed, and
+    # must neither be read nor make the read fail.
+    data = np.random.default_rng(7).integers(0, 256, 5000, dtype=np.uint8)
+    path = tmp_path / "f.bin"
+    data.tofile(path)
+    runs = np.array([[100, 0, 10], [130, 10, 20], [4090, 30, 10]], dtype=np.int64)
+    blocks = np.array([[0, 200], [4000, 4100]], dtype=np.int64)
+    dst = bytearray(40)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        # One run: no gap between runs to read, so no discard buffer either.
+        one = bytearray(10)
+        assert read_runs(fd, [[100, 0, 10]], [[0, 200]], one) == (1, 10)
+        assert bytes(one) == data[100:110].tobytes()
+        calls, nbytes = read_runs(fd, runs, blocks, dst)
+        assert calls == 2
+        assert nbytes == (150 - 100) + 10  # first run to last run end, per block
+        want = data[100:110].tobytes() + data[130:150].tobytes() + data[4090:4100].tobytes()
+        assert bytes(dst) == want
+        # A block reaching past the end of the file is no EOF while its runs are in it.
+        dst = bytearray(10)
+        assert read_runs(fd, [[4990, 0, 10]], [[4096, 1 << 20]], dst) == (1, 10)
+        assert bytes(dst) == data[4990:].tobytes()
+        with pytest.raises(EOFError, match="file ends"):
+            read_runs(fd, [[4995, 0, 10]], [[4096, 1 << 20]], bytearray(10))
+    finally:
+        os.close(fd)

@@ -582,12 +582,14 @@ def read_runs(int fd, const i64[:, ::1] runs, const i64[:, ::1] blocks,
 
     ``runs`` are sorted by file offset and do not overlap; ``blocks`` are the
     coalesced ``[start, end)`` reads that cover them (``coalesce``): each
-    block is one ``preadv`` whose iovecs point into ``dst`` for the runs and
-    into a discard buffer for the gaps. With ``prefetch > 0`` every block is
-    announced with ``POSIX_FADV_WILLNEED`` up to ``prefetch`` bytes ahead, so
-    the device works on many small reads at once. The GIL is released.
+    block is one ``preadv``, from its first run to the end of its last, whose
+    iovecs point into ``dst`` for the runs and into a discard buffer for the
+    gaps between them (bytes of a block before its first run or after its
+    last are not read). With ``prefetch > 0`` every block is announced with
+    ``POSIX_FADV_WILLNEED`` up to ``prefetch`` bytes ahead, so the device
+    works on many small reads at once. The GIL is released.
     Returns ``(read calls, bytes read)``; raises OSError on an I/O error and
-    EOFError when the file ends before a block does.
+    EOFError when the file ends before the runs do.
     """
     cdef Py_ssize_t K = runs.shape[0], M = blocks.shape[0], r, b
     if runs.shape[1] != 3 or blocks.shape[1] != 2:
@@ -606,6 +608,7 @@ def read_runs(int fd, const i64[:, ::1] runs, const i64[:, ::1] blocks,
             b += 1
         if b == M or runs[r, 0] < blocks[b, 0] or runs[r, 0] + runs[r, 2] > blocks[b, 1]:
             raise ValueError(f"read_runs: run {r} at file offset {runs[r, 0]} is not inside a block")
+        # Only gaps between two runs of one block are read (into junk).
         if r > 0 and runs[r - 1, 0] >= blocks[b, 0]:
             maxgap = max(maxgap, runs[r, 0] - runs[r - 1, 0] - runs[r - 1, 2])
     for b in range(M):
@@ -618,7 +621,7 @@ def read_runs(int fd, const i64[:, ::1] runs, const i64[:, ::1] blocks,
         free(junk)
         free(iov)
         raise MemoryError()
-    cdef i64 calls = 0, nbytes = 0, got = 0, pos, gap, g, io_start
+    cdef i64 calls = 0, nbytes = 0, got = 0, pos = 0, gap, g, io_start
     cdef int cnt, err = 0
     cdef Py_ssize_t pf = 0
     cdef unsigned char* base = &dst[0] if cap > 0 else NULL
@@ -630,7 +633,11 @@ def read_runs(int fd, const i64[:, ::1] runs, const i64[:, ::1] blocks,
                     while pf < M and (pf <= b or blocks[pf, 0] < blocks[b, 0] + prefetch):
                         ck_willneed(fd, blocks[pf, 0], blocks[pf, 1] - blocks[pf, 0])
                         pf += 1
-                pos = blocks[b, 0]
+                if r == K or runs[r, 0] >= blocks[b, 1]:
+                    continue  # no run in this block: nothing of it is needed
+                # The read starts at the block's first run, not at the block's
+                # start: the bytes before it are not needed.
+                pos = runs[r, 0]
                 io_start = pos
                 cnt = 0
                 while r < K and runs[r, 0] < blocks[b, 1]:
@@ -676,5 +683,6 @@ def read_runs(int fd, const i64[:, ::1] runs, const i64[:, ::1] blocks,
     if got == -1:
         raise OSError(err, f"read_runs: read failed near file offset {pos}")
     if got == -2:
-        raise EOFError(f"read_runs: file ends before byte {blocks[b, 1]} (block {b})")
+        raise EOFError(f"read_runs: file ends before byte {pos} (block {b}: "
+                       f"[{blocks[b, 0]}, {blocks[b, 1]}))")
     return calls, nbytes
