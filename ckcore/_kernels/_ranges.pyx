@@ -516,11 +516,17 @@ def copy_box(const unsigned char[::1] src, const i64[::1] src_shape,
     cdef i64 sstride[64]
     cdef i64 tstride[64]
     cdef i64 so, do, nruns, run
+    cdef const unsigned char* s_first
+    cdef unsigned char* d_first
+    # The walk is planned from the arrays in the same GIL hold as their
+    # checks: once the GIL is released another thread may rewrite them, and
+    # the copy must follow the walk that was checked.
+    run = _paired_walk(src_strides, 0, src_offsets, dst_strides, 0, dst_offsets,
+                       lengths, itemsize, &m, dlen, sstride, tstride, &so, &do, &nruns)
+    s_first = &src[0] + src_base + so
+    d_first = &dst[0] + dst_base + do
     with nogil:
-        run = _paired_walk(src_strides, 0, src_offsets, dst_strides, 0, dst_offsets,
-                           lengths, itemsize, &m, dlen, sstride, tstride, &so, &do, &nruns)
-        _copy_runs(&src[0] + src_base + so, &dst[0] + dst_base + do, run, m, dlen,
-                   sstride, tstride, nruns)
+        _copy_runs(s_first, d_first, run, m, dlen, sstride, tstride, nruns)
 
 
 def paired_run_info(const i64[::1] src_shape, const i64[::1] src_strides,
