@@ -497,7 +497,10 @@ def copy_box(const unsigned char[::1] src, const i64[::1] src_shape,
 
     Both chunks are described by shape, element strides and a base byte offset
     into their buffer; the copy walks contiguous runs (contiguous in both) with
-    memcpy and the GIL released. Source and destination must not overlap.
+    memcpy and the GIL released. When the bytes the source box spans and those
+    the destination box spans share memory (one buffer on both sides, or two
+    views of one), the source span is copied aside first: the result is
+    numpy's ``dst[box] = src[box]``, the source read as it was before the copy.
     """
     _check_pair("copy_box", src_shape, src_strides, src_base, src_offsets,
                 dst_shape, dst_strides, dst_base, dst_offsets, lengths, itemsize)
@@ -518,6 +521,8 @@ def copy_box(const unsigned char[::1] src, const i64[::1] src_shape,
     cdef i64 so, do, nruns, run
     cdef const unsigned char* s_first
     cdef unsigned char* d_first
+    cdef unsigned char* aside = NULL
+    cdef size_t s_span
     # The walk is planned from the arrays in the same GIL hold as their
     # checks: once the GIL is released another thread may rewrite them, and
     # the copy must follow the walk that was checked.
@@ -525,8 +530,21 @@ def copy_box(const unsigned char[::1] src, const i64[::1] src_shape,
                        lengths, itemsize, &m, dlen, sstride, tstride, &so, &do, &nruns)
     s_first = &src[0] + src_base + so
     d_first = &dst[0] + dst_base + do
-    with nogil:
-        _copy_runs(s_first, d_first, run, m, dlen, sstride, tstride, nruns)
+    s_span = <size_t>(send - src_base - so)
+    if (<size_t>s_first < <size_t>&dst[0] + <size_t>dend
+            and <size_t>d_first < <size_t>s_first + s_span):
+        # The spans overlap: writes could land on source bytes not yet read.
+        aside = <unsigned char*>malloc(s_span)
+        if aside == NULL:
+            raise MemoryError(f"copy_box: cannot set aside the {s_span}-byte source span")
+    try:
+        with nogil:
+            if aside != NULL:
+                memcpy(aside, s_first, s_span)
+                s_first = aside
+            _copy_runs(s_first, d_first, run, m, dlen, sstride, tstride, nruns)
+    finally:
+        free(aside)
 
 
 def paired_run_info(const i64[::1] src_shape, const i64[::1] src_strides,
