@@ -8,44 +8,21 @@ generations walk the whole heap: measured, that costs more than the planning
 itself. None of the objects built here can form a cycle, so collection waits
 until the work is done, and the caller's setting is restored even on error.
 
-The collector's switch is one per process while pauses may overlap on
-several threads: a pause taken while another is open must neither restore
-the setting early nor take the paused state for the caller's. Pauses are
-therefore counted under a lock; the first one remembers the setting and the
-last one to end restores it.
+Pauses may overlap on several threads while the collector's switch is one
+per process: they are counted (``ckcore._kernels._gcpause``, shared with
+the kernels that build items), the first remembering the setting and the
+last to end restoring it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import threading
 from collections.abc import Iterator
 
+from ckcore._kernels._gcpause import pause, resume
+
 __all__ = ["pause", "paused", "resume"]
-
-_lock = threading.Lock()
-_depth = 0
-_restore = False
-
-
-def pause() -> None:
-    """Start a pause of the cyclic GC; every call must be matched by :func:`resume`."""
-    global _depth, _restore
-    with _lock:
-        if _depth == 0:
-            _restore = gc.isenabled()
-            gc.disable()
-        _depth += 1
-
-
-def resume() -> None:
-    """End a pause; the last one open restores the setting the first one found."""
-    global _depth
-    with _lock:
-        _depth -= 1
-        if _depth == 0 and _restore:
-            gc.enable()
 
 
 @contextlib.contextmanager

@@ -28,14 +28,13 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
 from ckcore._kernels._coverage cimport C_OK, check_reads
+from ckcore._kernels._gcpause cimport gc_pause, gc_resume
 from ckcore._kernels._intersect cimport PATH_AUTO, IdxBuf, fill_pairs, intersect_pairs
 from ckcore._kernels._types cimport i64, isize
 
 import operator
 
 import numpy as np
-
-from ckcore._gc import pause, resume
 
 cdef str _DICT = "__dict__"
 
@@ -382,7 +381,7 @@ def build_read_items(str fqn,
         raise ValueError(f"{fqn}: intersection arrays disagree in shape")
     # Tens of thousands of new container objects would trigger the cyclic GC over and
     # over (each pass walking every live object); none of them can form a cycle.
-    pause()
+    gc_pause()
     try:
         for p in range(k):
             li = local_index[p]
@@ -405,7 +404,7 @@ def build_read_items(str fqn,
             Py_INCREF(item)
             PyList_SET_ITEM(out, p, item)
     finally:
-        resume()
+        gc_resume()
     return out
 
 
@@ -493,7 +492,7 @@ def read_items(str fqn, local_chunks, saved_chunks, isize ndim,
         stor_idx = [None] * ns
         cache = _RowCache(nd, size_cls)
         # As in build_read_items: no cycles among the new objects, so no GC passes.
-        pause()
+        gc_pause()
         try:
             for i in range(nl):
                 for p in range(seg[i], seg[i + 1]):
@@ -513,7 +512,7 @@ def read_items(str fqn, local_chunks, saved_chunks, isize ndim,
                     Py_INCREF(item)
                     PyList_SET_ITEM(items, p, item)
         finally:
-            resume()
+            gc_resume()
         return items
     finally:
         free(lo)
