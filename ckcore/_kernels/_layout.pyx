@@ -100,16 +100,24 @@ cdef int load_placements(Py_ssize_t ndim, const i64[::1] mesh_shape,
     return 0
 
 
+cdef enum:
+    SMALL_SHAPES = 64   # values of shapes copied to the caller's stack buffer
+
+
 cdef i64* load_shapes(const i64* shapes, Py_ssize_t nrows, Py_ssize_t ndim,
-                      bint one) except NULL:
+                      bint one, i64* small) except NULL:
     # A checked copy of (nrows, ndim) sizes, for the same reason as the
-    # placements: a negative size would reach a division by zero. The caller
-    # frees it. ``one``: a single shape, named without a row.
-    cdef i64* out = <i64*>malloc(<size_t>(nrows * ndim + 1) * sizeof(i64))
+    # placements: a negative size would reach a division by zero. Up to
+    # SMALL_SHAPES values go to ``small`` (the one-coordinate path is a few
+    # microseconds), more to a buffer the caller frees (free_shapes).
+    # ``one``: a single shape, named without a row.
+    cdef i64* out = small
     cdef Py_ssize_t t, d
     cdef str msg
-    if out == NULL:
-        raise MemoryError()
+    if nrows * ndim > SMALL_SHAPES:
+        out = <i64*>malloc(<size_t>(nrows * ndim) * sizeof(i64))
+        if out == NULL:
+            raise MemoryError()
     if nrows * ndim:
         memcpy(out, shapes, <size_t>(nrows * ndim) * sizeof(i64))
     for t in range(nrows):
@@ -120,9 +128,14 @@ cdef i64* load_shapes(const i64* shapes, Py_ssize_t nrows, Py_ssize_t ndim,
                 else:
                     msg = (f"global shape {_row_str(out + t * ndim, ndim)} (row {t}) has a "
                            f"negative size in dim {d}")
-                free(out)
+                free_shapes(out, small)
                 raise ValueError(msg)
     return out
+
+
+cdef inline void free_shapes(i64* g, i64* small) noexcept:
+    if g != small:
+        free(g)
 
 
 cdef Py_ssize_t mesh_volume(const Placements* p) except -1:
@@ -212,10 +225,11 @@ def layout_all_many(const i64[:, ::1] shapes, const i64[::1] mesh_shape,
     cdef Py_ssize_t ntensors = shapes.shape[0]
     cdef Py_ssize_t ndim = shapes.shape[1]
     cdef Placements p
+    cdef i64 small[SMALL_SHAPES]
     cdef i64* g = NULL
     cdef Py_ssize_t nrows
     load_placements(ndim, mesh_shape, kinds, dims, split_factors, &p)
-    g = load_shapes(&shapes[0, 0] if ntensors and ndim else NULL, ntensors, ndim, False)
+    g = load_shapes(&shapes[0, 0] if ntensors and ndim else NULL, ntensors, ndim, False, small)
     try:
         nrows = mesh_volume(&p)
         sizes_arr = np.empty((ntensors, nrows, ndim), dtype=np.int64)
@@ -226,7 +240,7 @@ def layout_all_many(const i64[:, ::1] shapes, const i64[::1] mesh_shape,
         _layout_many(g, ntensors, ndim, &p, nrows, table_arr, sizes_arr, offsets_arr)
         return sizes_arr, offsets_arr
     finally:
-        free(g)
+        free_shapes(g, small)
 
 
 cdef int _layout_many(const i64* g, Py_ssize_t ntensors, Py_ssize_t ndim, const Placements* p,
@@ -253,8 +267,12 @@ def layout_all(const i64[::1] global_shape, const i64[::1] mesh_shape,
     cdef Placements p
     cdef i64* g = NULL
     cdef Py_ssize_t nrows
+    cdef i64[:, ::1] sizes
+    cdef i64[:, ::1] offsets
+    cdef i64[::1] table
+    cdef i64 small[SMALL_SHAPES]
     load_placements(ndim, mesh_shape, kinds, dims, split_factors, &p)
-    g = load_shapes(&global_shape[0] if ndim else NULL, 1, ndim, True)
+    g = load_shapes(&global_shape[0] if ndim else NULL, 1, ndim, True, small)
     try:
         nrows = mesh_volume(&p)
         sizes_arr = np.empty((nrows, ndim), dtype=np.int64)
@@ -262,11 +280,15 @@ def layout_all(const i64[::1] global_shape, const i64[::1] mesh_shape,
         table_arr = np.empty(2 * nrows if ndim else 0, dtype=np.int64)
         if nrows == 0 or ndim == 0:
             return sizes_arr, offsets_arr
-        _layout_many(g, 1, ndim, &p, nrows, table_arr, sizes_arr.reshape(1, nrows, ndim),
-                     offsets_arr.reshape(1, nrows, ndim))
+        sizes = sizes_arr
+        offsets = offsets_arr
+        table = table_arr
+        with nogil:
+            layout_tensor(g, ndim, p.mesh, p.kinds, p.dims, p.sfs, p.nmesh, nrows, &table[0],
+                          &sizes[0, 0], &offsets[0, 0])
         return sizes_arr, offsets_arr
     finally:
-        free(g)
+        free_shapes(g, small)
 
 
 def layout_coordinate_many(const i64[:, ::1] shapes, const i64[::1] mesh_shape,
@@ -284,9 +306,10 @@ def layout_coordinate_many(const i64[:, ::1] shapes, const i64[::1] mesh_shape,
     cdef i64 ssize[MAX_MESH_DIMS]
     cdef i64 sstart[MAX_MESH_DIMS]
     cdef Py_ssize_t ssteps[MAX_MESH_DIMS]
+    cdef i64 small[SMALL_SHAPES]
     load_placements(ndim, mesh_shape, kinds, dims, split_factors, &p)
     nmesh = p.nmesh
-    g = load_shapes(&shapes[0, 0] if ntensors and ndim else NULL, ntensors, ndim, False)
+    g = load_shapes(&shapes[0, 0] if ntensors and ndim else NULL, ntensors, ndim, False, small)
     try:
         if coordinate.shape[0] != nmesh:
             raise ValueError(
@@ -311,7 +334,7 @@ def layout_coordinate_many(const i64[:, ::1] shapes, const i64[::1] mesh_shape,
                            ssize, sstart, ssteps, &sizes[t, 0], &offsets[t, 0])
         return sizes_arr, offsets_arr
     finally:
-        free(g)
+        free_shapes(g, small)
 
 
 def layout_coordinate(const i64[::1] global_shape, const i64[::1] mesh_shape,
