@@ -319,8 +319,8 @@ for when in (1, 2, 3):
                                   *CKCORE_CLASSES[:2], CKCORE_CLASSES.load_item_type.TENSOR, tuple)
     assert [it.dest_index.offset for it in out] == [(4 * i,) for i in range(20)]
 
-    # _mdcheck, checking against the evil class: every chunk of the list as
-    # it was on entry is well-formed.
+    # _mdcheck, checking against the evil class: every chunk it reads is
+    # well-formed (it iterates the list, so it stops where the list ends).
     assert _mdcheck.first_bad_chunk(evil_list(30, when), Evil, 1) == -1
 print("ok")
 ''')
