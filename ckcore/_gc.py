@@ -7,6 +7,11 @@ collector running, each allocation burst triggers collections whose older
 generations walk the whole heap: measured, that costs more than the planning
 itself. None of the objects built here can form a cycle, so collection waits
 until the work is done, and the caller's setting is restored even on error.
+
+Pauses may overlap on several threads while the collector's switch is one
+per process: they are counted (``ckcore._kernels._gcpause``, shared with
+the kernels that build items), the first remembering the setting and the
+last to end restoring it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import contextlib
 import gc
 from collections.abc import Iterator
 
-__all__ = ["paused"]
+from ckcore._kernels._gcpause import pause, resume
+
+__all__ = ["pause", "paused", "resume"]
 
 
 @contextlib.contextmanager
@@ -32,13 +39,13 @@ def paused(promote: bool = False) -> Iterator[None]:
     of the frozen objects (``gc.get_freeze_count()``), so a process that froze
     millions of objects pays that walk per call.
     """
-    enabled = gc.isenabled()
-    gc.disable()
+    pause()
     try:
         yield
     finally:
-        if promote and gc.get_freeze_count() == 0:
-            gc.freeze()
-            gc.unfreeze()
-        if enabled:
-            gc.enable()
+        try:
+            if promote and gc.get_freeze_count() == 0:
+                gc.freeze()
+                gc.unfreeze()
+        finally:
+            resume()

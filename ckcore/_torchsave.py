@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ckcore._saferepr import saferepr
 from ckcore.dtypes import DTYPE_ITEMSIZE
 
 __all__ = ["CorruptItem", "TensorLocation", "UnsupportedItem", "locate_tensor"]
@@ -92,26 +93,35 @@ class TensorLocation:
 
 # ----------------------------------------------------------------- unpickling
 
+class _NoBuild:
+    # A pickle can apply BUILD to any object on its stack, and BUILD writes
+    # straight into the instance (past a frozen dataclass's __setattr__).
+    # The objects the allow-list hands out refuse it, so a storage type or
+    # dtype always holds the name the allow-list gave it; the error is
+    # raised inside load() and reported as a CorruptItem.
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError(f"BUILD on {type(self).__name__}")
+
 
 @dataclass(frozen=True)
-class _StorageType:
+class _StorageType(_NoBuild):
     dtype: str | None  # None: UntypedStorage (the dtype comes with _rebuild_tensor_v3)
 
 
 @dataclass(frozen=True)
-class _Dtype:
+class _Dtype(_NoBuild):
     name: str
 
 
 @dataclass(frozen=True)
-class _Storage:
+class _Storage(_NoBuild):
     dtype: str | None
     key: str
     numel: int
 
 
 @dataclass(frozen=True)
-class _Rebuilt:
+class _Rebuilt(_NoBuild):
     storage: Any
     storage_offset: Any
     size: Any
@@ -156,7 +166,7 @@ class _AllowListUnpickler(pickle.Unpickler):
             and isinstance(pid[4], int)
         ):
             return _Storage(pid[1].dtype, pid[2], pid[4])
-        raise UnsupportedItem(f"unsupported persistent id {pid!r}")
+        raise UnsupportedItem(f"unsupported persistent id {saferepr(pid)}")
 
 
 def _int_tuple(v: Any) -> tuple[int, ...] | None:
@@ -253,20 +263,7 @@ def _central_directory(item: _ItemBytes) -> list[_Record]:
         name = cd[p + 46 : p + 46 + nlen].decode("utf-8", "replace")
         extra = cd[p + 46 + nlen : p + 46 + nlen + elen]
         if 0xFFFFFFFF in (csize, usize, loff):
-            # zip64 extended information: present fields in this order.
-            q = 0
-            while q + 4 <= len(extra):
-                hid, hlen = struct.unpack_from("<HH", extra, q)
-                if hid == 1:
-                    vals = list(struct.unpack_from(f"<{hlen // 8}Q", extra, q + 4))
-                    if usize == 0xFFFFFFFF and vals:
-                        usize = vals.pop(0)
-                    if csize == 0xFFFFFFFF and vals:
-                        csize = vals.pop(0)
-                    if loff == 0xFFFFFFFF and vals:
-                        loff = vals.pop(0)
-                    break
-                q += 4 + hlen
+            usize, csize, loff = _zip64_fields(where, name, extra, usize, csize, loff)
         if flags & 1:
             raise UnsupportedItem(f"{where}: encrypted zip record {name}")
         records.append(_Record(name, method, csize, usize, loff))
@@ -274,11 +271,39 @@ def _central_directory(item: _ItemBytes) -> list[_Record]:
     return records
 
 
+def _zip64_fields(where: str, name: str, extra: bytes, usize: int, csize: int,
+                  loff: int) -> tuple[int, int, int]:
+    """``(usize, csize, loff)`` with the 0xFFFFFFFF ones taken from the zip64 extra field.
+
+    The extra field is a list of ``(id, length, data)`` blocks; block 1 holds
+    the 8-byte values of the fields set to 0xFFFFFFFF, in that order. A block
+    that claims more bytes than the field has is damage.
+    """
+    q = 0
+    while q + 4 <= len(extra):
+        hid, hlen = _unpack(where, "<HH", extra, q)
+        if q + 4 + hlen > len(extra):
+            raise CorruptItem(
+                f"{where}: zip64 extra field of {name} claims {hlen} bytes, "
+                f"{len(extra) - q - 4} are there")
+        if hid == 1:
+            vals = list(_unpack(where, f"<{hlen // 8}Q", extra, q + 4))
+            if usize == 0xFFFFFFFF and vals:
+                usize = vals.pop(0)
+            if csize == 0xFFFFFFFF and vals:
+                csize = vals.pop(0)
+            if loff == 0xFFFFFFFF and vals:
+                loff = vals.pop(0)
+            break
+        q += 4 + hlen
+    return usize, csize, loff
+
+
 def _record_bytes_offset(item: _ItemBytes, rec: _Record) -> int:
     hdr = item.read(rec.local_offset, 30)
     if hdr[:4] != _LOCAL:
         raise CorruptItem(f"{item.where}: bad local header for {rec.name}")
-    nlen, elen = struct.unpack_from("<HH", hdr, 26)
+    nlen, elen = _unpack(item.where, "<HH", hdr, 26)
     start = rec.local_offset + 30 + nlen + elen
     if start + rec.csize > item.length:
         raise CorruptItem(
@@ -336,7 +361,8 @@ def locate_tensor(
     if not isinstance(obj, _Rebuilt) or not isinstance(obj.storage, _Storage):
         raise UnsupportedItem(f"{where}: data.pkl is not a plain tensor ({type(obj).__name__})")
     if obj.metadata:
-        raise UnsupportedItem(f"{where}: tensor carries metadata {obj.metadata!r} (conj/neg bits)")
+        raise UnsupportedItem(
+            f"{where}: tensor carries metadata {saferepr(obj.metadata)} (conj/neg bits)")
     st = obj.storage
     if st.dtype is not None:
         dtype = st.dtype

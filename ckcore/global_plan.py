@@ -256,9 +256,9 @@ def _validate_key(key: Any, value: Any, multi: bool, errors: list[str]) -> None:
     ndim = len(size)
     if ndim == 0:
         return
-    chunks = value.chunks
-    if not isinstance(chunks, list):
-        chunks = list(chunks)
+    # One snapshot for the numbers and the messages: they must name the
+    # chunks that were checked, whatever another thread does to the list.
+    chunks = tuple(value.chunks)
     try:
         tsize = np.array([operator.index(v) for v in size], dtype=np.int64)
     except TypeError:

@@ -212,7 +212,9 @@ def copy_box(
     ``src_offsets`` in the source and lands at ``dst_offsets`` in the
     destination (zeros if omitted). Contiguous runs are moved with memcpy and
     the GIL released. Equivalent to
-    ``dst_chunk[dst_box] = src_chunk[src_box]`` in numpy terms.
+    ``dst_chunk[dst_box] = src_chunk[src_box]`` in numpy terms, also when
+    ``src`` and ``dst`` share memory (the source is read as it was before
+    the copy).
     """
     w = "copy_box"
     n = len(lengths)

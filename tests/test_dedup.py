@@ -149,3 +149,14 @@ def test_custom_tensor_storage_size_is_called():
     out = dedup_save_plans(plans)
     # "a" goes to rank 0 (tie), which then weighs 10**6: "b" goes to rank 1.
     assert [[i.index.fqn for i in p.items] for p in out] == [["a"], ["b"]]
+
+
+def test_dimension_beyond_int64_falls_back_to_torchs_arithmetic():
+    # One dimension of the duplicated tensor is past int64 on its own (not
+    # only the product): the exact Python-int fallback, still torch's answer.
+    for big in ((2**63,), (3, 2**64 + 5), (2**70, 0)):
+        specs = [[("tensor", "huge", big, "float32"), ("tensor", "x", (3,), "float32")],
+                 [("tensor", "huge", big, "float32"), ("tensor", "x", (3,), "float32")],
+                 [("tensor", "x", (3,), "float32")]]
+        assert_same(specs, False)
+        assert_same(specs, True)

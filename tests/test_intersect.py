@@ -404,3 +404,21 @@ def test_read_only_inputs():
             (i, j) for i, j, *_ in ref.intersect(local, saved)]
     for a, c in zip(arrs, copies):
         np.testing.assert_array_equal(a, c)
+
+
+def test_index_is_freed_when_the_output_reservation_fails():
+    # Enough chunks for the indexed path, whose index is built before the
+    # output buffer is reserved: a failed reservation must not leak it.
+    off = np.arange(0, 4000, 4, dtype=np.int64).reshape(-1, 1)
+    size = np.full_like(off, 4)
+    assert _intersect._py_live_indexes() == 0
+    _intersect._py_fail_reserve(True)
+    try:
+        for path in ("auto", "grid", "trie"):
+            with pytest.raises(MemoryError):
+                _intersect.intersect(off, size, off, size, path)
+    finally:
+        _intersect._py_fail_reserve(False)
+    assert _intersect._py_live_indexes() == 0
+    assert len(_intersect.intersect(off, size, off, size)[0]) == len(off)
+    assert _intersect._py_live_indexes() == 0

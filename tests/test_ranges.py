@@ -432,3 +432,113 @@ def test_read_runs_many_iovecs_and_errors(tmp_path):
         os.close(fd)
     with pytest.raises(OSError):
         read_runs(fd, [[0, 0, 8]], [[0, 8]], bytearray(8))  # closed descriptor
+
+
+def test_read_runs_block_starting_before_its_first_run(tmp_path):
+    # Blocks given by a caller need not start at a run (a block aligned down to
+    # a page, say): the bytes before a block's first run are not needed, and
+    # must neither be read nor make the read fail.
+    data = np.random.default_rng(7).integers(0, 256, 5000, dtype=np.uint8)
+    path = tmp_path / "f.bin"
+    data.tofile(path)
+    runs = np.array([[100, 0, 10], [130, 10, 20], [4090, 30, 10]], dtype=np.int64)
+    blocks = np.array([[0, 200], [4000, 4100]], dtype=np.int64)
+    dst = bytearray(40)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        # One run: no gap between runs to read, so no discard buffer either.
+        one = bytearray(10)
+        assert read_runs(fd, [[100, 0, 10]], [[0, 200]], one) == (1, 10)
+        assert bytes(one) == data[100:110].tobytes()
+        calls, nbytes = read_runs(fd, runs, blocks, dst)
+        assert calls == 2
+        assert nbytes == (150 - 100) + 10  # first run to last run end, per block
+        want = data[100:110].tobytes() + data[130:150].tobytes() + data[4090:4100].tobytes()
+        assert bytes(dst) == want
+        # A block reaching past the end of the file is no EOF while its runs are in it.
+        dst = bytearray(10)
+        assert read_runs(fd, [[4990, 0, 10]], [[4096, 1 << 20]], dst) == (1, 10)
+        assert bytes(dst) == data[4990:].tobytes()
+        with pytest.raises(EOFError, match="file ends"):
+            read_runs(fd, [[4995, 0, 10]], [[4096, 1 << 20]], bytearray(10))
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------ copy_box within one buffer
+
+
+def _layout_in(draw, lengths, itemsize):
+    """A chunk holding a box of ``lengths``: (shape, element strides, box offsets, extent in bytes).
+
+    Its dims are stored in a random order with random padding, so the chunk
+    never overlaps itself but its elements interleave with other chunks'.
+    """
+    n = len(lengths)
+    shape = [ln + draw(st.integers(0, 2)) for ln in lengths]
+    offsets = [draw(st.integers(0, s - ln)) for s, ln in zip(shape, lengths)]
+    order = draw(st.permutations(range(n)))
+    strides = [0] * n
+    acc = 1
+    for d in reversed(order):
+        strides[d] = acc
+        acc *= shape[d] + draw(st.integers(0, 1))
+    extent = (sum((s - 1) * t for s, t in zip(shape, strides)) + 1) * itemsize
+    return shape, strides, offsets, extent
+
+
+@st.composite
+def shared_buffer_copies(draw):
+    n = draw(st.integers(1, 3))
+    itemsize = draw(st.sampled_from([1, 2, 4, 8]))
+    lengths = [draw(st.integers(1, 4)) for _ in range(n)]
+    src = _layout_in(draw, lengths, itemsize)
+    dst = _layout_in(draw, lengths, itemsize)
+    # Bases a few bytes apart (any byte, not only whole elements): the two
+    # chunks' bytes overlap in most draws.
+    src_base = draw(st.integers(0, 24))
+    dst_base = draw(st.integers(0, 24))
+    size = max(src_base + src[3], dst_base + dst[3]) + draw(st.integers(0, 8))
+    return itemsize, lengths, src, src_base, dst, dst_base, size
+
+
+def _view(buf, base, shape, strides, itemsize):
+    """The chunk as numpy sees it: elements are rows of ``itemsize`` bytes."""
+    return np.lib.stride_tricks.as_strided(
+        buf[base:], shape=(*shape, itemsize), strides=(*(s * itemsize for s in strides), 1))
+
+
+@settings(max_examples=400, deadline=None)
+@given(shared_buffer_copies(), st.integers(0, 2**32 - 1))
+def test_copy_box_within_one_buffer_matches_numpy(case, seed):
+    itemsize, lengths, (s_shape, s_str, s_off, _), s_base, (d_shape, d_str, d_off, _), d_base, size = case
+    buf = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+    want = buf.copy()
+    s_box = tuple(slice(o, o + ln) for o, ln in zip(s_off, lengths))
+    d_box = tuple(slice(o, o + ln) for o, ln in zip(d_off, lengths))
+    # numpy assigns overlapping operands as if the source were copied first.
+    _view(want, d_base, d_shape, d_str, itemsize)[d_box] = \
+        _view(want, s_base, s_shape, s_str, itemsize)[s_box]
+    copy_box(buf, buf, lengths, itemsize=itemsize,
+             src_shape=s_shape, src_strides=s_str, src_offsets=s_off, src_base=s_base,
+             dst_shape=d_shape, dst_strides=d_str, dst_offsets=d_off, dst_base=d_base)
+    assert np.array_equal(buf, want)
+
+
+def test_copy_box_shifting_rows_within_one_array():
+    # Three columns of rows 0..2 of a 4x4 array onto rows 1..3: one run per
+    # row, each run's destination the next run's source, so copying in walk
+    # order would smear row 0 down.
+    a = np.arange(16, dtype=np.int32).reshape(4, 4)
+    want = a.copy()
+    want[1:4, :3] = want[0:3, :3]
+    copy_box(a, a, (3, 3), itemsize=4, src_shape=(4, 4), dst_shape=(4, 4),
+             src_offsets=(0, 0), dst_offsets=(1, 0))
+    assert np.array_equal(a, want)
+    # A view of the same memory on the other side is the same buffer too.
+    b = np.arange(16, dtype=np.int32).reshape(4, 4)
+    want = b.copy()
+    want[2:4, 1:] = want[1:3, 1:]
+    copy_box(b[1:], b, (2, 3), itemsize=4, src_shape=(3, 4), dst_shape=(4, 4),
+             src_offsets=(0, 1), dst_offsets=(2, 1))
+    assert np.array_equal(b, want)

@@ -29,15 +29,19 @@ cdef i64 I64_MAX = 0x7FFFFFFFFFFFFFFF
 
 cdef inline i64 _volume_sat(const i64* sizes, isize nd) noexcept nogil:
     # Product of non-negative sizes, saturated at I64_MAX (callers compare only).
-    cdef i64 v = 1
+    # Each size is read once: the arrays may be the caller's, written by
+    # another thread while this runs, and the value tested for 0 must be the
+    # divisor.
+    cdef i64 v = 1, s
     cdef isize d
     for d in range(nd):
-        if sizes[d] == 0:
+        s = sizes[d]
+        if s == 0:
             return 0
-        if v > I64_MAX // sizes[d]:
+        if v > I64_MAX // s:
             v = I64_MAX
         else:
-            v = v * sizes[d]
+            v = v * s
     return v
 
 

@@ -178,7 +178,7 @@ cdef int _category_slow(object t) except -1:
     return <int>c
 
 
-def create_global_save_plan(list all_plans, bint rewrite_index_hints,
+def create_global_save_plan(all_plans, bint rewrite_index_hints,
                             metadata_cls, tensor_md_cls, bytes_md_cls):
     """See ckcore.global_plan.create_global_save_plan (torch's create_default_global_save_plan)."""
     cdef dict md = {}
@@ -188,8 +188,10 @@ def create_global_save_plan(list all_plans, bint rewrite_index_hints,
     cdef int cat
     cdef object items, item, index, fqn, td, tmd, chunk, new_item, t
     cdef _Ints hints = _Ints()
-    for plan in all_plans:
-        items = plan.items
+    # Snapshots of the plan list and of each item list: another thread (or
+    # Python code run by an attribute read) may change the caller's lists.
+    for plan in tuple(all_plans):
+        items = tuple(plan.items)
         new_items = []
         for item in items:
             t = item.type
@@ -255,68 +257,97 @@ cdef object _size_rule(type cls):
     return rule
 
 
-cdef type _last_item_cls = None
-cdef object _last_rule = None
-cdef object _last_dt = None
-cdef i64 _last_isz = 0
+cdef class _LastSize:
+    """The last (item class, size rule) and (rule, dtype, item size) looked up.
+
+    Immutable once made, and swapped in whole: threads planning at once
+    share the cache, and a lookup that runs Python code (the rule, a hash)
+    may let another thread in between, so no reader ever sees one thread's
+    class with another's rule.
+    """
+    cdef type cls
+    cdef object rule
+    cdef object dt
+    cdef i64 isz
+
+
+cdef _LastSize _LAST_SIZE = _LastSize()
+
+
+cdef inline int _as_i64(object v, i64* out) noexcept:
+    # An exact int64 from a Python int; 1 for anything else (another type, or
+    # beyond int64), where the caller must use Python ints instead.
+    cdef int ovf = 0
+    if not PyLong_Check(v):
+        return 1
+    out[0] = PyLong_AsLongLongAndOverflow(v, &ovf)
+    return 1 if ovf else 0
 
 
 cdef int _storage_size(object item, i64* out) except -1:
     # `item.tensor_storage_size() or 1` as an int64; returns 1 if it does not
-    # fit (the caller then falls back to Python ints). One-entry identity
-    # caches stand in for the class and dtype lookups (a plan has a handful).
-    global _last_item_cls, _last_rule, _last_dt, _last_isz
-    cdef object rule
-    cdef object td, v, isz
-    if type(item) is _last_item_cls:
-        rule = _last_rule
+    # fit or is not computed from int64 values (the caller then falls back to
+    # Python ints, with torch's own arithmetic). A one-entry cache stands in
+    # for the class and dtype lookups (a plan has a handful).
+    global _LAST_SIZE
+    cdef _LastSize last = _LAST_SIZE
+    cdef _LastSize new
+    cdef object rule, td, v, isz, dt
+    cdef i64 numel = 1, x = 0
+    if type(item) is last.cls:
+        rule = last.rule
     else:
         rule = _size_rule(type(item))
-        _last_item_cls = type(item)
-        _last_rule = rule
-        _last_dt = None
-    cdef i64 numel = 1, x
+        new = _LastSize()
+        new.cls = type(item)
+        new.rule = rule
+        _LAST_SIZE = last = new
     if rule is None:
         v = item.tensor_storage_size() or 1
-        if v > 0x7FFFFFFFFFFFFFFF or v < -0x8000000000000000:
-            return 1
-        out[0] = v
-        return 0
+        return _as_i64(v, out)
     td = item.tensor_data
     if td is None:
         out[0] = 1
         return 0
     for v in td.size:
-        x = v
-        if ck_mul64(numel, x, &numel):
+        if _as_i64(v, &x) or ck_mul64(numel, x, &numel):
             return 1
     dt = td.properties.dtype
-    if dt is not _last_dt or _last_dt is None:
+    if dt is not last.dt or last.dt is None:
         isz = _ITEMSIZE.get((rule, dt))
         if isz is None:
             isz = rule(dt)
             _ITEMSIZE[(rule, dt)] = isz
-        _last_isz = isz
-        _last_dt = dt
-    x = _last_isz
-    if ck_mul64(numel, x, &numel):
+        if _as_i64(isz, &x):
+            return 1
+        new = _LastSize()
+        new.cls = last.cls
+        new.rule = rule
+        new.dt = dt
+        new.isz = x
+        _LAST_SIZE = last = new
+    if ck_mul64(numel, last.isz, &numel):
         return 1
     out[0] = numel if numel != 0 else 1
     return 0
 
 
-def _dedup_python(list all_plans, bint save_to_lowest_rank):
-    """torch's algorithm with Python ints, ties to the lowest rank (exact-size fallback)."""
+cdef list _dedup_python(tuple plans, list plan_items, bint save_to_lowest_rank):
+    """torch's algorithm with Python ints, ties to the lowest rank (exact-size fallback).
+
+    On the snapshots the compiled pass read (``plans``, and ``plan_items``
+    from ``_item_lists``), so both passes below see the same items.
+    """
     holders = {}
     item_of = {}
-    for p, plan in enumerate(all_plans):
-        for item in plan.items:
+    for p in range(len(plans)):
+        for item in <list>plan_items[p]:
             key = (item.index.fqn, item.index.offset)
             hs = holders.setdefault(key, [])
             if not hs or hs[len(hs) - 1] != p:
                 hs.append(p)
             item_of[key] = item
-    size = [0] * len(all_plans)
+    size = [0] * len(plans)
     selected = {}
     for key, hs in holders.items():
         if save_to_lowest_rank:
@@ -326,9 +357,9 @@ def _dedup_python(list all_plans, bint save_to_lowest_rank):
         size[c] += item_of[key].tensor_storage_size() or 1
         selected[key] = c
     return [
-        _replace1(plan, "items", [it for it in plan.items
-                                  if selected[(it.index.fqn, it.index.offset)] == p])
-        for p, plan in enumerate(all_plans)
+        _replace1(plans[p], "items", [it for it in <list>plan_items[p]
+                                      if selected[(it.index.fqn, it.index.offset)] == p])
+        for p in range(len(plans))
     ]
 
 
@@ -627,26 +658,32 @@ cdef class _Dedup:
         return 0
 
 
-cdef list _item_lists(list all_plans, Py_ssize_t* total):
-    """Every plan's items as a list (read once), and their total count."""
+cdef list _item_lists(tuple plans, Py_ssize_t* total):
+    """Every plan's items as a list the call owns (read once), and their total count.
+
+    Copies, never the plans' own lists: the passes that follow size their
+    buffers by ``total`` and index the lists again after running Python code
+    (attribute reads, hashes), during which another thread may change a
+    plan's list.
+    """
     cdef list out = []
-    cdef object items
-    if len(all_plans) > 0x7FFFFFFF:
-        raise ValueError(f"at most 2**31 - 1 plans are supported, got {len(all_plans)}")
+    cdef list items
+    if len(plans) > 0x7FFFFFFF:
+        raise ValueError(f"at most 2**31 - 1 plans are supported, got {len(plans)}")
     total[0] = 0
-    for plan in all_plans:
-        items = plan.items
-        if type(items) is not list:
-            items = list(items)
+    for plan in plans:
+        items = list(plan.items)
         out.append(items)
-        total[0] += len(<list>items)
+        total[0] += len(items)
     return out
 
 
-def dedup_save_plans(list all_plans, bint save_to_lowest_rank):
+def dedup_save_plans(all_plans, bint save_to_lowest_rank):
     """See ckcore.global_plan.dedup_save_plans (torch's dedup_save_plans)."""
-    cdef Py_ssize_t P = len(all_plans), p, k, nitems, total, pos
-    cdef list plan_items = _item_lists(all_plans, &total)
+    # The plans and their item lists are read once, into snapshots this call owns.
+    cdef tuple plans = tuple(all_plans)
+    cdef Py_ssize_t P = len(plans), p, k, nitems, total, pos
+    cdef list plan_items = _item_lists(plans, &total)
     cdef _Dedup dd = _Dedup(total)
     cdef Key keys[2]
     cdef Py_ssize_t prev_p = 0
@@ -672,7 +709,7 @@ def dedup_save_plans(list all_plans, bint save_to_lowest_rank):
                           &keys[(pos - 1) & 1] if pos else NULL):
                     # An offset that is not a tuple of int64 values: torch's own
                     # keys, with Python ints.
-                    return _dedup_python(all_plans, save_to_lowest_rank)
+                    return _dedup_python(plans, plan_items, save_to_lowest_rank)
                 if pos:
                     eid[pos - 1] = dd.add(prev_item, &keys[(pos - 1) & 1], prev_p)
                 prev_item = item
@@ -682,9 +719,9 @@ def dedup_save_plans(list all_plans, bint save_to_lowest_rank):
             eid[pos - 1] = dd.add(prev_item, &keys[(pos - 1) & 1], prev_p)
         if dd.last_dup < 0:
             # Nothing is duplicated: every plan keeps its items.
-            return [_replace1(all_plans[p], F_ITEMS, list(<list>plan_items[p])) for p in range(P)]
+            return [_replace1(plans[p], F_ITEMS, list(<list>plan_items[p])) for p in range(P)]
         if dd.select(P, save_to_lowest_rank, touched):
-            return _dedup_python(all_plans, save_to_lowest_rank)
+            return _dedup_python(plans, plan_items, save_to_lowest_rank)
         ents = dd.t.ents
         out = []
         pos = 0
@@ -699,7 +736,7 @@ def dedup_save_plans(list all_plans, bint save_to_lowest_rank):
                     if ents[eid[pos + k]].selected == p:
                         new_items.append(items[k])
             pos += nitems
-            out.append(_replace1(all_plans[p], F_ITEMS, new_items))
+            out.append(_replace1(plans[p], F_ITEMS, new_items))
         return out
     finally:
         free(eid)
@@ -772,7 +809,7 @@ cdef int _read_rows(object chunk, Py_ssize_t ndim, I64Buf* rows) except -1:
     return 0
 
 
-def global_save_plan(list all_plans, bint dedup, bint save_to_lowest_rank,
+def global_save_plan(all_plans, bint dedup, bint save_to_lowest_rank,
                      bint rewrite_index_hints, metadata_cls, tensor_md_cls, bytes_md_cls):
     """dedup_save_plans, create_global_save_plan and validation's checks in one pass.
 
@@ -794,11 +831,13 @@ def global_save_plan(list all_plans, bint dedup, bint save_to_lowest_rank,
     chunk, an index offset that is not int64 values, a planned size past
     int64.
     """
-    cdef Py_ssize_t P = len(all_plans), total, p, k, n, pos, e, fid, nfq = 0, cap_fq = 0
+    # The plans and their item lists are read once, into snapshots this call owns.
+    cdef tuple plans = tuple(all_plans)
+    cdef Py_ssize_t P = len(plans), total, p, k, n, pos, e, fid, nfq = 0, cap_fq = 0
     cdef Py_ssize_t j, nd, m, maxn = 0
     cdef int cat
     cdef bint multi = P > 1, any_rebuilt = False
-    cdef list plan_items = _item_lists(all_plans, &total)
+    cdef list plan_items = _item_lists(plans, &total)
     cdef _Dedup dd = _Dedup(total if dedup else 0)
     cdef Key key
     cdef list new_lists = [], tmds = [], chunk_lists = [], items, new_list, fqns
@@ -947,7 +986,7 @@ def global_save_plan(list all_plans, bint dedup, bint save_to_lowest_rank,
             if lost[p]:
                 new_list = [new_list[k] for k in range(n) if ents[eid[pos + k]].selected == p]
             pos += n
-            out.append(_replace1(all_plans[p], F_ITEMS, new_list))
+            out.append(_replace1(plans[p], F_ITEMS, new_list))
 
         # ---- validation on the rows: each tensor's rows in plan order
         perm = <i64*>malloc((total + 1) * sizeof(i64))

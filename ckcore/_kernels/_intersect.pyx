@@ -36,7 +36,26 @@ from ckcore._kernels._box cimport add_overflows, box_overlap, mul_overflows
 
 import numpy as np
 
+cdef extern from *:
+    """
+    static inline void ck_atomic_add(Py_ssize_t* p, Py_ssize_t v) {
+        __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+    }
+    static inline Py_ssize_t ck_atomic_load(Py_ssize_t* p) {
+        return __atomic_load_n(p, __ATOMIC_RELAXED);
+    }
+    """
+    void ck_atomic_add(isize* p, isize v) noexcept nogil
+    isize ck_atomic_load(isize* p) noexcept nogil
+
 cdef i64 I64_MAX = 0x7FFFFFFFFFFFFFFF
+
+# Test hooks for the error paths (see _py_live_indexes): how many chunk
+# indexes are built and not yet freed, kept with atomics because the kernel
+# runs on many threads at once; and a switch that makes every reservation of
+# the output buffer fail, as a failed realloc would.
+cdef isize _live_indexes = 0
+cdef bint _fail_reserve = False
 
 # Codes returned by check_boxes (row index goes alongside).
 BOX_OK = 0
@@ -128,7 +147,7 @@ cdef int _buf_grow(IdxBuf* b) except -1 nogil:
 
 cdef int _buf_reserve(IdxBuf* b, isize newcap) except -1 nogil:
     cdef isize* p
-    if <size_t>newcap > (<size_t>-1) // sizeof(isize):
+    if _fail_reserve or <size_t>newcap > (<size_t>-1) // sizeof(isize):
         with gil:
             raise MemoryError("intersection output too large")
     p = <isize*>realloc(b.data, <size_t>newcap * sizeof(isize))
@@ -352,9 +371,13 @@ cdef struct Index:
     bint* nmono        # per node: its children's ends are non-decreasing
     bint rootmono
     bint has_trie      # the trie arrays are built (always, unless a grid made them moot)
+    bint live          # counted in _live_indexes until index_free
 
 
 cdef void index_free(Index* ix) noexcept nogil:
+    # Safe on a zeroed Index and twice on the same one: it frees what is there.
+    if ix.live:
+        ck_atomic_add(&_live_indexes, -1)
     free(ix.dcount); free(ix.dbase); free(ix.dstart); free(ix.dend); free(ix.dmono)
     free(ix.rank); free(ix.cell); free(ix.cstride); free(ix.perm); free(ix.order)
     free(ix.lbase); free(ix.nstart); free(ix.nend); free(ix.nlo); free(ix.nhi); free(ix.nmono)
@@ -397,6 +420,8 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
     cdef isize prod_cells
     cdef bint overflow
     memset(ix, 0, sizeof(Index))
+    ix.live = True
+    ck_atomic_add(&_live_indexes, 1)
     ix.n = n
     ix.nd = nd
     ix.off = off
@@ -696,6 +721,8 @@ cdef int intersect_pairs(const i64* loff, const i64* lsize, isize nl,
     cdef isize* hi = NULL
     cdef isize* cur = NULL
     cdef i64* memo = NULL
+    # Zeroed, so the one cleanup path below may free it whether or not it was built.
+    memset(&ix, 0, sizeof(Index))
     seg[0] = 0
     if nd == 0 or path == PATH_BRUTE or (path == PATH_AUTO and _small(nl, ns)):
         # 0-d tensors (every pair overlaps: box_overlap of 0 dimensions is true),
@@ -706,16 +733,16 @@ cdef int intersect_pairs(const i64* loff, const i64* lsize, isize nl,
                     buf_push(out, j)
             seg[i + 1] = out.len
         return 0
-    index_build(&ix, soff, ssize, ns, nd, path == PATH_TRIE)
-    # A reshard reports about one pair per chunk on either side plus the crossings:
-    # reserving nl + ns up front saves most of the doubling copies.
-    if out.cap < nl + ns:
-        _buf_reserve(out, nl + ns)
-    lo = <isize*>_alloc(nd, sizeof(isize))
-    hi = <isize*>_alloc(nd, sizeof(isize))
-    cur = <isize*>_alloc(nd, sizeof(isize))
-    memo = <i64*>_alloc(2 * nd, sizeof(i64))
     try:
+        index_build(&ix, soff, ssize, ns, nd, path == PATH_TRIE)
+        # A reshard reports about one pair per chunk on either side plus the crossings:
+        # reserving nl + ns up front saves most of the doubling copies.
+        if out.cap < nl + ns:
+            _buf_reserve(out, nl + ns)
+        lo = <isize*>_alloc(nd, sizeof(isize))
+        hi = <isize*>_alloc(nd, sizeof(isize))
+        cur = <isize*>_alloc(nd, sizeof(isize))
+        memo = <i64*>_alloc(2 * nd, sizeof(i64))
         if lo == NULL or hi == NULL or cur == NULL or memo == NULL:
             with gil:
                 raise MemoryError("ckcore: cannot allocate query state")
@@ -833,6 +860,17 @@ def intersect(const i64[:, ::1] local_offsets, const i64[:, ::1] local_sizes,
     finally:
         free(out.data)
         free(seg)
+
+
+def _py_live_indexes():
+    """Test hook: the number of chunk indexes built and not yet freed (0 when idle)."""
+    return ck_atomic_load(&_live_indexes)
+
+
+def _py_fail_reserve(bint on):
+    """Test hook: make every reservation of the output buffer fail (MemoryError) while on."""
+    global _fail_reserve
+    _fail_reserve = on
 
 
 def _py_index_summary(const i64[:, ::1] offsets, const i64[:, ::1] sizes):

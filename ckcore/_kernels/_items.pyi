@@ -1,10 +1,11 @@
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import numpy as np
 import numpy.typing as npt
 
 def chunk_arrays(
-    chunks: list[Any], fqn: str = ..., ndim: Optional[int] = ...
+    chunks: Sequence[Any], fqn: str = ..., ndim: Optional[int] = ...
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
 def build_read_items(
     fqn: str,
@@ -13,8 +14,8 @@ def build_read_items(
     storage_offsets: npt.NDArray[np.int64],
     dest_offsets: npt.NDArray[np.int64],
     lengths: npt.NDArray[np.int64],
-    local_chunks: list[Any],
-    saved_chunks: list[Any],
+    local_chunks: Sequence[Any],
+    saved_chunks: Sequence[Any],
     read_item_cls: type,
     metadata_index_cls: type,
     tensor_type: Any,
@@ -22,8 +23,8 @@ def build_read_items(
 ) -> list[Any]: ...
 def read_items(
     fqn: str,
-    local_chunks: list[Any],
-    saved_chunks: list[Any],
+    local_chunks: Sequence[Any],
+    saved_chunks: Sequence[Any],
     ndim: int,
     read_item_cls: type,
     metadata_index_cls: type,

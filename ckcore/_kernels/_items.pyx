@@ -28,10 +28,10 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
 from ckcore._kernels._coverage cimport C_OK, check_reads
+from ckcore._kernels._gcpause cimport gc_pause, gc_resume
 from ckcore._kernels._intersect cimport PATH_AUTO, IdxBuf, fill_pairs, intersect_pairs
 from ckcore._kernels._types cimport i64, isize
 
-import gc
 import operator
 
 import numpy as np
@@ -92,7 +92,7 @@ cdef inline i64 _as_i64(object v, object fqn, isize i, object chunk, str what) e
     return r
 
 
-cdef isize _chunk_ndim(list chunks, object fqn, object ndim) except -1:
+cdef isize _chunk_ndim(tuple chunks, object fqn, object ndim) except -1:
     # The number of dimensions of chunk 0, checked against the tensor's (ndim).
     cdef isize nd
     try:
@@ -109,10 +109,13 @@ cdef isize _chunk_ndim(list chunks, object fqn, object ndim) except -1:
     return nd
 
 
-cdef int _read_chunks(list chunks, object fqn, isize nd, bint nd_is_tensors,
-                      i64* ov, i64* sv) except -1:
+cdef int _read_chunks(tuple chunks, object fqn, isize nd, bint nd_is_tensors,
+                      i64* ov, i64* sv, list offs_out) except -1:
     # Every chunk's offsets and sizes into ov/sv (row-major, nd per chunk), each
     # value checked: an integer, non-negative, offset+size and volume within int64.
+    # With offs_out (a list of len(chunks)), each chunk's offsets object as read
+    # (a tuple) is kept there: the items built later name exactly the offsets
+    # whose numbers were intersected, without reading the attribute again.
     cdef isize n = len(chunks), i, d
     cdef i64 o, s, vol
     cdef bint over
@@ -164,6 +167,8 @@ cdef int _read_chunks(list chunks, object fqn, isize nd, bint nd_is_tensors,
             sv[i * nd + d] = s
         if over:
             raise ValueError(f"{fqn}: chunk {i} {chunk!r}: volume overflows int64")
+        if offs_out is not None:
+            offs_out[i] = offs
     return 0
 
 
@@ -178,7 +183,10 @@ def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
     an offset+size or volume beyond int64; each message names ``fqn`` and the
     chunk.
     """
-    cdef list chunk_list = chunks if type(chunks) is list else list(chunks)
+    # A snapshot the call owns: another thread (or a property or __index__ run
+    # while reading) may change the caller's list; sizes and indices below
+    # stay those of the snapshot.
+    cdef tuple chunk_list = tuple(chunks)
     cdef isize n = len(chunk_list), nd
     cdef i64 dummy = 0
     if n == 0:
@@ -190,7 +198,7 @@ def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
     cdef i64[:, ::1] ov = out_off
     cdef i64[:, ::1] sv = out_size
     _read_chunks(chunk_list, fqn, nd, ndim is not None,
-                 &ov[0, 0] if nd else &dummy, &sv[0, 0] if nd else &dummy)
+                 &ov[0, 0] if nd else &dummy, &sv[0, 0] if nd else &dummy, None)
     return out_off, out_size
 
 
@@ -340,26 +348,31 @@ def build_read_items(str fqn,
                      const i64[::1] local_index, const i64[::1] saved_index,
                      const i64[:, ::1] storage_offsets, const i64[:, ::1] dest_offsets,
                      const i64[:, ::1] lengths,
-                     list local_chunks, list saved_chunks,
+                     local_chunks, saved_chunks,
                      read_item_cls, metadata_index_cls, tensor_type, size_cls):
     """ReadItem objects for intersection arrays, built directly.
 
-    ``read_item_cls`` and ``metadata_index_cls`` must be dataclasses with the
-    fields of DCP's ReadItem and MetadataIndex (ckcore's or torch's); index
-    objects are built once per distinct chunk and shared by its items, as are
-    equal offset/length rows. ``size_cls`` wraps each row (``tuple``, or
+    ``local_chunks`` and ``saved_chunks`` are sequences of chunk objects
+    (read once, into a snapshot the call owns). ``read_item_cls`` and
+    ``metadata_index_cls`` must be dataclasses with the fields of DCP's
+    ReadItem and MetadataIndex (ckcore's or torch's); index objects are built
+    once per distinct chunk and shared by its items, as are equal
+    offset/length rows. ``size_cls`` wraps each row (``tuple``, or
     ``torch.Size`` for torch's classes).
     """
+    # Snapshots: chunk numbers below are checked against these lengths and
+    # index these tuples, whatever happens to the caller's lists meanwhile.
+    cdef tuple local_snap = tuple(local_chunks)
+    cdef tuple saved_snap = tuple(saved_chunks)
     cdef isize k = local_index.shape[0], p, li, si
     cdef isize nd = lengths.shape[1]
-    cdef isize nloc = len(local_chunks), nsav = len(saved_chunks)
+    cdef isize nloc = len(local_snap), nsav = len(saved_snap)
     cdef list out = PyList_New(k)
     cdef list dest_idx = [None] * nloc
     cdef list stor_idx = [None] * nsav
     cdef object item, di, st
     cdef _RowCache cache = _RowCache(nd, size_cls)
     cdef i64 zero = 0
-    cdef bint gc_was_enabled = gc.isenabled()
     _check_plain_class(read_item_cls, "read_item_cls")
     _check_plain_class(metadata_index_cls, "metadata_index_cls")
     if k and (storage_offsets.shape[0] != k or dest_offsets.shape[0] != k or lengths.shape[0] != k
@@ -368,7 +381,7 @@ def build_read_items(str fqn,
         raise ValueError(f"{fqn}: intersection arrays disagree in shape")
     # Tens of thousands of new container objects would trigger the cyclic GC over and
     # over (each pass walking every live object); none of them can form a cycle.
-    gc.disable()
+    gc_pause()
     try:
         for p in range(k):
             li = local_index[p]
@@ -377,11 +390,11 @@ def build_read_items(str fqn,
                 raise ValueError(f"{fqn}: pair {p} refers to chunk ({li}, {si}) out of range")
             di = dest_idx[li]
             if di is None:
-                di = _index_obj(metadata_index_cls, fqn, local_chunks[li].offsets, li, size_cls)
+                di = _index_obj(metadata_index_cls, fqn, local_snap[li].offsets, li, size_cls)
                 dest_idx[li] = di
             st = stor_idx[si]
             if st is None:
-                st = _index_obj(metadata_index_cls, fqn, saved_chunks[si].offsets, si, size_cls)
+                st = _index_obj(metadata_index_cls, fqn, saved_snap[si].offsets, si, size_cls)
                 stor_idx[si] = st
             item = _make_item(
                 read_item_cls, tensor_type,
@@ -391,12 +404,11 @@ def build_read_items(str fqn,
             Py_INCREF(item)
             PyList_SET_ITEM(out, p, item)
     finally:
-        if gc_was_enabled:
-            gc.enable()
+        gc_resume()
     return out
 
 
-def read_items(str fqn, list local_chunks, list saved_chunks, isize ndim,
+def read_items(str fqn, local_chunks, saved_chunks, isize ndim,
                read_item_cls, metadata_index_cls, tensor_type, size_cls, bint verify=False):
     """ReadItems filling ``local_chunks`` from ``saved_chunks``, chunk objects in, items out.
 
@@ -412,8 +424,16 @@ def read_items(str fqn, list local_chunks, list saved_chunks, isize ndim,
     not, or the check cannot decide cheaply, or either list is empty, the
     result is None and the caller runs the array path, which names the
     problem.
+
+    Both chunk sequences are read once, into snapshots the call owns: the
+    items built after the GIL-free intersection index those snapshots and
+    name the offsets objects whose numbers were intersected, so another
+    thread changing the caller's lists meanwhile cannot make the call read
+    past them.
     """
-    cdef isize nl = len(local_chunks), ns = len(saved_chunks), nd = ndim
+    cdef tuple local_snap = tuple(local_chunks)
+    cdef tuple saved_snap = tuple(saved_chunks)
+    cdef isize nl = len(local_snap), ns = len(saved_snap), nd = ndim
     cdef isize i, p, s, k
     cdef i64* lo = NULL
     cdef i64* ls = NULL
@@ -424,10 +444,9 @@ def read_items(str fqn, list local_chunks, list saved_chunks, isize ndim,
     cdef isize* seg = NULL
     cdef isize cover[4]
     cdef IdxBuf out
-    cdef list items, dest_idx, stor_idx
+    cdef list items, dest_idx, stor_idx, loffs, soffs
     cdef object di, st, dro, sro, lro
     cdef _RowCache cache
-    cdef bint gc_was_enabled
     cdef int code = C_OK
     if nd < 0:
         raise ValueError(f"{fqn}: ndim must be non-negative, got {nd}")
@@ -446,10 +465,12 @@ def read_items(str fqn, list local_chunks, list saved_chunks, isize ndim,
         seg = <isize*>malloc(<size_t>(nl + 1) * sizeof(isize))
         if lo == NULL or ls == NULL or so == NULL or ss == NULL or seg == NULL:
             raise MemoryError()
-        _chunk_ndim(local_chunks, fqn, nd)
-        _read_chunks(local_chunks, fqn, nd, True, lo, ls)
-        _chunk_ndim(saved_chunks, fqn, nd)
-        _read_chunks(saved_chunks, fqn, nd, True, so, ss)
+        loffs = [None] * nl
+        soffs = [None] * ns
+        _chunk_ndim(local_snap, fqn, nd)
+        _read_chunks(local_snap, fqn, nd, True, lo, ls, loffs)
+        _chunk_ndim(saved_snap, fqn, nd)
+        _read_chunks(saved_snap, fqn, nd, True, so, ss, soffs)
         with nogil:
             intersect_pairs(lo, ls, nl, so, ss, ns, nd, PATH_AUTO, &out, seg)
         k = out.len
@@ -470,22 +491,19 @@ def read_items(str fqn, list local_chunks, list saved_chunks, isize ndim,
         dest_idx = [None] * nl
         stor_idx = [None] * ns
         cache = _RowCache(nd, size_cls)
-        gc_was_enabled = gc.isenabled()
         # As in build_read_items: no cycles among the new objects, so no GC passes.
-        gc.disable()
+        gc_pause()
         try:
             for i in range(nl):
                 for p in range(seg[i], seg[i + 1]):
                     s = li[k + p]
                     di = dest_idx[i]
                     if di is None:
-                        di = _index_obj(metadata_index_cls, fqn, local_chunks[i].offsets, i,
-                                        size_cls)
+                        di = _index_obj(metadata_index_cls, fqn, loffs[i], i, size_cls)
                         dest_idx[i] = di
                     st = stor_idx[s]
                     if st is None:
-                        st = _index_obj(metadata_index_cls, fqn, saved_chunks[s].offsets, s,
-                                        size_cls)
+                        st = _index_obj(metadata_index_cls, fqn, soffs[s], s, size_cls)
                         stor_idx[s] = st
                     sro = cache.get(rows + p * nd)
                     dro = cache.get(rows + (k + p) * nd)
@@ -494,8 +512,7 @@ def read_items(str fqn, list local_chunks, list saved_chunks, isize ndim,
                     Py_INCREF(item)
                     PyList_SET_ITEM(items, p, item)
         finally:
-            if gc_was_enabled:
-                gc.enable()
+            gc_resume()
         return items
     finally:
         free(lo)

@@ -29,6 +29,9 @@ torch's semantics, reproduced exactly (see ``layout_row``):
   reports offset 0 and the full size.
 """
 
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
 import numpy as np
 
 from ckcore._kernels._types cimport i64
@@ -48,9 +51,25 @@ cdef enum:
     MAX_MESH_DIMS = 64
 
 
-cdef int check_placements(Py_ssize_t ndim, const i64[::1] mesh_shape,
-                          const i64[::1] kinds, const i64[::1] dims,
-                          const i64[::1] split_factors) except -1:
+cdef struct Placements:
+    # The caller's placement arrays, copied before they are checked: the
+    # arithmetic runs on the values that were checked (mesh sizes and split
+    # factors are divisors, mesh sizes bound the table), whatever another
+    # thread writes into the caller's arrays meanwhile.
+    Py_ssize_t nmesh
+    i64 mesh[MAX_MESH_DIMS]
+    i64 kinds[MAX_MESH_DIMS]
+    i64 dims[MAX_MESH_DIMS]
+    i64 sfs[MAX_MESH_DIMS]
+
+
+cdef str _row_str(const i64* v, Py_ssize_t n):
+    return str(tuple([v[i] for i in range(n)]))
+
+
+cdef int load_placements(Py_ssize_t ndim, const i64[::1] mesh_shape,
+                         const i64[::1] kinds, const i64[::1] dims,
+                         const i64[::1] split_factors, Placements* p) except -1:
     # The façade (ckcore.layout) already gives friendlier messages; these
     # checks keep the kernel safe when it is called directly.
     cdef Py_ssize_t nmesh = mesh_shape.shape[0]
@@ -61,37 +80,72 @@ cdef int check_placements(Py_ssize_t ndim, const i64[::1] mesh_shape,
         raise ValueError(
             f"placement arrays have lengths {kinds.shape[0]}, {dims.shape[0]}, "
             f"{split_factors.shape[0]}; the mesh has {nmesh} dimensions")
+    p.nmesh = nmesh
     for i in range(nmesh):
-        if mesh_shape[i] < 1:
-            raise ValueError(f"mesh dim {i} has size {mesh_shape[i]}; mesh sizes must be >= 1")
-        if kinds[i] != KIND_REPLICATE and kinds[i] != KIND_SHARD and kinds[i] != KIND_STRIDED:
-            raise ValueError(f"mesh dim {i}: unknown placement kind {kinds[i]}")
-        if kinds[i] != KIND_REPLICATE and not (0 <= dims[i] < ndim):
+        p.mesh[i] = mesh_shape[i]
+        p.kinds[i] = kinds[i]
+        p.dims[i] = dims[i]
+        p.sfs[i] = split_factors[i]
+    for i in range(nmesh):
+        if p.mesh[i] < 1:
+            raise ValueError(f"mesh dim {i} has size {p.mesh[i]}; mesh sizes must be >= 1")
+        if p.kinds[i] != KIND_REPLICATE and p.kinds[i] != KIND_SHARD and p.kinds[i] != KIND_STRIDED:
+            raise ValueError(f"mesh dim {i}: unknown placement kind {p.kinds[i]}")
+        if p.kinds[i] != KIND_REPLICATE and not (0 <= p.dims[i] < ndim):
             raise ValueError(
-                f"mesh dim {i} shards tensor dim {dims[i]}, outside [0, {ndim})")
-        if kinds[i] == KIND_STRIDED and split_factors[i] < 1:
+                f"mesh dim {i} shards tensor dim {p.dims[i]}, outside [0, {ndim})")
+        if p.kinds[i] == KIND_STRIDED and p.sfs[i] < 1:
             raise ValueError(
-                f"mesh dim {i}: split_factor {split_factors[i]} must be >= 1")
+                f"mesh dim {i}: split_factor {p.sfs[i]} must be >= 1")
     return 0
 
 
-cdef int check_shapes(const i64[:, ::1] shapes) except -1:
+cdef enum:
+    SMALL_SHAPES = 64   # values of shapes copied to the caller's stack buffer
+
+
+cdef i64* load_shapes(const i64* shapes, Py_ssize_t nrows, Py_ssize_t ndim,
+                      bint one, i64* small) except NULL:
+    # A checked copy of (nrows, ndim) sizes, for the same reason as the
+    # placements: a negative size would reach a division by zero. Up to
+    # SMALL_SHAPES values go to ``small`` (the one-coordinate path is a few
+    # microseconds), more to a buffer the caller frees (free_shapes).
+    # ``one``: a single shape, named without a row.
+    cdef i64* out = small
     cdef Py_ssize_t t, d
-    for t in range(shapes.shape[0]):
-        for d in range(shapes.shape[1]):
-            if shapes[t, d] < 0:
-                raise ValueError(
-                    f"global shape {tuple(shapes[t])} (row {t}) has a negative size in dim {d}")
-    return 0
+    cdef str msg
+    if nrows * ndim > SMALL_SHAPES:
+        out = <i64*>malloc(<size_t>(nrows * ndim) * sizeof(i64))
+        if out == NULL:
+            raise MemoryError()
+    if nrows * ndim:
+        memcpy(out, shapes, <size_t>(nrows * ndim) * sizeof(i64))
+    for t in range(nrows):
+        for d in range(ndim):
+            if out[t * ndim + d] < 0:
+                if one:
+                    msg = f"global shape has a negative size {out[d]} in dim {d}"
+                else:
+                    msg = (f"global shape {_row_str(out + t * ndim, ndim)} (row {t}) has a "
+                           f"negative size in dim {d}")
+                free_shapes(out, small)
+                raise ValueError(msg)
+    return out
 
 
-cdef Py_ssize_t mesh_volume(const i64[::1] mesh_shape) except -1:
+cdef inline void free_shapes(i64* g, i64* small) noexcept:
+    if g != small:
+        free(g)
+
+
+cdef Py_ssize_t mesh_volume(const Placements* p) except -1:
     cdef Py_ssize_t i
     cdef i64 total = 1
-    for i in range(mesh_shape.shape[0]):
-        if total > I64_MAX // mesh_shape[i]:
-            raise ValueError(f"mesh of shape {tuple(mesh_shape)} has more than 2**63 coordinates")
-        total *= mesh_shape[i]
+    for i in range(p.nmesh):
+        if total > I64_MAX // p.mesh[i]:
+            raise ValueError(
+                f"mesh of shape {_row_str(p.mesh, p.nmesh)} has more than 2**63 coordinates")
+        total *= p.mesh[i]
     return <Py_ssize_t>total
 
 
@@ -170,26 +224,34 @@ def layout_all_many(const i64[:, ::1] shapes, const i64[::1] mesh_shape,
     """
     cdef Py_ssize_t ntensors = shapes.shape[0]
     cdef Py_ssize_t ndim = shapes.shape[1]
-    cdef Py_ssize_t nmesh = mesh_shape.shape[0]
-    check_placements(ndim, mesh_shape, kinds, dims, split_factors)
-    check_shapes(shapes)
-    cdef Py_ssize_t nrows = mesh_volume(mesh_shape)
-    sizes_arr = np.empty((ntensors, nrows, ndim), dtype=np.int64)
-    offsets_arr = np.empty((ntensors, nrows, ndim), dtype=np.int64)
-    table_arr = np.empty(2 * nrows if ndim else 0, dtype=np.int64)
-    cdef i64[:, :, ::1] sizes = sizes_arr
-    cdef i64[:, :, ::1] offsets = offsets_arr
-    cdef i64[::1] table = table_arr
-    cdef Py_ssize_t t
-    if ntensors == 0 or nrows == 0 or ndim == 0:
+    cdef Placements p
+    cdef i64 small[SMALL_SHAPES]
+    cdef i64* g = NULL
+    cdef Py_ssize_t nrows
+    load_placements(ndim, mesh_shape, kinds, dims, split_factors, &p)
+    g = load_shapes(&shapes[0, 0] if ntensors and ndim else NULL, ntensors, ndim, False, small)
+    try:
+        nrows = mesh_volume(&p)
+        sizes_arr = np.empty((ntensors, nrows, ndim), dtype=np.int64)
+        offsets_arr = np.empty((ntensors, nrows, ndim), dtype=np.int64)
+        table_arr = np.empty(2 * nrows if ndim else 0, dtype=np.int64)
+        if ntensors == 0 or nrows == 0 or ndim == 0:
+            return sizes_arr, offsets_arr
+        _layout_many(g, ntensors, ndim, &p, nrows, table_arr, sizes_arr, offsets_arr)
         return sizes_arr, offsets_arr
+    finally:
+        free_shapes(g, small)
+
+
+cdef int _layout_many(const i64* g, Py_ssize_t ntensors, Py_ssize_t ndim, const Placements* p,
+                      Py_ssize_t nrows, i64[::1] table, i64[:, :, ::1] sizes,
+                      i64[:, :, ::1] offsets) except -1:
+    cdef Py_ssize_t t
     with nogil:
         for t in range(ntensors):
-            layout_tensor(&shapes[t, 0], ndim, &mesh_shape[0] if nmesh else NULL,
-                          &kinds[0] if nmesh else NULL, &dims[0] if nmesh else NULL,
-                          &split_factors[0] if nmesh else NULL, nmesh, nrows, &table[0],
-                          &sizes[t, 0, 0], &offsets[t, 0, 0])
-    return sizes_arr, offsets_arr
+            layout_tensor(g + t * ndim, ndim, p.mesh, p.kinds, p.dims, p.sfs, p.nmesh, nrows,
+                          &table[0], &sizes[t, 0, 0], &offsets[t, 0, 0])
+    return 0
 
 
 def layout_all(const i64[::1] global_shape, const i64[::1] mesh_shape,
@@ -202,27 +264,31 @@ def layout_all(const i64[::1] global_shape, const i64[::1] mesh_shape,
     mesh coordinates (rank order for a default mesh).
     """
     cdef Py_ssize_t ndim = global_shape.shape[0]
-    cdef Py_ssize_t nmesh = mesh_shape.shape[0]
-    cdef Py_ssize_t i
-    check_placements(ndim, mesh_shape, kinds, dims, split_factors)
-    for i in range(ndim):
-        if global_shape[i] < 0:
-            raise ValueError(f"global shape has a negative size {global_shape[i]} in dim {i}")
-    cdef Py_ssize_t nrows = mesh_volume(mesh_shape)
-    sizes_arr = np.empty((nrows, ndim), dtype=np.int64)
-    offsets_arr = np.empty((nrows, ndim), dtype=np.int64)
-    table_arr = np.empty(2 * nrows if ndim else 0, dtype=np.int64)
-    cdef i64[:, ::1] sizes = sizes_arr
-    cdef i64[:, ::1] offsets = offsets_arr
-    cdef i64[::1] table = table_arr
-    if nrows == 0 or ndim == 0:
+    cdef Placements p
+    cdef i64* g = NULL
+    cdef Py_ssize_t nrows
+    cdef i64[:, ::1] sizes
+    cdef i64[:, ::1] offsets
+    cdef i64[::1] table
+    cdef i64 small[SMALL_SHAPES]
+    load_placements(ndim, mesh_shape, kinds, dims, split_factors, &p)
+    g = load_shapes(&global_shape[0] if ndim else NULL, 1, ndim, True, small)
+    try:
+        nrows = mesh_volume(&p)
+        sizes_arr = np.empty((nrows, ndim), dtype=np.int64)
+        offsets_arr = np.empty((nrows, ndim), dtype=np.int64)
+        table_arr = np.empty(2 * nrows if ndim else 0, dtype=np.int64)
+        if nrows == 0 or ndim == 0:
+            return sizes_arr, offsets_arr
+        sizes = sizes_arr
+        offsets = offsets_arr
+        table = table_arr
+        with nogil:
+            layout_tensor(g, ndim, p.mesh, p.kinds, p.dims, p.sfs, p.nmesh, nrows, &table[0],
+                          &sizes[0, 0], &offsets[0, 0])
         return sizes_arr, offsets_arr
-    with nogil:
-        layout_tensor(&global_shape[0], ndim, &mesh_shape[0] if nmesh else NULL,
-                      &kinds[0] if nmesh else NULL, &dims[0] if nmesh else NULL,
-                      &split_factors[0] if nmesh else NULL, nmesh, nrows, &table[0],
-                      &sizes[0, 0], &offsets[0, 0])
-    return sizes_arr, offsets_arr
+    finally:
+        free_shapes(g, small)
 
 
 def layout_coordinate_many(const i64[:, ::1] shapes, const i64[::1] mesh_shape,
@@ -231,35 +297,44 @@ def layout_coordinate_many(const i64[:, ::1] shapes, const i64[::1] mesh_shape,
     """One mesh coordinate of T tensors sharing ndim and placements: (T, ndim) sizes and offsets."""
     cdef Py_ssize_t ntensors = shapes.shape[0]
     cdef Py_ssize_t ndim = shapes.shape[1]
-    cdef Py_ssize_t nmesh = mesh_shape.shape[0]
-    cdef Py_ssize_t i, t
-    check_placements(ndim, mesh_shape, kinds, dims, split_factors)
-    check_shapes(shapes)
-    if coordinate.shape[0] != nmesh:
-        raise ValueError(
-            f"coordinate {tuple(coordinate)} has {coordinate.shape[0]} entries; "
-            f"the mesh has {nmesh} dimensions")
-    for i in range(nmesh):
-        if not (0 <= coordinate[i] < mesh_shape[i]):
-            raise ValueError(
-                f"coordinate {tuple(coordinate)} is outside the mesh {tuple(mesh_shape)}")
-    sizes_arr = np.empty((ntensors, ndim), dtype=np.int64)
-    offsets_arr = np.empty((ntensors, ndim), dtype=np.int64)
-    cdef i64[:, ::1] sizes = sizes_arr
-    cdef i64[:, ::1] offsets = offsets_arr
+    cdef Py_ssize_t i, t, nmesh
+    cdef Placements p
+    cdef i64 coord[MAX_MESH_DIMS]
+    cdef i64* g = NULL
+    cdef i64[:, ::1] sizes
+    cdef i64[:, ::1] offsets
     cdef i64 ssize[MAX_MESH_DIMS]
     cdef i64 sstart[MAX_MESH_DIMS]
     cdef Py_ssize_t ssteps[MAX_MESH_DIMS]
-    if ntensors == 0 or ndim == 0:
+    cdef i64 small[SMALL_SHAPES]
+    load_placements(ndim, mesh_shape, kinds, dims, split_factors, &p)
+    nmesh = p.nmesh
+    g = load_shapes(&shapes[0, 0] if ntensors and ndim else NULL, ntensors, ndim, False, small)
+    try:
+        if coordinate.shape[0] != nmesh:
+            raise ValueError(
+                f"coordinate {tuple(coordinate)} has {coordinate.shape[0]} entries; "
+                f"the mesh has {nmesh} dimensions")
+        for i in range(nmesh):
+            coord[i] = coordinate[i]
+        for i in range(nmesh):
+            if not (0 <= coord[i] < p.mesh[i]):
+                raise ValueError(
+                    f"coordinate {_row_str(coord, nmesh)} is outside the mesh "
+                    f"{_row_str(p.mesh, nmesh)}")
+        sizes_arr = np.empty((ntensors, ndim), dtype=np.int64)
+        offsets_arr = np.empty((ntensors, ndim), dtype=np.int64)
+        sizes = sizes_arr
+        offsets = offsets_arr
+        if ntensors == 0 or ndim == 0:
+            return sizes_arr, offsets_arr
+        with nogil:
+            for t in range(ntensors):
+                layout_row(g + t * ndim, ndim, p.mesh, p.kinds, p.dims, p.sfs, nmesh, coord,
+                           ssize, sstart, ssteps, &sizes[t, 0], &offsets[t, 0])
         return sizes_arr, offsets_arr
-    with nogil:
-        for t in range(ntensors):
-            layout_row(&shapes[t, 0], ndim, &mesh_shape[0] if nmesh else NULL,
-                       &kinds[0] if nmesh else NULL, &dims[0] if nmesh else NULL,
-                       &split_factors[0] if nmesh else NULL, nmesh,
-                       &coordinate[0] if nmesh else NULL,
-                       ssize, sstart, ssteps, &sizes[t, 0], &offsets[t, 0])
-    return sizes_arr, offsets_arr
+    finally:
+        free_shapes(g, small)
 
 
 def layout_coordinate(const i64[::1] global_shape, const i64[::1] mesh_shape,

@@ -79,13 +79,15 @@ def first_bad_chunk(list chunks, type chunk_cls, Py_ssize_t ndim):
     ``offsets`` and ``sizes``, each an exact tuple of ``ndim`` ints in
     ``[0, 2**63)``.
     """
-    cdef Py_ssize_t i
+    # Iterating (not indexing up to a length read once) checks the length at
+    # every step and holds each item, should the list change under us.
+    cdef Py_ssize_t i = -1
     cdef object c
     cdef PyObject *d
     cdef PyObject *offsets
     cdef PyObject *sizes
-    for i in range(len(chunks)):
-        c = chunks[i]
+    for c in chunks:
+        i += 1
         if type(c) is not chunk_cls:
             return i
         # A chunk built by NEWOBJ without its BUILD has no fields.
@@ -132,12 +134,13 @@ def first_bad_storage_info(list infos, type info_cls):
     list/tuple of str, and no other field. Values of other types (a custom
     storage writer's records) are skipped.
     """
-    cdef Py_ssize_t i
+    # Iterated, as in first_bad_chunk.
+    cdef Py_ssize_t i = -1
     cdef object info
     cdef PyObject *d
     cdef PyObject *td
-    for i in range(len(infos)):
-        info = infos[i]
+    for info in infos:
+        i += 1
         if type(info) is not info_cls:
             continue
         d = _fields(info, 3, 4)
@@ -162,14 +165,15 @@ def first_bad_index(list keys, type index_cls):
     ``offset`` absent, None or an exact tuple of ints in ``[0, 2**63)``,
     ``index`` absent, None or an exact int, and no other field.
     """
-    cdef Py_ssize_t i, n
+    # Iterated, as in first_bad_chunk.
+    cdef Py_ssize_t i = -1, n
     cdef object key
     cdef PyObject *d
     cdef PyObject *fqn
     cdef PyObject *off
     cdef PyObject *idx
-    for i in range(len(keys)):
-        key = keys[i]
+    for key in keys:
+        i += 1
         if type(key) is not index_cls:
             return i
         d = _fields(key, 1, 3)

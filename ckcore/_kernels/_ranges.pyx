@@ -497,7 +497,10 @@ def copy_box(const unsigned char[::1] src, const i64[::1] src_shape,
 
     Both chunks are described by shape, element strides and a base byte offset
     into their buffer; the copy walks contiguous runs (contiguous in both) with
-    memcpy and the GIL released. Source and destination must not overlap.
+    memcpy and the GIL released. When the bytes the source box spans and those
+    the destination box spans share memory (one buffer on both sides, or two
+    views of one), the source span is copied aside first: the result is
+    numpy's ``dst[box] = src[box]``, the source read as it was before the copy.
     """
     _check_pair("copy_box", src_shape, src_strides, src_base, src_offsets,
                 dst_shape, dst_strides, dst_base, dst_offsets, lengths, itemsize)
@@ -516,11 +519,32 @@ def copy_box(const unsigned char[::1] src, const i64[::1] src_shape,
     cdef i64 sstride[64]
     cdef i64 tstride[64]
     cdef i64 so, do, nruns, run
-    with nogil:
-        run = _paired_walk(src_strides, 0, src_offsets, dst_strides, 0, dst_offsets,
-                           lengths, itemsize, &m, dlen, sstride, tstride, &so, &do, &nruns)
-        _copy_runs(&src[0] + src_base + so, &dst[0] + dst_base + do, run, m, dlen,
-                   sstride, tstride, nruns)
+    cdef const unsigned char* s_first
+    cdef unsigned char* d_first
+    cdef unsigned char* aside = NULL
+    cdef size_t s_span
+    # The walk is planned from the arrays in the same GIL hold as their
+    # checks: once the GIL is released another thread may rewrite them, and
+    # the copy must follow the walk that was checked.
+    run = _paired_walk(src_strides, 0, src_offsets, dst_strides, 0, dst_offsets,
+                       lengths, itemsize, &m, dlen, sstride, tstride, &so, &do, &nruns)
+    s_first = &src[0] + src_base + so
+    d_first = &dst[0] + dst_base + do
+    s_span = <size_t>(send - src_base - so)
+    if (<size_t>s_first < <size_t>&dst[0] + <size_t>dend
+            and <size_t>d_first < <size_t>s_first + s_span):
+        # The spans overlap: writes could land on source bytes not yet read.
+        aside = <unsigned char*>malloc(s_span)
+        if aside == NULL:
+            raise MemoryError(f"copy_box: cannot set aside the {s_span}-byte source span")
+    try:
+        with nogil:
+            if aside != NULL:
+                memcpy(aside, s_first, s_span)
+                s_first = aside
+            _copy_runs(s_first, d_first, run, m, dlen, sstride, tstride, nruns)
+    finally:
+        free(aside)
 
 
 def paired_run_info(const i64[::1] src_shape, const i64[::1] src_strides,
@@ -582,59 +606,86 @@ def read_runs(int fd, const i64[:, ::1] runs, const i64[:, ::1] blocks,
 
     ``runs`` are sorted by file offset and do not overlap; ``blocks`` are the
     coalesced ``[start, end)`` reads that cover them (``coalesce``): each
-    block is one ``preadv`` whose iovecs point into ``dst`` for the runs and
-    into a discard buffer for the gaps. With ``prefetch > 0`` every block is
-    announced with ``POSIX_FADV_WILLNEED`` up to ``prefetch`` bytes ahead, so
-    the device works on many small reads at once. The GIL is released.
+    block is one ``preadv``, from its first run to the end of its last, whose
+    iovecs point into ``dst`` for the runs and into a discard buffer for the
+    gaps between them (bytes of a block before its first run or after its
+    last are not read). With ``prefetch > 0`` every block is announced with
+    ``POSIX_FADV_WILLNEED`` up to ``prefetch`` bytes ahead, so the device
+    works on many small reads at once. The GIL is released.
     Returns ``(read calls, bytes read)``; raises OSError on an I/O error and
-    EOFError when the file ends before a block does.
+    EOFError when the file ends before the runs do.
     """
     cdef Py_ssize_t K = runs.shape[0], M = blocks.shape[0], r, b
     if runs.shape[1] != 3 or blocks.shape[1] != 2:
         raise ValueError("read_runs: runs must be (K, 3) and blocks (M, 2)")
     cdef i64 maxgap = 0, cap = dst.shape[0]
-    b = 0
-    for r in range(K):
-        if runs[r, 0] < 0 or runs[r, 1] < 0 or runs[r, 2] <= 0 or add_overflows(runs[r, 0], runs[r, 2]):
-            raise ValueError(f"read_runs: run {r} is invalid: {runs[r, 0]}, {runs[r, 1]}, {runs[r, 2]}")
-        if runs[r, 1] > cap - runs[r, 2]:
-            raise ValueError(f"read_runs: run {r} lands at [{runs[r, 1]}, {runs[r, 1] + runs[r, 2]}), "
-                             f"past the {cap}-byte destination")
-        if r > 0 and runs[r, 0] < runs[r - 1, 0] + runs[r - 1, 2]:
-            raise ValueError(f"read_runs: runs must be sorted by file offset and disjoint (run {r})")
-        while b < M and blocks[b, 1] <= runs[r, 0]:
-            b += 1
-        if b == M or runs[r, 0] < blocks[b, 0] or runs[r, 0] + runs[r, 2] > blocks[b, 1]:
-            raise ValueError(f"read_runs: run {r} at file offset {runs[r, 0]} is not inside a block")
-        if r > 0 and runs[r - 1, 0] >= blocks[b, 0]:
-            maxgap = max(maxgap, runs[r, 0] - runs[r - 1, 0] - runs[r - 1, 2])
-    for b in range(M):
-        if blocks[b, 0] < 0 or blocks[b, 1] <= blocks[b, 0] or (b > 0 and blocks[b, 0] < blocks[b - 1, 1]):
-            raise ValueError(f"read_runs: block {b} is invalid or out of order")
-    cdef i64 junk_len = min(maxgap, <i64>(1 << 20))
-    cdef unsigned char* junk = <unsigned char*>malloc(junk_len if junk_len > 0 else 1)
-    cdef iovec* iov = <iovec*>malloc(NIOV * sizeof(iovec))
-    if junk == NULL or iov == NULL:
-        free(junk)
-        free(iov)
-        raise MemoryError()
-    cdef i64 calls = 0, nbytes = 0, got = 0, pos, gap, g, io_start
+    cdef i64* rw = NULL
+    cdef i64* bl = NULL
+    cdef unsigned char* junk = NULL
+    cdef iovec* iov = NULL
+    cdef i64 junk_len, calls = 0, nbytes = 0, got = 0, pos = 0, gap, g, io_start
     cdef int cnt, err = 0
     cdef Py_ssize_t pf = 0
     cdef unsigned char* base = &dst[0] if cap > 0 else NULL
-    r = 0
     try:
+        # Private copies, checked and then used: with the GIL released below,
+        # another thread may rewrite the caller's arrays, and an unchecked
+        # destination offset would send a read past dst.
+        rw = <i64*>malloc(<size_t>(3 * K + 1) * sizeof(i64))
+        bl = <i64*>malloc(<size_t>(2 * M + 1) * sizeof(i64))
+        if rw == NULL or bl == NULL:
+            raise MemoryError()
+        if K:
+            memcpy(rw, &runs[0, 0], <size_t>(3 * K) * sizeof(i64))
+        if M:
+            memcpy(bl, &blocks[0, 0], <size_t>(2 * M) * sizeof(i64))
+        b = 0
+        for r in range(K):
+            if rw[3 * r] < 0 or rw[3 * r + 1] < 0 or rw[3 * r + 2] <= 0 \
+                    or add_overflows(rw[3 * r], rw[3 * r + 2]):
+                raise ValueError(f"read_runs: run {r} is invalid: "
+                                 f"{rw[3 * r]}, {rw[3 * r + 1]}, {rw[3 * r + 2]}")
+            if rw[3 * r + 1] > cap - rw[3 * r + 2]:
+                raise ValueError(f"read_runs: run {r} lands at "
+                                 f"[{rw[3 * r + 1]}, {rw[3 * r + 1] + rw[3 * r + 2]}), "
+                                 f"past the {cap}-byte destination")
+            if r > 0 and rw[3 * r] < rw[3 * r - 3] + rw[3 * r - 1]:
+                raise ValueError(
+                    f"read_runs: runs must be sorted by file offset and disjoint (run {r})")
+            while b < M and bl[2 * b + 1] <= rw[3 * r]:
+                b += 1
+            if b == M or rw[3 * r] < bl[2 * b] or rw[3 * r] + rw[3 * r + 2] > bl[2 * b + 1]:
+                raise ValueError(
+                    f"read_runs: run {r} at file offset {rw[3 * r]} is not inside a block")
+            # Only gaps between two runs of one block are read (into junk).
+            if r > 0 and rw[3 * r - 3] >= bl[2 * b]:
+                maxgap = max(maxgap, rw[3 * r] - rw[3 * r - 3] - rw[3 * r - 1])
+        for b in range(M):
+            if bl[2 * b] < 0 or bl[2 * b + 1] <= bl[2 * b] \
+                    or (b > 0 and bl[2 * b] < bl[2 * b - 1]):
+                raise ValueError(f"read_runs: block {b} is invalid or out of order")
+        junk_len = min(maxgap, <i64>(1 << 20))
+        junk = <unsigned char*>malloc(junk_len if junk_len > 0 else 1)
+        iov = <iovec*>malloc(NIOV * sizeof(iovec))
+        if junk == NULL or iov == NULL:
+            raise MemoryError()
+        r = 0
+        b = 0
         with nogil:
             for b in range(M):
                 if prefetch > 0:
-                    while pf < M and (pf <= b or blocks[pf, 0] < blocks[b, 0] + prefetch):
-                        ck_willneed(fd, blocks[pf, 0], blocks[pf, 1] - blocks[pf, 0])
+                    while pf < M and (pf <= b or bl[2 * pf] < bl[2 * b] + prefetch):
+                        ck_willneed(fd, bl[2 * pf], bl[2 * pf + 1] - bl[2 * pf])
                         pf += 1
-                pos = blocks[b, 0]
+                if r == K or rw[3 * r] >= bl[2 * b + 1]:
+                    continue  # no run in this block: nothing of it is needed
+                # The read starts at the block's first run, not at the block's
+                # start: the bytes before it are not needed.
+                pos = rw[3 * r]
                 io_start = pos
                 cnt = 0
-                while r < K and runs[r, 0] < blocks[b, 1]:
-                    gap = runs[r, 0] - pos
+                while r < K and rw[3 * r] < bl[2 * b + 1]:
+                    gap = rw[3 * r] - pos
                     while gap > 0:
                         if cnt == NIOV:
                             got = _preadv_full(fd, iov, cnt, io_start, &calls, &err)
@@ -658,10 +709,10 @@ def read_runs(int fd, const i64[:, ::1] runs, const i64[:, ::1] blocks,
                         nbytes += got
                         io_start = pos
                         cnt = 0
-                    iov[cnt].iov_base = base + runs[r, 1]
-                    iov[cnt].iov_len = <size_t>runs[r, 2]
+                    iov[cnt].iov_base = base + rw[3 * r + 1]
+                    iov[cnt].iov_len = <size_t>rw[3 * r + 2]
                     cnt += 1
-                    pos += runs[r, 2]
+                    pos += rw[3 * r + 2]
                     r += 1
                 if got < 0:
                     break
@@ -670,11 +721,14 @@ def read_runs(int fd, const i64[:, ::1] runs, const i64[:, ::1] blocks,
                     if got < 0:
                         break
                     nbytes += got
+        if got == -1:
+            raise OSError(err, f"read_runs: read failed near file offset {pos}")
+        if got == -2:
+            raise EOFError(f"read_runs: file ends before byte {pos} (block {b}: "
+                           f"[{bl[2 * b]}, {bl[2 * b + 1]}))")
+        return calls, nbytes
     finally:
+        free(rw)
+        free(bl)
         free(junk)
         free(iov)
-    if got == -1:
-        raise OSError(err, f"read_runs: read failed near file offset {pos}")
-    if got == -2:
-        raise EOFError(f"read_runs: file ends before byte {blocks[b, 1]} (block {b})")
-    return calls, nbytes

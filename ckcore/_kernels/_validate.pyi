@@ -1,12 +1,13 @@
 """Type stubs for the compiled global-plan validation kernel (see _validate.pyx)."""
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 def _read_chunks(
-    key: Any, chunks: list[Any], ndim: int
+    key: Any, chunks: Sequence[Any], ndim: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
 def _self_overlap_pairs(
     offs: npt.NDArray[np.int64], sizes: npt.NDArray[np.int64]

@@ -536,14 +536,18 @@ cdef int fast_row(object seq, Py_ssize_t ndim, i64* out) noexcept:
     return 0
 
 
-def _read_chunks(key, list chunks, Py_ssize_t ndim):
+def _read_chunks(key, chunks, Py_ssize_t ndim):
     """Read ``chunks`` (objects with .offsets/.sizes) into (n, ndim) int64 arrays.
 
-    Raises TypeError for non-integers and ValueError for a wrong number of
+    ``chunks`` is any sequence, read once into a snapshot the call owns (free
+    for a tuple): reading a chunk can run Python code (a property, an
+    ``__index__``) during which the caller's list may change. Raises
+    TypeError for non-integers and ValueError for a wrong number of
     dimensions or values (or offset + size) outside int64, naming ``key``
     and the chunk.
     """
-    cdef Py_ssize_t n = len(chunks), i, j
+    cdef tuple snap = tuple(chunks)
+    cdef Py_ssize_t n = len(snap), i, j
     cdef Py_ssize_t width = ndim if ndim > 0 else 1
     # At least one column, so &row[0] is valid for 0-d chunks.
     offs_a = np.empty((n, width), dtype=np.int64)
@@ -553,7 +557,7 @@ def _read_chunks(key, list chunks, Py_ssize_t ndim):
     cdef i64 e
     cdef object chunk, o, s
     for i in range(n):
-        chunk = chunks[i]
+        chunk = snap[i]
         o = getattr(chunk, "offsets", None)
         s = getattr(chunk, "sizes", None)
         if o is None or s is None:
