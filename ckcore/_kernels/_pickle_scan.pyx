@@ -112,8 +112,9 @@ cdef enum:
     E_CALL
     E_TARGET
     E_KEY
+    E_FRAME
 
-cdef const char *_MESSAGES[17]
+cdef const char *_MESSAGES[18]
 _MESSAGES[E_OK] = b"ok"
 _MESSAGES[E_TRUNCATED] = b"the stream ends inside an opcode or before STOP"
 _MESSAGES[E_BAD_OPCODE] = b"invalid opcode"
@@ -133,6 +134,9 @@ _MESSAGES[E_BUILD] = (
     b"NEWOBJ, with the state its class pickles")
 _MESSAGES[E_CALL] = b"call refused: a global called with arguments its type does not take"
 _MESSAGES[E_TARGET] = b"APPEND/SETITEM/ADDITEMS on an object that is not a list/dict/set"
+_MESSAGES[E_FRAME] = (
+    b"an opcode runs past the end of its frame, or a frame starts inside another: "
+    b"the unpickler would then run bytes other than the ones checked")
 _MESSAGES[E_KEY] = (
     b"a dict key or set element that is not a str (or, for a dict, a metadata object): "
     b"DCP metadata hashes nothing else, and other values can make hashing slow")
@@ -161,6 +165,7 @@ ctypedef struct Scan:
     Py_ssize_t *marks
     Py_ssize_t n_marks, cap_marks
     Py_ssize_t fence     # the innermost MARK's stack position (0 without one)
+    Py_ssize_t frame_end  # end of the current protocol-4 frame (0 before any)
     int64_t *memo
     Py_ssize_t cap_memo, memo_len
     int error
@@ -669,7 +674,19 @@ cdef int _resolve(Scan *s, PyObject *lookup, Py_ssize_t mod, Py_ssize_t mod_n,
     return _push(s, vid)
 
 
-cdef int _step(Scan *s, PyObject *lookup) noexcept nogil:
+cdef inline int _step(Scan *s, PyObject *lookup) noexcept nogil:
+    # One opcode, then the frame rule. The C unpickler reads a frame whole;
+    # when an opcode (its argument, its text line) runs past the frame's end
+    # it drops the rest of the frame and reads on from the file after it,
+    # so it would run bytes this scan took for data. No opcode may cross a
+    # frame's end: then both read the same bytes the same way.
+    cdef int r = _op(s, lookup)
+    if r >= 0 and s.op_pos < s.frame_end < s.pos:
+        return _fail(s, E_FRAME)
+    return r
+
+
+cdef int _op(Scan *s, PyObject *lookup) noexcept nogil:
     cdef uint8_t op
     cdef Py_ssize_t n, m, p0
     cdef int64_t a, b, vid
@@ -911,12 +928,15 @@ cdef int _step(Scan *s, PyObject *lookup) noexcept nogil:
             s.memo_len += 1
             return 0
         return _memo_put(s, s.memo_len)
-    elif op == 0x95:    # FRAME: a length prefix only; the opcodes inside are scanned as usual
+    elif op == 0x95:    # FRAME: the opcodes inside are scanned as usual (see _step)
+        if s.op_pos < s.frame_end:
+            return _fail(s, E_FRAME)
         if _need(s, 8) < 0:
             return -1
         a = <int64_t>_le(s, 8)
         if a < 0 or a > s.len - s.pos:
             return _fail(s, E_LENGTH)
+        s.frame_end = s.pos + a
         return 0
     # Protocol 5 -------------------------------------------------------------
     elif op == 0x96 or op == 0x97 or op == 0x98:   # BYTEARRAY8, NEXT_BUFFER, READONLY_BUFFER
@@ -972,6 +992,7 @@ cdef class Scanner:
         self.s.marks = NULL
         self.s.n_marks = self.s.cap_marks = 0
         self.s.fence = 0
+        self.s.frame_end = 0
         self.s.memo = NULL
         self.s.cap_memo = self.s.memo_len = 0
         self.s.error = E_OK
