@@ -632,6 +632,22 @@ class _Gated(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def _accepted(self) -> int:
+        # How far the unpickler may go without waiting.
+        sc = self._scanner
+        return len(self._data) if sc.outcome_accepted else sc.progress
+
+    def peek(self, n: int = 0) -> bytes:
+        """Accepted bytes ahead, without moving: the C unpickler then reads
+        ahead in large blocks instead of calling ``read`` per opcode.
+
+        It runs an opcode only once all of it is in what it read, and this
+        hands out nothing past the scan's progress, which only ever stands
+        between two accepted opcodes.
+        """
+        end = min(self._pos + max(n, 1), self._accepted())
+        return self._data[self._pos:end] if end > self._pos else b""
+
     def _wait(self, end: int) -> None:
         sc = self._scanner
         delay = 1e-5
