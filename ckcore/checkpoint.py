@@ -547,6 +547,25 @@ def _max_bytes(max_bytes: int | None) -> int:
     return max_bytes
 
 
+def _read_capped(f: Any, cap: int, size: int | None = None) -> bytes:
+    # Reads to the end, but never more than cap + 1 bytes (one past the cap
+    # tells a file over it, or one that grew since fstat), and never asks
+    # read() for more than is likely there: read(n) allocates n up front.
+    parts = []
+    total = 0
+    want = (size + 1) if size is not None else (1 << 20)
+    while total <= cap:
+        chunk = f.read(max(1, min(want, cap + 1 - total)))
+        if not chunk:
+            break
+        if not isinstance(chunk, (bytes, bytearray)):
+            raise TypeError("the metadata file object must be opened in binary mode")
+        parts.append(chunk)
+        total += len(chunk)
+        want = min(max(want, 1 << 20) * 2, 1 << 28)
+    return b"".join(parts)
+
+
 def _too_big(name: str, size: int, cap: int) -> CheckpointError:
     return CheckpointError(
         f"{name}: DCP metadata of {size} bytes is larger than the cap of {cap} bytes "
@@ -570,10 +589,7 @@ def _read_file(p: pathlib.Path, cap: int) -> bytes:
         if st.st_size > cap:
             raise _too_big(str(p), st.st_size, cap)
         with os.fdopen(fd, "rb", closefd=False) as f:
-            # One read then BytesIO: the C unpickler reads a BytesIO without
-            # Python-level read() calls per frame. One byte past the cap tells
-            # a file that grew since fstat.
-            data = f.read(cap + 1)
+            data = _read_capped(f, cap, st.st_size)
     except OSError as e:
         raise CheckpointError(f"{p}: cannot read DCP metadata: {e.strerror or e}") from None
     finally:
@@ -703,6 +719,22 @@ def _refusal(found: tuple[bool, int, str], data: bytes, name: str,
     return CheckpointError(f"{name}: corrupted or truncated DCP metadata ({where}): {why}")
 
 
+def _scan_quietly(scanner: Any) -> None:
+    # The scan's outcome, out of memory included, is read with
+    # _scan_result; nothing escapes a scan thread as a traceback.
+    try:
+        scanner.run()
+    except MemoryError:
+        pass
+
+
+def _scan_result(scanner: Any, name: str) -> tuple[bool, int, str] | None:
+    try:
+        return scanner.result()
+    except MemoryError:
+        raise CheckpointError(f"{name}: out of memory while checking DCP metadata") from None
+
+
 def _load(data: bytes, name: str) -> Metadata:
     refused: list[tuple[bytes, bytes]] = []
 
@@ -715,12 +747,14 @@ def _load(data: bytes, name: str) -> Metadata:
     scanner = _pickle_scan.Scanner(data, lookup, MAX_DEPTH)
     thread = None
     if len(data) < _PIPELINE_BYTES:
-        found = scanner.run()
+        _scan_quietly(scanner)
+        found = _scan_result(scanner, name)
         if found is not None:
             raise _refusal(found, data, name, refused)
         stream: IO[bytes] = io.BytesIO(data)
     else:
-        thread = threading.Thread(target=scanner.run, name="ckcore-pickle-scan", daemon=True)
+        thread = threading.Thread(target=_scan_quietly, args=(scanner,),
+                                  name="ckcore-pickle-scan", daemon=True)
         thread.start()
         stream = _Gated(data, scanner)  # type: ignore[assignment]
     snapshot = _snapshot()
@@ -745,7 +779,7 @@ def _load(data: bytes, name: str) -> Metadata:
                 "the change was undone and the file refused"
             )
     # Only a refusal of the scan ahead of the unpickler gets here.
-    found = scanner.result()
+    found = _scan_result(scanner, name)
     if found is None:
         raise CheckpointError(f"{name}: the opcode scan stopped without a result")
     raise _refusal(found, data, name, refused)
@@ -810,11 +844,11 @@ def load_metadata(
         f = path_or_file
         name = _r(str(getattr(f, "name", "<metadata stream>")))
         try:
-            data = f.read(cap + 1)  # type: ignore[union-attr]
+            data = _read_capped(f, cap)
         except OSError as e:
             raise CheckpointError(f"{name}: cannot read DCP metadata: {e}") from None
-        if not isinstance(data, (bytes, bytearray)):
-            raise TypeError(f"{name}: the file object must be opened in binary mode")
+        except TypeError:
+            raise TypeError(f"{name}: the file object must be opened in binary mode") from None
         if len(data) > cap:
             raise _too_big(name, len(data), cap)
         return _load(bytes(data), name)
@@ -829,8 +863,9 @@ def loads_metadata(
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
     cap = _max_bytes(max_bytes)
-    if len(data) > cap:
-        raise _too_big(name, len(data), cap)
+    nbytes = memoryview(data).nbytes
+    if nbytes > cap:
+        raise _too_big(name, nbytes, cap)
     return _load(bytes(data), name)
 
 
