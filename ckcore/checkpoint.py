@@ -437,6 +437,34 @@ def _check_storage_data(sd: dict) -> None:
         raise _StructureError(f"storage_data[{_r(keys[i])}] is invalid: {_r(infos[i])}")
 
 
+_PLAIN_LEAVES = (str, int, float, bool, complex, bytes, type(None))
+_PLAIN_CONTAINERS = (tuple, list, dict, set, frozenset, OrderedDict)
+
+
+def _check_planner_data(pd: object) -> None:
+    # A planner's own data: plain values and containers only (torch's
+    # DefaultSavePlanner stores fqn -> tuple of keys). Metadata objects do
+    # not belong there, and one made without its BUILD has no fields at all.
+    # Each object is visited once however often it is shared.
+    seen: set[int] = set()
+    todo = [pd]
+    while todo:
+        x = todo.pop()
+        t = type(x)
+        if t in _PLAIN_LEAVES or isinstance(x, pathlib.PurePath):
+            continue
+        if t not in _PLAIN_CONTAINERS:
+            raise _StructureError(f"planner_data holds a {t.__name__}: {_r(x)}")
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, dict):
+            todo.extend(x.keys())
+            todo.extend(x.values())
+        else:
+            todo.extend(x)  # type: ignore[arg-type]
+
+
 def _check_storage_meta(sm: object) -> None:
     if type(sm) is not StorageMeta or not _fields_ok(sm):
         raise _StructureError(f"storage_meta is {type(sm).__name__}, not a valid StorageMeta: "
@@ -449,7 +477,9 @@ def _check_storage_meta(sm: object) -> None:
         v = d.get(key)
         if v is not None and type(v) is not str:
             raise _StructureError(f"storage_meta.{key} is {_r(v)}")
-    modules = d.get("modules", [])
+    # A file from a torch without ``modules`` lacks it, and it has no class
+    # default (a default_factory): give it the field's default.
+    modules = d.setdefault("modules", [])
     if type(modules) is not list or not all(type(m) is str for m in modules):
         raise _StructureError(f"storage_meta.modules is {_r(modules)}")
 
@@ -508,6 +538,7 @@ def _check_metadata(md: object, nbytes: int | None = None) -> Metadata:
     sm = md_dict.get("storage_meta")
     if sm is not None:
         _check_storage_meta(sm)
+    _check_planner_data(md_dict.get("planner_data"))
     version = md_dict.get("version")
     if version is not None and type(version) is not str:
         raise _StructureError(f"version is {_r(version)}, not a str")
@@ -599,22 +630,37 @@ def _read_file(p: pathlib.Path, cap: int) -> bytes:
     return data
 
 
+# Class attributes that live on the type object itself, not in vars(cls).
+_TYPE_SLOTS = ("__name__", "__qualname__", "__bases__", "__module__")
+
+
 def _snapshot() -> list[tuple[type, dict[str, Any]]]:
-    return [(cls, dict(vars(cls))) for cls in _GUARDED_CLASSES]
+    out = []
+    for cls in _GUARDED_CLASSES:
+        state = dict(vars(cls))
+        for attr in _TYPE_SLOTS:
+            state["\0" + attr] = getattr(cls, attr)
+        out.append((cls, state))
+    return out
 
 
 def _restore(snapshot: list[tuple[type, dict[str, Any]]]) -> list[str]:
     # The tripwire: undo any change to an allow-listed class and name it.
     changed = []
     for cls, before in snapshot:
-        now = vars(cls)
+        now = dict(vars(cls))
+        for attr in _TYPE_SLOTS:
+            now["\0" + attr] = getattr(cls, attr)
         if now.keys() == before.keys() and all(now[k] is v for k, v in before.items()):
             continue
+        for attr in _TYPE_SLOTS:
+            if now["\0" + attr] is not before["\0" + attr]:
+                setattr(cls, attr, before["\0" + attr])
         changed.append(cls.__qualname__)
         for k in [k for k in now if k not in before]:
             delattr(cls, k)
         for k, v in before.items():
-            if now.get(k) is not v:
+            if not k.startswith("\0") and now.get(k) is not v:
                 setattr(cls, k, v)
     return changed
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from ._kernels._keyhash import index_hash as _index_hash
+
 __all__ = [
     "ChunkStorageMetadata",
     "TensorProperties",
@@ -108,3 +110,11 @@ class MetadataIndex:
         object.__setattr__(self, "fqn", fqn)
         object.__setattr__(self, "index", index)
         object.__setattr__(self, "offset", None if offset is None else tuple(offset))
+
+    def __hash__(self) -> int:
+        # Keyed per process, unlike a tuple's hash: a checkpoint file cannot
+        # pick storage_data keys that all collide (ckcore._kernels._keyhash).
+        fqn = self.fqn
+        if type(fqn) is not str:
+            return hash((fqn, self.offset))
+        return _index_hash(fqn, self.offset)

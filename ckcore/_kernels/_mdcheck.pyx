@@ -163,7 +163,7 @@ def first_bad_index(list keys, type index_cls):
 
     Well-formed: exactly of type ``index_cls`` with an exact str ``fqn``,
     ``offset`` absent, None or an exact tuple of ints in ``[0, 2**63)``,
-    ``index`` absent, None or an exact int, and no other field.
+    ``index`` absent, None or an int in ``[0, 2**63)``, and no other field.
     """
     # Iterated, as in first_bad_chunk.
     cdef Py_ssize_t i = -1, n
@@ -188,6 +188,6 @@ def first_bad_index(list keys, type index_cls):
         if off != NULL and off != _none and not (
                 _tuple_check_exact(off) and _shape_ok(off, _tuple_size(off))):
             return i
-        if idx != NULL and idx != _none and not _long_check_exact(idx):
+        if idx != NULL and idx != _none and not _nonneg_i64(idx):
             return i
     return -1

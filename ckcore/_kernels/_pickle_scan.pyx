@@ -55,6 +55,7 @@ cdef enum:
     K_GLOBAL
     K_INST
     K_PATH
+    K_BIGINT     # an int that may not fit in int64 (its hash is not int64's)
 
 # What may be hashed: dict keys are str (or a metadata object: MetadataIndex
 # keys storage_data), set elements are str. Ints and tuples are left out:
@@ -66,6 +67,8 @@ cdef enum:
     # MetadataIndex is a dict key: its offsets tuple is hashed on every
     # insertion, so it stays as short as a shape can reasonably be.
     MAX_INDEX_WIDTH = 1024
+    INDEX_FIELD_KINDS = ((1 << K_STR) | (1 << K_GLOBAL) | (1 << K_INT) | (1 << K_NONE)
+                         | (1 << K_TUPLE))
 
 
 # Kinds of globals: the allow-list table maps (module, name) to one of these.
@@ -146,7 +149,9 @@ ctypedef struct Val:
     uint8_t kind
     uint8_t built        # K_INST: BUILD done
     uint16_t depth       # containers: nesting (0 for scalars)
-    uint16_t mask        # K_TUPLE/K_LIST/K_SET/K_FROZENSET: bit per kind of its items
+    uint16_t mask        # K_TUPLE/K_LIST/K_SET/K_FROZENSET: bit per kind of its items;
+    #                      K_DICT: of its keys and values
+    uint16_t inner       # K_DICT: bit per kind of the items of its tuple values
     int32_t n            # K_TUPLE: length; K_GLOBAL/K_INST: G_* kind; K_STR: byte length or -1;
     #                      K_DICT: the longest tuple among its values
     int64_t ref          # K_TUPLE: first item's id; K_STR: offset of its bytes; K_DICT: entries
@@ -207,6 +212,7 @@ cdef inline int64_t _new(Scan *s, uint8_t kind, int depth) noexcept nogil:
     v.built = 0
     v.depth = <uint16_t>depth
     v.mask = 0
+    v.inner = 0
     v.n = 0
     v.ref = 0
     s.n_vals += 1
@@ -373,6 +379,22 @@ cdef Py_ssize_t _line(Scan *s) noexcept nogil:
     return n
 
 
+cdef Py_ssize_t _text_int_digits(const uint8_t *p, Py_ssize_t n, bint long_suffix) noexcept nogil:
+    # Number of digits of a text INT/LONG argument "[-]digits" (LONG: an "L"
+    # may follow), or -1 for any other form.
+    cdef Py_ssize_t i = 0, start
+    if long_suffix and n > 0 and p[n - 1] == 76:
+        n -= 1
+    if n > 0 and p[0] == 45:
+        i = 1
+    start = i
+    while i < n:
+        if p[i] < 48 or p[i] > 57:
+            return -1
+        i += 1
+    return n - start if n > start else -1
+
+
 cdef int64_t _decimal(const uint8_t *p, Py_ssize_t n) noexcept nogil:
     # A text memo index: digits only, below 2**62; -1 otherwise.
     cdef int64_t x = 0
@@ -454,10 +476,10 @@ cdef int _dict_pairs(Scan *s, Py_ssize_t first, Val *d) noexcept nogil:
         if not (HASHABLE_KEYS >> _kind(s, s.stack[i])) & 1:
             return _fail(s, E_KEY)
         v = s.stack[i + 1]
-        if _kind(s, v) == K_TUPLE and _len(s, v) > d.n:
-            d.n = _len(s, v)
-        elif _kind(s, v) == K_TUPLE and _len(s, v) < 0:
-            d.n = 0x7fffffff
+        if _kind(s, v) == K_TUPLE:
+            d.inner |= _mask(s, v)
+            if _len(s, v) > d.n:
+                d.n = _len(s, v)
     return 0
 
 
@@ -516,7 +538,8 @@ cdef int64_t _call_result(Scan *s, int g, int64_t args) noexcept nogil:
     cdef uint8_t k0 = _kind(s, _first(s, args)) if n > 0 else K_NONE
     cdef int d0 = _depth(s, _first(s, args)) if n > 0 else 0
     cdef uint16_t seqs = (1 << K_TUPLE) | (1 << K_LIST) | (1 << K_SET) | (1 << K_FROZENSET)
-    cdef uint16_t nums = (1 << K_INT) | (1 << K_FLOAT) | (1 << K_NUM) | (1 << K_BOOL)
+    cdef uint16_t nums = ((1 << K_INT) | (1 << K_BIGINT) | (1 << K_FLOAT) | (1 << K_NUM)
+                          | (1 << K_BOOL))
     cdef uint16_t m0
     cdef int64_t vid
     if kind != K_TUPLE or n < 0:
@@ -616,6 +639,11 @@ cdef int _build(Scan *s) noexcept nogil:
     # recurses through a deep value.
     if t.n == G_INDEX and (depth > 3 or s.vals[state].n > MAX_INDEX_WIDTH):
         return _fail(s, E_DEPTH)
+    # Its fields are a str, None, int64s and a tuple of int64s: the values
+    # whose hash ckcore.metadata.MetadataIndex keys (see its __hash__).
+    if t.n == G_INDEX and (s.vals[state].mask & ~INDEX_FIELD_KINDS
+                           or s.vals[state].inner & ~(1 << K_INT)):
+        return _fail(s, E_KEY)
     if depth > s.max_depth:
         return _fail(s, E_DEPTH)
     t.built = 1
@@ -736,7 +764,12 @@ cdef int _op(Scan *s, PyObject *lookup) noexcept nogil:
         if (op == 0x49 and n == 2 and s.buf[p0] == 48
                 and (s.buf[p0 + 1] == 48 or s.buf[p0 + 1] == 49)):
             return _push(s, _tag(K_BOOL))
-        return _push(s, _tag(K_INT))
+        # Only what picklers write: [-]digits[L]. (The C unpickler also takes
+        # hex, octal, spaces and signs, and reads " 1" as True.)
+        m = _text_int_digits(s.buf + p0, n, op == 0x4c)
+        if m < 0:
+            return _fail(s, E_BAD_OPCODE)
+        return _push(s, _tag(K_INT if m <= 18 else K_BIGINT))
     elif op == 0x46:    # FLOAT (text)
         if _line(s) < 0:
             return -1
@@ -816,6 +849,7 @@ cdef int _op(Scan *s, PyObject *lookup) noexcept nogil:
             return -1
         if _dict_pairs(s, m, &s.vals[vid]) < 0:
             return -1
+        s.vals[vid].mask = _kinds(s, m)
         s.vals[vid].ref = (s.n_stack - m) // 2
         s.n_stack = m
         return _push(s, vid)
@@ -873,17 +907,18 @@ cdef int _op(Scan *s, PyObject *lookup) noexcept nogil:
         return _tuple_n(s, 3)
     elif op == 0x88 or op == 0x89:   # NEWTRUE, NEWFALSE
         return _push(s, _tag(K_BOOL))
-    elif op == 0x8a:    # LONG1
+    elif op == 0x8a:    # LONG1: int64 in at most 8 bytes
         if _need(s, 1) < 0:
             return -1
-        return _push(s, _sized(s, K_INT, <int64_t>_le(s, 1)))
+        a = <int64_t>_le(s, 1)
+        return _push(s, _sized(s, K_INT if a <= 8 else K_BIGINT, a))
     elif op == 0x8b:    # LONG4 (signed length)
         if _need(s, 4) < 0:
             return -1
         a = <int64_t>_le(s, 4)
         if a >= <int64_t>0x80000000:
             return _fail(s, E_LENGTH)
-        return _push(s, _sized(s, K_INT, a))
+        return _push(s, _sized(s, K_INT if a <= 8 else K_BIGINT, a))
     # Protocol 3 -------------------------------------------------------------
     elif op == 0x42:    # BINBYTES
         if _need(s, 4) < 0:

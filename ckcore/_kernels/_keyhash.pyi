@@ -1,0 +1,3 @@
+"""A keyed hash for ``MetadataIndex`` (compiled)."""
+
+def index_hash(fqn: str, offset: object) -> int: ...
