@@ -71,6 +71,14 @@ cdef enum:
                          | (1 << K_TUPLE))
 
 
+# Val.flags bits.
+cdef enum:
+    BUILT = 1
+    # Placed inside another value, whose depth was computed from this one's:
+    # this one may then not grow deeper (the outer depth would be stale).
+    EMBEDDED = 2
+
+
 # Kinds of globals: the allow-list table maps (module, name) to one of these.
 # 1..8 are the metadata classes (NEWOBJ then BUILD).
 cdef enum:
@@ -147,7 +155,7 @@ _MESSAGES[E_KEY] = (
 
 ctypedef struct Val:
     uint8_t kind
-    uint8_t built        # K_INST: BUILD done
+    uint8_t flags        # BUILT (K_INST: its BUILD came), EMBEDDED (inside another value)
     uint16_t depth       # containers: nesting (0 for scalars)
     uint16_t mask        # K_TUPLE/K_LIST/K_SET/K_FROZENSET: bit per kind of its items;
     #                      K_DICT: of its keys and values
@@ -155,6 +163,7 @@ ctypedef struct Val:
     int32_t n            # K_TUPLE: length; K_GLOBAL/K_INST: G_* kind; K_STR: byte length or -1;
     #                      K_DICT: the longest tuple among its values
     int64_t ref          # K_TUPLE: first item's id; K_STR: offset of its bytes; K_DICT: entries
+    int64_t text         # K_TUPLE: bytes of its str items (-1: a str of unknown length)
 
 
 ctypedef struct Scan:
@@ -171,6 +180,7 @@ ctypedef struct Scan:
     Py_ssize_t n_marks, cap_marks
     Py_ssize_t fence     # the innermost MARK's stack position (0 without one)
     Py_ssize_t frame_end  # end of the current protocol-4 frame (0 before any)
+    int64_t text_budget   # bytes of str arguments calls may still parse
     int64_t *memo
     Py_ssize_t cap_memo, memo_len
     int error
@@ -209,12 +219,13 @@ cdef inline int64_t _new(Scan *s, uint8_t kind, int depth) noexcept nogil:
         return -1
     v = &s.vals[s.n_vals]
     v.kind = kind
-    v.built = 0
+    v.flags = 0
     v.depth = <uint16_t>depth
     v.mask = 0
     v.inner = 0
     v.n = 0
     v.ref = 0
+    v.text = 0
     s.n_vals += 1
     return s.n_vals - 1
 
@@ -320,10 +331,14 @@ cdef int _max_depth(Scan *s, Py_ssize_t first) noexcept nogil:
     cdef Py_ssize_t i
     cdef int depth = 0
     cdef int d
+    cdef int64_t w
     for i in range(first, s.n_stack):
-        d = _depth(s, s.stack[i])
+        w = s.stack[i]
+        d = _depth(s, w)
         if d > depth:
             depth = d
+        if w > TAG_BASE:
+            s.vals[w].flags |= EMBEDDED
     return depth
 
 
@@ -334,6 +349,23 @@ cdef uint16_t _kinds(Scan *s, Py_ssize_t first) noexcept nogil:
     for i in range(first, s.n_stack):
         mask |= <uint16_t>(1 << _kind(s, s.stack[i]))
     return mask
+
+
+cdef inline int64_t _text(Scan *s, Py_ssize_t first) noexcept nogil:
+    # Bytes of the str values among stack[first:], -1 if one is of unknown
+    # length; saturates far below overflow.
+    cdef Py_ssize_t i
+    cdef int64_t total = 0
+    cdef int64_t w
+    for i in range(first, s.n_stack):
+        w = s.stack[i]
+        if _kind(s, w) == K_STR and w > TAG_BASE:
+            if s.vals[w].n < 0:
+                return -1
+            total += s.vals[w].n
+            if total > (<int64_t>1 << 62):
+                total = <int64_t>1 << 62
+    return total
 
 
 cdef inline int _seq(Scan *s, Py_ssize_t first, uint8_t kind) noexcept nogil:
@@ -347,6 +379,7 @@ cdef inline int _seq(Scan *s, Py_ssize_t first, uint8_t kind) noexcept nogil:
     s.vals[vid].mask = _kinds(s, first)
     s.vals[vid].n = <int32_t>min(s.n_stack - first, 0x7fffffff)
     s.vals[vid].ref = s.stack[first] if s.n_stack > first else -1
+    s.vals[vid].text = _text(s, first)
     s.n_stack = first
     return _push(s, vid)
 
@@ -455,12 +488,15 @@ cdef inline int _tuple_n(Scan *s, Py_ssize_t n) noexcept nogil:
         d = _depth(s, w)
         depth = d if d > depth else depth
         mask |= <uint16_t>(1 << _kind(s, w))
+        if w > TAG_BASE:
+            s.vals[w].flags |= EMBEDDED
     vid = _new(s, K_TUPLE, depth + 1)
     if vid < 0:
         return -1
     s.vals[vid].mask = mask
     s.vals[vid].n = <int32_t>n
     s.vals[vid].ref = s.stack[first]
+    s.vals[vid].text = _text(s, first)
     # The tuple takes its items' place: the stack cannot need to grow.
     s.stack[first] = vid
     s.n_stack = first + 1
@@ -506,7 +542,7 @@ cdef inline int _into(Scan *s, Py_ssize_t first, int64_t target, uint8_t kind) n
     cdef int inner = _max_depth(s, first) + 1
     if inner > depth:
         depth = inner
-    if depth > s.max_depth:
+    if depth > s.max_depth or (t.flags & EMBEDDED and depth > t.depth):
         return _fail(s, E_DEPTH)
     t.depth = <uint16_t>depth
     if kind == K_DICT:
@@ -525,6 +561,7 @@ cdef int64_t _copy_tuple(Scan *s, int64_t w) noexcept nogil:
         s.vals[vid].n = s.vals[w].n
         s.vals[vid].mask = s.vals[w].mask
         s.vals[vid].ref = s.vals[w].ref
+        s.vals[vid].text = s.vals[w].text
     return vid
 
 
@@ -535,6 +572,7 @@ cdef int64_t _call_result(Scan *s, int g, int64_t args) noexcept nogil:
     cdef uint8_t kind = _kind(s, args)
     cdef int32_t n = _len(s, args)
     cdef uint16_t mask = _mask(s, args)
+    cdef int64_t text = 0 if args <= TAG_BASE else s.vals[args].text
     cdef uint8_t k0 = _kind(s, _first(s, args)) if n > 0 else K_NONE
     cdef int d0 = _depth(s, _first(s, args)) if n > 0 else 0
     cdef uint16_t seqs = (1 << K_TUPLE) | (1 << K_LIST) | (1 << K_SET) | (1 << K_FROZENSET)
@@ -545,6 +583,13 @@ cdef int64_t _call_result(Scan *s, int g, int64_t args) noexcept nogil:
     if kind != K_TUPLE or n < 0:
         _fail(s, E_CALL)
         return -1
+    # Text a call parses (a path's parts, a complex or a layout name) is
+    # charged to a budget of the stream's size: one long str passed to many
+    # calls would otherwise cost its length each time.
+    if text < 0 or text > s.text_budget:
+        _fail(s, E_CALL)
+        return -1
+    s.text_budget -= text
     # A metadata class is never called (NEWOBJ without arguments, see
     # _newobj); the other globals each take the arguments their type takes.
     if g == G_SIZE or g == G_TUPLE:
@@ -586,7 +631,9 @@ cdef int64_t _call_result(Scan *s, int g, int64_t args) noexcept nogil:
         if n <= 2 and (mask & ~(nums | (1 << K_STR))) == 0:
             return _new(s, K_NUM, 0)
     elif g == G_PATH:
-        if (mask & ~((1 << K_STR) | (1 << K_PATH))) == 0:
+        # Parts as strs (what pathlib pickles), never paths: a path of paths
+        # of paths multiplies its parts at every level.
+        if (mask & ~(1 << K_STR)) == 0 and n <= 256:
             return _new(s, K_PATH, 0)
     _fail(s, E_CALL)
     return -1
@@ -623,7 +670,7 @@ cdef int _build(Scan *s) noexcept nogil:
     if _kind(s, target) != K_INST:
         return _fail(s, E_BUILD)
     t = &s.vals[target]
-    if t.built:
+    if t.flags & BUILT:
         return _fail(s, E_BUILD)
     if t.n == G_TPROPS:
         # torch's TensorProperties.__getstate__: (dtype, layout, requires_grad,
@@ -634,6 +681,8 @@ cdef int _build(Scan *s) noexcept nogil:
         # A (dict, slots) pair would make the unpickler setattr() its keys.
         return _fail(s, E_BUILD)
     depth = _depth(s, state) + 1
+    if state > TAG_BASE:
+        s.vals[state].flags |= EMBEDDED
     # MetadataIndex is hashed as a dict key: its state stays shallow (a dict
     # of a str, an offsets tuple of ints and an int), so hashing it never
     # recurses through a deep value.
@@ -646,7 +695,9 @@ cdef int _build(Scan *s) noexcept nogil:
         return _fail(s, E_KEY)
     if depth > s.max_depth:
         return _fail(s, E_DEPTH)
-    t.built = 1
+    if t.flags & EMBEDDED and depth > t.depth:
+        return _fail(s, E_DEPTH)
+    t.flags |= BUILT
     t.depth = <uint16_t>depth
     return 0
 
@@ -737,7 +788,7 @@ cdef int _op(Scan *s, PyObject *lookup) noexcept nogil:
         if _failed(a):
             return -1
         if (s.n_stack or s.n_marks or _kind(s, a) != K_INST or s.vals[a].n != G_METADATA
-                or not s.vals[a].built):
+                or not s.vals[a].flags & BUILT):
             return _fail(s, E_RESULT)
         s.result = a
         return 1
@@ -1028,6 +1079,7 @@ cdef class Scanner:
         self.s.n_marks = self.s.cap_marks = 0
         self.s.fence = 0
         self.s.frame_end = 0
+        self.s.text_budget = self.s.len + 4096
         self.s.memo = NULL
         self.s.cap_memo = self.s.memo_len = 0
         self.s.error = E_OK
