@@ -20,10 +20,14 @@ refuses a stream unless every opcode does what DCP metadata needs:
   with a dict state (a 5-tuple for TensorProperties): never on a class, a
   function or a container, never slot state (which would ``setattr``);
 * no ``INST``/``OBJ``/``EXT*``/``PERSID``/out-of-band buffers;
-* ``APPEND``/``SETITEM``/``ADDITEMS`` only on a list/dict/set;
-* every declared length within the stream, memo indices dense (a new index
-  is the next one), containers nested at most ``max_depth`` deep, and the
-  result a built ``Metadata`` instance.
+* ``APPEND``/``SETITEM``/``ADDITEMS`` only on a list/dict/set, and only
+  strs hashed (dict keys may also be metadata objects): ints and tuples
+  hash without a key, so a file could choose colliding ones;
+* every declared length within the stream, no opcode across a frame's end
+  (the C unpickler would read on after the frame), memo indices dense (a
+  new index is the next one), containers nested at most ``max_depth`` deep
+  and never deepened once inside another, str arguments of calls within a
+  budget of the stream's size, and the result a built ``Metadata`` instance.
 
 The scan is a linear pass over bytes with the GIL released; it takes the GIL
 back only to resolve a global's name (a real stream names a dozen). It is
