@@ -816,8 +816,10 @@ cdef int _op(Scan *s, PyObject *lookup) noexcept nogil:
         n = _line(s)
         if n < 0:
             return -1
-        if (op == 0x49 and n == 2 and s.buf[p0] == 48
-                and (s.buf[p0 + 1] == 48 or s.buf[p0 + 1] == 49)):
+        # C reads any 2-character INT worth 0 or 1 as a bool: "00", "01", "-0".
+        if (op == 0x49 and n == 2 and (
+                (s.buf[p0] == 48 and (s.buf[p0 + 1] == 48 or s.buf[p0 + 1] == 49))
+                or (s.buf[p0] == 45 and s.buf[p0 + 1] == 48))):
             return _push(s, _tag(K_BOOL))
         # Only what picklers write: [-]digits[L]. (The C unpickler also takes
         # hex, octal, spaces and signs, and reads " 1" as True.)
