@@ -1336,7 +1336,7 @@ def _uncanon(c):
 BATCHED = {
     "opcodes": opcode_payloads,
     "poisoning": poison_payloads,
-    "nesting-1e3": lambda: list(nesting_payloads((10**3,))),
+    "nesting": lambda: list(nesting_payloads((10**3, 10**5))),
     "bombs": bomb_payloads,
     "lengths": length_payloads,
     "memo": memo_payloads,
@@ -1344,7 +1344,7 @@ BATCHED = {
     "benign": benign_payloads,
 }
 ISOLATED = {
-    "nesting-deep": lambda: nesting_payloads((10**5, 10**6)),
+    "nesting-1e6": lambda: list(nesting_payloads((10**6,))),
 }
 
 

@@ -557,9 +557,11 @@ def run_tasks(tasks: list[Task], *, timeout: int | None = None) -> dict[str, Ver
     return out
 
 
-def run_payloads(triples, *, mode: str = "loads", isolate: bool = False,
+def run_payloads(triples, *, mode: str = "loads", isolate: bool = False, workers: int = 1,
                  timeout: int | None = None) -> dict[str, Verdict]:
     """Load each ``(name, bytes, expected)`` payload in a child; ``isolate``: one child each.
+
+    ``workers`` (with ``isolate``) runs that many children at a time.
 
     ``mode`` "loads" calls ``loads_metadata(bytes)``; "load" and "checkpoint"
     write the bytes as ``.metadata`` of a directory and call
@@ -582,8 +584,11 @@ def run_payloads(triples, *, mode: str = "loads", isolate: bool = False,
                 p = d
             tasks.append(Task(name, mode, str(p), expected))
         if isolate:
-            for t in tasks:
-                out.update(run_tasks([t], timeout=timeout))
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=workers) as ex:
+                for result in ex.map(lambda t: run_tasks([t], timeout=timeout), tasks):
+                    out.update(result)
         else:
             out.update(run_tasks(tasks, timeout=timeout))
     return out

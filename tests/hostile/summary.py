@@ -79,12 +79,8 @@ def main(argv=None) -> int:
             verdicts = rn.run_payloads(triples)
             counts, lines = tally(verdicts, triples)
         elif cls in pl.ISOLATED:
-            counts, lines = dict.fromkeys(COLUMNS, 0), []
-            for triple in pl.ISOLATED[cls]():
-                c, ls = tally(rn.run_payloads([triple], isolate=True), [triple])
-                for k in COLUMNS:
-                    counts[k] += c[k]
-                lines += ls
+            triples = pl.ISOLATED[cls]()
+            counts, lines = tally(rn.run_payloads(triples, isolate=True, workers=2), triples)
         elif cls == "special":
             with tempfile.TemporaryDirectory() as tmp:
                 tasks = pl.special_file_tasks(Path(tmp))
