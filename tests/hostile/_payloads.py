@@ -808,11 +808,18 @@ def _on_global(module: str, name: str, state):
     return lambda proto: frag(G(module, name), proto) + frag(state, proto) + P.BUILD
 
 
+#: What BUILD on an allow-listed global itself (a class, a function, a dtype
+#: name) must raise. The contract: UnsafeCheckpointError for "opcodes that
+#: could run code or mutate objects", even where the target happens to be
+#: immutable (tuple, OrderedDict) and today's refusal is a plain TypeError.
+BUILD_ON_GLOBAL = "unsafe"
+
+
 def poison_payloads():
     """BUILD on each allow-listed class and function: slot state, dict state, in valid streams."""
     out = []
 
-    def add(name, make, exp="unsafe", standalone=False):
+    def add(name, make, exp=BUILD_ON_GLOBAL, standalone=False):
         # ``make(proto)`` is the poisoning fragment. The worst case first: an
         # otherwise valid stream that poisons and then loads.
         out.append((f"{name}-prefix", sample_stream(4, prefix=make(4) + P.POP), exp))

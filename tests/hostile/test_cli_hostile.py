@@ -171,13 +171,15 @@ def run_cli_cases():
     return counts, lines
 
 
-with tempfile.TemporaryDirectory() as _tmp:
-    CASE_NAMES = list(_make_cases(Path(_tmp)))
+CASE_NAMES = [*CLI_PAYLOADS, "nest-tuple-1e6-fqn",
+              "special-fifo", "special-sparse-8GiB", "special-dev-zero", "special-metadata-dir",
+              "benign-dcp_sharded", "inconsistent-no-data-files"]
 
 
 @pytest.fixture(scope="module")
 def cli_results(tmp_path_factory):
     cases = _make_cases(tmp_path_factory.mktemp("cli"))
+    assert sorted(cases) == sorted(CASE_NAMES)
     return cases, run_all(cases)
 
 
