@@ -303,7 +303,8 @@ def _child_main(job_path: str) -> int:
     probes0 = _probes()
     targets = _child_targets()
     snap0 = _snapshot(targets)
-    cwd = Path.cwd()
+    # A str, not a Path: a poisoned pathlib must not break the marker check.
+    cwd = os.getcwd()
     files0 = set(os.listdir(cwd))
 
     for task in job["tasks"]:
@@ -352,10 +353,10 @@ def _child_main(job_path: str) -> int:
                 except BaseException as e:  # noqa: BLE001
                     v["golden"] = False
                     v["golden_error"] = f"{type(e).__name__}: {e}"[:200]
-            md = None
-        r = data = None
-        # After the load, whatever it did: poisoning, marker, follow-up load.
+        # After the load, whatever it did: poisoning, marker, follow-up load
+        # (freeing the result, however deep, is timed too).
         signal.alarm(job["timeout"])
+        md = r = data = None
         dirty = False
         try:
             snap = _snapshot(targets)
@@ -385,7 +386,7 @@ def _child_main(job_path: str) -> int:
         v["marker"] = new
         for n in new:
             try:
-                os.unlink(cwd / n)
+                os.unlink(os.path.join(cwd, n))
             except OSError:
                 pass
         print(json.dumps(v), flush=True)
