@@ -1596,3 +1596,7 @@ def _one_line(exc: BaseException) -> str:
     if not text.isprintable():
         text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return text if len(text) <= _MAX_ERROR else text[: _MAX_ERROR - 3] + "..."
+
+
+if __name__ == "__main__":
+    sys.exit(main())
