@@ -855,10 +855,13 @@ def poison_payloads():
         return lambda p: (frag(G(module, name), p) + put_op(FRAG_MEMO, p) + P.POP
                           + get_op(FRAG_MEMO, p) + frag(state, p) + P.BUILD)
 
+    # The fragment memoizes at a fixed, sparse index: the scan refuses that
+    # (as damage) before the BUILD, so any refusal is the right outcome.
     add("poison-via-memo-PurePosixPath-_str",
-        via_memo("pathlib", "PurePosixPath", (None, {"_str": "/attacker"})), standalone=True)
+        via_memo("pathlib", "PurePosixPath", (None, {"_str": "/attacker"})), exp="refuse",
+        standalone=True)
     add("poison-via-memo-StorageInfo-defaults",
-        via_memo(FS, "_StorageInfo", (None, {"transform_descriptors": ["zstd/1"]})))
+        via_memo(FS, "_StorageInfo", (None, {"transform_descriptors": ["zstd/1"]})), exp="refuse")
     add("poison-via-dup-MetadataIndex-hash",
         lambda p: frag(G(DCP_MD, "MetadataIndex"), p) + P.DUP + P.POP
         + frag((None, {"__hash__": None}), p) + P.BUILD)
