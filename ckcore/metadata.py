@@ -116,5 +116,6 @@ class MetadataIndex:
         # pick storage_data keys that all collide (ckcore._kernels._keyhash).
         fqn = self.fqn
         if type(fqn) is not str:
-            return hash((fqn, self.offset))
+            # Not a DCP key (their fqns are str); keyed all the same.
+            fqn = repr(fqn)
         return _index_hash(fqn, self.offset)

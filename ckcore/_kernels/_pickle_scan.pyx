@@ -71,6 +71,7 @@ cdef enum:
     # MetadataIndex is a dict key: its offsets tuple is hashed on every
     # insertion, so it stays as short as a shape can reasonably be.
     MAX_INDEX_WIDTH = 1024
+    MAX_STATE_ENTRIES = 8
     INDEX_FIELD_KINDS = ((1 << K_STR) | (1 << K_GLOBAL) | (1 << K_INT) | (1 << K_NONE)
                          | (1 << K_TUPLE))
 
@@ -551,6 +552,9 @@ cdef inline int _into(Scan *s, Py_ssize_t first, int64_t target, uint8_t kind) n
     t.depth = <uint16_t>depth
     if kind == K_DICT:
         t.ref += (s.n_stack - first) // 2
+    else:
+        # Items of a list or set, for what copying it costs (_call_result).
+        t.n = <int32_t>min(<int64_t>t.n + (s.n_stack - first), 0x7fffffff)
     s.n_stack = first
     return 0
 
@@ -583,7 +587,7 @@ cdef int64_t _call_result(Scan *s, int g, int64_t args) noexcept nogil:
     cdef uint16_t nums = ((1 << K_INT) | (1 << K_BIGINT) | (1 << K_FLOAT) | (1 << K_NUM)
                           | (1 << K_BOOL))
     cdef uint16_t m0
-    cdef int64_t vid
+    cdef int64_t vid, copied
     if kind != K_TUPLE or n < 0:
         _fail(s, E_CALL)
         return -1
@@ -594,6 +598,15 @@ cdef int64_t _call_result(Scan *s, int g, int64_t args) noexcept nogil:
         _fail(s, E_CALL)
         return -1
     s.text_budget -= text
+    # Copying a container costs its length (torch.Size(t), list(x), set(x)):
+    # charged the same way, so one long list copied by many calls cannot
+    # cost its length each time.
+    if n == 1 and (seqs >> k0) & 1:
+        copied = _len(s, _first(s, args))
+        if copied < 0 or copied > s.text_budget:
+            _fail(s, E_CALL)
+            return -1
+        s.text_budget -= copied
     # A metadata class is never called (NEWOBJ without arguments, see
     # _newobj); the other globals each take the arguments their type takes.
     if g == G_SIZE or g == G_TUPLE:
@@ -626,6 +639,7 @@ cdef int64_t _call_result(Scan *s, int g, int64_t args) noexcept nogil:
                        max(d0, 1))
             if vid >= 0:
                 s.vals[vid].mask = m0
+                s.vals[vid].n = _len(s, _first(s, args)) if n else 0
             return vid
     elif g == G_DICT or g == G_ODICT:
         # Empty only (items come by SETITEMS, where keys are checked).
@@ -681,8 +695,10 @@ cdef int _build(Scan *s) noexcept nogil:
         # memory_format, pin_memory); ckcore's stand-in takes exactly that.
         if _kind(s, state) != K_TUPLE or _len(s, state) != 5:
             return _fail(s, E_BUILD)
-    elif _kind(s, state) != K_DICT:
-        # A (dict, slots) pair would make the unpickler setattr() its keys.
+    elif _kind(s, state) != K_DICT or s.vals[state].ref > MAX_STATE_ENTRIES:
+        # A (dict, slots) pair would make the unpickler setattr() its keys;
+        # a big dict shared as the state of many instances would be copied
+        # into each (no metadata class has more than five fields).
         return _fail(s, E_BUILD)
     depth = _depth(s, state) + 1
     if state > TAG_BASE:
