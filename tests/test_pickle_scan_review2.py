@@ -320,3 +320,50 @@ def test_harmless_collision_payload_is_valid_pickle_and_really_collides():
     assert len({hash(p) for p in pairs}) == 1 and len(set(pairs)) == 50
     ops = [op.name for op, _, _ in pickletools.genops(_index_collision_stream(pairs))]
     assert ops[-1] == "STOP" and ops.count("BUILD") == 51
+
+
+# --------------------------------------------------------------------------
+# Hole 3: one BUILD state dict shared by many instances. BUILD copies every
+# entry of the state into the instance's __dict__; the scan counts neither
+# the entries nor how often a state is used, and instances the stream pops
+# (or keeps in a list it pops) are never checked afterwards. K entries x N
+# instances cost K*N from a file of ~7*(K+N) bytes: 55 KB -> 277 MB.
+# --------------------------------------------------------------------------
+
+
+def _shared_state_stream(k: int, n: int, keep: bool = True) -> bytes:
+    o = [b"\x80\x04c" + _MD + b"\nChunkStorageMetadata\n\x940}\x94("]
+    o += [b"\x8c" + bytes([len(f"k{i}")]) + f"k{i}".encode() + b"N" for i in range(k)]
+    o.append(b"u0]" if keep else b"u0")
+    o.append((b"h\x00)\x81h\x01ba" if keep else b"h\x00)\x81h\x01b0") * n)
+    o.append(b"0" if keep else b"")
+    o.append(b"c" + _MD + b"\nMetadata\n)\x81}(\x8c\x13state_dict_metadata}ub.")
+    return b"".join(o)
+
+
+def test_hole_shared_build_state_amplifies_memory(tmp_path):
+    data = _shared_state_stream(2000, 5000)
+    assert len(data) < 60_000
+    r = _run(tmp_path, data, (
+        "import resource\n"
+        "try:\n    loads_metadata(data)\nexcept CheckpointError:\n    pass\n"
+        "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024\n"
+        "assert rss < 150, f'{rss} MB peak for a {len(data)}-byte file'\n"), timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+def test_hole_shared_build_state_costs_quadratic_time(tmp_path):
+    # Popped at once: no memory, but K*N dict insertions (~1.6 s for 111 KB).
+    data = _shared_state_stream(8000, 20000, keep=False)
+    r = _run(tmp_path, data, (
+        "try:\n    loads_metadata(data)\nexcept CheckpointError:\n    pass\n"), timeout=4)
+    assert r.returncode == 0, r.stderr
+
+
+def test_hole_build_state_reused_or_wider_than_the_class_is_refused():
+    # Torch's pickler writes a fresh __dict__ per instance, with at most the
+    # class's fields (5 for Metadata): anything else is refused by the scan.
+    with pytest.raises(CheckpointError):
+        loads_metadata(_shared_state_stream(1, 2))      # one state, two BUILDs
+    with pytest.raises(CheckpointError):
+        loads_metadata(_shared_state_stream(50, 1))     # 50 fields for a chunk
