@@ -367,3 +367,48 @@ def test_hole_build_state_reused_or_wider_than_the_class_is_refused():
         loads_metadata(_shared_state_stream(1, 2))      # one state, two BUILDs
     with pytest.raises(CheckpointError):
         loads_metadata(_shared_state_stream(50, 1))     # 50 fields for a chunk
+
+
+# --------------------------------------------------------------------------
+# Hole 4: list(x) / set(x) / frozenset(x) of one memoized argument tuple,
+# called again and again (6 bytes a call: BINGET list, BINGET (x,), REDUCE,
+# APPEND). Each call copies all of x; the scan charges str arguments to a
+# budget but not the items a call copies. 50 KB -> 793 MB.
+# --------------------------------------------------------------------------
+
+
+def _copy_stream(k: int, n: int, func: bytes = b"list") -> bytes:
+    if func == b"list":
+        items = b"N" * k
+    else:
+        items = b"".join(b"\x8c\x04s%03d" % (i % 1000) for i in range(k))
+    return b"".join([
+        b"\x80\x04cbuiltins\n" + func + b"\n\x940(", items, b"t\x85\x940]",
+        b"h\x00h\x01Ra" * n,
+        b"0c" + _MD + b"\nMetadata\n)\x81}(\x8c\x13state_dict_metadata}ub.",
+    ])
+
+
+@pytest.mark.parametrize(("func", "k", "n"), [(b"list", 20_000, 5_000), (b"set", 2_000, 5_000)])
+def test_hole_repeated_container_copy_amplifies_memory(tmp_path, func, k, n):
+    data = _copy_stream(k, n, func)
+    assert len(data) < 60_000
+    r = _run(tmp_path, data, (
+        "import resource\n"
+        "try:\n    loads_metadata(data)\nexcept CheckpointError:\n    pass\n"
+        "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024\n"
+        "assert rss < 150, f'{rss} MB peak for a {len(data)}-byte file'\n"), timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+def test_hole_repeated_container_copy_is_refused_by_the_scan():
+    # Two list() calls on one 1000-item argument from a ~1 KB stream: the
+    # items copied exceed what the stream wrote. Refused before unpickling.
+    with pytest.raises(CheckpointError):
+        loads_metadata(_copy_stream(1000, 2))
+
+
+def test_harmless_single_container_copy_is_accepted():
+    # One copy of what the stream wrote is what real planner_data may need.
+    md = loads_metadata(_copy_stream(1000, 1))
+    assert md.state_dict_metadata == {}
