@@ -424,45 +424,71 @@ def _check_chunks(fqn: str, chunks: list, ndim: int) -> None:
     )
 
 
-def _check_storage_data(sd: dict) -> None:
+def _check_storage_data(sd: dict, limit: int) -> None:
     keys = list(sd)
     i = _mdcheck.first_bad_index(keys, MetadataIndex)
     if i >= 0:
         raise _StructureError(f"storage_data key {_r(keys[i])} is not a valid MetadataIndex")
     # Custom storage writers may store other values; the kernel checks only
-    # the filesystem's records (StorageInfo) and skips the rest.
+    # the filesystem's records (StorageInfo) and skips the rest, which must
+    # be plain values.
     infos = list(sd.values())
     i = _mdcheck.first_bad_storage_info(infos, StorageInfo)
     if i >= 0:
         raise _StructureError(f"storage_data[{_r(keys[i])}] is invalid: {_r(infos[i])}")
+    others = [v for v in infos if type(v) is not StorageInfo]
+    if others:
+        _check_plain(others, "storage_data", limit)
 
 
 _PLAIN_LEAVES = (str, int, float, bool, complex, bytes, type(None))
 _PLAIN_CONTAINERS = (tuple, list, dict, set, frozenset, OrderedDict)
 
 
-def _check_planner_data(pd: object) -> None:
-    # A planner's own data: plain values and containers only (torch's
-    # DefaultSavePlanner stores fqn -> tuple of keys). Metadata objects do
-    # not belong there, and one made without its BUILD has no fields at all.
-    # Each object is visited once however often it is shared.
-    seen: set[int] = set()
-    todo = [pd]
-    while todo:
-        x = todo.pop()
+def _check_plain(value: object, what: str, limit: int) -> None:
+    """Refuse anything in ``value`` but plain values and containers, or a tree larger than ``limit``.
+
+    A planner's own data (torch's DefaultSavePlanner stores fqn -> tuple of
+    keys) and a custom storage writer's records hold plain values only;
+    metadata objects do not belong there, and one made without its BUILD
+    has no fields at all. The size is the value's size as a *tree*, which
+    is what every later reader of it walks (``==``, ``repr``, conversion to
+    torch's classes): a file can share one tuple twice at every level and
+    make a 2**60-node tree of 60 objects. Cycles are refused for the same
+    reason. Each object is examined once, so this costs the file's size.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[object, bool]] = [(value, False)]
+    while stack:
+        x, done = stack.pop()
         t = type(x)
         if t in _PLAIN_LEAVES or isinstance(x, pathlib.PurePath):
             continue
         if t not in _PLAIN_CONTAINERS:
-            raise _StructureError(f"planner_data holds a {t.__name__}: {_r(x)}")
-        if id(x) in seen:
+            raise _StructureError(f"{what} holds a {t.__name__}: {_r(x)}")
+        key = id(x)
+        if not done:
+            if key in sizes:
+                continue
+            if key in active:
+                raise _StructureError(f"{what} contains itself")
+            active.add(key)
+            stack.append((x, True))
+            stack.extend((c, False) for c in _children(x))
             continue
-        seen.add(id(x))
-        if isinstance(x, dict):
-            todo.extend(x.keys())
-            todo.extend(x.values())
-        else:
-            todo.extend(x)  # type: ignore[arg-type]
+        active.discard(key)
+        total = 1 + sum(sizes.get(id(c), 1) for c in _children(x))
+        if total > limit:
+            raise _StructureError(f"{what} is larger than the file could describe "
+                                  "(values shared many times over)")
+        sizes[key] = total
+
+
+def _children(x: Any) -> list:
+    if isinstance(x, dict):
+        return [*x.keys(), *x.values()]
+    return list(x)
 
 
 def _check_storage_meta(sm: object) -> None:
@@ -538,7 +564,8 @@ def _check_metadata(md: object, nbytes: int | None = None) -> Metadata:
     sm = md_dict.get("storage_meta")
     if sm is not None:
         _check_storage_meta(sm)
-    _check_planner_data(md_dict.get("planner_data"))
+    limit = 1 << 62 if nbytes is None else nbytes + 4096
+    _check_plain(md_dict.get("planner_data"), "planner_data", limit)
     version = md_dict.get("version")
     if version is not None and type(version) is not str:
         raise _StructureError(f"version is {_r(version)}, not a str")
@@ -546,7 +573,7 @@ def _check_metadata(md: object, nbytes: int | None = None) -> Metadata:
     if sd is not None:
         if type(sd) is not dict:
             raise _StructureError(f"storage_data is {type(sd).__name__}, not a dict")
-        _check_storage_data(sd)
+        _check_storage_data(sd, limit)
     return md
 
 

@@ -254,7 +254,12 @@ if extra_mb:
     vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
     lim = vm + (extra_mb << 20)
     resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():
+    # VmHWM (kB), not ru_maxrss: Linux keeps ru_maxrss across exec, so it
+    # would start at the size of the pytest process this child came from.
+    return next(int(line.split()[1]) for line in open("/proc/self/status")
+                if line.startswith("VmHWM:"))
+rss0 = hwm()
 try:
     md = loads_metadata(data)
     outcome = "loaded"
@@ -263,7 +268,7 @@ except CheckpointError as e:
     outcome = "refused:" + type(e).__name__
 except BaseException as e:
     outcome = "LEAKED:" + type(e).__name__
-rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss1 = hwm()
 print(outcome, (rss1 - rss0) // 1024)
 """
 

@@ -56,9 +56,12 @@ cdef bint _pack(PyObject *t, Py_ssize_t n, int64_t *out) noexcept:
 def index_hash(str fqn, object offset):
     """Hash of a ``MetadataIndex(fqn, offset)``, keyed per process for int offsets.
 
-    ``offset`` None or any tuple; a tuple whose items are all ints that fit
+    ``offset`` None or any value; a tuple whose items are all ints that fit
     in int64 is hashed as their packed bytes (SipHash with Python's
-    per-process key), anything else as ``hash((fqn, offset))``.
+    per-process key), another non-tuple through its ``repr`` (keyed as a
+    str), and only a tuple holding other items as ``hash((fqn, offset))``
+    (which no checkpoint file can produce: the opcode scan admits int64
+    items only).
     """
     cdef int64_t small[16]
     cdef int64_t *buf = small
@@ -66,8 +69,11 @@ def index_hash(str fqn, object offset):
     cdef bint packed
     cdef Py_hash_t hb = 0
     cdef uint64_t h
-    if offset is None or not _tuple_check(<PyObject *>offset):
-        return hash((fqn, offset))
+    if offset is None:
+        return hash((fqn, None))
+    if not _tuple_check(<PyObject *>offset):
+        # Not a DCP offset; keyed through its text all the same.
+        return hash((fqn, repr(offset)))
     n = _tuple_size(<PyObject *>offset)
     if n > 16:
         buf = <int64_t *>malloc(<size_t>n * sizeof(int64_t))

@@ -688,7 +688,9 @@ cdef int _build(Scan *s) noexcept nogil:
     if _kind(s, target) != K_INST:
         return _fail(s, E_BUILD)
     t = &s.vals[target]
-    if t.flags & BUILT:
+    # Once per instance, and each state once: torch's pickler writes a fresh
+    # state for every instance (a shared one would be copied into each).
+    if t.flags & BUILT or (state > TAG_BASE and s.vals[state].flags & EMBEDDED):
         return _fail(s, E_BUILD)
     if t.n == G_TPROPS:
         # torch's TensorProperties.__getstate__: (dtype, layout, requires_grad,
@@ -1101,7 +1103,7 @@ cdef class Scanner:
         self.s.n_marks = self.s.cap_marks = 0
         self.s.fence = 0
         self.s.frame_end = 0
-        self.s.text_budget = self.s.len + 4096
+        self.s.text_budget = self.s.len
         self.s.memo = NULL
         self.s.cap_memo = self.s.memo_len = 0
         self.s.error = E_OK
