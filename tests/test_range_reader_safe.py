@@ -24,6 +24,7 @@ import pathlib
 import pickle
 import shutil
 import sys
+import threading
 
 import pytest
 import torch
@@ -478,3 +479,29 @@ def test_non_string_path_is_refused_with_the_opt_out(saved, tmp_path):
     reader = RangeFileSystemReader(str(ckpt), safe_metadata=False)
     with pytest.raises(CheckpointException, match=r"a list, not a str"):
         dcp.load(filled_like(sd), storage_reader=reader, no_dist=True)
+
+
+def test_a_fifo_data_file_is_refused_without_blocking(tmp_path):
+    # A FIFO where a data file belongs: opening it would wait for a writer.
+
+    sd = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4)}
+    dcp.save(sd, checkpoint_id=tmp_path)
+    data = next(p for p in tmp_path.iterdir() if p.suffix == ".distcp")
+    data.unlink()
+    os.mkfifo(data)
+    out = {"w": torch.zeros(3, 4)}
+    result = {}
+
+    def load():
+        try:
+            dcp.load(out, checkpoint_id=tmp_path, storage_reader=RangeFileSystemReader(tmp_path),
+                     planner=FastLoadPlanner())
+        except CheckpointException as e:  # a BaseException: dcp.load wraps each rank's error
+            result["error"] = e.failures[0]
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "the reader blocked on a FIFO"
+    assert isinstance(result.get("error"), CheckpointError), result
+    assert "regular file" in str(result["error"])

@@ -285,8 +285,14 @@ class RangeFileSystemReader(FileSystemReader):
         fallback: list[ReadItem] = []
         for relative_path, reqs in per_file.items():
             path = str(self.fs.concat_path(self.path, relative_path))
-            fd = os.open(path, os.O_RDONLY)
+            # Without blocking (a FIFO named like a data file would wait for
+            # a writer forever), and only a regular file is read.
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+                         | getattr(os, "O_CLOEXEC", 0))
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise CheckpointError(
+                        f"{path}: a checkpoint data file must be a regular file")
                 if self.prefetch_bytes and _HAS_FADVISE:
                     # Our reads are sparse: the kernel's readahead would read
                     # the gaps too (a strided pattern looks sequential to it).
