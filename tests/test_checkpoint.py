@@ -321,7 +321,7 @@ def torch_metadata(draw):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(md=torch_metadata(), protocol=st.sampled_from([2, 4, 5]))
+@given(md=torch_metadata(), protocol=st.sampled_from([2, 3, 4, 5]))
 def test_pickled_torch_metadata_equals_pickle_load(md, protocol):
     data = pickle.dumps(md, protocol=protocol)
     theirs = pickle.loads(data)
