@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import ckcore.checkpoint
 from ckcore._kernels import _pickle_scan
 from ckcore.checkpoint import (
     CheckpointError,
@@ -30,7 +31,8 @@ from ckcore.metadata import BytesStorageMetadata, MetadataIndex
 
 from ._streams import _TorchStylePickler, sample_metadata, torchify
 
-_ROOT = Path(__file__).resolve().parent.parent
+# Where the ckcore under test lives (the installed wheel in CI, not the checkout).
+_ROOT = Path(ckcore.checkpoint.__file__).resolve().parent.parent
 _MD = b"torch.distributed.checkpoint.metadata"
 
 

@@ -27,9 +27,11 @@ import threading
 
 import pytest
 
+import ckcore
 from ckcore import _gc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where the ckcore under test lives (the installed wheel in CI, not the checkout).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ckcore.__file__)))
 
 # Shared by every scenario: the stress driver and a shared list that records
 # every state it is put in.
