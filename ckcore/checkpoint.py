@@ -91,6 +91,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import IO, Any
 
 from ._gc import paused
@@ -425,20 +426,18 @@ def _check_chunks(fqn: str, chunks: list, ndim: int) -> None:
 
 
 def _check_storage_data(sd: dict, limit: int) -> None:
-    keys = list(sd)
-    i = _mdcheck.first_bad_index(keys, MetadataIndex)
-    if i >= 0:
-        raise _StructureError(f"storage_data key {_r(keys[i])} is not a valid MetadataIndex")
-    # Custom storage writers may store other values; the kernel checks only
-    # the filesystem's records (StorageInfo) and skips the rest, which must
-    # be plain values.
-    infos = list(sd.values())
-    i = _mdcheck.first_bad_storage_info(infos, StorageInfo)
-    if i >= 0:
-        raise _StructureError(f"storage_data[{_r(keys[i])}] is invalid: {_r(infos[i])}")
-    others = [v for v in infos if type(v) is not StorageInfo]
+    # One compiled pass over the dict; Python only words an error.
+    bad_key, bad_value, others = _mdcheck.check_storage_data(sd, MetadataIndex, StorageInfo)
+    if bad_key >= 0:
+        key = next(islice(sd, bad_key, None))
+        raise _StructureError(f"storage_data key {_r(key)} is not a valid MetadataIndex")
+    if bad_value >= 0:
+        key, info = next(islice(sd.items(), bad_value, None))
+        raise _StructureError(f"storage_data[{_r(key)}] is invalid: {_r(info)}")
+    # Custom storage writers may store other values, which must be plain.
     if others:
-        _check_plain(others, "storage_data", limit)
+        _check_plain([v for v in sd.values() if type(v) is not StorageInfo],
+                     "storage_data", limit)
 
 
 _PLAIN_LEAVES = (str, int, float, bool, complex, bytes, type(None))

@@ -32,19 +32,31 @@ cdef extern from "Python.h":
     # hash and comparison cannot fail or run code.
     PyObject *_dict_get "PyDict_GetItem"(PyObject *d, PyObject *key) noexcept
     PyObject *_none "Py_None"
+    # A new reference to the instance dict (made if the object has none
+    # yet), or NULL with an exception set when the type has no dict.
+    PyObject *_generic_dict "PyObject_GenericGetDict"(PyObject *o, void *context) noexcept
+    void _err_clear "PyErr_Clear"() noexcept
+    PyObject *_type_of "(PyObject *)Py_TYPE"(PyObject *o) noexcept
+    void _decref "Py_DECREF"(PyObject *o) noexcept
+    bint _dict_next "PyDict_Next"(PyObject *d, Py_ssize_t *pos, PyObject **key,
+                                  PyObject **value) noexcept
 
 
-cdef inline PyObject *_fields(object obj, Py_ssize_t min_n, Py_ssize_t max_n):
-    # The instance dict of ``obj`` if it holds between min_n and max_n entries,
-    # else NULL. A hostile stream's BUILD may have added keys (a dunder, a
-    # field of another class): counting them is how they are refused, since
-    # every key that may be there is then looked up by name.
-    cdef object d = getattr(obj, "__dict__", None)
-    if not _dict_check_exact(<PyObject *>d):
+cdef inline PyObject *_fields(PyObject *obj, Py_ssize_t min_n, Py_ssize_t max_n) noexcept:
+    # The instance dict of ``obj`` (borrowed: the instance holds it) if it
+    # holds between min_n and max_n entries, else NULL. A hostile stream's
+    # BUILD may have added keys (a dunder, a field of another class):
+    # counting them is how they are refused, since every key that may be
+    # there is then looked up by name. Callers pass exact metadata classes,
+    # whose dict is a plain slot: reading it runs no Python code.
+    cdef PyObject *d = _generic_dict(obj, NULL)
+    if d == NULL:
+        _err_clear()
         return NULL
-    if not min_n <= _dict_size(<PyObject *>d) <= max_n:
+    _decref(d)
+    if not _dict_check_exact(d) or not min_n <= _dict_size(d) <= max_n:
         return NULL
-    return <PyObject *>d
+    return d
 
 
 cdef inline bint _nonneg_i64(PyObject *v) noexcept:
@@ -91,7 +103,7 @@ def first_bad_chunk(list chunks, type chunk_cls, Py_ssize_t ndim):
         if type(c) is not chunk_cls:
             return i
         # A chunk built by NEWOBJ without its BUILD has no fields.
-        d = _fields(c, 2, 2)
+        d = _fields(<PyObject *>c, 2, 2)
         if d == NULL:
             return i
         offsets = _dict_get(d, <PyObject *>"offsets")
@@ -143,7 +155,7 @@ def first_bad_storage_info(list infos, type info_cls):
         i += 1
         if type(info) is not info_cls:
             continue
-        d = _fields(info, 3, 4)
+        d = _fields(<PyObject *>info, 3, 4)
         if d == NULL:
             return i
         td = _dict_get(d, <PyObject *>"transform_descriptors")
@@ -176,7 +188,7 @@ def first_bad_index(list keys, type index_cls):
         i += 1
         if type(key) is not index_cls:
             return i
-        d = _fields(key, 1, 3)
+        d = _fields(<PyObject *>key, 1, 3)
         if d == NULL:
             return i
         fqn = _dict_get(d, <PyObject *>"fqn")
@@ -191,3 +203,60 @@ def first_bad_index(list keys, type index_cls):
         if idx != NULL and idx != _none and not _nonneg_i64(idx):
             return i
     return -1
+
+
+cdef bint _bad_info(PyObject *info) noexcept:
+    cdef PyObject *d = _fields(info, 3, 4)
+    cdef PyObject *td
+    if d == NULL:
+        return True
+    td = _dict_get(d, <PyObject *>"transform_descriptors")
+    if _dict_size(d) != 3 + (td != NULL):
+        return True
+    if td != NULL and not _str_seq(td):
+        return True
+    return not (_is_str(_dict_get(d, <PyObject *>"relative_path"))
+                and _nonneg_i64(_dict_get(d, <PyObject *>"offset"))
+                and _nonneg_i64(_dict_get(d, <PyObject *>"length")))
+
+
+cdef bint _bad_index(PyObject *key) noexcept:
+    cdef PyObject *d = _fields(key, 1, 3)
+    cdef PyObject *fqn
+    cdef PyObject *off
+    cdef PyObject *idx
+    if d == NULL:
+        return True
+    fqn = _dict_get(d, <PyObject *>"fqn")
+    off = _dict_get(d, <PyObject *>"offset")
+    idx = _dict_get(d, <PyObject *>"index")
+    if _dict_size(d) != 1 + (off != NULL) + (idx != NULL) or not _is_str(fqn):
+        return True
+    if off != NULL and off != _none and not (
+            _tuple_check_exact(off) and _shape_ok(off, _tuple_size(off))):
+        return True
+    return idx != NULL and idx != _none and not _nonneg_i64(idx)
+
+
+def check_storage_data(dict sd, type index_cls, type info_cls):
+    """One pass over a storage_data dict: ``(bad_key, bad_value, others)``.
+
+    ``bad_key``: position of the first key that is not a well-formed
+    ``index_cls`` (see :func:`first_bad_index`), or -1; ``bad_value``:
+    position of the first ``info_cls`` value with malformed fields (see
+    :func:`first_bad_storage_info`), or -1; ``others``: how many values are
+    not ``info_cls`` (a custom storage writer's records). The checks run no
+    Python code, so the dict cannot change while it is walked.
+    """
+    cdef Py_ssize_t pos = 0, i = -1, bad_key = -1, bad_value = -1, others = 0
+    cdef PyObject *key
+    cdef PyObject *value
+    while _dict_next(<PyObject *>sd, &pos, &key, &value):
+        i += 1
+        if bad_key < 0 and (_type_of(key) != <PyObject *>index_cls or _bad_index(key)):
+            bad_key = i
+        if _type_of(value) != <PyObject *>info_cls:
+            others += 1
+        elif bad_value < 0 and _bad_info(value):
+            bad_value = i
+    return bad_key, bad_value, others
