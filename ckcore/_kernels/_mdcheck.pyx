@@ -26,8 +26,9 @@ cdef extern from "Python.h":
     bint _dict_check_exact "PyDict_CheckExact"(PyObject *o) noexcept
     Py_ssize_t _dict_size "PyDict_GET_SIZE"(PyObject *o) noexcept
     bint _list_check_exact "PyList_CheckExact"(PyObject *o) noexcept
-    Py_ssize_t _list_size "PyList_GET_SIZE"(PyObject *o) noexcept
-    PyObject *_list_item "PyList_GET_ITEM"(PyObject *o, Py_ssize_t i) noexcept
+    # For an exact list or tuple: its length and its item array.
+    Py_ssize_t _seq_size "PySequence_Fast_GET_SIZE"(PyObject *o) noexcept
+    PyObject **_seq_items "PySequence_Fast_ITEMS"(PyObject *o) noexcept
     # Borrowed; NULL when the key is missing. Keys here are exact str, whose
     # hash and comparison cannot fail or run code.
     PyObject *_dict_get "PyDict_GetItem"(PyObject *d, PyObject *key) noexcept
@@ -120,92 +121,25 @@ cdef inline bint _is_str(PyObject *v) noexcept:
 
 cdef bint _str_seq(PyObject *v) noexcept:
     # None, or a list/tuple of exact str (StorageInfo.transform_descriptors).
-    cdef Py_ssize_t j, n
+    cdef Py_ssize_t j
+    cdef PyObject **items
     if v == _none:
         return True
-    if _tuple_check_exact(v):
-        n = _tuple_size(v)
-        for j in range(n):
-            if not _unicode_check_exact(_tuple_item(v, j)):
-                return False
-        return True
-    if _list_check_exact(v):
-        n = _list_size(v)
-        for j in range(n):
-            if not _unicode_check_exact(_list_item(v, j)):
-                return False
-        return True
-    return False
-
-
-def first_bad_storage_info(list infos, type info_cls):
-    """Index of the first ``info_cls`` whose fields are malformed, or -1.
-
-    Well-formed: ``relative_path`` an exact str, ``offset`` and ``length``
-    ints in ``[0, 2**63)``, ``transform_descriptors`` absent, None or a
-    list/tuple of str, and no other field. Values of other types (a custom
-    storage writer's records) are skipped.
-    """
-    # Iterated, as in first_bad_chunk.
-    cdef Py_ssize_t i = -1
-    cdef object info
-    cdef PyObject *d
-    cdef PyObject *td
-    for info in infos:
-        i += 1
-        if type(info) is not info_cls:
-            continue
-        d = _fields(<PyObject *>info, 3, 4)
-        if d == NULL:
-            return i
-        td = _dict_get(d, <PyObject *>"transform_descriptors")
-        if _dict_size(d) != 3 + (td != NULL):
-            return i
-        if td != NULL and not _str_seq(td):
-            return i
-        if not (_is_str(_dict_get(d, <PyObject *>"relative_path"))
-                and _nonneg_i64(_dict_get(d, <PyObject *>"offset"))
-                and _nonneg_i64(_dict_get(d, <PyObject *>"length"))):
-            return i
-    return -1
-
-
-def first_bad_index(list keys, type index_cls):
-    """Index of the first key that is not a well-formed ``index_cls``, or -1.
-
-    Well-formed: exactly of type ``index_cls`` with an exact str ``fqn``,
-    ``offset`` absent, None or an exact tuple of ints in ``[0, 2**63)``,
-    ``index`` absent, None or an int in ``[0, 2**63)``, and no other field.
-    """
-    # Iterated, as in first_bad_chunk.
-    cdef Py_ssize_t i = -1, n
-    cdef object key
-    cdef PyObject *d
-    cdef PyObject *fqn
-    cdef PyObject *off
-    cdef PyObject *idx
-    for key in keys:
-        i += 1
-        if type(key) is not index_cls:
-            return i
-        d = _fields(<PyObject *>key, 1, 3)
-        if d == NULL:
-            return i
-        fqn = _dict_get(d, <PyObject *>"fqn")
-        off = _dict_get(d, <PyObject *>"offset")
-        idx = _dict_get(d, <PyObject *>"index")
-        n = 1 + (off != NULL) + (idx != NULL)
-        if _dict_size(d) != n or not _is_str(fqn):
-            return i
-        if off != NULL and off != _none and not (
-                _tuple_check_exact(off) and _shape_ok(off, _tuple_size(off))):
-            return i
-        if idx != NULL and idx != _none and not _nonneg_i64(idx):
-            return i
-    return -1
+    if not (_tuple_check_exact(v) or _list_check_exact(v)):
+        return False
+    # The same item array view for both: nothing here can resize the list.
+    items = _seq_items(v)
+    for j in range(_seq_size(v)):
+        if not _unicode_check_exact(items[j]):
+            return False
+    return True
 
 
 cdef bint _bad_info(PyObject *info) noexcept:
+    # A StorageInfo record is well-formed: ``relative_path`` an exact str,
+    # ``offset`` and ``length`` ints in ``[0, 2**63)``,
+    # ``transform_descriptors`` absent, None or a list/tuple of str, and no
+    # other field.
     cdef PyObject *d = _fields(info, 3, 4)
     cdef PyObject *td
     if d == NULL:
@@ -221,6 +155,9 @@ cdef bint _bad_info(PyObject *info) noexcept:
 
 
 cdef bint _bad_index(PyObject *key) noexcept:
+    # A MetadataIndex is well-formed: an exact str ``fqn``, ``offset``
+    # absent, None or an exact tuple of ints in ``[0, 2**63)``, ``index``
+    # absent, None or an int in ``[0, 2**63)``, and no other field.
     cdef PyObject *d = _fields(key, 1, 3)
     cdef PyObject *fqn
     cdef PyObject *off
@@ -238,11 +175,30 @@ cdef bint _bad_index(PyObject *key) noexcept:
     return idx != NULL and idx != _none and not _nonneg_i64(idx)
 
 
+def first_bad_storage_info(list infos, type info_cls):
+    """Index of the first ``info_cls`` whose fields are malformed, or -1.
+
+    Well-formed: ``relative_path`` an exact str, ``offset`` and ``length``
+    ints in ``[0, 2**63)``, ``transform_descriptors`` absent, None or a
+    list/tuple of str, and no other field. Values of other types (a custom
+    storage writer's records) are skipped.
+    """
+    # Iterated, as in first_bad_chunk.
+    cdef Py_ssize_t i = -1
+    cdef object info
+    for info in infos:
+        i += 1
+        if type(info) is info_cls and _bad_info(<PyObject *>info):
+            return i
+    return -1
+
+
 def check_storage_data(dict sd, type index_cls, type info_cls):
     """One pass over a storage_data dict: ``(bad_key, bad_value, others)``.
 
     ``bad_key``: position of the first key that is not a well-formed
-    ``index_cls`` (see :func:`first_bad_index`), or -1; ``bad_value``:
+    ``index_cls`` (exact str ``fqn``, int64 ``offset`` tuple or None, int64
+    ``index`` or None, no other field), or -1; ``bad_value``:
     position of the first ``info_cls`` value with malformed fields (see
     :func:`first_bad_storage_info`), or -1; ``others``: how many values are
     not ``info_cls`` (a custom storage writer's records). The checks run no
