@@ -91,14 +91,17 @@ def call_global(module: str, name: str, arg: object) -> bytes:
     return b"\x80\x02c" + f"{module}\n{name}\n".encode() + argop + b"\x85R."
 
 
-def sample_metadata(n_tensors: int = 3) -> Metadata:
-    """A small well-formed ckcore Metadata with storage info, like a 2-rank save."""
+def sample_metadata(n_tensors: int = 3, dtypes: tuple[str, ...] | None = None) -> Metadata:
+    """A small well-formed ckcore Metadata with storage info, like a 2-rank save.
+
+    ``n_tensors`` bfloat16 tensors, or one tensor per entry of ``dtypes``.
+    """
     sdm: dict = {}
     sd: dict = {}
-    for t in range(n_tensors):
+    for t, dtype in enumerate(dtypes or ("bfloat16",) * n_tensors):
         fqn = f"layer{t}.weight"
         chunks = [ChunkStorageMetadata((0, 0), (4, 8)), ChunkStorageMetadata((4, 0), (4, 8))]
-        sdm[fqn] = TensorStorageMetadata(TensorProperties("bfloat16"), (8, 8), chunks)
+        sdm[fqn] = TensorStorageMetadata(TensorProperties(dtype), (8, 8), chunks)
         for i, c in enumerate(chunks):
             sd[MetadataIndex(fqn, c.offsets, i)] = StorageInfo(f"__{i}_0.distcp", 100 * t, 100)
     sdm["step"] = BytesStorageMetadata()

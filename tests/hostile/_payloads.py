@@ -40,6 +40,8 @@ from ckcore.metadata import (
     TensorStorageMetadata,
 )
 
+from .._streams import sample_metadata as _sample
+
 REPO = Path(__file__).resolve().parent.parent.parent
 DATA = REPO / "tests" / "data"
 MARKER = "ckcore_hostile_marker"
@@ -392,23 +394,7 @@ def glob(module: str, name: str, *, stack: bool = False, proto: int = 4) -> byte
 
 def sample_metadata() -> Metadata:
     """A small well-formed Metadata like a 2-rank save, built by hand (no loader involved)."""
-    sdm: dict = {}
-    sd: dict = {}
-    for t, dtype in enumerate(("bfloat16", "float32")):
-        fqn = f"layer{t}.weight"
-        chunks = [ChunkStorageMetadata((0, 0), (4, 8)), ChunkStorageMetadata((4, 0), (4, 8))]
-        sdm[fqn] = TensorStorageMetadata(TensorProperties(dtype), (8, 8), chunks)
-        for i, c in enumerate(chunks):
-            sd[MetadataIndex(fqn, c.offsets, i)] = StorageInfo(f"__{i}_0.distcp", 100 * t, 100)
-    sdm["step"] = BytesStorageMetadata()
-    sd[MetadataIndex("step")] = StorageInfo("__0_0.distcp", 1000, 10, ["zstd/1"])
-    return Metadata(
-        sdm,
-        planner_data={k: tuple(k.split(".")) for k in sdm},
-        storage_data=sd,
-        storage_meta=StorageMeta(checkpoint_id=PosixPath("/ck"), save_id="s"),
-        version="1.0.0",
-    )
+    return _sample(dtypes=("bfloat16", "float32"))
 
 
 def sample_stream(proto: int = 4, **kw) -> bytes:
