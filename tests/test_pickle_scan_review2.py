@@ -344,18 +344,22 @@ def _shared_state_stream(k: int, n: int, keep: bool = True) -> bytes:
     return b"".join(o)
 
 
-def test_hole_shared_build_state_amplifies_memory(tmp_path):
-    data = _shared_state_stream(2000, 5000)
-    assert len(data) < 60_000
+def _assert_peak_below_150_mb(tmp_path, data: bytes) -> None:
+    # Loads ``data`` in a child and checks its peak memory. VmHWM, not
+    # ru_maxrss: Linux keeps ru_maxrss across exec, so it would count the
+    # (large) pytest process the child was forked from.
     r = _run(tmp_path, data, (
-        "import resource\n"
         "try:\n    loads_metadata(data)\nexcept CheckpointError:\n    pass\n"
-        # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would
-        # count the (large) pytest process this child was forked from.
         "rss = next(int(line.split()[1]) for line in open('/proc/self/status')\n"
         "           if line.startswith('VmHWM:')) // 1024\n"
         "assert rss < 150, f'{rss} MB peak for a {len(data)}-byte file'\n"), timeout=30)
     assert r.returncode == 0, r.stderr
+
+
+def test_hole_shared_build_state_amplifies_memory(tmp_path):
+    data = _shared_state_stream(2000, 5000)
+    assert len(data) < 60_000
+    _assert_peak_below_150_mb(tmp_path, data)
 
 
 def test_hole_shared_build_state_costs_quadratic_time(tmp_path):
@@ -399,15 +403,7 @@ def _copy_stream(k: int, n: int, func: bytes = b"list") -> bytes:
 def test_hole_repeated_container_copy_amplifies_memory(tmp_path, func, k, n):
     data = _copy_stream(k, n, func)
     assert len(data) < 60_000
-    r = _run(tmp_path, data, (
-        "import resource\n"
-        "try:\n    loads_metadata(data)\nexcept CheckpointError:\n    pass\n"
-        # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would
-        # count the (large) pytest process this child was forked from.
-        "rss = next(int(line.split()[1]) for line in open('/proc/self/status')\n"
-        "           if line.startswith('VmHWM:')) // 1024\n"
-        "assert rss < 150, f'{rss} MB peak for a {len(data)}-byte file'\n"), timeout=30)
-    assert r.returncode == 0, r.stderr
+    _assert_peak_below_150_mb(tmp_path, data)
 
 
 def test_hole_repeated_container_copy_is_refused_by_the_scan():
