@@ -505,3 +505,9 @@ def test_a_fifo_data_file_is_refused_without_blocking(tmp_path):
     assert not t.is_alive(), "the reader blocked on a FIFO"
     assert isinstance(result.get("error"), CheckpointError), result
     assert "regular file" in str(result["error"])
+
+
+@pytest.mark.parametrize("value", ["no", None, 0, 1])
+def test_safe_metadata_must_be_a_bool(value):
+    with pytest.raises(TypeError, match="safe_metadata must be True or False"):
+        RangeFileSystemReader(DATA / "dcp_small", safe_metadata=value)

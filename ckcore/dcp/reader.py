@@ -220,7 +220,10 @@ class RangeFileSystemReader(FileSystemReader):
         self.direct_min_bytes = int(direct_min_bytes)
         self.small_item_bytes = int(small_item_bytes)
         self.prefetch_bytes = int(prefetch_bytes)
-        self.safe_metadata = bool(safe_metadata)
+        if type(safe_metadata) is not bool:
+            # A stray value must not switch torch's pickle.load back on.
+            raise TypeError(f"safe_metadata must be True or False, got {saferepr(safe_metadata)}")
+        self.safe_metadata = safe_metadata
         self.stats = {"read_calls": 0, "bytes_read": 0, "fallback_items": 0}
         self._md: Metadata | None = None
         self._scratch: np.ndarray | None = None
