@@ -27,9 +27,14 @@ directives = {
     "cdivision": True,
     "embedsignature": True,
     "linetrace": linetrace,
+    # Not free-threading safe: kernels keep per-module C caches (last class
+    # seen, its field layout) and the GC pause counter, all guarded only by
+    # the GIL. Left False, a free-threaded CPython re-enables the GIL when it
+    # imports them (and says so), instead of racing on those globals.
+    "freethreading_compatible": False,
 }
 
-macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
+macros = []
 if linetrace:
     macros.append(("CYTHON_TRACE_NOGIL", "1"))
 

@@ -26,7 +26,7 @@ step "build the sdist, and the wheel from the sdist, in a build environment"
 build_venv="$venv-build"
 rm -rf "$venv" "$build_venv" dist build
 "$py" -m venv "$build_venv"
-pipq "$build_venv/bin/python" "setuptools>=64" wheel "Cython>=3.1,<4" "numpy>=1.24" build
+pipq "$build_venv/bin/python" "setuptools>=77" wheel "Cython>=3.1,<4" build
 # --no-isolation: the build requirements above are the ones pyproject.toml names;
 # building the wheel from the sdist proves the sdist carries every kernel source.
 "$build_venv/bin/python" -m build --no-isolation --outdir dist . > "$here/dist-build.log" 2>&1 \
