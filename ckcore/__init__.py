@@ -16,6 +16,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
     ) from exc
 
 from . import layout  # noqa: F401  (the submodule, as ckcore.layout)
+from ._version import __version__
 from .checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -79,9 +80,8 @@ from .ranges import (
     read_runs,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "BytesIOWriteData",
     "BytesStorageMetadata",
     "CKCORE_CLASSES",

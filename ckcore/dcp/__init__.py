@@ -8,11 +8,17 @@
   destination tensors.
 - :func:`to_torch` / :func:`from_torch`: conversions between ckcore's and
   torch's metadata and plan objects.
+
+Importing it with a torch outside the tested releases
+(:data:`ckcore.dcp._compat.TESTED_TORCH`) emits :class:`UntestedTorchWarning`.
 """
 
 from __future__ import annotations
 
+import torch as _torch
+
 from . import helpers
+from ._compat import UntestedTorchWarning, warn_if_untested
 from .convert import dtype_from_torch, dtype_to_torch, from_torch, to_torch
 from .helpers import (
     create_default_global_save_plan,
@@ -25,11 +31,14 @@ from .patch import Patch, is_patched, patch, unpatch
 from .planners import FastLoadPlanner, FastSavePlanner
 from .reader import RangeFileSystemReader
 
+warn_if_untested(_torch.__version__)
+
 __all__ = [
     "FastLoadPlanner",
     "FastSavePlanner",
     "Patch",
     "RangeFileSystemReader",
+    "UntestedTorchWarning",
     "create_default_global_save_plan",
     "create_default_local_load_plan",
     "create_default_local_save_plan",
