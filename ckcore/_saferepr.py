@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from itertools import islice
+from typing import cast
 
 __all__ = ["saferepr"]
 
@@ -47,7 +48,8 @@ def _repr(x: object, level: int) -> str:
         return repr(x)
     if t is int:
         # Past 128 bits repr() is slow (quadratic) or raises (max str digits).
-        return repr(x) if x.bit_length() <= 128 else f"<int of {x.bit_length()} bits>"
+        bits = cast(int, x).bit_length()  # t is int
+        return repr(x) if bits <= 128 else f"<int of {bits} bits>"
     if t is str or t is bytes:
         return _text(x)  # type: ignore[arg-type]
     if t is tuple:

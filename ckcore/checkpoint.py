@@ -229,7 +229,7 @@ class _TensorPropertiesState(TensorProperties):
             raise CheckpointError(f"invalid TensorProperties state {_r(state)}")
         d = self.__dict__
         d["dtype"], d["layout"], d["requires_grad"], d["memory_format"], d["pin_memory"] = state
-        self.__class__ = TensorProperties
+        object.__setattr__(self, "__class__", TensorProperties)
 
 
 class _Callable:
@@ -243,6 +243,7 @@ class _Callable:
     """
 
     __slots__ = ("_fn",)
+    _fn: Any
 
     def __init__(self, fn: Any) -> None:
         object.__setattr__(self, "_fn", fn)
@@ -380,7 +381,7 @@ class _SafeUnpickler(pickle.Unpickler):
 # Shape check of what came out: the stream may be valid pickle yet not DCP metadata.
 # --------------------------------------------------------------------------
 
-_FIELDS = {
+_FIELDS: dict[type, frozenset[str]] = {
     cls: frozenset(f.name for f in dataclasses.fields(cls))
     for cls in (Metadata, TensorStorageMetadata, StorageMeta, BytesStorageMetadata)
 }
@@ -777,6 +778,9 @@ class _Gated(io.RawIOBase):
         return out
 
 
+_OPCODES = {op.code: op for op in pickletools.opcodes}
+
+
 def _refusal(found: tuple[bool, int, str], data: bytes, name: str,
              refused: list[tuple[bytes, bytes]]) -> CheckpointError:
     unsafe, pos, why = found
@@ -784,7 +788,7 @@ def _refusal(found: tuple[bool, int, str], data: bytes, name: str,
         mod, qual = (b.decode("utf-8", "replace") for b in refused[-1])
         why = (f"refusing global {mod[:100]}.{qual[:100]} (module {_r(mod)}, "
                f"class {_r(qual)}): not on ckcore's allow-list of DCP metadata classes")
-    op = pickletools.code2op.get(chr(data[pos])) if pos < len(data) else None
+    op = _OPCODES.get(chr(data[pos])) if pos < len(data) else None
     where = f"byte {pos}" + (f", opcode {op.name}" if op is not None else "")
     if unsafe:
         return UnsafeCheckpointError(f"{name}: {why} ({where}); nothing was executed")
