@@ -1050,6 +1050,8 @@ class Checkpoint:
         files: every data file the storage info names -> its size in bytes,
             or None if it is missing (or its name would leave ``dir``).
 
+    :meth:`from_metadata` builds one from metadata already in memory.
+
     >>> ck = Checkpoint("/ckpt/step_100")                       # doctest: +SKIP
     >>> ck.item_location(MetadataIndex("w", (0, 0)))            # doctest: +SKIP
     ItemLocation(path=PosixPath('/ckpt/step_100/__0_0.distcp'), offset=0, length=1261, ...)
@@ -1081,6 +1083,49 @@ class Checkpoint:
         self.storage = _storage(self.metadata)
         self.files = {rp: None if _escapes(rp) else _file_size(self.dir / rp)
                       for rp in _file_names(self.storage)}
+
+    @classmethod
+    def from_metadata(
+        cls,
+        metadata: Metadata,
+        *,
+        file_sizes: Mapping[str, int | None] | None = None,
+        name: str = "<in memory>",
+    ) -> Checkpoint:
+        """A checkpoint of ``metadata`` already in memory, with no directory read.
+
+        ``file_sizes`` gives the size of each data file the storage entries
+        name (a name it lacks, or maps to None, is a missing file; names no
+        entry uses are ignored); ``name`` stands for both :attr:`dir` and
+        :attr:`metadata_path`, so messages and reports name it. The metadata
+        is used as given (not copied, and not checked as a file's would be).
+        Nothing touches the disk: use it to validate or plan a checkpoint
+        before (or without) writing it.
+
+        >>> md = Metadata({"w": TensorStorageMetadata(
+        ...     TensorProperties("float32"), (4,), [ChunkStorageMetadata((0,), (4,))])},
+        ...     storage_data={MetadataIndex("w", (0,)): StorageInfo("__0_0.distcp", 0, 16)})
+        >>> ck = Checkpoint.from_metadata(md, file_sizes={"__0_0.distcp": 16}, name="<demo>")
+        >>> ck.files, ck.problems()
+        ({'__0_0.distcp': 16}, [])
+        >>> Checkpoint.from_metadata(md, name="<demo>").problems()
+        ['w: file __0_0.distcp is missing']
+        """
+        if not isinstance(metadata, Metadata):
+            raise TypeError(f"metadata must be a ckcore Metadata, got {type(metadata).__name__}")
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        sizes = {} if file_sizes is None else dict(file_sizes)
+        for rp, size in sizes.items():
+            if size is not None and (type(size) is not int or size < 0):
+                raise TypeError(f"file_sizes[{saferepr(rp)}] must be an int >= 0 or None, "
+                                f"got {saferepr(size)}")
+        ck = cls.__new__(cls)
+        ck.dir = ck.metadata_path = pathlib.Path(name)
+        ck.metadata = metadata
+        ck.storage = _storage(metadata)
+        ck.files = {rp: None if _escapes(rp) else sizes.get(rp) for rp in _file_names(ck.storage)}
+        return ck
 
     def __repr__(self) -> str:
         return (
