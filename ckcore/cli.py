@@ -56,7 +56,7 @@ import time
 from collections.abc import Sequence
 from typing import IO, Any, NoReturn
 
-from . import report
+from . import __version__, report
 from ._saferepr import name_text, one_line, shape_text
 from .checkpoint import Checkpoint, CheckpointError
 from .metadata import TensorStorageMetadata
@@ -270,6 +270,8 @@ def _parser() -> argparse.ArgumentParser:
                "unreadable, unsafe or corrupted checkpoint, ...), written as one line on stderr; "
                "CKCORE_DEBUG=1 re-raises errors with their traceback.",
     )
+    p.add_argument("--version", action="version", version=f"ckcore {__version__}",
+                   help="print the version (ckcore X.Y.Z) and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

@@ -1,14 +1,16 @@
-"""Torch-free tests of the library under the command: Checkpoint.from_metadata,
-the bounded storage checks behind Checkpoint.problems(), and ckcore.report on
-checkpoints built in memory.
+"""Torch-free tests of the library under the command: Checkpoint.from_metadata
+and the bounded storage checks behind Checkpoint.problems(); and ``ckcore --version``.
 """
 
 from __future__ import annotations
 
+import io
 import time
 
 import pytest
 
+import ckcore
+from ckcore.cli import main
 from ckcore.checkpoint import STORAGE_PROBLEMS, Checkpoint, StorageInfo
 from ckcore.metadata import (
     ChunkStorageMetadata,
@@ -125,3 +127,10 @@ def test_iter_problems_writes_only_wanted_messages():
     assert len(found) == len(asked) == 10_000
     assert [m is not None for _, m in found[:3]] == [True, True, False]
     assert {k for k, _ in found} == {"missing_storage_entry"}
+
+
+def test_version_flag():
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["--version"], stdout=out, stderr=err) == 0
+    assert out.getvalue() == f"ckcore {ckcore.__version__}\n"
+    assert err.getvalue() == ""
