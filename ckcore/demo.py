@@ -52,7 +52,6 @@ def _best_of(fn: Any, repeat: int) -> tuple[float, Any]:
     return best, result
 
 
-
 def run_demo(
     *,
     layers: int = 80,
@@ -87,7 +86,6 @@ def run_demo(
     """
     shapes = _models.llama70b_state_dict_shapes(layers)
     dtype = _models.LLAMA70B_DTYPE
-    props = TensorProperties(dtype=dtype)
     save_mesh = (save_fsdp,)
     load_mesh = (load_fsdp, load_tp)
     save_layout = {fqn: (shape, (Shard(0),)) for fqn, shape in shapes.items()}
@@ -96,82 +94,16 @@ def run_demo(
     n_params = sum(math.prod(s) for s in shapes.values())
 
     # Inputs: every saving rank's SavePlan, every loading rank's chunk lists.
-    save_arrays = job_layouts(save_layout, save_mesh)
+    plans_items = _save_plan_items(shapes, job_layouts(save_layout, save_mesh), save_fsdp)
+    ck_plans = _save_plans(plans_items, TensorProperties(dtype=dtype))
     load_arrays = job_layouts(load_layout, load_mesh)
-    plans_items: list[list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]]] = [
-        [] for _ in range(save_fsdp)]
-    for fqn, (sizes, offsets) in save_arrays.items():
-        for r, (o, s) in enumerate(zip(offsets.tolist(), sizes.tolist())):
-            plans_items[r].append((fqn, tuple(o), tuple(s), shapes[fqn]))
-    ck_plans = [
-        SavePlan([
-            WriteItem(index=MetadataIndex(fqn, o), type=WriteItemType.SHARD,
-                      tensor_data=TensorWriteData(ChunkStorageMetadata(o, s), props, g))
-            for fqn, o, s, g in items
-        ])
-        for items in plans_items
-    ]
-    load_world = load_fsdp * load_tp
-    local_chunks: list[dict[str, list[ChunkStorageMetadata]]] = [{} for _ in range(load_world)]
-    for fqn, (sizes, offsets) in load_arrays.items():
-        for r, (o, s) in enumerate(zip(offsets.tolist(), sizes.tolist())):
-            local_chunks[r][fqn] = [ChunkStorageMetadata(tuple(o), tuple(s))]
-
-    timings: dict[str, dict[str, float | None]] = {}
-
-    def ck_save() -> tuple[list[Any], Metadata, list[str]]:
-        with _quiet_validation_logger():
-            return plan_global_save(ck_plans)
+    local_chunks = _local_chunks(load_arrays, load_fsdp * load_tp)
 
     if progress:
         progress.start("demo: ckcore", 3)
-    t_save, (global_plans, md, errors) = _best_of(ck_save, repeat)
-    if errors:  # pragma: no cover - the demo's layouts are sound
-        raise RuntimeError(f"demo save plan failed validation: {errors[0]}")
-    timings["global save plan"] = {"ckcore": t_save}
-    if progress:
-        progress.update(1)
-
-    def ck_load() -> int:
-        sdm = md.state_dict_metadata
-        n = 0
-        for rank_chunks in local_chunks:
-            for fqn, chunks in rank_chunks.items():
-                n += len(create_read_items_for_chunk_list(fqn, sdm[fqn], chunks))
-        return n
-
-    t_load, n_read_items = _best_of(ck_load, repeat)
-    timings["load plan, all ranks: ReadItems"] = {"ckcore": t_load}
-
-    def ck_load_arrays() -> int:
-        # The same pairs as int64 arrays: one call per tensor covers every rank
-        # (the local chunks of all ranks are the layout's rows).
-        sdm = md.state_dict_metadata
-        n = 0
-        for fqn, (sizes, offsets) in load_arrays.items():
-            saved = chunk_arrays(sdm[fqn].chunks, fqn)
-            n += len(intersect_chunks((offsets, sizes), saved, fqn=fqn))
-        return n
-
-    t_arrays, n_pairs = _best_of(ck_load_arrays, repeat)
-    if n_pairs != n_read_items:  # pragma: no cover - both forms are one kernel
-        raise RuntimeError(f"array form found {n_pairs} pairs, item form {n_read_items}")
-    timings["load plan, all ranks: arrays"] = {"ckcore": t_arrays}
-    if progress:
-        progress.update(2)
-
-    # Storage as FileSystemWriter lays it out: rank r's items back to back in __r_0.distcp.
-    storage: dict[MetadataIndex, Any] = {}
-    files: dict[str, int] = {}
-    for r, plan in enumerate(global_plans):
-        name = f"__{r}_0.distcp"
-        pos = 0
-        for wi in plan.items:
-            n = math.prod(wi.tensor_data.chunk.sizes) * itemsize(dtype)
-            storage[MetadataIndex(wi.index.fqn, wi.index.offset)] = StorageInfo(name, pos, n)
-            pos += n
-        files[name] = pos
-    md.storage_data = storage
+    timings, global_plans, md, n_read_items = _time_ckcore_steps(
+        ck_plans, local_chunks, load_arrays, repeat, progress)
+    md.storage_data, files = _filesystem_storage(global_plans, dtype)
     synthetic = Checkpoint.from_metadata(
         md, file_sizes=files, name=f"<llama-70b, {layers} layers, FSDP-{save_fsdp}>")
     t_plan, report = _best_of(lambda: plan_reads(synthetic, load_mesh, load_layout), repeat)
@@ -209,6 +141,114 @@ def run_demo(
         "plan": report,
     }
 
+
+#: One saved chunk: (fqn, offsets, sizes, global shape).
+_Item = tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def _save_plan_items(shapes: dict[str, tuple[int, ...]], save_arrays: dict[str, Any],
+                     world: int) -> list[list[_Item]]:
+    """Every saving rank's chunks, from the save layout's arrays."""
+    plans_items: list[list[_Item]] = [[] for _ in range(world)]
+    for fqn, (sizes, offsets) in save_arrays.items():
+        for r, (o, s) in enumerate(zip(offsets.tolist(), sizes.tolist())):
+            plans_items[r].append((fqn, tuple(o), tuple(s), shapes[fqn]))
+    return plans_items
+
+
+def _save_plans(plans_items: list[list[_Item]], props: TensorProperties) -> list[SavePlan]:
+    """ckcore's SavePlan of every saving rank."""
+    return [
+        SavePlan([
+            WriteItem(index=MetadataIndex(fqn, o), type=WriteItemType.SHARD,
+                      tensor_data=TensorWriteData(ChunkStorageMetadata(o, s), props, g))
+            for fqn, o, s, g in items
+        ])
+        for items in plans_items
+    ]
+
+
+def _local_chunks(load_arrays: dict[str, Any], world: int) -> list[dict[str, list[ChunkStorageMetadata]]]:
+    """Every loading rank's chunk of every tensor, from the load layout's arrays."""
+    local_chunks: list[dict[str, list[ChunkStorageMetadata]]] = [{} for _ in range(world)]
+    for fqn, (sizes, offsets) in load_arrays.items():
+        for r, (o, s) in enumerate(zip(offsets.tolist(), sizes.tolist())):
+            local_chunks[r][fqn] = [ChunkStorageMetadata(tuple(o), tuple(s))]
+    return local_chunks
+
+
+def _time_ckcore_steps(
+    ck_plans: list[SavePlan],
+    local_chunks: list[dict[str, list[ChunkStorageMetadata]]],
+    load_arrays: dict[str, Any],
+    repeat: int,
+    progress: ProgressSink | None,
+) -> tuple[dict[str, dict[str, float | None]], list[Any], Metadata, int]:
+    """Time ckcore's global save plan and both forms of the load plan.
+
+    Returns the timings, the global plans, the metadata and the number of read items.
+    """
+    timings: dict[str, dict[str, float | None]] = {}
+
+    def ck_save() -> tuple[list[Any], Metadata, list[str]]:
+        with _quiet_validation_logger():
+            return plan_global_save(ck_plans)
+
+    t_save, (global_plans, md, errors) = _best_of(ck_save, repeat)
+    if errors:  # pragma: no cover - the demo's layouts are sound
+        raise RuntimeError(f"demo save plan failed validation: {errors[0]}")
+    timings["global save plan"] = {"ckcore": t_save}
+    if progress:
+        progress.update(1)
+
+    def ck_load() -> int:
+        sdm = md.state_dict_metadata
+        n = 0
+        for rank_chunks in local_chunks:
+            for fqn, chunks in rank_chunks.items():
+                n += len(create_read_items_for_chunk_list(fqn, sdm[fqn], chunks))
+        return n
+
+    t_load, n_read_items = _best_of(ck_load, repeat)
+    timings["load plan, all ranks: ReadItems"] = {"ckcore": t_load}
+
+    def ck_load_arrays() -> int:
+        # The same pairs as int64 arrays: one call per tensor covers every rank
+        # (the local chunks of all ranks are the layout's rows).
+        sdm = md.state_dict_metadata
+        n = 0
+        for fqn, (sizes, offsets) in load_arrays.items():
+            saved = chunk_arrays(sdm[fqn].chunks, fqn)
+            n += len(intersect_chunks((offsets, sizes), saved, fqn=fqn))
+        return n
+
+    t_arrays, n_pairs = _best_of(ck_load_arrays, repeat)
+    if n_pairs != n_read_items:  # pragma: no cover - both forms are one kernel
+        raise RuntimeError(f"array form found {n_pairs} pairs, item form {n_read_items}")
+    timings["load plan, all ranks: arrays"] = {"ckcore": t_arrays}
+    if progress:
+        progress.update(2)
+    return timings, global_plans, md, n_read_items
+
+
+def _filesystem_storage(global_plans: list[Any], dtype: str
+                        ) -> tuple[dict[MetadataIndex, Any], dict[str, int | None]]:
+    """Storage entries and file sizes as FileSystemWriter lays them out.
+
+    Rank r's items back to back in ``__r_0.distcp``, each as long as the
+    chunk's raw bytes.
+    """
+    storage: dict[MetadataIndex, Any] = {}
+    files: dict[str, int | None] = {}
+    for r, plan in enumerate(global_plans):
+        name = f"__{r}_0.distcp"
+        pos = 0
+        for wi in plan.items:
+            n = math.prod(wi.tensor_data.chunk.sizes) * itemsize(dtype)
+            storage[MetadataIndex(wi.index.fqn, wi.index.offset)] = StorageInfo(name, pos, n)
+            pos += n
+        files[name] = pos
+    return storage, files
 
 
 def _time_torch(plans_items: list, local_chunks: list, dtype: str, repeat: int,
