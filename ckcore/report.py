@@ -139,6 +139,11 @@ def _record(info: Any) -> StorageInfo | None:
     return info if type(info) is StorageInfo else None
 
 
+# --------------------------------------------------------------------------
+# inspect
+# --------------------------------------------------------------------------
+
+
 def inspect_checkpoint(ck: Checkpoint) -> dict[str, Any]:
     """What a checkpoint holds, as plain data (the ``--json`` form of ``ckcore inspect``).
 
@@ -206,6 +211,11 @@ def inspect_checkpoint(ck: Checkpoint) -> dict[str, Any]:
             "missing_files": sum(1 for f in files.values() if f["size"] is None),
         },
     }
+
+
+# --------------------------------------------------------------------------
+# validate
+# --------------------------------------------------------------------------
 
 
 #: Findings of each kind ``validate`` shows by default (``--max-findings``).
@@ -433,6 +443,11 @@ def _validate_tensor(fqn: str, item: TensorStorageMetadata, f: Findings,
             f"key:{name_text(fqn)} invalid fill tensor-volume: "
             f"{'more than 2**256' if tensor_volume is None else tensor_volume} chunks-volume: {volume}"))
 
+
+
+# --------------------------------------------------------------------------
+# plan
+# --------------------------------------------------------------------------
 
 
 def parse_layout_rules(specs: Sequence[str]) -> list[tuple[str, tuple[Any, ...]]]:

@@ -10,8 +10,8 @@ import time
 import pytest
 
 import ckcore
-from ckcore.cli import main
 from ckcore.checkpoint import STORAGE_PROBLEMS, Checkpoint, StorageInfo
+from ckcore.cli import main
 from ckcore.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -134,3 +134,17 @@ def test_version_flag():
     assert main(["--version"], stdout=out, stderr=err) == 0
     assert out.getvalue() == f"ckcore {ckcore.__version__}\n"
     assert err.getvalue() == ""
+
+
+def test_the_command_holds_no_library():
+    # The command parses, prints and exits; the work is ckcore.report's and ckcore.demo's.
+    import ast
+    from pathlib import Path
+
+    import ckcore.cli
+
+    tree = ast.parse(Path(ckcore.cli.__file__).read_text(encoding="utf-8"))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any("_kernels" in (m or "") for m in imported), imported
+    for name in ("plan_reads", "run_demo", "inspect_checkpoint", "validate_checkpoint", "Findings"):
+        assert not hasattr(ckcore.cli, name), name
