@@ -89,15 +89,16 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
+from math import prod
 from typing import IO, Any
 
 from ._gc import paused
 from ._kernels import _mdcheck, _pickle_scan
-from ._saferepr import saferepr
-from .dtypes import _ALIASES, DTYPE_ITEMSIZE
+from ._saferepr import index_text, name_text, saferepr, shape_text
+from .dtypes import _ALIASES, DTYPE_ITEMSIZE, itemsize
 from .metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -110,8 +111,10 @@ from .metadata import (
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "DEFAULT_PROBLEM_LIMIT",
     "MAX_DEPTH",
     "METADATA_FILENAME",
+    "STORAGE_PROBLEMS",
     "Checkpoint",
     "CheckpointError",
     "ItemLocation",
@@ -119,6 +122,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "load_metadata",
     "loads_metadata",
+    "tensor_nbytes",
 ]
 
 #: Name of the global metadata file FileSystemWriter writes (``filesystem._metadata_fn``).
@@ -180,13 +184,6 @@ class ItemLocation:
 _r = saferepr
 
 
-def _fqn(fqn: object) -> str:
-    # An fqn as it reads in messages: plain when short and printable.
-    if type(fqn) is str and len(fqn) <= 120 and fqn.isprintable():
-        return fqn
-    return _r(fqn)
-
-
 _MEM_FORMAT_BY_ENCODING = {0: "contiguous_format", 1: "channels_last", 2: "preserve_format"}
 _MEMORY_FORMATS = (
     "contiguous_format",
@@ -229,7 +226,7 @@ class _TensorPropertiesState(TensorProperties):
             raise CheckpointError(f"invalid TensorProperties state {_r(state)}")
         d = self.__dict__
         d["dtype"], d["layout"], d["requires_grad"], d["memory_format"], d["pin_memory"] = state
-        self.__class__ = TensorProperties
+        object.__setattr__(self, "__class__", TensorProperties)
 
 
 class _Callable:
@@ -243,6 +240,7 @@ class _Callable:
     """
 
     __slots__ = ("_fn",)
+    _fn: Any
 
     def __init__(self, fn: Any) -> None:
         object.__setattr__(self, "_fn", fn)
@@ -380,7 +378,7 @@ class _SafeUnpickler(pickle.Unpickler):
 # Shape check of what came out: the stream may be valid pickle yet not DCP metadata.
 # --------------------------------------------------------------------------
 
-_FIELDS = {
+_FIELDS: dict[type, frozenset[str]] = {
     cls: frozenset(f.name for f in dataclasses.fields(cls))
     for cls in (Metadata, TensorStorageMetadata, StorageMeta, BytesStorageMetadata)
 }
@@ -414,13 +412,13 @@ def _check_chunks(fqn: str, chunks: list, ndim: int) -> None:
         return
     c = chunks[i]
     if type(c) is not ChunkStorageMetadata:
-        raise _StructureError(f"{_fqn(fqn)}: chunk {i} is {type(c).__name__}")
+        raise _StructureError(f"{name_text(fqn)}: chunk {i} is {type(c).__name__}")
     d = c.__dict__
     if d.keys() - {"offsets", "sizes"}:
-        raise _StructureError(f"{_fqn(fqn)}: chunk {i} has fields other than offsets and sizes: "
+        raise _StructureError(f"{name_text(fqn)}: chunk {i} has fields other than offsets and sizes: "
                               f"{_r(sorted(map(str, d)))}")
     raise _StructureError(
-        f"{_fqn(fqn)}: chunk {i} has invalid offsets/sizes {_r(d.get('offsets'))}/"
+        f"{name_text(fqn)}: chunk {i} has invalid offsets/sizes {_r(d.get('offsets'))}/"
         f"{_r(d.get('sizes'))} for a {ndim}-d tensor (want tuples of {ndim} ints in [0, 2**63))"
     )
 
@@ -537,27 +535,27 @@ def _check_metadata(md: object, nbytes: int | None = None) -> Metadata:
         kind = type(item)
         if kind is BytesStorageMetadata:
             if item.__dict__:
-                raise _StructureError(f"{_fqn(fqn)}: bytes storage metadata has fields")
+                raise _StructureError(f"{name_text(fqn)}: bytes storage metadata has fields")
             continue
         if kind is not TensorStorageMetadata:
-            raise _StructureError(f"{_fqn(fqn)}: storage metadata is {kind.__name__}")
+            raise _StructureError(f"{name_text(fqn)}: storage metadata is {kind.__name__}")
         if not _fields_ok(item):
-            raise _StructureError(f"{_fqn(fqn)}: invalid tensor storage metadata {_r(item)}")
+            raise _StructureError(f"{name_text(fqn)}: invalid tensor storage metadata {_r(item)}")
         d = item.__dict__
         props = d.get("properties")
         if type(props) is not TensorProperties or not _valid_properties(props.__dict__):
-            raise _StructureError(f"{_fqn(fqn)}: invalid tensor properties {_r(props)}")
+            raise _StructureError(f"{name_text(fqn)}: invalid tensor properties {_r(props)}")
         size = d.get("size")
         if not _mdcheck.shape_ok(size, len(size) if type(size) is tuple else -1):
-            raise _StructureError(f"{_fqn(fqn)}: invalid size {_r(size)}")
+            raise _StructureError(f"{name_text(fqn)}: invalid size {_r(size)}")
         chunks = d.get("chunks")
         if type(chunks) is not list:
-            raise _StructureError(f"{_fqn(fqn)}: chunks is {type(chunks).__name__}, not a list")
+            raise _StructureError(f"{name_text(fqn)}: chunks is {type(chunks).__name__}, not a list")
         if budget is not None:
             budget -= (len(chunks) + 1) * max(len(size), 1)
             if budget < 0:
                 raise _StructureError(
-                    f"{_fqn(fqn)}: more chunk dimensions than a file of {nbytes} bytes can hold "
+                    f"{name_text(fqn)}: more chunk dimensions than a file of {nbytes} bytes can hold "
                     "(chunk lists or shapes shared between tensors)")
         _check_chunks(fqn, chunks, len(size))
     sm = md_dict.get("storage_meta")
@@ -777,6 +775,9 @@ class _Gated(io.RawIOBase):
         return out
 
 
+_OPCODES = {op.code: op for op in pickletools.opcodes}
+
+
 def _refusal(found: tuple[bool, int, str], data: bytes, name: str,
              refused: list[tuple[bytes, bytes]]) -> CheckpointError:
     unsafe, pos, why = found
@@ -784,7 +785,7 @@ def _refusal(found: tuple[bool, int, str], data: bytes, name: str,
         mod, qual = (b.decode("utf-8", "replace") for b in refused[-1])
         why = (f"refusing global {mod[:100]}.{qual[:100]} (module {_r(mod)}, "
                f"class {_r(qual)}): not on ckcore's allow-list of DCP metadata classes")
-    op = pickletools.code2op.get(chr(data[pos])) if pos < len(data) else None
+    op = _OPCODES.get(chr(data[pos])) if pos < len(data) else None
     where = f"byte {pos}" + (f", opcode {op.name}" if op is not None else "")
     if unsafe:
         return UnsafeCheckpointError(f"{name}: {why} ({where}); nothing was executed")
@@ -945,6 +946,60 @@ def loads_metadata(
 # Checkpoint.
 # --------------------------------------------------------------------------
 
+_I64_MAX = 2**63 - 1
+
+#: Largest product :func:`_volume` computes exactly.
+_VOLUME_CAP = 2**256
+
+#: Every kind of problem :meth:`Checkpoint.iter_problems` finds, in the order
+#: it reports them: kind -> what a count of them is called.
+STORAGE_PROBLEMS = {
+    "missing_storage_entry": "items without a storage entry",
+    "unknown_storage_entry": "storage entries naming no item",
+    "foreign_storage_entry": "storage entries that are not FileSystemWriter records",
+    "path_outside": "storage entries naming a file outside the checkpoint",
+    "missing_file": "storage entries in missing files",
+    "beyond_file_end": "storage entries beyond the end of their file",
+    "overlapping_storage": "storage entries sharing bytes with another",
+    "short_storage": "chunks whose storage entry is shorter than their raw bytes",
+}
+
+#: Messages :meth:`Checkpoint.problems` returns unless given another limit.
+DEFAULT_PROBLEM_LIMIT = 1000
+
+
+def _volume(values: Sequence[int]) -> int | None:
+    """The product of the ints ``values``, or None past 2**256 in magnitude.
+
+    A crafted shape of a million dims makes ``math.prod`` minutes of bignum
+    work; no real tensor has 2**256 elements.
+    """
+    if len(values) > 64:
+        if 0 in values:
+            return 0
+        # Every value other than 1 at least doubles the magnitude.
+        if len(values) - values.count(1) > 256:
+            return None
+    v = prod(values)
+    return v if -_VOLUME_CAP <= v <= _VOLUME_CAP else None
+
+
+def tensor_nbytes(fqn: str, item: TensorStorageMetadata) -> int:
+    """Exact bytes of the whole tensor ``item`` (numel x itemsize) as a Python int.
+
+    Raises :class:`CheckpointError` (naming ``fqn``) when the count leaves int64,
+    which no real tensor does.
+
+    >>> tensor_nbytes("w", TensorStorageMetadata(TensorProperties("bfloat16"), (4, 3), []))
+    24
+    """
+    vol = _volume(item.size)
+    n = None if vol is None else vol * itemsize(item.properties.dtype)
+    if n is None or n > _I64_MAX:
+        raise CheckpointError(
+            f"{name_text(fqn)}: tensor of size {shape_text(item.size)} has more bytes than int64 holds")
+    return n
+
 
 def _escapes(relative_path: str) -> bool:
     # FileSystemWriter only writes plain file names ("__0_0.distcp"); an
@@ -960,6 +1015,29 @@ def _escapes(relative_path: str) -> bool:
     )
 
 
+def _storage(md: Metadata) -> dict[MetadataIndex, Any]:
+    sd = md.storage_data
+    return sd if isinstance(sd, dict) else {}
+
+
+def _file_names(storage: dict[MetadataIndex, Any]) -> list[str]:
+    # Every file a FileSystemWriter record names, once, in first-use order.
+    return list(dict.fromkeys(
+        info.relative_path for info in storage.values()
+        if type(info) is StorageInfo and type(info.relative_path) is str))
+
+
+def _file_size(path: pathlib.Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+def _always(kind: str) -> bool:
+    return True
+
+
 class Checkpoint:
     """A FileSystemWriter checkpoint directory: its metadata and where every item's bytes are.
 
@@ -972,10 +1050,18 @@ class Checkpoint:
         files: every data file the storage info names -> its size in bytes,
             or None if it is missing (or its name would leave ``dir``).
 
+    :meth:`from_metadata` builds one from metadata already in memory.
+
     >>> ck = Checkpoint("/ckpt/step_100")                       # doctest: +SKIP
     >>> ck.item_location(MetadataIndex("w", (0, 0)))            # doctest: +SKIP
     ItemLocation(path=PosixPath('/ckpt/step_100/__0_0.distcp'), offset=0, length=1261, ...)
     """
+
+    dir: pathlib.Path
+    metadata_path: pathlib.Path
+    metadata: Metadata
+    storage: dict[MetadataIndex, Any]
+    files: dict[str, int | None]
 
     def __init__(
         self, path: str | os.PathLike, *, rank: int | None = None, max_bytes: int | None = None
@@ -993,20 +1079,53 @@ class Checkpoint:
         else:
             self.dir = p.parent
             self.metadata_path = p
-        self.metadata: Metadata = load_metadata(self.metadata_path, max_bytes=max_bytes)
-        sd = self.metadata.storage_data
-        self.storage: dict[MetadataIndex, Any] = sd if isinstance(sd, dict) else {}
-        files: dict[str, int | None] = {}
-        for info in self.storage.values():
-            rp = getattr(info, "relative_path", None) if type(info) is StorageInfo else None
-            if rp is not None and rp not in files:
-                files[rp] = None
-                if not _escapes(rp):
-                    try:
-                        files[rp] = os.stat(self.dir / rp).st_size
-                    except OSError:
-                        pass
-        self.files = files
+        self.metadata = load_metadata(self.metadata_path, max_bytes=max_bytes)
+        self.storage = _storage(self.metadata)
+        self.files = {rp: None if _escapes(rp) else _file_size(self.dir / rp)
+                      for rp in _file_names(self.storage)}
+
+    @classmethod
+    def from_metadata(
+        cls,
+        metadata: Metadata,
+        *,
+        file_sizes: Mapping[str, int | None] | None = None,
+        name: str = "<in memory>",
+    ) -> Checkpoint:
+        """A checkpoint of ``metadata`` already in memory, with no directory read.
+
+        ``file_sizes`` gives the size of each data file the storage entries
+        name (a name it lacks, or maps to None, is a missing file; names no
+        entry uses are ignored); ``name`` stands for both :attr:`dir` and
+        :attr:`metadata_path`, so messages and reports name it. The metadata
+        is used as given (not copied, and not checked as a file's would be).
+        Nothing touches the disk: use it to validate or plan a checkpoint
+        before (or without) writing it.
+
+        >>> md = Metadata({"w": TensorStorageMetadata(
+        ...     TensorProperties("float32"), (4,), [ChunkStorageMetadata((0,), (4,))])},
+        ...     storage_data={MetadataIndex("w", (0,)): StorageInfo("__0_0.distcp", 0, 16)})
+        >>> ck = Checkpoint.from_metadata(md, file_sizes={"__0_0.distcp": 16}, name="<demo>")
+        >>> ck.files, ck.problems()
+        ({'__0_0.distcp': 16}, [])
+        >>> Checkpoint.from_metadata(md, name="<demo>").problems()
+        ['w: file __0_0.distcp is missing']
+        """
+        if not isinstance(metadata, Metadata):
+            raise TypeError(f"metadata must be a ckcore Metadata, got {type(metadata).__name__}")
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        sizes = {} if file_sizes is None else dict(file_sizes)
+        for rp, size in sizes.items():
+            if size is not None and (type(size) is not int or size < 0):
+                raise TypeError(f"file_sizes[{saferepr(rp)}] must be an int >= 0 or None, "
+                                f"got {saferepr(size)}")
+        ck = cls.__new__(cls)
+        ck.dir = ck.metadata_path = pathlib.Path(name)
+        ck.metadata = metadata
+        ck.storage = _storage(metadata)
+        ck.files = {rp: None if _escapes(rp) else sizes.get(rp) for rp in _file_names(ck.storage)}
+        return ck
 
     def __repr__(self) -> str:
         return (
@@ -1057,15 +1176,40 @@ class Checkpoint:
             )
         return ItemLocation(self.dir / rp, info.offset, info.length, info.transform_descriptors)
 
-    def problems(self) -> list[str]:
+
+    def problems(self, limit: int | None = DEFAULT_PROBLEM_LIMIT) -> list[str]:
         """Inconsistencies between metadata and files, as messages; empty when sound.
 
-        Checks that every tensor chunk and bytes item has a storage entry, that
-        every entry's file exists inside the checkpoint directory and holds
-        ``[offset, offset + length)``, and that no entry names an item the
-        metadata lacks.
+        The first ``limit`` messages of :meth:`iter_problems` (None: all of
+        them, as many as the metadata has entries); the walk stops there, so
+        a crafted ``.metadata`` naming a million missing items costs
+        ``limit`` messages.
         """
-        out: list[str] = []
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0 or None, got {limit}")
+        return [m for _, m in islice(self.iter_problems(), limit) if m is not None]
+
+    def iter_problems(
+        self, want: Callable[[str], bool] | None = None
+    ) -> Iterator[tuple[str, str | None]]:
+        """Yield ``(kind, message)`` for each inconsistency between metadata and files.
+
+        ``kind`` is a key of :data:`STORAGE_PROBLEMS`. Checks that every
+        tensor chunk and bytes item has a storage entry and every entry an
+        item; that every entry is a FileSystemWriter record whose file lies
+        inside the checkpoint directory, exists and holds ``[offset, offset +
+        length)``; that no two entries share bytes of a file (FileSystemWriter
+        writes each item once, back to back, so shared bytes mean metadata and
+        files do not belong together); and that no tensor chunk's entry is
+        shorter than the chunk's raw bytes (entries written through a stream
+        transform, such as compression, are not compared).
+
+        ``want(kind)`` is called once per problem found; when it returns
+        False the message is None and not written, so a caller counting
+        millions of problems keeps only the messages it shows. The walk is
+        linear in the metadata's entries (plus a sort of each file's).
+        """
+        w = want or _always
         storage = self.storage
         expected: set[MetadataIndex] = set()
         for fqn, item in self.metadata.state_dict_metadata.items():
@@ -1074,28 +1218,104 @@ class Checkpoint:
                     key = MetadataIndex(fqn, c.offsets)
                     expected.add(key)
                     if key not in storage:
-                        out.append(f"{_fqn(fqn)}: chunk {i} at offsets {_r(c.offsets)} "
-                                   "has no storage entry")
+                        k = "missing_storage_entry"
+                        yield k, (f"{name_text(fqn)}: chunk {i} at offsets {shape_text(c.offsets)} "
+                                  "has no storage entry") if w(k) else None
             else:
                 key = MetadataIndex(fqn)
                 expected.add(key)
                 if key not in storage:
-                    out.append(f"{_fqn(fqn)}: bytes item has no storage entry")
+                    k = "missing_storage_entry"
+                    yield k, f"{name_text(fqn)}: bytes item has no storage entry" if w(k) else None
         for key, info in storage.items():
             if key not in expected:
-                out.append(f"storage entry {_r(key)} names no item in state_dict_metadata")
+                k = "unknown_storage_entry"
+                yield k, (f"storage entry {index_text(key)} names no item in state_dict_metadata"
+                          if w(k) else None)
             if type(info) is not StorageInfo:
+                k = "foreign_storage_entry"
+                yield k, (f"storage entry {index_text(key)} is a {name_text(type(info).__name__)}, "
+                          "not a FileSystemWriter record") if w(k) else None
                 continue
             rp = info.relative_path
             if _escapes(rp):
-                out.append(f"{_fqn(key.fqn)}: file {_r(rp)} lies outside the checkpoint directory")
+                k = "path_outside"
+                yield k, (f"{name_text(key.fqn)}: file {name_text(rp)} lies outside the "
+                          "checkpoint directory") if w(k) else None
                 continue
             size = self.files.get(rp)
             if size is None:
-                out.append(f"{_fqn(key.fqn)}: file {_fqn(rp)} is missing")
+                k = "missing_file"
+                yield k, f"{name_text(key.fqn)}: file {name_text(rp)} is missing" if w(k) else None
             elif info.offset + info.length > size:
-                out.append(
-                    f"{_fqn(key.fqn)}: bytes [{info.offset}, {info.offset + info.length}) "
-                    f"lie beyond the end of {_fqn(rp)} ({size} bytes)"
-                )
-        return out
+                k = "beyond_file_end"
+                yield k, (f"{name_text(key.fqn)}: bytes [{info.offset}, {info.offset + info.length}) "
+                          f"lie beyond the end of {name_text(rp)} ({size} bytes)") if w(k) else None
+        yield from self._overlapping_storage(w)
+        yield from self._short_storage(w)
+
+    def _overlapping_storage(self, w: Callable[[str], bool]) -> Iterator[tuple[str, str | None]]:
+        # Per file, entries sorted by start: an entry overlaps an earlier one
+        # when it starts before the furthest end seen so far. Empty entries
+        # hold no bytes.
+        by_file: dict[str, list[tuple[int, int, Any]]] = {}
+        for key, info in self.storage.items():
+            if type(info) is StorageInfo and info.length > 0:
+                by_file.setdefault(info.relative_path, []).append(
+                    (info.offset, info.offset + info.length, key))
+        for rp, entries in sorted(by_file.items()):
+            entries.sort(key=lambda e: (e[0], e[1]))
+            reach_end, reach_key = -1, None
+            for start, end, key in entries:
+                if start < reach_end:
+                    k = "overlapping_storage"
+                    yield k, (f"{name_text(key.fqn)}: bytes [{start}, {end}) of {name_text(rp)} "
+                              f"overlap those of {name_text(getattr(reach_key, 'fqn', None))} "
+                              f"(up to byte {reach_end})") if w(k) else None
+                if end > reach_end:
+                    reach_end, reach_key = end, key
+
+    def _short_storage(self, w: Callable[[str], bool]) -> Iterator[tuple[str, str | None]]:
+        for fqn, item in self.metadata.state_dict_metadata.items():
+            if type(item) is not TensorStorageMetadata:
+                continue
+            size = itemsize(item.properties.dtype)
+            for i, c in enumerate(item.chunks):
+                info = self.storage.get(MetadataIndex(fqn, c.offsets))
+                if type(info) is not StorageInfo or info.transform_descriptors:
+                    continue
+                vol = _volume(c.sizes)
+                raw = None if vol is None else vol * size
+                if raw is None or info.length < raw:
+                    k = "short_storage"
+                    yield k, (f"{name_text(fqn)}: chunk {i} at offsets {shape_text(c.offsets)} needs "
+                              f"{'more than 2**256' if raw is None else raw} bytes but its storage "
+                              f"entry in {name_text(info.relative_path)} holds {info.length}"
+                              ) if w(k) else None
+
+    def check_byte_totals(self) -> None:
+        """Raise :class:`CheckpointError` unless every byte count fits int64 sums.
+
+        Every storage entry must be a FileSystemWriter record ending before
+        byte 2**63, and the entries' lengths plus every tensor's bytes must
+        add up to less than 2**63: a load reads each entry at most once and
+        keeps each tensor at most once, so these totals bound any per-rank
+        figure. A real checkpoint is far below; a crafted ``.metadata`` may
+        not be.
+        """
+        stored = 0
+        for key, info in self.storage.items():
+            if type(info) is not StorageInfo:
+                raise CheckpointError(
+                    f"storage entry {index_text(key)} is a {name_text(type(info).__name__)}, not a "
+                    "FileSystemWriter record (run `ckcore validate`)")
+            end = info.offset + info.length
+            if end > _I64_MAX:
+                raise CheckpointError(
+                    f"{name_text(key.fqn)}: storage entry ends at byte {end}, beyond int64")
+            stored += info.length
+        kept = stored + sum(tensor_nbytes(fqn, item)
+                            for fqn, item in self.metadata.state_dict_metadata.items()
+                            if type(item) is TensorStorageMetadata)
+        if stored > _I64_MAX or kept > _I64_MAX:
+            raise CheckpointError("the checkpoint's byte counts add up to more than int64 holds")

@@ -26,17 +26,9 @@ import pytest
 
 import ckcore
 import ckcore.cli
+import ckcore.report
 from ckcore.checkpoint import Checkpoint, StorageInfo, load_metadata
-from ckcore.cli import (
-    COALESCING,
-    Progress,
-    _coalesce,
-    main,
-    parse_layout_rules,
-    plan_reads,
-    resolve_layouts,
-    validate_checkpoint,
-)
+from ckcore.cli import Progress, main
 from ckcore.dtypes import itemsize
 from ckcore.metadata import (
     BytesStorageMetadata,
@@ -45,6 +37,14 @@ from ckcore.metadata import (
     MetadataIndex,
     TensorProperties,
     TensorStorageMetadata,
+)
+from ckcore.report import (
+    COALESCING,
+    _coalesce,
+    parse_layout_rules,
+    plan_reads,
+    resolve_layouts,
+    validate_checkpoint,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -324,7 +324,7 @@ def test_pair_count_stops_at_the_limit_and_says_at_least(tmp_path, monkeypatch):
     # reaches past the others' ends): 19,900 pairs walked one by one.
     chunks = [ChunkStorageMetadata((i,), (400,)) for i in range(200)]
     write_crafted(tmp_path, {"w": ((600,), chunks)})
-    monkeypatch.setattr(ckcore.cli, "PAIR_COUNT_LIMIT", 1000)
+    monkeypatch.setattr(ckcore.report, "PAIR_COUNT_LIMIT", 1000)
     code, out, err = run("validate", str(tmp_path))
     assert code == 1
     more = [line for line in out.splitlines() if line.startswith("...")]
@@ -349,7 +349,7 @@ def test_overlap_sweep_budget(tmp_path, monkeypatch):
     write_crafted(tmp_path, {"w": ((11 * n, n), chunks)})
     code, out, _ = run("validate", str(tmp_path), "--json")
     assert "overlap_check_stopped" not in json.loads(out)["counts"]
-    monkeypatch.setattr(ckcore.cli, "SWEEP_BUDGET", 1000)
+    monkeypatch.setattr(ckcore.report, "SWEEP_BUDGET", 1000)
     code, out, _ = run("validate", str(tmp_path))
     assert code == 1
     assert "key:w overlap check stopped: its 301 chunks need more than 1,000 comparisons" in out
@@ -781,7 +781,7 @@ def _raise(exc):
 def test_internal_error_is_one_line_with_status_2(monkeypatch):
     # A bug (any unexpected exception): one line naming its type, status 2, no traceback.
     monkeypatch.delenv("CKCORE_DEBUG", raising=False)
-    monkeypatch.setattr(ckcore.cli, "inspect_checkpoint", _raise(KeyError("first\nsecond")))
+    monkeypatch.setattr(ckcore.report, "inspect_checkpoint", _raise(KeyError("first\nsecond")))
     code, out, err = run("inspect", SHARDED)
     assert code == 2 and out == ""
     line = one_error_line(err)
@@ -793,7 +793,7 @@ def test_internal_error_is_one_line_with_status_2(monkeypatch):
 
 def test_out_of_memory_is_one_line_with_status_2(monkeypatch):
     monkeypatch.delenv("CKCORE_DEBUG", raising=False)
-    monkeypatch.setattr(ckcore.cli, "validate_checkpoint", _raise(MemoryError()))
+    monkeypatch.setattr(ckcore.report, "validate_checkpoint", _raise(MemoryError()))
     code, out, err = run("validate", SHARDED)
     assert code == 2 and out == ""
     assert one_error_line(err) == "ckcore: error: out of memory"
@@ -803,7 +803,7 @@ def test_error_line_is_bounded_and_printable(monkeypatch):
     # A message quoting a megabyte of file content with control characters in it.
     monkeypatch.delenv("CKCORE_DEBUG", raising=False)
     hostile = "\x1b[2J" + "x" * 1_000_000 + "\nckcore: error: fake second line\r"
-    monkeypatch.setattr(ckcore.cli, "inspect_checkpoint", _raise(ValueError(hostile)))
+    monkeypatch.setattr(ckcore.report, "inspect_checkpoint", _raise(ValueError(hostile)))
     code, _, err = run("inspect", SHARDED)
     line = one_error_line(err)
     assert code == 2 and len(line) <= 1100 and line.isprintable()

@@ -50,7 +50,8 @@ def test_cython_lint():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("module", ["ckcore.helpers", "ckcore.dtypes", "ckcore.metadata"])
+@pytest.mark.parametrize("module", ["ckcore.helpers", "ckcore.dtypes", "ckcore.metadata",
+                                    "ckcore.checkpoint", "ckcore.report", "ckcore._saferepr"])
 def test_docstring_examples(module):
     mod = importlib.import_module(module)
     globs = dict(vars(ckcore))
