@@ -1,4 +1,4 @@
-"""Differential tests: every drop-in of ckcore.dcp.helpers against torch's own function.
+"""Differential tests: every drop-in of ckcore.dcp.dropins against torch's own function.
 
 Single process. DTensors for any rank of any mesh are built without a process
 group (``DeviceMesh(..., _init_backend=False, _rank=r)``), so one process sees
@@ -43,7 +43,7 @@ from torch.distributed.tensor.placement_types import Partial, _StridedShard
 
 import ckcore.dcp as cdcp
 from ckcore._kernels import _items
-from ckcore.dcp import helpers as ch
+from ckcore.dcp import dropins as ch
 
 ORIG = ch.ORIGINALS
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -878,7 +878,7 @@ def test_patched_default_planner_uses_kernels_and_matches():
     real = ch.create_read_items_for_chunk_list
 
     with cdcp.patch():
-        import ckcore.helpers as core
+        import ckcore.items as core
 
         orig_core = core.create_read_items_for_chunk_list
 

@@ -54,7 +54,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Partial, _StridedShard
 
 from .. import global_plan as _gp
-from .. import helpers as _core
+from .. import items as _core
 from .._gc import paused
 from .._kernels import _coverage, _intersect, _items
 
