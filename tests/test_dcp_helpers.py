@@ -1018,6 +1018,29 @@ def test_checked_read_items_many_reads_per_chunk(overlap):
         )
 
 
+@pytest.mark.parametrize(
+    "saved, local",
+    [
+        ([((0, 0), (2, 4))], [((0, 0), (4, 4))]),  # a hole
+        ([((0, 0), (3, 4)), ((2, 0), (2, 4))], [((0, 0), (4, 4))]),  # too many elements
+        ([], [((0, 0), (4, 4))]),  # no saved chunk
+    ],
+)
+def test_checked_read_items_raise_the_core_message(saved, local):
+    # The torch path is the core's verified call given torch's classes: same message.
+    import ckcore
+
+    md = TensorStorageMetadata(TensorProperties(), torch.Size([4, 4]), [_chunk(*c) for c in saved])
+    with pytest.raises(ValueError) as e_torch:
+        ch._read_items_checked("w", md, _Chunks([_chunk(*c) for c in local], (4, 4)))
+    core_md = ckcore.TensorStorageMetadata(
+        ckcore.TensorProperties(), (4, 4), [ckcore.ChunkStorageMetadata(*c) for c in saved])
+    with pytest.raises(ValueError) as e_core:
+        ckcore.create_read_items(
+            "w", core_md, [ckcore.ChunkStorageMetadata(*c) for c in local], verify_cover=True)
+    assert str(e_torch.value) == str(e_core.value)
+
+
 def test_fast_load_planner_refuses_a_lost_chunk_torch_does_not():
     c = _chunk
     md = Metadata(

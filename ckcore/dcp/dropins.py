@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed.checkpoint._dedup_save_plans as _torch_dedup
 import torch.distributed.checkpoint.default_planner as _torch_dp
@@ -56,7 +55,6 @@ from torch.distributed.tensor.placement_types import Partial, _StridedShard
 from .. import global_plan as _gp
 from .. import items as _core
 from .._gc import paused
-from .._kernels import _coverage, _intersect, _items
 
 __all__ = [
     "ORIGINALS",
@@ -429,7 +427,8 @@ def _read_items_checked(fqn: str, md: Any, obj: Any) -> list[ReadItem]:
 
     Raises ``TypeError`` if ``md`` is not tensor or bytes storage metadata, and
     ``ValueError`` naming ``fqn`` and the local chunk if the saved chunks do not
-    fill it exactly once (a hole, or two saved chunks overlapping inside it).
+    fill it exactly once (a hole, or two saved chunks overlapping inside it):
+    :func:`ckcore.items.create_read_items` with ``verify_cover``.
     """
     if isinstance(md, BytesStorageMetadata):
         return _core.create_read_items(fqn, md, None, classes=TORCH_ITEM_CLASSES)
@@ -445,85 +444,8 @@ def _read_items_checked(fqn: str, md: Any, obj: Any) -> list[ReadItem]:
             f"Invalid checkpoint metadata for {fqn}, "
             + f"expected BytesStorageMetadata but found {type(md)}",
         ) from ex
-    if not isinstance(local_chunks, list):
-        local_chunks = list(local_chunks)
-    if not local_chunks:
-        return []
-    saved = md.chunks if isinstance(md.chunks, list) else list(md.chunks)
-    ndim = len(md.size)
-    # One compiled call reads, intersects, verifies the cover and builds the
-    # items; None when the cover is not proven there (a hole, an overlap, too
-    # many reads into one chunk, no saved chunks): the array path below then
-    # decides and names the problem.
-    items = _items.read_items(fqn, local_chunks, saved, ndim, ReadItem, MetadataIndex,
-                              LoadItemType.TENSOR, torch.Size, True)
-    if items is not None:
-        return items
-    # chunk_arrays validates (non-negative, int64, ndim) and names fqn and chunk;
-    # the raw kernel then skips the façade's second look at the arrays.
-    loff, lsize = _items.chunk_arrays(local_chunks, fqn, ndim)
-    if saved:
-        soff, ssize = _items.chunk_arrays(saved, fqn, ndim)
-        r = _core.Intersection(*_intersect.intersect(loff, lsize, soff, ssize))
-    else:
-        r = _core.intersect_chunks((loff, lsize), [], fqn=fqn, ndim=ndim)
-    _check_cover(fqn, r, local_chunks, saved, lsize)
-    if not len(r):
-        return []
-    return _items.build_read_items(
-        fqn,
-        r.local_index,
-        r.saved_index,
-        r.storage_offsets,
-        r.dest_offsets,
-        r.lengths,
-        local_chunks,
-        saved,
-        ReadItem,
-        MetadataIndex,
-        LoadItemType.TENSOR,
-        torch.Size,
-    )
-
-
-def _check_cover(fqn, r, local_chunks, saved, lsize) -> None:
-    code, i, a, b, covered = _coverage.check_cover(r.local_index, r.dest_offsets, r.lengths, lsize)
-    if code == _coverage.COVER_UNDECIDED:
-        # Many reads into one chunk: find overlapping reads with the intersection kernel.
-        for i in np.unique(r.local_index).tolist():
-            sel = np.flatnonzero(r.local_index == i)
-            boxes = (r.dest_offsets[sel], r.lengths[sel])
-            pairs = _core.intersect_chunks(boxes, boxes, fqn=fqn)
-            hit = (pairs.local_index != pairs.saved_index) & (pairs.lengths > 0).all(axis=1)
-            if hit.any():
-                k = int(np.flatnonzero(hit)[0])
-                a, b = int(sel[pairs.local_index[k]]), int(sel[pairs.saved_index[k]])
-                code = _coverage.COVER_OVERLAP
-                break
-        else:
-            return
-    if code == _coverage.COVER_OK:
-        return
-    chunk = local_chunks[i]
-    where = f"local chunk {i} (offsets={tuple(chunk.offsets)}, sizes={tuple(chunk.sizes)})"
-    if code == _coverage.COVER_VOLUME:
-        want = 1
-        for s in chunk.sizes:
-            want *= s
-        if covered < want:
-            raise ValueError(
-                f"checkpoint metadata does not fill {fqn}: {where} would get only {covered} "
-                f"of its {want} elements from the saved chunks (is the .metadata damaged?)"
-            )
-        raise ValueError(
-            f"checkpoint metadata for {fqn} has saved chunks that overlap inside {where}: "
-            f"they hold {covered} elements for its {want} (is the .metadata damaged?)"
-        )
-    sa = saved[int(r.saved_index[a])]
-    sb = saved[int(r.saved_index[b])]
-    raise ValueError(
-        f"checkpoint metadata for {fqn} has saved chunks that overlap inside {where}: "
-        f"{sa} and {sb} (is the .metadata damaged?)"
+    return _core.create_read_items(
+        fqn, md, local_chunks, classes=TORCH_ITEM_CLASSES, verify_cover=True
     )
 
 

@@ -142,7 +142,7 @@ class FastLoadPlanner(DefaultLoadPlanner):
     part of a destination tensor unwritten, and the load succeeds; here the
     plan fails, before a single byte is read, naming the tensor and the
     chunk. The check runs on the intersection arrays the plan is built from
-    (``ckcore._kernels._coverage``) and costs little.
+    (:func:`ckcore.items.create_read_items` with ``verify_cover``) and costs little.
     """
 
     def __init__(
