@@ -8,9 +8,11 @@ need a default group: a FakeStore "fake" group, set up and torn down here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import itertools
+import logging
 import random
 import sys
 
@@ -41,6 +43,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Partial, _StridedShard
 
+import ckcore
 import ckcore.dcp as cdcp
 from ckcore._kernels import _items
 from ckcore.dcp import dropins as ch
@@ -609,6 +612,82 @@ def test_validate_reports_torch_errors():
     assert any(m.startswith("key:oob has out of bounds chunk") for m in ours)
     assert any(m.startswith("key:ovl has overlapping chunks") for m in ours)
     assert any(m.startswith("key:hole invalid fill") for m in ours)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _records_of(name):
+    """The records a handler on logger ``name`` receives (WARNING and above) in the block."""
+    log = logging.getLogger(name)
+    handler, level = _Records(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    try:
+        yield handler.records
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def _seen(records):
+    return [(r.name, r.levelno, r.getMessage()) for r in records]
+
+
+def _overlapping_md():
+    c = _chunk
+    return Metadata(
+        {
+            "ovl": TensorStorageMetadata(
+                TensorProperties(), torch.Size([8]), [c((0,), (5,)), c((4,), (4,))]
+            ),
+            "hole": TensorStorageMetadata(TensorProperties(), torch.Size([8]), [c((0,), (3,))]),
+        }
+    )
+
+
+def test_patched_validation_logs_to_torchs_logger_with_torchs_messages():
+    # A handler or filter on the logger torch's _validate_global_plan uses
+    # must see the drop-in's findings once patch() has swapped it in.
+    md, plans = _overlapping_md(), [SavePlan([]), SavePlan([])]
+    with _records_of(t_dp.logger.name) as torch_records:
+        expected = ORIG["_validate_global_plan"](plans, md)
+    assert len(expected) == 3 and _seen(torch_records)
+    with _records_of(t_dp.logger.name) as records, _records_of("ckcore.global_plan") as core:
+        with cdcp.patch():
+            assert t_dp._validate_global_plan(plans, md) == expected
+    assert _seen(records) == _seen(torch_records)
+    assert core == []
+    # The torch-free core, called directly, logs to its own logger.
+    with _records_of(t_dp.logger.name) as records, _records_of("ckcore.global_plan") as core:
+        assert ckcore.validate_global_plan(plans, md) == expected
+    assert records == [] and [r.getMessage() for r in core] == expected
+
+
+def test_fast_save_planners_global_step_logs_to_torchs_logger():
+    def shard(offset, size):
+        chunk = _chunk((offset,), (size,))
+        return WriteItem(
+            MetadataIndex("w", chunk.offsets),
+            t_ph.WriteItemType.SHARD,
+            tensor_data=t_ph.TensorWriteData(chunk, TensorProperties(), torch.Size([8])),
+        )
+
+    plans = [SavePlan([shard(0, 5)]), SavePlan([shard(4, 4)])]
+    with _records_of(t_dp.logger.name) as torch_records:
+        g, md = ORIG["create_default_global_save_plan"](ORIG["dedup_save_plans"](plans))
+        expected = ORIG["_validate_global_plan"](g, md)
+    with _records_of(t_dp.logger.name) as records, _records_of("ckcore.global_plan") as core:
+        assert ch._plan_global_save(plans)[2] == expected
+    assert expected and _seen(records) == _seen(torch_records)
+    assert core == []
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -366,19 +366,26 @@ def create_default_global_save_plan(
 def _plan_global_save(
     all_plans: list[SavePlan], save_to_lowest_rank: bool = False
 ) -> tuple[list[SavePlan], Metadata, list[str]]:
-    """dedup_save_plans, create_default_global_save_plan and _validate_global_plan in turn,
-    in one pass over the items (:func:`ckcore.global_plan.plan_global_save`)."""
+    """Rank 0's global save step, FastSavePlanner's: plans, metadata and validation errors.
+
+    The results of ``dedup_save_plans``, ``create_default_global_save_plan``
+    and ``_validate_global_plan`` in turn, in one pass over the items
+    (:func:`ckcore.global_plan.plan_global_save`); findings are logged to the
+    logger torch's ``_validate_global_plan`` uses.
+    """
     return _gp.plan_global_save(
-        all_plans, save_to_lowest_rank=save_to_lowest_rank, types=_TORCH_MD_TYPES)
+        all_plans, save_to_lowest_rank=save_to_lowest_rank, types=_TORCH_MD_TYPES,
+        logger=_torch_dp.logger)
 
 
 def _validate_global_plan(global_plan: list[SavePlan], metadata: Metadata) -> list[str]:
     """Drop-in for ``default_planner._validate_global_plan``: torch's error messages, same set.
 
     Out-of-bounds chunks, every overlapping pair, and (with more than one
-    plan) chunk volumes that do not add up to the tensor's; each also logged.
+    plan) chunk volumes that do not add up to the tensor's; each also logged
+    as a warning to the logger torch's function uses (``default_planner.logger``).
     """
-    return _gp.validate_global_plan(global_plan, metadata)
+    return _gp.validate_global_plan(global_plan, metadata, logger=_torch_dp.logger)
 
 
 def dedup_save_plans(
