@@ -15,6 +15,7 @@ import itertools
 import logging
 import random
 import sys
+import warnings
 
 import pytest
 import torch
@@ -518,6 +519,55 @@ def test_mixed_state_dict_plans_match_torch(fake_group):
         )
         if isinstance(v, torch.Tensor):
             assert ch._create_chunk_list(v) == ORIG["_create_chunk_list"](v)
+
+
+def test_sharded_tensor_deprecation_warning_points_where_torchs_does(fake_group):
+    # ShardedTensor.size() warns (FutureWarning) at its caller's frame; the
+    # drop-in's warning must come from where torch's own function's does, so
+    # that filters on torch's module match it.
+    st = _sharded_tensor()
+    md = _saved_md_for({"st": torch.zeros(12, 8)})
+
+    def warned(fn, *args):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn(*args)
+        return [(w.category, str(w.message), w.filename, w.lineno) for w in caught]
+
+    theirs = warned(ORIG["create_default_local_load_plan"], {"st": st}, md)
+    assert theirs and theirs[0][0] is FutureWarning
+    assert theirs[0][2] == t_dp.__file__
+    assert warned(ch.create_default_local_load_plan, {"st": st}, md) == theirs
+    same_reads(
+        ch.create_default_local_load_plan({"st": st}, md).items,
+        ORIG["create_default_local_load_plan"]({"st": st}, md).items,
+    )
+
+    def set_up(planner, metadata):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # set_up_planner's own
+            planner.set_up_planner({"st": st}, metadata)
+        return planner
+
+    def default_planner():
+        planner = t_dp.DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+        return set_up(planner, md)
+
+    def fast_planner(metadata):
+        planner = cdcp.FastLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+        return set_up(planner, metadata)
+
+    assert warned(default_planner().create_local_plan) == theirs
+    with cdcp.patch():
+        assert warned(default_planner().create_local_plan) == theirs
+    assert warned(fast_planner(md).create_local_plan) == theirs
+    # A ShardedTensor whose saved chunks do not fill it is still refused.
+    holed = _saved_md_for({"st": torch.zeros(12, 8)})
+    holed.state_dict_metadata["st"].chunks.pop(0)  # rows 0-5; this rank holds rows 3-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        with pytest.raises(ValueError, match="does not fill st"):
+            fast_planner(holed).create_local_plan()
 
 
 def test_errors_match_torch():

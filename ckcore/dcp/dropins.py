@@ -286,6 +286,17 @@ def _local_load_plan_body(
             if strict:
                 raise RuntimeError(f"Missing key in checkpoint state_dict: {fqn}.")
             continue
+        if isinstance(obj, ShardedTensor):
+            # ShardedTensor.size() warns that ShardedTensor is deprecated, at
+            # the frame that calls it: inside torch's function for torch, and
+            # would be here for ckcore. torch's function plans the entry, so
+            # the warning comes from the same line and passes the same
+            # filters (there is nothing to accelerate for ShardedTensor).
+            plan = ORIGINALS["create_default_local_load_plan"](
+                {fqn: obj}, Metadata(state_dict_metadata={fqn: md}), strict
+            )
+            requests += _read_items_checked(fqn, md, obj) if check_cover else plan.items
+            continue
         if (
             isinstance(md, TensorStorageMetadata)
             and getattr(obj, "size", None) is not None
