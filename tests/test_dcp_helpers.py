@@ -588,18 +588,46 @@ def test_errors_match_torch():
             fn("not a tensor")
 
 
-def test_init_state_dict_delegates():
-    a = {"x": torch.empty(2, 2, device="meta"), "n": {"y": 3}}
-    b = {"x": torch.empty(2, 2, device="meta"), "n": {"y": 3}}
-    # _init_state_dict needs the default group's device for meta tensors; compare error or result.
-    outs = []
-    for fn, sd in ((ch._init_state_dict, a), (ORIG["_init_state_dict"], b)):
-        try:
-            fn(sd)
-            outs.append(("ok", sd["x"].device.type))
-        except Exception as e:  # noqa: BLE001 - comparing torch's behaviour, whatever it is
-            outs.append((type(e), str(e)))
-    assert outs[0] == outs[1]
+def test_init_state_dict_materialises_like_torch(fake_group):
+    # Meta tensors and meta DTensors, nested in dicts and lists, become empty
+    # tensors on the process group's device; everything else is left alone.
+    def state_dict():
+        return {
+            "x": torch.empty(2, 3, device="meta", dtype=torch.float16),
+            "n": {"y": torch.empty(4, device="meta"), "k": 3, "l": [torch.empty(1, device="meta")]},
+            "c": torch.arange(3.0),
+            "dt": _dtensor((9, 6), _mesh((2, 2), 1), [Shard(0), Shard(1)], device="meta"),
+            "s": "name",
+        }
+
+    def leaves(sd, path=()):
+        if isinstance(sd, dict):
+            for k, v in sd.items():
+                yield from leaves(v, (*path, k))
+        elif isinstance(sd, list):
+            for i, v in enumerate(sd):
+                yield from leaves(v, (*path, i))
+        else:
+            yield path, sd
+
+    def describe(value):
+        if isinstance(value, DTensor):
+            local = value.to_local()
+            return ("dtensor", value.device.type, value.shape, value.stride(), value.placements,
+                    local.shape, local.dtype, local.device.type)
+        if isinstance(value, torch.Tensor):
+            return ("tensor", value.device.type, value.shape, value.dtype)
+        return ("value", value)
+
+    ours, theirs = state_dict(), state_dict()
+    kept = {path: v for path, v in leaves(ours) if not getattr(v, "is_meta", False)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the fake group's "multiple backends"
+        assert ch._init_state_dict(ours) == ORIG["_init_state_dict"](theirs)
+    got, want = dict(leaves(ours)), dict(leaves(theirs))
+    assert {p: describe(v) for p, v in got.items()} == {p: describe(v) for p, v in want.items()}
+    assert all(describe(v)[1] != "meta" for v in got.values() if isinstance(v, torch.Tensor))
+    assert all(got[p] is v for p, v in kept.items())
 
 
 # ----------------------------------------------------------------------------
