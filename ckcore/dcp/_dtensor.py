@@ -10,7 +10,7 @@ a caller with ever-new shapes cannot grow them without end.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.distributed.config as _dist_config
@@ -73,6 +73,7 @@ def chunk_key(tensor: DTensor) -> tuple | None:
     # values instead (an int for Shard, -1 for Replicate, a pair for a strided
     # shard), anything else as a tagged tuple holding the placement itself.
     key: list[Any] = []
+    p: Any  # a type() identity test does not narrow for mypy; each branch knows its type
     for p in tensor.placements:
         t = type(p)
         if t is Shard:
@@ -130,7 +131,7 @@ def raise_if_partial(tensor: DTensor) -> None:
             )
 
 
-def is_plain_dtensor(obj: Any) -> bool:
+def is_plain_dtensor(obj: Any) -> TypeGuard[DTensor]:
     """True for exactly a DTensor whose local tensor is a plain tensor.
 
     The only case torch handles with ``_create_chunk_from_dtensor`` /

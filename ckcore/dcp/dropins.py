@@ -281,7 +281,9 @@ def _local_load_plan_body(
     requests: list[ReadItem] = []
     md_by_fqn = metadata.state_dict_metadata
     for fqn, obj in state_dict.items():
-        md = md_by_fqn.get(fqn)
+        # Any: the metadata is read from a file, and a damaged one can hold
+        # anything here (_read_items_checked refuses what is not storage metadata).
+        md: Any = md_by_fqn.get(fqn)
         if md is None and fqn not in md_by_fqn:
             if strict:
                 raise RuntimeError(f"Missing key in checkpoint state_dict: {fqn}.")
