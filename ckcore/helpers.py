@@ -1,8 +1,7 @@
-"""The names ``ckcore/cli.py`` imports from ``ckcore.helpers``, re-exported from :mod:`ckcore.items`.
+"""Re-exports of :mod:`ckcore.items` for ``ckcore/cli.py``, which imports these names from here.
 
-cli.py is being split into report and demo modules on another branch and is
-left alone here; delete this module once the split imports :mod:`ckcore.items`.
-Everything else imports :mod:`ckcore.items` (or ``ckcore``) directly.
+Delete this module once cli.py imports them from :mod:`ckcore.items`;
+everything else already does.
 """
 
 from .items import chunk_arrays, create_read_items_for_chunk_list, intersect_chunks

@@ -265,8 +265,11 @@ def create_default_local_load_plan(
 def _local_load_plan(
     state_dict: dict[str, Any], metadata: Metadata, strict: bool, check_cover: bool
 ) -> LoadPlan:
-    # create_default_local_load_plan, plus (check_cover) the check that the
-    # reads fill every destination chunk exactly once; FastLoadPlanner's path.
+    """``create_default_local_load_plan``; with ``check_cover``, FastLoadPlanner's verified reads.
+
+    ``check_cover`` refuses metadata whose saved chunks do not fill each
+    destination chunk exactly once (see :func:`_read_items_checked`).
+    """
     # A plan is thousands of new acyclic objects that all survive: each
     # allocation burst would trigger the cyclic GC, whose older generations
     # walk every live object of the process (torch's included). Nothing here
