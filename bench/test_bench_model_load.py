@@ -59,8 +59,8 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from ckcore._models import llama70b_state_dict_shapes
 from ckcore.dcp import FastLoadPlanner
-from ckcore.dcp.helpers import ORIGINALS
-from ckcore.helpers import intersect_chunks
+from ckcore.dcp.dropins import ORIGINALS
+from ckcore.items import intersect_chunks
 from ckcore.layout import local_shapes_and_offsets
 
 torch_create_read_items_for_chunk_list = ORIGINALS["create_read_items_for_chunk_list"]

@@ -35,7 +35,7 @@ from .global_plan import (
     plan_global_save,
     validate_global_plan,
 )
-from .helpers import (
+from .items import (
     CKCORE_CLASSES,
     Intersection,
     ItemClasses,

@@ -20,7 +20,7 @@ from . import _models
 from .checkpoint import Checkpoint, StorageInfo
 from .dtypes import itemsize
 from .global_plan import plan_global_save
-from .helpers import chunk_arrays, create_read_items_for_chunk_list, intersect_chunks
+from .items import chunk_arrays, create_read_items_for_chunk_list, intersect_chunks
 from .layout import Shard, job_layouts
 from .metadata import ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties
 from .planner import SavePlan, TensorWriteData, WriteItem, WriteItemType

@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+# Under its own name: the functions' ``logger`` argument shadows ``logger``.
+_LOG = logger
 
 
 @dataclass(frozen=True)
@@ -203,7 +205,9 @@ def _torch_order(offs: np.ndarray, sizes: np.ndarray, tsize: Sequence[int], pair
     return cur[perm], oth[perm]
 
 
-def validate_global_plan(global_plan: Sequence[Any], metadata: Any) -> list[str]:
+def validate_global_plan(
+    global_plan: Sequence[Any], metadata: Any, *, logger: logging.Logger | None = None
+) -> list[str]:
     """Return torch's ``_validate_global_plan`` findings (an empty list if the plan is sound).
 
     For every tensor of ``metadata.state_dict_metadata`` (0-d tensors and
@@ -214,7 +218,8 @@ def validate_global_plan(global_plan: Sequence[Any], metadata: Any) -> list[str]
     the tensor's volume and the sum of its chunks' volumes. Messages are
     torch's, formatted with the ``repr`` of the objects given (so torch's
     objects give torch's exact strings), in torch's order, each also logged
-    as a warning.
+    as a warning to ``logger`` (by default this module's, ``ckcore.global_plan``;
+    the torch drop-ins pass the logger torch's ``default_planner`` uses).
 
     Cost is linear for regular grids and layouts whose per-dimension cuts
     are disjoint (regular, irregular, MoE), and follows the output when
@@ -237,19 +242,21 @@ def validate_global_plan(global_plan: Sequence[Any], metadata: Any) -> list[str]
             f"validate_global_plan: global_plan must be a list of SavePlans, "
             f"got {type(global_plan).__name__}") from None
     with paused(promote=True):
-        return _validate(global_plan, metadata)
+        return _validate(global_plan, metadata, _LOG if logger is None else logger)
 
 
-def _validate(global_plan: Sequence[Any], metadata: Any) -> list[str]:
+def _validate(global_plan: Sequence[Any], metadata: Any, log: logging.Logger) -> list[str]:
     errors: list[str] = []
     multi = len(global_plan) > 1
     for key, value in metadata.state_dict_metadata.items():
-        _validate_key(key, value, multi, errors)
+        _validate_key(key, value, multi, errors, log)
     return errors
 
 
-def _validate_key(key: Any, value: Any, multi: bool, errors: list[str]) -> None:
-    """torch's checks of one metadata entry, its findings logged and appended to errors."""
+def _validate_key(
+    key: Any, value: Any, multi: bool, errors: list[str], log: logging.Logger
+) -> None:
+    """torch's checks of one metadata entry, its findings logged to ``log`` and appended to errors."""
     if not _is_tensor_storage(key, value):
         return
     size = value.size
@@ -269,13 +276,13 @@ def _validate_key(key: Any, value: Any, multi: bool, errors: list[str]) -> None:
     oob, chunks_volume, pairs = _check_tensor(offs, sizes, tsize)
     for i in oob.tolist():
         msg = f"key:{key} has out of bounds chunk: tensor-size:{size} chunk: {chunks[i]}"
-        logger.warning(msg)
+        log.warning(msg)
         errors.append(msg)
     if len(pairs):
         cur, oth = _torch_order(offs, sizes, size, pairs)
         for i, j in zip(cur.tolist(), oth.tolist()):
             msg = f"key:{key} has overlapping chunks: {chunks[i]} {chunks[j]}"
-            logger.warning(msg)
+            log.warning(msg)
             errors.append(msg)
     if multi:
         if chunks_volume is None:
@@ -287,7 +294,7 @@ def _validate_key(key: Any, value: Any, multi: bool, errors: list[str]) -> None:
                 f"key:{key} invalid fill tensor-volume: "
                 f"{tensor_volume} chunks-volume: {chunks_volume}"
             )
-            logger.warning(msg)
+            log.warning(msg)
             errors.append(msg)
 
 def plan_global_save(
@@ -297,6 +304,7 @@ def plan_global_save(
     save_to_lowest_rank: bool = False,
     rewrite_index_hints: bool = True,
     types: MetadataTypes = CKCORE_TYPES,
+    logger: logging.Logger | None = None,
 ) -> tuple[list[Any], Any, list[str]]:
     """Rank 0's whole global planning step: dedup, global plan and validation.
 
@@ -305,7 +313,7 @@ def plan_global_save(
 
         plans = dedup_save_plans(all_plans, save_to_lowest_rank) if dedup else all_plans
         plans, metadata = create_global_save_plan(plans, rewrite_index_hints, types=types)
-        errors = validate_global_plan(plans, metadata)
+        errors = validate_global_plan(plans, metadata, logger=logger)
 
     and raising what those raise, but reading every item once: one compiled
     pass dedups, builds the metadata and rewritten items and keeps each
@@ -317,6 +325,7 @@ def plan_global_save(
     types on one fqn, missing chunks, non-integer offsets, ...) go through
     the three functions in turn.
     """
+    log = _LOG if logger is None else logger
     plans = list(all_plans)
     res = None
     try:
@@ -331,7 +340,7 @@ def plan_global_save(
                     multi = len(new_plans) > 1
                     for key, value in md.state_dict_metadata.items():
                         if key in careful:
-                            _validate_key(key, value, multi, errors)
+                            _validate_key(key, value, multi, errors, log)
                 return new_plans, md, errors
     except (AttributeError, TypeError):
         # Objects that are not plans or items: the step-by-step path names them.
@@ -339,4 +348,4 @@ def plan_global_save(
             raise
     plans = dedup_save_plans(plans, save_to_lowest_rank) if dedup else plans
     plans, md = create_global_save_plan(plans, rewrite_index_hints, types=types)
-    return plans, md, validate_global_plan(plans, md)
+    return plans, md, validate_global_plan(plans, md, logger=log)

@@ -54,7 +54,7 @@ from .checkpoint import (
 )
 from .dtypes import itemsize
 from .global_plan import _torch_order
-from .helpers import chunk_arrays, intersect_chunks
+from .items import chunk_arrays, intersect_chunks
 from .layout import (
     Replicate,
     Shard,

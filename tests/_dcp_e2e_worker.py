@@ -216,12 +216,12 @@ def main() -> None:
             import torch.distributed.checkpoint.default_planner as t_dp
 
             assert (
-                t_dp.create_default_local_save_plan is cdcp.helpers.create_default_local_save_plan
+                t_dp.create_default_local_save_plan is cdcp.dropins.create_default_local_save_plan
             )
             dcp.save(build_state_dict("save2d", world), checkpoint_id=patched_ckpt)
         assert (
             t_dp.create_default_local_save_plan
-            is cdcp.helpers.ORIGINALS["create_default_local_save_plan"]
+            is cdcp.dropins.ORIGINALS["create_default_local_save_plan"]
         )
         dcp.save(build_state_dict("save2d", world), checkpoint_id=torch_ckpt)
         report["saved"] = True
@@ -240,11 +240,11 @@ def main() -> None:
         with cdcp.patch():
             import torch.distributed.checkpoint.default_planner as t_dp
 
-            assert t_dp._create_read_items is cdcp.helpers._create_read_items
+            assert t_dp._create_read_items is cdcp.dropins._create_read_items
             sd = build_state_dict("load1d_a", world, fill=SENTINEL)
             dcp.load(sd, checkpoint_id=patched_ckpt, planner=DefaultLoadPlanner())
             check_loaded(sd, report["checked"])
-        assert t_dp._create_read_items is cdcp.helpers.ORIGINALS["_create_read_items"]
+        assert t_dp._create_read_items is cdcp.dropins.ORIGINALS["_create_read_items"]
         # 4. ckcore's planner reads the checkpoint torch's own planners wrote.
         sd = build_state_dict("load1d_b", world, fill=SENTINEL)
         dcp.load(sd, checkpoint_id=torch_ckpt, planner=cdcp.FastLoadPlanner())

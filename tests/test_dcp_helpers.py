@@ -1,4 +1,4 @@
-"""Differential tests: every drop-in of ckcore.dcp.helpers against torch's own function.
+"""Differential tests: every drop-in of ckcore.dcp.dropins against torch's own function.
 
 Single process. DTensors for any rank of any mesh are built without a process
 group (``DeviceMesh(..., _init_backend=False, _rank=r)``), so one process sees
@@ -8,11 +8,14 @@ need a default group: a FakeStore "fake" group, set up and torn down here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import itertools
+import logging
 import random
 import sys
+import warnings
 
 import pytest
 import torch
@@ -41,9 +44,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Partial, _StridedShard
 
+import ckcore
 import ckcore.dcp as cdcp
 from ckcore._kernels import _items
-from ckcore.dcp import helpers as ch
+from ckcore.dcp import dropins as ch
 
 ORIG = ch.ORIGINALS
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -517,6 +521,55 @@ def test_mixed_state_dict_plans_match_torch(fake_group):
             assert ch._create_chunk_list(v) == ORIG["_create_chunk_list"](v)
 
 
+def test_sharded_tensor_deprecation_warning_points_where_torchs_does(fake_group):
+    # ShardedTensor.size() warns (FutureWarning) at its caller's frame; the
+    # drop-in's warning must come from where torch's own function's does, so
+    # that filters on torch's module match it.
+    st = _sharded_tensor()
+    md = _saved_md_for({"st": torch.zeros(12, 8)})
+
+    def warned(fn, *args):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn(*args)
+        return [(w.category, str(w.message), w.filename, w.lineno) for w in caught]
+
+    theirs = warned(ORIG["create_default_local_load_plan"], {"st": st}, md)
+    assert theirs and theirs[0][0] is FutureWarning
+    assert theirs[0][2] == t_dp.__file__
+    assert warned(ch.create_default_local_load_plan, {"st": st}, md) == theirs
+    same_reads(
+        ch.create_default_local_load_plan({"st": st}, md).items,
+        ORIG["create_default_local_load_plan"]({"st": st}, md).items,
+    )
+
+    def set_up(planner, metadata):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # set_up_planner's own
+            planner.set_up_planner({"st": st}, metadata)
+        return planner
+
+    def default_planner():
+        planner = t_dp.DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+        return set_up(planner, md)
+
+    def fast_planner(metadata):
+        planner = cdcp.FastLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+        return set_up(planner, metadata)
+
+    assert warned(default_planner().create_local_plan) == theirs
+    with cdcp.patch():
+        assert warned(default_planner().create_local_plan) == theirs
+    assert warned(fast_planner(md).create_local_plan) == theirs
+    # A ShardedTensor whose saved chunks do not fill it is still refused.
+    holed = _saved_md_for({"st": torch.zeros(12, 8)})
+    holed.state_dict_metadata["st"].chunks.pop(0)  # rows 0-5; this rank holds rows 3-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        with pytest.raises(ValueError, match="does not fill st"):
+            fast_planner(holed).create_local_plan()
+
+
 def test_errors_match_torch():
     md = Metadata({"a": TensorStorageMetadata(TensorProperties(), torch.Size([4]), [])})
     for fn in (ch.create_default_local_load_plan, ORIG["create_default_local_load_plan"]):
@@ -535,18 +588,46 @@ def test_errors_match_torch():
             fn("not a tensor")
 
 
-def test_init_state_dict_delegates():
-    a = {"x": torch.empty(2, 2, device="meta"), "n": {"y": 3}}
-    b = {"x": torch.empty(2, 2, device="meta"), "n": {"y": 3}}
-    # _init_state_dict needs the default group's device for meta tensors; compare error or result.
-    outs = []
-    for fn, sd in ((ch._init_state_dict, a), (ORIG["_init_state_dict"], b)):
-        try:
-            fn(sd)
-            outs.append(("ok", sd["x"].device.type))
-        except Exception as e:  # noqa: BLE001 - comparing torch's behaviour, whatever it is
-            outs.append((type(e), str(e)))
-    assert outs[0] == outs[1]
+def test_init_state_dict_materialises_like_torch(fake_group):
+    # Meta tensors and meta DTensors, nested in dicts and lists, become empty
+    # tensors on the process group's device; everything else is left alone.
+    def state_dict():
+        return {
+            "x": torch.empty(2, 3, device="meta", dtype=torch.float16),
+            "n": {"y": torch.empty(4, device="meta"), "k": 3, "l": [torch.empty(1, device="meta")]},
+            "c": torch.arange(3.0),
+            "dt": _dtensor((9, 6), _mesh((2, 2), 1), [Shard(0), Shard(1)], device="meta"),
+            "s": "name",
+        }
+
+    def leaves(sd, path=()):
+        if isinstance(sd, dict):
+            for k, v in sd.items():
+                yield from leaves(v, (*path, k))
+        elif isinstance(sd, list):
+            for i, v in enumerate(sd):
+                yield from leaves(v, (*path, i))
+        else:
+            yield path, sd
+
+    def describe(value):
+        if isinstance(value, DTensor):
+            local = value.to_local()
+            return ("dtensor", value.device.type, value.shape, value.stride(), value.placements,
+                    local.shape, local.dtype, local.device.type)
+        if isinstance(value, torch.Tensor):
+            return ("tensor", value.device.type, value.shape, value.dtype)
+        return ("value", value)
+
+    ours, theirs = state_dict(), state_dict()
+    kept = {path: v for path, v in leaves(ours) if not getattr(v, "is_meta", False)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the fake group's "multiple backends"
+        assert ch._init_state_dict(ours) == ORIG["_init_state_dict"](theirs)
+    got, want = dict(leaves(ours)), dict(leaves(theirs))
+    assert {p: describe(v) for p, v in got.items()} == {p: describe(v) for p, v in want.items()}
+    assert all(describe(v)[1] != "meta" for v in got.values() if isinstance(v, torch.Tensor))
+    assert all(got[p] is v for p, v in kept.items())
 
 
 # ----------------------------------------------------------------------------
@@ -609,6 +690,82 @@ def test_validate_reports_torch_errors():
     assert any(m.startswith("key:oob has out of bounds chunk") for m in ours)
     assert any(m.startswith("key:ovl has overlapping chunks") for m in ours)
     assert any(m.startswith("key:hole invalid fill") for m in ours)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _records_of(name):
+    """The records a handler on logger ``name`` receives (WARNING and above) in the block."""
+    log = logging.getLogger(name)
+    handler, level = _Records(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    try:
+        yield handler.records
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def _seen(records):
+    return [(r.name, r.levelno, r.getMessage()) for r in records]
+
+
+def _overlapping_md():
+    c = _chunk
+    return Metadata(
+        {
+            "ovl": TensorStorageMetadata(
+                TensorProperties(), torch.Size([8]), [c((0,), (5,)), c((4,), (4,))]
+            ),
+            "hole": TensorStorageMetadata(TensorProperties(), torch.Size([8]), [c((0,), (3,))]),
+        }
+    )
+
+
+def test_patched_validation_logs_to_torchs_logger_with_torchs_messages():
+    # A handler or filter on the logger torch's _validate_global_plan uses
+    # must see the drop-in's findings once patch() has swapped it in.
+    md, plans = _overlapping_md(), [SavePlan([]), SavePlan([])]
+    with _records_of(t_dp.logger.name) as torch_records:
+        expected = ORIG["_validate_global_plan"](plans, md)
+    assert len(expected) == 3 and _seen(torch_records)
+    with _records_of(t_dp.logger.name) as records, _records_of("ckcore.global_plan") as core:
+        with cdcp.patch():
+            assert t_dp._validate_global_plan(plans, md) == expected
+    assert _seen(records) == _seen(torch_records)
+    assert core == []
+    # The torch-free core, called directly, logs to its own logger.
+    with _records_of(t_dp.logger.name) as records, _records_of("ckcore.global_plan") as core:
+        assert ckcore.validate_global_plan(plans, md) == expected
+    assert records == [] and [r.getMessage() for r in core] == expected
+
+
+def test_fast_save_planners_global_step_logs_to_torchs_logger():
+    def shard(offset, size):
+        chunk = _chunk((offset,), (size,))
+        return WriteItem(
+            MetadataIndex("w", chunk.offsets),
+            t_ph.WriteItemType.SHARD,
+            tensor_data=t_ph.TensorWriteData(chunk, TensorProperties(), torch.Size([8])),
+        )
+
+    plans = [SavePlan([shard(0, 5)]), SavePlan([shard(4, 4)])]
+    with _records_of(t_dp.logger.name) as torch_records:
+        g, md = ORIG["create_default_global_save_plan"](ORIG["dedup_save_plans"](plans))
+        expected = ORIG["_validate_global_plan"](g, md)
+    with _records_of(t_dp.logger.name) as records, _records_of("ckcore.global_plan") as core:
+        assert ch._plan_global_save(plans)[2] == expected
+    assert expected and _seen(records) == _seen(torch_records)
+    assert core == []
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -878,7 +1035,7 @@ def test_patched_default_planner_uses_kernels_and_matches():
     real = ch.create_read_items_for_chunk_list
 
     with cdcp.patch():
-        import ckcore.helpers as core
+        import ckcore.items as core
 
         orig_core = core.create_read_items_for_chunk_list
 
@@ -1016,6 +1173,29 @@ def test_checked_read_items_many_reads_per_chunk(overlap):
             ch._read_items_checked("w", md, obj),
             ORIG["create_read_items_for_chunk_list"]("w", md, obj.__create_chunk_list__()),
         )
+
+
+@pytest.mark.parametrize(
+    "saved, local",
+    [
+        ([((0, 0), (2, 4))], [((0, 0), (4, 4))]),  # a hole
+        ([((0, 0), (3, 4)), ((2, 0), (2, 4))], [((0, 0), (4, 4))]),  # too many elements
+        ([], [((0, 0), (4, 4))]),  # no saved chunk
+    ],
+)
+def test_checked_read_items_raise_the_core_message(saved, local):
+    # The torch path is the core's verified call given torch's classes: same message.
+    import ckcore
+
+    md = TensorStorageMetadata(TensorProperties(), torch.Size([4, 4]), [_chunk(*c) for c in saved])
+    with pytest.raises(ValueError) as e_torch:
+        ch._read_items_checked("w", md, _Chunks([_chunk(*c) for c in local], (4, 4)))
+    core_md = ckcore.TensorStorageMetadata(
+        ckcore.TensorProperties(), (4, 4), [ckcore.ChunkStorageMetadata(*c) for c in saved])
+    with pytest.raises(ValueError) as e_core:
+        ckcore.create_read_items(
+            "w", core_md, [ckcore.ChunkStorageMetadata(*c) for c in local], verify_cover=True)
+    assert str(e_torch.value) == str(e_core.value)
 
 
 def test_fast_load_planner_refuses_a_lost_chunk_torch_does_not():

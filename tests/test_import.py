@@ -26,7 +26,7 @@ def run(code: str, cwd: Path, path: Path) -> subprocess.CompletedProcess:
 def test_import_does_not_import_torch(tmp_path):
     code = (
         "import sys\n"
-        "import ckcore, ckcore.helpers, ckcore.metadata, ckcore.planner, ckcore.dtypes\n"
+        "import ckcore, ckcore.items, ckcore.metadata, ckcore.planner, ckcore.dtypes\n"
         "from ckcore import intersect_chunks, ChunkStorageMetadata as C\n"
         "r = intersect_chunks([C((0,), (4,))], [C((2,), (4,))])\n"
         "assert r.lengths.tolist() == [[2]], r\n"

@@ -50,7 +50,7 @@ def test_cython_lint():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("module", ["ckcore.helpers", "ckcore.dtypes", "ckcore.metadata",
+@pytest.mark.parametrize("module", ["ckcore.items", "ckcore.dtypes", "ckcore.metadata",
                                     "ckcore.checkpoint", "ckcore.report", "ckcore._saferepr"])
 def test_docstring_examples(module):
     mod = importlib.import_module(module)

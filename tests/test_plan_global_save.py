@@ -1151,7 +1151,8 @@ def test_signature_is_keyword_only():
     kwo = inspect.Parameter.KEYWORD_ONLY
     assert params == [("all_plans", inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty),
                       ("dedup", kwo, True), ("save_to_lowest_rank", kwo, False),
-                      ("rewrite_index_hints", kwo, True), ("types", kwo, CKCORE_TYPES)]
+                      ("rewrite_index_hints", kwo, True), ("types", kwo, CKCORE_TYPES),
+                      ("logger", kwo, None)]
     with pytest.raises(TypeError):
         plan_global_save([], True)
 

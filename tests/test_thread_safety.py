@@ -152,7 +152,7 @@ def run_isolated(body: str, timeout: float = 60) -> str:
 # ------------------------------------------------------------------ read items
 
 READ_ITEMS_SETUP = r'''
-from ckcore.helpers import chunk_arrays, create_read_items_for_chunk_list, intersect_chunks
+from ckcore.items import chunk_arrays, create_read_items_for_chunk_list, intersect_chunks
 from ckcore.metadata import ChunkStorageMetadata as C, TensorProperties, TensorStorageMetadata
 
 
@@ -290,7 +290,7 @@ def test_chunk_lists_emptied_while_a_kernel_reads_them():
     run_isolated(EVIL_CHUNK + r'''
 import numpy as np
 from ckcore._kernels import _items, _mdcheck, _validate
-from ckcore.helpers import (
+from ckcore.items import (
     ItemClasses, CKCORE_CLASSES, chunk_arrays, create_read_items_for_chunk_list,
 )
 from ckcore.metadata import ChunkStorageMetadata as C, TensorProperties, TensorStorageMetadata
@@ -336,7 +336,7 @@ PLANS_SETUP = r'''
 import dataclasses
 from ckcore import planner as cp
 from ckcore.global_plan import create_global_save_plan, dedup_save_plans, plan_global_save
-from ckcore.helpers import create_write_item_for_tensor
+from ckcore.items import create_write_item_for_tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -654,7 +654,7 @@ def test_overlapping_gc_pauses_restore_the_callers_setting():
 
 
 def test_gc_enabled_after_many_threads_pause_it():
-    from ckcore.helpers import create_read_items_for_chunk_list
+    from ckcore.items import create_read_items_for_chunk_list
     from ckcore.metadata import ChunkStorageMetadata as C
     from ckcore.metadata import TensorProperties, TensorStorageMetadata
 

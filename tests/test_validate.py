@@ -388,6 +388,14 @@ def test_logs_each_finding(caplog):
     assert logged == msgs and len(msgs) == 3
 
 
+def test_logs_to_the_given_logger_instead(caplog):
+    caplog.set_level(logging.WARNING)
+    msgs = validate_global_plan(TWO_PLANS, ck_md({"w": ((4,), [((0,), (3,)), ((1,), (4,))])}),
+                                logger=logging.getLogger("test.validate.elsewhere"))
+    assert [r.getMessage() for r in caplog.records if r.name == "test.validate.elsewhere"] == msgs
+    assert not [r for r in caplog.records if r.name == "ckcore.global_plan"]
+
+
 def test_bad_tensor_size_raises():
     md = ck_md({"w": ((4,), [((0,), (4,))])})
     md.state_dict_metadata["w"].size = (4.0,)

@@ -2,7 +2,7 @@
 
 - :class:`FastSavePlanner` / :class:`FastLoadPlanner`: DCP's default planners, planning with ckcore.
 - :func:`patch`: swap ckcore's drop-ins into torch's own modules (context manager or plain call).
-- :mod:`ckcore.dcp.helpers`: drop-ins with torch's exact signatures and types.
+- :mod:`ckcore.dcp.dropins`: drop-ins with torch's exact signatures and types.
 - :class:`RangeFileSystemReader`: a ``FileSystemReader`` that reads only the
   byte ranges each item needs, sorted and coalesced, straight into the
   destination tensors.
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch as _torch
 
-from . import helpers
+from . import dropins
 from ._compat import UntestedTorchWarning, warn_if_untested
 from .convert import dtype_from_torch, dtype_to_torch, from_torch, to_torch
-from .helpers import (
+from .dropins import (
     create_default_global_save_plan,
     create_default_local_load_plan,
     create_default_local_save_plan,
@@ -44,10 +44,10 @@ __all__ = [
     "create_default_local_save_plan",
     "create_read_items_for_chunk_list",
     "dedup_save_plans",
+    "dropins",
     "dtype_from_torch",
     "dtype_to_torch",
     "from_torch",
-    "helpers",
     "is_patched",
     "patch",
     "to_torch",

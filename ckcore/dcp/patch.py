@@ -26,7 +26,7 @@ import threading
 from types import ModuleType
 from typing import Any
 
-from . import helpers as _helpers
+from . import dropins as _dropins
 
 __all__ = ["Patch", "is_patched", "patch", "unpatch"]
 
@@ -40,8 +40,8 @@ _ACTIVE: list[Patch] = []
 def _replacements() -> dict[int, tuple[str, Any, Any]]:
     """id(torch original) -> (name, original, drop-in)."""
     out = {}
-    for name, original in _helpers.ORIGINALS.items():
-        out[id(original)] = (name, original, getattr(_helpers, name))
+    for name, original in _dropins.ORIGINALS.items():
+        out[id(original)] = (name, original, getattr(_dropins, name))
     return out
 
 
@@ -114,8 +114,8 @@ class Patch:
 
 def _sweep() -> None:
     originals = {
-        id(getattr(_helpers, name)): (getattr(_helpers, name), original)
-        for name, original in _helpers.ORIGINALS.items()
+        id(getattr(_dropins, name)): (getattr(_dropins, name), original)
+        for name, original in _dropins.ORIGINALS.items()
     }
     for mod in _torch_dcp_modules():
         for attr, value in list(vars(mod).items()):

@@ -5,7 +5,7 @@
 behaviour of their parents (flattening, dedup to the lowest rank, plan
 caching, strict and partial loads, pre-2.4 key fallback). Only the methods
 that call DCP's planning helpers are overridden, with the same control flow
-as torch's, calling the drop-ins of :mod:`ckcore.dcp.helpers` instead of the
+as torch's, calling the drop-ins of :mod:`ckcore.dcp.dropins` instead of the
 helpers torch's methods find in ``default_planner``'s globals. Pass them to
 ``dcp.save(..., planner=FastSavePlanner())`` / ``dcp.load(..., planner=FastLoadPlanner())``.
 """
@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, Def
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, SavePlanner
 
-from . import helpers as _h
+from . import dropins as _d
 
 __all__ = ["FastLoadPlanner", "FastSavePlanner"]
 
@@ -41,7 +41,7 @@ class FastSavePlanner(DefaultSavePlanner):
 
     def create_local_plan(self) -> SavePlan:
         """This rank's write items (see ``DefaultSavePlanner.create_local_plan``)."""
-        plan = _h.create_default_local_save_plan(self.state_dict, self.is_coordinator)
+        plan = _d.create_default_local_save_plan(self.state_dict, self.is_coordinator)
         if self.flatten_state_dict:
             plan = dataclasses.replace(plan, planner_data=self.mappings)
         self.plan = plan
@@ -49,7 +49,7 @@ class FastSavePlanner(DefaultSavePlanner):
         if self._enable_plan_caching:
             # Unchanged plan: send an empty, unusable one and let the
             # coordinator reuse its cache (torch's protocol).
-            if self._cached_plans_key in SavePlanner._cached_save_plan and _h._compare_save_plans(
+            if self._cached_plans_key in SavePlanner._cached_save_plan and _d._compare_save_plans(
                 plan, SavePlanner._cached_save_plan[self._cached_plans_key]
             ):
                 logger.info(
@@ -63,14 +63,14 @@ class FastSavePlanner(DefaultSavePlanner):
         return self.plan
 
     def _dedup_save_plans(self, all_plans: list[SavePlan]) -> list[SavePlan]:
-        return _h.dedup_save_plans(all_plans, self.dedup_save_to_lowest_rank)
+        return _d.dedup_save_plans(all_plans, self.dedup_save_to_lowest_rank)
 
     def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
         if type(self)._dedup_save_plans is FastSavePlanner._dedup_save_plans:
             # Dedup, global plan and validation in one pass over the items.
             # Validation does not read planner_data, so merging it after is
             # the same as torch's order.
-            global_plan, metadata, validation_errors = _h._plan_global_save(
+            global_plan, metadata, validation_errors = _d._plan_global_save(
                 all_plans, self.dedup_save_to_lowest_rank)
             if self.flatten_state_dict:
                 merged_mappings = dict(ChainMap(*[p.planner_data for p in global_plan]))
@@ -78,13 +78,13 @@ class FastSavePlanner(DefaultSavePlanner):
         else:
             # A subclass dedups its own way: torch's steps, in torch's order.
             deduped_plans = self._dedup_save_plans(all_plans)
-            global_plan, metadata = _h.create_default_global_save_plan(deduped_plans)
+            global_plan, metadata = _d.create_default_global_save_plan(deduped_plans)
 
             if self.flatten_state_dict:
                 merged_mappings = dict(ChainMap(*[p.planner_data for p in global_plan]))
                 metadata = dataclasses.replace(metadata, planner_data=merged_mappings)
 
-            validation_errors = _h._validate_global_plan(global_plan, metadata)
+            validation_errors = _d._validate_global_plan(global_plan, metadata)
         if validation_errors:
             error_summary = "; ".join(validation_errors)
             if len(error_summary) > 500:
@@ -106,12 +106,12 @@ class FastSavePlanner(DefaultSavePlanner):
             return global_plan, global_plan, metadata
 
         global_plan_delta: list[SavePlan] = []
-        if not _h._contains_usable_plan(all_plans):
+        if not _d._contains_usable_plan(all_plans):
             global_plan_delta = [SavePlan([], usable=False)] * len(all_plans)
             global_plan = SavePlanner._cached_global_plan[key]
             metadata = SavePlanner._cached_metadata[key]
         else:
-            merged_plans = _h._merge_delta_local_plans(
+            merged_plans = _d._merge_delta_local_plans(
                 SavePlanner._cached_all_plans[key], all_plans
             )
             SavePlanner._cached_all_plans[key] = merged_plans
@@ -119,7 +119,7 @@ class FastSavePlanner(DefaultSavePlanner):
 
             if key in self._cached_global_plan:
                 for cached_plan, new_plan in zip(SavePlanner._cached_global_plan[key], global_plan):
-                    if _h._compare_save_plans(cached_plan, new_plan):
+                    if _d._compare_save_plans(cached_plan, new_plan):
                         global_plan_delta.append(SavePlan([], usable=False))
                     else:
                         global_plan_delta.append(new_plan)
@@ -142,7 +142,7 @@ class FastLoadPlanner(DefaultLoadPlanner):
     part of a destination tensor unwritten, and the load succeeds; here the
     plan fails, before a single byte is read, naming the tensor and the
     chunk. The check runs on the intersection arrays the plan is built from
-    (``ckcore._kernels._coverage``) and costs little.
+    (:func:`ckcore.items.create_read_items` with ``verify_cover``) and costs little.
     """
 
     def __init__(
@@ -183,6 +183,6 @@ class FastLoadPlanner(DefaultLoadPlanner):
                 if set(old_state_dict.keys()) & missing_keys:
                     self.state_dict, self.mappings = old_state_dict, old_mappings
 
-        return _h._local_load_plan(
+        return _d._local_load_plan(
             self.state_dict, self.metadata, not self.allow_partial_load, self.verify_metadata
         )

@@ -8,28 +8,26 @@ equal torch's as a multiset of items; read items come in ckcore's canonical
 order (by local chunk, then saved chunk) rather than torch's sweep order,
 which DCP does not depend on.
 
-Where the work is intersection of chunk lists, the kernels do it and build
-torch's ``ReadItem``/``MetadataIndex``/``torch.Size`` objects directly from
-compiled code. A DTensor's chunk is a pure function of (global shape, mesh
-shape, this rank's coordinate, placements); we memoise it, because torch
-recomputes it per tensor (~30 us each) although a model repeats a handful
-of shapes. The global save plan, its validation and dedup run on
-:mod:`ckcore.global_plan`, given torch's classes. Where there is nothing to
-accelerate (ShardedTensor metadata, ``_init_state_dict``), the function
-calls torch's original, captured at import time so that
-:func:`ckcore.dcp.patch` can never make it recurse.
+Where the work is intersection of chunk lists, :mod:`ckcore.items` does it,
+given torch's classes (:data:`TORCH_ITEM_CLASSES`), and the kernels build
+torch's ``ReadItem``/``MetadataIndex``/``torch.Size`` objects directly;
+this module supplies torch's classes and the local chunks. A DTensor's
+chunk is memoised per layout (:mod:`ckcore.dcp._dtensor`). The global save
+plan, its validation and dedup run on :mod:`ckcore.global_plan`, given
+torch's classes. Where there is nothing to accelerate (ShardedTensor
+metadata, ``_init_state_dict``), the function calls torch's original,
+captured at import time so that :func:`ckcore.dcp.patch` can never make it
+recurse.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed.checkpoint._dedup_save_plans as _torch_dedup
 import torch.distributed.checkpoint.default_planner as _torch_dp
 import torch.distributed.checkpoint.planner_helpers as _torch_ph
-import torch.distributed.config as _dist_config
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.metadata import (
     STATE_DICT_TYPE,
@@ -50,13 +48,12 @@ from torch.distributed.checkpoint.planner import (
     WriteItem,
     WriteItemType,
 )
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.placement_types import Partial, _StridedShard
+from torch.distributed.tensor import DTensor
 
 from .. import global_plan as _gp
-from .. import helpers as _core
+from .. import items as _core
 from .._gc import paused
-from .._kernels import _coverage, _intersect, _items
+from . import _dtensor as _dt
 
 __all__ = [
     "ORIGINALS",
@@ -127,133 +124,15 @@ _t_create_write_item_for_bytesio = _torch_ph._create_write_item_for_bytesio
 _t_chunk_for_shard = _torch_ph._chunk_for_shard
 
 
-# --------------------------------------------------------------------------
-# DTensor chunks, memoised
-# --------------------------------------------------------------------------
-
-# (global shape, mesh shape, coordinate, placements) -> (sizes, offsets) as torch.Size.
-_DTENSOR_CHUNKS: dict[tuple, tuple[torch.Size, torch.Size]] = {}
-# A model has a handful of distinct keys; the bound only guards against a
-# pathological caller (e.g. dynamic shapes) growing the dict without end.
-_DTENSOR_CHUNKS_MAX = 4096
-
-
-# id(mesh) -> (mesh, mesh shape, this rank's coordinate). A mesh's shape and
-# coordinate are fixed at construction; mesh.shape walks its layout in Python
-# (~1.5 us), so we read it once per mesh. The entry holds the mesh, so its id
-# cannot be reused while cached.
-_MESHES: dict[int, tuple[Any, tuple, tuple | None]] = {}
-
-
-def _mesh_info(mesh: Any) -> tuple[tuple, tuple | None]:
-    hit = _MESHES.get(id(mesh))
-    if hit is not None and hit[0] is mesh:
-        return hit[1], hit[2]
-    coordinate = mesh.get_coordinate()
-    info = (tuple(mesh.shape), None if coordinate is None else tuple(coordinate))
-    if len(_MESHES) >= _DTENSOR_CHUNKS_MAX:
-        _MESHES.clear()
-    _MESHES[id(mesh)] = (mesh, *info)
-    return info
-
-
-def _dtensor_key(tensor: DTensor) -> tuple | None:
-    """The memo key of a DTensor's local chunk, or None when torch must compute it.
-
-    torch's ``compute_local_shape_and_global_offset`` depends only on the global
-    shape, the mesh shape, this rank's coordinate and the placements, except
-    when the local tensor is itself checkpointable or a split factor is
-    symbolic; those we leave to torch (see also ``_dtensor_sizes_offsets``).
-    """
-    if type(tensor._local_tensor) is not torch.Tensor:
-        return None
-    shape, coordinate = _mesh_info(tensor.device_mesh)
-    if coordinate is None:
-        return None
-    # Placements hash in Python (~1.3 us each); the common ones key as plain
-    # values instead (an int for Shard, -1 for Replicate, a pair for a strided
-    # shard), anything else as a tagged tuple holding the placement itself.
-    key = []
-    for p in tensor.placements:
-        t = type(p)
-        if t is Shard:
-            key.append(p.dim)
-        elif t is Replicate:
-            key.append(-1)
-        elif t is _StridedShard:
-            sf = p.split_factor
-            if type(sf) is not int:
-                return None
-            key.append((p.dim, sf))
-        else:
-            key.append(("placement", p))
-    return (tensor.shape, shape, coordinate, tuple(key))
-
-
-def _dtensor_sizes_offsets(tensor: DTensor) -> tuple[torch.Size, torch.Size]:
-    key = _dtensor_key(tensor)
-    if key is not None:
-        hit = _DTENSOR_CHUNKS.get(key)
-        if hit is not None:
-            return hit
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    sizes, offsets = compute_local_shape_and_global_offset(
-        tensor.shape, tensor.device_mesh, tensor.placements
-    )
-    value = (torch.Size(sizes), torch.Size(offsets))
-    # compile_on_one_rank makes torch trace symbolic coordinates under fake
-    # mode; never memoise what it computes then. (Reading a torch config flag
-    # costs ~2 us, so only misses pay it.)
-    if key is not None and not getattr(_dist_config, "compile_on_one_rank", False):
-        if len(_DTENSOR_CHUNKS) >= _DTENSOR_CHUNKS_MAX:
-            _DTENSOR_CHUNKS.clear()
-        _DTENSOR_CHUNKS[key] = value
-    return value
-
-
-_NOT_PARTIAL = frozenset({Shard, Replicate, _StridedShard})
-
-
-def _raise_if_partial(tensor: DTensor) -> None:
-    # Same check and message as DTensor._raise_if_contains_partial_placements.
-    for placement in tensor.placements:
-        # isinstance against Partial goes through a Python __instancecheck__
-        # (torch's opaque-type metaclass, ~10 us); the usual types skip it.
-        if type(placement) in _NOT_PARTIAL:
-            continue
-        if isinstance(placement, Partial):
-            raise ValueError(  # noqa: TRY004 - torch raises ValueError here
-                "Any checkpointing related operations are not supported for "
-                "DTensor with partial placements!"
-            )
-
-
-def _is_plain_dtensor(obj: Any) -> bool:
-    # A DTensor whose local tensor is a plain tensor: the only case torch
-    # handles with _create_chunk_from_dtensor / _create_write_items_for_dtensor.
-    # Exactly DTensor: a subclass may override the checkpoint dunders.
-    if type(obj) is not DTensor:
-        return False
-    local = obj._local_tensor
-    if type(local) is torch.Tensor:  # has neither dunder; skip two failing lookups
-        return True
-    return (
-        isinstance(local, torch.Tensor)
-        and not hasattr(local, "__create_chunk_list__")
-        and not hasattr(local, "__create_write_items__")
-    )
-
-
 def _create_chunk_from_dtensor(tensor: DTensor) -> ChunkStorageMetadata:
     """Drop-in for ``planner_helpers._create_chunk_from_dtensor``: this rank's chunk of ``tensor``."""
-    sizes, offsets = _dtensor_sizes_offsets(tensor)
+    sizes, offsets = _dt.local_sizes_offsets(tensor)
     return ChunkStorageMetadata(offsets=offsets, sizes=sizes)
 
 
 def _create_write_items_for_dtensor(fqn: str, tensor: DTensor) -> WriteItem:
     """Drop-in for ``planner_helpers._create_write_items_for_dtensor``: this rank's SHARD item."""
-    sizes, offsets = _dtensor_sizes_offsets(tensor)
+    sizes, offsets = _dt.local_sizes_offsets(tensor)
     return WriteItem(
         index=MetadataIndex(fqn, offsets),
         type=WriteItemType.SHARD,
@@ -275,8 +154,8 @@ def _create_chunk_list(tensor: torch.Tensor) -> list[ChunkStorageMetadata]:
 
     Raises ``ValueError`` for objects that are not tensors, as torch does.
     """
-    if _is_plain_dtensor(tensor):
-        _raise_if_partial(tensor)
+    if _dt.is_plain_dtensor(tensor):
+        _dt.raise_if_partial(tensor)
         return [_create_chunk_from_dtensor(tensor)]
     if hasattr(tensor, "__create_chunk_list__"):
         return tensor.__create_chunk_list__()
@@ -330,8 +209,8 @@ def _create_read_items(fqn: str, md: STORAGE_TYPES, obj: Any) -> list[ReadItem]:
 
 def _create_write_items(fqn: str, object: Any) -> list[WriteItem]:
     """Drop-in for ``planner_helpers._create_write_items``: what this rank writes for one value."""
-    if _is_plain_dtensor(object):
-        _raise_if_partial(object)
+    if _dt.is_plain_dtensor(object):
+        _dt.raise_if_partial(object)
         return [_create_write_items_for_dtensor(fqn, object)]
     if hasattr(object, "__create_write_items__"):
         return object.__create_write_items__(fqn, object)
@@ -386,8 +265,11 @@ def create_default_local_load_plan(
 def _local_load_plan(
     state_dict: dict[str, Any], metadata: Metadata, strict: bool, check_cover: bool
 ) -> LoadPlan:
-    # create_default_local_load_plan, plus (check_cover) the check that the
-    # reads fill every destination chunk exactly once; FastLoadPlanner's path.
+    """``create_default_local_load_plan``; with ``check_cover``, FastLoadPlanner's verified reads.
+
+    ``check_cover`` refuses metadata whose saved chunks do not fill each
+    destination chunk exactly once (see :func:`_read_items_checked`).
+    """
     # A plan is thousands of new acyclic objects that all survive: each
     # allocation burst would trigger the cyclic GC, whose older generations
     # walk every live object of the process (torch's included). Nothing here
@@ -402,10 +284,23 @@ def _local_load_plan_body(
     requests: list[ReadItem] = []
     md_by_fqn = metadata.state_dict_metadata
     for fqn, obj in state_dict.items():
-        md = md_by_fqn.get(fqn)
+        # Any: the metadata is read from a file, and a damaged one can hold
+        # anything here (_read_items_checked refuses what is not storage metadata).
+        md: Any = md_by_fqn.get(fqn)
         if md is None and fqn not in md_by_fqn:
             if strict:
                 raise RuntimeError(f"Missing key in checkpoint state_dict: {fqn}.")
+            continue
+        if isinstance(obj, ShardedTensor):
+            # ShardedTensor.size() warns that ShardedTensor is deprecated, at
+            # the frame that calls it: inside torch's function for torch, and
+            # would be here for ckcore. torch's function plans the entry, so
+            # the warning comes from the same line and passes the same
+            # filters (there is nothing to accelerate for ShardedTensor).
+            plan = ORIGINALS["create_default_local_load_plan"](
+                {fqn: obj}, Metadata(state_dict_metadata={fqn: md}), strict
+            )
+            requests += _read_items_checked(fqn, md, obj) if check_cover else plan.items
             continue
         if (
             isinstance(md, TensorStorageMetadata)
@@ -429,7 +324,8 @@ def _read_items_checked(fqn: str, md: Any, obj: Any) -> list[ReadItem]:
 
     Raises ``TypeError`` if ``md`` is not tensor or bytes storage metadata, and
     ``ValueError`` naming ``fqn`` and the local chunk if the saved chunks do not
-    fill it exactly once (a hole, or two saved chunks overlapping inside it).
+    fill it exactly once (a hole, or two saved chunks overlapping inside it):
+    :func:`ckcore.items.create_read_items` with ``verify_cover``.
     """
     if isinstance(md, BytesStorageMetadata):
         return _core.create_read_items(fqn, md, None, classes=TORCH_ITEM_CLASSES)
@@ -445,85 +341,8 @@ def _read_items_checked(fqn: str, md: Any, obj: Any) -> list[ReadItem]:
             f"Invalid checkpoint metadata for {fqn}, "
             + f"expected BytesStorageMetadata but found {type(md)}",
         ) from ex
-    if not isinstance(local_chunks, list):
-        local_chunks = list(local_chunks)
-    if not local_chunks:
-        return []
-    saved = md.chunks if isinstance(md.chunks, list) else list(md.chunks)
-    ndim = len(md.size)
-    # One compiled call reads, intersects, verifies the cover and builds the
-    # items; None when the cover is not proven there (a hole, an overlap, too
-    # many reads into one chunk, no saved chunks): the array path below then
-    # decides and names the problem.
-    items = _items.read_items(fqn, local_chunks, saved, ndim, ReadItem, MetadataIndex,
-                              LoadItemType.TENSOR, torch.Size, True)
-    if items is not None:
-        return items
-    # chunk_arrays validates (non-negative, int64, ndim) and names fqn and chunk;
-    # the raw kernel then skips the façade's second look at the arrays.
-    loff, lsize = _items.chunk_arrays(local_chunks, fqn, ndim)
-    if saved:
-        soff, ssize = _items.chunk_arrays(saved, fqn, ndim)
-        r = _core.Intersection(*_intersect.intersect(loff, lsize, soff, ssize))
-    else:
-        r = _core.intersect_chunks((loff, lsize), [], fqn=fqn, ndim=ndim)
-    _check_cover(fqn, r, local_chunks, saved, lsize)
-    if not len(r):
-        return []
-    return _items.build_read_items(
-        fqn,
-        r.local_index,
-        r.saved_index,
-        r.storage_offsets,
-        r.dest_offsets,
-        r.lengths,
-        local_chunks,
-        saved,
-        ReadItem,
-        MetadataIndex,
-        LoadItemType.TENSOR,
-        torch.Size,
-    )
-
-
-def _check_cover(fqn, r, local_chunks, saved, lsize) -> None:
-    code, i, a, b, covered = _coverage.check_cover(r.local_index, r.dest_offsets, r.lengths, lsize)
-    if code == _coverage.COVER_UNDECIDED:
-        # Many reads into one chunk: find overlapping reads with the intersection kernel.
-        for i in np.unique(r.local_index).tolist():
-            sel = np.flatnonzero(r.local_index == i)
-            boxes = (r.dest_offsets[sel], r.lengths[sel])
-            pairs = _core.intersect_chunks(boxes, boxes, fqn=fqn)
-            hit = (pairs.local_index != pairs.saved_index) & (pairs.lengths > 0).all(axis=1)
-            if hit.any():
-                k = int(np.flatnonzero(hit)[0])
-                a, b = int(sel[pairs.local_index[k]]), int(sel[pairs.saved_index[k]])
-                code = _coverage.COVER_OVERLAP
-                break
-        else:
-            return
-    if code == _coverage.COVER_OK:
-        return
-    chunk = local_chunks[i]
-    where = f"local chunk {i} (offsets={tuple(chunk.offsets)}, sizes={tuple(chunk.sizes)})"
-    if code == _coverage.COVER_VOLUME:
-        want = 1
-        for s in chunk.sizes:
-            want *= s
-        if covered < want:
-            raise ValueError(
-                f"checkpoint metadata does not fill {fqn}: {where} would get only {covered} "
-                f"of its {want} elements from the saved chunks (is the .metadata damaged?)"
-            )
-        raise ValueError(
-            f"checkpoint metadata for {fqn} has saved chunks that overlap inside {where}: "
-            f"they hold {covered} elements for its {want} (is the .metadata damaged?)"
-        )
-    sa = saved[int(r.saved_index[a])]
-    sb = saved[int(r.saved_index[b])]
-    raise ValueError(
-        f"checkpoint metadata for {fqn} has saved chunks that overlap inside {where}: "
-        f"{sa} and {sb} (is the .metadata damaged?)"
+    return _core.create_read_items(
+        fqn, md, local_chunks, classes=TORCH_ITEM_CLASSES, verify_cover=True
     )
 
 
@@ -563,19 +382,26 @@ def create_default_global_save_plan(
 def _plan_global_save(
     all_plans: list[SavePlan], save_to_lowest_rank: bool = False
 ) -> tuple[list[SavePlan], Metadata, list[str]]:
-    """dedup_save_plans, create_default_global_save_plan and _validate_global_plan in turn,
-    in one pass over the items (:func:`ckcore.global_plan.plan_global_save`)."""
+    """Rank 0's global save step, FastSavePlanner's: plans, metadata and validation errors.
+
+    The results of ``dedup_save_plans``, ``create_default_global_save_plan``
+    and ``_validate_global_plan`` in turn, in one pass over the items
+    (:func:`ckcore.global_plan.plan_global_save`); findings are logged to the
+    logger torch's ``_validate_global_plan`` uses.
+    """
     return _gp.plan_global_save(
-        all_plans, save_to_lowest_rank=save_to_lowest_rank, types=_TORCH_MD_TYPES)
+        all_plans, save_to_lowest_rank=save_to_lowest_rank, types=_TORCH_MD_TYPES,
+        logger=_torch_dp.logger)
 
 
 def _validate_global_plan(global_plan: list[SavePlan], metadata: Metadata) -> list[str]:
     """Drop-in for ``default_planner._validate_global_plan``: torch's error messages, same set.
 
     Out-of-bounds chunks, every overlapping pair, and (with more than one
-    plan) chunk volumes that do not add up to the tensor's; each also logged.
+    plan) chunk volumes that do not add up to the tensor's; each also logged
+    as a warning to the logger torch's function uses (``default_planner.logger``).
     """
-    return _gp.validate_global_plan(global_plan, metadata)
+    return _gp.validate_global_plan(global_plan, metadata, logger=_torch_dp.logger)
 
 
 def dedup_save_plans(

@@ -1,4 +1,4 @@
-"""The planning façade: chunk intersection, read/write item lists, plan helpers.
+"""The planning façade: chunk intersection, read/write item lists, plan comparison.
 
 Mirrors ``torch/distributed/checkpoint/planner_helpers.py`` without importing
 torch. Every function accepts chunk objects with ``.offsets``/``.sizes`` and
@@ -7,17 +7,20 @@ builds its results with the classes it is given (``ItemClasses``), so the
 torch integration (:mod:`ckcore.dcp`) gets torch objects from the same code.
 
 The numeric work is in the compiled kernels (``ckcore._kernels``); this module
-validates, dispatches and names things.
+validates, dispatches and names things. Beyond torch, it can verify that the
+reads of a load fill every local chunk exactly once
+(``create_read_items(..., verify_cover=True)``), which a damaged checkpoint
+otherwise slips past silently.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, cast
 
 import numpy as np
 
-from ._kernels import _intersect, _items
+from ._kernels import _coverage, _intersect, _items
 from .metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -174,13 +177,27 @@ def intersect_chunks(local: Any, saved: Any, *, fqn: str = "<chunks>",
 
 
 def create_read_items_for_chunk_list(fqn: str, checkpoint_md: Any, local_chunks: Sequence[Any],
-                                     classes: Optional[ItemClasses] = None) -> list:
+                                     classes: Optional[ItemClasses] = None, *,
+                                     verify_cover: bool = False) -> list:
     """ReadItems that fill ``local_chunks`` from the saved chunks of ``checkpoint_md``.
 
     Same items as torch's ``create_read_items_for_chunk_list``, in canonical
     order (by local chunk, then saved chunk). ``checkpoint_md`` is a
     TensorStorageMetadata (ckcore's or torch's); every chunk must have as many
     dimensions as ``checkpoint_md.size``.
+
+    With ``verify_cover``, the saved chunks must also fill every local chunk
+    exactly once; a hole or two saved chunks overlapping inside a local chunk
+    is a ``ValueError`` naming ``fqn`` and the local chunk (torch does not
+    check, and leaves part of the destination unwritten):
+
+    >>> md = TensorStorageMetadata(TensorProperties(), (4,), [ChunkStorageMetadata((0,), (2,))])
+    >>> create_read_items_for_chunk_list("w", md, [ChunkStorageMetadata((0,), (4,))],
+    ...                                  verify_cover=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: checkpoint metadata does not fill w: local chunk 0 (offsets=(0,), sizes=(4,)) \
+would get only 2 of its 4 elements from the saved chunks (is the .metadata damaged?)
     """
     cls = classes or CKCORE_CLASSES
     if not hasattr(checkpoint_md, "chunks") or not hasattr(checkpoint_md, "size"):
@@ -194,19 +211,99 @@ def create_read_items_for_chunk_list(fqn: str, checkpoint_md: Any, local_chunks:
     except TypeError:
         raise TypeError(
             f"{fqn}: the tensor size must be a sequence, got {checkpoint_md.size!r}") from None
+    if verify_cover:
+        return _verified_read_items(fqn, local_chunks, saved_chunks, ndim, cls)
     if not local_chunks or not saved_chunks:
         return []
-    return _items.read_items(
+    # None answers only verify=True; unverified, the kernel returns the items.
+    return cast("list[Any]", _items.read_items(
         fqn, local_chunks, saved_chunks, ndim,
-        cls.read_item, cls.metadata_index, cls.load_item_type.TENSOR, cls.size)
+        cls.read_item, cls.metadata_index, cls.load_item_type.TENSOR, cls.size))
+
+
+def _verified_read_items(fqn: str, local_chunks: list, saved: list, ndim: int,
+                         cls: ItemClasses) -> list:
+    """The read items of ``local_chunks``, or a ValueError if ``saved`` does not fill them exactly once."""
+    if not local_chunks:
+        return []
+    # One compiled call reads, intersects, verifies the cover and builds the
+    # items; None when the cover is not proven there (a hole, an overlap, too
+    # many reads into one chunk, no saved chunks): the array path below then
+    # decides and names the problem.
+    tensor_type = cls.load_item_type.TENSOR
+    items = _items.read_items(fqn, local_chunks, saved, ndim, cls.read_item,
+                              cls.metadata_index, tensor_type, cls.size, True)
+    if items is not None:
+        return items
+    # chunk_arrays validates (non-negative, int64, ndim) and names fqn and chunk;
+    # the raw kernel then skips _as_arrays's second look at the arrays.
+    loff, lsize = _items.chunk_arrays(local_chunks, fqn, ndim)
+    if saved:
+        soff, ssize = _items.chunk_arrays(saved, fqn, ndim)
+        r = Intersection(*_intersect.intersect(loff, lsize, soff, ssize))
+    else:
+        r = intersect_chunks((loff, lsize), [], fqn=fqn, ndim=ndim)
+    _check_cover(fqn, r, local_chunks, saved, lsize)
+    if not len(r):
+        return []
+    return _items.build_read_items(
+        fqn, r.local_index, r.saved_index, r.storage_offsets, r.dest_offsets, r.lengths,
+        local_chunks, saved, cls.read_item, cls.metadata_index, tensor_type, cls.size)
+
+
+def _check_cover(fqn: str, r: Intersection, local_chunks: Sequence[Any], saved: Sequence[Any],
+                 lsize: np.ndarray) -> None:
+    """Raise ValueError unless the reads ``r`` fill every local chunk exactly once."""
+    code, i, a, b, covered = _coverage.check_cover(r.local_index, r.dest_offsets, r.lengths, lsize)
+    if code == _coverage.COVER_UNDECIDED:
+        # Many reads into one chunk: find overlapping reads with the intersection kernel.
+        for i in np.unique(r.local_index).tolist():
+            sel = np.flatnonzero(r.local_index == i)
+            boxes = (r.dest_offsets[sel], r.lengths[sel])
+            pairs = intersect_chunks(boxes, boxes, fqn=fqn)
+            hit = (pairs.local_index != pairs.saved_index) & (pairs.lengths > 0).all(axis=1)
+            if hit.any():
+                k = int(np.flatnonzero(hit)[0])
+                a, b = int(sel[pairs.local_index[k]]), int(sel[pairs.saved_index[k]])
+                code = _coverage.COVER_OVERLAP
+                break
+        else:
+            return
+    if code == _coverage.COVER_OK:
+        return
+    chunk = local_chunks[i]
+    where = f"local chunk {i} (offsets={tuple(chunk.offsets)}, sizes={tuple(chunk.sizes)})"
+    if code == _coverage.COVER_VOLUME:
+        want = 1
+        for s in chunk.sizes:
+            want *= s
+        if covered < want:
+            raise ValueError(
+                f"checkpoint metadata does not fill {fqn}: {where} would get only {covered} "
+                f"of its {want} elements from the saved chunks (is the .metadata damaged?)"
+            )
+        raise ValueError(
+            f"checkpoint metadata for {fqn} has saved chunks that overlap inside {where}: "
+            f"they hold {covered} elements for its {want} (is the .metadata damaged?)"
+        )
+    sa = saved[int(r.saved_index[a])]
+    sb = saved[int(r.saved_index[b])]
+    raise ValueError(
+        f"checkpoint metadata for {fqn} has saved chunks that overlap inside {where}: "
+        f"{sa} and {sb} (is the .metadata damaged?)"
+    )
 
 
 def create_read_items(fqn: str, md: Any, local_chunks: Optional[Sequence[Any]] = None,
-                      classes: Optional[ItemClasses] = None) -> list:
+                      classes: Optional[ItemClasses] = None, *,
+                      verify_cover: bool = False) -> list:
     """ReadItems for one state-dict entry: tensor metadata with its local chunks, or bytes.
 
     For ``BytesStorageMetadata`` (any object whose class is named so) the
-    result is torch's single BYTE_IO item with zero offsets and length.
+    result is torch's single BYTE_IO item with zero offsets and length. For
+    tensor metadata, ``verify_cover`` refuses saved chunks that leave a hole
+    in a local chunk or overlap inside one (see
+    :func:`create_read_items_for_chunk_list`).
     """
     cls = classes or CKCORE_CLASSES
     if isinstance(md, BytesStorageMetadata) or type(md).__name__ == "BytesStorageMetadata":
@@ -224,7 +321,7 @@ def create_read_items(fqn: str, md: Any, local_chunks: Optional[Sequence[Any]] =
             f"{fqn}: expected tensor or bytes storage metadata, got {type(md).__name__}")
     if local_chunks is None:
         raise ValueError(f"{fqn}: tensor metadata needs the local chunks to load")
-    return create_read_items_for_chunk_list(fqn, md, local_chunks, cls)
+    return create_read_items_for_chunk_list(fqn, md, local_chunks, cls, verify_cover=verify_cover)
 
 
 _I64_MAX = 2**63 - 1
