@@ -833,9 +833,9 @@ def _load(data: bytes, name: str) -> Metadata:
     snapshot = _snapshot()
     try:
         # The unpickler allocates several container objects per chunk and the
-        # cyclic GC would rescan the growing young generation again and again:
-        # measured, that is ~80% of the load time of a 50k-chunk file (torch's
-        # pickle.load pays it too). Nothing built here needs the cycle
+        # cyclic GC would rescan the growing young generation again and again,
+        # which dominates the load time of a large file (torch's pickle.load
+        # pays it too; bench/test_bench_metadata.py measures it). Nothing built here needs the cycle
         # collector while loading; it runs again afterwards.
         with paused():
             return _load_paused(stream, name, len(data))

@@ -32,13 +32,13 @@ __all__ = [
 MEMO_MAX = 4096
 
 # (global shape, mesh shape, coordinate, placements key) -> (sizes, offsets)
-# as torch.Size. torch's compute_local_shape_and_global_offset costs ~30 us
-# per call; a dict hit is what makes memoising worth it.
+# as torch.Size. torch's compute_local_shape_and_global_offset is a Python
+# walk over the placements per call; a dict hit costs a small fraction of it.
 _CHUNKS: dict[tuple, tuple[torch.Size, torch.Size]] = {}
 
 # id(mesh) -> (mesh, mesh shape, this rank's coordinate). A mesh's shape and
 # coordinate are fixed at construction; mesh.shape walks its layout in Python
-# (~1.5 us), so we read it once per mesh. The entry holds the mesh, so its id
+# on every access, so we read it once per mesh. The entry holds the mesh, so its id
 # cannot be reused while cached.
 _MESHES: dict[int, tuple[Any, tuple, tuple | None]] = {}
 
@@ -69,7 +69,7 @@ def chunk_key(tensor: DTensor) -> tuple | None:
     shape, coordinate = mesh_info(tensor.device_mesh)
     if coordinate is None:
         return None
-    # Placements hash in Python (~1.3 us each); the common ones key as plain
+    # Placements hash through Python-level __hash__; the common ones key as plain
     # values instead (an int for Shard, -1 for Replicate, a pair for a strided
     # shard), anything else as a tagged tuple holding the placement itself.
     key: list[Any] = []
@@ -105,7 +105,7 @@ def local_sizes_offsets(tensor: DTensor) -> tuple[torch.Size, torch.Size]:
     value = (torch.Size(sizes), torch.Size(offsets))
     # compile_on_one_rank makes torch trace symbolic coordinates under fake
     # mode; never memoise what it computes then. (Reading a torch config flag
-    # costs ~2 us, so only misses pay it.)
+    # goes through its config machinery, so only misses pay it.)
     if key is not None and not getattr(_dist_config, "compile_on_one_rank", False):
         if len(_CHUNKS) >= MEMO_MAX:
             _CHUNKS.clear()
@@ -121,7 +121,7 @@ def raise_if_partial(tensor: DTensor) -> None:
     # Same check and message as DTensor._raise_if_contains_partial_placements.
     for placement in tensor.placements:
         # isinstance against Partial goes through a Python __instancecheck__
-        # (torch's opaque-type metaclass, ~10 us); the usual types skip it.
+        # (torch's opaque-type metaclass); an exact type check skips it for the usual types.
         if type(placement) in _NOT_PARTIAL:
             continue
         if isinstance(placement, Partial):
