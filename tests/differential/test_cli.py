@@ -34,8 +34,9 @@ from torch.distributed.checkpoint.planner import SavePlan as TorchSavePlan
 import ckcore
 from ckcore.cli import main
 from ckcore.layout import chunks_for_mesh
+from tests.support.paths import TESTS
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = str(TESTS)
 CKCORE_HOME = os.path.dirname(os.path.dirname(os.path.abspath(ckcore.__file__)))
 
 

@@ -26,10 +26,9 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 
 import ckcore
-from ckcore.dcp._simulate import BoxLoadPlanner, col_boxes, grid_boxes, row_boxes, save_as_ranks
 from ckcore.dcp.reader import RangeFileSystemReader
-
-from ._identical import assert_identical
+from tests.support.dcp_sim import BoxLoadPlanner, col_boxes, grid_boxes, row_boxes, save_as_ranks
+from tests.support.identical import assert_identical
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

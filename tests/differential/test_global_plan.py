@@ -8,8 +8,6 @@ torch's classes, equal objects and the same index hints) and ckcore's own
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,12 +17,10 @@ from torch.distributed.checkpoint import metadata as tm
 from torch.distributed.checkpoint import planner as tp
 from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
 
-sys.path.insert(0, str(Path(__file__).parent))
-from gp_cases import ck_plans, item_key, md_key, torch_item, torch_plans
-
 from ckcore import metadata as cm
 from ckcore import planner as cp
 from ckcore.global_plan import MetadataTypes, create_global_save_plan
+from tests.support.gp_cases import ck_plans, item_key, md_key, torch_item, torch_plans
 
 TORCH_TYPES = MetadataTypes(tm.Metadata, tm.TensorStorageMetadata, tm.BytesStorageMetadata)
 

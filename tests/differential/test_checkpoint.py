@@ -17,7 +17,7 @@ import pickle
 import sys
 import types
 import warnings
-from pathlib import Path, PosixPath, PureWindowsPath
+from pathlib import PosixPath, PureWindowsPath
 
 import pytest
 import torch
@@ -48,8 +48,8 @@ from ckcore.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "data" / "dcp_small"
 
 ALL_TORCH_DTYPES = sorted(

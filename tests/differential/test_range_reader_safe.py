@@ -36,12 +36,11 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader
 from ckcore.checkpoint import CheckpointError, UnsafeCheckpointError
 from ckcore.dcp import FastLoadPlanner
 from ckcore.dcp.reader import RangeFileSystemReader
-
-from ._identical import assert_identical
+from tests.support.identical import assert_identical
+from tests.support.paths import DATA
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
-DATA = pathlib.Path(__file__).with_name("data")
 
 
 # ---------------------------------------------------------------- helpers

@@ -34,9 +34,16 @@ from torch.distributed._shard.sharded_tensor.metadata import (
 
 import ckcore
 from ckcore.dtypes import normalize_dtype
-
-from . import _reference as ref
-from ._layouts import HUGE, chunk_cuts, layout, layout_pair, product, shapes, zero_d_pair
+from tests.support import reference as ref
+from tests.support.layouts import (
+    HUGE,
+    chunk_cuts,
+    layout,
+    layout_pair,
+    product,
+    shapes,
+    zero_d_pair,
+)
 
 SETTINGS = settings(max_examples=120, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

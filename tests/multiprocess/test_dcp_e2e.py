@@ -24,9 +24,6 @@ import pytest
 
 import ckcore
 
-# The ranks import torch in their own processes; this module itself does not.
-pytestmark = pytest.mark.needs_torch
-
 WORKER = Path(__file__).with_name("_dcp_e2e_worker.py")
 # The ranks import the very ckcore this test process imported (installed
 # wheel in CI, the built checkout in development), never the bare sources.

@@ -12,8 +12,6 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,11 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributed.checkpoint.default_planner import _validate_global_plan
 
-sys.path.insert(0, str(Path(__file__).parent))
-from gp_cases import ck_md, normalize, torch_md
-
 from ckcore._kernels._validate import _check_tensor, _check_tensor_bounded, _self_overlap_pairs
 from ckcore.global_plan import validate_global_plan
+from tests.support.gp_cases import ck_md, normalize, torch_md
 
 TWO_PLANS = [object(), object()]
 

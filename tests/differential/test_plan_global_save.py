@@ -31,9 +31,7 @@ import inspect
 import itertools
 import logging
 import random
-import sys
 import types as pytypes
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,9 +47,6 @@ from torch.distributed.checkpoint.default_planner import (
     create_default_global_save_plan,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from gp_cases import ck_item, ck_plans, item_key, normalize, torch_item, torch_plans
-
 from ckcore import metadata as cm
 from ckcore import planner as cp
 from ckcore.global_plan import (
@@ -62,6 +57,7 @@ from ckcore.global_plan import (
     plan_global_save,
     validate_global_plan,
 )
+from tests.support.gp_cases import ck_item, ck_plans, item_key, normalize, torch_item, torch_plans
 
 TORCH_TYPES = MetadataTypes(tm.Metadata, tm.TensorStorageMetadata, tm.BytesStorageMetadata)
 DTYPES = ["float32", "bfloat16", "int8", "float64", "complex64"]

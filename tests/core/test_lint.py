@@ -12,14 +12,14 @@ import doctest
 import importlib
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
 import ckcore
+from tests.support.paths import REPO
 
 # The checkout (not the installed package, which has no .pyx and no tests).
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 PYTHON_DIRS = [d for d in ("ckcore", "tests", "bench", "examples", "scripts") if (ROOT / d).is_dir()]
 # pycodestyle errors and warnings, pyflakes, import order. Line length (E501) is left to
 # review: long f-string messages and parametrize tables read better unbroken.

@@ -13,14 +13,11 @@ from pathlib import Path
 
 import torch  # noqa: F401  (dcp_save_load.py needs it; this module never skips)
 
-import ckcore
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-CKCORE_PARENT = str(Path(ckcore.__file__).resolve().parent.parent)
+from tests.support.paths import CKCORE_PARENT, EXAMPLES
 
 
 def _run(script: str, *args: str, cwd: Path) -> str:
-    env = dict(os.environ, PYTHONPATH=CKCORE_PARENT)
+    env = dict(os.environ, PYTHONPATH=str(CKCORE_PARENT))
     proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -43,10 +43,9 @@ from ckcore.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
+from tests.support.paths import REPO
+from tests.support.streams import call_global, sample_metadata, torchify
 
-from ._streams import call_global, sample_metadata, torchify
-
-REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "data" / "dcp_small"
 FIXTURE_MD = FIXTURE / ".metadata"
 

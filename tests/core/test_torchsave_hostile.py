@@ -21,8 +21,9 @@ import pytest
 
 from ckcore._torchsave import CorruptItem, UnsupportedItem, locate_tensor
 from ckcore.checkpoint import load_metadata
+from tests.support.paths import DATA
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "data", "dcp_small")
+FIXTURE = str(DATA / "dcp_small")
 
 
 def _tensor_records() -> list[bytes]:

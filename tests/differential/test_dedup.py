@@ -9,21 +9,17 @@ checked against torch's algorithm with the set replaced by a sorted list.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributed.checkpoint import planner as tp
 from torch.distributed.checkpoint._dedup_save_plans import dedup_save_plans as torch_dedup
 
-sys.path.insert(0, str(Path(__file__).parent))
-from gp_cases import ck_plans, item_key, torch_plans
-
 from ckcore import metadata as cm
 from ckcore import planner as cp
 from ckcore.global_plan import dedup_save_plans
+from tests.support.gp_cases import ck_plans, item_key, torch_plans
 
 
 @st.composite

@@ -17,9 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckcore._kernels import _intersect
-
-from . import _reference as ref
-from ._layouts import (
+from tests.support import reference as ref
+from tests.support.layouts import (
     HUGE,
     chunk_cuts,
     grid_layout,

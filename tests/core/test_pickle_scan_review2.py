@@ -28,8 +28,7 @@ from ckcore.checkpoint import (
     loads_metadata,
 )
 from ckcore.metadata import BytesStorageMetadata, MetadataIndex
-
-from ._streams import _TorchStylePickler, sample_metadata, torchify
+from tests.support.streams import _TorchStylePickler, sample_metadata, torchify
 
 # Where the ckcore under test lives (the installed wheel in CI, not the checkout).
 _ROOT = Path(ckcore.checkpoint.__file__).resolve().parent.parent

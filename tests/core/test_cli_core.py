@@ -46,8 +46,9 @@ from ckcore.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
+from tests.support.paths import TESTS
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = str(TESTS)
 CKCORE_HOME = os.path.dirname(os.path.dirname(os.path.abspath(ckcore.__file__)))
 SMALL = os.path.join(HERE, "data", "dcp_small")
 SHARDED = os.path.join(HERE, "data", "dcp_sharded")

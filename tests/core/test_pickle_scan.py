@@ -27,10 +27,10 @@ from ckcore.checkpoint import (
     load_metadata,
     loads_metadata,
 )
+from tests.support.paths import DATA
+from tests.support.streams import sample_metadata, torchify
 
-from ._streams import sample_metadata, torchify
-
-FIXTURE = pathlib.Path(__file__).resolve().parent / "data" / "dcp_small" / ".metadata"
+FIXTURE = DATA / "dcp_small" / ".metadata"
 MD = "torch.distributed.checkpoint.metadata"
 
 

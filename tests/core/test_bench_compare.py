@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support.paths import REPO
+
+ROOT = str(REPO)
 _spec = importlib.util.spec_from_file_location("bench_compare", os.path.join(ROOT, "bench", "compare.py"))
 compare_mod = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(compare_mod)
