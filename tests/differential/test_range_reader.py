@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -29,6 +28,7 @@ import ckcore
 from ckcore.dcp.reader import RangeFileSystemReader
 from tests.support.dcp_sim import BoxLoadPlanner, col_boxes, grid_boxes, row_boxes, save_as_ranks
 from tests.support.identical import assert_identical
+from tests.support.rdzv import file_init_method
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -344,8 +344,8 @@ _WORKER = textwrap.dedent(
         assert not str(getattr(f, "name", "")).endswith(".metadata"), "pickle.load of .metadata"
         return _pickle_load(f, *a, **k)
     pickle.load = _no_metadata_pickle
-    rank, world, port, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    rank, world, init_method, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
     g = torch.Generator().manual_seed(7)
     full = {"w": torch.randn(101, 67, generator=g), "b": torch.randn(40, 90, generator=g).bfloat16(),
@@ -377,22 +377,16 @@ _WORKER = textwrap.dedent(
 )
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_gloo_two_process_save_and_resharded_load(tmp_path):
     path = str(tmp_path / "ckpt")
-    port = _free_port()
+    init_method = file_init_method(tmp_path)  # a file store: no port to race for
     env = dict(os.environ)
     # The workers import the same ckcore as this test (the installed one in CI).
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(ckcore.__file__)))
     env["PYTHONPATH"] = pkg_parent + os.pathsep + env.get("PYTHONPATH", "")
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(r), "2", str(port), path],
+            [sys.executable, "-c", _WORKER, str(r), "2", init_method, path],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for r in range(2)

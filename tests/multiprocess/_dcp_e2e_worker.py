@@ -1,7 +1,7 @@
-"""One rank of the end-to-end DCP tests (tests/test_dcp_e2e.py runs several of these).
+"""One rank of the end-to-end DCP tests (tests/multiprocess/test_dcp_e2e.py runs several of these).
 
-Usage: python _dcp_e2e_worker.py <scenario> <workdir>, with RANK, WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT in the environment. Each rank writes
+Usage: python _dcp_e2e_worker.py <scenario> <workdir>, with RANK, WORLD_SIZE
+and CKCORE_TEST_INIT_METHOD (the rendezvous, a file:// store) in the environment. Each rank writes
 ``<workdir>/<scenario>.<rank>.json`` with what it checked; any failed check
 raises, so the process exits non-zero with the traceback on stderr.
 
@@ -201,7 +201,8 @@ def corrupt_copies(src: str, workdir: str) -> dict:
 def main() -> None:
     scenario, workdir = sys.argv[1], sys.argv[2]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=os.environ["CKCORE_TEST_INIT_METHOD"], rank=rank,
+                            world_size=world)
     report: dict = {"rank": rank, "checked": [], "errors": {}}
     fast_ckpt = os.path.join(workdir, "fast")
     patched_ckpt = os.path.join(workdir, "patched")

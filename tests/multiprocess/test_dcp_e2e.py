@@ -15,30 +15,24 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-import ckcore
+from tests.support.paths import CKCORE_PARENT
+from tests.support.rdzv import file_init_method
 
 WORKER = Path(__file__).with_name("_dcp_e2e_worker.py")
 # The ranks import the very ckcore this test process imported (installed
-# wheel in CI, the built checkout in development), never the bare sources.
-CKCORE_PARENT = Path(ckcore.__file__).resolve().parent.parent
+# wheel in CI, the built checkout in development), never the bare sources:
+# CKCORE_PARENT comes first on their PYTHONPATH.
 TIMEOUT = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(scenario: str, world: int, workdir: Path) -> list[dict]:
-    port = _free_port()
+    init_method = file_init_method(workdir, f"rdzv-{scenario}")
     procs = []
     for rank in range(world):
         env = dict(
@@ -46,8 +40,7 @@ def _launch(scenario: str, world: int, workdir: Path) -> list[dict]:
             RANK=str(rank),
             WORLD_SIZE=str(world),
             LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
+            CKCORE_TEST_INIT_METHOD=init_method,
             OMP_NUM_THREADS="1",
             PYTHONPATH=os.pathsep.join([str(CKCORE_PARENT), os.environ.get("PYTHONPATH", "")]),
         )

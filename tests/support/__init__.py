@@ -13,6 +13,7 @@ torch-free (usable from ``tests/core`` and ``tests/hostile``):
 - ``layouts``: hypothesis strategies of chunk layouts, ``chunk_cuts``.
 - ``reference``: naive O(N*M) references of the intersection kernels.
 - ``identical``: field-by-field equality of dataclass trees, types included.
+- ``rdzv``: race-free rendezvous for multi-process tests (a file store, no port).
 
 need torch (``tests/differential``, ``tests/multiprocess``, ``bench``):
 
