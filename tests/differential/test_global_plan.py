@@ -19,10 +19,8 @@ from torch.distributed.checkpoint.default_planner import create_default_global_s
 
 from ckcore import metadata as cm
 from ckcore import planner as cp
-from ckcore.global_plan import MetadataTypes, create_global_save_plan
-from tests.support.gp_cases import ck_plans, item_key, md_key, torch_item, torch_plans
-
-TORCH_TYPES = MetadataTypes(tm.Metadata, tm.TensorStorageMetadata, tm.BytesStorageMetadata)
+from ckcore.global_plan import create_global_save_plan
+from tests.support.gp_cases import TORCH_TYPES, ck_plans, item_key, md_key, torch_item, torch_plans
 
 
 @st.composite

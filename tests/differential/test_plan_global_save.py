@@ -57,9 +57,16 @@ from ckcore.global_plan import (
     plan_global_save,
     validate_global_plan,
 )
-from tests.support.gp_cases import ck_item, ck_plans, item_key, normalize, torch_item, torch_plans
+from tests.support.gp_cases import (
+    TORCH_TYPES,
+    ck_item,
+    ck_plans,
+    item_key,
+    normalize,
+    torch_item,
+    torch_plans,
+)
 
-TORCH_TYPES = MetadataTypes(tm.Metadata, tm.TensorStorageMetadata, tm.BytesStorageMetadata)
 DTYPES = ["float32", "bfloat16", "int8", "float64", "complex64"]
 
 # ------------------------------------------------------------------ running

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.distributed.checkpoint.default_planner import (
@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import (
     LoadPlan,
     SavePlan,
+    SavePlanner,
     TensorWriteData,
     WriteItem,
     WriteItemType,
@@ -41,31 +42,27 @@ from torch.distributed.checkpoint.planner_helpers import (
     create_read_items_for_chunk_list,
 )
 
+from .layouts import chunk_cuts
+
 __all__ = ["BoxLoadPlanner", "col_boxes", "grid_boxes", "row_boxes", "save_as_ranks"]
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
 
 
-def _split(n: int, parts: int) -> list[tuple[int, int]]:
-    # torch.chunk-style: ceil division, empty trailing pieces
-    step = -(-n // parts) if parts else n
-    return [(min(i * step, n), max(0, min(step, n - i * step))) for i in range(parts)]
-
-
 def row_boxes(shape: Sequence[int], parts: int) -> list[Box]:
     """Boxes of ``Shard(0)`` over ``parts`` ranks."""
-    return [((o,) + (0,) * (len(shape) - 1), (n,) + tuple(shape[1:])) for o, n in _split(shape[0], parts)]
+    return [((o,) + (0,) * (len(shape) - 1), (n,) + tuple(shape[1:])) for o, n in chunk_cuts(shape[0], parts)]
 
 
 def col_boxes(shape: Sequence[int], parts: int) -> list[Box]:
     """Boxes of ``Shard(1)`` over ``parts`` ranks (2-d)."""
-    return [((0, o), (shape[0], n)) for o, n in _split(shape[1], parts)]
+    return [((0, o), (shape[0], n)) for o, n in chunk_cuts(shape[1], parts)]
 
 
 def grid_boxes(shape: Sequence[int], rows: int, cols: int) -> list[Box]:
     """Boxes of ``(Shard(0), Shard(1))`` on a rows x cols mesh, row-major rank order."""
     return [
-        ((ro, co), (rn, cn)) for ro, rn in _split(shape[0], rows) for co, cn in _split(shape[1], cols)
+        ((ro, co), (rn, cn)) for ro, rn in chunk_cuts(shape[0], rows) for co, cn in chunk_cuts(shape[1], cols)
     ]
 
 
@@ -132,7 +129,9 @@ def save_as_ranks(
                 return io.BytesIO((byte_items or {})[item.index.fqn])
             return shards[(rank, item.index.fqn)]
 
-        results.append(writer.write_data(plan, _ResolvePlanner(resolve)).wait())
+        # write_data only calls resolve_data: a stand-in, not a SavePlanner.
+        planner = cast(SavePlanner, _ResolvePlanner(resolve))
+        results.append(writer.write_data(plan, planner).wait())
     writer.finish(metadata, results)
 
 
@@ -148,6 +147,7 @@ class BoxLoadPlanner(DefaultLoadPlanner):
         self.boxes = dict(boxes)
 
     def create_local_plan(self) -> LoadPlan:
+        assert self.metadata is not None, "set_up_planner gives the metadata"
         items = []
         for fqn, obj in self.state_dict.items():
             md = self.metadata.state_dict_metadata[fqn]

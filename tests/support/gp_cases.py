@@ -15,6 +15,10 @@ from torch.distributed.checkpoint import planner as tp
 
 from ckcore import metadata as cm
 from ckcore import planner as cp
+from ckcore.global_plan import MetadataTypes
+
+# ckcore's global plan building torch's own metadata classes.
+TORCH_TYPES = MetadataTypes(tm.Metadata, tm.TensorStorageMetadata, tm.BytesStorageMetadata)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8,
                 "float64": torch.float64, "complex64": torch.complex64}
