@@ -23,7 +23,6 @@ from pathlib import Path, PosixPath
 
 import pytest
 
-import ckcore.checkpoint
 from ckcore.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -43,7 +42,7 @@ from ckcore.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from tests.support.paths import REPO
+from tests.support.paths import CKCORE_PARENT, REPO
 from tests.support.streams import call_global, sample_metadata, torchify
 
 FIXTURE = REPO / "tests" / "data" / "dcp_small"
@@ -446,7 +445,7 @@ else:
 print("torch" in sys.modules, any(m.startswith("torch") for m in sys.modules))
 """
     # The child imports the same ckcore this test imported (the installed one in CI).
-    env = dict(os.environ, PYTHONPATH=str(Path(ckcore.checkpoint.__file__).resolve().parent.parent))
+    env = dict(os.environ, PYTHONPATH=str(CKCORE_PARENT))
     out = subprocess.run(
         [sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
     )

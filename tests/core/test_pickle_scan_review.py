@@ -38,8 +38,9 @@ from ckcore.checkpoint import (
     loads_metadata,
 )
 from ckcore.metadata import Metadata
+from tests.support.paths import CKCORE_PARENT
 
-ROOT = Path(ckcore.checkpoint.__file__).resolve().parent.parent
+ROOT = CKCORE_PARENT
 
 # --------------------------------------------------------------------------
 # Stream builders.

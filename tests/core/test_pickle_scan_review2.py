@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-import ckcore.checkpoint
 from ckcore._kernels import _pickle_scan
 from ckcore.checkpoint import (
     CheckpointError,
@@ -28,10 +27,11 @@ from ckcore.checkpoint import (
     loads_metadata,
 )
 from ckcore.metadata import BytesStorageMetadata, MetadataIndex
+from tests.support.paths import CKCORE_PARENT
 from tests.support.streams import _TorchStylePickler, sample_metadata, torchify
 
 # Where the ckcore under test lives (the installed wheel in CI, not the checkout).
-_ROOT = Path(ckcore.checkpoint.__file__).resolve().parent.parent
+_ROOT = CKCORE_PARENT
 _MD = b"torch.distributed.checkpoint.metadata"
 
 

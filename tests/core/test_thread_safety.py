@@ -27,11 +27,11 @@ import threading
 
 import pytest
 
-import ckcore
 from ckcore import _gc
+from tests.support.paths import CKCORE_PARENT
 
 # Where the ckcore under test lives (the installed wheel in CI, not the checkout).
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ckcore.__file__)))
+ROOT = str(CKCORE_PARENT)
 
 # Shared by every scenario: the stress driver and a shared list that records
 # every state it is put in.

@@ -24,10 +24,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 
-import ckcore
 from ckcore.dcp.reader import RangeFileSystemReader
 from tests.support.dcp_sim import BoxLoadPlanner, col_boxes, grid_boxes, row_boxes, save_as_ranks
 from tests.support.identical import assert_identical
+from tests.support.paths import CKCORE_PARENT
 from tests.support.rdzv import file_init_method
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -382,8 +382,7 @@ def test_gloo_two_process_save_and_resharded_load(tmp_path):
     init_method = file_init_method(tmp_path)  # a file store: no port to race for
     env = dict(os.environ)
     # The workers import the same ckcore as this test (the installed one in CI).
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(ckcore.__file__)))
-    env["PYTHONPATH"] = pkg_parent + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(CKCORE_PARENT) + os.pathsep + env.get("PYTHONPATH", "")
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _WORKER, str(r), "2", init_method, path],
