@@ -4,7 +4,7 @@ This file must not import torch (CI also runs it where torch is absent, and a
 subprocess test below proves the loader never imports it). Real torch output
 comes from the fixture tests/data/dcp_small, written by
 torch.distributed.checkpoint.save (tests/data/make_dcp_fixture.py);
-tests/test_checkpoint.py checks the fixture against the installed torch.
+tests/differential/test_checkpoint.py checks the fixture against the installed torch.
 Other streams are crafted here: ckcore objects pickled and renamed to
 torch's module paths, and hostile pickles.
 """

@@ -1,4 +1,4 @@
-"""The intersection kernel against a naive O(N*M) reference (tests/_reference.py).
+"""The intersection kernel against a naive O(N*M) reference (tests/support/reference.py).
 
 Every search path of ``ckcore._kernels._intersect.intersect`` (brute force for
 few pairs, the product-grid path, the interval trie; each forced with

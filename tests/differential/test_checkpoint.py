@@ -5,7 +5,7 @@ process, no process group: torch 2.13 saves with ``no_dist`` then) or, for
 layouts one process cannot produce, by pickling torch's ``Metadata`` exactly
 as ``FileSystemWriter.finish`` does. ckcore's safe loader must return, field
 for field, what ``FileSystemReader.read_metadata`` / ``pickle.load`` return.
-The torch-free half of the tests is tests/test_checkpoint_safe.py.
+The torch-free half of the tests is tests/core/test_checkpoint_safe.py.
 """
 
 from __future__ import annotations
