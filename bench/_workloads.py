@@ -8,17 +8,7 @@ from __future__ import annotations
 
 import itertools
 
-
-def chunk_cuts(n: int, parts: int) -> list[tuple[int, int]]:
-    """torch.chunk-style cuts of a dimension of length ``n`` into ``parts``: ceil division,
-    empty trailing pieces."""
-    step = -(-n // parts) if parts else 0
-    cuts = []
-    for i in range(parts):
-        start = min(n, i * step)
-        stop = min(n, (i + 1) * step)
-        cuts.append((start, stop - start))
-    return cuts
+from tests.support.layouts import chunk_cuts
 
 
 def grid_chunks(shape: tuple[int, ...], parts: tuple[int, ...]) -> list[tuple[tuple, tuple]]:

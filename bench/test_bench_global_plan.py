@@ -42,14 +42,13 @@ from torch.distributed.checkpoint.default_planner import (
 )
 
 from ckcore.global_plan import (
-    MetadataTypes,
     create_global_save_plan,
     dedup_save_plans,
     plan_global_save,
     validate_global_plan,
 )
+from tests.support.gp_cases import TORCH_TYPES
 
-TORCH_TYPES = MetadataTypes(tm.Metadata, tm.TensorStorageMetadata, tm.BytesStorageMetadata)
 IMPLS = ["ckcore", "torch"]
 
 

@@ -39,9 +39,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 
-import ckcore
-from ckcore.dcp._simulate import BoxLoadPlanner, grid_boxes, row_boxes, save_as_ranks
 from ckcore.dcp.reader import RangeFileSystemReader
+from tests.support.dcp_sim import BoxLoadPlanner, grid_boxes, row_boxes, save_as_ranks
+from tests.support.paths import CKCORE_PARENT, REPO
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -109,7 +109,7 @@ _CHILD = textwrap.dedent(
     warnings.filterwarnings("ignore")
     import torch, torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.filesystem import FileSystemReader
-    from ckcore.dcp._simulate import BoxLoadPlanner
+    from tests.support.dcp_sim import BoxLoadPlanner
     from ckcore.dcp.reader import RangeFileSystemReader
     args = json.loads(sys.argv[1])
     path, impl = args["path"], args["impl"]
@@ -170,9 +170,9 @@ _CHILD = textwrap.dedent(
 
 def _measure_in_child(path, boxes, dtypes, impl) -> dict:
     env = dict(os.environ)
-    # The child imports the same ckcore as this process (the installed one in CI).
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(ckcore.__file__)))
-    env["PYTHONPATH"] = pkg_parent + os.pathsep + env.get("PYTHONPATH", "")
+    # The child imports the same ckcore as this process (the installed one in CI),
+    # and tests.support from the checkout, after it (never the checkout's ckcore).
+    env["PYTHONPATH"] = os.pathsep.join([str(CKCORE_PARENT), str(REPO), env.get("PYTHONPATH", "")])
     arg = json.dumps({"path": path, "impl": impl, "boxes": boxes, "dtypes": dtypes})
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, arg], env=env, capture_output=True, text=True, timeout=1800,

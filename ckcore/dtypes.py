@@ -3,7 +3,7 @@
 ckcore names a dtype the way ``str(torch.float32)`` does without the
 ``torch.`` prefix (``"float32"``, ``"bfloat16"``, ``"float8_e4m3fn"``).
 The table equals ``torch.dtype.itemsize`` for every dtype of torch 2.13
-(checked by ``tests/test_dtypes.py``).
+(checked by ``tests/differential/test_dtypes.py``).
 """
 
 from __future__ import annotations

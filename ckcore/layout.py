@@ -10,7 +10,7 @@ This module is the façade over the compiled kernel
 form for the command line, and the array and chunk-list views of a layout.
 
 Semantics equal torch 2.13's, coordinate by coordinate (checked by
-``tests/test_layout.py``):
+``tests/differential/test_layout.py``):
 
 * ``Shard(d)`` splits tensor dim ``d`` like ``torch.chunk``: pieces of
   ``ceil(size / mesh_dim_size)``, so trailing pieces may be empty;

@@ -7,9 +7,10 @@
 # 1. builds the sdist and, from it, the wheel (python -m build) in a build venv,
 #    then installs only the wheel into a fresh test venv without Cython
 #    (tests run against the installed package, never the source tree);
-# 2. runs the torch-free tests with torch NOT installed (ckcore must work without it);
-# 3. installs torch 2.13.0 (CPU build) and runs the whole suite, differential tests
-#    against torch included; none of them may skip for lack of torch;
+# 2. runs the torch-free tests (tests/core, tests/hostile: --torch-free) with torch
+#    NOT installed (ckcore must work without it);
+# 3. installs torch 2.13.0 (CPU build) and runs the whole suite (tests/differential
+#    and tests/multiprocess too); none of them may skip for lack of torch;
 # 4. runs every benchmark once in quick mode (--benchmark-disable) so none rots.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,7 +38,7 @@ step "fresh test environment: $venv (the wheel only: nothing is compiled here)"
 "$py" -m venv "$venv"
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
-pipq python "numpy>=1.24" "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6" ruff cython-lint
+pipq python "numpy>=1.24" "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6" ruff cython-lint mypy
 # --only-binary plus a compiler that always fails: installing ckcore must not build anything.
 CC=false CXX=false pipq python --only-binary=:all: --no-deps dist/ckcore-*.whl
 

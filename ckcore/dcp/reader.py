@@ -117,10 +117,10 @@ def _slabs(
             yield o, ln
 
 
-def _symlinked_dir(root: object, relative_path: str) -> str | None:
+def _symlinked_dir(root: str | os.PathLike[str], relative_path: str) -> str | None:
     # The first directory component of `relative_path` under `root` that is a
     # symlink (lstat, nothing is resolved or opened), or None.
-    d = os.fspath(root)  # type: ignore[arg-type]
+    d = os.fspath(root)
     for part in pathlib.PurePath(relative_path).parts[:-1]:
         d = os.path.join(d, part)
         try:
@@ -131,7 +131,7 @@ def _symlinked_dir(root: object, relative_path: str) -> str | None:
     return None
 
 
-def _check_inside(root: object, relative_path: object, req: ReadItem) -> None:
+def _check_inside(root: str | os.PathLike[str], relative_path: object, req: ReadItem) -> None:
     # FileSystemWriter writes plain file names only. A path that leaves the
     # checkpoint directory lexically (absolute, "..", NUL) or through a
     # symlinked directory is refused before any open. The file itself may be

@@ -1,10 +1,10 @@
 """Write a small sharded DCP checkpoint with 2 gloo processes (tests/data/dcp_sharded).
 
-The CLI's torch-free tests (tests/test_cli_core.py) need a checkpoint that
+The CLI's torch-free tests (tests/core/test_cli_core.py) need a checkpoint that
 looks like a real job's: DTensors sharded over ranks, one file per rank, a
 replicated tensor deduplicated to one rank, bytes items. This script makes
 one with torch.distributed.checkpoint on 2 CPU processes (gloo);
-tests/test_cli.py runs it again into a temporary directory to check that the
+tests/differential/test_cli.py runs it again into a temporary directory to check that the
 committed fixture still matches what the installed torch writes.
 
 Regenerate the fixture from the repository root:

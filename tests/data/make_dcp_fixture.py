@@ -1,7 +1,7 @@
 """Regenerate tests/data/dcp_small: a real checkpoint written by torch.distributed.checkpoint.
 
-The torch-free tests (tests/test_checkpoint_safe.py) read this checkpoint
-without torch; tests/test_checkpoint.py checks that a fresh save of
+The torch-free tests (tests/core/test_checkpoint_safe.py) read this checkpoint
+without torch; tests/differential/test_checkpoint.py checks that a fresh save of
 ``state_dict()`` with the installed torch still produces the same metadata,
 so the fixture cannot drift from what torch writes.
 

@@ -39,8 +39,7 @@ from ckcore.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-
-from .._streams import sample_metadata as _sample
+from tests.support.streams import sample_metadata as _sample
 
 REPO = Path(__file__).resolve().parent.parent.parent
 DATA = REPO / "tests" / "data"
