@@ -86,6 +86,7 @@ import pathlib
 import pickle
 import pickletools
 import stat
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -1098,7 +1099,11 @@ class Checkpoint:
         name (a name it lacks, or maps to None, is a missing file; names no
         entry uses are ignored); ``name`` stands for both :attr:`dir` and
         :attr:`metadata_path`, so messages and reports name it. The metadata
-        is used as given (not copied, and not checked as a file's would be).
+        is used as given (not copied), after the structural check a file's
+        gets (:class:`CheckpointError`, naming ``name``, for e.g. a chunk
+        that is not a ChunkStorageMetadata or a StorageInfo with a negative
+        offset): every later reader relies on those types. Mutate it
+        afterwards and the check no longer holds; build a new Checkpoint.
         Nothing touches the disk: use it to validate or plan a checkpoint
         before (or without) writing it.
 
@@ -1115,6 +1120,10 @@ class Checkpoint:
             raise TypeError(f"metadata must be a ckcore Metadata, got {type(metadata).__name__}")
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
+        try:
+            _check_metadata(metadata)
+        except _StructureError as e:
+            raise CheckpointError(f"{name}: not valid DCP metadata: {e}") from None
         sizes = {} if file_sizes is None else dict(file_sizes)
         for rp, size in sizes.items():
             if size is not None and (type(size) is not int or size < 0):
@@ -1185,8 +1194,13 @@ class Checkpoint:
         a crafted ``.metadata`` naming a million missing items costs
         ``limit`` messages.
         """
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be >= 0 or None, got {limit}")
+        if limit is not None:
+            if type(limit) is not int:
+                raise TypeError(f"limit must be an int >= 0 or None, got {saferepr(limit)}")
+            if limit < 0:
+                raise ValueError(f"limit must be >= 0 or None, got {limit}")
+            if limit > sys.maxsize:  # islice's bound; no walk yields that many
+                limit = None
         return [m for _, m in islice(self.iter_problems(), limit) if m is not None]
 
     def iter_problems(

@@ -1,0 +1,83 @@
+"""Hostile-input review of Checkpoint.from_metadata / problems() (ckcore.report's inputs).
+
+Bad input must give a clear TypeError / ValueError / CheckpointError naming
+what is wrong, never an AttributeError or a message built from garbage.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ckcore.checkpoint import Checkpoint, CheckpointError, StorageInfo
+from ckcore.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from ckcore.report import inspect_checkpoint, plan_reads, validate_checkpoint
+from tests._streams import sample_metadata
+
+SIZES = {"__0_0.distcp": 2000, "__1_0.distcp": 2000}
+
+
+def _one(info=None, chunks=None, size=(4,), key=None):
+    chunks = [ChunkStorageMetadata((0,), (4,))] if chunks is None else chunks
+    t = TensorStorageMetadata(TensorProperties("float32"), size, chunks)
+    sd = {MetadataIndex("w", (0,)) if key is None else key:
+          StorageInfo("f", 0, 16) if info is None else info}
+    return Metadata({"w": t}, storage_data=sd)
+
+
+@pytest.mark.parametrize("md, words", [
+    (_one(info=StorageInfo("f", "0", 16)), "storage_data["),
+    (_one(info=StorageInfo("f", -5, 16)), "storage_data["),
+    (_one(info=StorageInfo("f", 0, -16)), "storage_data["),
+    (_one(info=StorageInfo(3, 0, 16)), "storage_data["),
+    (_one(info=StorageInfo("f", 1.5, 16)), "storage_data["),
+    (_one(info=StorageInfo("f", 2**63, 1)), "storage_data["),
+    (_one(key="w"), "storage_data key 'w' is not a valid MetadataIndex"),
+    (_one(chunks=[(0, 4)]), "w: chunk 0 is tuple"),
+    (_one(chunks=[ChunkStorageMetadata((0,), (4, 5))]), "w: chunk 0 has invalid"),
+    (_one(size="abc"), "w: invalid size"),
+    (Metadata({"w": 5}), "w: storage metadata is int"),
+    (Metadata({5: TensorStorageMetadata(TensorProperties("float32"), (1,), [])}), "key 5 is not a str"),
+    (Metadata([1]), "state_dict_metadata is missing or not a dict"),
+    (Metadata({"w": TensorStorageMetadata(TensorProperties("nope"), (4,), [])}), "invalid tensor properties"),
+    (Metadata({}, storage_data=[1, 2]), "storage_data is list, not a dict"),
+])
+def test_from_metadata_refuses_malformed_metadata(md, words):
+    # Before: accepted, then problems()/validate/inspect/plan raised AttributeError
+    # ('tuple' object has no attribute 'offsets'), "can only concatenate str",
+    # or reported a negative offset as an overlap "with None".
+    with pytest.raises(CheckpointError) as exc:
+        Checkpoint.from_metadata(md, file_sizes={"f": 16}, name="<crafted>")
+    assert "<crafted>: not valid DCP metadata" in str(exc.value)
+    assert words in str(exc.value)
+
+
+def test_from_metadata_still_takes_foreign_storage_records():
+    # A custom storage writer's plain records are reported, not refused.
+    md = _one(info=("f", 0, 16))
+    ck = Checkpoint.from_metadata(md, file_sizes={"f": 16})
+    assert ck.problems() == ["storage entry w at offsets (0,) is a tuple, not a FileSystemWriter record"]
+    assert validate_checkpoint(ck).counts == {"foreign_storage_entry": 1}
+    assert inspect_checkpoint(ck)["totals"]["files"] == 0
+    with pytest.raises(CheckpointError, match="not a FileSystemWriter record"):
+        plan_reads(ck, (1,), {"w": ((4,), ())})
+
+
+@pytest.mark.parametrize("limit", [True, False, 1.5, "3", 2.0])
+def test_problems_limit_must_be_an_int(limit):
+    # Before: True/False were taken as 1/0, 1.5 raised islice's ValueError,
+    # "3" a bare comparison TypeError.
+    ck = Checkpoint.from_metadata(sample_metadata(), file_sizes=SIZES)
+    with pytest.raises(TypeError, match="limit must be an int >= 0 or None"):
+        ck.problems(limit=limit)
+
+
+def test_problems_huge_limit_means_all():
+    # Before: islice refused a limit past sys.maxsize with a ValueError about islice.
+    ck = Checkpoint.from_metadata(sample_metadata())
+    assert ck.problems(limit=2**100) == ck.problems(limit=None)
