@@ -81,3 +81,44 @@ def test_problems_huge_limit_means_all():
     # Before: islice refused a limit past sys.maxsize with a ValueError about islice.
     ck = Checkpoint.from_metadata(sample_metadata())
     assert ck.problems(limit=2**100) == ck.problems(limit=None)
+
+
+_SHARED_CHUNKS = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+from ckcore.checkpoint import Checkpoint
+from ckcore.metadata import *
+from ckcore.report import MAX_KEPT_FINDINGS, validate_checkpoint
+c = ChunkStorageMetadata((0,), (1,))
+md = Metadata({"v": TensorStorageMetadata(TensorProperties("float32"), (1,), [c] * 200_000)},
+              storage_data={})
+f = validate_checkpoint(Checkpoint.from_metadata(md), max_findings=0)
+n = 200_000
+assert f.counts["overlapping_chunks"] == n * (n - 1) // 2, f.counts
+assert f.exact
+assert len(f.shown["overlapping_chunks"]) == MAX_KEPT_FINDINGS
+lines = list(f.lines())
+assert any("more overlapping chunk pairs" in x and "first 100,000" in x for x in lines), lines[-3:]
+print("ok")
+"""
+
+
+def test_validate_show_all_is_bounded_in_memory():
+    # A few hundred KB of .metadata repeating one chunk 200,000 times holds
+    # 2e10 overlapping pairs. Before: with max_findings=0 ("show all",
+    # `ckcore validate --max-findings 0`) the kernel was asked to keep every
+    # pair and the process ran out of memory (OOM-killed, exit 137).
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", _SHARED_CHUNKS], capture_output=True, text=True,
+                       timeout=120, cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("bad", [True, 1.5, "3", None])
+def test_validate_max_findings_must_be_an_int(bad):
+    ck = Checkpoint.from_metadata(sample_metadata(), file_sizes=SIZES)
+    with pytest.raises(TypeError, match="max_findings must be an int"):
+        validate_checkpoint(ck, max_findings=bad)
