@@ -43,7 +43,7 @@ import numpy as np
 
 # The only kernel this module calls directly.
 from ._kernels._validate import _check_tensor_bounded, _read_chunks
-from ._saferepr import chunk_text, name_text, one_line, shape_text
+from ._saferepr import chunk_text, name_text, one_line, saferepr, shape_text
 from .checkpoint import (
     STORAGE_PROBLEMS,
     Checkpoint,
@@ -507,6 +507,9 @@ def resolve_layouts(
     tensors = dict(_tensor_items(md))
     out: dict[str, tuple[tuple[int, ...], tuple[Any, ...]]] = {}
     if world_size is not None:
+        for name, value in (("world_size", world_size), ("shard_dim", shard_dim)):
+            if type(value) is not int:
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if world_size < 1:
             raise UsageError(f"--world-size must be >= 1, got {world_size}")
         for fqn, item in tensors.items():
@@ -635,7 +638,8 @@ def plan_reads(
     on target chunks from :func:`ckcore.layout.local_shapes_and_offsets`.
     Ranks come heaviest first (bytes read, then rank).
 
-    Refuses (CheckpointError) what no DCP save writes and would make the plan
+    Refuses (UsageError) a target shape other than the saved tensor's, and
+    (CheckpointError) what no DCP save writes and would make the plan
     unbounded: saved chunks at the same offsets or overlapping, storage
     entries that are not FileSystemWriter records, byte counts past int64.
     """
@@ -710,6 +714,16 @@ def _tensor_reads(reads: _Reads, table: dict[tuple[str, Any], Any], fqn: str,
                   layout: tuple[Sequence[int], Any], sweep_budget: list[int]) -> None:
     """Add every rank's reads of tensor ``fqn`` at ``layout`` (global shape, placements) to ``reads``."""
     shape, placements = layout
+    try:
+        same = tuple(shape) == tuple(item.size)
+    except TypeError:
+        raise UsageError(f"{name_text(fqn)}: target shape {saferepr(shape)} is not a sequence "
+                         "of ints") from None
+    if not same:
+        # DCP loads a tensor at the shape it was saved with; any other shape
+        # would plan reads no load makes.
+        raise UsageError(f"{name_text(fqn)}: target shape {shape_text(tuple(shape))} differs from "
+                         f"the saved tensor's {shape_text(item.size)}")
     try:
         sizes, offsets = local_shapes_and_offsets(shape, mesh, placements)
     except (TypeError, ValueError) as exc:

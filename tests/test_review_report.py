@@ -122,3 +122,32 @@ def test_validate_max_findings_must_be_an_int(bad):
     ck = Checkpoint.from_metadata(sample_metadata(), file_sizes=SIZES)
     with pytest.raises(TypeError, match="max_findings must be an int"):
         validate_checkpoint(ck, max_findings=bad)
+
+
+def test_plan_reads_refuses_a_target_shape_other_than_the_saved_one():
+    # Before: a layout of (16, 16) over an (8, 8) tensor was planned as if the
+    # saved chunks lay in the bigger tensor, a report for a load no DCP load makes.
+    from ckcore.report import UsageError, resolve_layouts
+
+    md = sample_metadata()
+    ck = Checkpoint.from_metadata(md, file_sizes=SIZES)
+    mesh, layouts = resolve_layouts(md, world_size=2)
+    for shape in ((16, 16), (1, 1), (8, 8, 1), (8,)):
+        bad = {**layouts, "layer1.weight": (shape, layouts["layer1.weight"][1])}
+        with pytest.raises(UsageError, match=r"layer1.weight: target shape .* differs from the "
+                                             r"saved tensor's \(8, 8\)"):
+            plan_reads(ck, mesh, bad)
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"world_size": 1.5}, "world_size must be an int"),
+    ({"world_size": True}, "world_size must be an int"),
+    ({"world_size": 2, "shard_dim": "0"}, "shard_dim must be an int"),
+    ({"world_size": 2, "shard_dim": 0.0}, "shard_dim must be an int"),
+])
+def test_resolve_layouts_takes_int_sizes(kw, words):
+    # Before: world_size=1.5 gave a mesh (1.5,); shard_dim="0" a bare comparison TypeError.
+    from ckcore.report import resolve_layouts
+
+    with pytest.raises(TypeError, match=words):
+        resolve_layouts(sample_metadata(), **kw)
