@@ -205,7 +205,7 @@ def _torch_order(offs: np.ndarray, sizes: np.ndarray, tsize: Sequence[int], pair
     return cur[perm], oth[perm]
 
 
-def _logger(logger: Any) -> logging.Logger | logging.LoggerAdapter:
+def _logger(logger: Any) -> Any:
     """``logger``, or this module's for None; TypeError for anything else.
 
     Checked up front: findings are logged only when there are some, so a
@@ -213,9 +213,12 @@ def _logger(logger: Any) -> logging.Logger | logging.LoggerAdapter:
     """
     if logger is None:
         return _LOG
-    if not isinstance(logger, (logging.Logger, logging.LoggerAdapter)):
+    # Duck-typed, as torch's planner uses its logger: only ``.warning(msg)``
+    # is called, and a drop-in must take whatever torch's module holds.
+    if not callable(getattr(logger, "warning", None)):
         raise TypeError(
-            f"logger must be a logging.Logger or LoggerAdapter (or None), got {type(logger).__name__}")
+            "logger must be a logging.Logger (or any object with a warning method) or None, "
+            f"got {type(logger).__name__}")
     return logger
 
 
@@ -235,7 +238,8 @@ def validate_global_plan(
     objects give torch's exact strings), in torch's order, each also logged
     as a warning to ``logger`` (by default this module's, ``ckcore.global_plan``;
     the torch drop-ins pass the logger torch's ``default_planner`` uses; a
-    ``logging.LoggerAdapter`` is taken too, anything else is a TypeError).
+    any object with a ``warning`` method is taken too, as torch's module
+    logger may be replaced by one; anything else is a TypeError).
 
     Cost is linear for regular grids and layouts whose per-dimension cuts
     are disjoint (regular, irregular, MoE), and follows the output when
