@@ -1124,6 +1124,9 @@ class Checkpoint:
             _check_metadata(metadata)
         except _StructureError as e:
             raise CheckpointError(f"{name}: not valid DCP metadata: {e}") from None
+        if file_sizes is not None and not isinstance(file_sizes, Mapping):
+            raise TypeError("file_sizes must be a mapping of file name to size (or None), "
+                            f"got {type(file_sizes).__name__}")
         sizes = {} if file_sizes is None else dict(file_sizes)
         for rp, size in sizes.items():
             if size is not None and (type(size) is not int or size < 0):

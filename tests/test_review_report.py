@@ -151,3 +151,11 @@ def test_resolve_layouts_takes_int_sizes(kw, words):
 
     with pytest.raises(TypeError, match=words):
         resolve_layouts(sample_metadata(), **kw)
+
+
+@pytest.mark.parametrize("sizes", ["abc", 5, [("__0_0.distcp", 2000)], True])
+def test_from_metadata_file_sizes_must_be_a_mapping(sizes):
+    # Before: "abc" gave "dictionary update sequence element #0 has length 1; 2 is
+    # required", 5 "'int' object is not iterable", and a list of pairs was taken.
+    with pytest.raises(TypeError, match="file_sizes must be a mapping of file name to size"):
+        Checkpoint.from_metadata(sample_metadata(), file_sizes=sizes)
