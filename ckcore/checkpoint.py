@@ -1244,6 +1244,7 @@ class Checkpoint:
                 if key not in storage:
                     k = "missing_storage_entry"
                     yield k, f"{name_text(fqn)}: bytes item has no storage entry" if w(k) else None
+        outside: dict[str, bool] = {}  # a few files hold every entry: parse each name once
         for key, info in storage.items():
             if key not in expected:
                 k = "unknown_storage_entry"
@@ -1255,7 +1256,10 @@ class Checkpoint:
                           "not a FileSystemWriter record") if w(k) else None
                 continue
             rp = info.relative_path
-            if _escapes(rp):
+            escapes = outside.get(rp)
+            if escapes is None:
+                escapes = outside[rp] = _escapes(rp)
+            if escapes:
                 k = "path_outside"
                 yield k, (f"{name_text(key.fqn)}: file {name_text(rp)} lies outside the "
                           "checkpoint directory") if w(k) else None
