@@ -260,7 +260,7 @@ def _overlapping_reads(fqn: str, r: Intersection, lsize: np.ndarray) -> Optional
         sizes = np.ascontiguousarray(r.lengths[sel])
         tsize = np.ascontiguousarray(lsize[i])
         *_, pairs, found, _, exhausted, spent = _check_tensor_bounded(
-            offs, sizes, tsize, 1, 1, budget)
+            offs, sizes, tsize, 1, 1, max(0, budget))
         budget -= spent
         if found:
             a, b = (int(sel[k]) for k in pairs[0].tolist())
