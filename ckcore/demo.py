@@ -9,11 +9,9 @@ objects. torch is imported only inside :func:`run_demo`'s torch step.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from . import _models
@@ -48,18 +46,14 @@ def _check_sizes(**sizes: Any) -> None:
                          f"{MAX_DEMO_LAYERS} layers")
 
 
-@contextlib.contextmanager
-def _quiet_validation_logger() -> Iterator[None]:
-    # validate_global_plan logs every finding as a warning (as torch does);
-    # with no logging configured Python prints those to stderr through
-    # logging.lastResort, duplicating the CLI's own report.
-    log = logging.getLogger("ckcore.global_plan")
-    was = log.disabled
-    log.disabled = True
-    try:
-        yield
-    finally:
-        log.disabled = was
+# validate_global_plan logs every finding as a warning (as torch does); with
+# no logging configured Python prints those to stderr through
+# logging.lastResort, duplicating the CLI's own report. The demo's plan gets
+# a logger of its own that goes nowhere, leaving "ckcore.global_plan" (and
+# whatever other threads log to it meanwhile) alone.
+_SILENT = logging.getLogger("ckcore.demo.validation")
+_SILENT.addHandler(logging.NullHandler())
+_SILENT.propagate = False
 
 
 def _best_of(fn: Any, repeat: int) -> tuple[float, Any]:
@@ -214,8 +208,7 @@ def _time_ckcore_steps(
     timings: dict[str, dict[str, float | None]] = {}
 
     def ck_save() -> tuple[list[Any], Metadata, list[str]]:
-        with _quiet_validation_logger():
-            return plan_global_save(ck_plans)
+        return plan_global_save(ck_plans, logger=_SILENT)
 
     t_save, (global_plans, md, errors) = _best_of(ck_save, repeat)
     if errors:  # pragma: no cover - the demo's layouts are sound

@@ -27,3 +27,24 @@ SMALL = dict(layers=1, save_fsdp=2, load_fsdp=1, load_tp=2, use_torch=False)
 def test_run_demo_refuses_bad_sizes(kw, error, words):
     with pytest.raises(error, match=words):
         run_demo(**{**SMALL, **kw})
+
+
+def test_run_demo_leaves_the_global_plan_logger_alone(monkeypatch):
+    # Before: run_demo set logging.getLogger("ckcore.global_plan").disabled for
+    # the duration of its save plan, dropping every other thread's validation
+    # warnings meanwhile; it now gives plan_global_save a logger of its own.
+    import logging
+
+    import ckcore.demo as demo
+
+    seen = []
+    real = demo.plan_global_save
+
+    def spy(*args, **kwargs):
+        seen.append((logging.getLogger("ckcore.global_plan").disabled, kwargs.get("logger")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "plan_global_save", spy)
+    run_demo(**SMALL)
+    assert seen and all(disabled is False for disabled, _ in seen)
+    assert all(log is not None and log.name != "ckcore.global_plan" for _, log in seen)
