@@ -1226,6 +1226,8 @@ class Checkpoint:
         millions of problems keeps only the messages it shows. The walk is
         linear in the metadata's entries (plus a sort of each file's).
         """
+        if want is not None and not callable(want):
+            raise TypeError(f"want must be a callable (kind -> bool) or None, got {type(want).__name__}")
         w = want or _always
         storage = self.storage
         expected: set[MetadataIndex] = set()

@@ -179,3 +179,12 @@ def test_storage_walk_parses_each_file_name_once(monkeypatch):
     monkeypatch.setattr(cc, "_escapes", lambda rp: calls.append(rp) or real(rp))
     assert ck.problems() == []
     assert sorted(calls) == ["__0_0.distcp", "__1_0.distcp", "__2_0.distcp"]
+
+
+@pytest.mark.parametrize("want", ["missing_file", 0, True])
+def test_iter_problems_want_must_be_callable(want):
+    # Before: 0 meant "every message" (falsy), "missing_file" failed with
+    # "'str' object is not callable" only once a problem was found.
+    ck = Checkpoint.from_metadata(sample_metadata(), file_sizes=SIZES)
+    with pytest.raises(TypeError, match="want must be a callable"):
+        list(ck.iter_problems(want))
