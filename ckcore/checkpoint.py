@@ -1195,7 +1195,8 @@ class Checkpoint:
         The first ``limit`` messages of :meth:`iter_problems` (None: all of
         them, as many as the metadata has entries); the walk stops there, so
         a crafted ``.metadata`` naming a million missing items costs
-        ``limit`` messages.
+        ``limit`` messages. ``limit`` is an int >= 0 (a bool or float is a
+        TypeError, a negative int a ValueError) or None.
         """
         if limit is not None:
             if type(limit) is not int:
