@@ -86,6 +86,7 @@ import pathlib
 import pickle
 import pickletools
 import stat
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -1098,7 +1099,11 @@ class Checkpoint:
         name (a name it lacks, or maps to None, is a missing file; names no
         entry uses are ignored); ``name`` stands for both :attr:`dir` and
         :attr:`metadata_path`, so messages and reports name it. The metadata
-        is used as given (not copied, and not checked as a file's would be).
+        is used as given (not copied), after the structural check a file's
+        gets (:class:`CheckpointError`, naming ``name``, for e.g. a chunk
+        that is not a ChunkStorageMetadata or a StorageInfo with a negative
+        offset): every later reader relies on those types. Mutate it
+        afterwards and the check no longer holds; build a new Checkpoint.
         Nothing touches the disk: use it to validate or plan a checkpoint
         before (or without) writing it.
 
@@ -1115,6 +1120,13 @@ class Checkpoint:
             raise TypeError(f"metadata must be a ckcore Metadata, got {type(metadata).__name__}")
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
+        try:
+            _check_metadata(metadata)
+        except _StructureError as e:
+            raise CheckpointError(f"{name}: not valid DCP metadata: {e}") from None
+        if file_sizes is not None and not isinstance(file_sizes, Mapping):
+            raise TypeError("file_sizes must be a mapping of file name to size (or None), "
+                            f"got {type(file_sizes).__name__}")
         sizes = {} if file_sizes is None else dict(file_sizes)
         for rp, size in sizes.items():
             if size is not None and (type(size) is not int or size < 0):
@@ -1183,10 +1195,16 @@ class Checkpoint:
         The first ``limit`` messages of :meth:`iter_problems` (None: all of
         them, as many as the metadata has entries); the walk stops there, so
         a crafted ``.metadata`` naming a million missing items costs
-        ``limit`` messages.
+        ``limit`` messages. ``limit`` is an int >= 0 (a bool or float is a
+        TypeError, a negative int a ValueError) or None.
         """
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be >= 0 or None, got {limit}")
+        if limit is not None:
+            if type(limit) is not int:
+                raise TypeError(f"limit must be an int >= 0 or None, got {saferepr(limit)}")
+            if limit < 0:
+                raise ValueError(f"limit must be >= 0 or None, got {limit}")
+            if limit > sys.maxsize:  # islice's bound; no walk yields that many
+                limit = None
         return [m for _, m in islice(self.iter_problems(), limit) if m is not None]
 
     def iter_problems(
@@ -1209,6 +1227,8 @@ class Checkpoint:
         millions of problems keeps only the messages it shows. The walk is
         linear in the metadata's entries (plus a sort of each file's).
         """
+        if want is not None and not callable(want):
+            raise TypeError(f"want must be a callable (kind -> bool) or None, got {type(want).__name__}")
         w = want or _always
         storage = self.storage
         expected: set[MetadataIndex] = set()
@@ -1227,6 +1247,7 @@ class Checkpoint:
                 if key not in storage:
                     k = "missing_storage_entry"
                     yield k, f"{name_text(fqn)}: bytes item has no storage entry" if w(k) else None
+        outside: dict[str, bool] = {}  # a few files hold every entry: parse each name once
         for key, info in storage.items():
             if key not in expected:
                 k = "unknown_storage_entry"
@@ -1238,7 +1259,10 @@ class Checkpoint:
                           "not a FileSystemWriter record") if w(k) else None
                 continue
             rp = info.relative_path
-            if _escapes(rp):
+            escapes = outside.get(rp)
+            if escapes is None:
+                escapes = outside[rp] = _escapes(rp)
+            if escapes:
                 k = "path_outside"
                 yield k, (f"{name_text(key.fqn)}: file {name_text(rp)} lies outside the "
                           "checkpoint directory") if w(k) else None

@@ -396,10 +396,13 @@ def _cmd_demo(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     for name in ("layers", "save_fsdp", "load_fsdp", "load_tp", "repeat"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    from .demo import MAX_DEMO_LAYERS, MAX_DEMO_RANKS, run_demo
+
     # The demo builds Python plan objects for every rank and tensor: keep it a demo.
-    if args.save_fsdp > 4096 or args.load_fsdp * args.load_tp > 4096 or args.layers > 1000:
-        raise UsageError("demo sizes are capped at 4096 ranks per job and 1000 layers")
-    from .demo import run_demo
+    if (args.save_fsdp > MAX_DEMO_RANKS or args.load_fsdp * args.load_tp > MAX_DEMO_RANKS
+            or args.layers > MAX_DEMO_LAYERS):
+        raise UsageError(f"demo sizes are capped at {MAX_DEMO_RANKS} ranks per job and "
+                         f"{MAX_DEMO_LAYERS} layers")
 
     result = run_demo(layers=args.layers, save_fsdp=args.save_fsdp, load_fsdp=args.load_fsdp,
                       load_tp=args.load_tp, use_torch=not args.no_torch, repeat=args.repeat,

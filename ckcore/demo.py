@@ -9,11 +9,9 @@ objects. torch is imported only inside :func:`run_demo`'s torch step.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from . import _models
@@ -26,21 +24,36 @@ from .metadata import ChunkStorageMetadata, Metadata, MetadataIndex, TensorPrope
 from .planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 from .report import ProgressSink, format_mesh, plan_reads
 
-__all__ = ["run_demo"]
+__all__ = ["MAX_DEMO_LAYERS", "MAX_DEMO_RANKS", "run_demo"]
+
+#: Largest job (ranks of the save mesh, or of the load mesh) :func:`run_demo`
+#: plans: it builds Python plan objects for every rank and tensor.
+MAX_DEMO_RANKS = 4096
+
+#: Most layers :func:`run_demo` plans.
+MAX_DEMO_LAYERS = 1000
 
 
-@contextlib.contextmanager
-def _quiet_validation_logger() -> Iterator[None]:
-    # validate_global_plan logs every finding as a warning (as torch does);
-    # with no logging configured Python prints those to stderr through
-    # logging.lastResort, duplicating the CLI's own report.
-    log = logging.getLogger("ckcore.global_plan")
-    was = log.disabled
-    log.disabled = True
-    try:
-        yield
-    finally:
-        log.disabled = was
+def _check_sizes(**sizes: Any) -> None:
+    for name, value in sizes.items():
+        if type(value) is not int:
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if (sizes["save_fsdp"] > MAX_DEMO_RANKS or sizes["load_fsdp"] * sizes["load_tp"] > MAX_DEMO_RANKS
+            or sizes["layers"] > MAX_DEMO_LAYERS):
+        raise ValueError(f"demo sizes are capped at {MAX_DEMO_RANKS} ranks per job and "
+                         f"{MAX_DEMO_LAYERS} layers")
+
+
+# validate_global_plan logs every finding as a warning (as torch does); with
+# no logging configured Python prints those to stderr through
+# logging.lastResort, duplicating the CLI's own report. The demo's plan gets
+# a logger of its own that goes nowhere, leaving "ckcore.global_plan" (and
+# whatever other threads log to it meanwhile) alone.
+_SILENT = logging.getLogger("ckcore.demo.validation")
+_SILENT.addHandler(logging.NullHandler())
+_SILENT.propagate = False
 
 
 def _best_of(fn: Any, repeat: int) -> tuple[float, Any]:
@@ -82,8 +95,12 @@ def run_demo(
 
     The checkpoint's storage is laid out as FileSystemWriter would (one file
     per saving rank, items back to back), with raw tensor bytes as lengths.
-    Returns the timings, the item counts and the plan report.
+    Returns the timings, the item counts and the plan report. Sizes are
+    ints >= 1 (TypeError, ValueError), capped at :data:`MAX_DEMO_RANKS` ranks
+    per job and :data:`MAX_DEMO_LAYERS` layers (ValueError).
     """
+    _check_sizes(layers=layers, save_fsdp=save_fsdp, load_fsdp=load_fsdp, load_tp=load_tp,
+                 repeat=repeat)
     shapes = _models.llama70b_state_dict_shapes(layers)
     dtype = _models.LLAMA70B_DTYPE
     save_mesh = (save_fsdp,)
@@ -191,8 +208,7 @@ def _time_ckcore_steps(
     timings: dict[str, dict[str, float | None]] = {}
 
     def ck_save() -> tuple[list[Any], Metadata, list[str]]:
-        with _quiet_validation_logger():
-            return plan_global_save(ck_plans)
+        return plan_global_save(ck_plans, logger=_SILENT)
 
     t_save, (global_plans, md, errors) = _best_of(ck_save, repeat)
     if errors:  # pragma: no cover - the demo's layouts are sound

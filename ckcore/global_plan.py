@@ -205,8 +205,26 @@ def _torch_order(offs: np.ndarray, sizes: np.ndarray, tsize: Sequence[int], pair
     return cur[perm], oth[perm]
 
 
+def _logger(logger: Any) -> Any:
+    """``logger``, or this module's for None; TypeError for anything else.
+
+    Checked up front: findings are logged only when there are some, so a
+    wrong value would otherwise pass unnoticed until a plan is unsound.
+    """
+    if logger is None:
+        return _LOG
+    # Duck-typed, as torch's planner uses its logger: only ``.warning(msg)``
+    # is called, and a drop-in must take whatever torch's module holds.
+    if not callable(getattr(logger, "warning", None)):
+        raise TypeError(
+            "logger must be a logging.Logger (or any object with a warning method) or None, "
+            f"got {type(logger).__name__}")
+    return logger
+
+
 def validate_global_plan(
-    global_plan: Sequence[Any], metadata: Any, *, logger: logging.Logger | None = None
+    global_plan: Sequence[Any], metadata: Any, *,
+    logger: logging.Logger | logging.LoggerAdapter | None = None
 ) -> list[str]:
     """Return torch's ``_validate_global_plan`` findings (an empty list if the plan is sound).
 
@@ -219,7 +237,9 @@ def validate_global_plan(
     torch's, formatted with the ``repr`` of the objects given (so torch's
     objects give torch's exact strings), in torch's order, each also logged
     as a warning to ``logger`` (by default this module's, ``ckcore.global_plan``;
-    the torch drop-ins pass the logger torch's ``default_planner`` uses).
+    the torch drop-ins pass the logger torch's ``default_planner`` uses; a
+    any object with a ``warning`` method is taken too, as torch's module
+    logger may be replaced by one; anything else is a TypeError).
 
     Cost is linear for regular grids and layouts whose per-dimension cuts
     are disjoint (regular, irregular, MoE), and follows the output when
@@ -231,6 +251,7 @@ def validate_global_plan(
     the extra dimensions) or whose values or offset + size fall outside
     int64; negative values are reported as out of bounds, as torch does.
     """
+    log = _logger(logger)
     if not hasattr(metadata, "state_dict_metadata"):
         raise TypeError(
             f"validate_global_plan: metadata must be a Metadata (with .state_dict_metadata), "
@@ -242,10 +263,11 @@ def validate_global_plan(
             f"validate_global_plan: global_plan must be a list of SavePlans, "
             f"got {type(global_plan).__name__}") from None
     with paused(promote=True):
-        return _validate(global_plan, metadata, _LOG if logger is None else logger)
+        return _validate(global_plan, metadata, log)
 
 
-def _validate(global_plan: Sequence[Any], metadata: Any, log: logging.Logger) -> list[str]:
+def _validate(global_plan: Sequence[Any], metadata: Any,
+              log: logging.Logger | logging.LoggerAdapter) -> list[str]:
     errors: list[str] = []
     multi = len(global_plan) > 1
     for key, value in metadata.state_dict_metadata.items():
@@ -254,7 +276,7 @@ def _validate(global_plan: Sequence[Any], metadata: Any, log: logging.Logger) ->
 
 
 def _validate_key(
-    key: Any, value: Any, multi: bool, errors: list[str], log: logging.Logger
+    key: Any, value: Any, multi: bool, errors: list[str], log: logging.Logger | logging.LoggerAdapter
 ) -> None:
     """torch's checks of one metadata entry, its findings logged to ``log`` and appended to errors."""
     if not _is_tensor_storage(key, value):
@@ -304,7 +326,7 @@ def plan_global_save(
     save_to_lowest_rank: bool = False,
     rewrite_index_hints: bool = True,
     types: MetadataTypes = CKCORE_TYPES,
-    logger: logging.Logger | None = None,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
 ) -> tuple[list[Any], Any, list[str]]:
     """Rank 0's whole global planning step: dedup, global plan and validation.
 
@@ -325,7 +347,7 @@ def plan_global_save(
     types on one fqn, missing chunks, non-integer offsets, ...) go through
     the three functions in turn.
     """
-    log = _LOG if logger is None else logger
+    log = _logger(logger)
     plans = list(all_plans)
     res = None
     try:

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple, Optional, cast
 import numpy as np
 
 from ._kernels import _coverage, _intersect, _items
+from ._kernels._validate import _check_tensor_bounded
 from .metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -200,6 +201,7 @@ def create_read_items_for_chunk_list(fqn: str, checkpoint_md: Any, local_chunks:
 would get only 2 of its 4 elements from the saved chunks (is the .metadata damaged?)
     """
     cls = classes or CKCORE_CLASSES
+    _check_flag(verify_cover)
     if not hasattr(checkpoint_md, "chunks") or not hasattr(checkpoint_md, "size"):
         raise TypeError(
             f"{fqn}: expected tensor storage metadata (with .size and .chunks), "
@@ -219,6 +221,56 @@ would get only 2 of its 4 elements from the saved chunks (is the .metadata damag
     return cast("list[Any]", _items.read_items(
         fqn, local_chunks, saved_chunks, ndim,
         cls.read_item, cls.metadata_index, cls.load_item_type.TENSOR, cls.size))
+
+
+def _check_flag(verify_cover: Any) -> None:
+    # A stray truthy/falsy value ("no", 0.0, None) must not switch the check
+    # on or off unnoticed.
+    if type(verify_cover) is not bool:
+        raise TypeError(f"verify_cover must be True or False, got {type(verify_cover).__name__}")
+
+
+#: Box comparisons the overlap search of :func:`_check_cover` may make per
+#: call (about a second). Reads that tile a chunk on a grid, as every DCP
+#: layout does, need a few per read; only crafted metadata needs more.
+COVER_SWEEP_BUDGET = 500_000_000
+
+
+def _overlapping_reads(fqn: str, r: Intersection, lsize: np.ndarray) -> Optional[tuple[int, int, int]]:
+    """``(local chunk, read a, read b)`` of two reads sharing elements, or None if none do.
+
+    The validator's bounded overlap kernel, stopping at the first pair
+    (identical reads cost nothing): never all pairs, which for n reads
+    crossing each other are n**2. ValueError when the search would pass
+    :data:`COVER_SWEEP_BUDGET` comparisons.
+    """
+    li = r.local_index
+    budget = COVER_SWEEP_BUDGET
+    # Reads of a zero-size box hold no elements and cannot overlap.
+    solid: np.ndarray = np.all(r.lengths > 0, axis=1)
+    starts = np.flatnonzero(np.r_[True, li[1:] != li[:-1]]) if len(li) else np.zeros(0, np.int64)
+    for sel in np.split(np.arange(len(li)), starts[1:]):
+        sel = sel[solid[sel]]
+        if len(sel) < 2:
+            continue
+        i = int(li[sel[0]])
+        if r.lengths.shape[1] == 0:  # 0-d: any two reads write the one element
+            return i, int(sel[0]), int(sel[1])
+        offs = np.ascontiguousarray(r.dest_offsets[sel])
+        sizes = np.ascontiguousarray(r.lengths[sel])
+        tsize = np.ascontiguousarray(lsize[i])
+        *_, pairs, found, _, exhausted, spent = _check_tensor_bounded(
+            offs, sizes, tsize, 1, 1, max(0, budget))
+        budget -= spent
+        if found:
+            a, b = (int(sel[k]) for k in pairs[0].tolist())
+            return i, min(a, b), max(a, b)
+        if exhausted:
+            raise ValueError(
+                f"checkpoint metadata for {fqn}: the {len(sel):,} reads into local chunk {i} are too "
+                f"irregular to check for overlaps within {COVER_SWEEP_BUDGET:,} comparisons, "
+                "which no DCP layout needs (is the .metadata damaged?)")
+    return None
 
 
 def _verified_read_items(fqn: str, local_chunks: list, saved: list, ndim: int,
@@ -256,19 +308,12 @@ def _check_cover(fqn: str, r: Intersection, local_chunks: Sequence[Any], saved: 
     """Raise ValueError unless the reads ``r`` fill every local chunk exactly once."""
     code, i, a, b, covered = _coverage.check_cover(r.local_index, r.dest_offsets, r.lengths, lsize)
     if code == _coverage.COVER_UNDECIDED:
-        # Many reads into one chunk: find overlapping reads with the intersection kernel.
-        for i in np.unique(r.local_index).tolist():
-            sel = np.flatnonzero(r.local_index == i)
-            boxes = (r.dest_offsets[sel], r.lengths[sel])
-            pairs = intersect_chunks(boxes, boxes, fqn=fqn)
-            hit = (pairs.local_index != pairs.saved_index) & (pairs.lengths > 0).all(axis=1)
-            if hit.any():
-                k = int(np.flatnonzero(hit)[0])
-                a, b = int(sel[pairs.local_index[k]]), int(sel[pairs.saved_index[k]])
-                code = _coverage.COVER_OVERLAP
-                break
-        else:
+        # Many reads into one chunk: look for two that share elements.
+        hit = _overlapping_reads(fqn, r, lsize)
+        if hit is None:
             return
+        i, a, b = hit
+        code = _coverage.COVER_OVERLAP
     if code == _coverage.COVER_OK:
         return
     chunk = local_chunks[i]
@@ -306,6 +351,7 @@ def create_read_items(fqn: str, md: Any, local_chunks: Optional[Sequence[Any]] =
     :func:`create_read_items_for_chunk_list`).
     """
     cls = classes or CKCORE_CLASSES
+    _check_flag(verify_cover)
     if isinstance(md, BytesStorageMetadata) or type(md).__name__ == "BytesStorageMetadata":
         zero = cls.size((0,))
         return [cls.read_item(

@@ -43,7 +43,7 @@ import numpy as np
 
 # The only kernel this module calls directly.
 from ._kernels._validate import _check_tensor_bounded, _read_chunks
-from ._saferepr import chunk_text, name_text, one_line, shape_text
+from ._saferepr import chunk_text, name_text, one_line, saferepr, shape_text
 from .checkpoint import (
     STORAGE_PROBLEMS,
     Checkpoint,
@@ -68,6 +68,7 @@ __all__ = [
     "COALESCING",
     "DEFAULT_MAX_FINDINGS",
     "FINDING_KINDS",
+    "MAX_KEPT_FINDINGS",
     "MAX_SHAPE_DIMS",
     "MAX_WORLD",
     "PAIR_COUNT_LIMIT",
@@ -221,6 +222,12 @@ def inspect_checkpoint(ck: Checkpoint) -> dict[str, Any]:
 #: Findings of each kind ``validate`` shows by default (``--max-findings``).
 DEFAULT_MAX_FINDINGS = 20
 
+#: Messages of each kind :class:`Findings` keeps when asked for all of them
+#: (``--max-findings 0``); the rest are still counted. A few hundred
+#: kilobytes of crafted ``.metadata`` hold 10**10 overlapping pairs, whose
+#: messages no memory holds.
+MAX_KEPT_FINDINGS = 100_000
+
 #: Overlapping chunk pairs counted, over the whole checkpoint, before the
 #: count becomes "at least": a few kilobytes of crafted ``.metadata`` hold
 #: billions of pairs, and counting them can take as long as listing them
@@ -248,7 +255,8 @@ FINDING_KINDS = {
 class Findings:
     """What :func:`validate_checkpoint` found, by kind: the first ``limit`` messages of each, and counts.
 
-    ``limit`` <= 0 keeps every message. Checks call :meth:`add` for each
+    ``limit`` <= 0 keeps every message, up to :data:`MAX_KEPT_FINDINGS` of
+    each kind. Checks call :meth:`add` for each
     finding and write its message (:meth:`keep`) only when ``add`` asks for
     it, so a million findings cost a million counts, not a million strings.
     ``counts`` maps each kind (a key of :data:`FINDING_KINDS`) found to its
@@ -258,16 +266,17 @@ class Findings:
 
     def __init__(self, limit: int = DEFAULT_MAX_FINDINGS) -> None:
         """Keep the first ``limit`` messages of each kind (every message when ``limit`` <= 0)."""
+        if type(limit) is not int:
+            raise TypeError(f"max_findings must be an int, got {type(limit).__name__}")
         self.limit = limit
         self.shown: dict[str, list[str]] = {}
         self.counts: dict[str, int] = {}
         self.inexact: set[str] = set()
 
     def room(self, kind: str) -> int:
-        """How many more messages of ``kind`` would be kept (-1: no limit)."""
-        if self.limit <= 0:
-            return -1
-        return max(0, self.limit - len(self.shown.get(kind, ())))
+        """How many more messages of ``kind`` would be kept."""
+        cap = MAX_KEPT_FINDINGS if self.limit <= 0 else min(self.limit, MAX_KEPT_FINDINGS)
+        return max(0, cap - len(self.shown.get(kind, ())))
 
     def add(self, kind: str) -> bool:
         """Count one finding of ``kind``; True when its message is to be kept (see :meth:`keep`)."""
@@ -284,7 +293,7 @@ class Findings:
             return
         self.counts[kind] = self.counts.get(kind, 0) + count
         room = self.room(kind)
-        kept = list(messages) if room < 0 else list(messages[:room])
+        kept = list(messages[:room])
         if kept:
             self.shown.setdefault(kind, []).extend(kept)
         if not exact:
@@ -322,6 +331,9 @@ class Findings:
             if kind in self.inexact:
                 yield (f"... and at least {rest:,} more {label} "
                        f"(counting stopped at {count:,})")
+            elif rest > 0 and len(shown) >= MAX_KEPT_FINDINGS:
+                yield (f"... and {rest:,} more {label} (only the first "
+                       f"{MAX_KEPT_FINDINGS:,} of each kind are kept)")
             elif rest > 0:
                 yield f"... and {rest:,} more {label} (--max-findings 0 shows all)"
 
@@ -352,7 +364,7 @@ def validate_checkpoint(ck: Checkpoint, progress: ProgressSink | None = None, *,
     bytes shared between entries, no entry shorter than its chunk's raw bytes.
 
     Bounded for crafted input: each kind keeps its first ``max_findings``
-    messages (all when <= 0) and counts the rest; overlapping pairs are
+    messages (all when <= 0, up to :data:`MAX_KEPT_FINDINGS`) and counts the rest; overlapping pairs are
     counted up to :data:`PAIR_COUNT_LIMIT` (all when ``max_findings`` <= 0),
     and the overlap sweep makes at most :data:`SWEEP_BUDGET` comparisons.
     ``progress`` (optional) hears of each tensor checked.
@@ -415,7 +427,7 @@ def _validate_tensor(fqn: str, item: TensorStorageMetadata, f: Findings,
     shape = shape_text(size)
     f.add_many("out_of_bounds", [
         f"key:{name_text(fqn)} has out of bounds chunk: tensor-size:{shape} chunk: {chunk_text(chunks[i])}"
-        for i in (oob if room < 0 else oob[:room]).tolist()
+        for i in oob[:room].tolist()
     ], len(oob))
     if found:
         shown = []
@@ -495,6 +507,9 @@ def resolve_layouts(
     tensors = dict(_tensor_items(md))
     out: dict[str, tuple[tuple[int, ...], tuple[Any, ...]]] = {}
     if world_size is not None:
+        for name, value in (("world_size", world_size), ("shard_dim", shard_dim)):
+            if type(value) is not int:
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if world_size < 1:
             raise UsageError(f"--world-size must be >= 1, got {world_size}")
         for fqn, item in tensors.items():
@@ -623,7 +638,8 @@ def plan_reads(
     on target chunks from :func:`ckcore.layout.local_shapes_and_offsets`.
     Ranks come heaviest first (bytes read, then rank).
 
-    Refuses (CheckpointError) what no DCP save writes and would make the plan
+    Refuses (UsageError) a target shape other than the saved tensor's, and
+    (CheckpointError) what no DCP save writes and would make the plan
     unbounded: saved chunks at the same offsets or overlapping, storage
     entries that are not FileSystemWriter records, byte counts past int64.
     """
@@ -698,6 +714,16 @@ def _tensor_reads(reads: _Reads, table: dict[tuple[str, Any], Any], fqn: str,
                   layout: tuple[Sequence[int], Any], sweep_budget: list[int]) -> None:
     """Add every rank's reads of tensor ``fqn`` at ``layout`` (global shape, placements) to ``reads``."""
     shape, placements = layout
+    try:
+        same = tuple(shape) == tuple(item.size)
+    except TypeError:
+        raise UsageError(f"{name_text(fqn)}: target shape {saferepr(shape)} is not a sequence "
+                         "of ints") from None
+    if not same:
+        # DCP loads a tensor at the shape it was saved with; any other shape
+        # would plan reads no load makes.
+        raise UsageError(f"{name_text(fqn)}: target shape {shape_text(tuple(shape))} differs from "
+                         f"the saved tensor's {shape_text(item.size)}")
     try:
         sizes, offsets = local_shapes_and_offsets(shape, mesh, placements)
     except (TypeError, ValueError) as exc:

@@ -23,9 +23,41 @@ class UntestedTorchWarning(UserWarning):
     """The installed torch is outside the releases ckcore.dcp is tested against."""
 
 
-def _release(version: str) -> tuple[int, int] | None:
-    m = re.match(r"(\d+)\.(\d+)", version)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+# PEP 440: release numbers, then an optional pre-release (a, b, rc and their
+# spellings), post-release and dev segment; "+local" is ignored.
+_VERSION = re.compile(
+    r"v?(?P<release>\d+(?:\.\d+)*)"
+    r"(?P<pre>[-_.]?(?:a|b|c|rc|alpha|beta|pre|preview)[-_.]?\d*)?"
+    r"(?P<post>[-_.]?(?:post|rev|r)[-_.]?\d*|-\d+)?"
+    r"(?P<dev>[-_.]?dev[-_.]?\d*)?"
+    r"(?:\+[a-z0-9]+(?:[-_.][a-z0-9]+)*)?",
+    re.IGNORECASE)
+
+
+def _release(version: str) -> tuple[int, int, bool] | None:
+    """``(major, minor, early)`` of a PEP 440 version, or None if it is not one.
+
+    ``early``: a pre-release or dev build of ``X.Y.0`` (a nightly
+    ``2.13.0a0+git...``), which comes before ``X.Y``: ``>=X.Y`` excludes it,
+    and so does ``<X.Y`` (PEP 440 keeps pre-releases of ``V`` out of ``<V``).
+    """
+    m = _VERSION.fullmatch(version)
+    if m is None:
+        return None
+    parts = [int(p) for p in m.group("release").split(".")]
+    if len(parts) < 2:
+        return None
+    early = bool(m.group("pre") or (m.group("dev") and not m.group("post"))) and not any(parts[2:])
+    return parts[0], parts[1], early
+
+
+def _tested(version: str) -> bool:
+    lo, hi = TESTED_TORCH
+    release = _release(version)
+    if release is None:
+        return False
+    major, minor, early = release
+    return lo <= (major, minor) < hi and not (early and (major, minor) == lo)
 
 
 def untested_torch_message(version: str) -> str | None:
@@ -37,8 +69,7 @@ def untested_torch_message(version: str) -> str | None:
     ckcore.dcp is tested with torch >=2.13,<2.14, and torch 2.15.1 is installed: ...
     """
     lo, hi = TESTED_TORCH
-    release = _release(version)
-    if release is not None and lo <= release < hi:
+    if _tested(version):
         return None
     return (
         f"ckcore.dcp is tested with torch >={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}, and torch "
