@@ -10,9 +10,7 @@ SMALL = dict(layers=1, save_fsdp=2, load_fsdp=1, load_tp=2, use_torch=False)
 
 
 @pytest.mark.parametrize("kw, error, words", [
-    # Before: layers=-2 / 0 ran a model of no layers, repeat=0 failed with
-    # "cannot unpack non-iterable NoneType object", and nothing bounded the
-    # sizes (the caps lived only in the command).
+    # The library function has the command's bounds, not only the command.
     ({"layers": -2}, ValueError, "layers must be >= 1, got -2"),
     ({"layers": 0}, ValueError, "layers must be >= 1, got 0"),
     ({"repeat": 0}, ValueError, "repeat must be >= 1, got 0"),
@@ -30,9 +28,8 @@ def test_run_demo_refuses_bad_sizes(kw, error, words):
 
 
 def test_run_demo_leaves_the_global_plan_logger_alone(monkeypatch):
-    # Before: run_demo set logging.getLogger("ckcore.global_plan").disabled for
-    # the duration of its save plan, dropping every other thread's validation
-    # warnings meanwhile; it now gives plan_global_save a logger of its own.
+    # The demo silences only its own validation warnings (a logger of its
+    # own), never the process-wide ckcore.global_plan logger other threads use.
     import logging
 
     import ckcore.demo as demo

@@ -17,7 +17,7 @@ from ckcore.metadata import (
     TensorStorageMetadata,
 )
 from ckcore.report import inspect_checkpoint, plan_reads, validate_checkpoint
-from tests._streams import sample_metadata
+from tests.support.streams import sample_metadata
 
 SIZES = {"__0_0.distcp": 2000, "__1_0.distcp": 2000}
 
@@ -48,9 +48,8 @@ def _one(info=None, chunks=None, size=(4,), key=None):
     (Metadata({}, storage_data=[1, 2]), "storage_data is list, not a dict"),
 ])
 def test_from_metadata_refuses_malformed_metadata(md, words):
-    # Before: accepted, then problems()/validate/inspect/plan raised AttributeError
-    # ('tuple' object has no attribute 'offsets'), "can only concatenate str",
-    # or reported a negative offset as an overlap "with None".
+    # Unchecked, such metadata surfaces later as an AttributeError deep in
+    # problems()/validate/inspect/plan, or as a nonsense finding.
     with pytest.raises(CheckpointError) as exc:
         Checkpoint.from_metadata(md, file_sizes={"f": 16}, name="<crafted>")
     assert "<crafted>: not valid DCP metadata" in str(exc.value)
@@ -70,15 +69,14 @@ def test_from_metadata_still_takes_foreign_storage_records():
 
 @pytest.mark.parametrize("limit", [True, False, 1.5, "3", 2.0])
 def test_problems_limit_must_be_an_int(limit):
-    # Before: True/False were taken as 1/0, 1.5 raised islice's ValueError,
-    # "3" a bare comparison TypeError.
+    # A bool must not pass as 1/0, nor a float or str reach islice.
     ck = Checkpoint.from_metadata(sample_metadata(), file_sizes=SIZES)
     with pytest.raises(TypeError, match="limit must be an int >= 0 or None"):
         ck.problems(limit=limit)
 
 
 def test_problems_huge_limit_means_all():
-    # Before: islice refused a limit past sys.maxsize with a ValueError about islice.
+    # islice refuses a limit past sys.maxsize: such a limit means all.
     ck = Checkpoint.from_metadata(sample_metadata())
     assert ck.problems(limit=2**100) == ck.problems(limit=None)
 
@@ -105,15 +103,16 @@ print("ok")
 
 def test_validate_show_all_is_bounded_in_memory():
     # A few hundred KB of .metadata repeating one chunk 200,000 times holds
-    # 2e10 overlapping pairs. Before: with max_findings=0 ("show all",
-    # `ckcore validate --max-findings 0`) the kernel was asked to keep every
-    # pair and the process ran out of memory (OOM-killed, exit 137).
+    # 2e10 overlapping pairs: with max_findings=0 ("show all", `ckcore
+    # validate --max-findings 0`) only MAX_KEPT_FINDINGS messages per kind may
+    # be kept, in a child capped at 2 GB of address space.
     import os
     import subprocess
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    from tests.support.paths import CKCORE_PARENT
     r = subprocess.run([sys.executable, "-c", _SHARED_CHUNKS], capture_output=True, text=True,
-                       timeout=120, cwd=root, env={**os.environ, "PYTHONPATH": root})
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(CKCORE_PARENT)})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
@@ -125,8 +124,8 @@ def test_validate_max_findings_must_be_an_int(bad):
 
 
 def test_plan_reads_refuses_a_target_shape_other_than_the_saved_one():
-    # Before: a layout of (16, 16) over an (8, 8) tensor was planned as if the
-    # saved chunks lay in the bigger tensor, a report for a load no DCP load makes.
+    # A layout of (16, 16) over an (8, 8) tensor would plan a load no DCP load
+    # makes, as if the saved chunks lay in the bigger tensor.
     from ckcore.report import UsageError, resolve_layouts
 
     md = sample_metadata()
@@ -146,7 +145,7 @@ def test_plan_reads_refuses_a_target_shape_other_than_the_saved_one():
     ({"world_size": 2, "shard_dim": 0.0}, "shard_dim must be an int"),
 ])
 def test_resolve_layouts_takes_int_sizes(kw, words):
-    # Before: world_size=1.5 gave a mesh (1.5,); shard_dim="0" a bare comparison TypeError.
+    # world_size=1.5 would make a mesh (1.5,); shard_dim="0" a bare comparison TypeError.
     from ckcore.report import resolve_layouts
 
     with pytest.raises(TypeError, match=words):
@@ -155,16 +154,14 @@ def test_resolve_layouts_takes_int_sizes(kw, words):
 
 @pytest.mark.parametrize("sizes", ["abc", 5, [("__0_0.distcp", 2000)], True])
 def test_from_metadata_file_sizes_must_be_a_mapping(sizes):
-    # Before: "abc" gave "dictionary update sequence element #0 has length 1; 2 is
-    # required", 5 "'int' object is not iterable", and a list of pairs was taken.
+    # dict() would turn these into its own confusing errors, or accept a list of pairs.
     with pytest.raises(TypeError, match="file_sizes must be a mapping of file name to size"):
         Checkpoint.from_metadata(sample_metadata(), file_sizes=sizes)
 
 
 def test_storage_walk_parses_each_file_name_once(monkeypatch):
-    # Before: iter_problems parsed the relative path of every storage entry
-    # (two PurePath objects, ~14 us each time): problems(limit=10) over
-    # 300,000 entries in one file took 11 s before reaching the first overlap.
+    # Each file name is parsed once, not once per storage entry: 300,000
+    # entries in one file stay a linear walk to the first overlap.
     import ckcore.checkpoint as cc
 
     n = 20_000
@@ -183,8 +180,8 @@ def test_storage_walk_parses_each_file_name_once(monkeypatch):
 
 @pytest.mark.parametrize("want", ["missing_file", 0, True])
 def test_iter_problems_want_must_be_callable(want):
-    # Before: 0 meant "every message" (falsy), "missing_file" failed with
-    # "'str' object is not callable" only once a problem was found.
+    # A falsy non-callable must not mean "every message", nor a str fail only
+    # once a problem is found.
     ck = Checkpoint.from_metadata(sample_metadata(), file_sizes=SIZES)
     with pytest.raises(TypeError, match="want must be a callable"):
         list(ck.iter_problems(want))

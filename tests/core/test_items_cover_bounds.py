@@ -18,8 +18,8 @@ def _md(size, chunks):
 
 @pytest.mark.parametrize("flag", ["no", "", 0.0, 1, 0, None, [], [1]])
 def test_verify_cover_must_be_a_bool(flag):
-    # Before: "no" switched verification ON and 0.0 / 0 / None / "" switched
-    # it OFF silently, a hole then loading as uninitialised memory.
+    # A stray value must not switch verification off silently: a hole would
+    # then load as uninitialised memory.
     md = _md((4,), [C((0,), (2,))])
     with pytest.raises(TypeError, match="verify_cover must be True or False"):
         create_read_items_for_chunk_list("w", md, [C((0,), (4,))], verify_cover=flag)
@@ -29,9 +29,8 @@ def test_verify_cover_must_be_a_bool(flag):
 
 def test_many_overlapping_reads_into_one_chunk_is_bounded():
     # n copies of one 1 x n saved chunk fill an n x n local chunk by volume,
-    # every copy overlapping every other. Before: the "undecided" fallback
-    # intersected the reads pairwise, n**2 pairs (292 MB at n = 2000,
-    # 7 GB at n = 10000, from a few kilobytes of .metadata).
+    # every copy overlapping every other. Intersecting the reads pairwise
+    # would hold n**2 pairs (gigabytes from a few kilobytes of .metadata).
     n = 2000
     md = _md((n, n), [C((0, 0), (1, n))] * n)
     tracemalloc.start()

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from ckcore.global_plan import plan_global_save, validate_global_plan
-from tests.gp_cases import ck_plans
+from tests.support.gp_cases import ck_plans
 
 # Two ranks whose shards overlap: validation has a finding to log.
 BAD = [[("shard", "w", (4,), "float32", (0,), (3,))],
@@ -19,9 +19,8 @@ GOOD = [[("shard", "w", (4,), "float32", (0,), (2,))],
 @pytest.mark.parametrize("logger", ["ckcore", 0, print, object()])
 @pytest.mark.parametrize("specs", [BAD, GOOD])
 def test_logger_must_be_a_logger(logger, specs):
-    # Before: a str was accepted, then failed with AttributeError ('str' object
-    # has no attribute 'warning') only when there was something to report,
-    # and passed silently when there was not.
+    # Checked up front: otherwise a bad logger fails only when there is
+    # something to report.
     with pytest.raises(TypeError, match="logger must be a logging.Logger \\(or any object with a warning method\\) or None"):
         plan_global_save(ck_plans(specs), logger=logger)
     _, md, _ = plan_global_save(ck_plans(specs))
