@@ -18,20 +18,7 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 from tests.support.paths import REPO
-
-# PENDING, to delete when those branches are merged: files whose mypy errors
-# are being fixed in the branches that restructure them. An error anywhere else
-# fails; errors only in these files make the test xfail (not pass).
-PENDING = {
-    "ckcore/_saferepr.py",
-    "ckcore/checkpoint.py",
-    "ckcore/cli.py",
-    "ckcore/dcp/helpers.py",
-    "ckcore/helpers.py",
-}
 
 _ERROR = re.compile(r"^(?P<path>\S+?\.pyi?):\d+: error: ", re.MULTILINE)
 
@@ -51,8 +38,6 @@ def test_mypy_package(tmp_path):
     )
     assert "No module named mypy" not in proc.stderr, "mypy is not installed: pip install mypy"
     files = {_package_path(m["path"]) for m in _ERROR.finditer(proc.stdout)}
-    assert not files - PENDING, proc.stdout[-8000:] + proc.stderr[-3000:]
-    if files:
-        pytest.xfail(f"mypy errors only in files being fixed elsewhere: {sorted(files)}")
+    assert not files, f"mypy errors in {sorted(files)}:\n" + proc.stdout[-8000:]
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
     assert "Success: no issues found" in proc.stdout, proc.stdout
