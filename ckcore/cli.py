@@ -582,7 +582,7 @@ def validate_checkpoint(ck: Checkpoint, progress: Progress | None = None, *,
 def _validate_tensor(fqn: str, item: TensorStorageMetadata, f: Findings,
                      budget: dict[str, int]) -> None:
     """torch's global checks of one tensor into ``f``; ``budget`` is what the run has left."""
-    from ._kernels._validate import _check_tensor_bounded, _read_chunks
+    from ._kernels._validate import _check_tensor_bounded, chunk_rows
     from .global_plan import _torch_order
 
     size = item.size
@@ -596,7 +596,7 @@ def _validate_tensor(fqn: str, item: TensorStorageMetadata, f: Findings,
         tsize = np.array(size, dtype=np.int64)
         # Raises for chunks the kernel cannot check (wrong number of dims,
         # offset + size past int64); the other tensors are still checked.
-        offs, sizes = _read_chunks(fqn, chunks, ndim)
+        offs, sizes = chunk_rows(fqn, chunks, ndim)
     except (TypeError, ValueError, OverflowError) as exc:
         why = _one_line(exc)
         if f.add("unvalidatable"):

@@ -36,7 +36,7 @@ import numpy as np
 
 from ckcore._gc import paused
 from ckcore._kernels import _dedup, _fused_plan, _save_plan
-from ckcore._kernels._validate import _check_tensor, _read_chunks
+from ckcore._kernels._validate import _check_tensor, chunk_rows
 from ckcore.dtypes import itemsize
 from ckcore.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
@@ -267,7 +267,7 @@ def _validate_key(key: Any, value: Any, multi: bool, errors: list[str]) -> None:
         raise TypeError(f"key:{key} tensor size {size!r} is not a tuple of integers") from None
     except OverflowError:
         raise ValueError(f"key:{key} tensor size {size!r} does not fit in int64") from None
-    offs, sizes = _read_chunks(key, chunks, ndim)
+    offs, sizes = chunk_rows(key, chunks, ndim)
     oob, chunks_volume, pairs = _check_tensor(offs, sizes, tsize)
     for i in oob.tolist():
         msg = f"key:{key} has out of bounds chunk: tensor-size:{size} chunk: {chunks[i]}"

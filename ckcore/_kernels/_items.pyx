@@ -109,7 +109,7 @@ cdef isize _chunk_ndim(tuple chunks, object fqn, object ndim) except -1:
     return nd
 
 
-cdef int _read_chunks(tuple chunks, object fqn, isize nd, bint nd_is_tensors,
+cdef int _chunk_rows_into(tuple chunks, object fqn, isize nd, bint nd_is_tensors,
                       i64* ov, i64* sv, list offs_out) except -1:
     # Every chunk's offsets and sizes into ov/sv (row-major, nd per chunk), each
     # value checked: an integer, non-negative, offset+size and volume within int64.
@@ -197,7 +197,7 @@ def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
     out_size = np.empty((n, nd), dtype=np.int64)
     cdef i64[:, ::1] ov = out_off
     cdef i64[:, ::1] sv = out_size
-    _read_chunks(chunk_list, fqn, nd, ndim is not None,
+    _chunk_rows_into(chunk_list, fqn, nd, ndim is not None,
                  &ov[0, 0] if nd else &dummy, &sv[0, 0] if nd else &dummy, None)
     return out_off, out_size
 
@@ -468,9 +468,9 @@ def read_items(str fqn, local_chunks, saved_chunks, isize ndim,
         loffs = [None] * nl
         soffs = [None] * ns
         _chunk_ndim(local_snap, fqn, nd)
-        _read_chunks(local_snap, fqn, nd, True, lo, ls, loffs)
+        _chunk_rows_into(local_snap, fqn, nd, True, lo, ls, loffs)
         _chunk_ndim(saved_snap, fqn, nd)
-        _read_chunks(saved_snap, fqn, nd, True, so, ss, soffs)
+        _chunk_rows_into(saved_snap, fqn, nd, True, so, ss, soffs)
         with nogil:
             intersect_pairs(lo, ls, nl, so, ss, ns, nd, PATH_AUTO, &out, seg)
         k = out.len

@@ -5,7 +5,7 @@ DCP saves stall at scale: its sweep over the largest dimension turns
 quadratic whenever that dimension has few distinct cuts (MoE expert tensors,
 fine grids). This kernel finds the same findings without that cliff:
 
-* chunks are read once into ``int64`` rows (``_read_chunks``), with the GIL,
+* chunks are read once into ``int64`` rows (``chunk_rows``), with the GIL,
   raising the errors a user should see (wrong ndim, non-ints, int64 overflow);
 * ``find_self_overlaps`` lists every overlapping pair with torch's predicate
   (``_box.pxd``): first a hash pass proves regular grids (and any layout whose
@@ -536,7 +536,7 @@ cdef int fast_row(object seq, Py_ssize_t ndim, i64* out) noexcept:
     return 0
 
 
-def _read_chunks(key, chunks, Py_ssize_t ndim):
+def chunk_rows(key, chunks, Py_ssize_t ndim):
     """Read ``chunks`` (objects with .offsets/.sizes) into (n, ndim) int64 arrays.
 
     ``chunks`` is any sequence, read once into a snapshot the call owns (free
@@ -582,7 +582,7 @@ def _self_overlap_pairs(const i64[:, ::1] offs, const i64[:, ::1] sizes):
     """All overlapping pairs of the chunks given as rows, as an (K, 2) int64 array.
 
     Each row is (i, j) with i > j; order unspecified. Inputs must satisfy
-    _read_chunks' checks (shapes equal, offset + size within int64).
+    chunk_rows' checks (shapes equal, offset + size within int64).
     """
     cdef Py_ssize_t n = offs.shape[0], d = offs.shape[1]
     cdef PairBuf pb
