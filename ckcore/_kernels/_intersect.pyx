@@ -32,7 +32,8 @@ from libc.string cimport memcpy, memset
 
 from ckcore._kernels._capi cimport ck_mix64
 from ckcore._kernels._types cimport i64, isize, u64
-from ckcore._kernels._box cimport add_overflows, box_overlap, mul_overflows
+from ckcore._kernels._box cimport add_overflows, box_overlap
+from ckcore._kernels._util cimport volume_overflows
 
 import numpy as np
 
@@ -47,8 +48,6 @@ cdef extern from *:
     """
     void ck_atomic_add(isize* p, isize v) noexcept nogil
     isize ck_atomic_load(isize* p) noexcept nogil
-
-cdef i64 I64_MAX = 0x7FFFFFFFFFFFFFFF
 
 # Test hooks for the error paths (see _py_live_indexes): how many chunk
 # indexes are built and not yet freed, kept with atomics because the kernel
@@ -73,10 +72,7 @@ cdef int _check_boxes(const i64* off, const i64* size, isize n, isize nd,
                       isize* bad_row) noexcept nogil:
     cdef isize i, d
     cdef i64 o, s, vol
-    cdef bint over
     for i in range(n):
-        vol = 1
-        over = False
         for d in range(nd):
             o = off[i * nd + d]
             s = size[i * nd + d]
@@ -89,17 +85,7 @@ cdef int _check_boxes(const i64* off, const i64* size, isize n, isize nd,
             if add_overflows(o, s):
                 bad_row[0] = i
                 return 3
-            # A zero size makes the volume 0 whatever came before: only report an
-            # overflow once every dimension has been seen.
-            if s == 0:
-                vol = 0
-                over = False
-            elif not over:
-                if mul_overflows(vol, s):
-                    over = True
-                else:
-                    vol *= s
-        if over:
+        if volume_overflows(size + i * nd, nd, &vol):
             bad_row[0] = i
             return 4
     return 0

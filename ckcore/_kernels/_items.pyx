@@ -17,7 +17,6 @@ allows:
   ~2000 instructions per ReadItem against ~9800 through ``__init__``).
 """
 
-from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.tuple cimport (
     PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM,
 )
@@ -31,6 +30,8 @@ from ckcore._kernels._coverage cimport C_OK, check_reads
 from ckcore._kernels._gcpause cimport gc_pause, gc_resume
 from ckcore._kernels._intersect cimport PATH_AUTO, IdxBuf, fill_pairs, intersect_pairs
 from ckcore._kernels._types cimport i64, isize
+from ckcore._kernels._util cimport index_i64, volume_overflows
+from libc.stdint cimport INT64_MAX
 
 import operator
 
@@ -67,28 +68,20 @@ cdef str _LENGTHS = "lengths"
 cdef str _FQN = "fqn"
 cdef str _OFFSET = "offset"
 cdef str _INDEX = "index"
-cdef i64 I64_MAX = 0x7FFFFFFFFFFFFFFF
 
 
 cdef inline i64 _as_i64(object v, object fqn, isize i, object chunk, str what) except? -1:
     # Exact ints take the fast path; anything else must be an integer by __index__
     # (numpy integers are; floats and strings are not). bool is an int in Python
     # and torch.Size accepts it, so it is accepted here too.
-    cdef int overflow = 0
-    cdef long long r
-    if not PyLong_CheckExact(v):
-        try:
-            v = operator.index(v)
-        except TypeError:
-            raise TypeError(
-                f"{fqn}: chunk {i} {chunk!r}: {what} must be integers, got {type(v).__name__} {v!r}"
-            ) from None
-    # The overflow flag instead of an exception keeps the common path free of
-    # exception checks.
-    r = PyLong_AsLongLongAndOverflow(v, &overflow)
-    if overflow:
+    cdef i64 r = 0
+    cdef int bad = index_i64(v, &r)
+    if bad == 1:
+        raise TypeError(
+            f"{fqn}: chunk {i} {chunk!r}: {what} must be integers, got {type(v).__name__} {v!r}")
+    if bad == 2:
         raise ValueError(
-            f"{fqn}: chunk {i} {chunk!r}: {what} value {v} does not fit in int64")
+            f"{fqn}: chunk {i} {chunk!r}: {what} value {operator.index(v)} does not fit in int64")
     return r
 
 
@@ -110,7 +103,7 @@ cdef isize _chunk_ndim(tuple chunks, object fqn, object ndim) except -1:
 
 
 cdef int _chunk_rows_into(tuple chunks, object fqn, isize nd, bint nd_is_tensors,
-                      i64* ov, i64* sv, list offs_out) except -1:
+                          i64* ov, i64* sv, list offs_out) except -1:
     # Every chunk's offsets and sizes into ov/sv (row-major, nd per chunk), each
     # value checked: an integer, non-negative, offset+size and volume within int64.
     # With offs_out (a list of len(chunks)), each chunk's offsets object as read
@@ -118,7 +111,6 @@ cdef int _chunk_rows_into(tuple chunks, object fqn, isize nd, bint nd_is_tensors
     # whose numbers were intersected, without reading the attribute again.
     cdef isize n = len(chunks), i, d
     cdef i64 o, s, vol
-    cdef bint over
     cdef object chunk, offs, sizes
     for i in range(n):
         chunk = chunks[i]
@@ -143,29 +135,17 @@ cdef int _chunk_rows_into(tuple chunks, object fqn, isize nd, bint nd_is_tensors
                 f"{fqn}: chunk {i} {chunk!r} has {len(offs)} offsets and {len(sizes)} sizes "
                 f"but {'the tensor has' if nd_is_tensors else 'chunk 0 has'} "
                 f"{nd} dimensions")
-        vol = 1
-        over = False
         for d in range(nd):
             o = _as_i64(<object>PyTuple_GET_ITEM(offs, d), fqn, i, chunk, "offsets")
             s = _as_i64(<object>PyTuple_GET_ITEM(sizes, d), fqn, i, chunk, "sizes")
             if o < 0 or s < 0:
                 raise ValueError(f"{fqn}: chunk {i} {chunk!r} has a negative offset or size")
-            if o > I64_MAX - s:
+            if o > INT64_MAX - s:
                 raise ValueError(
                     f"{fqn}: chunk {i} {chunk!r}: offset + size overflows int64 in dimension {d}")
-            # A zero size makes the volume 0 whatever came before: only report an
-            # overflow once every dimension has been seen.
-            if s == 0:
-                vol = 0
-                over = False
-            elif not over and vol != 0:
-                if s > I64_MAX // vol:
-                    over = True
-                else:
-                    vol *= s
             ov[i * nd + d] = o
             sv[i * nd + d] = s
-        if over:
+        if volume_overflows(sv + i * nd, nd, &vol):
             raise ValueError(f"{fqn}: chunk {i} {chunk!r}: volume overflows int64")
         if offs_out is not None:
             offs_out[i] = offs
@@ -198,7 +178,7 @@ def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
     cdef i64[:, ::1] ov = out_off
     cdef i64[:, ::1] sv = out_size
     _chunk_rows_into(chunk_list, fqn, nd, ndim is not None,
-                 &ov[0, 0] if nd else &dummy, &sv[0, 0] if nd else &dummy, None)
+                     &ov[0, 0] if nd else &dummy, &sv[0, 0] if nd else &dummy, None)
     return out_off, out_size
 
 

@@ -6,6 +6,7 @@
 # Constants come from libc.stdint (INT64_MAX), never from a mutable module
 # global.
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
+from cpython.number cimport PyNumber_Index
 from libc.stdlib cimport realloc
 from libc.string cimport memset
 
@@ -24,18 +25,35 @@ cdef inline bint to_i64(object v, i64* out) noexcept:
     return ovf != 0
 
 
+cdef inline int index_i64(object v, i64* out) except -1:
+    # to_i64 that also takes integers by __index__ (numpy's): 0 when read,
+    # 1 when v is not an integer, 2 when it is one beyond int64. The caller
+    # raises its own message; other exceptions of __index__ propagate.
+    cdef int ovf = 0
+    if not PyLong_Check(v):
+        try:
+            v = PyNumber_Index(v)
+        except TypeError:
+            return 1
+    out[0] = PyLong_AsLongLongAndOverflow(v, &ovf)
+    return 2 if ovf else 0
+
+
 cdef inline bint volume_overflows(const i64* sizes, Py_ssize_t nd, i64* out) noexcept nogil:
     # out = product of nd non-negative sizes; 1 when it does not fit in int64.
     # A zero size makes the volume 0 whatever came before, so an overflow is
     # only reported once every dimension has been seen.
+    # Each size is read once: the arrays may be a caller's, written by
+    # another thread meanwhile.
     cdef Py_ssize_t d
-    cdef i64 v = 1
+    cdef i64 v = 1, s
     cdef bint over = False
     for d in range(nd):
-        if sizes[d] == 0:
+        s = sizes[d]
+        if s == 0:
             out[0] = 0
             return False
-        if not over and ck_mul64(v, sizes[d], &v):
+        if not over and ck_mul64(v, s, &v):
             over = True
     out[0] = v
     return over

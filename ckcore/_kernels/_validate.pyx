@@ -20,9 +20,7 @@ fine grids). This kernel finds the same findings without that cliff:
 * volumes are summed in 128 bits, so they never wrap.
 """
 
-from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
-from cpython.ref cimport PyObject
-from libc.stdlib cimport free, malloc, qsort, realloc
+from libc.stdlib cimport free, qsort, realloc
 from libc.string cimport memset
 
 import operator
@@ -35,6 +33,7 @@ from ckcore._kernels._capi cimport (
     ck_add64, ck_hi, ck_i128, ck_lo, ck_mix64, ck_mul64, ck_mul128,
 )
 from ckcore._kernels._types cimport i64, u64
+from ckcore._kernels._util cimport index_i64, safe_alloc, to_i64
 
 
 # ---------------------------------------------------------------- small C tools
@@ -88,20 +87,6 @@ cdef int _all_pairs(PairBuf* pb, const i64* S, Py_ssize_t m) except -1 nogil:
     return 0
 
 
-cdef void* _alloc(size_t count, size_t size) except NULL nogil:
-    cdef void* p
-    if count == 0:
-        count = 1
-    if count > (<size_t>-1) // size:
-        with gil:
-            raise MemoryError("allocation size overflows")
-    p = malloc(count * size)
-    if p == NULL:
-        with gil:
-            raise MemoryError()
-    return p
-
-
 cdef struct Key3:
     i64 a
     i64 b
@@ -139,12 +124,12 @@ cdef int _sweep(Ctx* c, const i64* S, Py_ssize_t m, Py_ssize_t s) except -1 nogi
     # _split and find_self_overlaps do.
     cdef Py_ssize_t d = c.ndim, i, j, na = 0, w
     cdef i64 cur, oth, start
-    cdef Key3* keys = <Key3*>_alloc(m, sizeof(Key3))
+    cdef Key3* keys = <Key3*>safe_alloc(m, sizeof(Key3))
     cdef i64* act = NULL
     cdef i64* act_end = NULL
     try:
-        act = <i64*>_alloc(m, sizeof(i64))
-        act_end = <i64*>_alloc(m, sizeof(i64))
+        act = <i64*>safe_alloc(m, sizeof(i64))
+        act_end = <i64*>safe_alloc(m, sizeof(i64))
         for i in range(m):
             keys[i].a = c.offs[S[i] * d + s]
             keys[i].b = 0
@@ -228,8 +213,8 @@ cdef int _split(Ctx* c, const i64* S, Py_ssize_t m, unsigned long long cand) exc
     if m <= 1:
         return 0
     try:
-        keys = <Key3*>_alloc(m, sizeof(Key3))
-        best = <Key3*>_alloc(m, sizeof(Key3))
+        keys = <Key3*>safe_alloc(m, sizeof(Key3))
+        best = <Key3*>safe_alloc(m, sizeof(Key3))
         for k in range(d):
             if not (cand >> k) & 1:
                 continue
@@ -249,7 +234,7 @@ cdef int _split(Ctx* c, const i64* S, Py_ssize_t m, unsigned long long cand) exc
                 sweep_offs = noffs
                 sweep_k = k
         if best_k >= 0:
-            sub = <i64*>_alloc(m, sizeof(i64))
+            sub = <i64*>safe_alloc(m, sizeof(i64))
             g0 = 0
             while g0 < m:
                 j = g0
@@ -297,7 +282,7 @@ cdef inline Py_ssize_t _slot_of(Table* t, i64 o, i64 s) noexcept nogil:
 
 cdef int _table_init(Table* t, Py_ssize_t cap) except -1 nogil:
     cdef Py_ssize_t i
-    t.slots = <Slot*>_alloc(cap, sizeof(Slot))
+    t.slots = <Slot*>safe_alloc(cap, sizeof(Slot))
     t.mask = cap - 1
     t.count = 0
     for i in range(cap):
@@ -336,8 +321,8 @@ cdef int _grid_free(Ctx* c, bint* proven) except -1 nogil:
     dup.slots = NULL
     proven[0] = False
     try:
-        ids = <i64*>_alloc(n, sizeof(i64))
-        combo = <i64*>_alloc(n, sizeof(i64))
+        ids = <i64*>safe_alloc(n, sizeof(i64))
+        combo = <i64*>safe_alloc(n, sizeof(i64))
         memset(combo, 0, n * sizeof(i64))
         for k in range(d):
             _table_init(&t, 64)
@@ -366,7 +351,7 @@ cdef int _grid_free(Ctx* c, bint* proven) except -1 nogil:
             # Sorted by (offset, size) with sizes >= 0, separated neighbours
             # make the ends non-decreasing, so checking neighbours suffices.
             m = t.count
-            keys = <Key3*>_alloc(m, sizeof(Key3))
+            keys = <Key3*>safe_alloc(m, sizeof(Key3))
             for i in range(t.mask + 1):
                 if t.slots[i].id >= 0:
                     # In first-seen order: sorted already for ordered layouts.
@@ -394,7 +379,7 @@ cdef int _grid_free(Ctx* c, bint* proven) except -1 nogil:
         # No two chunks may be the same box: a bitmap over the mixed-radix
         # ids when it is small (grids: radix == n), a hash set otherwise.
         if radix <= 8 * n + 64:
-            seen = <unsigned char*>_alloc(radix, 1)
+            seen = <unsigned char*>safe_alloc(radix, 1)
             memset(seen, 0, radix)
             for i in range(n):
                 if seen[combo[i]]:
@@ -457,14 +442,14 @@ cdef int find_self_overlaps(Py_ssize_t n, Py_ssize_t ndim, const i64* offs,
         if sizes[i] < 0:
             negative = True
     try:
-        S = <i64*>_alloc(n, sizeof(i64))
+        S = <i64*>safe_alloc(n, sizeof(i64))
         for i in range(n):
             S[i] = i
         if negative:
             # Out-of-bounds chunks with negative sizes (torch reports them
             # and still checks overlaps), or more than 63 dimensions: only
             # the plain sweep is exact here.
-            keys = <Key3*>_alloc(n, sizeof(Key3))
+            keys = <Key3*>safe_alloc(n, sizeof(Key3))
             for k in range(ndim):
                 _sort_dim(&c, S, n, k, keys, &groups, &noffs)
                 if noffs > best_offs:
@@ -483,18 +468,15 @@ cdef int find_self_overlaps(Py_ssize_t n, Py_ssize_t ndim, const i64* offs,
 # ------------------------------------------------------ Python-facing entry points
 
 cdef inline i64 _as_i64(object v, object key, Py_ssize_t ci, object chunk, str what) except? -1:
-    cdef int ovf = 0
-    cdef long long x
-    if not PyLong_Check(v):
-        try:
-            v = operator.index(v)
-        except TypeError:
-            raise TypeError(
-                f"key:{key} chunk {ci} {chunk!r}: {what} must be integers, got {type(v).__name__}"
-            ) from None
-    x = PyLong_AsLongLongAndOverflow(v, &ovf)
-    if ovf:
-        raise ValueError(f"key:{key} chunk {ci} {chunk!r}: {what} value {v} does not fit in int64")
+    cdef i64 x = 0
+    cdef int bad = index_i64(v, &x)
+    if bad == 1:
+        raise TypeError(
+            f"key:{key} chunk {ci} {chunk!r}: {what} must be integers, got {type(v).__name__}")
+    if bad == 2:
+        raise ValueError(
+            f"key:{key} chunk {ci} {chunk!r}: {what} value {operator.index(v)} "
+            f"does not fit in int64")
     return x
 
 
@@ -522,16 +504,10 @@ cdef int fast_row(object seq, Py_ssize_t ndim, i64* out) noexcept:
     # The common case (a tuple or torch.Size of ndim int64 values) without
     # raising: returns 1 when the careful path must look (and raise) instead.
     cdef Py_ssize_t j
-    cdef int ovf = 0
-    cdef PyObject* v
     if not PyTuple_Check(seq) or PyTuple_GET_SIZE(seq) != ndim:
         return 1
     for j in range(ndim):
-        v = PyTuple_GET_ITEM(seq, j)
-        if not PyLong_Check(<object>v):
-            return 1
-        out[j] = PyLong_AsLongLongAndOverflow(<object>v, &ovf)
-        if ovf:
+        if to_i64(<object>PyTuple_GET_ITEM(seq, j), out + j):
             return 1
     return 0
 
