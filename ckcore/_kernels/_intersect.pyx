@@ -27,13 +27,13 @@ overlaps it, 0-d chunks all overlap each other.
 Output order is canonical: by local index, then by saved index.
 """
 
-from libc.stdlib cimport malloc, realloc, free
+from libc.stdlib cimport realloc, free
 from libc.string cimport memcpy, memset
 
 from ckcore._kernels._capi cimport ck_mix64
 from ckcore._kernels._types cimport i64, isize, u64
 from ckcore._kernels._box cimport add_overflows, box_overlap
-from ckcore._kernels._util cimport volume_overflows
+from ckcore._kernels._util cimport safe_alloc, volume_overflows
 
 import numpy as np
 
@@ -370,15 +370,6 @@ cdef void index_free(Index* ix) noexcept nogil:
     memset(ix, 0, sizeof(Index))
 
 
-cdef void* _alloc(size_t count, size_t elem) noexcept nogil:
-    # calloc-like with an overflow check; count 0 still returns a valid pointer.
-    if count == 0:
-        count = 1
-    if count > (<size_t>-1) // elem:
-        return NULL
-    return malloc(count * elem)
-
-
 cdef inline bint _same_prefix(const Index* ix, isize k, isize lvl) noexcept nogil:
     # Does the k-th chunk in trie order share its intervals in dimensions
     # perm[0..lvl] with the one before it (i.e. the same level-lvl node)?
@@ -392,19 +383,24 @@ cdef inline bint _same_prefix(const Index* ix, isize k, isize lvl) noexcept nogi
     return True
 
 
+cdef struct Work:
+    # index_build's temporaries, freed together whatever phase fails.
+    isize* idx
+    isize* tmp
+    isize* runid
+    isize* table
+    i64* scratch
+    isize* counts
+
+
 cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize nd,
                      bint trie_always) except -1 nogil:
     """Build the per-dimension cut lists, detect a product grid, and build the trie
-    (for a grid only when ``trie_always``)."""
-    cdef isize d, i, k, r, p, total, lvl, cnt, j, child, q
-    cdef isize* idx = NULL
-    cdef isize* tmp = NULL
-    cdef isize* counts = NULL
-    cdef isize* runid = NULL
-    cdef isize* table = NULL
-    cdef i64* scratch = NULL
-    cdef isize prod_cells
-    cdef bint overflow
+    (for a grid only when ``trie_always``). On error (MemoryError) nothing is
+    left allocated: ix is freed (index_free) before the exception propagates."""
+    cdef Work w
+    cdef bint built = False
+    memset(&w, 0, sizeof(Work))
     memset(ix, 0, sizeof(Index))
     ix.live = True
     ck_atomic_add(&_live_indexes, 1)
@@ -412,55 +408,70 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
     ix.nd = nd
     ix.off = off
     ix.size = size
-    ix.dcount = <isize*>_alloc(nd, sizeof(isize))
-    ix.dbase = <isize*>_alloc(nd, sizeof(isize))
-    ix.dstart = <i64*>_alloc(<size_t>n * nd, sizeof(i64))
-    ix.dend = <i64*>_alloc(<size_t>n * nd, sizeof(i64))
-    ix.dmono = <bint*>_alloc(nd, sizeof(bint))
-    ix.rank = <isize*>_alloc(<size_t>n * nd, sizeof(isize))
-    ix.cstride = <isize*>_alloc(nd, sizeof(isize))
-    ix.perm = <isize*>_alloc(nd, sizeof(isize))
-    ix.order = <isize*>_alloc(n, sizeof(isize))
-    ix.lbase = <isize*>_alloc(nd + 1, sizeof(isize))
-    idx = <isize*>_alloc(n, sizeof(isize))
-    tmp = <isize*>_alloc(n, sizeof(isize))
-    runid = <isize*>_alloc(n, sizeof(isize))
-    if (ix.dcount == NULL or ix.dbase == NULL or ix.dstart == NULL or ix.dend == NULL
-            or ix.dmono == NULL or ix.rank == NULL or ix.cstride == NULL or ix.perm == NULL
-            or ix.order == NULL or ix.lbase == NULL or idx == NULL or tmp == NULL
-            or runid == NULL):
-        free(idx); free(tmp); free(runid)
-        index_free(ix)
-        with gil:
-            raise MemoryError("ckcore: cannot allocate the chunk index")
+    try:
+        _index_alloc(ix, &w)
+        _index_dims(ix, &w)
+        _index_grid(ix)
+        ix.has_trie = not ix.grid or trie_always
+        if ix.has_trie:
+            _trie_order(ix, &w)
+            _trie_nodes(ix)
+        built = True
+    finally:
+        free(w.idx); free(w.tmp); free(w.runid); free(w.table); free(w.scratch); free(w.counts)
+        if not built:
+            index_free(ix)
+    return 0
 
+
+cdef int _index_alloc(Index* ix, Work* w) except -1 nogil:
+    cdef isize n = ix.n, nd = ix.nd
+    ix.dcount = <isize*>safe_alloc(nd, sizeof(isize))
+    ix.dbase = <isize*>safe_alloc(nd, sizeof(isize))
+    ix.dstart = <i64*>safe_alloc(<size_t>n * nd, sizeof(i64))
+    ix.dend = <i64*>safe_alloc(<size_t>n * nd, sizeof(i64))
+    ix.dmono = <bint*>safe_alloc(nd, sizeof(bint))
+    ix.rank = <isize*>safe_alloc(<size_t>n * nd, sizeof(isize))
+    ix.cstride = <isize*>safe_alloc(nd, sizeof(isize))
+    ix.perm = <isize*>safe_alloc(nd, sizeof(isize))
+    ix.order = <isize*>safe_alloc(n, sizeof(isize))
+    ix.lbase = <isize*>safe_alloc(nd + 1, sizeof(isize))
+    w.idx = <isize*>safe_alloc(n, sizeof(isize))
+    w.tmp = <isize*>safe_alloc(n, sizeof(isize))
+    w.runid = <isize*>safe_alloc(n, sizeof(isize))
+    return 0
+
+
+cdef int _index_dims(Index* ix, Work* w) except -1 nogil:
     # 1. Per dimension: the distinct intervals sorted by (start, end), and ranks.
-    table = <isize*>_alloc(2 * <size_t>n + 2, sizeof(isize) * 2)
-    scratch = <i64*>_alloc(n, sizeof(i64))
-    if table == NULL or scratch == NULL:
-        free(table); free(scratch)
-        free(idx); free(tmp); free(runid)
-        index_free(ix)
-        with gil:
-            raise MemoryError("ckcore: cannot allocate the chunk index")
+    cdef isize d, r, n = ix.n, nd = ix.nd
+    w.table = <isize*>safe_alloc(2 * <size_t>n + 2, sizeof(isize) * 2)
+    w.scratch = <i64*>safe_alloc(n, sizeof(i64))
     for d in range(nd):
         ix.dbase[d] = d * n
-        _distinct_dim(off, size, n, nd, d, ix.dstart + d * n, ix.dend + d * n, ix.rank,
-                      &ix.dcount[d], table, runid, tmp, idx, scratch)
+        _distinct_dim(ix.off, ix.size, n, nd, d, ix.dstart + d * n, ix.dend + d * n, ix.rank,
+                      &ix.dcount[d], w.table, w.runid, w.tmp, w.idx, w.scratch)
         ix.dmono[d] = True
         for r in range(1, ix.dcount[d]):
             if ix.dend[d * n + r] < ix.dend[d * n + r - 1]:
                 ix.dmono[d] = False
                 break
-    free(table)
-    free(scratch)
+    # The hash table and scratch are done with: give their memory back now.
+    free(w.table)
+    free(w.scratch)
+    w.table = NULL
+    w.scratch = NULL
+    return 0
 
+
+cdef int _index_grid(Index* ix) except -1 nogil:
     # 2. Grid detection: the saved chunks are the full product of the per-dimension
     #    cut lists iff prod(dcount) == n and no two chunks are the same box (no cell
-    #    of the product is hit twice). A grid needs no trie unless one is asked for.
+    #    of the product is hit twice).
+    cdef isize d, i, p, n = ix.n, nd = ix.nd
+    cdef isize prod_cells = 1
+    cdef bint overflow = False
     ix.grid = nd > 0
-    prod_cells = 1
-    overflow = False
     for d in range(nd - 1, -1, -1):
         ix.cstride[d] = prod_cells
         if not ix.dmono[d]:
@@ -470,35 +481,30 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
         prod_cells *= ix.dcount[d]
     if overflow or prod_cells != n:
         ix.grid = False
-    if ix.grid:
-        ix.cell = <isize*>_alloc(n, sizeof(isize))
-        if ix.cell == NULL:
-            free(idx); free(tmp); free(runid)
-            index_free(ix)
-            with gil:
-                raise MemoryError("ckcore: cannot allocate the chunk index")
-        for i in range(n):
-            ix.cell[i] = -1
-        for i in range(n):
-            p = 0
-            for d in range(nd):
-                p += ix.rank[i * nd + d] * ix.cstride[d]
-            if ix.cell[p] >= 0:
-                # The same box twice: not a grid (duplicates go through the trie).
-                ix.grid = False
-                free(ix.cell)
-                ix.cell = NULL
-                break
-            ix.cell[p] = i
-    ix.has_trie = not ix.grid or trie_always
-    if not ix.has_trie:
-        free(idx)
-        free(tmp)
-        free(runid)
+    if not ix.grid:
         return 0
+    ix.cell = <isize*>safe_alloc(n, sizeof(isize))
+    for i in range(n):
+        ix.cell[i] = -1
+    for i in range(n):
+        p = 0
+        for d in range(nd):
+            p += ix.rank[i * nd + d] * ix.cstride[d]
+        if ix.cell[p] >= 0:
+            # The same box twice: not a grid (duplicates go through the trie).
+            ix.grid = False
+            free(ix.cell)
+            ix.cell = NULL
+            break
+        ix.cell[p] = i
+    return 0
 
+
+cdef int _trie_order(Index* ix, Work* w) except -1 nogil:
     # 3. Trie order: dimensions with the fewest distinct intervals first (coarse to
     #    fine: row blocks before the columns cut inside each block), ties by index.
+    cdef isize d, i, j, k, r, lvl, cnt, n = ix.n, nd = ix.nd
+    # Insertion sort: nd is a handful of dimensions.
     for d in range(nd):
         ix.perm[d] = d
     for i in range(1, nd):
@@ -511,51 +517,49 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
     # LSD radix sort by the ranks of perm[nd-1], ..., perm[0] (counting sort, stable).
     for i in range(n):
         ix.order[i] = i
-    counts = <isize*>_alloc(n + 1, sizeof(isize))
-    if counts == NULL:
-        free(idx); free(tmp); free(runid)
-        index_free(ix)
-        with gil:
-            raise MemoryError("ckcore: cannot allocate the chunk index")
+    w.counts = <isize*>safe_alloc(n + 1, sizeof(isize))
     for lvl in range(nd - 1, -1, -1):
         d = ix.perm[lvl]
         cnt = ix.dcount[d]
-        memset(counts, 0, <size_t>(cnt + 1) * sizeof(isize))
+        memset(w.counts, 0, <size_t>(cnt + 1) * sizeof(isize))
         for k in range(n):
-            counts[ix.rank[ix.order[k] * nd + d] + 1] += 1
+            w.counts[ix.rank[ix.order[k] * nd + d] + 1] += 1
         for r in range(cnt):
-            counts[r + 1] += counts[r]
+            w.counts[r + 1] += w.counts[r]
         for k in range(n):
             i = ix.order[k]
             r = ix.rank[i * nd + d]
-            tmp[counts[r]] = i
-            counts[r] += 1
-        memcpy(ix.order, tmp, <size_t>n * sizeof(isize))
-    free(counts)
+            w.tmp[w.counts[r]] = i
+            w.counts[r] += 1
+        memcpy(ix.order, w.tmp, <size_t>n * sizeof(isize))
+    return 0
 
+
+cdef int _trie_nodes(Index* ix) except -1 nogil:
     # 4. Trie nodes. A level-lvl node is a maximal run of `order` whose ranks agree
     #    on perm[0..lvl]. Count nodes per level first.
-    total = 0
+    cdef isize lvl, k, cnt, total = 0, n = ix.n, nd = ix.nd
     for lvl in range(nd):
         ix.lbase[lvl] = total
-        d = ix.perm[lvl]
         cnt = 0
         for k in range(n):
             if not _same_prefix(ix, k, lvl):
                 cnt += 1
         total += cnt
     ix.lbase[nd] = total
-    ix.nstart = <i64*>_alloc(total, sizeof(i64))
-    ix.nend = <i64*>_alloc(total, sizeof(i64))
-    ix.nlo = <isize*>_alloc(total, sizeof(isize))
-    ix.nhi = <isize*>_alloc(total, sizeof(isize))
-    ix.nmono = <bint*>_alloc(total, sizeof(bint))
-    if ix.nstart == NULL or ix.nend == NULL or ix.nlo == NULL or ix.nhi == NULL or ix.nmono == NULL:
-        free(idx); free(tmp); free(runid)
-        index_free(ix)
-        with gil:
-            raise MemoryError("ckcore: cannot allocate the chunk index")
+    ix.nstart = <i64*>safe_alloc(total, sizeof(i64))
+    ix.nend = <i64*>safe_alloc(total, sizeof(i64))
+    ix.nlo = <isize*>safe_alloc(total, sizeof(isize))
+    ix.nhi = <isize*>safe_alloc(total, sizeof(isize))
+    ix.nmono = <bint*>safe_alloc(total, sizeof(bint))
+    _fill_nodes(ix)
+    _link_levels(ix)
+    return 0
+
+
+cdef void _fill_nodes(Index* ix) noexcept nogil:
     # Fill nodes level by level; nlo/nhi first hold positions in `order`.
+    cdef isize lvl, d, q, k, i, r, n = ix.n, nd = ix.nd
     for lvl in range(nd):
         d = ix.perm[lvl]
         q = ix.lbase[lvl] - 1
@@ -569,8 +573,12 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
                 ix.nlo[q] = k
                 ix.nmono[q] = True
             ix.nhi[q] = k + 1
+
+
+cdef void _link_levels(Index* ix) noexcept nogil:
     # Link levels: the children of a level-lvl node are the level-(lvl+1) nodes whose
     # position ranges lie inside its own. The last level keeps positions in `order`.
+    cdef isize lvl, child, q, p, nd = ix.nd
     for lvl in range(nd - 1):
         child = ix.lbase[lvl + 1]
         for q in range(ix.lbase[lvl], ix.lbase[lvl + 1]):
@@ -587,11 +595,6 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
             if ix.nend[q] < ix.nend[q - 1]:
                 ix.rootmono = False
                 break
-
-    free(idx)
-    free(tmp)
-    free(runid)
-    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -725,13 +728,10 @@ cdef int intersect_pairs(const i64* loff, const i64* lsize, isize nl,
         # reserving nl + ns up front saves most of the doubling copies.
         if out.cap < nl + ns:
             _buf_reserve(out, nl + ns)
-        lo = <isize*>_alloc(nd, sizeof(isize))
-        hi = <isize*>_alloc(nd, sizeof(isize))
-        cur = <isize*>_alloc(nd, sizeof(isize))
-        memo = <i64*>_alloc(2 * nd, sizeof(i64))
-        if lo == NULL or hi == NULL or cur == NULL or memo == NULL:
-            with gil:
-                raise MemoryError("ckcore: cannot allocate query state")
+        lo = <isize*>safe_alloc(nd, sizeof(isize))
+        hi = <isize*>safe_alloc(nd, sizeof(isize))
+        cur = <isize*>safe_alloc(nd, sizeof(isize))
+        memo = <i64*>safe_alloc(2 * nd, sizeof(i64))
         for i in range(2 * nd):
             memo[i] = -1     # offsets are non-negative: matches no interval
         for i in range(nl):
@@ -805,9 +805,7 @@ def intersect(const i64[:, ::1] local_offsets, const i64[:, ::1] local_sizes,
     out.data = NULL
     out.len = 0
     out.cap = 0
-    cdef isize* seg = <isize*>_alloc(nl + 1, sizeof(isize))
-    if seg == NULL:
-        raise MemoryError("ckcore: cannot allocate intersection state")
+    cdef isize* seg = <isize*>safe_alloc(nl + 1, sizeof(isize))
     # Empty arrays have no element 0 to take the address of.
     cdef i64 dummy = 0
     cdef const i64* lo_p = &local_offsets[0, 0] if nl and nd else &dummy
