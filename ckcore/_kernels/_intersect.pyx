@@ -27,12 +27,12 @@ overlaps it, 0-d chunks all overlap each other.
 Output order is canonical: by local index, then by saved index.
 """
 
-from libc.stdlib cimport realloc, free
+from libc.stdlib cimport free, qsort, realloc
 from libc.string cimport memcpy, memset
 
-from ckcore._kernels._capi cimport ck_mix64
-from ckcore._kernels._types cimport i64, isize, u64
+from ckcore._kernels._types cimport i64, isize
 from ckcore._kernels._box cimport add_overflows, box_overlap
+from ckcore._kernels._intervals cimport IvlTable, Key3, ivl_id, ivl_init, ivl_keys, sort_key3
 from ckcore._kernels._util cimport safe_alloc, volume_overflows
 
 import numpy as np
@@ -146,184 +146,55 @@ cdef int _buf_reserve(IdxBuf* b, isize newcap) except -1 nogil:
 
 
 # ---------------------------------------------------------------------------
-# Sorting helpers (no qsort_r: it is not portable between glibc and macOS)
+# Per-dimension cut lists and sorting
 # ---------------------------------------------------------------------------
-
-cdef inline bint _pair_less(const i64* k1, const i64* k2, isize a, isize b) noexcept nogil:
-    # Order by (k1, k2).
-    if k1[a] != k1[b]:
-        return k1[a] < k1[b]
-    return k2[a] < k2[b]
-
-
-cdef void _msort_pairs(isize* idx, isize* tmp, isize n,
-                       const i64* k1, const i64* k2) noexcept nogil:
-    # Bottom-up stable merge sort of idx by (k1[idx], k2[idx]); a sorted input costs O(n).
-    cdef isize i, width, lo, mid, hi, a, b, k
-    cdef isize* src = idx
-    cdef isize* dst = tmp
-    cdef isize* t
-    for i in range(1, n):
-        if _pair_less(k1, k2, idx[i], idx[i - 1]):
-            break
-    else:
-        return
-    width = 1
-    while width < n:
-        lo = 0
-        while lo < n:
-            mid = lo + width
-            if mid > n:
-                mid = n
-            hi = lo + 2 * width
-            if hi > n:
-                hi = n
-            a = lo
-            b = mid
-            k = lo
-            while a < mid and b < hi:
-                if _pair_less(k1, k2, src[b], src[a]):
-                    dst[k] = src[b]
-                    b += 1
-                else:
-                    dst[k] = src[a]
-                    a += 1
-                k += 1
-            while a < mid:
-                dst[k] = src[a]
-                a += 1
-                k += 1
-            while b < hi:
-                dst[k] = src[b]
-                b += 1
-                k += 1
-            lo = hi
-        t = src
-        src = dst
-        dst = t
-        width *= 2
-    if src != idx:
-        memcpy(idx, src, <size_t>n * sizeof(isize))
-
-
-cdef inline size_t _mix(i64 s, i64 e) noexcept nogil:
-    # Both ends of an interval into one well-spread hash.
-    return <size_t>ck_mix64(<u64>s * <u64>0x9E3779B97F4A7C15 ^ <u64>e)
-
 
 cdef int _distinct_dim(const i64* off, const i64* size, isize n, isize nd, isize d,
                        i64* dstart, i64* dend, isize* rank, isize* count,
-                       isize* table, isize* ids, isize* tmp, isize* order,
-                       i64* scratch) except -1 nogil:
+                       isize* ids, isize* tmp) except -1 nogil:
     # Distinct intervals of dimension d, sorted by (start, end), and each chunk's rank
     # among them. Hashing first keeps this O(n + m log m) for m distinct intervals:
     # DCP layouts repeat a handful of cuts across thousands of chunks.
-    # The table (room for 2n slots) starts small and doubles while more than half
-    # full: with m << n only its first pages are ever touched, which matters as
-    # much as the hashing (fresh pages cost a fault each).
-    cdef size_t cap = 64, mask, h, maxcap = 1
-    cdef isize i, m = 0, j, slot
-    cdef i64 s, e
-    while maxcap < <size_t>(2 * n):
-        maxcap <<= 1
-    if cap > maxcap:
-        cap = maxcap
-    mask = cap - 1
-    for h in range(cap):
-        table[h] = -1
-    for i in range(n):
-        s = off[i * nd + d]
-        e = s + size[i * nd + d]
-        h = _mix(s, e) & mask
-        while True:
-            slot = table[h]
-            if slot < 0:
-                table[h] = m
-                dstart[m] = s
-                dend[m] = e
-                ids[i] = m
-                m += 1
-                if <size_t>(2 * m) > cap and cap < maxcap:
-                    # Grow and re-insert the m distinct intervals seen so far.
-                    cap <<= 1
-                    mask = cap - 1
-                    for h in range(cap):
-                        table[h] = -1
-                    for j in range(m):
-                        h = _mix(dstart[j], dend[j]) & mask
-                        while table[h] >= 0:
-                            h = (h + 1) & mask
-                        table[h] = j
-                break
-            if dstart[slot] == s and dend[slot] == e:
-                ids[i] = slot
-                break
-            h = (h + 1) & mask
-    for j in range(m):
-        order[j] = j
-    _msort_pairs(order, tmp, m, dstart, dend)
-    # tmp[first-seen id] = rank; then lay the distinct list out in rank order.
-    for j in range(m):
-        tmp[order[j]] = j
-    for i in range(n):
-        rank[i * nd + d] = tmp[ids[i]]
-    # Lay the distinct list out in rank order.
-    for j in range(m):
-        scratch[j] = dstart[order[j]]
-    memcpy(dstart, scratch, <size_t>m * sizeof(i64))
-    for j in range(m):
-        scratch[j] = dend[order[j]]
-    memcpy(dend, scratch, <size_t>m * sizeof(i64))
-    count[0] = m
+    cdef IvlTable t
+    cdef Key3* keys = NULL
+    cdef isize i, j, m
+    cdef i64 s
+    t.slots = NULL
+    try:
+        ivl_init(&t, 64)
+        for i in range(n):
+            s = off[i * nd + d]
+            ids[i] = ivl_id(&t, s, s + size[i * nd + d])
+        m = t.count
+        keys = <Key3*>safe_alloc(m, sizeof(Key3))
+        ivl_keys(&t, keys)
+        sort_key3(keys, m)
+        # tmp[first-seen id] = rank; the distinct list laid out in rank order.
+        for j in range(m):
+            tmp[keys[j].idx] = j
+            dstart[j] = keys[j].a
+            dend[j] = keys[j].b
+        for i in range(n):
+            rank[i * nd + d] = tmp[ids[i]]
+        count[0] = m
+    finally:
+        free(t.slots)
+        free(keys)
     return 0
+
+
+cdef int _cmp_isize(const void* x, const void* y) noexcept nogil:
+    cdef isize a = (<const isize*>x)[0], b = (<const isize*>y)[0]
+    return (a > b) - (a < b)
 
 
 cdef void _sort_small(isize* a, isize n) noexcept nogil:
     # Sort reported saved indices of one local chunk; usually already sorted.
-    cdef isize i, j, v
+    cdef isize i
     for i in range(1, n):
         if a[i] < a[i - 1]:
-            break
-    else:
-        return
-    if n <= 32:
-        for i in range(1, n):
-            v = a[i]
-            j = i - 1
-            while j >= 0 and a[j] > v:
-                a[j + 1] = a[j]
-                j -= 1
-            a[j + 1] = v
-        return
-    _heapsort(a, n)
-
-
-cdef void _sift(isize* a, isize start, isize end) noexcept nogil:
-    cdef isize root = start, child, t
-    while 2 * root + 1 <= end:
-        child = 2 * root + 1
-        if child + 1 <= end and a[child] < a[child + 1]:
-            child += 1
-        if a[root] < a[child]:
-            t = a[root]
-            a[root] = a[child]
-            a[child] = t
-            root = child
-        else:
+            qsort(a, <size_t>n, sizeof(isize), _cmp_isize)
             return
-
-
-cdef void _heapsort(isize* a, isize n) noexcept nogil:
-    cdef isize start = (n - 2) // 2, end = n - 1, t
-    while start >= 0:
-        _sift(a, start, end)
-        start -= 1
-    while end > 0:
-        t = a[end]
-        a[end] = a[0]
-        a[0] = t
-        end -= 1
-        _sift(a, 0, end)
 
 
 # ---------------------------------------------------------------------------
@@ -385,11 +256,8 @@ cdef inline bint _same_prefix(const Index* ix, isize k, isize lvl) noexcept nogi
 
 cdef struct Work:
     # index_build's temporaries, freed together whatever phase fails.
-    isize* idx
+    isize* ids
     isize* tmp
-    isize* runid
-    isize* table
-    i64* scratch
     isize* counts
 
 
@@ -418,7 +286,7 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
             _trie_nodes(ix)
         built = True
     finally:
-        free(w.idx); free(w.tmp); free(w.runid); free(w.table); free(w.scratch); free(w.counts)
+        free(w.ids); free(w.tmp); free(w.counts)
         if not built:
             index_free(ix)
     return 0
@@ -436,31 +304,23 @@ cdef int _index_alloc(Index* ix, Work* w) except -1 nogil:
     ix.perm = <isize*>safe_alloc(nd, sizeof(isize))
     ix.order = <isize*>safe_alloc(n, sizeof(isize))
     ix.lbase = <isize*>safe_alloc(nd + 1, sizeof(isize))
-    w.idx = <isize*>safe_alloc(n, sizeof(isize))
+    w.ids = <isize*>safe_alloc(n, sizeof(isize))
     w.tmp = <isize*>safe_alloc(n, sizeof(isize))
-    w.runid = <isize*>safe_alloc(n, sizeof(isize))
     return 0
 
 
 cdef int _index_dims(Index* ix, Work* w) except -1 nogil:
     # 1. Per dimension: the distinct intervals sorted by (start, end), and ranks.
     cdef isize d, r, n = ix.n, nd = ix.nd
-    w.table = <isize*>safe_alloc(2 * <size_t>n + 2, sizeof(isize) * 2)
-    w.scratch = <i64*>safe_alloc(n, sizeof(i64))
     for d in range(nd):
         ix.dbase[d] = d * n
         _distinct_dim(ix.off, ix.size, n, nd, d, ix.dstart + d * n, ix.dend + d * n, ix.rank,
-                      &ix.dcount[d], w.table, w.runid, w.tmp, w.idx, w.scratch)
+                      &ix.dcount[d], w.ids, w.tmp)
         ix.dmono[d] = True
         for r in range(1, ix.dcount[d]):
             if ix.dend[d * n + r] < ix.dend[d * n + r - 1]:
                 ix.dmono[d] = False
                 break
-    # The hash table and scratch are done with: give their memory back now.
-    free(w.table)
-    free(w.scratch)
-    w.table = NULL
-    w.scratch = NULL
     return 0
 
 

@@ -20,7 +20,7 @@ fine grids). This kernel finds the same findings without that cliff:
 * volumes are summed in 128 bits, so they never wrap.
 """
 
-from libc.stdlib cimport free, qsort, realloc
+from libc.stdlib cimport free, realloc
 from libc.string cimport memset
 
 import operator
@@ -30,9 +30,12 @@ import numpy as np
 from ckcore._kernels._box cimport box_overlap
 from ckcore._kernels._capi cimport (
     PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE,
-    ck_add64, ck_hi, ck_i128, ck_lo, ck_mix64, ck_mul64, ck_mul128,
+    ck_add64, ck_hi, ck_i128, ck_lo, ck_mul64, ck_mul128,
 )
-from ckcore._kernels._types cimport i64, u64
+from ckcore._kernels._types cimport i64
+from ckcore._kernels._intervals cimport (
+    IvlTable, Key3, ivl_id, ivl_init, ivl_keys, sort_key3,
+)
 from ckcore._kernels._util cimport index_i64, safe_alloc, to_i64
 
 
@@ -87,24 +90,6 @@ cdef int _all_pairs(PairBuf* pb, const i64* S, Py_ssize_t m) except -1 nogil:
     return 0
 
 
-cdef struct Key3:
-    i64 a
-    i64 b
-    i64 idx
-
-
-cdef int _cmp_key3(const void* x, const void* y) noexcept nogil:
-    cdef const Key3* p = <const Key3*>x
-    cdef const Key3* q = <const Key3*>y
-    if p.a != q.a:
-        return -1 if p.a < q.a else 1
-    if p.b != q.b:
-        return -1 if p.b < q.b else 1
-    if p.idx != q.idx:
-        return -1 if p.idx < q.idx else 1
-    return 0
-
-
 # ------------------------------------------------------------ overlap finding
 
 cdef struct Ctx:
@@ -134,7 +119,7 @@ cdef int _sweep(Ctx* c, const i64* S, Py_ssize_t m, Py_ssize_t s) except -1 nogi
             keys[i].a = c.offs[S[i] * d + s]
             keys[i].b = 0
             keys[i].idx = S[i]
-        qsort(keys, m, sizeof(Key3), _cmp_key3)
+        sort_key3(keys, m)
         for i in range(m):
             cur = keys[i].idx
             start = keys[i].a
@@ -167,7 +152,7 @@ cdef int _sweep(Ctx* c, const i64* S, Py_ssize_t m, Py_ssize_t s) except -1 nogi
 
 
 cdef Py_ssize_t _sort_dim(Ctx* c, const i64* S, Py_ssize_t m, Py_ssize_t k,
-                          Key3* keys, Py_ssize_t* n_groups, Py_ssize_t* n_offsets) noexcept nogil:
+                          Key3* keys, Py_ssize_t* n_groups, Py_ssize_t* n_offsets) except -1 nogil:
     # Sort S by (offset, size) in dimension k. Returns 1 if the distinct
     # intervals of that dimension are pairwise separated under torch's
     # predicate (sizes are >= 0 here), 0 otherwise; counts the distinct
@@ -179,7 +164,7 @@ cdef Py_ssize_t _sort_dim(Ctx* c, const i64* S, Py_ssize_t m, Py_ssize_t k,
         keys[i].a = c.offs[S[i] * d + k]
         keys[i].b = c.sizes[S[i] * d + k]
         keys[i].idx = S[i]
-    qsort(keys, m, sizeof(Key3), _cmp_key3)
+    sort_key3(keys, m)
     maxend = keys[0].a + keys[0].b
     for i in range(1, m):
         if keys[i].a == keys[i - 1].a and keys[i].b == keys[i - 1].b:
@@ -258,65 +243,20 @@ cdef int _split(Ctx* c, const i64* S, Py_ssize_t m, unsigned long long cand) exc
     return 0
 
 
-cdef struct Slot:
-    i64 off
-    i64 size
-    i64 id      # -1: empty
-
-
-cdef struct Table:
-    # Open-addressing set of (offset, size) intervals -> dense ids. Sized by
-    # the number of distinct intervals (small for grids), not by n, so it
-    # stays in cache.
-    Slot* slots
-    Py_ssize_t mask
-    Py_ssize_t count
-
-
-cdef inline Py_ssize_t _slot_of(Table* t, i64 o, i64 s) noexcept nogil:
-    cdef Py_ssize_t h = <Py_ssize_t>(ck_mix64(<u64>o * <u64>0x9E3779B97F4A7C15 ^ <u64>s) & <u64>t.mask)
-    while t.slots[h].id >= 0 and (t.slots[h].off != o or t.slots[h].size != s):
-        h = (h + 1) & t.mask
-    return h
-
-
-cdef int _table_init(Table* t, Py_ssize_t cap) except -1 nogil:
-    cdef Py_ssize_t i
-    t.slots = <Slot*>safe_alloc(cap, sizeof(Slot))
-    t.mask = cap - 1
-    t.count = 0
-    for i in range(cap):
-        t.slots[i].id = -1
-    return 0
-
-
-cdef int _table_grow(Table* t) except -1 nogil:
-    cdef Slot* old = t.slots
-    cdef Py_ssize_t oldcap = t.mask + 1, i, h
-    _table_init(t, 2 * oldcap)
-    for i in range(oldcap):
-        if old[i].id >= 0:
-            h = _slot_of(t, old[i].off, old[i].size)
-            t.slots[h] = old[i]
-            t.count += 1
-    free(old)
-    return 0
-
-
 cdef int _grid_free(Ctx* c, bint* proven) except -1 nogil:
     # O(n) proof for regular grids: if in every dimension the distinct
     # intervals are pairwise separated and no two chunks are the same box,
     # no two chunks overlap (two different chunks differ in some dimension,
     # where their intervals are separated). Chunks are hashed, not sorted;
     # only the distinct intervals of each dimension are sorted.
-    cdef Py_ssize_t n = c.n, d = c.ndim, i, k, h, m
-    cdef Table t
+    cdef Py_ssize_t n = c.n, d = c.ndim, i, k, m
+    cdef IvlTable t
     cdef i64* ids = NULL
     cdef i64* combo = NULL
     cdef unsigned char* seen = NULL
     cdef i64 o, s, radix = 1, prev_o = 0, prev_s = 0, prev_id
     cdef Key3* keys = NULL
-    cdef Table dup
+    cdef IvlTable dup
     t.slots = NULL
     dup.slots = NULL
     proven[0] = False
@@ -325,7 +265,7 @@ cdef int _grid_free(Ctx* c, bint* proven) except -1 nogil:
         combo = <i64*>safe_alloc(n, sizeof(i64))
         memset(combo, 0, n * sizeof(i64))
         for k in range(d):
-            _table_init(&t, 64)
+            ivl_init(&t, 64)
             prev_id = -1
             for i in range(n):
                 o = c.offs[i * d + k]
@@ -334,16 +274,7 @@ cdef int _grid_free(Ctx* c, bint* proven) except -1 nogil:
                 if prev_id >= 0 and o == prev_o and s == prev_s:
                     ids[i] = prev_id
                     continue
-                h = _slot_of(&t, o, s)
-                if t.slots[h].id < 0:
-                    if 2 * (t.count + 1) > t.mask + 1:
-                        _table_grow(&t)
-                        h = _slot_of(&t, o, s)
-                    t.slots[h].off = o
-                    t.slots[h].size = s
-                    t.slots[h].id = t.count
-                    t.count += 1
-                ids[i] = t.slots[h].id
+                ids[i] = ivl_id(&t, o, s)
                 prev_o = o
                 prev_s = s
                 prev_id = ids[i]
@@ -352,20 +283,11 @@ cdef int _grid_free(Ctx* c, bint* proven) except -1 nogil:
             # make the ends non-decreasing, so checking neighbours suffices.
             m = t.count
             keys = <Key3*>safe_alloc(m, sizeof(Key3))
-            for i in range(t.mask + 1):
-                if t.slots[i].id >= 0:
-                    # In first-seen order: sorted already for ordered layouts.
-                    h = t.slots[i].id
-                    keys[h].a = t.slots[i].off
-                    keys[h].b = t.slots[i].size
-                    keys[h].idx = h
+            # In first-seen order: sorted already for ordered layouts.
+            ivl_keys(&t, keys)
             free(t.slots)
             t.slots = NULL
-            # Laid out in order (the usual case), the intervals arrive sorted.
-            for i in range(1, m):
-                if _cmp_key3(&keys[i - 1], &keys[i]) > 0:
-                    qsort(keys, m, sizeof(Key3), _cmp_key3)
-                    break
+            sort_key3(keys, m)
             for i in range(1, m):
                 if keys[i].a < keys[i - 1].a + keys[i - 1].b:
                     return 0
@@ -386,18 +308,13 @@ cdef int _grid_free(Ctx* c, bint* proven) except -1 nogil:
                     return 0
                 seen[combo[i]] = 1
         else:
-            _table_init(&dup, 64)
+            ivl_init(&dup, 64)
             for i in range(n):
-                h = _slot_of(&dup, combo[i], 0)
-                if dup.slots[h].id >= 0:
+                # A box seen before leaves the count as it was.
+                m = dup.count
+                ivl_id(&dup, combo[i], 0)
+                if dup.count == m:
                     return 0
-                if 2 * (dup.count + 1) > dup.mask + 1:
-                    _table_grow(&dup)
-                    h = _slot_of(&dup, combo[i], 0)
-                dup.slots[h].off = combo[i]
-                dup.slots[h].size = 0
-                dup.slots[h].id = i
-                dup.count += 1
         proven[0] = True
     finally:
         free(t.slots)
