@@ -32,7 +32,9 @@ from libc.string cimport memcpy, memset
 
 from ckcore._kernels._types cimport i64, isize
 from ckcore._kernels._box cimport add_overflows, box_overlap
-from ckcore._kernels._intervals cimport IvlTable, Key3, ivl_id, ivl_init, ivl_keys, sort_key3
+from ckcore._kernels._intervals cimport (
+    IvlTable, Key3, ivl_free, ivl_id, ivl_init, ivl_keys, sort_key3,
+)
 from ckcore._kernels._util cimport safe_alloc, volume_overflows
 
 import numpy as np
@@ -159,7 +161,7 @@ cdef int _distinct_dim(const i64* off, const i64* size, isize n, isize nd, isize
     cdef Key3* keys = NULL
     cdef isize i, j, m
     cdef i64 s
-    t.slots = NULL
+    memset(&t, 0, sizeof(IvlTable))
     try:
         ivl_init(&t, 64)
         for i in range(n):
@@ -178,7 +180,7 @@ cdef int _distinct_dim(const i64* off, const i64* size, isize n, isize nd, isize
             rank[i * nd + d] = tmp[ids[i]]
         count[0] = m
     finally:
-        free(t.slots)
+        ivl_free(&t)
         free(keys)
     return 0
 

@@ -13,20 +13,19 @@ from libc.string cimport memcpy
 
 from ckcore._kernels._capi cimport ck_mix64
 from ckcore._kernels._types cimport i64, u64
-from ckcore._kernels._util cimport safe_alloc
-
-
-cdef struct IvlSlot:
-    i64 a
-    i64 b
-    i64 id      # -1: empty
+from ckcore._kernels._util cimport safe_alloc, safe_realloc
 
 
 cdef struct IvlTable:
-    # Sized by the number of distinct intervals (small for grids), not by the
-    # number of chunks, so it stays in cache: it starts at 64 slots and
-    # doubles while more than half full.
-    IvlSlot* slots
+    # Ids in the slots (8 bytes each), the pairs themselves in first-seen
+    # order in a and b: a probe touches one small slot, then the candidate's
+    # pair. Sized by the number of distinct intervals (small for grids), not
+    # by the number of chunks, so it stays in cache: it starts at 64 slots
+    # and doubles while more than half full. Zero it before ivl_init; free
+    # it with ivl_free (also when ivl_init failed).
+    i64* slots      # id, or -1: empty
+    i64* a          # id -> first value of the pair
+    i64* b          # id -> second value
     Py_ssize_t mask
     Py_ssize_t count
 
@@ -106,60 +105,71 @@ cdef inline int sort_key3(Key3* keys, Py_ssize_t m) except -1 nogil:
 
 
 cdef inline Py_ssize_t ivl_slot(const IvlTable* t, i64 a, i64 b) noexcept nogil:
-    # The slot holding (a, b), or the empty slot where it would go.
+    # The slot holding (a, b)'s id, or the empty slot where it would go.
     cdef Py_ssize_t h = <Py_ssize_t>(ck_mix64(<u64>a * <u64>0x9E3779B97F4A7C15 ^ <u64>b)
                                      & <u64>t.mask)
-    while t.slots[h].id >= 0 and (t.slots[h].a != a or t.slots[h].b != b):
+    cdef i64 e
+    while True:
+        e = t.slots[h]
+        if e < 0 or (t.a[e] == a and t.b[e] == b):
+            return h
         h = (h + 1) & t.mask
-    return h
+
+
+cdef inline int _ivl_slots(IvlTable* t, Py_ssize_t cap) except -1 nogil:
+    # cap (a power of two) slots holding ids 0..count-1; on MemoryError t is
+    # left as it was.
+    cdef i64* slots = <i64*>safe_alloc(cap, sizeof(i64))
+    cdef Py_ssize_t i
+    for i in range(cap):
+        slots[i] = -1
+    free(t.slots)
+    t.slots = slots
+    t.mask = cap - 1
+    for i in range(t.count):
+        t.slots[ivl_slot(t, t.a[i], t.b[i])] = i
+    return 0
 
 
 cdef inline int ivl_init(IvlTable* t, Py_ssize_t cap) except -1 nogil:
-    # An empty table of cap (a power of two) slots; t.slots must be free.
-    cdef Py_ssize_t i
-    t.slots = <IvlSlot*>safe_alloc(cap, sizeof(IvlSlot))
-    t.mask = cap - 1
+    # An empty table of cap (a power of two) slots; t zeroed or ivl_free'd.
     t.count = 0
-    for i in range(cap):
-        t.slots[i].id = -1
+    _ivl_slots(t, cap)
+    t.a = <i64*>safe_alloc(cap // 2, sizeof(i64))
+    t.b = <i64*>safe_alloc(cap // 2, sizeof(i64))
     return 0
 
 
-cdef inline int ivl_grow(IvlTable* t) except -1 nogil:
-    # Twice the slots; on MemoryError t is left as it was.
-    cdef IvlTable bigger
-    cdef Py_ssize_t i
-    ivl_init(&bigger, 2 * (t.mask + 1))
-    for i in range(t.mask + 1):
-        if t.slots[i].id >= 0:
-            bigger.slots[ivl_slot(&bigger, t.slots[i].a, t.slots[i].b)] = t.slots[i]
-            bigger.count += 1
+cdef inline void ivl_free(IvlTable* t) noexcept nogil:
     free(t.slots)
-    t[0] = bigger
-    return 0
+    free(t.a)
+    free(t.b)
+    t.slots = t.a = t.b = NULL
 
 
 cdef inline i64 ivl_id(IvlTable* t, i64 a, i64 b) except -1 nogil:
     # The id of (a, b); an unseen pair gets the next one (t.count grows).
-    cdef Py_ssize_t h = ivl_slot(t, a, b)
-    if t.slots[h].id >= 0:
-        return t.slots[h].id
+    cdef Py_ssize_t h = ivl_slot(t, a, b), cap
+    if t.slots[h] >= 0:
+        return t.slots[h]
     if 2 * (t.count + 1) > t.mask + 1:
-        ivl_grow(t)
+        # Pairs live at most half the slots: a and b grow with them.
+        cap = 2 * (t.mask + 1)
+        t.a = <i64*>safe_realloc(t.a, cap // 2, sizeof(i64))
+        t.b = <i64*>safe_realloc(t.b, cap // 2, sizeof(i64))
+        _ivl_slots(t, cap)
         h = ivl_slot(t, a, b)
-    t.slots[h].a = a
-    t.slots[h].b = b
-    t.slots[h].id = t.count
+    t.a[t.count] = a
+    t.b[t.count] = b
+    t.slots[h] = t.count
     t.count += 1
-    return t.slots[h].id
+    return t.count - 1
 
 
 cdef inline void ivl_keys(const IvlTable* t, Key3* keys) noexcept nogil:
     # The distinct pairs as keys in id (first-seen) order: keys[id] = (a, b, id).
-    cdef Py_ssize_t i, e
-    for i in range(t.mask + 1):
-        e = t.slots[i].id
-        if e >= 0:
-            keys[e].a = t.slots[i].a
-            keys[e].b = t.slots[i].b
-            keys[e].idx = e
+    cdef Py_ssize_t e
+    for e in range(t.count):
+        keys[e].a = t.a[e]
+        keys[e].b = t.b[e]
+        keys[e].idx = e

@@ -34,7 +34,7 @@ from ckcore._kernels._capi cimport (
 )
 from ckcore._kernels._types cimport i64
 from ckcore._kernels._intervals cimport (
-    IvlTable, Key3, ivl_id, ivl_init, ivl_keys, sort_key3,
+    IvlTable, Key3, ivl_free, ivl_id, ivl_init, ivl_keys, sort_key3,
 )
 from ckcore._kernels._util cimport index_i64, safe_alloc, to_i64
 
@@ -257,8 +257,8 @@ cdef int _grid_free(Ctx* c, bint* proven) except -1 nogil:
     cdef i64 o, s, radix = 1, prev_o = 0, prev_s = 0, prev_id
     cdef Key3* keys = NULL
     cdef IvlTable dup
-    t.slots = NULL
-    dup.slots = NULL
+    memset(&t, 0, sizeof(IvlTable))
+    memset(&dup, 0, sizeof(IvlTable))
     proven[0] = False
     try:
         ids = <i64*>safe_alloc(n, sizeof(i64))
@@ -285,8 +285,7 @@ cdef int _grid_free(Ctx* c, bint* proven) except -1 nogil:
             keys = <Key3*>safe_alloc(m, sizeof(Key3))
             # In first-seen order: sorted already for ordered layouts.
             ivl_keys(&t, keys)
-            free(t.slots)
-            t.slots = NULL
+            ivl_free(&t)
             sort_key3(keys, m)
             for i in range(1, m):
                 if keys[i].a < keys[i - 1].a + keys[i - 1].b:
@@ -317,8 +316,8 @@ cdef int _grid_free(Ctx* c, bint* proven) except -1 nogil:
                     return 0
         proven[0] = True
     finally:
-        free(t.slots)
-        free(dup.slots)
+        ivl_free(&t)
+        ivl_free(&dup)
         free(ids)
         free(combo)
         free(keys)
