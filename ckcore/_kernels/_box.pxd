@@ -3,8 +3,6 @@
 # Every function here is noexcept nogil: callers validate inputs (non-negative,
 # offset+size within int64) with the GIL held before entering a nogil region,
 # so these helpers cannot fail.
-from libc.stdint cimport INT64_MAX
-
 from ckcore._kernels._types cimport i64
 
 
@@ -24,13 +22,3 @@ cdef inline bint box_overlap(const i64* a_off, const i64* a_size,
         if a_off[d] >= b_off[d] + b_size[d] or b_off[d] >= a_off[d] + a_size[d]:
             return False
     return True
-
-
-cdef inline bint add_overflows(i64 a, i64 b) noexcept nogil:
-    # For non-negative a and b only (callers have checked signs).
-    return a > INT64_MAX - b
-
-
-cdef inline bint mul_overflows(i64 a, i64 b) noexcept nogil:
-    # For non-negative a and b only.
-    return a != 0 and b > INT64_MAX // a

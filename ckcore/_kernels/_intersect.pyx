@@ -31,11 +31,11 @@ from libc.stdlib cimport free, qsort, realloc
 from libc.string cimport memcpy, memset
 
 from ckcore._kernels._types cimport i64, isize
-from ckcore._kernels._box cimport add_overflows, box_overlap
+from ckcore._kernels._box cimport box_overlap
 from ckcore._kernels._intervals cimport (
     IvlTable, Key3, ivl_free, ivl_id, ivl_init, ivl_keys, sort_key3,
 )
-from ckcore._kernels._util cimport safe_alloc, volume_overflows
+from ckcore._kernels._util cimport add_overflows, safe_alloc, volume_overflows
 
 import numpy as np
 

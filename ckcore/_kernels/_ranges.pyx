@@ -44,7 +44,7 @@ cdef extern from *:
 import numpy as np
 
 from ckcore._kernels._types cimport i64
-from ckcore._kernels._box cimport add_overflows, mul_overflows
+from ckcore._kernels._util cimport add_overflows, mul_overflows
 
 
 # ---------------------------------------------------------------- validation

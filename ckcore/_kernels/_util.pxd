@@ -1,7 +1,8 @@
 # Primitives every kernel shares, defined once (scikit-learn's utils/_typedefs.pxd
 # and tree/_utils.pxd are the model): int64 read from a Python int, the
-# overflow-checked volume of a box, and one allocation helper with one error
-# contract (it raises MemoryError; it never returns NULL).
+# int64 overflow tests and the overflow-checked volume of a box, and one
+# allocation helper with one error contract (it raises MemoryError; it never
+# returns NULL).
 #
 # Constants come from libc.stdint (INT64_MAX), never from a mutable module
 # global.
@@ -10,8 +11,20 @@ from cpython.number cimport PyNumber_Index
 from libc.stdlib cimport realloc
 from libc.string cimport memset
 
-from ckcore._kernels._capi cimport ck_mul64
+from ckcore._kernels._capi cimport ck_add64, ck_mul64
 from ckcore._kernels._types cimport i64
+
+
+cdef inline bint add_overflows(i64 a, i64 b) noexcept nogil:
+    # Does a + b overflow int64? (The compiler's checked add: any signs.)
+    cdef i64 r
+    return ck_add64(a, b, &r)
+
+
+cdef inline bint mul_overflows(i64 a, i64 b) noexcept nogil:
+    # Does a * b overflow int64?
+    cdef i64 r
+    return ck_mul64(a, b, &r)
 
 
 cdef inline bint to_i64(object v, i64* out) noexcept:
