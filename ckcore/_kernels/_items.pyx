@@ -30,7 +30,7 @@ from ckcore._kernels._coverage cimport C_OK, check_reads
 from ckcore._kernels._gcpause cimport gc_pause, gc_resume
 from ckcore._kernels._intersect cimport PATH_AUTO, IdxBuf, fill_pairs, intersect_pairs
 from ckcore._kernels._types cimport i64, isize
-from ckcore._kernels._util cimport index_i64, volume_overflows
+from ckcore._kernels._util cimport index_i64, safe_alloc, volume_overflows
 from libc.stdint cimport INT64_MAX
 
 import operator
@@ -414,7 +414,7 @@ def read_items(str fqn, local_chunks, saved_chunks, isize ndim,
     cdef tuple local_snap = tuple(local_chunks)
     cdef tuple saved_snap = tuple(saved_chunks)
     cdef isize nl = len(local_snap), ns = len(saved_snap), nd = ndim
-    cdef isize i, p, s, k
+    cdef isize k
     cdef i64* lo = NULL
     cdef i64* ls = NULL
     cdef i64* so = NULL
@@ -424,9 +424,7 @@ def read_items(str fqn, local_chunks, saved_chunks, isize ndim,
     cdef isize* seg = NULL
     cdef isize cover[4]
     cdef IdxBuf out
-    cdef list items, dest_idx, stor_idx, loffs, soffs
-    cdef object di, st, dro, sro, lro
-    cdef _RowCache cache
+    cdef list loffs, soffs
     cdef int code = C_OK
     if nd < 0:
         raise ValueError(f"{fqn}: ndim must be non-negative, got {nd}")
@@ -438,13 +436,11 @@ def read_items(str fqn, local_chunks, saved_chunks, isize ndim,
     out.len = 0
     out.cap = 0
     try:
-        lo = <i64*>malloc(<size_t>(nl * nd + 1) * sizeof(i64))
-        ls = <i64*>malloc(<size_t>(nl * nd + 1) * sizeof(i64))
-        so = <i64*>malloc(<size_t>(ns * nd + 1) * sizeof(i64))
-        ss = <i64*>malloc(<size_t>(ns * nd + 1) * sizeof(i64))
-        seg = <isize*>malloc(<size_t>(nl + 1) * sizeof(isize))
-        if lo == NULL or ls == NULL or so == NULL or ss == NULL or seg == NULL:
-            raise MemoryError()
+        lo = <i64*>safe_alloc(<size_t>nl * nd + 1, sizeof(i64))
+        ls = <i64*>safe_alloc(<size_t>nl * nd + 1, sizeof(i64))
+        so = <i64*>safe_alloc(<size_t>ns * nd + 1, sizeof(i64))
+        ss = <i64*>safe_alloc(<size_t>ns * nd + 1, sizeof(i64))
+        seg = <isize*>safe_alloc(nl + 1, sizeof(isize))
         loffs = [None] * nl
         soffs = [None] * ns
         _chunk_ndim(local_snap, fqn, nd)
@@ -456,10 +452,8 @@ def read_items(str fqn, local_chunks, saved_chunks, isize ndim,
         k = out.len
         # Every pair's (storage offsets, dest offsets, lengths), as three
         # k x nd blocks, and its local and saved chunk (li, li + k).
-        rows = <i64*>malloc(<size_t>(3 * k * nd + 1) * sizeof(i64))
-        li = <i64*>malloc(<size_t>(2 * k + 1) * sizeof(i64))
-        if rows == NULL or li == NULL:
-            raise MemoryError()
+        rows = <i64*>safe_alloc(3 * <size_t>k * nd + 1, sizeof(i64))
+        li = <i64*>safe_alloc(2 * <size_t>k + 1, sizeof(i64))
         with nogil:
             fill_pairs(lo, ls, so, ss, nd, nl, seg, out.data, li, li + k,
                        rows, rows + k * nd, rows + 2 * k * nd)
@@ -467,33 +461,8 @@ def read_items(str fqn, local_chunks, saved_chunks, isize ndim,
                 code = check_reads(li, rows + k * nd, rows + 2 * k * nd, k, ls, nl, nd, 64, cover)
         if code != C_OK:
             return None
-        items = PyList_New(k)
-        dest_idx = [None] * nl
-        stor_idx = [None] * ns
-        cache = _RowCache(nd, size_cls)
-        # As in build_read_items: no cycles among the new objects, so no GC passes.
-        gc_pause()
-        try:
-            for i in range(nl):
-                for p in range(seg[i], seg[i + 1]):
-                    s = li[k + p]
-                    di = dest_idx[i]
-                    if di is None:
-                        di = _index_obj(metadata_index_cls, fqn, loffs[i], i, size_cls)
-                        dest_idx[i] = di
-                    st = stor_idx[s]
-                    if st is None:
-                        st = _index_obj(metadata_index_cls, fqn, soffs[s], s, size_cls)
-                        stor_idx[s] = st
-                    sro = cache.get(rows + p * nd)
-                    dro = cache.get(rows + (k + p) * nd)
-                    lro = cache.get(rows + (2 * k + p) * nd)
-                    item = _make_item(read_item_cls, tensor_type, di, dro, st, sro, lro)
-                    Py_INCREF(item)
-                    PyList_SET_ITEM(items, p, item)
-        finally:
-            gc_resume()
-        return items
+        return _items_from_pairs(fqn, nl, ns, nd, k, seg, li, rows, loffs, soffs,
+                                 read_item_cls, metadata_index_cls, tensor_type, size_cls)
     finally:
         free(lo)
         free(ls)
@@ -503,6 +472,43 @@ def read_items(str fqn, local_chunks, saved_chunks, isize ndim,
         free(li)
         free(seg)
         free(out.data)
+
+
+cdef list _items_from_pairs(str fqn, isize nl, isize ns, isize nd, isize k, const isize* seg,
+                            const i64* li, const i64* rows, list loffs, list soffs,
+                            read_item_cls, metadata_index_cls, tensor_type, size_cls):
+    """read_items' ReadItems from the k pairs: pair p joins local chunk i (its
+    run seg[i]..seg[i+1]) and saved chunk li[k + p]; rows holds the pairs'
+    storage offsets, dest offsets and lengths as three k x nd blocks."""
+    cdef list items = PyList_New(k)
+    cdef list dest_idx = [None] * nl
+    cdef list stor_idx = [None] * ns
+    cdef _RowCache cache = _RowCache(nd, size_cls)
+    cdef isize i, p, s
+    cdef object di, st, dro, sro, lro
+    # As in build_read_items: no cycles among the new objects, so no GC passes.
+    gc_pause()
+    try:
+        for i in range(nl):
+            for p in range(seg[i], seg[i + 1]):
+                s = li[k + p]
+                di = dest_idx[i]
+                if di is None:
+                    di = _index_obj(metadata_index_cls, fqn, loffs[i], i, size_cls)
+                    dest_idx[i] = di
+                st = stor_idx[s]
+                if st is None:
+                    st = _index_obj(metadata_index_cls, fqn, soffs[s], s, size_cls)
+                    stor_idx[s] = st
+                sro = cache.get(rows + p * nd)
+                dro = cache.get(rows + (k + p) * nd)
+                lro = cache.get(rows + (2 * k + p) * nd)
+                item = _make_item(read_item_cls, tensor_type, di, dro, st, sro, lro)
+                Py_INCREF(item)
+                PyList_SET_ITEM(items, p, item)
+    finally:
+        gc_resume()
+    return items
 
 
 def new_frozen(cls, dict fields):
