@@ -6,7 +6,8 @@ rank's plan (``_dedup_save_plans.dedup_save_plans``,
 ``default_planner._validate_global_plan``). At 1024+ ranks they dominate the
 save's planning time. This module gives the same results as torch's functions
 with the loops in compiled kernels (``ckcore._kernels._validate`` for the
-chunk checks, ``ckcore._kernels._gplan`` for the object plumbing).
+chunk checks, ``_dedup``, ``_save_plan`` and ``_fused_plan`` for the object
+plumbing).
 
 Every function takes ckcore's plan objects (:mod:`ckcore.planner`) or torch's,
 duck-typed, and returns objects of the classes it was given: a new
@@ -34,8 +35,9 @@ from typing import Any
 import numpy as np
 
 from ckcore._gc import paused
-from ckcore._kernels import _gplan
-from ckcore._kernels._validate import _check_tensor, _read_chunks
+from ckcore._kernels import _dedup, _fused_plan, _save_plan
+from ckcore._kernels._validate import _check_tensor, chunk_rows
+from ckcore.dtypes import itemsize
 from ckcore.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
 __all__ = [
@@ -129,7 +131,7 @@ def create_global_save_plan(
     """
     try:
         with paused(promote=True):
-            return _gplan.create_global_save_plan(
+            return _save_plan.create_global_save_plan(
                 list(all_plans),
                 bool(rewrite_index_hints),
                 types.metadata,
@@ -160,7 +162,7 @@ def dedup_save_plans(all_plans: Sequence[Any], save_to_lowest_rank: bool = False
     """
     try:
         with paused(promote=True):
-            return _gplan.dedup_save_plans(list(all_plans), bool(save_to_lowest_rank))
+            return _dedup.dedup_save_plans(list(all_plans), bool(save_to_lowest_rank), itemsize)
     except AttributeError:
         wrong = _wrong_objects("dedup_save_plans", all_plans, ("index", "type"))
         if wrong is None:
@@ -294,7 +296,7 @@ def _validate_key(
         raise TypeError(f"key:{key} tensor size {size!r} is not a tuple of integers") from None
     except OverflowError:
         raise ValueError(f"key:{key} tensor size {size!r} does not fit in int64") from None
-    offs, sizes = _read_chunks(key, chunks, ndim)
+    offs, sizes = chunk_rows(key, chunks, ndim)
     oob, chunks_volume, pairs = _check_tensor(offs, sizes, tsize)
     for i in oob.tolist():
         msg = f"key:{key} has out of bounds chunk: tensor-size:{size} chunk: {chunks[i]}"
@@ -340,7 +342,7 @@ def plan_global_save(
     and raising what those raise, but reading every item once: one compiled
     pass dedups, builds the metadata and rewritten items and keeps each
     chunk's offsets and sizes as int64 rows, which validation then checks
-    without going back to the chunk objects (``_gplan.global_save_plan``).
+    without going back to the chunk objects (``_fused_plan.fused_save_plan``).
     Tensors with something to report are re-checked by
     :func:`validate_global_plan`'s own code, for torch's messages and order.
     Plans the single pass cannot take exactly (see the kernel: mixed item
@@ -352,9 +354,9 @@ def plan_global_save(
     res = None
     try:
         with paused(promote=True):
-            res = _gplan.global_save_plan(
+            res = _fused_plan.fused_save_plan(
                 plans, bool(dedup), bool(save_to_lowest_rank), bool(rewrite_index_hints),
-                types.metadata, types.tensor_storage, types.bytes_storage)
+                types.metadata, types.tensor_storage, types.bytes_storage, itemsize)
             if res is not None:
                 new_plans, md, careful = res
                 errors: list[str] = []

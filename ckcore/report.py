@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import numpy as np
 
 # The only kernel this module calls directly.
-from ._kernels._validate import _check_tensor_bounded, _read_chunks
+from ._kernels._validate import _check_tensor_bounded, chunk_rows
 from ._saferepr import chunk_text, name_text, one_line, saferepr, shape_text
 from .checkpoint import (
     STORAGE_PROBLEMS,
@@ -410,7 +410,7 @@ def _validate_tensor(fqn: str, item: TensorStorageMetadata, f: Findings,
         tsize = np.array(size, dtype=np.int64)
         # Raises for chunks the kernel cannot check (wrong number of dims,
         # offset + size past int64); the other tensors are still checked.
-        offs, sizes = _read_chunks(fqn, chunks, ndim)
+        offs, sizes = chunk_rows(fqn, chunks, ndim)
     except (TypeError, ValueError, OverflowError) as exc:
         why = one_line(exc)
         if f.add("unvalidatable"):

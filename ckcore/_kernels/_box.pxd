@@ -22,13 +22,3 @@ cdef inline bint box_overlap(const i64* a_off, const i64* a_size,
         if a_off[d] >= b_off[d] + b_size[d] or b_off[d] >= a_off[d] + a_size[d]:
             return False
     return True
-
-
-cdef inline bint add_overflows(i64 a, i64 b) noexcept nogil:
-    # For non-negative a and b only (callers have checked signs).
-    return a > <i64>0x7FFFFFFFFFFFFFFF - b
-
-
-cdef inline bint mul_overflows(i64 a, i64 b) noexcept nogil:
-    # For non-negative a and b only.
-    return a != 0 and b > <i64>0x7FFFFFFFFFFFFFFF // a

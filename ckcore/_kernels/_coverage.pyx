@@ -15,7 +15,10 @@ in practice (a rank's chunk spans a few saved chunks). Beyond that the caller
 gets ``COVER_UNDECIDED`` and settles overlaps with the intersection kernel.
 """
 
+from libc.stdint cimport INT64_MAX
+
 from ckcore._kernels._types cimport i64, isize
+from ckcore._kernels._util cimport volume_overflows
 
 # C_OK, C_VOLUME, C_OVERLAP, C_UNDECIDED: the enum of _coverage.pxd.
 
@@ -24,24 +27,12 @@ COVER_VOLUME = C_VOLUME
 COVER_OVERLAP = C_OVERLAP
 COVER_UNDECIDED = C_UNDECIDED
 
-cdef i64 I64_MAX = 0x7FFFFFFFFFFFFFFF
-
 
 cdef inline i64 _volume_sat(const i64* sizes, isize nd) noexcept nogil:
-    # Product of non-negative sizes, saturated at I64_MAX (callers compare only).
-    # Each size is read once: the arrays may be the caller's, written by
-    # another thread while this runs, and the value tested for 0 must be the
-    # divisor.
-    cdef i64 v = 1, s
-    cdef isize d
-    for d in range(nd):
-        s = sizes[d]
-        if s == 0:
-            return 0
-        if v > I64_MAX // s:
-            v = I64_MAX
-        else:
-            v = v * s
+    # Product of non-negative sizes, saturated at INT64_MAX (callers compare only).
+    cdef i64 v
+    if volume_overflows(sizes, nd, &v):
+        return INT64_MAX
     return v
 
 
@@ -75,8 +66,8 @@ cdef int check_reads(const i64* li, const i64* doff, const i64* ln, isize k,
         covered = 0
         for p in range(start, end):
             vol = _volume_sat(&ln[p * nd], nd)
-            if covered > I64_MAX - vol:
-                covered = I64_MAX
+            if covered > INT64_MAX - vol:
+                covered = INT64_MAX
             else:
                 covered = covered + vol
         if nd == 0:

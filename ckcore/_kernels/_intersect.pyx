@@ -27,12 +27,15 @@ overlaps it, 0-d chunks all overlap each other.
 Output order is canonical: by local index, then by saved index.
 """
 
-from libc.stdlib cimport malloc, realloc, free
+from libc.stdlib cimport free, qsort, realloc
 from libc.string cimport memcpy, memset
 
-from ckcore._kernels._capi cimport ck_mix64
-from ckcore._kernels._types cimport i64, isize, u64
-from ckcore._kernels._box cimport add_overflows, box_overlap, mul_overflows
+from ckcore._kernels._types cimport i64, isize
+from ckcore._kernels._box cimport box_overlap
+from ckcore._kernels._intervals cimport (
+    IvlTable, Key3, ivl_free, ivl_id, ivl_init, ivl_keys, sort_key3,
+)
+from ckcore._kernels._util cimport add_overflows, safe_alloc, volume_overflows
 
 import numpy as np
 
@@ -47,8 +50,6 @@ cdef extern from *:
     """
     void ck_atomic_add(isize* p, isize v) noexcept nogil
     isize ck_atomic_load(isize* p) noexcept nogil
-
-cdef i64 I64_MAX = 0x7FFFFFFFFFFFFFFF
 
 # Test hooks for the error paths (see _py_live_indexes): how many chunk
 # indexes are built and not yet freed, kept with atomics because the kernel
@@ -73,10 +74,7 @@ cdef int _check_boxes(const i64* off, const i64* size, isize n, isize nd,
                       isize* bad_row) noexcept nogil:
     cdef isize i, d
     cdef i64 o, s, vol
-    cdef bint over
     for i in range(n):
-        vol = 1
-        over = False
         for d in range(nd):
             o = off[i * nd + d]
             s = size[i * nd + d]
@@ -89,17 +87,7 @@ cdef int _check_boxes(const i64* off, const i64* size, isize n, isize nd,
             if add_overflows(o, s):
                 bad_row[0] = i
                 return 3
-            # A zero size makes the volume 0 whatever came before: only report an
-            # overflow once every dimension has been seen.
-            if s == 0:
-                vol = 0
-                over = False
-            elif not over:
-                if mul_overflows(vol, s):
-                    over = True
-                else:
-                    vol *= s
-        if over:
+        if volume_overflows(size + i * nd, nd, &vol):
             bad_row[0] = i
             return 4
     return 0
@@ -160,184 +148,55 @@ cdef int _buf_reserve(IdxBuf* b, isize newcap) except -1 nogil:
 
 
 # ---------------------------------------------------------------------------
-# Sorting helpers (no qsort_r: it is not portable between glibc and macOS)
+# Per-dimension cut lists and sorting
 # ---------------------------------------------------------------------------
-
-cdef inline bint _pair_less(const i64* k1, const i64* k2, isize a, isize b) noexcept nogil:
-    # Order by (k1, k2).
-    if k1[a] != k1[b]:
-        return k1[a] < k1[b]
-    return k2[a] < k2[b]
-
-
-cdef void _msort_pairs(isize* idx, isize* tmp, isize n,
-                       const i64* k1, const i64* k2) noexcept nogil:
-    # Bottom-up stable merge sort of idx by (k1[idx], k2[idx]); a sorted input costs O(n).
-    cdef isize i, width, lo, mid, hi, a, b, k
-    cdef isize* src = idx
-    cdef isize* dst = tmp
-    cdef isize* t
-    for i in range(1, n):
-        if _pair_less(k1, k2, idx[i], idx[i - 1]):
-            break
-    else:
-        return
-    width = 1
-    while width < n:
-        lo = 0
-        while lo < n:
-            mid = lo + width
-            if mid > n:
-                mid = n
-            hi = lo + 2 * width
-            if hi > n:
-                hi = n
-            a = lo
-            b = mid
-            k = lo
-            while a < mid and b < hi:
-                if _pair_less(k1, k2, src[b], src[a]):
-                    dst[k] = src[b]
-                    b += 1
-                else:
-                    dst[k] = src[a]
-                    a += 1
-                k += 1
-            while a < mid:
-                dst[k] = src[a]
-                a += 1
-                k += 1
-            while b < hi:
-                dst[k] = src[b]
-                b += 1
-                k += 1
-            lo = hi
-        t = src
-        src = dst
-        dst = t
-        width *= 2
-    if src != idx:
-        memcpy(idx, src, <size_t>n * sizeof(isize))
-
-
-cdef inline size_t _mix(i64 s, i64 e) noexcept nogil:
-    # Both ends of an interval into one well-spread hash.
-    return <size_t>ck_mix64(<u64>s * <u64>0x9E3779B97F4A7C15 ^ <u64>e)
-
 
 cdef int _distinct_dim(const i64* off, const i64* size, isize n, isize nd, isize d,
                        i64* dstart, i64* dend, isize* rank, isize* count,
-                       isize* table, isize* ids, isize* tmp, isize* order,
-                       i64* scratch) except -1 nogil:
+                       isize* ids, isize* tmp) except -1 nogil:
     # Distinct intervals of dimension d, sorted by (start, end), and each chunk's rank
     # among them. Hashing first keeps this O(n + m log m) for m distinct intervals:
     # DCP layouts repeat a handful of cuts across thousands of chunks.
-    # The table (room for 2n slots) starts small and doubles while more than half
-    # full: with m << n only its first pages are ever touched, which matters as
-    # much as the hashing (fresh pages cost a fault each).
-    cdef size_t cap = 64, mask, h, maxcap = 1
-    cdef isize i, m = 0, j, slot
-    cdef i64 s, e
-    while maxcap < <size_t>(2 * n):
-        maxcap <<= 1
-    if cap > maxcap:
-        cap = maxcap
-    mask = cap - 1
-    for h in range(cap):
-        table[h] = -1
-    for i in range(n):
-        s = off[i * nd + d]
-        e = s + size[i * nd + d]
-        h = _mix(s, e) & mask
-        while True:
-            slot = table[h]
-            if slot < 0:
-                table[h] = m
-                dstart[m] = s
-                dend[m] = e
-                ids[i] = m
-                m += 1
-                if <size_t>(2 * m) > cap and cap < maxcap:
-                    # Grow and re-insert the m distinct intervals seen so far.
-                    cap <<= 1
-                    mask = cap - 1
-                    for h in range(cap):
-                        table[h] = -1
-                    for j in range(m):
-                        h = _mix(dstart[j], dend[j]) & mask
-                        while table[h] >= 0:
-                            h = (h + 1) & mask
-                        table[h] = j
-                break
-            if dstart[slot] == s and dend[slot] == e:
-                ids[i] = slot
-                break
-            h = (h + 1) & mask
-    for j in range(m):
-        order[j] = j
-    _msort_pairs(order, tmp, m, dstart, dend)
-    # tmp[first-seen id] = rank; then lay the distinct list out in rank order.
-    for j in range(m):
-        tmp[order[j]] = j
-    for i in range(n):
-        rank[i * nd + d] = tmp[ids[i]]
-    # Lay the distinct list out in rank order.
-    for j in range(m):
-        scratch[j] = dstart[order[j]]
-    memcpy(dstart, scratch, <size_t>m * sizeof(i64))
-    for j in range(m):
-        scratch[j] = dend[order[j]]
-    memcpy(dend, scratch, <size_t>m * sizeof(i64))
-    count[0] = m
+    cdef IvlTable t
+    cdef Key3* keys = NULL
+    cdef isize i, j, m
+    cdef i64 s
+    memset(&t, 0, sizeof(IvlTable))
+    try:
+        ivl_init(&t, 64)
+        for i in range(n):
+            s = off[i * nd + d]
+            ids[i] = ivl_id(&t, s, s + size[i * nd + d])
+        m = t.count
+        keys = <Key3*>safe_alloc(m, sizeof(Key3))
+        ivl_keys(&t, keys)
+        sort_key3(keys, m)
+        # tmp[first-seen id] = rank; the distinct list laid out in rank order.
+        for j in range(m):
+            tmp[keys[j].idx] = j
+            dstart[j] = keys[j].a
+            dend[j] = keys[j].b
+        for i in range(n):
+            rank[i * nd + d] = tmp[ids[i]]
+        count[0] = m
+    finally:
+        ivl_free(&t)
+        free(keys)
     return 0
+
+
+cdef int _cmp_isize(const void* x, const void* y) noexcept nogil:
+    cdef isize a = (<const isize*>x)[0], b = (<const isize*>y)[0]
+    return (a > b) - (a < b)
 
 
 cdef void _sort_small(isize* a, isize n) noexcept nogil:
     # Sort reported saved indices of one local chunk; usually already sorted.
-    cdef isize i, j, v
+    cdef isize i
     for i in range(1, n):
         if a[i] < a[i - 1]:
-            break
-    else:
-        return
-    if n <= 32:
-        for i in range(1, n):
-            v = a[i]
-            j = i - 1
-            while j >= 0 and a[j] > v:
-                a[j + 1] = a[j]
-                j -= 1
-            a[j + 1] = v
-        return
-    _heapsort(a, n)
-
-
-cdef void _sift(isize* a, isize start, isize end) noexcept nogil:
-    cdef isize root = start, child, t
-    while 2 * root + 1 <= end:
-        child = 2 * root + 1
-        if child + 1 <= end and a[child] < a[child + 1]:
-            child += 1
-        if a[root] < a[child]:
-            t = a[root]
-            a[root] = a[child]
-            a[child] = t
-            root = child
-        else:
+            qsort(a, <size_t>n, sizeof(isize), _cmp_isize)
             return
-
-
-cdef void _heapsort(isize* a, isize n) noexcept nogil:
-    cdef isize start = (n - 2) // 2, end = n - 1, t
-    while start >= 0:
-        _sift(a, start, end)
-        start -= 1
-    while end > 0:
-        t = a[end]
-        a[end] = a[0]
-        a[0] = t
-        end -= 1
-        _sift(a, 0, end)
 
 
 # ---------------------------------------------------------------------------
@@ -384,15 +243,6 @@ cdef void index_free(Index* ix) noexcept nogil:
     memset(ix, 0, sizeof(Index))
 
 
-cdef void* _alloc(size_t count, size_t elem) noexcept nogil:
-    # calloc-like with an overflow check; count 0 still returns a valid pointer.
-    if count == 0:
-        count = 1
-    if count > (<size_t>-1) // elem:
-        return NULL
-    return malloc(count * elem)
-
-
 cdef inline bint _same_prefix(const Index* ix, isize k, isize lvl) noexcept nogil:
     # Does the k-th chunk in trie order share its intervals in dimensions
     # perm[0..lvl] with the one before it (i.e. the same level-lvl node)?
@@ -406,19 +256,21 @@ cdef inline bint _same_prefix(const Index* ix, isize k, isize lvl) noexcept nogi
     return True
 
 
+cdef struct Work:
+    # index_build's temporaries, freed together whatever phase fails.
+    isize* ids
+    isize* tmp
+    isize* counts
+
+
 cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize nd,
                      bint trie_always) except -1 nogil:
     """Build the per-dimension cut lists, detect a product grid, and build the trie
-    (for a grid only when ``trie_always``)."""
-    cdef isize d, i, k, r, p, total, lvl, cnt, j, child, q
-    cdef isize* idx = NULL
-    cdef isize* tmp = NULL
-    cdef isize* counts = NULL
-    cdef isize* runid = NULL
-    cdef isize* table = NULL
-    cdef i64* scratch = NULL
-    cdef isize prod_cells
-    cdef bint overflow
+    (for a grid only when ``trie_always``). On error (MemoryError) nothing is
+    left allocated: ix is freed (index_free) before the exception propagates."""
+    cdef Work w
+    cdef bint built = False
+    memset(&w, 0, sizeof(Work))
     memset(ix, 0, sizeof(Index))
     ix.live = True
     ck_atomic_add(&_live_indexes, 1)
@@ -426,55 +278,62 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
     ix.nd = nd
     ix.off = off
     ix.size = size
-    ix.dcount = <isize*>_alloc(nd, sizeof(isize))
-    ix.dbase = <isize*>_alloc(nd, sizeof(isize))
-    ix.dstart = <i64*>_alloc(<size_t>n * nd, sizeof(i64))
-    ix.dend = <i64*>_alloc(<size_t>n * nd, sizeof(i64))
-    ix.dmono = <bint*>_alloc(nd, sizeof(bint))
-    ix.rank = <isize*>_alloc(<size_t>n * nd, sizeof(isize))
-    ix.cstride = <isize*>_alloc(nd, sizeof(isize))
-    ix.perm = <isize*>_alloc(nd, sizeof(isize))
-    ix.order = <isize*>_alloc(n, sizeof(isize))
-    ix.lbase = <isize*>_alloc(nd + 1, sizeof(isize))
-    idx = <isize*>_alloc(n, sizeof(isize))
-    tmp = <isize*>_alloc(n, sizeof(isize))
-    runid = <isize*>_alloc(n, sizeof(isize))
-    if (ix.dcount == NULL or ix.dbase == NULL or ix.dstart == NULL or ix.dend == NULL
-            or ix.dmono == NULL or ix.rank == NULL or ix.cstride == NULL or ix.perm == NULL
-            or ix.order == NULL or ix.lbase == NULL or idx == NULL or tmp == NULL
-            or runid == NULL):
-        free(idx); free(tmp); free(runid)
-        index_free(ix)
-        with gil:
-            raise MemoryError("ckcore: cannot allocate the chunk index")
+    try:
+        _index_alloc(ix, &w)
+        _index_dims(ix, &w)
+        _index_grid(ix)
+        ix.has_trie = not ix.grid or trie_always
+        if ix.has_trie:
+            _trie_order(ix, &w)
+            _trie_nodes(ix)
+        built = True
+    finally:
+        free(w.ids); free(w.tmp); free(w.counts)
+        if not built:
+            index_free(ix)
+    return 0
 
+
+cdef int _index_alloc(Index* ix, Work* w) except -1 nogil:
+    cdef isize n = ix.n, nd = ix.nd
+    ix.dcount = <isize*>safe_alloc(nd, sizeof(isize))
+    ix.dbase = <isize*>safe_alloc(nd, sizeof(isize))
+    ix.dstart = <i64*>safe_alloc(<size_t>n * nd, sizeof(i64))
+    ix.dend = <i64*>safe_alloc(<size_t>n * nd, sizeof(i64))
+    ix.dmono = <bint*>safe_alloc(nd, sizeof(bint))
+    ix.rank = <isize*>safe_alloc(<size_t>n * nd, sizeof(isize))
+    ix.cstride = <isize*>safe_alloc(nd, sizeof(isize))
+    ix.perm = <isize*>safe_alloc(nd, sizeof(isize))
+    ix.order = <isize*>safe_alloc(n, sizeof(isize))
+    ix.lbase = <isize*>safe_alloc(nd + 1, sizeof(isize))
+    w.ids = <isize*>safe_alloc(n, sizeof(isize))
+    w.tmp = <isize*>safe_alloc(n, sizeof(isize))
+    return 0
+
+
+cdef int _index_dims(Index* ix, Work* w) except -1 nogil:
     # 1. Per dimension: the distinct intervals sorted by (start, end), and ranks.
-    table = <isize*>_alloc(2 * <size_t>n + 2, sizeof(isize) * 2)
-    scratch = <i64*>_alloc(n, sizeof(i64))
-    if table == NULL or scratch == NULL:
-        free(table); free(scratch)
-        free(idx); free(tmp); free(runid)
-        index_free(ix)
-        with gil:
-            raise MemoryError("ckcore: cannot allocate the chunk index")
+    cdef isize d, r, n = ix.n, nd = ix.nd
     for d in range(nd):
         ix.dbase[d] = d * n
-        _distinct_dim(off, size, n, nd, d, ix.dstart + d * n, ix.dend + d * n, ix.rank,
-                      &ix.dcount[d], table, runid, tmp, idx, scratch)
+        _distinct_dim(ix.off, ix.size, n, nd, d, ix.dstart + d * n, ix.dend + d * n, ix.rank,
+                      &ix.dcount[d], w.ids, w.tmp)
         ix.dmono[d] = True
         for r in range(1, ix.dcount[d]):
             if ix.dend[d * n + r] < ix.dend[d * n + r - 1]:
                 ix.dmono[d] = False
                 break
-    free(table)
-    free(scratch)
+    return 0
 
+
+cdef int _index_grid(Index* ix) except -1 nogil:
     # 2. Grid detection: the saved chunks are the full product of the per-dimension
     #    cut lists iff prod(dcount) == n and no two chunks are the same box (no cell
-    #    of the product is hit twice). A grid needs no trie unless one is asked for.
+    #    of the product is hit twice).
+    cdef isize d, i, p, n = ix.n, nd = ix.nd
+    cdef isize prod_cells = 1
+    cdef bint overflow = False
     ix.grid = nd > 0
-    prod_cells = 1
-    overflow = False
     for d in range(nd - 1, -1, -1):
         ix.cstride[d] = prod_cells
         if not ix.dmono[d]:
@@ -484,35 +343,30 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
         prod_cells *= ix.dcount[d]
     if overflow or prod_cells != n:
         ix.grid = False
-    if ix.grid:
-        ix.cell = <isize*>_alloc(n, sizeof(isize))
-        if ix.cell == NULL:
-            free(idx); free(tmp); free(runid)
-            index_free(ix)
-            with gil:
-                raise MemoryError("ckcore: cannot allocate the chunk index")
-        for i in range(n):
-            ix.cell[i] = -1
-        for i in range(n):
-            p = 0
-            for d in range(nd):
-                p += ix.rank[i * nd + d] * ix.cstride[d]
-            if ix.cell[p] >= 0:
-                # The same box twice: not a grid (duplicates go through the trie).
-                ix.grid = False
-                free(ix.cell)
-                ix.cell = NULL
-                break
-            ix.cell[p] = i
-    ix.has_trie = not ix.grid or trie_always
-    if not ix.has_trie:
-        free(idx)
-        free(tmp)
-        free(runid)
+    if not ix.grid:
         return 0
+    ix.cell = <isize*>safe_alloc(n, sizeof(isize))
+    for i in range(n):
+        ix.cell[i] = -1
+    for i in range(n):
+        p = 0
+        for d in range(nd):
+            p += ix.rank[i * nd + d] * ix.cstride[d]
+        if ix.cell[p] >= 0:
+            # The same box twice: not a grid (duplicates go through the trie).
+            ix.grid = False
+            free(ix.cell)
+            ix.cell = NULL
+            break
+        ix.cell[p] = i
+    return 0
 
+
+cdef int _trie_order(Index* ix, Work* w) except -1 nogil:
     # 3. Trie order: dimensions with the fewest distinct intervals first (coarse to
     #    fine: row blocks before the columns cut inside each block), ties by index.
+    cdef isize d, i, j, k, r, lvl, cnt, n = ix.n, nd = ix.nd
+    # Insertion sort: nd is a handful of dimensions.
     for d in range(nd):
         ix.perm[d] = d
     for i in range(1, nd):
@@ -525,51 +379,49 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
     # LSD radix sort by the ranks of perm[nd-1], ..., perm[0] (counting sort, stable).
     for i in range(n):
         ix.order[i] = i
-    counts = <isize*>_alloc(n + 1, sizeof(isize))
-    if counts == NULL:
-        free(idx); free(tmp); free(runid)
-        index_free(ix)
-        with gil:
-            raise MemoryError("ckcore: cannot allocate the chunk index")
+    w.counts = <isize*>safe_alloc(n + 1, sizeof(isize))
     for lvl in range(nd - 1, -1, -1):
         d = ix.perm[lvl]
         cnt = ix.dcount[d]
-        memset(counts, 0, <size_t>(cnt + 1) * sizeof(isize))
+        memset(w.counts, 0, <size_t>(cnt + 1) * sizeof(isize))
         for k in range(n):
-            counts[ix.rank[ix.order[k] * nd + d] + 1] += 1
+            w.counts[ix.rank[ix.order[k] * nd + d] + 1] += 1
         for r in range(cnt):
-            counts[r + 1] += counts[r]
+            w.counts[r + 1] += w.counts[r]
         for k in range(n):
             i = ix.order[k]
             r = ix.rank[i * nd + d]
-            tmp[counts[r]] = i
-            counts[r] += 1
-        memcpy(ix.order, tmp, <size_t>n * sizeof(isize))
-    free(counts)
+            w.tmp[w.counts[r]] = i
+            w.counts[r] += 1
+        memcpy(ix.order, w.tmp, <size_t>n * sizeof(isize))
+    return 0
 
+
+cdef int _trie_nodes(Index* ix) except -1 nogil:
     # 4. Trie nodes. A level-lvl node is a maximal run of `order` whose ranks agree
     #    on perm[0..lvl]. Count nodes per level first.
-    total = 0
+    cdef isize lvl, k, cnt, total = 0, n = ix.n, nd = ix.nd
     for lvl in range(nd):
         ix.lbase[lvl] = total
-        d = ix.perm[lvl]
         cnt = 0
         for k in range(n):
             if not _same_prefix(ix, k, lvl):
                 cnt += 1
         total += cnt
     ix.lbase[nd] = total
-    ix.nstart = <i64*>_alloc(total, sizeof(i64))
-    ix.nend = <i64*>_alloc(total, sizeof(i64))
-    ix.nlo = <isize*>_alloc(total, sizeof(isize))
-    ix.nhi = <isize*>_alloc(total, sizeof(isize))
-    ix.nmono = <bint*>_alloc(total, sizeof(bint))
-    if ix.nstart == NULL or ix.nend == NULL or ix.nlo == NULL or ix.nhi == NULL or ix.nmono == NULL:
-        free(idx); free(tmp); free(runid)
-        index_free(ix)
-        with gil:
-            raise MemoryError("ckcore: cannot allocate the chunk index")
+    ix.nstart = <i64*>safe_alloc(total, sizeof(i64))
+    ix.nend = <i64*>safe_alloc(total, sizeof(i64))
+    ix.nlo = <isize*>safe_alloc(total, sizeof(isize))
+    ix.nhi = <isize*>safe_alloc(total, sizeof(isize))
+    ix.nmono = <bint*>safe_alloc(total, sizeof(bint))
+    _fill_nodes(ix)
+    _link_levels(ix)
+    return 0
+
+
+cdef void _fill_nodes(Index* ix) noexcept nogil:
     # Fill nodes level by level; nlo/nhi first hold positions in `order`.
+    cdef isize lvl, d, q, k, i, r, n = ix.n, nd = ix.nd
     for lvl in range(nd):
         d = ix.perm[lvl]
         q = ix.lbase[lvl] - 1
@@ -583,8 +435,12 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
                 ix.nlo[q] = k
                 ix.nmono[q] = True
             ix.nhi[q] = k + 1
+
+
+cdef void _link_levels(Index* ix) noexcept nogil:
     # Link levels: the children of a level-lvl node are the level-(lvl+1) nodes whose
     # position ranges lie inside its own. The last level keeps positions in `order`.
+    cdef isize lvl, child, q, p, nd = ix.nd
     for lvl in range(nd - 1):
         child = ix.lbase[lvl + 1]
         for q in range(ix.lbase[lvl], ix.lbase[lvl + 1]):
@@ -601,11 +457,6 @@ cdef int index_build(Index* ix, const i64* off, const i64* size, isize n, isize 
             if ix.nend[q] < ix.nend[q - 1]:
                 ix.rootmono = False
                 break
-
-    free(idx)
-    free(tmp)
-    free(runid)
-    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -739,13 +590,10 @@ cdef int intersect_pairs(const i64* loff, const i64* lsize, isize nl,
         # reserving nl + ns up front saves most of the doubling copies.
         if out.cap < nl + ns:
             _buf_reserve(out, nl + ns)
-        lo = <isize*>_alloc(nd, sizeof(isize))
-        hi = <isize*>_alloc(nd, sizeof(isize))
-        cur = <isize*>_alloc(nd, sizeof(isize))
-        memo = <i64*>_alloc(2 * nd, sizeof(i64))
-        if lo == NULL or hi == NULL or cur == NULL or memo == NULL:
-            with gil:
-                raise MemoryError("ckcore: cannot allocate query state")
+        lo = <isize*>safe_alloc(nd, sizeof(isize))
+        hi = <isize*>safe_alloc(nd, sizeof(isize))
+        cur = <isize*>safe_alloc(nd, sizeof(isize))
+        memo = <i64*>safe_alloc(2 * nd, sizeof(i64))
         for i in range(2 * nd):
             memo[i] = -1     # offsets are non-negative: matches no interval
         for i in range(nl):
@@ -819,9 +667,7 @@ def intersect(const i64[:, ::1] local_offsets, const i64[:, ::1] local_sizes,
     out.data = NULL
     out.len = 0
     out.cap = 0
-    cdef isize* seg = <isize*>_alloc(nl + 1, sizeof(isize))
-    if seg == NULL:
-        raise MemoryError("ckcore: cannot allocate intersection state")
+    cdef isize* seg = <isize*>safe_alloc(nl + 1, sizeof(isize))
     # Empty arrays have no element 0 to take the address of.
     cdef i64 dummy = 0
     cdef const i64* lo_p = &local_offsets[0, 0] if nl and nd else &dummy

@@ -17,7 +17,6 @@ allows:
   ~2000 instructions per ReadItem against ~9800 through ``__init__``).
 """
 
-from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.tuple cimport (
     PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM,
 )
@@ -31,6 +30,8 @@ from ckcore._kernels._coverage cimport C_OK, check_reads
 from ckcore._kernels._gcpause cimport gc_pause, gc_resume
 from ckcore._kernels._intersect cimport PATH_AUTO, IdxBuf, fill_pairs, intersect_pairs
 from ckcore._kernels._types cimport i64, isize
+from ckcore._kernels._util cimport index_i64, safe_alloc, volume_overflows
+from libc.stdint cimport INT64_MAX
 
 import operator
 
@@ -67,28 +68,20 @@ cdef str _LENGTHS = "lengths"
 cdef str _FQN = "fqn"
 cdef str _OFFSET = "offset"
 cdef str _INDEX = "index"
-cdef i64 I64_MAX = 0x7FFFFFFFFFFFFFFF
 
 
 cdef inline i64 _as_i64(object v, object fqn, isize i, object chunk, str what) except? -1:
     # Exact ints take the fast path; anything else must be an integer by __index__
     # (numpy integers are; floats and strings are not). bool is an int in Python
     # and torch.Size accepts it, so it is accepted here too.
-    cdef int overflow = 0
-    cdef long long r
-    if not PyLong_CheckExact(v):
-        try:
-            v = operator.index(v)
-        except TypeError:
-            raise TypeError(
-                f"{fqn}: chunk {i} {chunk!r}: {what} must be integers, got {type(v).__name__} {v!r}"
-            ) from None
-    # The overflow flag instead of an exception keeps the common path free of
-    # exception checks.
-    r = PyLong_AsLongLongAndOverflow(v, &overflow)
-    if overflow:
+    cdef i64 r = 0
+    cdef int bad = index_i64(v, &r)
+    if bad == 1:
+        raise TypeError(
+            f"{fqn}: chunk {i} {chunk!r}: {what} must be integers, got {type(v).__name__} {v!r}")
+    if bad == 2:
         raise ValueError(
-            f"{fqn}: chunk {i} {chunk!r}: {what} value {v} does not fit in int64")
+            f"{fqn}: chunk {i} {chunk!r}: {what} value {operator.index(v)} does not fit in int64")
     return r
 
 
@@ -109,8 +102,8 @@ cdef isize _chunk_ndim(tuple chunks, object fqn, object ndim) except -1:
     return nd
 
 
-cdef int _read_chunks(tuple chunks, object fqn, isize nd, bint nd_is_tensors,
-                      i64* ov, i64* sv, list offs_out) except -1:
+cdef int _chunk_rows_into(tuple chunks, object fqn, isize nd, bint nd_is_tensors,
+                          i64* ov, i64* sv, list offs_out) except -1:
     # Every chunk's offsets and sizes into ov/sv (row-major, nd per chunk), each
     # value checked: an integer, non-negative, offset+size and volume within int64.
     # With offs_out (a list of len(chunks)), each chunk's offsets object as read
@@ -118,7 +111,6 @@ cdef int _read_chunks(tuple chunks, object fqn, isize nd, bint nd_is_tensors,
     # whose numbers were intersected, without reading the attribute again.
     cdef isize n = len(chunks), i, d
     cdef i64 o, s, vol
-    cdef bint over
     cdef object chunk, offs, sizes
     for i in range(n):
         chunk = chunks[i]
@@ -143,29 +135,17 @@ cdef int _read_chunks(tuple chunks, object fqn, isize nd, bint nd_is_tensors,
                 f"{fqn}: chunk {i} {chunk!r} has {len(offs)} offsets and {len(sizes)} sizes "
                 f"but {'the tensor has' if nd_is_tensors else 'chunk 0 has'} "
                 f"{nd} dimensions")
-        vol = 1
-        over = False
         for d in range(nd):
             o = _as_i64(<object>PyTuple_GET_ITEM(offs, d), fqn, i, chunk, "offsets")
             s = _as_i64(<object>PyTuple_GET_ITEM(sizes, d), fqn, i, chunk, "sizes")
             if o < 0 or s < 0:
                 raise ValueError(f"{fqn}: chunk {i} {chunk!r} has a negative offset or size")
-            if o > I64_MAX - s:
+            if o > INT64_MAX - s:
                 raise ValueError(
                     f"{fqn}: chunk {i} {chunk!r}: offset + size overflows int64 in dimension {d}")
-            # A zero size makes the volume 0 whatever came before: only report an
-            # overflow once every dimension has been seen.
-            if s == 0:
-                vol = 0
-                over = False
-            elif not over and vol != 0:
-                if s > I64_MAX // vol:
-                    over = True
-                else:
-                    vol *= s
             ov[i * nd + d] = o
             sv[i * nd + d] = s
-        if over:
+        if volume_overflows(sv + i * nd, nd, &vol):
             raise ValueError(f"{fqn}: chunk {i} {chunk!r}: volume overflows int64")
         if offs_out is not None:
             offs_out[i] = offs
@@ -197,8 +177,8 @@ def chunk_arrays(chunks, fqn="<chunks>", ndim=None):
     out_size = np.empty((n, nd), dtype=np.int64)
     cdef i64[:, ::1] ov = out_off
     cdef i64[:, ::1] sv = out_size
-    _read_chunks(chunk_list, fqn, nd, ndim is not None,
-                 &ov[0, 0] if nd else &dummy, &sv[0, 0] if nd else &dummy, None)
+    _chunk_rows_into(chunk_list, fqn, nd, ndim is not None,
+                     &ov[0, 0] if nd else &dummy, &sv[0, 0] if nd else &dummy, None)
     return out_off, out_size
 
 
@@ -434,7 +414,7 @@ def read_items(str fqn, local_chunks, saved_chunks, isize ndim,
     cdef tuple local_snap = tuple(local_chunks)
     cdef tuple saved_snap = tuple(saved_chunks)
     cdef isize nl = len(local_snap), ns = len(saved_snap), nd = ndim
-    cdef isize i, p, s, k
+    cdef isize k
     cdef i64* lo = NULL
     cdef i64* ls = NULL
     cdef i64* so = NULL
@@ -444,9 +424,7 @@ def read_items(str fqn, local_chunks, saved_chunks, isize ndim,
     cdef isize* seg = NULL
     cdef isize cover[4]
     cdef IdxBuf out
-    cdef list items, dest_idx, stor_idx, loffs, soffs
-    cdef object di, st, dro, sro, lro
-    cdef _RowCache cache
+    cdef list loffs, soffs
     cdef int code = C_OK
     if nd < 0:
         raise ValueError(f"{fqn}: ndim must be non-negative, got {nd}")
@@ -458,28 +436,24 @@ def read_items(str fqn, local_chunks, saved_chunks, isize ndim,
     out.len = 0
     out.cap = 0
     try:
-        lo = <i64*>malloc(<size_t>(nl * nd + 1) * sizeof(i64))
-        ls = <i64*>malloc(<size_t>(nl * nd + 1) * sizeof(i64))
-        so = <i64*>malloc(<size_t>(ns * nd + 1) * sizeof(i64))
-        ss = <i64*>malloc(<size_t>(ns * nd + 1) * sizeof(i64))
-        seg = <isize*>malloc(<size_t>(nl + 1) * sizeof(isize))
-        if lo == NULL or ls == NULL or so == NULL or ss == NULL or seg == NULL:
-            raise MemoryError()
+        lo = <i64*>safe_alloc(<size_t>nl * nd + 1, sizeof(i64))
+        ls = <i64*>safe_alloc(<size_t>nl * nd + 1, sizeof(i64))
+        so = <i64*>safe_alloc(<size_t>ns * nd + 1, sizeof(i64))
+        ss = <i64*>safe_alloc(<size_t>ns * nd + 1, sizeof(i64))
+        seg = <isize*>safe_alloc(nl + 1, sizeof(isize))
         loffs = [None] * nl
         soffs = [None] * ns
         _chunk_ndim(local_snap, fqn, nd)
-        _read_chunks(local_snap, fqn, nd, True, lo, ls, loffs)
+        _chunk_rows_into(local_snap, fqn, nd, True, lo, ls, loffs)
         _chunk_ndim(saved_snap, fqn, nd)
-        _read_chunks(saved_snap, fqn, nd, True, so, ss, soffs)
+        _chunk_rows_into(saved_snap, fqn, nd, True, so, ss, soffs)
         with nogil:
             intersect_pairs(lo, ls, nl, so, ss, ns, nd, PATH_AUTO, &out, seg)
         k = out.len
         # Every pair's (storage offsets, dest offsets, lengths), as three
         # k x nd blocks, and its local and saved chunk (li, li + k).
-        rows = <i64*>malloc(<size_t>(3 * k * nd + 1) * sizeof(i64))
-        li = <i64*>malloc(<size_t>(2 * k + 1) * sizeof(i64))
-        if rows == NULL or li == NULL:
-            raise MemoryError()
+        rows = <i64*>safe_alloc(3 * <size_t>k * nd + 1, sizeof(i64))
+        li = <i64*>safe_alloc(2 * <size_t>k + 1, sizeof(i64))
         with nogil:
             fill_pairs(lo, ls, so, ss, nd, nl, seg, out.data, li, li + k,
                        rows, rows + k * nd, rows + 2 * k * nd)
@@ -487,33 +461,8 @@ def read_items(str fqn, local_chunks, saved_chunks, isize ndim,
                 code = check_reads(li, rows + k * nd, rows + 2 * k * nd, k, ls, nl, nd, 64, cover)
         if code != C_OK:
             return None
-        items = PyList_New(k)
-        dest_idx = [None] * nl
-        stor_idx = [None] * ns
-        cache = _RowCache(nd, size_cls)
-        # As in build_read_items: no cycles among the new objects, so no GC passes.
-        gc_pause()
-        try:
-            for i in range(nl):
-                for p in range(seg[i], seg[i + 1]):
-                    s = li[k + p]
-                    di = dest_idx[i]
-                    if di is None:
-                        di = _index_obj(metadata_index_cls, fqn, loffs[i], i, size_cls)
-                        dest_idx[i] = di
-                    st = stor_idx[s]
-                    if st is None:
-                        st = _index_obj(metadata_index_cls, fqn, soffs[s], s, size_cls)
-                        stor_idx[s] = st
-                    sro = cache.get(rows + p * nd)
-                    dro = cache.get(rows + (k + p) * nd)
-                    lro = cache.get(rows + (2 * k + p) * nd)
-                    item = _make_item(read_item_cls, tensor_type, di, dro, st, sro, lro)
-                    Py_INCREF(item)
-                    PyList_SET_ITEM(items, p, item)
-        finally:
-            gc_resume()
-        return items
+        return _items_from_pairs(fqn, nl, ns, nd, k, seg, li, rows, loffs, soffs,
+                                 read_item_cls, metadata_index_cls, tensor_type, size_cls)
     finally:
         free(lo)
         free(ls)
@@ -523,6 +472,43 @@ def read_items(str fqn, local_chunks, saved_chunks, isize ndim,
         free(li)
         free(seg)
         free(out.data)
+
+
+cdef list _items_from_pairs(str fqn, isize nl, isize ns, isize nd, isize k, const isize* seg,
+                            const i64* li, const i64* rows, list loffs, list soffs,
+                            read_item_cls, metadata_index_cls, tensor_type, size_cls):
+    """read_items' ReadItems from the k pairs: pair p joins local chunk i (its
+    run seg[i]..seg[i+1]) and saved chunk li[k + p]; rows holds the pairs'
+    storage offsets, dest offsets and lengths as three k x nd blocks."""
+    cdef list items = PyList_New(k)
+    cdef list dest_idx = [None] * nl
+    cdef list stor_idx = [None] * ns
+    cdef _RowCache cache = _RowCache(nd, size_cls)
+    cdef isize i, p, s
+    cdef object di, st, dro, sro, lro
+    # As in build_read_items: no cycles among the new objects, so no GC passes.
+    gc_pause()
+    try:
+        for i in range(nl):
+            for p in range(seg[i], seg[i + 1]):
+                s = li[k + p]
+                di = dest_idx[i]
+                if di is None:
+                    di = _index_obj(metadata_index_cls, fqn, loffs[i], i, size_cls)
+                    dest_idx[i] = di
+                st = stor_idx[s]
+                if st is None:
+                    st = _index_obj(metadata_index_cls, fqn, soffs[s], s, size_cls)
+                    stor_idx[s] = st
+                sro = cache.get(rows + p * nd)
+                dro = cache.get(rows + (k + p) * nd)
+                lro = cache.get(rows + (2 * k + p) * nd)
+                item = _make_item(read_item_cls, tensor_type, di, dro, st, sro, lro)
+                Py_INCREF(item)
+                PyList_SET_ITEM(items, p, item)
+    finally:
+        gc_resume()
+    return items
 
 
 def new_frozen(cls, dict fields):

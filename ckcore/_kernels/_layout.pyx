@@ -29,6 +29,7 @@ torch's semantics, reproduced exactly (see ``layout_row``):
   reports offset 0 and the full size.
 """
 
+from libc.stdint cimport INT64_MAX
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
@@ -36,7 +37,6 @@ import numpy as np
 
 from ckcore._kernels._types cimport i64
 
-cdef i64 I64_MAX = 0x7FFFFFFFFFFFFFFF
 
 # Python-visible names of the placement kinds (the enum lives in _layout.pxd).
 PLACEMENT_REPLICATE = KIND_REPLICATE
@@ -142,7 +142,7 @@ cdef Py_ssize_t mesh_volume(const Placements* p) except -1:
     cdef Py_ssize_t i
     cdef i64 total = 1
     for i in range(p.nmesh):
-        if total > I64_MAX // p.mesh[i]:
+        if total > INT64_MAX // p.mesh[i]:
             raise ValueError(
                 f"mesh of shape {_row_str(p.mesh, p.nmesh)} has more than 2**63 coordinates")
         total *= p.mesh[i]

@@ -2,6 +2,8 @@
 
 from collections.abc import Callable
 
+from typing_extensions import Self, disjoint_base
+
 GLOBAL_KINDS: dict[str, int]
 
 def scan(
@@ -10,13 +12,15 @@ def scan(
     max_depth: int = ...,
 ) -> tuple[bool, int, str] | None: ...
 
+@disjoint_base
 class Scanner:
-    def __init__(
-        self,
+    # A cdef class built by __cinit__: its arguments are __new__'s.
+    def __new__(
+        cls,
         data: bytes | bytearray | memoryview,
         lookup: Callable[[bytes, bytes], int],
         max_depth: int = ...,
-    ) -> None: ...
+    ) -> Self: ...
     def run(self) -> tuple[bool, int, str] | None: ...
     @property
     def progress(self) -> int: ...

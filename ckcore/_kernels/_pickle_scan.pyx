@@ -787,16 +787,10 @@ cdef inline int _step(Scan *s, PyObject *lookup) noexcept nogil:
     return r
 
 
-cdef int _op(Scan *s, PyObject *lookup) noexcept nogil:
-    cdef uint8_t op
-    cdef Py_ssize_t n, m, p0
-    cdef int64_t a, b, vid
-    if s.pos >= s.len:
-        return _fail(s, E_TRUNCATED)
-    s.op_pos = s.pos
-    op = s.buf[s.pos]
-    s.pos += 1
-    # Protocol 0-1 ------------------------------------------------------------
+# Stack and stream control: MARK, STOP, POP, POP_MARK, DUP, PROTO, FRAME.
+cdef inline int _op_control(Scan *s, uint8_t op) noexcept nogil:
+    cdef Py_ssize_t m
+    cdef int64_t a
     if op == 0x28:    # MARK
         if s.n_marks == s.cap_marks and _grow(<void **>&s.marks, &s.cap_marks, s.n_marks + 1,
                                               sizeof(Py_ssize_t)) < 0:
@@ -827,7 +821,30 @@ cdef int _op(Scan *s, PyObject *lookup) noexcept nogil:
         return 0
     elif op == 0x32:    # DUP
         return _push(s, _top(s))
-    elif op == 0x4e:    # NONE
+    elif op == 0x80:    # PROTO
+        if _need(s, 1) < 0:
+            return -1
+        if _le(s, 1) > 5:
+            return _fail(s, E_PROTOCOL)
+        return 0
+    elif op == 0x95:    # FRAME: the opcodes inside are scanned as usual (see _step)
+        if s.op_pos < s.frame_end:
+            return _fail(s, E_FRAME)
+        if _need(s, 8) < 0:
+            return -1
+        a = <int64_t>_le(s, 8)
+        if a < 0 or a > s.len - s.pos:
+            return _fail(s, E_LENGTH)
+        s.frame_end = s.pos + a
+        return 0
+    return _fail(s, E_BAD_OPCODE)
+
+
+# Scalars: NONE, bools, ints (text, binary, LONG1/LONG4), floats.
+cdef inline int _op_scalar(Scan *s, uint8_t op) noexcept nogil:
+    cdef Py_ssize_t n, m, p0
+    cdef int64_t a
+    if op == 0x4e:    # NONE
         return _push(s, _tag(K_NONE))
     elif op == 0x49 or op == 0x4c:   # INT, LONG (text; I01/I00 are bools)
         p0 = s.pos
@@ -857,7 +874,27 @@ cdef int _op(Scan *s, PyObject *lookup) noexcept nogil:
         return _push(s, _sized(s, K_INT, 2))
     elif op == 0x47:    # BINFLOAT
         return _push(s, _sized(s, K_FLOAT, 8))
-    elif op == 0x53 or op == 0x56:   # STRING, UNICODE (text, escaped: content unknown)
+    elif op == 0x88 or op == 0x89:   # NEWTRUE, NEWFALSE
+        return _push(s, _tag(K_BOOL))
+    elif op == 0x8a:    # LONG1: int64 in at most 8 bytes
+        if _need(s, 1) < 0:
+            return -1
+        a = <int64_t>_le(s, 1)
+        return _push(s, _sized(s, K_INT if a <= 8 else K_BIGINT, a))
+    elif op == 0x8b:    # LONG4 (signed length)
+        if _need(s, 4) < 0:
+            return -1
+        a = <int64_t>_le(s, 4)
+        if a >= <int64_t>0x80000000:
+            return _fail(s, E_LENGTH)
+        return _push(s, _sized(s, K_INT if a <= 8 else K_BIGINT, a))
+    return _fail(s, E_BAD_OPCODE)
+
+
+# Strings and bytes, with their length prefixes (or text lines).
+cdef inline int _op_text(Scan *s, uint8_t op) noexcept nogil:
+    cdef int64_t a, vid
+    if op == 0x53 or op == 0x56:   # STRING, UNICODE (text, escaped: content unknown)
         if _line(s) < 0:
             return -1
         vid = _new(s, K_STR, 0)
@@ -875,7 +912,35 @@ cdef int _op(Scan *s, PyObject *lookup) noexcept nogil:
         if _need(s, 1) < 0:
             return -1
         return _push(s, _str(s, <int64_t>_le(s, 1), True))
-    elif op == 0x61:    # APPEND
+    elif op == 0x42:    # BINBYTES
+        if _need(s, 4) < 0:
+            return -1
+        return _push(s, _sized(s, K_BYTES, <int64_t>_le(s, 4)))
+    elif op == 0x43:    # SHORT_BINBYTES
+        if _need(s, 1) < 0:
+            return -1
+        return _push(s, _sized(s, K_BYTES, <int64_t>_le(s, 1)))
+    elif op == 0x8c:    # SHORT_BINUNICODE
+        if _need(s, 1) < 0:
+            return -1
+        return _push(s, _str(s, <int64_t>_le(s, 1), True))
+    elif op == 0x8d or op == 0x8e:   # BINUNICODE8, BINBYTES8
+        if _need(s, 8) < 0:
+            return -1
+        a = <int64_t>_le(s, 8)
+        if a < 0:
+            return _fail(s, E_LENGTH)
+        if op == 0x8d:
+            return _push(s, _str(s, a, True))
+        return _push(s, _sized(s, K_BYTES, a))
+    return _fail(s, E_BAD_OPCODE)
+
+
+# Containers: lists, tuples, dicts, sets, and the opcodes that fill them.
+cdef inline int _op_container(Scan *s, uint8_t op) noexcept nogil:
+    cdef Py_ssize_t m
+    cdef int64_t vid
+    if op == 0x61:    # APPEND
         if s.n_stack - 1 <= _fence(s):
             return _fail(s, E_UNDERFLOW)
         return _into(s, s.n_stack - 1, s.stack[s.n_stack - 2], K_LIST)
@@ -891,28 +956,6 @@ cdef int _op(Scan *s, PyObject *lookup) noexcept nogil:
         if s.n_stack - 2 <= _fence(s):
             return _fail(s, E_UNDERFLOW)
         return _into(s, s.n_stack - 2, s.stack[s.n_stack - 3], K_DICT)
-    elif op == 0x62:    # BUILD
-        return _build(s)
-    elif op == 0x52:    # REDUCE
-        return _reduce(s)
-    elif op == 0x63:    # GLOBAL "module\nname\n"
-        p0 = s.pos
-        n = _line(s)
-        if n < 0:
-            return -1
-        m = _line(s)
-        if m < 0:
-            return -1
-        return _resolve(s, lookup, p0, n, p0 + n + 1, m)
-    elif op == 0x93:    # STACK_GLOBAL
-        b = _pop(s)
-        a = _pop(s)
-        if _failed(a) or _failed(b):
-            return -1
-        if (_kind(s, a) != K_STR or _kind(s, b) != K_STR
-                or s.vals[a].n < 0 or s.vals[b].n < 0):
-            return _fail(s, E_GLOBAL)
-        return _resolve(s, lookup, s.vals[a].ref, s.vals[a].n, s.vals[b].ref, s.vals[b].n)
     elif op == 0x64:    # DICT (key, value pairs above the MARK)
         m = _pop_mark(s)
         if m < 0:
@@ -938,7 +981,27 @@ cdef int _op(Scan *s, PyObject *lookup) noexcept nogil:
         return _seq_from_mark(s, K_TUPLE)
     elif op == 0x29:    # EMPTY_TUPLE
         return _tuple_n(s, 0)
-    elif op == 0x67 or op == 0x70:   # GET, PUT (text index)
+    elif op == 0x85:
+        return _tuple_n(s, 1)
+    elif op == 0x86:
+        return _tuple_n(s, 2)
+    elif op == 0x87:
+        return _tuple_n(s, 3)
+    elif op == 0x8f:    # EMPTY_SET
+        return _push(s, _new(s, K_SET, 1))
+    elif op == 0x91:    # FROZENSET
+        if s.n_marks and _kinds(s, s.marks[s.n_marks - 1]) & ~HASHABLE_ELEMENTS:
+            return _fail(s, E_KEY)
+        return _seq_from_mark(s, K_FROZENSET)
+    return _fail(s, E_BAD_OPCODE)
+
+
+# The memo: GET/PUT in their three widths, and MEMOIZE (the commonest opcode:
+# its fast path is here).
+cdef inline int _op_memo(Scan *s, uint8_t op) noexcept nogil:
+    cdef Py_ssize_t n, p0
+    cdef int64_t a
+    if op == 0x67 or op == 0x70:   # GET, PUT (text index)
         p0 = s.pos
         n = _line(s)
         if n < 0:
@@ -959,70 +1022,46 @@ cdef int _op(Scan *s, PyObject *lookup) noexcept nogil:
         a = <int64_t>_le32(s.buf + s.pos)
         s.pos += 4
         return _memo_get(s, a) if op == 0x6a else _memo_put(s, a)
-    elif op == 0x69 or op == 0x6f or op == 0x50 or op == 0x51:   # INST, OBJ, PERSID, BINPERSID
-        return _fail(s, E_FORBIDDEN_OPCODE)
-    # Protocol 2 -------------------------------------------------------------
-    elif op == 0x80:    # PROTO
-        if _need(s, 1) < 0:
+    elif op == 0x94:    # MEMOIZE (the commonest opcode: its fast path is here)
+        if s.n_stack > s.fence and s.memo_len < s.cap_memo:
+            s.memo[s.memo_len] = s.stack[s.n_stack - 1]
+            s.memo_len += 1
+            return 0
+        return _memo_put(s, s.memo_len)
+    return _fail(s, E_BAD_OPCODE)
+
+
+# Globals and the objects built from them: GLOBAL, STACK_GLOBAL, REDUCE, BUILD,
+# NEWOBJ, NEWOBJ_EX.
+cdef inline int _op_object(Scan *s, PyObject *lookup, uint8_t op) noexcept nogil:
+    cdef Py_ssize_t n, m, p0
+    cdef int64_t a, b, vid
+    if op == 0x62:    # BUILD
+        return _build(s)
+    elif op == 0x52:    # REDUCE
+        return _reduce(s)
+    elif op == 0x63:    # GLOBAL "module\nname\n"
+        p0 = s.pos
+        n = _line(s)
+        if n < 0:
             return -1
-        if _le(s, 1) > 5:
-            return _fail(s, E_PROTOCOL)
-        return 0
+        m = _line(s)
+        if m < 0:
+            return -1
+        return _resolve(s, lookup, p0, n, p0 + n + 1, m)
+    elif op == 0x93:    # STACK_GLOBAL
+        b = _pop(s)
+        a = _pop(s)
+        if _failed(a) or _failed(b):
+            return -1
+        if (_kind(s, a) != K_STR or _kind(s, b) != K_STR
+                or s.vals[a].n < 0 or s.vals[b].n < 0):
+            return _fail(s, E_GLOBAL)
+        return _resolve(s, lookup, s.vals[a].ref, s.vals[a].n, s.vals[b].ref, s.vals[b].n)
     elif op == 0x81:    # NEWOBJ
         b = _pop(s)
         a = _pop(s)
         return _newobj(s, a, b)
-    elif op == 0x82 or op == 0x83 or op == 0x84:   # EXT1, EXT2, EXT4
-        return _fail(s, E_FORBIDDEN_OPCODE)
-    elif op == 0x85:
-        return _tuple_n(s, 1)
-    elif op == 0x86:
-        return _tuple_n(s, 2)
-    elif op == 0x87:
-        return _tuple_n(s, 3)
-    elif op == 0x88 or op == 0x89:   # NEWTRUE, NEWFALSE
-        return _push(s, _tag(K_BOOL))
-    elif op == 0x8a:    # LONG1: int64 in at most 8 bytes
-        if _need(s, 1) < 0:
-            return -1
-        a = <int64_t>_le(s, 1)
-        return _push(s, _sized(s, K_INT if a <= 8 else K_BIGINT, a))
-    elif op == 0x8b:    # LONG4 (signed length)
-        if _need(s, 4) < 0:
-            return -1
-        a = <int64_t>_le(s, 4)
-        if a >= <int64_t>0x80000000:
-            return _fail(s, E_LENGTH)
-        return _push(s, _sized(s, K_INT if a <= 8 else K_BIGINT, a))
-    # Protocol 3 -------------------------------------------------------------
-    elif op == 0x42:    # BINBYTES
-        if _need(s, 4) < 0:
-            return -1
-        return _push(s, _sized(s, K_BYTES, <int64_t>_le(s, 4)))
-    elif op == 0x43:    # SHORT_BINBYTES
-        if _need(s, 1) < 0:
-            return -1
-        return _push(s, _sized(s, K_BYTES, <int64_t>_le(s, 1)))
-    # Protocol 4 -------------------------------------------------------------
-    elif op == 0x8c:    # SHORT_BINUNICODE
-        if _need(s, 1) < 0:
-            return -1
-        return _push(s, _str(s, <int64_t>_le(s, 1), True))
-    elif op == 0x8d or op == 0x8e:   # BINUNICODE8, BINBYTES8
-        if _need(s, 8) < 0:
-            return -1
-        a = <int64_t>_le(s, 8)
-        if a < 0:
-            return _fail(s, E_LENGTH)
-        if op == 0x8d:
-            return _push(s, _str(s, a, True))
-        return _push(s, _sized(s, K_BYTES, a))
-    elif op == 0x8f:    # EMPTY_SET
-        return _push(s, _new(s, K_SET, 1))
-    elif op == 0x91:    # FROZENSET
-        if s.n_marks and _kinds(s, s.marks[s.n_marks - 1]) & ~HASHABLE_ELEMENTS:
-            return _fail(s, E_KEY)
-        return _seq_from_mark(s, K_FROZENSET)
     elif op == 0x92:    # NEWOBJ_EX: keyword arguments must be an empty dict
         b = _pop(s)
         a = _pop(s)
@@ -1032,24 +1071,40 @@ cdef int _op(Scan *s, PyObject *lookup) noexcept nogil:
         if _kind(s, b) != K_DICT or s.vals[b].ref != 0:
             return _fail(s, E_CALL)
         return _newobj(s, vid, a)
-    elif op == 0x94:    # MEMOIZE (the commonest opcode: its fast path is here)
-        if s.n_stack > s.fence and s.memo_len < s.cap_memo:
-            s.memo[s.memo_len] = s.stack[s.n_stack - 1]
-            s.memo_len += 1
-            return 0
-        return _memo_put(s, s.memo_len)
-    elif op == 0x95:    # FRAME: the opcodes inside are scanned as usual (see _step)
-        if s.op_pos < s.frame_end:
-            return _fail(s, E_FRAME)
-        if _need(s, 8) < 0:
-            return -1
-        a = <int64_t>_le(s, 8)
-        if a < 0 or a > s.len - s.pos:
-            return _fail(s, E_LENGTH)
-        s.frame_end = s.pos + a
-        return 0
-    # Protocol 5 -------------------------------------------------------------
-    elif op == 0x96 or op == 0x97 or op == 0x98:   # BYTEARRAY8, NEXT_BUFFER, READONLY_BUFFER
+    return _fail(s, E_BAD_OPCODE)
+
+
+cdef int _op(Scan *s, PyObject *lookup) noexcept nogil:
+    # One opcode: read it, then hand it to its family. Cython compiles this
+    # chain (and each family's) to a C switch; the families are inlined.
+    cdef uint8_t op
+    if s.pos >= s.len:
+        return _fail(s, E_TRUNCATED)
+    s.op_pos = s.pos
+    op = s.buf[s.pos]
+    s.pos += 1
+    if (op == 0x28 or op == 0x2e or op == 0x30 or op == 0x31 or op == 0x32 or op == 0x80 or
+            op == 0x95):
+        return _op_control(s, op)
+    elif (op == 0x4e or op == 0x49 or op == 0x4c or op == 0x46 or op == 0x4a or op == 0x4b or
+            op == 0x4d or op == 0x47 or op == 0x88 or op == 0x89 or op == 0x8a or op == 0x8b):
+        return _op_scalar(s, op)
+    elif (op == 0x53 or op == 0x56 or op == 0x54 or op == 0x58 or op == 0x55 or op == 0x42 or
+            op == 0x43 or op == 0x8c or op == 0x8d or op == 0x8e):
+        return _op_text(s, op)
+    elif (op == 0x61 or op == 0x65 or op == 0x75 or op == 0x90 or op == 0x73 or op == 0x64 or
+            op == 0x7d or op == 0x6c or op == 0x5d or op == 0x74 or op == 0x29 or op == 0x85 or
+            op == 0x86 or op == 0x87 or op == 0x8f or op == 0x91):
+        return _op_container(s, op)
+    elif (op == 0x67 or op == 0x70 or op == 0x68 or op == 0x71 or op == 0x6a or op == 0x72 or
+            op == 0x94):
+        return _op_memo(s, op)
+    elif (op == 0x63 or op == 0x93 or op == 0x52 or op == 0x62 or op == 0x81 or op == 0x92):
+        return _op_object(s, lookup, op)
+    elif (op == 0x69 or op == 0x6f or op == 0x50 or op == 0x51 or op == 0x82 or op == 0x83 or
+            op == 0x84 or op == 0x96 or op == 0x97 or op == 0x98):
+        # INST, OBJ, PERSID, BINPERSID, EXT1/2/4, BYTEARRAY8, NEXT_BUFFER,
+        # READONLY_BUFFER
         return _fail(s, E_FORBIDDEN_OPCODE)
     return _fail(s, E_BAD_OPCODE)
 

@@ -16,6 +16,7 @@ raises the ValueError a user should see, a `with nogil:` block, and
 noexcept nogil helpers over raw pointers.
 """
 
+from libc.stdint cimport INT64_MAX
 from libc.stdlib cimport malloc, free, qsort
 from libc.string cimport memcpy
 from posix.types cimport off_t
@@ -43,9 +44,7 @@ cdef extern from *:
 import numpy as np
 
 from ckcore._kernels._types cimport i64
-from ckcore._kernels._box cimport add_overflows, mul_overflows
-
-cdef i64 I64_MAX = <i64>0x7FFFFFFFFFFFFFFF
+from ckcore._kernels._util cimport add_overflows, mul_overflows
 
 
 # ---------------------------------------------------------------- validation
@@ -318,7 +317,7 @@ def coalesce(const i64[:, ::1] ranges, i64 max_gap, double max_overread):
     # Budget of gap bytes; a double keeps (max_overread - 1) * needed exact
     # enough and the clamp keeps it inside int64.
     cdef double fb = (max_overread - 1.0) * <double>needed
-    cdef i64 budget = I64_MAX if fb >= 9.2e18 else <i64>fb
+    cdef i64 budget = INT64_MAX if fb >= 9.2e18 else <i64>fb
     cdef Gap* gaps = <Gap*>malloc((K if K > 0 else 1) * sizeof(Gap))
     cdef unsigned char* fill = <unsigned char*>malloc(K if K > 0 else 1)
     if gaps == NULL or fill == NULL:

@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-def _read_chunks(
+def chunk_rows(
     key: Any, chunks: Sequence[Any], ndim: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
 def _self_overlap_pairs(

@@ -5,7 +5,7 @@ DCP saves stall at scale: its sweep over the largest dimension turns
 quadratic whenever that dimension has few distinct cuts (MoE expert tensors,
 fine grids). This kernel finds the same findings without that cliff:
 
-* chunks are read once into ``int64`` rows (``_read_chunks``), with the GIL,
+* chunks are read once into ``int64`` rows (``chunk_rows``), with the GIL,
   raising the errors a user should see (wrong ndim, non-ints, int64 overflow);
 * ``find_self_overlaps`` lists every overlapping pair with torch's predicate
   (``_box.pxd``): first a hash pass proves regular grids (and any layout whose
@@ -20,9 +20,7 @@ fine grids). This kernel finds the same findings without that cliff:
 * volumes are summed in 128 bits, so they never wrap.
 """
 
-from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
-from cpython.ref cimport PyObject
-from libc.stdlib cimport free, malloc, qsort, realloc
+from libc.stdlib cimport free, realloc
 from libc.string cimport memset
 
 import operator
@@ -32,9 +30,13 @@ import numpy as np
 from ckcore._kernels._box cimport box_overlap
 from ckcore._kernels._capi cimport (
     PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE,
-    ck_add64, ck_hi, ck_i128, ck_lo, ck_mix64, ck_mul64, ck_mul128,
+    ck_add64, ck_hi, ck_i128, ck_lo, ck_mul64, ck_mul128,
 )
-from ckcore._kernels._types cimport i64, u64
+from ckcore._kernels._types cimport i64
+from ckcore._kernels._intervals cimport (
+    IvlTable, Key3, ivl_free, ivl_id, ivl_init, ivl_keys, sort_key3,
+)
+from ckcore._kernels._util cimport index_i64, safe_alloc, to_i64
 
 
 # ---------------------------------------------------------------- small C tools
@@ -88,38 +90,6 @@ cdef int _all_pairs(PairBuf* pb, const i64* S, Py_ssize_t m) except -1 nogil:
     return 0
 
 
-cdef void* _alloc(size_t count, size_t size) except NULL nogil:
-    cdef void* p
-    if count == 0:
-        count = 1
-    if count > (<size_t>-1) // size:
-        with gil:
-            raise MemoryError("allocation size overflows")
-    p = malloc(count * size)
-    if p == NULL:
-        with gil:
-            raise MemoryError()
-    return p
-
-
-cdef struct Key3:
-    i64 a
-    i64 b
-    i64 idx
-
-
-cdef int _cmp_key3(const void* x, const void* y) noexcept nogil:
-    cdef const Key3* p = <const Key3*>x
-    cdef const Key3* q = <const Key3*>y
-    if p.a != q.a:
-        return -1 if p.a < q.a else 1
-    if p.b != q.b:
-        return -1 if p.b < q.b else 1
-    if p.idx != q.idx:
-        return -1 if p.idx < q.idx else 1
-    return 0
-
-
 # ------------------------------------------------------------ overlap finding
 
 cdef struct Ctx:
@@ -139,17 +109,17 @@ cdef int _sweep(Ctx* c, const i64* S, Py_ssize_t m, Py_ssize_t s) except -1 nogi
     # _split and find_self_overlaps do.
     cdef Py_ssize_t d = c.ndim, i, j, na = 0, w
     cdef i64 cur, oth, start
-    cdef Key3* keys = <Key3*>_alloc(m, sizeof(Key3))
+    cdef Key3* keys = <Key3*>safe_alloc(m, sizeof(Key3))
     cdef i64* act = NULL
     cdef i64* act_end = NULL
     try:
-        act = <i64*>_alloc(m, sizeof(i64))
-        act_end = <i64*>_alloc(m, sizeof(i64))
+        act = <i64*>safe_alloc(m, sizeof(i64))
+        act_end = <i64*>safe_alloc(m, sizeof(i64))
         for i in range(m):
             keys[i].a = c.offs[S[i] * d + s]
             keys[i].b = 0
             keys[i].idx = S[i]
-        qsort(keys, m, sizeof(Key3), _cmp_key3)
+        sort_key3(keys, m)
         for i in range(m):
             cur = keys[i].idx
             start = keys[i].a
@@ -182,7 +152,7 @@ cdef int _sweep(Ctx* c, const i64* S, Py_ssize_t m, Py_ssize_t s) except -1 nogi
 
 
 cdef Py_ssize_t _sort_dim(Ctx* c, const i64* S, Py_ssize_t m, Py_ssize_t k,
-                          Key3* keys, Py_ssize_t* n_groups, Py_ssize_t* n_offsets) noexcept nogil:
+                          Key3* keys, Py_ssize_t* n_groups, Py_ssize_t* n_offsets) except -1 nogil:
     # Sort S by (offset, size) in dimension k. Returns 1 if the distinct
     # intervals of that dimension are pairwise separated under torch's
     # predicate (sizes are >= 0 here), 0 otherwise; counts the distinct
@@ -194,7 +164,7 @@ cdef Py_ssize_t _sort_dim(Ctx* c, const i64* S, Py_ssize_t m, Py_ssize_t k,
         keys[i].a = c.offs[S[i] * d + k]
         keys[i].b = c.sizes[S[i] * d + k]
         keys[i].idx = S[i]
-    qsort(keys, m, sizeof(Key3), _cmp_key3)
+    sort_key3(keys, m)
     maxend = keys[0].a + keys[0].b
     for i in range(1, m):
         if keys[i].a == keys[i - 1].a and keys[i].b == keys[i - 1].b:
@@ -228,8 +198,8 @@ cdef int _split(Ctx* c, const i64* S, Py_ssize_t m, unsigned long long cand) exc
     if m <= 1:
         return 0
     try:
-        keys = <Key3*>_alloc(m, sizeof(Key3))
-        best = <Key3*>_alloc(m, sizeof(Key3))
+        keys = <Key3*>safe_alloc(m, sizeof(Key3))
+        best = <Key3*>safe_alloc(m, sizeof(Key3))
         for k in range(d):
             if not (cand >> k) & 1:
                 continue
@@ -249,7 +219,7 @@ cdef int _split(Ctx* c, const i64* S, Py_ssize_t m, unsigned long long cand) exc
                 sweep_offs = noffs
                 sweep_k = k
         if best_k >= 0:
-            sub = <i64*>_alloc(m, sizeof(i64))
+            sub = <i64*>safe_alloc(m, sizeof(i64))
             g0 = 0
             while g0 < m:
                 j = g0
@@ -273,74 +243,29 @@ cdef int _split(Ctx* c, const i64* S, Py_ssize_t m, unsigned long long cand) exc
     return 0
 
 
-cdef struct Slot:
-    i64 off
-    i64 size
-    i64 id      # -1: empty
-
-
-cdef struct Table:
-    # Open-addressing set of (offset, size) intervals -> dense ids. Sized by
-    # the number of distinct intervals (small for grids), not by n, so it
-    # stays in cache.
-    Slot* slots
-    Py_ssize_t mask
-    Py_ssize_t count
-
-
-cdef inline Py_ssize_t _slot_of(Table* t, i64 o, i64 s) noexcept nogil:
-    cdef Py_ssize_t h = <Py_ssize_t>(ck_mix64(<u64>o * <u64>0x9E3779B97F4A7C15 ^ <u64>s) & <u64>t.mask)
-    while t.slots[h].id >= 0 and (t.slots[h].off != o or t.slots[h].size != s):
-        h = (h + 1) & t.mask
-    return h
-
-
-cdef int _table_init(Table* t, Py_ssize_t cap) except -1 nogil:
-    cdef Py_ssize_t i
-    t.slots = <Slot*>_alloc(cap, sizeof(Slot))
-    t.mask = cap - 1
-    t.count = 0
-    for i in range(cap):
-        t.slots[i].id = -1
-    return 0
-
-
-cdef int _table_grow(Table* t) except -1 nogil:
-    cdef Slot* old = t.slots
-    cdef Py_ssize_t oldcap = t.mask + 1, i, h
-    _table_init(t, 2 * oldcap)
-    for i in range(oldcap):
-        if old[i].id >= 0:
-            h = _slot_of(t, old[i].off, old[i].size)
-            t.slots[h] = old[i]
-            t.count += 1
-    free(old)
-    return 0
-
-
 cdef int _grid_free(Ctx* c, bint* proven) except -1 nogil:
     # O(n) proof for regular grids: if in every dimension the distinct
     # intervals are pairwise separated and no two chunks are the same box,
     # no two chunks overlap (two different chunks differ in some dimension,
     # where their intervals are separated). Chunks are hashed, not sorted;
     # only the distinct intervals of each dimension are sorted.
-    cdef Py_ssize_t n = c.n, d = c.ndim, i, k, h, m
-    cdef Table t
+    cdef Py_ssize_t n = c.n, d = c.ndim, i, k, m
+    cdef IvlTable t
     cdef i64* ids = NULL
     cdef i64* combo = NULL
     cdef unsigned char* seen = NULL
     cdef i64 o, s, radix = 1, prev_o = 0, prev_s = 0, prev_id
     cdef Key3* keys = NULL
-    cdef Table dup
-    t.slots = NULL
-    dup.slots = NULL
+    cdef IvlTable dup
+    memset(&t, 0, sizeof(IvlTable))
+    memset(&dup, 0, sizeof(IvlTable))
     proven[0] = False
     try:
-        ids = <i64*>_alloc(n, sizeof(i64))
-        combo = <i64*>_alloc(n, sizeof(i64))
+        ids = <i64*>safe_alloc(n, sizeof(i64))
+        combo = <i64*>safe_alloc(n, sizeof(i64))
         memset(combo, 0, n * sizeof(i64))
         for k in range(d):
-            _table_init(&t, 64)
+            ivl_init(&t, 64)
             prev_id = -1
             for i in range(n):
                 o = c.offs[i * d + k]
@@ -349,16 +274,7 @@ cdef int _grid_free(Ctx* c, bint* proven) except -1 nogil:
                 if prev_id >= 0 and o == prev_o and s == prev_s:
                     ids[i] = prev_id
                     continue
-                h = _slot_of(&t, o, s)
-                if t.slots[h].id < 0:
-                    if 2 * (t.count + 1) > t.mask + 1:
-                        _table_grow(&t)
-                        h = _slot_of(&t, o, s)
-                    t.slots[h].off = o
-                    t.slots[h].size = s
-                    t.slots[h].id = t.count
-                    t.count += 1
-                ids[i] = t.slots[h].id
+                ids[i] = ivl_id(&t, o, s)
                 prev_o = o
                 prev_s = s
                 prev_id = ids[i]
@@ -366,21 +282,11 @@ cdef int _grid_free(Ctx* c, bint* proven) except -1 nogil:
             # Sorted by (offset, size) with sizes >= 0, separated neighbours
             # make the ends non-decreasing, so checking neighbours suffices.
             m = t.count
-            keys = <Key3*>_alloc(m, sizeof(Key3))
-            for i in range(t.mask + 1):
-                if t.slots[i].id >= 0:
-                    # In first-seen order: sorted already for ordered layouts.
-                    h = t.slots[i].id
-                    keys[h].a = t.slots[i].off
-                    keys[h].b = t.slots[i].size
-                    keys[h].idx = h
-            free(t.slots)
-            t.slots = NULL
-            # Laid out in order (the usual case), the intervals arrive sorted.
-            for i in range(1, m):
-                if _cmp_key3(&keys[i - 1], &keys[i]) > 0:
-                    qsort(keys, m, sizeof(Key3), _cmp_key3)
-                    break
+            keys = <Key3*>safe_alloc(m, sizeof(Key3))
+            # In first-seen order: sorted already for ordered layouts.
+            ivl_keys(&t, keys)
+            ivl_free(&t)
+            sort_key3(keys, m)
             for i in range(1, m):
                 if keys[i].a < keys[i - 1].a + keys[i - 1].b:
                     return 0
@@ -394,29 +300,24 @@ cdef int _grid_free(Ctx* c, bint* proven) except -1 nogil:
         # No two chunks may be the same box: a bitmap over the mixed-radix
         # ids when it is small (grids: radix == n), a hash set otherwise.
         if radix <= 8 * n + 64:
-            seen = <unsigned char*>_alloc(radix, 1)
+            seen = <unsigned char*>safe_alloc(radix, 1)
             memset(seen, 0, radix)
             for i in range(n):
                 if seen[combo[i]]:
                     return 0
                 seen[combo[i]] = 1
         else:
-            _table_init(&dup, 64)
+            ivl_init(&dup, 64)
             for i in range(n):
-                h = _slot_of(&dup, combo[i], 0)
-                if dup.slots[h].id >= 0:
+                # A box seen before leaves the count as it was.
+                m = dup.count
+                ivl_id(&dup, combo[i], 0)
+                if dup.count == m:
                     return 0
-                if 2 * (dup.count + 1) > dup.mask + 1:
-                    _table_grow(&dup)
-                    h = _slot_of(&dup, combo[i], 0)
-                dup.slots[h].off = combo[i]
-                dup.slots[h].size = 0
-                dup.slots[h].id = i
-                dup.count += 1
         proven[0] = True
     finally:
-        free(t.slots)
-        free(dup.slots)
+        ivl_free(&t)
+        ivl_free(&dup)
         free(ids)
         free(combo)
         free(keys)
@@ -457,14 +358,14 @@ cdef int find_self_overlaps(Py_ssize_t n, Py_ssize_t ndim, const i64* offs,
         if sizes[i] < 0:
             negative = True
     try:
-        S = <i64*>_alloc(n, sizeof(i64))
+        S = <i64*>safe_alloc(n, sizeof(i64))
         for i in range(n):
             S[i] = i
         if negative:
             # Out-of-bounds chunks with negative sizes (torch reports them
             # and still checks overlaps), or more than 63 dimensions: only
             # the plain sweep is exact here.
-            keys = <Key3*>_alloc(n, sizeof(Key3))
+            keys = <Key3*>safe_alloc(n, sizeof(Key3))
             for k in range(ndim):
                 _sort_dim(&c, S, n, k, keys, &groups, &noffs)
                 if noffs > best_offs:
@@ -483,18 +384,15 @@ cdef int find_self_overlaps(Py_ssize_t n, Py_ssize_t ndim, const i64* offs,
 # ------------------------------------------------------ Python-facing entry points
 
 cdef inline i64 _as_i64(object v, object key, Py_ssize_t ci, object chunk, str what) except? -1:
-    cdef int ovf = 0
-    cdef long long x
-    if not PyLong_Check(v):
-        try:
-            v = operator.index(v)
-        except TypeError:
-            raise TypeError(
-                f"key:{key} chunk {ci} {chunk!r}: {what} must be integers, got {type(v).__name__}"
-            ) from None
-    x = PyLong_AsLongLongAndOverflow(v, &ovf)
-    if ovf:
-        raise ValueError(f"key:{key} chunk {ci} {chunk!r}: {what} value {v} does not fit in int64")
+    cdef i64 x = 0
+    cdef int bad = index_i64(v, &x)
+    if bad == 1:
+        raise TypeError(
+            f"key:{key} chunk {ci} {chunk!r}: {what} must be integers, got {type(v).__name__}")
+    if bad == 2:
+        raise ValueError(
+            f"key:{key} chunk {ci} {chunk!r}: {what} value {operator.index(v)} "
+            f"does not fit in int64")
     return x
 
 
@@ -522,21 +420,15 @@ cdef int fast_row(object seq, Py_ssize_t ndim, i64* out) noexcept:
     # The common case (a tuple or torch.Size of ndim int64 values) without
     # raising: returns 1 when the careful path must look (and raise) instead.
     cdef Py_ssize_t j
-    cdef int ovf = 0
-    cdef PyObject* v
     if not PyTuple_Check(seq) or PyTuple_GET_SIZE(seq) != ndim:
         return 1
     for j in range(ndim):
-        v = PyTuple_GET_ITEM(seq, j)
-        if not PyLong_Check(<object>v):
-            return 1
-        out[j] = PyLong_AsLongLongAndOverflow(<object>v, &ovf)
-        if ovf:
+        if to_i64(<object>PyTuple_GET_ITEM(seq, j), out + j):
             return 1
     return 0
 
 
-def _read_chunks(key, chunks, Py_ssize_t ndim):
+def chunk_rows(key, chunks, Py_ssize_t ndim):
     """Read ``chunks`` (objects with .offsets/.sizes) into (n, ndim) int64 arrays.
 
     ``chunks`` is any sequence, read once into a snapshot the call owns (free
@@ -582,7 +474,7 @@ def _self_overlap_pairs(const i64[:, ::1] offs, const i64[:, ::1] sizes):
     """All overlapping pairs of the chunks given as rows, as an (K, 2) int64 array.
 
     Each row is (i, j) with i > j; order unspecified. Inputs must satisfy
-    _read_chunks' checks (shapes equal, offset + size within int64).
+    chunk_rows' checks (shapes equal, offset + size within int64).
     """
     cdef Py_ssize_t n = offs.shape[0], d = offs.shape[1]
     cdef PairBuf pb

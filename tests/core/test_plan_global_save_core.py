@@ -1,6 +1,6 @@
 """plan_global_save on ckcore's own objects, without torch.
 
-The fused single pass (``_gplan.global_save_plan``) must give exactly what
+The fused single pass (``_fused_plan.fused_save_plan``) must give exactly what
 the three steps give in turn. tests/differential/test_plan_global_save.py checks that
 against torch too; this module runs in the torch-free CI pass, so the fused
 kernel is exercised where torch is absent.

@@ -310,7 +310,7 @@ for when in (1, 2, 3):
     off, size = chunk_arrays(evil_list(50, when), "w", 1)
     assert off[:, 0].tolist() == [4 * i for i in range(50)]
 
-    off, size = _validate._read_chunks("k", evil_list(50, when), 1)
+    off, size = _validate.chunk_rows("k", evil_list(50, when), 1)
     assert off[:, 0].tolist() == [4 * i for i in range(50)]
 
     # build_read_items: the array path's item builder.
