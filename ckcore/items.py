@@ -401,16 +401,7 @@ def create_write_item_for_tensor(fqn: str, size: Sequence[int],
                                  properties: Optional[TensorProperties] = None) -> WriteItem:
     """The TENSOR write item of a whole (unsharded) tensor of global ``size``."""
     size = _check_shape(fqn, "size", size, volume=True)
-    offsets = (0,) * len(size)
-    return WriteItem(
-        index=MetadataIndex(fqn, offsets),
-        type=WriteItemType.TENSOR,
-        tensor_data=TensorWriteData(
-            chunk=ChunkStorageMetadata(offsets=offsets, sizes=size),
-            properties=properties if properties is not None else TensorProperties(),
-            size=size,
-        ),
-    )
+    return _tensor_write_item(fqn, WriteItemType.TENSOR, (0,) * len(size), size, size, properties)
 
 
 def create_write_item_for_shard(fqn: str, offsets: Sequence[int], sizes: Sequence[int],
@@ -432,13 +423,18 @@ def create_write_item_for_shard(fqn: str, offsets: Sequence[int], sizes: Sequenc
             raise ValueError(
                 f"{fqn}: chunk offsets={offsets} sizes={sizes} lies outside the tensor "
                 f"{global_size}")
+    return _tensor_write_item(fqn, WriteItemType.SHARD, offsets, sizes, global_size, properties)
+
+
+def _tensor_write_item(fqn: str, kind: WriteItemType, offsets: tuple, sizes: tuple,
+                       size: tuple, properties: Optional[TensorProperties]) -> WriteItem:
     return WriteItem(
         index=MetadataIndex(fqn, offsets),
-        type=WriteItemType.SHARD,
+        type=kind,
         tensor_data=TensorWriteData(
             chunk=ChunkStorageMetadata(offsets=offsets, sizes=sizes),
             properties=properties if properties is not None else TensorProperties(),
-            size=global_size,
+            size=size,
         ),
     )
 

@@ -187,6 +187,17 @@ def create_read_items_for_chunk_list(
     )
 
 
+def _local_chunks(fqn: str, md: Any, obj: Any) -> list[ChunkStorageMetadata]:
+    """``obj``'s chunks, with torch's error when ``obj`` has none (it is not a tensor)."""
+    try:
+        return _create_chunk_list(obj)
+    except ValueError as ex:
+        raise ValueError(
+            f"Invalid checkpoint metadata for {fqn}, "
+            + f"expected BytesStorageMetadata but found {type(md)}",
+        ) from ex
+
+
 def _create_read_items(fqn: str, md: STORAGE_TYPES, obj: Any) -> list[ReadItem]:
     """Drop-in for ``planner_helpers._create_read_items``: reads for one state-dict value."""
     if isinstance(md, BytesStorageMetadata):
@@ -197,13 +208,7 @@ def _create_read_items(fqn: str, md: STORAGE_TYPES, obj: Any) -> list[ReadItem]:
         # planners never ask (they skip such ranks); a direct caller gets
         # torch's own answer rather than ckcore's ndim error.
         return ORIGINALS["_create_read_items"](fqn, md, obj)
-    try:
-        local_chunks = _create_chunk_list(obj)
-    except ValueError as ex:
-        raise ValueError(
-            f"Invalid checkpoint metadata for {fqn}, "
-            + f"expected BytesStorageMetadata but found {type(md)}",
-        ) from ex
+    local_chunks = _local_chunks(fqn, md, obj)
     return _core.create_read_items_for_chunk_list(fqn, md, local_chunks, classes=TORCH_ITEM_CLASSES)
 
 
@@ -334,13 +339,7 @@ def _read_items_checked(fqn: str, md: Any, obj: Any) -> list[ReadItem]:
             f"checkpoint metadata for {fqn} is a {type(md).__name__}, "
             "expected TensorStorageMetadata or BytesStorageMetadata"
         )
-    try:
-        local_chunks = _create_chunk_list(obj)
-    except ValueError as ex:
-        raise ValueError(
-            f"Invalid checkpoint metadata for {fqn}, "
-            + f"expected BytesStorageMetadata but found {type(md)}",
-        ) from ex
+    local_chunks = _local_chunks(fqn, md, obj)
     return _core.create_read_items(
         fqn, md, local_chunks, classes=TORCH_ITEM_CLASSES, verify_cover=True
     )

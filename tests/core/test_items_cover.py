@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -29,6 +28,7 @@ from ckcore import (
     create_read_items,
     create_read_items_for_chunk_list,
 )
+from tests.support.reference import fills_exactly
 
 C = ChunkStorageMetadata
 
@@ -127,21 +127,6 @@ def test_bytes_metadata_is_not_checked():
         create_read_items("b", BytesStorageMetadata(), None))
 
 
-def _fills_exactly(shape, saved, local) -> bool:
-    """Naive reference: every element of every local chunk lies in exactly one saved chunk."""
-    for lc in local:
-        count = np.zeros(tuple(lc.sizes), dtype=np.int64)
-        for sc in saved:
-            sl = []
-            for lo, ls, so, ss in zip(lc.offsets, lc.sizes, sc.offsets, sc.sizes):
-                a, b = max(lo, so), min(lo + ls, so + ss)
-                sl.append(slice(a - lo, max(a, b) - lo))
-            count[tuple(sl)] += 1
-        if (count != 1).any():
-            return False
-    return True
-
-
 @st.composite
 def _boxes(draw, shape, max_n):
     out = []
@@ -176,7 +161,7 @@ def _case(draw):
 @given(_case())
 def test_refuses_exactly_the_layouts_that_do_not_fill(case):
     shape, saved, local = case
-    if _fills_exactly(shape, saved, local):
+    if fills_exactly(shape, saved, local):
         assert _verified(shape, saved, local) == create_read_items("w", _md(shape, saved), local)
     else:
         with pytest.raises(ValueError, match=r"checkpoint metadata (does not fill w: |for w has "

@@ -48,10 +48,10 @@ import ckcore
 import ckcore.dcp as cdcp
 from ckcore._kernels import _items
 from ckcore.dcp import dropins as ch
+from tests.support.reference import fills_exactly
 
 ORIG = ch.ORIGINALS
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
 
 # ----------------------------------------------------------------------------
 # canonical forms: compare torch objects field by field, index hints included
@@ -1067,25 +1067,6 @@ def test_lazy_attributes():
 # ----------------------------------------------------------------------------
 
 
-def _fills_exactly(shape, saved, local) -> bool:
-    """Naive reference: every element of every local chunk lies in exactly one saved chunk."""
-    import numpy as np
-
-    if len(shape) == 0:
-        return not local or len(saved) == 1
-    for lc in local:
-        count = np.zeros(tuple(lc.sizes), dtype=np.int64)
-        for sc in saved:
-            sl = []
-            for lo, ls, so, ss in zip(lc.offsets, lc.sizes, sc.offsets, sc.sizes):
-                a, b = max(lo, so), min(lo + ls, so + ss)
-                sl.append(slice(a - lo, max(a, b) - lo))
-            count[tuple(sl)] += 1
-        if (count != 1).any():
-            return False
-    return True
-
-
 class _Chunks:
     """A stand-in with __create_chunk_list__, as a checkpointable tensor would have."""
 
@@ -1107,7 +1088,7 @@ def test_checked_read_items_refuse_exactly_the_bad_layouts(case):
     if shape and shape[0] >= 2**62 - 100:
         return  # the reference allocates per element
     obj = _Chunks(local, shape)
-    good = _fills_exactly(shape, md.chunks, local)
+    good = fills_exactly(shape, md.chunks, local)
     if good:
         ours = ch._read_items_checked("w", md, obj)
         same_reads(ours, ORIG["create_read_items_for_chunk_list"]("w", md, local))
@@ -1131,7 +1112,7 @@ def test_one_call_verified_read_items_only_for_proven_covers(case):
         return  # the reference allocates per element
     got = _items.read_items("w", list(local), list(md.chunks), len(shape), ReadItem,
                             MetadataIndex, LoadItemType.TENSOR, torch.Size, True)
-    if not _fills_exactly(shape, md.chunks, local):
+    if not fills_exactly(shape, md.chunks, local):
         assert got is None
     elif got is not None:
         same_reads(got, ORIG["create_read_items_for_chunk_list"]("w", md, local))
@@ -1164,7 +1145,7 @@ def test_checked_read_items_many_reads_per_chunk(overlap):
         saved[51] = c(52, 0)
     md = TensorStorageMetadata(TensorProperties(), torch.Size([100]), saved)
     obj = _Chunks([c(0, 100)], (100,))
-    assert _fills_exactly((100,), saved, obj.__create_chunk_list__()) == (not overlap)
+    assert fills_exactly((100,), saved, obj.__create_chunk_list__()) == (not overlap)
     if overlap:
         with pytest.raises(ValueError, match="overlap inside local chunk 0"):
             ch._read_items_checked("w", md, obj)

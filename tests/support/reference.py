@@ -78,3 +78,22 @@ def is_product_grid(boxes: Sequence[Box]) -> bool:
     for d in range(nd):
         prod *= len({(o[d], o[d] + s[d]) for o, s in boxes})
     return prod == len(boxes)
+
+
+def fills_exactly(shape: Sequence[int], saved: Sequence, local: Sequence) -> bool:
+    """Every element of every local chunk lies in exactly one saved chunk (element by element)."""
+    import numpy as np
+
+    if len(shape) == 0:
+        return not local or len(saved) == 1
+    for lc in local:
+        count = np.zeros(tuple(lc.sizes), dtype=np.int64)
+        for sc in saved:
+            sl = []
+            for lo, ls, so, ss in zip(lc.offsets, lc.sizes, sc.offsets, sc.sizes):
+                a, b = max(lo, so), min(lo + ls, so + ss)
+                sl.append(slice(a - lo, max(a, b) - lo))
+            count[tuple(sl)] += 1
+        if (count != 1).any():
+            return False
+    return True
