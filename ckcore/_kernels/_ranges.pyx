@@ -18,7 +18,7 @@ noexcept nogil helpers over raw pointers.
 
 from libc.stdint cimport INT64_MAX
 from libc.stdlib cimport malloc, free, qsort
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from posix.types cimport off_t
 from posix.uio cimport iovec, preadv
 
@@ -44,7 +44,7 @@ cdef extern from *:
 import numpy as np
 
 from ckcore._kernels._types cimport i64
-from ckcore._kernels._util cimport add_overflows, mul_overflows
+from ckcore._kernels._util cimport add_overflows, mul_overflows, safe_alloc
 
 
 # ---------------------------------------------------------------- validation
@@ -599,6 +599,122 @@ cdef i64 _preadv_full(int fd, iovec* iov, int cnt, i64 off, i64* calls,
     return total
 
 
+cdef struct _RunReader:
+    # One read_runs call: its checked private copies and the preadv being gathered.
+    int fd
+    const i64* rw          # K runs, rows [file offset, dst offset, length]
+    Py_ssize_t K
+    const i64* bl          # M blocks, rows [start, end)
+    Py_ssize_t M
+    unsigned char* base    # dst
+    unsigned char* junk    # where the gaps between two runs of a block go
+    i64 junk_len
+    iovec* iov
+    int cnt                # iovecs gathered
+    i64 io_start           # file offset of the first gathered byte
+    i64 pos                # file offset after the last gathered byte
+    Py_ssize_t b           # the block being read
+    i64 calls
+    i64 nbytes
+    int err
+
+
+cdef i64 _check_runs(const i64* rw, Py_ssize_t K, const i64* bl, Py_ssize_t M,
+                     i64 cap) except -1:
+    # Refuse runs and blocks read_runs cannot read safely; return the largest
+    # gap between two runs of one block (the bytes read into junk).
+    cdef Py_ssize_t r, b = 0
+    cdef i64 maxgap = 0
+    for r in range(K):
+        if rw[3 * r] < 0 or rw[3 * r + 1] < 0 or rw[3 * r + 2] <= 0 \
+                or add_overflows(rw[3 * r], rw[3 * r + 2]):
+            raise ValueError(f"read_runs: run {r} is invalid: "
+                             f"{rw[3 * r]}, {rw[3 * r + 1]}, {rw[3 * r + 2]}")
+        if rw[3 * r + 1] > cap - rw[3 * r + 2]:
+            raise ValueError(f"read_runs: run {r} lands at "
+                             f"[{rw[3 * r + 1]}, {rw[3 * r + 1] + rw[3 * r + 2]}), "
+                             f"past the {cap}-byte destination")
+        if r > 0 and rw[3 * r] < rw[3 * r - 3] + rw[3 * r - 1]:
+            raise ValueError(
+                f"read_runs: runs must be sorted by file offset and disjoint (run {r})")
+        while b < M and bl[2 * b + 1] <= rw[3 * r]:
+            b += 1
+        if b == M or rw[3 * r] < bl[2 * b] or rw[3 * r] + rw[3 * r + 2] > bl[2 * b + 1]:
+            raise ValueError(
+                f"read_runs: run {r} at file offset {rw[3 * r]} is not inside a block")
+        # Only gaps between two runs of one block are read (into junk).
+        if r > 0 and rw[3 * r - 3] >= bl[2 * b]:
+            maxgap = max(maxgap, rw[3 * r] - rw[3 * r - 3] - rw[3 * r - 1])
+    for b in range(M):
+        if bl[2 * b] < 0 or bl[2 * b + 1] <= bl[2 * b] \
+                or (b > 0 and bl[2 * b] < bl[2 * b - 1]):
+            raise ValueError(f"read_runs: block {b} is invalid or out of order")
+    return maxgap
+
+
+cdef inline i64 _flush(_RunReader* s) noexcept nogil:
+    # preadv the gathered iovecs: 0, or _preadv_full's -1 (I/O error) / -2 (EOF).
+    cdef i64 got = _preadv_full(s.fd, s.iov, s.cnt, s.io_start, &s.calls, &s.err)
+    if got < 0:
+        return got
+    s.nbytes += got
+    s.io_start = s.pos
+    s.cnt = 0
+    return 0
+
+
+cdef inline i64 _gather(_RunReader* s, unsigned char* p, i64 n) noexcept nogil:
+    # Append the iovec [p, p + n), reading what is gathered first when the vector is full.
+    cdef i64 got
+    if s.cnt == NIOV:
+        got = _flush(s)
+        if got < 0:
+            return got
+    s.iov[s.cnt].iov_base = p
+    s.iov[s.cnt].iov_len = <size_t>n
+    s.cnt += 1
+    s.pos += n
+    return 0
+
+
+cdef i64 _read_blocks(_RunReader* s, i64 prefetch) noexcept nogil:
+    # One preadv (or a few, past NIOV iovecs) per block holding runs: from the
+    # block's first run to the end of its last, the gaps between runs into
+    # junk. 0, or -1 / -2 as _preadv_full, with s.pos and s.b where it stopped.
+    cdef Py_ssize_t r = 0, pf = 0, b
+    cdef i64 gap, g, got
+    for b in range(s.M):
+        s.b = b
+        if prefetch > 0:
+            while pf < s.M and (pf <= b or s.bl[2 * pf] < s.bl[2 * b] + prefetch):
+                ck_willneed(s.fd, s.bl[2 * pf], s.bl[2 * pf + 1] - s.bl[2 * pf])
+                pf += 1
+        if r == s.K or s.rw[3 * r] >= s.bl[2 * b + 1]:
+            continue  # no run in this block: nothing of it is needed
+        # The read starts at the block's first run, not at the block's
+        # start: the bytes before it are not needed.
+        s.pos = s.rw[3 * r]
+        s.io_start = s.pos
+        s.cnt = 0
+        while r < s.K and s.rw[3 * r] < s.bl[2 * b + 1]:
+            gap = s.rw[3 * r] - s.pos
+            while gap > 0:
+                g = min(gap, s.junk_len)
+                got = _gather(s, s.junk, g)
+                if got < 0:
+                    return got
+                gap -= g
+            got = _gather(s, s.base + s.rw[3 * r + 1], s.rw[3 * r + 2])
+            if got < 0:
+                return got
+            r += 1
+        if s.cnt > 0:
+            got = _flush(s)
+            if got < 0:
+                return got
+    return 0
+
+
 def read_runs(int fd, const i64[:, ::1] runs, const i64[:, ::1] blocks,
               unsigned char[::1] dst, i64 prefetch):
     """Read file runs into a buffer: ``dst[d:d+n] = file[s:s+n]`` for each row ``[s, d, n]``.
@@ -614,120 +730,40 @@ def read_runs(int fd, const i64[:, ::1] runs, const i64[:, ::1] blocks,
     Returns ``(read calls, bytes read)``; raises OSError on an I/O error and
     EOFError when the file ends before the runs do.
     """
-    cdef Py_ssize_t K = runs.shape[0], M = blocks.shape[0], r, b
+    cdef Py_ssize_t K = runs.shape[0], M = blocks.shape[0]
     if runs.shape[1] != 3 or blocks.shape[1] != 2:
         raise ValueError("read_runs: runs must be (K, 3) and blocks (M, 2)")
-    cdef i64 maxgap = 0, cap = dst.shape[0]
+    cdef i64 cap = dst.shape[0], got
     cdef i64* rw = NULL
     cdef i64* bl = NULL
-    cdef unsigned char* junk = NULL
-    cdef iovec* iov = NULL
-    cdef i64 junk_len, calls = 0, nbytes = 0, got = 0, pos = 0, gap, g, io_start
-    cdef int cnt, err = 0
-    cdef Py_ssize_t pf = 0
-    cdef unsigned char* base = &dst[0] if cap > 0 else NULL
+    cdef _RunReader s
+    memset(&s, 0, sizeof(s))
+    s.fd, s.K, s.M = fd, K, M
+    s.base = &dst[0] if cap > 0 else NULL
     try:
         # Private copies, checked and then used: with the GIL released below,
         # another thread may rewrite the caller's arrays, and an unchecked
         # destination offset would send a read past dst.
-        rw = <i64*>malloc(<size_t>(3 * K + 1) * sizeof(i64))
-        bl = <i64*>malloc(<size_t>(2 * M + 1) * sizeof(i64))
-        if rw == NULL or bl == NULL:
-            raise MemoryError()
+        rw = <i64*>safe_alloc(<size_t>(3 * K), sizeof(i64))
+        bl = <i64*>safe_alloc(<size_t>(2 * M), sizeof(i64))
         if K:
             memcpy(rw, &runs[0, 0], <size_t>(3 * K) * sizeof(i64))
         if M:
             memcpy(bl, &blocks[0, 0], <size_t>(2 * M) * sizeof(i64))
-        b = 0
-        for r in range(K):
-            if rw[3 * r] < 0 or rw[3 * r + 1] < 0 or rw[3 * r + 2] <= 0 \
-                    or add_overflows(rw[3 * r], rw[3 * r + 2]):
-                raise ValueError(f"read_runs: run {r} is invalid: "
-                                 f"{rw[3 * r]}, {rw[3 * r + 1]}, {rw[3 * r + 2]}")
-            if rw[3 * r + 1] > cap - rw[3 * r + 2]:
-                raise ValueError(f"read_runs: run {r} lands at "
-                                 f"[{rw[3 * r + 1]}, {rw[3 * r + 1] + rw[3 * r + 2]}), "
-                                 f"past the {cap}-byte destination")
-            if r > 0 and rw[3 * r] < rw[3 * r - 3] + rw[3 * r - 1]:
-                raise ValueError(
-                    f"read_runs: runs must be sorted by file offset and disjoint (run {r})")
-            while b < M and bl[2 * b + 1] <= rw[3 * r]:
-                b += 1
-            if b == M or rw[3 * r] < bl[2 * b] or rw[3 * r] + rw[3 * r + 2] > bl[2 * b + 1]:
-                raise ValueError(
-                    f"read_runs: run {r} at file offset {rw[3 * r]} is not inside a block")
-            # Only gaps between two runs of one block are read (into junk).
-            if r > 0 and rw[3 * r - 3] >= bl[2 * b]:
-                maxgap = max(maxgap, rw[3 * r] - rw[3 * r - 3] - rw[3 * r - 1])
-        for b in range(M):
-            if bl[2 * b] < 0 or bl[2 * b + 1] <= bl[2 * b] \
-                    or (b > 0 and bl[2 * b] < bl[2 * b - 1]):
-                raise ValueError(f"read_runs: block {b} is invalid or out of order")
-        junk_len = min(maxgap, <i64>(1 << 20))
-        junk = <unsigned char*>malloc(junk_len if junk_len > 0 else 1)
-        iov = <iovec*>malloc(NIOV * sizeof(iovec))
-        if junk == NULL or iov == NULL:
-            raise MemoryError()
-        r = 0
-        b = 0
+        s.junk_len = min(_check_runs(rw, K, bl, M, cap), <i64>(1 << 20))
+        s.rw, s.bl = rw, bl
+        s.junk = <unsigned char*>safe_alloc(<size_t>s.junk_len, 1)
+        s.iov = <iovec*>safe_alloc(NIOV, sizeof(iovec))
         with nogil:
-            for b in range(M):
-                if prefetch > 0:
-                    while pf < M and (pf <= b or bl[2 * pf] < bl[2 * b] + prefetch):
-                        ck_willneed(fd, bl[2 * pf], bl[2 * pf + 1] - bl[2 * pf])
-                        pf += 1
-                if r == K or rw[3 * r] >= bl[2 * b + 1]:
-                    continue  # no run in this block: nothing of it is needed
-                # The read starts at the block's first run, not at the block's
-                # start: the bytes before it are not needed.
-                pos = rw[3 * r]
-                io_start = pos
-                cnt = 0
-                while r < K and rw[3 * r] < bl[2 * b + 1]:
-                    gap = rw[3 * r] - pos
-                    while gap > 0:
-                        if cnt == NIOV:
-                            got = _preadv_full(fd, iov, cnt, io_start, &calls, &err)
-                            if got < 0:
-                                break
-                            nbytes += got
-                            io_start = pos
-                            cnt = 0
-                        g = min(gap, junk_len)
-                        iov[cnt].iov_base = junk
-                        iov[cnt].iov_len = <size_t>g
-                        cnt += 1
-                        gap -= g
-                        pos += g
-                    if got < 0:
-                        break
-                    if cnt == NIOV:
-                        got = _preadv_full(fd, iov, cnt, io_start, &calls, &err)
-                        if got < 0:
-                            break
-                        nbytes += got
-                        io_start = pos
-                        cnt = 0
-                    iov[cnt].iov_base = base + rw[3 * r + 1]
-                    iov[cnt].iov_len = <size_t>rw[3 * r + 2]
-                    cnt += 1
-                    pos += rw[3 * r + 2]
-                    r += 1
-                if got < 0:
-                    break
-                if cnt > 0:
-                    got = _preadv_full(fd, iov, cnt, io_start, &calls, &err)
-                    if got < 0:
-                        break
-                    nbytes += got
+            got = _read_blocks(&s, prefetch)
         if got == -1:
-            raise OSError(err, f"read_runs: read failed near file offset {pos}")
+            raise OSError(s.err, f"read_runs: read failed near file offset {s.pos}")
         if got == -2:
-            raise EOFError(f"read_runs: file ends before byte {pos} (block {b}: "
-                           f"[{bl[2 * b]}, {bl[2 * b + 1]}))")
-        return calls, nbytes
+            raise EOFError(f"read_runs: file ends before byte {s.pos} (block {s.b}: "
+                           f"[{bl[2 * s.b]}, {bl[2 * s.b + 1]}))")
+        return s.calls, s.nbytes
     finally:
         free(rw)
         free(bl)
-        free(junk)
-        free(iov)
+        free(s.junk)
+        free(s.iov)
