@@ -30,10 +30,8 @@ from ckcore._kernels._coverage cimport C_OK, check_reads
 from ckcore._kernels._gcpause cimport gc_pause, gc_resume
 from ckcore._kernels._intersect cimport PATH_AUTO, IdxBuf, fill_pairs, intersect_pairs
 from ckcore._kernels._types cimport i64, isize
-from ckcore._kernels._util cimport index_i64, safe_alloc, volume_overflows
+from ckcore._kernels._util cimport index_int, safe_alloc, to_i64, volume_overflows
 from libc.stdint cimport INT64_MAX
-
-import operator
 
 import numpy as np
 
@@ -75,13 +73,15 @@ cdef inline i64 _as_i64(object v, object fqn, isize i, object chunk, str what) e
     # (numpy integers are; floats and strings are not). bool is an int in Python
     # and torch.Size accepts it, so it is accepted here too.
     cdef i64 r = 0
-    cdef int bad = index_i64(v, &r)
-    if bad == 1:
+    if not to_i64(v, &r):
+        return r
+    n = index_int(v)
+    if n is None:
         raise TypeError(
             f"{fqn}: chunk {i} {chunk!r}: {what} must be integers, got {type(v).__name__} {v!r}")
-    if bad == 2:
+    if to_i64(n, &r):
         raise ValueError(
-            f"{fqn}: chunk {i} {chunk!r}: {what} value {operator.index(v)} does not fit in int64")
+            f"{fqn}: chunk {i} {chunk!r}: {what} value {n} does not fit in int64")
     return r
 
 

@@ -419,7 +419,7 @@ cdef i64 _paired_walk(const i64[::1] src_strides, i64 src_base, const i64[::1] s
         if lengths[d] > 1:
             dims[k] = d
             k += 1
-    _sort_dims(dims, k, &src_strides[0])
+    _sort_dims(dims, k, &src_strides[0] if n else NULL)
     while k > 0 and src_strides[dims[k - 1]] * itemsize == run and \
             dst_strides[dims[k - 1]] * itemsize == run:
         run *= lengths[dims[k - 1]]

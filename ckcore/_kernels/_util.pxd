@@ -6,7 +6,7 @@
 #
 # Constants come from libc.stdint (INT64_MAX), never from a mutable module
 # global.
-from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check, PyLong_CheckExact
 from cpython.number cimport PyNumber_Index
 from libc.stdlib cimport realloc
 from libc.string cimport memset
@@ -38,18 +38,19 @@ cdef inline bint to_i64(object v, i64* out) noexcept:
     return ovf != 0
 
 
-cdef inline int index_i64(object v, i64* out) except -1:
-    # to_i64 that also takes integers by __index__ (numpy's): 0 when read,
-    # 1 when v is not an integer, 2 when it is one beyond int64. The caller
-    # raises its own message; other exceptions of __index__ propagate.
-    cdef int ovf = 0
-    if not PyLong_Check(v):
-        try:
-            v = PyNumber_Index(v)
-        except TypeError:
-            return 1
-    out[0] = PyLong_AsLongLongAndOverflow(v, &ovf)
-    return 2 if ovf else 0
+cdef inline object index_int(object v):
+    # v as an exact Python int by __index__ (numpy integers are integers; v
+    # itself when it is an exact int), or None when v is not an integer.
+    # Callers take this slow path once to_i64 has said no, read the int it
+    # returns with to_i64 and show that same int in their messages: __index__
+    # runs once per value (a second call may return another value, or raise).
+    # Exceptions of __index__ other than TypeError propagate.
+    if PyLong_CheckExact(v):
+        return v
+    try:
+        return PyNumber_Index(v)
+    except TypeError:
+        return None
 
 
 cdef inline bint volume_overflows(const i64* sizes, Py_ssize_t nd, i64* out) noexcept nogil:

@@ -23,8 +23,6 @@ fine grids). This kernel finds the same findings without that cliff:
 from libc.stdlib cimport free, realloc
 from libc.string cimport memset
 
-import operator
-
 import numpy as np
 
 from ckcore._kernels._box cimport box_overlap
@@ -36,7 +34,7 @@ from ckcore._kernels._types cimport i64
 from ckcore._kernels._intervals cimport (
     IvlTable, Key3, ivl_free, ivl_id, ivl_init, ivl_keys, sort_key3,
 )
-from ckcore._kernels._util cimport index_i64, safe_alloc, to_i64
+from ckcore._kernels._util cimport index_int, safe_alloc, to_i64
 
 
 # ---------------------------------------------------------------- small C tools
@@ -385,14 +383,15 @@ cdef int find_self_overlaps(Py_ssize_t n, Py_ssize_t ndim, const i64* offs,
 
 cdef inline i64 _as_i64(object v, object key, Py_ssize_t ci, object chunk, str what) except? -1:
     cdef i64 x = 0
-    cdef int bad = index_i64(v, &x)
-    if bad == 1:
+    if not to_i64(v, &x):
+        return x
+    n = index_int(v)
+    if n is None:
         raise TypeError(
             f"key:{key} chunk {ci} {chunk!r}: {what} must be integers, got {type(v).__name__}")
-    if bad == 2:
+    if to_i64(n, &x):
         raise ValueError(
-            f"key:{key} chunk {ci} {chunk!r}: {what} value {operator.index(v)} "
-            f"does not fit in int64")
+            f"key:{key} chunk {ci} {chunk!r}: {what} value {n} does not fit in int64")
     return x
 
 
