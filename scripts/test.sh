@@ -5,6 +5,7 @@
 #   CKCORE_VENV=/path bash scripts/test.sh
 #
 # 1. builds the sdist and, from it, the wheel (python -m build) in a build venv,
+#    and there runs tests/from_source (kernels compiled with bounds checks);
 #    then installs only the wheel into a fresh test venv without Cython
 #    (tests run against the installed package, never the source tree);
 # 2. runs the torch-free tests (tests/core, tests/hostile: --torch-free) with torch
@@ -34,6 +35,11 @@ pipq "$build_venv/bin/python" "setuptools>=77" wheel "Cython>=3.1,<4" build
     || { tail -40 "$here/dist-build.log"; exit 1; }
 ls dist
 
+step "tests that compile kernel sources (bounds-checked build), in the build environment"
+pipq "$build_venv/bin/python" "numpy>=1.24" "pytest>=7" "hypothesis>=6"
+(cd "$build_venv" && "$build_venv/bin/python" -m pytest -p no:cacheprovider --rootdir "$here" \
+    -c "$here/pyproject.toml" "$here/tests/from_source" -q)
+
 step "fresh test environment: $venv (the wheel only: nothing is compiled here)"
 "$py" -m venv "$venv"
 # shellcheck disable=SC1091
@@ -62,7 +68,7 @@ pipq python "torch==2.13.0+cpu"
 python -c "import torch; v = torch.__version__; assert v == '2.13.0+cpu', v; print('torch', v)"
 
 step "full test suite"
-run_pytest "$here/tests" -q
+run_pytest "$here/tests" -q --ignore="$here/tests/from_source"
 
 step "benchmarks, quick mode (each body runs once)"
 CKCORE_BENCH_QUICK=1 run_pytest "$here/bench" -q --benchmark-disable

@@ -9,6 +9,10 @@ Folders, by what their tests need (a test goes where its imports put it):
   tests) and the torch.distributed.checkpoint integration (``ckcore.dcp``).
 - ``multiprocess/``: worker processes that import torch: gloo process groups
   (ranks rendezvous through a file store, see ``support/rdzv.py``) and the examples.
+- ``from_source/``: Cython and a C compiler: tests that compile kernel sources
+  with other directives (a bounds-checked build). scripts/test.sh runs them in
+  its build environment; the wheel's test environment has no compiler, and
+  its passes leave this folder out (``--ignore``).
 - ``support/``: shared fixtures and builders (not tests), imported by bench too.
 
 ``--torch-free`` collects only ``core/`` and ``hostile/`` (the
