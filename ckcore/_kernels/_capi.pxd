@@ -25,6 +25,28 @@ cdef extern from *:
         return __builtin_mul_overflow(a, (ck_i128)b, r);
     }
     static inline int64_t ck_hi(ck_i128 x) { return (int64_t)(x >> 64); }
+    /* Python's keyed hash of a buffer (what hash(bytes) computes), without
+       making the bytes object: public from 3.14, exported before that. */
+    #if PY_VERSION_HEX >= 0x030E0000
+    #define ck_hash_buffer(p, n) Py_HashBuffer((p), (n))
+    #else
+    #define ck_hash_buffer(p, n) _Py_HashBytes((p), (n))
+    #endif
+    /* A per-process secret for the kernels' hash tables, drawn from Python's
+       hash secret (so PYTHONHASHSEED governs it as it governs dict and set):
+       keys a chunk file chooses cannot be made to collide without it. Reading
+       the secret touches no Python object, so it is safe without the GIL;
+       two threads racing on the first call store the same value. */
+    static uint64_t ck_hash_key_cache = 0;
+    static inline uint64_t ck_hash_key(void) {
+        uint64_t k = ck_hash_key_cache;
+        if (k == 0) {
+            static const char seed[] = "ckcore hash-table key";
+            k = (uint64_t)ck_hash_buffer(seed, (Py_ssize_t)(sizeof(seed) - 1)) | 1u;
+            ck_hash_key_cache = k;
+        }
+        return k;
+    }
     static inline uint64_t ck_lo(ck_i128 x) { return (uint64_t)x; }
     /* object.__new__(cls) without the call machinery: tp_new_wrapper would slice
        an argument tuple on every call. cls must not override __new__ (callers
@@ -69,6 +91,8 @@ cdef extern from *:
     i64 ck_hi(ck_i128 x) noexcept nogil
     u64 ck_lo(ck_i128 x) noexcept nogil
     void* ck_malloc_big(size_t size) nogil
+    Py_hash_t ck_hash_buffer(const void *p, Py_ssize_t n) noexcept
+    u64 ck_hash_key() noexcept nogil
     object ck_new_instance(object cls)
     bint ck_plain_new(object cls)
 

@@ -11,7 +11,7 @@
 from libc.stdlib cimport free
 from libc.string cimport memcpy
 
-from ckcore._kernels._capi cimport ck_mix64
+from ckcore._kernels._capi cimport ck_hash_key, ck_mix64
 from ckcore._kernels._types cimport i64, u64
 from ckcore._kernels._util cimport safe_alloc, safe_realloc
 
@@ -27,6 +27,7 @@ cdef struct IvlTable:
     i64* a          # id -> first value of the pair
     i64* b          # id -> second value
     Py_ssize_t mask
+    u64 key         # ck_hash_key(): the intervals come from files
     Py_ssize_t count
 
 
@@ -106,7 +107,9 @@ cdef inline int sort_key3(Key3* keys, Py_ssize_t m) except -1 nogil:
 
 cdef inline Py_ssize_t ivl_slot(const IvlTable* t, i64 a, i64 b) noexcept nogil:
     # The slot holding (a, b)'s id, or the empty slot where it would go.
-    cdef Py_ssize_t h = <Py_ssize_t>(ck_mix64(<u64>a * <u64>0x9E3779B97F4A7C15 ^ <u64>b)
+    # Keyed: with a fixed mix, a crafted .metadata could pick intervals whose
+    # slots all coincide and make every insert walk the whole table.
+    cdef Py_ssize_t h = <Py_ssize_t>(ck_mix64(ck_mix64(<u64>a ^ t.key) ^ <u64>b)
                                      & <u64>t.mask)
     cdef i64 e
     while True:
@@ -134,6 +137,7 @@ cdef inline int _ivl_slots(IvlTable* t, Py_ssize_t cap) except -1 nogil:
 cdef inline int ivl_init(IvlTable* t, Py_ssize_t cap) except -1 nogil:
     # An empty table of cap (a power of two) slots; t zeroed or ivl_free'd.
     t.count = 0
+    t.key = ck_hash_key()
     _ivl_slots(t, cap)
     t.a = <i64*>safe_alloc(cap // 2, sizeof(i64))
     t.b = <i64*>safe_alloc(cap // 2, sizeof(i64))

@@ -22,14 +22,16 @@ from cpython.tuple cimport (
 )
 from cpython.ref cimport Py_INCREF
 from cpython.list cimport PyList_New, PyList_SET_ITEM
-from ckcore._kernels._capi cimport PyObject_GenericSetAttr, ck_new_instance, ck_plain_new
+from ckcore._kernels._capi cimport (
+    PyObject_GenericSetAttr, ck_hash_key, ck_mix64, ck_new_instance, ck_plain_new,
+)
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
 from ckcore._kernels._coverage cimport C_OK, check_reads
 from ckcore._kernels._gcpause cimport gc_pause, gc_resume
 from ckcore._kernels._intersect cimport PATH_AUTO, IdxBuf, fill_pairs, intersect_pairs
-from ckcore._kernels._types cimport i64, isize
+from ckcore._kernels._types cimport i64, isize, u64
 from ckcore._kernels._util cimport index_int, safe_alloc, to_i64, volume_overflows
 from libc.stdint cimport INT64_MAX
 
@@ -194,11 +196,12 @@ cdef inline tuple _row(const i64* a, isize nd):
 
 
 cdef inline size_t _hash_row(const i64* a, isize nd) noexcept nogil:
-    cdef unsigned long long h = 0x84222325CBF29CE4ULL
+    # Keyed (ck_hash_key): the rows derive from a file's chunks, and an
+    # unkeyed hash would let a crafted .metadata put them all in one slot.
+    cdef u64 h = ck_hash_key()
     cdef isize d
     for d in range(nd):
-        h = (h ^ <unsigned long long>a[d]) * 0x100000001B3ULL
-        h ^= h >> 29
+        h = ck_mix64(h ^ <u64>a[d])
     return <size_t>h
 
 

@@ -15,18 +15,7 @@ from cpython.object cimport PyObject
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc
 
-
-cdef extern from *:
-    """
-    /* Python's keyed hash of a buffer (what hash(bytes) computes), without
-       making the bytes object: public from 3.14, exported before that. */
-    #if PY_VERSION_HEX >= 0x030E0000
-    #define ck_hash_buffer(p, n) Py_HashBuffer((p), (n))
-    #else
-    #define ck_hash_buffer(p, n) _Py_HashBytes((p), (n))
-    #endif
-    """
-    Py_hash_t ck_hash_buffer(const void *p, Py_ssize_t n) noexcept
+from ckcore._kernels._capi cimport ck_hash_buffer
 
 
 cdef extern from "Python.h":
