@@ -13,15 +13,29 @@ helpers torch's methods find in ``default_planner``'s globals. Pass them to
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
+import sys
 from collections import ChainMap
+from typing import Any
 
-from torch.distributed.checkpoint import _version
+import torch
+from torch.distributed.checkpoint import _version, state_dict_loader
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, SavePlanner
 
+from ckcore._gc import paused
+from ckcore.compact import ColumnPlan, CompactPlanError, merged_mapping, plan_columns
+
+from . import _compact as _c
 from . import dropins as _d
 
 __all__ = ["FastLoadPlanner", "FastSavePlanner"]
@@ -44,6 +58,7 @@ class FastSavePlanner(DefaultSavePlanner):
         plan = _d.create_default_local_save_plan(self.state_dict, self.is_coordinator)
         if self.flatten_state_dict:
             plan = dataclasses.replace(plan, planner_data=self.mappings)
+        plan = _compact_save_plan(plan)
         self.plan = plan
 
         if self._enable_plan_caching:
@@ -65,8 +80,48 @@ class FastSavePlanner(DefaultSavePlanner):
     def _dedup_save_plans(self, all_plans: list[SavePlan]) -> list[SavePlan]:
         return _d.dedup_save_plans(all_plans, self.dedup_save_to_lowest_rank)
 
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        """This rank's final plan (see ``DefaultSavePlanner.finish_plan``).
+
+        A compact global plan is rebuilt from this rank's own write items,
+        after checking that the columns the coordinator planned are the ones
+        this rank sent (a plan changed in between raises
+        :class:`~ckcore.compact.CompactPlanError` instead of being written).
+        """
+        if isinstance(new_plan.items, _c.GlobalWriteItems):
+            new_plan = dataclasses.replace(
+                new_plan, items=self._own_items(new_plan.items),
+                planner_data=_plain(getattr(self.plan, "planner_data", None)))
+        return super().finish_plan(new_plan)
+
+    def _own_items(self, planned: _c.GlobalWriteItems) -> list[Any]:
+        sent = getattr(self, "plan", None)
+        items = getattr(sent, "items", None)
+        if not isinstance(items, _c.SentWriteItems):
+            raise CompactPlanError(
+                "finish_plan: the coordinator returned a compact plan, but this rank's local "
+                "plan was not sent compact (was create_local_plan's plan replaced?)")
+        if items.current_parts() != planned.parts:
+            raise CompactPlanError(
+                "finish_plan: this rank's write items differ from the ones it sent to the "
+                "coordinator; refusing to write a plan the coordinator did not validate")
+        keep, hints = planned.arrays(len(items))
+        out = []
+        for i, item in enumerate(items):
+            if keep is not None and not keep[i]:
+                continue
+            h = int(hints[i])
+            if h >= 0:
+                item = dataclasses.replace(item, index=dataclasses.replace(item.index, index=h))
+            out.append(item)
+        return out
+
     def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
         if type(self)._dedup_save_plans is FastSavePlanner._dedup_save_plans:
+            planned = self._plan_from_columns(all_plans)
+            if planned is not None:
+                return planned
+            all_plans = [_materialised(p) for p in all_plans]
             # Dedup, global plan and validation in one pass over the items.
             # Validation does not read planner_data, so merging it after is
             # the same as torch's order.
@@ -77,6 +132,7 @@ class FastSavePlanner(DefaultSavePlanner):
                 metadata = dataclasses.replace(metadata, planner_data=merged_mappings)
         else:
             # A subclass dedups its own way: torch's steps, in torch's order.
+            all_plans = [_materialised(p) for p in all_plans]
             deduped_plans = self._dedup_save_plans(all_plans)
             global_plan, metadata = _d.create_default_global_save_plan(deduped_plans)
 
@@ -91,6 +147,31 @@ class FastSavePlanner(DefaultSavePlanner):
                 error_summary = error_summary[:500] + "... (truncated)"
             raise ValueError(f"Failed to validate global plan: {error_summary}")
 
+        return global_plan, metadata
+
+    def _plan_from_columns(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata] | None:
+        """The global plan from every rank's columns; None when a plan is not compact or the
+        layout needs torch's object path (see :func:`ckcore.compact.plan_columns`)."""
+        if not all_plans or not all(
+                type(p.items) is _c.WriteItemColumns and p.usable for p in all_plans):
+            return None
+        tables: dict = {}
+        cols = [p.items.columns(tables) for p in all_plans]
+        with paused(promote=True):
+            cp = plan_columns(cols, dedup=True, save_to_lowest_rank=self.dedup_save_to_lowest_rank,
+                              itemsize=_itemsize)
+            if cp is None:
+                return None
+            global_plan = [
+                dataclasses.replace(p, items=_c.GlobalWriteItems.from_arrays(p.items.parts, k, h))
+                for p, k, h in zip(all_plans, cp.keep, cp.hints)
+            ]
+            metadata = _metadata_from_columns(cp)
+            if self.flatten_state_dict:
+                cache: dict = {}
+                maps = [p.planner_data.as_dict(cache) if isinstance(p.planner_data, _c.MappingColumns)
+                        else p.planner_data for p in global_plan]
+                metadata = dataclasses.replace(metadata, planner_data=merged_mapping(maps))
         return global_plan, metadata
 
     def _create_global_plan_with_caching(
@@ -183,6 +264,112 @@ class FastLoadPlanner(DefaultLoadPlanner):
                 if set(old_state_dict.keys()) & missing_keys:
                     self.state_dict, self.mappings = old_state_dict, old_mappings
 
-        return _d._local_load_plan(
+        plan = _d._local_load_plan(
             self.state_dict, self.metadata, not self.allow_partial_load, self.verify_metadata
         )
+        if _items_stay_local(self, sys._getframe(1)):
+            plan = dataclasses.replace(plan, items=_c.LocalReadItems(plan.items))
+        self._sent_items = plan.items
+        return plan
+
+    def finish_plan(self, new_plan: LoadPlan) -> LoadPlan:
+        """This rank's final plan: its own read items back in place of a ticket."""
+        items = new_plan.items
+        if isinstance(items, (_c.ReadItemsTicket, _c.LocalReadItems)):
+            sent = getattr(self, "_sent_items", None)
+            if not (isinstance(sent, _c.LocalReadItems) and items.token == sent.token
+                    and len(items) == len(sent) and sent.unchanged()):
+                raise CompactPlanError(
+                    "finish_plan: the coordinator returned a load plan whose items stayed on a "
+                    "rank, but not this rank's, or this rank's items changed since")
+            new_plan = dataclasses.replace(new_plan, items=list(sent))
+        return super().finish_plan(new_plan)
+
+
+def _load_step_code() -> Any:
+    # The code of torch's ``_load_state_dict.<locals>.local_step``, which
+    # calls ``planner.create_local_plan()`` and then the reader's
+    # ``prepare_local_plan``; None if this torch does not have it.
+    fn = inspect.unwrap(getattr(state_dict_loader, "_load_state_dict", None) or (lambda: None))
+    for c in getattr(getattr(fn, "__code__", None), "co_consts", ()):
+        if getattr(c, "co_name", None) == "local_step" and "storage_reader" in c.co_freevars:
+            return c
+    return None
+
+
+_LOAD_STEP = _load_step_code()
+
+
+def _items_stay_local(planner: FastLoadPlanner, caller: Any) -> bool:
+    """Can this rank's read items stay here while the plan goes to the coordinator and back?
+
+    Yes when nothing in between reads them: this planner's class plans
+    globally as torch's default (which returns plans unchanged) and the
+    storage reader torch's ``dcp.load`` is using is a ``FileSystemReader``
+    (or subclass such as ``RangeFileSystemReader``) whose plan hooks are
+    ``FileSystemReader``'s (also unchanged). The reader is the one in the
+    calling frame of torch's own ``local_step``; any other caller gets the
+    items as objects.
+    """
+    if type(planner).create_global_plan is not DefaultLoadPlanner.create_global_plan:
+        return False
+    if _LOAD_STEP is None or caller.f_code is not _LOAD_STEP:
+        return False
+    reader = caller.f_locals.get("storage_reader")
+    cls = type(reader)
+    return (isinstance(reader, FileSystemReader)
+            and cls.prepare_local_plan is FileSystemReader.prepare_local_plan
+            and cls.prepare_global_plan is FileSystemReader.prepare_global_plan)
+
+
+def _compact_save_plan(plan: SavePlan) -> SavePlan:
+    # The plan with items (and a flattening map) that pickle as columns, or
+    # unchanged when its items are not all plain torch write items.
+    cols = _c.write_columns(plan.items)
+    if cols is None:
+        return plan
+    pd = plan.planner_data
+    if type(pd) is dict:
+        pd = _c.SentMapping(pd)
+    return dataclasses.replace(plan, items=_c.SentWriteItems(plan.items, cols), planner_data=pd)
+
+
+def _plain(pd: Any) -> Any:
+    return dict(pd) if isinstance(pd, _c.SentMapping) else pd
+
+
+def _materialised(plan: SavePlan) -> SavePlan:
+    # torch's objects in place of received columns, for the object path.
+    items, pd = plan.items, plan.planner_data
+    if isinstance(items, _c.WriteItemColumns):
+        items = list(items)
+    if isinstance(pd, _c.MappingColumns):
+        pd = dict(pd.as_dict())
+    if items is plan.items and pd is plan.planner_data:
+        return plan
+    return dataclasses.replace(plan, items=items, planner_data=pd)
+
+
+_ITEMSIZE: dict[str, int] = {}
+
+
+def _itemsize(name: str) -> int:
+    n = _ITEMSIZE.get(name)
+    if n is None:
+        n = _ITEMSIZE[name] = torch._utils._element_size(_c._torch_attr(name, torch.dtype))
+    return n
+
+
+def _metadata_from_columns(cp: ColumnPlan) -> Metadata:
+    md: dict[str, Any] = {}
+    for f, name in enumerate(cp.fqns):
+        p = cp.props[f]
+        if p is None:
+            md[name] = BytesStorageMetadata()
+            continue
+        offs, sizes = cp.chunks(f)
+        md[name] = TensorStorageMetadata(
+            properties=_c._torch_props(p), size=torch.Size(p[5]),
+            chunks=[ChunkStorageMetadata(torch.Size(o), torch.Size(s))
+                    for o, s in zip(offs.tolist(), sizes.tolist())])
+    return Metadata(md)

@@ -1,0 +1,482 @@
+"""Save plans as columns: the compact form that travels between ranks, and rank 0's plan from it.
+
+``dcp.save`` gathers every rank's local plan on the coordinator and
+scatters a global plan back, pickling torch's objects both ways
+(DESIGN.md, "Plan traffic"). At 1024 ranks that is ~740k ``WriteItem``
+objects unpickled on rank 0 with the cyclic GC running. When both ends
+are ckcore's planners a plan's items travel instead as
+:class:`WriteColumns`: an fqn table, a table of the distinct tensor
+properties (dtype, layout, flags, global size) and per item a few integer
+columns, each part zlib-compressed (:func:`pack_write_columns`), with a
+format version that a receiver refuses when it differs
+(:class:`CompactPlanError`). :func:`plan_columns` then computes on rank 0
+exactly what torch's ``dedup_save_plans``, ``create_default_global_save_plan``
+and ``_validate_global_plan`` compute, from the columns: which items each
+rank keeps, their index hints and the metadata's chunks, without an object
+per item. Layouts it does not cover (a validation finding, a fqn written
+by a non-shard item twice, items of one fqn with different properties, an
+int64 overflow) return ``None`` and the caller plans from objects, so
+messages and corner cases stay torch's.
+
+This module is torch-free; :mod:`ckcore.dcp._compact` maps torch's objects
+to and from these columns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ckcore._kernels._plan_columns import dedup_columns
+from ckcore._kernels._validate import _check_tensor
+from ckcore.checkpoint import CheckpointError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CompactPlanError",
+    "ColumnPlan",
+    "WriteColumns",
+    "pack_mapping",
+    "pack_write_columns",
+    "plan_columns",
+    "unpack_mapping",
+    "unpack_write_columns",
+]
+
+#: Version of the packed layout. A receiver refuses any other.
+FORMAT_VERSION = 1
+
+TENSOR, SHARD, BYTE_IO = 0, 1, 2
+_INT64_MAX = (1 << 63) - 1
+# Largest inflated part accepted: a hostile part cannot make zlib allocate
+# more than this (a 1M-item 8-d plan is well under it).
+MAX_PART_BYTES = 1 << 28
+
+Props = tuple[str, str, bool, str, bool, tuple[int, ...]]
+
+
+class CompactPlanError(CheckpointError):
+    """A compact plan that is truncated, inconsistent or of another format version."""
+
+
+@dataclass(frozen=True, eq=False)
+class WriteColumns:
+    """One rank's write items as columns.
+
+    ``fqns`` and ``props`` are tables (props: ``(dtype, layout,
+    requires_grad, memory_format, pin_memory, size)`` with torch's names,
+    e.g. ``"torch.bfloat16"``); per item ``fid`` (into ``fqns``), ``kind``
+    (0 TENSOR, 1 SHARD, 2 BYTE_IO) and ``pid`` (into ``props``, -1 for a
+    bytes item); ``offsets`` and ``sizes`` hold each tensor item's chunk, as
+    many values as its properties' size has dimensions, items in order. A
+    tensor item's index offset is its chunk's offsets and its index hint is
+    None (what torch's planners make; other items are not packed).
+    """
+
+    fqns: tuple[str, ...]
+    props: tuple[Props, ...]
+    fid: np.ndarray
+    kind: np.ndarray
+    pid: np.ndarray
+    offsets: np.ndarray
+    sizes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.fid)
+
+    def ndims(self) -> np.ndarray:
+        """Values per item in ``offsets``/``sizes`` (0 for bytes items), int64."""
+        pnd = np.array([len(p[5]) for p in self.props] + [0], dtype=np.int64)
+        return pnd[self.pid]
+
+    def starts(self) -> np.ndarray:
+        """Where each item's values start in ``offsets``/``sizes``, int64."""
+        nd = self.ndims()
+        out = np.zeros(len(nd), dtype=np.int64)
+        if len(nd) > 1:
+            np.cumsum(nd[:-1], out=out[1:])
+        return out
+
+
+def _deflate(b: bytes) -> bytes:
+    return zlib.compress(b, 1)
+
+
+def _inflate(b: object, what: str) -> bytes:
+    if not isinstance(b, bytes):
+        raise CompactPlanError(f"compact plan: {what} is a {type(b).__name__}, not bytes")
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(b, MAX_PART_BYTES)
+    except zlib.error as e:
+        raise CompactPlanError(f"compact plan: {what} is damaged ({e})") from None
+    if d.unconsumed_tail:
+        raise CompactPlanError(f"compact plan: {what} inflates beyond {MAX_PART_BYTES} bytes")
+    if not d.eof or d.unused_data:
+        raise CompactPlanError(f"compact plan: {what} is truncated or has trailing bytes")
+    return out
+
+
+def _shuffle(a: np.ndarray) -> bytes:
+    # Byte planes of int64 values (all low bytes, then the next...): offsets
+    # and sizes differ mostly in their low bytes, which zlib then sees together.
+    return a.astype("<i8", copy=False).view(np.uint8).reshape(-1, 8).T.tobytes()
+
+
+def _unshuffle(b: bytes, n: int) -> np.ndarray:
+    return np.frombuffer(b, np.uint8).reshape(8, n).T.copy().view("<i8").reshape(n).astype(
+        np.int64, copy=False)
+
+
+def _narrow(a: np.ndarray, hi: int) -> tuple[int, bytes]:
+    # The smallest signed width that holds [-1, hi): code = bytes per value.
+    for code, dt in ((1, "<i1"), (2, "<i2"), (4, "<i4")):
+        if hi <= np.iinfo(dt).max:
+            return code, a.astype(dt).tobytes()
+    return 8, a.astype("<i8").tobytes()
+
+
+_WIDTH = {1: "<i1", 2: "<i2", 4: "<i4", 8: "<i8"}
+
+
+def pack_write_columns(cols: WriteColumns) -> tuple[int, bytes, bytes, bytes]:
+    """``(FORMAT_VERSION, fqn table, props table, columns)``, each part zlib-compressed.
+
+    The tables are JSON (exact for any ``str``, ints and bools); the columns
+    a small header, then ``fid`` (omitted when it is 0, 1, 2, ...), ``kind``,
+    ``pid`` at the narrowest width and the offsets and sizes as int64 byte
+    planes.
+    """
+    n = len(cols.fid)
+    fid = np.asarray(cols.fid, dtype=np.int64)
+    if n and np.array_equal(fid, np.arange(n)):
+        fid_code, fid_b = 0, b""
+    else:
+        fid_code, fid_b = _narrow(fid, len(cols.fqns))
+    pid_code, pid_b = _narrow(np.asarray(cols.pid, dtype=np.int64), len(cols.props))
+    v = len(cols.offsets)
+    header = np.array([n, v, fid_code, pid_code], dtype="<i8").tobytes()
+    body = b"".join((header, fid_b, np.asarray(cols.kind, dtype=np.int8).tobytes(), pid_b,
+                     _shuffle(cols.offsets), _shuffle(cols.sizes)))
+    props = [[p[0], p[1], p[2], p[3], p[4], list(p[5])] for p in cols.props]
+    return (FORMAT_VERSION,
+            _deflate(json.dumps(list(cols.fqns)).encode()),
+            _deflate(json.dumps(props).encode()),
+            _deflate(body))
+
+
+def _fqn_table(blob: bytes) -> tuple[str, ...]:
+    try:
+        fqns = json.loads(_inflate(blob, "fqn table"))
+    except (ValueError, RecursionError):
+        raise CompactPlanError("compact plan: fqn table is not a JSON list") from None
+    if type(fqns) is not list or any(type(f) is not str for f in fqns):
+        raise CompactPlanError("compact plan: fqn table is not a list of strings")
+    return tuple(fqns)
+
+
+def _int64(v: object) -> bool:
+    return type(v) is int and -_INT64_MAX - 1 <= v <= _INT64_MAX
+
+
+def _props_table(blob: bytes) -> tuple[Props, ...]:
+    try:
+        rows = json.loads(_inflate(blob, "props table"))
+    except (ValueError, RecursionError):
+        raise CompactPlanError("compact plan: props table is not JSON") from None
+    if type(rows) is not list:
+        raise CompactPlanError("compact plan: props table is not a list")
+    out = []
+    for i, r in enumerate(rows):
+        if not (type(r) is list and len(r) == 6 and type(r[0]) is str and type(r[1]) is str
+                and type(r[2]) is bool and type(r[3]) is str and type(r[4]) is bool
+                and type(r[5]) is list and all(_int64(x) for x in r[5])):
+            raise CompactPlanError(f"compact plan: props row {i} is malformed")
+        out.append((r[0], r[1], r[2], r[3], r[4], tuple(r[5])))
+    return tuple(out)
+
+
+def unpack_write_columns(parts: object, *, _tables: dict | None = None) -> WriteColumns:
+    """The :class:`WriteColumns` packed by :func:`pack_write_columns`, checked.
+
+    Raises :class:`CompactPlanError` naming the part or column that is
+    truncated, of another format version or inconsistent (lengths that
+    disagree, an fqn or props id out of range, a bytes item with
+    properties). ``_tables`` caches decoded tables by their packed bytes, so
+    ranks that send the same table share one decoded copy.
+    """
+    if type(parts) is not tuple or len(parts) != 4:
+        raise CompactPlanError("compact plan: expected (version, fqns, props, columns)")
+    if parts[0] != FORMAT_VERSION or type(parts[0]) is not int:
+        raise CompactPlanError(
+            f"compact plan: format version {parts[0]!r}, this ckcore reads {FORMAT_VERSION} "
+            "(every rank must run the same ckcore version)")
+    cache = {} if _tables is None else _tables
+    fqns = cache.get(("f", parts[1]))
+    if fqns is None:
+        fqns = cache[("f", parts[1])] = _fqn_table(parts[1])
+    props = cache.get(("p", parts[2]))
+    if props is None:
+        props = cache[("p", parts[2])] = _props_table(parts[2])
+    body = _inflate(parts[3], "columns")
+    if len(body) < 32:
+        raise CompactPlanError("compact plan: columns header is truncated")
+    n, v, fid_code, pid_code = (int(x) for x in np.frombuffer(body[:32], "<i8"))
+    if n < 0 or v < 0 or fid_code not in (0, 1, 2, 4, 8) or pid_code not in _WIDTH:
+        raise CompactPlanError("compact plan: columns header is inconsistent")
+    need = 32 + n * (fid_code + 1 + pid_code) + 16 * v
+    if len(body) != need:
+        raise CompactPlanError(
+            f"compact plan: columns hold {len(body)} bytes, the header says {need}")
+    at = 32
+    if fid_code == 0:
+        fid = np.arange(n, dtype=np.int64)
+    else:
+        fid = np.frombuffer(body, _WIDTH[fid_code], n, at).astype(np.int64)
+        at += n * fid_code
+    kind = np.frombuffer(body, np.int8, n, at).copy()
+    at += n
+    pid = np.frombuffer(body, _WIDTH[pid_code], n, at).astype(np.int64)
+    at += n * pid_code
+    offsets = _unshuffle(body[at:at + 8 * v], v)
+    sizes = _unshuffle(body[at + 8 * v:], v)
+    if n and (fid.min() < 0 or fid.max() >= len(fqns)):
+        raise CompactPlanError("compact plan: an fqn id is out of range of the fqn table")
+    if n and (pid.min() < -1 or pid.max() >= len(props)):
+        raise CompactPlanError("compact plan: a props id is out of range of the props table")
+    if n and (kind.min() < 0 or kind.max() > 2):
+        raise CompactPlanError("compact plan: an item kind is not TENSOR, SHARD or BYTE_IO")
+    if not np.array_equal(kind == BYTE_IO, pid < 0):
+        raise CompactPlanError("compact plan: bytes items and items without properties disagree")
+    cols = WriteColumns(fqns, props, fid, kind, pid, offsets, sizes)
+    if int(cols.ndims().sum()) != v:
+        raise CompactPlanError(
+            f"compact plan: the items' dimensions add up to {int(cols.ndims().sum())} "
+            f"offset values, the columns hold {v}")
+    return cols
+
+
+def pack_mapping(mapping: dict) -> bytes | None:
+    """A flattening map (fqn -> tuple of str/int keys) as compressed JSON; None if it is not one."""
+    rows = []
+    for k, path in mapping.items():
+        if type(k) is not str or type(path) is not tuple:
+            return None
+        for c in path:
+            if type(c) is not str and type(c) is not int:
+                return None
+        rows.append([k, list(path)])
+    return _deflate(json.dumps(rows).encode())
+
+
+def unpack_mapping(blob: object) -> dict:
+    """The map :func:`pack_mapping` packed (raises :class:`CompactPlanError` if malformed)."""
+    try:
+        rows = json.loads(_inflate(blob, "planner data"))
+    except (ValueError, RecursionError):
+        raise CompactPlanError("compact plan: planner data is not JSON") from None
+    if type(rows) is not list:
+        raise CompactPlanError("compact plan: planner data is not a list")
+    out = {}
+    for r in rows:
+        if not (type(r) is list and len(r) == 2 and type(r[0]) is str and type(r[1]) is list
+                and all(type(c) is str or type(c) is int for c in r[1])):
+            raise CompactPlanError("compact plan: a planner data row is malformed")
+        out[r[0]] = tuple(r[1])
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class ColumnPlan:
+    """What :func:`plan_columns` computed.
+
+    Per rank ``keep[r]`` (uint8 per item, or None when the rank keeps every
+    item) and ``hints[r]`` (int64 per item: the index hint a kept tensor
+    item gets, -1 otherwise). The metadata: ``fqns`` in torch's order, each
+    with ``props[f]`` (None for bytes), and its chunks as rows
+    ``chunk_ptr[f]:chunk_ptr[f+1]`` of ``chunk_offsets``/``chunk_sizes``
+    (flat, ``len(props[f][5])`` values per row, starting at ``val_ptr[f]``).
+    """
+
+    keep: list[np.ndarray | None]
+    hints: list[np.ndarray]
+    fqns: list[str]
+    props: list[Props | None]
+    chunk_ptr: np.ndarray
+    val_ptr: np.ndarray
+    chunk_offsets: np.ndarray
+    chunk_sizes: np.ndarray
+
+    def chunks(self, f: int) -> tuple[np.ndarray, np.ndarray]:
+        """The chunks of the ``f``-th fqn: ``(offsets, sizes)``, each ``(n, ndim)`` int64."""
+        p = self.props[f]
+        nd = 0 if p is None else len(p[5])
+        a, b = int(self.val_ptr[f]), int(self.val_ptr[f + 1])
+        n = int(self.chunk_ptr[f + 1] - self.chunk_ptr[f])
+        return self.chunk_offsets[a:b].reshape(n, nd), self.chunk_sizes[a:b].reshape(n, nd)
+
+
+def _global_ids(tables: Sequence[tuple], ids: dict) -> list[np.ndarray]:
+    # Per rank: its table's ids in one global numbering (first seen first).
+    # Ranks usually send equal tables; each distinct one is mapped once.
+    per_table: dict = {}
+    out = []
+    for t in tables:
+        m = per_table.get(id(t))
+        if m is None:
+            m = np.fromiter((ids.setdefault(x, len(ids)) for x in t), np.int64, len(t))
+            per_table[id(t)] = m
+        out.append(m)
+    return out
+
+
+def _ragged_gather(values: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(lens)
+    return values[np.repeat(starts - (ends - lens), lens) + np.arange(total)]
+
+
+def plan_columns(
+    ranks: Sequence[WriteColumns],
+    *,
+    dedup: bool,
+    save_to_lowest_rank: bool,
+    itemsize: Callable[[str], int],
+) -> ColumnPlan | None:
+    """torch's dedup, global plan and validation over every rank's columns.
+
+    Equal to ``dedup_save_plans`` (when ``dedup``), then
+    ``create_default_global_save_plan`` with index hints rewritten, then
+    ``_validate_global_plan``, for the layouts it covers; ``None`` for the
+    others (see the module docstring), and for any layout with a validation
+    finding, so the caller can produce torch's messages from objects.
+    ``itemsize(dtype_name)`` gives a dtype's bytes per element.
+    """
+    P = len(ranks)
+    fqn_ids: dict[str, int] = {}
+    prop_ids: dict[Props, int] = {}
+    fmaps = _global_ids([c.fqns for c in ranks], fqn_ids)
+    pmaps = _global_ids([c.props for c in ranks], prop_ids)
+    gprops: list[Props] = list(prop_ids)
+    pnd = np.array([len(p[5]) for p in gprops] + [-1], dtype=np.int64)
+    psize = []
+    for p in gprops:
+        s = math.prod(p[5]) * itemsize(p[0])
+        psize.append(s or 1)
+    if psize and max(psize) > _INT64_MAX:
+        return None
+    psize_a = np.array(psize + [1], dtype=np.int64)
+    counts = np.array([len(c) for c in ranks], dtype=np.int64)
+    n = int(counts.sum())
+    fid = np.concatenate([m[c.fid] for m, c in zip(fmaps, ranks)] or [np.zeros(0, np.int64)])
+    pid = np.concatenate([np.where(c.pid < 0, -1, m[np.maximum(c.pid, 0)]) if len(m) else c.pid
+                          for m, c in zip(pmaps, ranks)] or [np.zeros(0, np.int64)])
+    kind = np.concatenate([c.kind for c in ranks] or [np.zeros(0, np.int8)])
+    offs = np.concatenate([c.offsets for c in ranks] or [np.zeros(0, np.int64)])
+    sizes = np.concatenate([c.sizes for c in ranks] or [np.zeros(0, np.int64)])
+    nd = pnd[pid]
+    ptr = np.zeros(n, dtype=np.int64)
+    if n > 1:
+        np.cumsum(np.maximum(nd, 0)[:-1], out=ptr[1:])
+    plan = np.repeat(np.arange(P, dtype=np.int32), counts)
+
+    if dedup:
+        got = dedup_columns(fid, plan, nd.astype(np.int32), ptr, offs, psize_a[pid], P,
+                            save_to_lowest_rank)
+        if got is None:
+            return None
+        keep_all, duplicated = got
+        keep_b = keep_all.view(bool)
+    else:
+        duplicated = False
+        keep_b = np.ones(n, dtype=bool)
+
+    kept = np.flatnonzero(keep_b)
+    fk, kk, pk = fid[kept], kind[kept], pid[kept]
+    F = len(fqn_ids)
+    cnt = np.bincount(fk, minlength=F)
+    if np.any(cnt[fk[kk != SHARD]] > 1):
+        return None  # torch raises for a fqn a non-shard item writes twice
+    if len(kept):
+        uniq, first = np.unique(fk, return_index=True)
+        first_pid = np.full(F, -2, dtype=np.int64)
+        first_pid[uniq] = pk[first]
+        if np.any(first_pid[fk] != pk):
+            return None  # items of one fqn with different properties or kinds
+        md_order = fk[np.sort(first)]
+    else:
+        md_order = np.zeros(0, dtype=np.int64)
+    rank_of = np.empty(F, dtype=np.int64)
+    rank_of[md_order] = np.arange(len(md_order))
+    srt = np.argsort(rank_of[fk], kind="stable")
+    md_cnt = cnt[md_order]
+    row_ptr = np.zeros(len(md_order) + 1, dtype=np.int64)
+    np.cumsum(md_cnt, out=row_ptr[1:])
+    hint_k = np.empty(len(kept), dtype=np.int64)
+    hint_k[srt] = np.arange(len(kept)) - row_ptr[rank_of[fk[srt]]]
+    hint_k[kk == BYTE_IO] = -1
+
+    kept_s = kept[srt]
+    lens = np.maximum(nd[kept_s], 0)
+    c_offs = _ragged_gather(offs, ptr[kept_s], lens)
+    c_sizes = _ragged_gather(sizes, ptr[kept_s], lens)
+    md_props: list[Props | None] = [
+        None if first_pid[f] < 0 else gprops[first_pid[f]] for f in md_order
+    ] if len(kept) else []
+    md_nd = np.array([0 if p is None else len(p[5]) for p in md_props], dtype=np.int64)
+    val_ptr = np.zeros(len(md_order) + 1, dtype=np.int64)
+    np.cumsum(md_cnt * md_nd, out=val_ptr[1:])
+    names = list(fqn_ids)
+    result = ColumnPlan(
+        keep=[], hints=[], fqns=[names[f] for f in md_order], props=md_props,
+        chunk_ptr=row_ptr, val_ptr=val_ptr, chunk_offsets=c_offs, chunk_sizes=c_sizes)
+    if not _valid(result, multi=P > 1):
+        return None
+
+    hints = np.full(n, -1, dtype=np.int64)
+    hints[kept] = hint_k
+    bounds = np.zeros(P + 1, dtype=np.int64)
+    np.cumsum(counts, out=bounds[1:])
+    for r in range(P):
+        a, b = int(bounds[r]), int(bounds[r + 1])
+        k = keep_b[a:b]
+        result.keep.append(None if not duplicated or k.all() else k.astype(np.uint8))
+        result.hints.append(hints[a:b])
+    return result
+
+
+def _valid(cp: ColumnPlan, multi: bool) -> bool:
+    # torch's validation finds nothing (out-of-bounds chunk, overlap, or with
+    # more than one plan a volume that is not the tensor's).
+    for f, p in enumerate(cp.props):
+        if p is None or len(p[5]) == 0:
+            continue
+        offs, sizes = cp.chunks(f)
+        tsize = np.array(p[5], dtype=np.int64)
+        oob, vol, pairs = _check_tensor(np.ascontiguousarray(offs), np.ascontiguousarray(sizes),
+                                        tsize)
+        if len(oob) or len(pairs) or vol is None:
+            return False
+        if multi and vol != math.prod(p[5]):
+            return False
+    return True
+
+
+def merged_mapping(maps: Sequence[Any]) -> dict:
+    """``dict(ChainMap(*maps))`` for plans whose planner data is a mapping.
+
+    Ranks usually send the same map: when every map is the same object the
+    merge is a copy of it.
+    """
+    if maps and all(m is maps[0] for m in maps):
+        return dict(maps[0])
+    from collections import ChainMap
+    return dict(ChainMap(*maps))

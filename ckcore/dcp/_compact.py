@@ -1,0 +1,461 @@
+"""torch's plan objects to and from ckcore's compact forms (see :mod:`ckcore.compact`).
+
+What travels when both ends are ckcore's planners:
+
+* a local save plan's ``items`` are a :class:`SentWriteItems` (a real
+  ``list`` of the rank's ``WriteItem`` objects) and its ``planner_data`` a
+  :class:`SentMapping` (a real ``dict``); pickled, they become
+  :class:`WriteItemColumns` and :class:`MappingColumns`, which hold packed
+  columns and behave as a list of ``WriteItem`` / a mapping for any code
+  that touches them, building the objects only then;
+* the global plan sent back to a rank holds :class:`GlobalWriteItems`: the
+  columns the rank sent, which of its items dedup kept and their index
+  hints. ``FastSavePlanner.finish_plan`` rebuilds the plan from the rank's
+  own objects after checking that the columns are the ones it sent;
+* a local load plan's ``items`` are a :class:`LocalReadItems` (a real
+  list). When the coordinator's step cannot change read items it pickles
+  as a :class:`ReadItemsTicket` (a count and a token: no items), and
+  ``FastLoadPlanner.finish_plan`` puts the rank's own list back.
+
+Anything these forms cannot represent exactly travels as torch's objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+)
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+from ckcore.compact import (
+    BYTE_IO,
+    FORMAT_VERSION,
+    SHARD,
+    TENSOR,
+    CompactPlanError,
+    WriteColumns,
+    _deflate,
+    _inflate,
+    pack_mapping,
+    pack_write_columns,
+    unpack_mapping,
+    unpack_write_columns,
+)
+
+__all__ = [
+    "GlobalWriteItems",
+    "LocalReadItems",
+    "MappingColumns",
+    "ReadItemsTicket",
+    "SentMapping",
+    "SentWriteItems",
+    "WriteItemColumns",
+]
+
+_KIND = {WriteItemType.TENSOR: TENSOR, WriteItemType.SHARD: SHARD, WriteItemType.BYTE_IO: BYTE_IO}
+_TYPE = {v: k for k, v in _KIND.items()}
+_INT64_MAX = (1 << 63) - 1
+
+# The columns hold exactly these fields; a torch with other fields sends objects.
+_SUPPORTED = (
+    tuple(f.name for f in dataclasses.fields(WriteItem))
+    == ("index", "type", "bytes_io_data", "tensor_data")
+    and tuple(f.name for f in dataclasses.fields(TensorProperties))
+    == ("dtype", "layout", "requires_grad", "memory_format", "pin_memory")
+    and tuple(f.name for f in dataclasses.fields(TensorWriteData)) == ("chunk", "properties", "size")
+)
+
+
+def _torch_attr(name: object, kind: type) -> Any:
+    # torch.<name> for a name like "torch.bfloat16", only if it is a `kind`.
+    if type(name) is not str or not name.startswith("torch."):
+        raise CompactPlanError(f"compact plan: {name!r} is not a torch {kind.__name__}")
+    v = getattr(torch, name[6:], None)
+    if not isinstance(v, kind):
+        raise CompactPlanError(f"compact plan: {name[:80]!r} is not a torch {kind.__name__}")
+    return v
+
+
+def _props_key(pr: Any, size: torch.Size) -> tuple | None:
+    if type(pr.requires_grad) is not bool or type(pr.pin_memory) is not bool:
+        return None
+    names = (str(pr.dtype), str(pr.layout), str(pr.memory_format))
+    try:
+        if (_torch_attr(names[0], torch.dtype) is not pr.dtype
+                or _torch_attr(names[1], torch.layout) is not pr.layout
+                or _torch_attr(names[2], torch.memory_format) is not pr.memory_format):
+            return None
+    except CompactPlanError:
+        return None
+    if any(type(s) is not int or not 0 <= s <= _INT64_MAX for s in size):
+        return None
+    return (names[0], names[1], pr.requires_grad, names[2], pr.pin_memory, tuple(size))
+
+
+def write_columns(items: Sequence[Any]) -> WriteColumns | None:
+    """``items`` as :class:`WriteColumns`, or None if they are not all plain torch write items.
+
+    Packed: torch's own ``WriteItem``/``MetadataIndex``/``TensorWriteData``
+    classes (not subclasses), index hints None, no ``bytes_io_data``, a tensor item's index offset
+    equal to its chunk's offsets, offsets/sizes ``torch.Size`` of int64
+    values with as many dimensions as the tensor.
+    """
+    if not _SUPPORTED:
+        return None
+    fqn_ix: dict[str, int] = {}
+    prop_ix: dict[tuple, int] = {}
+    rows: dict[tuple, tuple | None] = {}
+    props: list[tuple] = []
+    fid: list[int] = []
+    kind: list[int] = []
+    pid: list[int] = []
+    vals_o: list[int] = []
+    vals_s: list[int] = []
+    for it in items:
+        if type(it) is not WriteItem or it.bytes_io_data is not None:
+            return None
+        idx = it.index
+        if type(idx) is not MetadataIndex or idx.index is not None or type(idx.fqn) is not str:
+            return None
+        k = _KIND.get(it.type)
+        td = it.tensor_data
+        if k is None:
+            return None
+        if k == BYTE_IO:
+            if td is not None or idx.offset is not None:
+                return None
+            p = -1
+        else:
+            if type(td) is not TensorWriteData or type(td.chunk) is not ChunkStorageMetadata \
+                    or type(td.properties) is not TensorProperties or type(td.size) is not torch.Size:
+                return None
+            o, s = td.chunk.offsets, td.chunk.sizes
+            if type(o) is not torch.Size or type(s) is not torch.Size \
+                    or type(idx.offset) is not torch.Size or idx.offset != o \
+                    or len(o) != len(td.size) or len(s) != len(td.size):
+                return None
+            # Items usually share one TensorProperties per tensor (or equal
+            # ones): the row is computed once per object and size.
+            key = (id(td.properties), td.size)
+            row = rows.get(key)
+            if row is None:
+                row = rows[key] = _props_key(td.properties, td.size)
+                if row is None:
+                    return None
+            p = prop_ix.get(row, -1)
+            if p == -1:
+                p = prop_ix[row] = len(props)
+                props.append(row)
+            vals_o.extend(o)
+            vals_s.extend(s)
+        kind.append(k)
+        pid.append(p)
+        fid.append(fqn_ix.setdefault(idx.fqn, len(fqn_ix)))
+    try:
+        offs = np.array(vals_o, dtype=np.int64)
+        sizes = np.array(vals_s, dtype=np.int64)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    return WriteColumns(tuple(fqn_ix), tuple(props), np.array(fid, dtype=np.int64),
+                        np.array(kind, dtype=np.int8), np.array(pid, dtype=np.int64), offs, sizes)
+
+
+def _torch_props(row: tuple) -> TensorProperties:
+    return TensorProperties(
+        dtype=_torch_attr(row[0], torch.dtype),
+        layout=_torch_attr(row[1], torch.layout),
+        requires_grad=row[2],
+        memory_format=_torch_attr(row[3], torch.memory_format),
+        pin_memory=row[4],
+    )
+
+
+def write_items(cols: WriteColumns, hints: np.ndarray | None = None,
+                keep: np.ndarray | None = None) -> list[WriteItem]:
+    """torch ``WriteItem`` objects from columns (only the kept ones, with ``hints`` if given)."""
+    props = [(_torch_props(r), torch.Size(r[5])) for r in cols.props]
+    starts = cols.starts().tolist()
+    nds = cols.ndims().tolist()
+    offs = cols.offsets.tolist()
+    sizes = cols.sizes.tolist()
+    fqns = cols.fqns
+    out = []
+    for i, (f, k, p) in enumerate(zip(cols.fid.tolist(), cols.kind.tolist(), cols.pid.tolist())):
+        if keep is not None and not keep[i]:
+            continue
+        t = _TYPE[k]
+        h = None if hints is None or hints[i] < 0 else int(hints[i])
+        if k == BYTE_IO:
+            out.append(WriteItem(index=MetadataIndex(fqns[f], None, h), type=t))
+            continue
+        a = starts[i]
+        o = torch.Size(offs[a:a + nds[i]])
+        pr, size = props[p]
+        out.append(WriteItem(
+            index=MetadataIndex(fqns[f], o, h), type=t,
+            tensor_data=TensorWriteData(
+                chunk=ChunkStorageMetadata(o, torch.Size(sizes[a:a + nds[i]])),
+                properties=pr, size=size)))
+    return out
+
+
+class _LazySequence(Sequence):
+    """A read-only sequence whose list is built on first use."""
+
+    __slots__ = ("_list",)
+
+    def _build(self) -> list:
+        raise NotImplementedError
+
+    def _items(self) -> list:
+        lst = self._list
+        if lst is None:
+            lst = self._list = self._build()
+        return lst
+
+    def __len__(self) -> int:
+        return len(self._items())
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._items()[i]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._items())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, tuple, _LazySequence)):
+            return self._items() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __copy__(self) -> list:
+        return list(self._items())
+
+    def __deepcopy__(self, memo: dict) -> list:
+        return copy.deepcopy(self._items(), memo)
+
+
+class WriteItemColumns(_LazySequence):
+    """A rank's write items as received: packed columns, a list of ``WriteItem`` when touched."""
+
+    __slots__ = ("parts", "_cols")
+
+    def __init__(self, parts: Any) -> None:
+        self.parts = parts
+        self._cols: WriteColumns | None = None
+        self._list = None
+
+    def columns(self, tables: dict | None = None) -> WriteColumns:
+        """The unpacked columns (checked; :class:`CompactPlanError` if damaged)."""
+        if self._cols is None:
+            self._cols = unpack_write_columns(self.parts, _tables=tables)
+        return self._cols
+
+    def _build(self) -> list:
+        return write_items(self.columns())
+
+    def __reduce__(self) -> Any:
+        return (WriteItemColumns, (self.parts,))
+
+    def __repr__(self) -> str:
+        return f"<WriteItemColumns: {len(self.parts[3]) if isinstance(self.parts, tuple) and len(self.parts) == 4 else '?'} packed bytes>"
+
+
+class SentWriteItems(list):
+    """A local plan's write items: the rank's own list, pickled as :class:`WriteItemColumns`.
+
+    Built only from items :func:`write_columns` can pack; if the list
+    changes afterwards it is packed again when pickled (and sent as plain
+    objects if it no longer packs).
+    """
+
+    def __init__(self, items: Sequence[WriteItem], cols: WriteColumns) -> None:
+        super().__init__(items)
+        self._packed_for = tuple(map(id, self))
+        self._keepalive = tuple(self)
+        self.parts = pack_write_columns(cols)
+
+    def current_parts(self) -> tuple | None:
+        """The packed form of the list as it is now (None if it no longer packs)."""
+        if len(self) != len(self._packed_for) or any(
+                a is not b for a, b in zip(self, self._keepalive)):
+            cols = write_columns(self)
+            if cols is None:
+                return None
+            self.parts = pack_write_columns(cols)
+            self._keepalive = tuple(self)
+            self._packed_for = tuple(map(id, self))
+        return self.parts
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        parts = self.current_parts()
+        if parts is None:
+            return (list, (list(self),))
+        return (WriteItemColumns, (parts,))
+
+    def __copy__(self) -> list:
+        return list(self)
+
+    def __deepcopy__(self, memo: dict) -> list:
+        return copy.deepcopy(list(self), memo)
+
+
+class GlobalWriteItems(_LazySequence):
+    """A rank's items in the global plan: its packed columns, which items it keeps, their hints."""
+
+    __slots__ = ("parts", "keep", "hints")
+
+    @classmethod
+    def from_arrays(cls, parts: Any, keep: np.ndarray | None, hints: np.ndarray) -> GlobalWriteItems:
+        """Pack ``keep`` (uint8 per item, or None: all kept) and ``hints`` (int64 per item)."""
+        return cls(parts, None if keep is None else _deflate(keep.astype(np.uint8).tobytes()),
+                   _deflate(hints.astype("<i8").tobytes()))
+
+    def __init__(self, parts: Any, keep: bytes | None, hints: bytes) -> None:
+        self.parts = parts
+        self.keep = keep
+        self.hints = hints
+        self._list = None
+
+    def arrays(self, n: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """``(keep, hints)`` for a rank with ``n`` items, checked."""
+        try:
+            hints = np.frombuffer(_inflate(self.hints, "hints column"), "<i8")
+            keep = None if self.keep is None else np.frombuffer(
+                _inflate(self.keep, "keep column"), np.uint8)
+        except (TypeError, ValueError):
+            raise CompactPlanError("compact global plan: hints or keep column is damaged") from None
+        if len(hints) != n or (keep is not None and len(keep) != n):
+            raise CompactPlanError(
+                f"compact global plan: {len(hints)} hints for a plan of {n} items")
+        return keep, hints
+
+    def _build(self) -> list:
+        cols = unpack_write_columns(self.parts)
+        keep, hints = self.arrays(len(cols))
+        return write_items(cols, hints, keep)
+
+    def __reduce__(self) -> Any:
+        return (GlobalWriteItems, (self.parts, self.keep, self.hints))
+
+    def __repr__(self) -> str:
+        return "<GlobalWriteItems>"
+
+
+class MappingColumns(Mapping):
+    """A flattening map as received: packed JSON, a dict when touched."""
+
+    __slots__ = ("blob", "_dict")
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+        self._dict: dict | None = None
+
+    def as_dict(self, cache: dict | None = None) -> dict:
+        """The map (decoded once; ``cache`` shares decodings of equal blobs)."""
+        if self._dict is None:
+            d = None if cache is None else cache.get(self.blob)
+            if d is None:
+                d = unpack_mapping(self.blob)
+                if cache is not None:
+                    cache[self.blob] = d
+            self._dict = d
+        return self._dict
+
+    def __getitem__(self, k: Any) -> Any:
+        return self.as_dict()[k]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.as_dict())
+
+    def __len__(self) -> int:
+        return len(self.as_dict())
+
+    def __reduce__(self) -> Any:
+        return (MappingColumns, (self.blob,))
+
+
+class SentMapping(dict):
+    """A local plan's flattening map: the rank's own dict, pickled as :class:`MappingColumns`."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        blob = pack_mapping(self)
+        if blob is None:
+            return (dict, (dict(self),))
+        return (MappingColumns, (blob,))
+
+    def __copy__(self) -> dict:
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict) -> dict:
+        return copy.deepcopy(dict(self), memo)
+
+
+class ReadItemsTicket(Sequence):
+    """A load plan's items left on their rank: only their count and the rank's token travel.
+
+    The coordinator's step for the file-system readers returns plans
+    unchanged, so nothing there reads items; anything that does gets a
+    :class:`CompactPlanError`, never a silently empty plan.
+    """
+
+    __slots__ = ("version", "count", "token")
+
+    def __init__(self, version: int, count: int, token: bytes) -> None:
+        self.version = version
+        self.count = count
+        self.token = token
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _refuse(self) -> Any:
+        raise CompactPlanError(
+            "this load plan's read items stayed on their rank (ckcore's FastLoadPlanner with "
+            "a file-system reader); a coordinator step that reads them needs the plain form")
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._refuse()
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._refuse()
+
+    def __reduce__(self) -> Any:
+        return (ReadItemsTicket, (self.version, self.count, self.token))
+
+    def __repr__(self) -> str:
+        return f"<ReadItemsTicket: {self.count} items kept on their rank>"
+
+
+class LocalReadItems(list):
+    """A local load plan's read items: the rank's own list, pickled as a :class:`ReadItemsTicket`."""
+
+    def __init__(self, items: Sequence[Any]) -> None:
+        super().__init__(items)
+        self.token = secrets.token_bytes(16)
+        self._keepalive = tuple(self)
+
+    def unchanged(self) -> bool:
+        """True when the list still holds exactly the items it was made with."""
+        return len(self) == len(self._keepalive) and all(
+            a is b for a, b in zip(self, self._keepalive))
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return (ReadItemsTicket, (FORMAT_VERSION, len(self), self.token))
+
+    def __copy__(self) -> list:
+        return list(self)
+
+    def __deepcopy__(self, memo: dict) -> list:
+        return copy.deepcopy(list(self), memo)
