@@ -172,8 +172,9 @@ def pack_write_columns(cols: WriteColumns) -> tuple[int, bytes, bytes, bytes]:
 
 
 def _fqn_table(blob: bytes) -> tuple[str, ...]:
+    text = _inflate(blob, "fqn table")
     try:
-        fqns = json.loads(_inflate(blob, "fqn table"))
+        fqns = json.loads(text)
     except (ValueError, RecursionError):
         raise CompactPlanError("compact plan: fqn table is not a JSON list") from None
     if type(fqns) is not list or any(type(f) is not str for f in fqns):
@@ -186,8 +187,9 @@ def _int64(v: object) -> bool:
 
 
 def _props_table(blob: bytes) -> tuple[Props, ...]:
+    text = _inflate(blob, "props table")
     try:
-        rows = json.loads(_inflate(blob, "props table"))
+        rows = json.loads(text)
     except (ValueError, RecursionError):
         raise CompactPlanError("compact plan: props table is not JSON") from None
     if type(rows) is not list:
@@ -277,8 +279,9 @@ def pack_mapping(mapping: dict) -> bytes | None:
 
 def unpack_mapping(blob: object) -> dict:
     """The map :func:`pack_mapping` packed (raises :class:`CompactPlanError` if malformed)."""
+    text = _inflate(blob, "planner data")
     try:
-        rows = json.loads(_inflate(blob, "planner data"))
+        rows = json.loads(text)
     except (ValueError, RecursionError):
         raise CompactPlanError("compact plan: planner data is not JSON") from None
     if type(rows) is not list:
