@@ -213,6 +213,7 @@ class _LazySequence(Sequence):
     """A read-only sequence whose list is built on first use."""
 
     __slots__ = ("_list",)
+    _list: list | None
 
     def _build(self) -> list:
         raise NotImplementedError
@@ -410,15 +411,15 @@ class ReadItemsTicket(Sequence):
     :class:`CompactPlanError`, never a silently empty plan.
     """
 
-    __slots__ = ("version", "count", "token")
+    __slots__ = ("version", "n_items", "token")
 
-    def __init__(self, version: int, count: int, token: bytes) -> None:
+    def __init__(self, version: int, n_items: int, token: bytes) -> None:
         self.version = version
-        self.count = count
+        self.n_items = n_items
         self.token = token
 
     def __len__(self) -> int:
-        return self.count
+        return self.n_items
 
     def _refuse(self) -> Any:
         raise CompactPlanError(
@@ -432,10 +433,10 @@ class ReadItemsTicket(Sequence):
         return self._refuse()
 
     def __reduce__(self) -> Any:
-        return (ReadItemsTicket, (self.version, self.count, self.token))
+        return (ReadItemsTicket, (self.version, self.n_items, self.token))
 
     def __repr__(self) -> str:
-        return f"<ReadItemsTicket: {self.count} items kept on their rank>"
+        return f"<ReadItemsTicket: {self.n_items} items kept on their rank>"
 
 
 class LocalReadItems(list):

@@ -17,7 +17,7 @@ import inspect
 import logging
 import sys
 from collections import ChainMap
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.distributed.checkpoint import _version, state_dict_loader
@@ -156,15 +156,17 @@ class FastSavePlanner(DefaultSavePlanner):
                 type(p.items) is _c.WriteItemColumns and p.usable for p in all_plans):
             return None
         tables: dict = {}
-        cols = [p.items.columns(tables) for p in all_plans]
+        received = [cast(_c.WriteItemColumns, p.items) for p in all_plans]
+        cols = [r.columns(tables) for r in received]
         with paused(promote=True):
             cp = plan_columns(cols, dedup=True, save_to_lowest_rank=self.dedup_save_to_lowest_rank,
                               itemsize=_itemsize)
             if cp is None:
                 return None
             global_plan = [
-                dataclasses.replace(p, items=_c.GlobalWriteItems.from_arrays(p.items.parts, k, h))
-                for p, k, h in zip(all_plans, cp.keep, cp.hints)
+                dataclasses.replace(p, items=cast(
+                    list, _c.GlobalWriteItems.from_arrays(r.parts, k, h)))
+                for p, r, k, h in zip(all_plans, received, cp.keep, cp.hints)
             ]
             metadata = _metadata_from_columns(cp)
             if self.flatten_state_dict:
