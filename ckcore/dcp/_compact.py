@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -35,7 +36,13 @@ from torch.distributed.checkpoint.metadata import (
     MetadataIndex,
     TensorProperties,
 )
-from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    ReadItem,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
 
 from ckcore.compact import (
     BYTE_IO,
@@ -56,6 +63,7 @@ __all__ = [
     "GlobalWriteItems",
     "LocalReadItems",
     "MappingColumns",
+    "ReadItemColumns",
     "ReadItemsTicket",
     "SentMapping",
     "SentWriteItems",
@@ -439,12 +447,127 @@ class ReadItemsTicket(Sequence):
         return f"<ReadItemsTicket: {self.n_items} items kept on their rank>"
 
 
-class LocalReadItems(list):
-    """A local load plan's read items: the rank's own list, pickled as a :class:`ReadItemsTicket`."""
+_LOAD_KIND = {LoadItemType.TENSOR: 0, LoadItemType.BYTE_IO: 1}
+_LOAD_TYPE = {v: k for k, v in _LOAD_KIND.items()}
 
-    def __init__(self, items: Sequence[Any]) -> None:
+
+def _size_row(v: Any) -> list[int] | None:
+    if type(v) is not torch.Size or any(not -_INT64_MAX - 1 <= x <= _INT64_MAX for x in v):
+        return None
+    return list(v)
+
+
+def _index_row(idx: Any, fqns: dict[str, int]) -> list | None:
+    if type(idx) is not MetadataIndex or type(idx.fqn) is not str:
+        return None
+    off = idx.offset
+    if off is not None:
+        off = _size_row(off)
+        if off is None:
+            return None
+    h = idx.index
+    if h is not None and (type(h) is not int or not 0 <= h <= _INT64_MAX):
+        return None
+    return [fqns.setdefault(idx.fqn, len(fqns)), off, h]
+
+
+def pack_read_items(items: Sequence[Any]) -> tuple[int, bytes] | None:
+    """``(FORMAT_VERSION, packed)`` for plain torch read items, None for anything else.
+
+    One row of ints per item (and an fqn table), as zlib-compressed JSON:
+    exact for every value torch's read items hold, and no object per item
+    on the receiving side until someone iterates the items.
+    """
+    fqns: dict[str, int] = {}
+    rows = []
+    for it in items:
+        if type(it) is not ReadItem or it.type not in _LOAD_KIND:
+            return None
+        d = _index_row(it.dest_index, fqns)
+        s = _index_row(it.storage_index, fqns)
+        vals = [_size_row(it.dest_offsets), _size_row(it.storage_offsets), _size_row(it.lengths)]
+        if d is None or s is None or None in vals:
+            return None
+        rows.append([_LOAD_KIND[it.type], d, s, *vals])
+    return FORMAT_VERSION, _deflate(json.dumps([list(fqns), rows]).encode())
+
+
+def _ints(v: object, what: str) -> torch.Size:
+    if type(v) is not list or any(type(x) is not int or not -_INT64_MAX - 1 <= x <= _INT64_MAX
+                                  for x in v):
+        raise CompactPlanError(f"compact load plan: {what} is not a list of int64 values")
+    return torch.Size(v)
+
+
+def _read_index(row: object, fqns: list, what: str) -> MetadataIndex:
+    if type(row) is not list or len(row) != 3 or type(row[0]) is not int \
+            or not 0 <= row[0] < len(fqns):
+        raise CompactPlanError(f"compact load plan: {what} is malformed or its fqn id is out of range")
+    h = row[2]
+    if h is not None and (type(h) is not int or h < 0):
+        raise CompactPlanError(f"compact load plan: {what} has a bad index hint")
+    return MetadataIndex(fqns[row[0]], None if row[1] is None else _ints(row[1], what), h)
+
+
+def read_items(parts: object) -> list[ReadItem]:
+    """torch ``ReadItem`` objects from :func:`pack_read_items`'s output, checked."""
+    if type(parts) is not tuple or len(parts) != 2 or parts[0] != FORMAT_VERSION:
+        raise CompactPlanError(
+            "compact load plan: not (version, packed) of this ckcore's format version "
+            f"{FORMAT_VERSION} (every rank must run the same ckcore version)")
+    text = _inflate(parts[1], "read items")
+    try:
+        table = json.loads(text)
+    except (ValueError, RecursionError):
+        raise CompactPlanError("compact load plan: read items are not JSON") from None
+    if type(table) is not list or len(table) != 2 or type(table[0]) is not list \
+            or type(table[1]) is not list or any(type(f) is not str for f in table[0]):
+        raise CompactPlanError("compact load plan: read items are not (fqns, rows)")
+    fqns, out = table[0], []
+    for i, r in enumerate(table[1]):
+        if type(r) is not list or len(r) != 6 or r[0] not in _LOAD_TYPE or type(r[0]) is not int:
+            raise CompactPlanError(f"compact load plan: read item {i} is malformed")
+        out.append(ReadItem(
+            type=_LOAD_TYPE[r[0]],
+            dest_index=_read_index(r[1], fqns, f"read item {i} dest_index"),
+            dest_offsets=_ints(r[3], f"read item {i} dest_offsets"),
+            storage_index=_read_index(r[2], fqns, f"read item {i} storage_index"),
+            storage_offsets=_ints(r[4], f"read item {i} storage_offsets"),
+            lengths=_ints(r[5], f"read item {i} lengths")))
+    return out
+
+
+class ReadItemColumns(_LazySequence):
+    """A rank's read items as received: packed rows, a list of ``ReadItem`` when touched."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: Any) -> None:
+        self.parts = parts
+        self._list = None
+
+    def _build(self) -> list:
+        return read_items(self.parts)
+
+    def __reduce__(self) -> Any:
+        return (ReadItemColumns, (self.parts,))
+
+    def __repr__(self) -> str:
+        return "<ReadItemColumns>"
+
+
+class LocalReadItems(list):
+    """A local load plan's read items: the rank's own list, sent compact.
+
+    With ``stay=True`` (nothing between this rank and its ``finish_plan``
+    reads items) it pickles as a :class:`ReadItemsTicket`; otherwise as
+    :class:`ReadItemColumns` when the items pack, else as a plain list.
+    """
+
+    def __init__(self, items: Sequence[Any], stay: bool = True) -> None:
         super().__init__(items)
         self.token = secrets.token_bytes(16)
+        self.stay = stay
         self._keepalive = tuple(self)
 
     def unchanged(self) -> bool:
@@ -453,7 +576,12 @@ class LocalReadItems(list):
             a is b for a, b in zip(self, self._keepalive))
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        return (ReadItemsTicket, (FORMAT_VERSION, len(self), self.token))
+        if self.stay:
+            return (ReadItemsTicket, (FORMAT_VERSION, len(self), self.token))
+        parts = pack_read_items(self)
+        if parts is None:
+            return (list, (list(self),))
+        return (ReadItemColumns, (parts,))
 
     def __copy__(self) -> list:
         return list(self)

@@ -269,16 +269,20 @@ class FastLoadPlanner(DefaultLoadPlanner):
         plan = _d._local_load_plan(
             self.state_dict, self.metadata, not self.allow_partial_load, self.verify_metadata
         )
-        if _items_stay_local(self, sys._getframe(1)):
-            plan = dataclasses.replace(plan, items=_c.LocalReadItems(plan.items))
+        plan = dataclasses.replace(
+            plan, items=_c.LocalReadItems(plan.items, stay=_items_stay_local(self, sys._getframe(1))))
         self._sent_items = plan.items
         return plan
 
     def finish_plan(self, new_plan: LoadPlan) -> LoadPlan:
         """This rank's final plan: its own read items back in place of a ticket."""
         items = new_plan.items
-        if isinstance(items, (_c.ReadItemsTicket, _c.LocalReadItems)):
+        if isinstance(items, (_c.ReadItemsTicket, _c.LocalReadItems, _c.ReadItemColumns)):
             sent = getattr(self, "_sent_items", None)
+            if isinstance(items, _c.ReadItemColumns):
+                # Sent compact (another reader's coordinator step could read
+                # them): what came back is used as it came, as torch would.
+                return super().finish_plan(dataclasses.replace(new_plan, items=list(items)))
             if not (isinstance(sent, _c.LocalReadItems) and items.token == sent.token
                     and len(items) == len(sent) and sent.unchanged()):
                 raise CompactPlanError(

@@ -339,3 +339,92 @@ def test_pack_roundtrip_of_empty_plan():
     assert cols is not None and len(cols) == 0
     parts = pack_write_columns(cols)
     assert list(c.WriteItemColumns(parts)) == []
+
+
+# ------------------------------------------------------------------ load plans
+
+
+def _saved(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    sd = {"w": torch.arange(12.0).reshape(3, 4), "b": torch.ones(2, dtype=torch.bfloat16), "n": 5}
+    dcp.save(sd, checkpoint_id=str(tmp_path), no_dist=True)
+    return {"w": torch.zeros(3, 4), "b": torch.zeros(2, dtype=torch.bfloat16), "n": 0}
+
+
+@pytest.mark.parametrize("reader", ["torch", "range"])
+def test_load_items_stay_on_the_rank_with_file_system_readers(tmp_path, reader):
+    import torch.distributed.checkpoint as dcp
+
+    from ckcore.dcp import FastLoadPlanner, RangeFileSystemReader
+    from torch.distributed.checkpoint import FileSystemReader
+    dest = _saved(tmp_path)
+    planner = FastLoadPlanner()
+    r = FileSystemReader(str(tmp_path)) if reader == "torch" else RangeFileSystemReader(str(tmp_path))
+    dcp.load(dest, storage_reader=r, planner=planner, no_dist=True)
+    assert torch.equal(dest["w"], torch.arange(12.0).reshape(3, 4)) and dest["n"] == 5
+    sent = planner._sent_items
+    assert isinstance(sent, c.LocalReadItems) and sent.stay
+    wire = pickle.dumps(tp.LoadPlan(sent))
+    assert len(wire) <= 1024
+    ticket = pickle.loads(wire).items
+    assert isinstance(ticket, c.ReadItemsTicket) and len(ticket) == len(sent)
+    with pytest.raises(CompactPlanError, match="stayed on their rank"):
+        list(ticket)
+    final = planner.finish_plan(pickle.loads(wire))
+    assert final.items == list(sent)
+
+
+def test_load_items_travel_compact_with_another_reader(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from ckcore.dcp import FastLoadPlanner
+
+    class Peeking(FileSystemReader):
+        def prepare_global_plan(self, plans):
+            self.seen = [len(list(p.items)) for p in plans]
+            return plans
+
+    dest = _saved(tmp_path)
+    planner = FastLoadPlanner()
+    reader = Peeking(str(tmp_path))
+    dcp.load(dest, storage_reader=reader, planner=planner, no_dist=True)
+    assert torch.equal(dest["w"], torch.arange(12.0).reshape(3, 4))
+    sent = planner._sent_items
+    assert not sent.stay
+    got = pickle.loads(pickle.dumps(tp.LoadPlan(sent))).items
+    assert isinstance(got, c.ReadItemColumns)
+    assert list(got) == list(sent)
+    assert planner.finish_plan(tp.LoadPlan(got)).items == list(sent)
+
+
+def test_a_ticket_from_another_rank_is_refused(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from ckcore.dcp import FastLoadPlanner
+    dest = _saved(tmp_path)
+    a, b = FastLoadPlanner(), FastLoadPlanner()
+    dcp.load(dest, checkpoint_id=str(tmp_path), planner=a, no_dist=True)
+    dcp.load(dest, checkpoint_id=str(tmp_path), planner=b, no_dist=True)
+    other = pickle.loads(pickle.dumps(tp.LoadPlan(b._sent_items)))
+    with pytest.raises(CompactPlanError, match="not this rank's"):
+        a.finish_plan(other)
+
+
+@pytest.mark.parametrize("case", ["version", "garbage", "fqn id", "not ints", "hint"])
+def test_damaged_compact_read_items_are_refused(case):
+    good = c.pack_read_items([tp.ReadItem(
+        type=tp.LoadItemType.TENSOR, dest_index=tm.MetadataIndex("w", torch.Size([0])),
+        dest_offsets=torch.Size([0]), storage_index=tm.MetadataIndex("w", torch.Size([0]), 0),
+        storage_offsets=torch.Size([0]), lengths=torch.Size([3]))])
+    assert good is not None
+    rows = [["w"], [[0, [0, [0], None], [0, [0], 0], [0], [0], [3]]]]
+    bad = {
+        "version": (FORMAT_VERSION + 1, good[1]),
+        "garbage": (FORMAT_VERSION, b"xx"),
+        "fqn id": (FORMAT_VERSION, zlib.compress(str(rows).replace("[0, [0, [0]", "[0, [7, [0]").replace("'", '"').replace("None", "null").encode())),
+        "not ints": (FORMAT_VERSION, zlib.compress(b'[["w"], [[0, [0, null, null], [0, null, null], ["a"], [0], [3]]]]')),
+        "hint": (FORMAT_VERSION, zlib.compress(b'[["w"], [[0, [0, null, -4], [0, null, null], [0], [0], [3]]]]')),
+    }[case]
+    with pytest.raises(CompactPlanError):
+        list(c.ReadItemColumns(bad))
