@@ -41,14 +41,33 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["ckcore_ratios"] = ratios(benchmarks)
 
 
+def _summary_tables(tr, benchmarks) -> None:
+    """Print the rows benchmarks put in ``extra_info["summary_row"]``, one table per
+    ``extra_info["summary_table"]`` (the ``plan-traffic`` figures: bytes, steps, memory)."""
+    tables: dict[str, list[dict]] = {}
+    for b in benchmarks:
+        info = getattr(b, "extra_info", None) or {}
+        if "summary_table" in info and "summary_row" in info:
+            tables.setdefault(info["summary_table"], []).append(info["summary_row"])
+    for name, rows in sorted(tables.items()):
+        cols = list(dict.fromkeys(k for row in rows for k in row))
+        cells = [[str(row.get(c, "")) for c in cols] for row in rows]
+        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+        tr.section(f"{name} figures")
+        tr.write_line("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+        for r in cells:
+            tr.write_line("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or getattr(session, "disabled", False):
         return
+    tr = terminalreporter
+    _summary_tables(tr, session.benchmarks)
     table = ratios(session.benchmarks)
     if not table:
         return
-    tr = terminalreporter
     tr.section("ckcore / torch ratios (torch median / variant median)")
     for group in sorted(table):
         for name, row in sorted(table[group].items()):
