@@ -559,15 +559,20 @@ class ReadItemColumns(_LazySequence):
 class LocalReadItems(list):
     """A local load plan's read items: the rank's own list, sent compact.
 
-    With ``stay=True`` (nothing between this rank and its ``finish_plan``
+    With ``stay`` true (nothing between this rank and its ``finish_plan``
     reads items) it pickles as a :class:`ReadItemsTicket`; otherwise as
     :class:`ReadItemColumns` when the items pack, else as a plain list.
     """
 
-    def __init__(self, items: Sequence[Any], stay: bool = True) -> None:
+    def __init__(self, items: Sequence[Any], stay: bool = True,
+                 coordinator_keeps: bool = True) -> None:
         super().__init__(items)
         self.token = secrets.token_bytes(16)
         self.stay = stay
+        # The planner's class plans globally as torch's default (plans
+        # unchanged): a reader whose own global step keeps items too may set
+        # ``stay`` (RangeFileSystemReader.prepare_local_plan does).
+        self.coordinator_keeps = coordinator_keeps
         self._keepalive = tuple(self)
 
     def unchanged(self) -> bool:

@@ -269,8 +269,10 @@ class FastLoadPlanner(DefaultLoadPlanner):
         plan = _d._local_load_plan(
             self.state_dict, self.metadata, not self.allow_partial_load, self.verify_metadata
         )
-        plan = dataclasses.replace(
-            plan, items=_c.LocalReadItems(plan.items, stay=_items_stay_local(self, sys._getframe(1))))
+        keeps = type(self).create_global_plan is DefaultLoadPlanner.create_global_plan
+        plan = dataclasses.replace(plan, items=_c.LocalReadItems(
+            plan.items, stay=keeps and _reader_keeps_items(sys._getframe(1)),
+            coordinator_keeps=keeps))
         self._sent_items = plan.items
         return plan
 
@@ -306,19 +308,17 @@ def _load_step_code() -> Any:
 _LOAD_STEP = _load_step_code()
 
 
-def _items_stay_local(planner: FastLoadPlanner, caller: Any) -> bool:
-    """Can this rank's read items stay here while the plan goes to the coordinator and back?
+def _reader_keeps_items(caller: Any) -> bool:
+    """Does the storage reader ``dcp.load`` is using leave read items alone on the coordinator?
 
-    Yes when nothing in between reads them: this planner's class plans
-    globally as torch's default (which returns plans unchanged) and the
-    storage reader torch's ``dcp.load`` is using is a ``FileSystemReader``
-    (or subclass such as ``RangeFileSystemReader``) whose plan hooks are
-    ``FileSystemReader``'s (also unchanged). The reader is the one in the
-    calling frame of torch's own ``local_step``; any other caller gets the
-    items as objects.
+    The reader is the one in the calling frame of torch's own
+    ``local_step``: a ``FileSystemReader`` (or subclass, such as
+    ``RangeFileSystemReader``) whose ``prepare_global_plan`` is
+    ``FileSystemReader``'s (it returns plans unchanged) and whose
+    ``prepare_local_plan`` keeps the planner's list. Any other caller or
+    reader gets the items in their compact form; ``RangeFileSystemReader``
+    also decides this itself in its ``prepare_local_plan``.
     """
-    if type(planner).create_global_plan is not DefaultLoadPlanner.create_global_plan:
-        return False
     if _LOAD_STEP is None or caller.f_code is not _LOAD_STEP:
         return False
     reader = caller.f_locals.get("storage_reader")

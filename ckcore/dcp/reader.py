@@ -61,6 +61,7 @@ from ckcore._gc import paused
 from ckcore._saferepr import saferepr
 from ckcore._torchsave import CorruptItem, TensorLocation, UnsupportedItem, locate_tensor
 from ckcore.checkpoint import CheckpointError, _escapes, load_metadata
+from ckcore.dcp._compact import LocalReadItems
 from ckcore.dcp.convert import to_torch
 
 __all__ = ["RangeFileSystemReader"]
@@ -254,6 +255,19 @@ class RangeFileSystemReader(FileSystemReader):
         """Keep the metadata (chunk sizes are checked against each archive), then torch's setup."""
         super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
         self._md = metadata
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        """The plan unchanged; a ``FastLoadPlanner``'s read items then stay on this rank.
+
+        This reader's global step returns plans unchanged, so when the
+        planner's does too the items need not travel to the coordinator
+        (only a ticket does; ``FastLoadPlanner.finish_plan`` restores them).
+        """
+        items = plan.items
+        if (isinstance(items, LocalReadItems) and items.coordinator_keeps
+                and type(self).prepare_global_plan is FileSystemReader.prepare_global_plan):
+            items.stay = True
+        return super().prepare_local_plan(plan)
 
     # ------------------------------------------------------------- raw reads
 
