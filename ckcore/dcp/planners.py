@@ -202,7 +202,7 @@ class FastSavePlanner(DefaultSavePlanner):
 
             if key in self._cached_global_plan:
                 for cached_plan, new_plan in zip(SavePlanner._cached_global_plan[key], global_plan):
-                    if _d._compare_save_plans(cached_plan, new_plan):
+                    if _same_plan(cached_plan, new_plan):
                         global_plan_delta.append(SavePlan([], usable=False))
                     else:
                         global_plan_delta.append(new_plan)
@@ -338,6 +338,18 @@ def _compact_save_plan(plan: SavePlan) -> SavePlan:
     if type(pd) is dict:
         pd = _c.SentMapping(pd)
     return dataclasses.replace(plan, items=_c.SentWriteItems(plan.items, cols), planner_data=pd)
+
+
+def _same_plan(a: SavePlan, b: SavePlan) -> bool:
+    # torch's _compare_save_plans; two compact global plans with the same
+    # packed bytes hold equal items (packing is deterministic), so they are
+    # compared without building every item.
+    ia, ib = a.items, b.items
+    if (isinstance(ia, _c.GlobalWriteItems) and isinstance(ib, _c.GlobalWriteItems)
+            and a.usable == b.usable and ia.parts == ib.parts
+            and ia.keep == ib.keep and ia.hints == ib.hints):
+        return True
+    return _d._compare_save_plans(a, b)
 
 
 def _plain(pd: Any) -> Any:

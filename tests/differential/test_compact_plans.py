@@ -428,3 +428,56 @@ def test_damaged_compact_read_items_are_refused(case):
     }[case]
     with pytest.raises(CompactPlanError):
         list(c.ReadItemColumns(bad))
+
+
+# ------------------------------------------------------------------ torch's plan cache
+
+
+def _caching_round(cls, rank_items, key_suffix):
+    """One save's planning collective with enable_plan_caching=True, through pickle."""
+    senders = []
+    wire = []
+    for r, items in enumerate(rank_items):
+        planner = cls(enable_plan_caching=True)
+        planner._cached_plans_key = f"{cls.__name__}-{key_suffix}-{r}"
+        planner.state_dict = {}
+        planner.flatten_state_dict = False
+        planner.is_coordinator = r == 0
+        senders.append(planner)
+        # What create_local_plan does after building the plan.
+        plan = tp.SavePlan(list(items))
+        if cls is FastSavePlanner:
+            plan = _compact_save_plan(plan)
+        planner.plan = plan
+        from torch.distributed.checkpoint.planner import SavePlanner
+
+        from ckcore.dcp import dropins as d
+        cached = SavePlanner._cached_save_plan.get(planner._cached_plans_key)
+        if cached is not None and d._compare_save_plans(plan, cached):
+            wire_plan = tp.SavePlan([], usable=False)
+        else:
+            planner._pending_local_plan = plan
+            wire_plan = plan
+        wire.append(pickle.dumps(wire_plan))
+    coordinator = senders[0]
+    coordinator._cached_plans_key = f"{cls.__name__}-{key_suffix}-coord"
+    delta, md = coordinator.create_global_plan([pickle.loads(b) for b in wire])
+    finished = [s.finish_plan(pickle.loads(pickle.dumps(g))) for s, g in zip(senders, delta)]
+    return finished, md
+
+
+@pytest.mark.parametrize("change", [False, True])
+def test_plan_cache_protocol_matches_torch(change):
+    first = fsdp(3, SHAPES)
+    second = fsdp(3, SHAPES)
+    if change:
+        second[1] = second[1] + [whole("new", (3,))]
+    key = f"cache-{change}"
+    t1, tmd1 = _caching_round(DefaultSavePlanner, first, key)
+    c1, cmd1 = _caching_round(FastSavePlanner, first, key)
+    assert cmd1 == tmd1 and [list(p.items) for p in c1] == [list(p.items) for p in t1]
+    t2, tmd2 = _caching_round(DefaultSavePlanner, second, key)
+    c2, cmd2 = _caching_round(FastSavePlanner, second, key)
+    assert cmd2 == tmd2
+    assert [list(p.items) for p in c2] == [list(p.items) for p in t2]
+    assert [p.usable for p in c2] == [p.usable for p in t2]
