@@ -234,6 +234,10 @@ def _print_demo(result: dict[str, Any], out: IO[str], top: int) -> None:
     w("\n".join(_table(rows, ["step", "ckcore", torch_label, "speed-up"], right=(1, 2, 3))) + "\n")
     if not result["torch_version"]:
         w("(torch not timed: not installed, or --no-torch)\n")
+    tb = result.get("traffic_bytes_per_rank") or {}
+    if tb.get("ckcore") is not None:
+        torch_b = f", torch's pickled SavePlan {tb['torch'] / 1e3:.1f} kB" if tb.get("torch") else ""
+        w(f"plan traffic: one rank's local save plan is {tb['ckcore'] / 1e3:.1f} kB packed{torch_b}\n")
     w("\n")
     _print_plan(result["plan"], out, top)
 

@@ -9,13 +9,18 @@ objects. torch is imported only inside :func:`run_demo`'s torch step.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
+import pickle
 import time
 from typing import Any
 
+import numpy as np
+
 from . import _models
 from .checkpoint import Checkpoint, StorageInfo
+from .compact import WriteColumns, pack_write_columns, plan_columns, unpack_write_columns
 from .dtypes import itemsize
 from .global_plan import plan_global_save
 from .items import chunk_arrays, create_read_items_for_chunk_list, intersect_chunks
@@ -56,9 +61,11 @@ _SILENT.addHandler(logging.NullHandler())
 _SILENT.propagate = False
 
 
-def _best_of(fn: Any, repeat: int) -> tuple[float, Any]:
+def _best_of(fn: Any, repeat: int, setup: Any = None) -> tuple[float, Any]:
     best, result = float("inf"), None
     for _ in range(repeat):
+        if setup is not None:
+            setup()
         t0 = time.perf_counter()
         result = fn()
         best = min(best, time.perf_counter() - t0)
@@ -91,7 +98,13 @@ def run_demo(
        call per tensor for all ranks), both against torch's ReadItems;
     3. ``ckcore plan``: the same intersection in array form plus per-rank
        coalesced byte counts over the checkpoint's storage, as ``ckcore plan``
-       reports them (ckcore only; torch has no equivalent).
+       reports them (ckcore only; torch has no equivalent);
+    4. ``plan traffic, save: rank 0``: what ``dcp.save``'s coordinator does
+       with the gathered local plans: unpickle every rank's plan (with the
+       cyclic GC running, as in DCP) and plan globally. ckcore's plans are
+       the packed columns ``FastSavePlanner`` sends (:mod:`ckcore.compact`),
+       torch's are its pickled ``SavePlan`` objects; ``traffic_bytes_per_rank``
+       holds one rank's pickled plan size for each.
 
     The checkpoint's storage is laid out as FileSystemWriter would (one file
     per saving rank, items back to back), with raw tensor bytes as lengths.
@@ -125,6 +138,9 @@ def run_demo(
         md, file_sizes=files, name=f"<llama-70b, {layers} layers, FSDP-{save_fsdp}>")
     t_plan, report = _best_of(lambda: plan_reads(synthetic, load_mesh, load_layout), repeat)
     timings["ckcore plan (arrays + coalescing)"] = {"ckcore": t_plan}
+    t_traffic, ck_bytes = _time_ckcore_traffic(plans_items, dtype, repeat)
+    timings["plan traffic, save: rank 0"] = {"ckcore": t_traffic}
+    traffic_bytes: dict[str, int | None] = {"ckcore": ck_bytes, "torch": None}
     if progress:
         progress.done()
 
@@ -135,8 +151,10 @@ def run_demo(
         except ImportError:
             use_torch = False
     if use_torch:
-        torch_version, t_torch_save, t_torch_load, n_torch = _time_torch(
+        torch_version, t_torch_save, t_torch_load, n_torch, t_torch_traffic, torch_bytes = _time_torch(
             plans_items, local_chunks, dtype, repeat, progress)
+        timings["plan traffic, save: rank 0"]["torch"] = t_torch_traffic
+        traffic_bytes["torch"] = torch_bytes
         if n_torch != n_read_items:  # the comparison is only fair if both did the same work
             raise RuntimeError(f"torch made {n_torch} read items, ckcore {n_read_items}")
         timings["global save plan"]["torch"] = t_torch_save
@@ -155,6 +173,7 @@ def run_demo(
         "read_items": n_read_items,
         "torch_version": torch_version,
         "timings_s": timings,
+        "traffic_bytes_per_rank": traffic_bytes,
         "plan": report,
     }
 
@@ -247,6 +266,48 @@ def _time_ckcore_steps(
     return timings, global_plans, md, n_read_items
 
 
+def _write_columns(items: list[_Item], dtype: str) -> WriteColumns:
+    """One rank's shard items as the columns FastSavePlanner packs."""
+    fqns = tuple(fqn for fqn, _, _, _ in items)
+    props_of: dict[tuple[int, ...], int] = {}
+    pid = [props_of.setdefault(g, len(props_of)) for _, _, _, g in items]
+    props = tuple((f"torch.{dtype}", "torch.strided", False, "torch.contiguous_format", False, g)
+                  for g in props_of)
+    return WriteColumns(
+        fqns, props, np.arange(len(items), dtype=np.int64), np.ones(len(items), dtype=np.int8),
+        np.array(pid, dtype=np.int64),
+        np.array([v for _, o, _, _ in items for v in o], dtype=np.int64),
+        np.array([v for _, _, sz, _ in items for v in sz], dtype=np.int64))
+
+
+def _rank0_gather(wire: list[bytes]) -> list[Any]:
+    # As DCP's gather: unpickled with the collector in its normal state
+    # (each timing starts after a full collection, outside the timed call).
+    return [pickle.loads(b) for b in wire]
+
+
+def _time_ckcore_traffic(plans_items: list[list[_Item]], dtype: str,
+                         repeat: int) -> tuple[float, int]:
+    """Rank 0's save step on packed plans: unpickle all, unpack, plan; one rank's bytes."""
+    wire = [pickle.dumps(pack_write_columns(_write_columns(items, dtype)))
+            for items in plans_items]
+
+    def rank0() -> Any:
+        tables: dict = {}
+        cols = [unpack_write_columns(p, _tables=tables) for p in _rank0_gather(wire)]
+        planned = plan_columns(cols, dedup=True, save_to_lowest_rank=False, itemsize=_torch_itemsize)
+        if planned is None:  # pragma: no cover - the demo's layouts are sound
+            raise RuntimeError("demo: the packed plans did not plan from columns")
+        return planned
+
+    t, _ = _best_of(rank0, repeat, gc.collect)
+    return t, len(wire[0])
+
+
+def _torch_itemsize(name: str) -> int:
+    return itemsize(name.removeprefix("torch."))
+
+
 def _filesystem_storage(global_plans: list[Any], dtype: str
                         ) -> tuple[dict[MetadataIndex, Any], dict[str, int | None]]:
     """Storage entries and file sizes as FileSystemWriter lays them out.
@@ -268,8 +329,8 @@ def _filesystem_storage(global_plans: list[Any], dtype: str
 
 
 def _time_torch(plans_items: list, local_chunks: list, dtype: str, repeat: int,
-                progress: ProgressSink | None) -> tuple[str, float, float, int]:
-    """Time torch's own planning functions on torch's objects for the demo's two steps."""
+                progress: ProgressSink | None) -> tuple[str, float, float, int, float, int]:
+    """Time torch's own planning functions on torch's objects for the demo's steps."""
     import warnings
 
     import torch
@@ -321,7 +382,18 @@ def _time_torch(plans_items: list, local_chunks: list, dtype: str, repeat: int,
         return n
 
     t_load, n = _best_of(load, repeat)
+    wire = [pickle.dumps(p) for p in t_plans]
+
+    def traffic() -> Any:
+        gathered = _rank0_gather(wire)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plans, md = tdp.create_default_global_save_plan(t_dedup(gathered))
+            tdp._validate_global_plan(plans, md)
+        return md
+
+    t_traffic, _ = _best_of(traffic, repeat, gc.collect)
     if progress:
         progress.done()
-    return torch.__version__, t_save, t_load, n
+    return torch.__version__, t_save, t_load, n, t_traffic, len(wire[0])
 

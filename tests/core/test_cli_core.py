@@ -703,6 +703,8 @@ def test_demo_without_torch_timing():
     assert all(row["torch"] is None and row["ckcore"] > 0 for row in report["timings_s"].values())
     # 2 layers: 9 per layer + 3 tensors; every saving rank writes one chunk of each.
     assert report["write_items"] == 8 * (2 * 9 + 3)
+    assert report["traffic_bytes_per_rank"]["ckcore"] > 0
+    assert report["traffic_bytes_per_rank"]["torch"] is None
     plan = report["plan"]
     assert plan["world_size"] == 4 and plan["totals"]["read_items"] == report["read_items"]
     # Every element of every tensor is loaded by exactly the TP-replicated ranks:

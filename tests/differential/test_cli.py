@@ -374,8 +374,12 @@ def test_demo_times_torch_side_by_side():
     assert code == 0, err
     report = json.loads(out)
     assert report["torch_version"] == torch.__version__
-    for step in ("global save plan", "load plan, all ranks: ReadItems", "load plan, all ranks: arrays"):
+    for step in ("global save plan", "load plan, all ranks: ReadItems", "load plan, all ranks: arrays",
+                 "plan traffic, save: rank 0"):
         assert report["timings_s"][step]["torch"] > 0 and report["timings_s"][step]["ckcore"] > 0
+    # One rank's packed local plan against torch's pickled SavePlan.
+    sent = report["traffic_bytes_per_rank"]
+    assert 0 < sent["ckcore"] * 5 < sent["torch"]
     code, text, _ = run("demo", "--layers", "1", "--save-fsdp", "4", "--load-fsdp", "2",
                         "--load-tp", "2")
     assert code == 0 and f"torch {torch.__version__}" in text and "speed-up" in text
