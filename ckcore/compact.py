@@ -41,11 +41,14 @@ __all__ = [
     "FORMAT_VERSION",
     "CompactPlanError",
     "ColumnPlan",
+    "ResultColumns",
     "WriteColumns",
     "pack_mapping",
+    "pack_result_columns",
     "pack_write_columns",
     "plan_columns",
     "unpack_mapping",
+    "unpack_result_columns",
     "unpack_write_columns",
 ]
 
@@ -483,3 +486,94 @@ def merged_mapping(maps: Sequence[Any]) -> dict:
         return dict(maps[0])
     from collections import ChainMap
     return dict(ChainMap(*maps))
+
+
+@dataclass(frozen=True, eq=False)
+class ResultColumns:
+    """One rank's write results (``FileSystemWriter``'s) as columns.
+
+    Tables ``fqns`` and ``paths``; per result ``fid``, ``nd`` (values of the
+    index offset, -1 when it is None), ``hint`` (the index hint, -1 when
+    None), ``nbytes`` (``size_in_bytes``), ``path`` (into ``paths``),
+    ``offset`` and ``length`` (the ``_StorageInfo``'s); ``offsets`` holds the
+    index offsets back to back; ``transforms`` maps a result's position to
+    its ``transform_descriptors`` when they are not None.
+    """
+
+    fqns: tuple[str, ...]
+    paths: tuple[str, ...]
+    fid: np.ndarray
+    nd: np.ndarray
+    hint: np.ndarray
+    nbytes: np.ndarray
+    path: np.ndarray
+    offset: np.ndarray
+    length: np.ndarray
+    offsets: np.ndarray
+    transforms: dict[int, list[str]]
+
+    def __len__(self) -> int:
+        return len(self.fid)
+
+
+_RESULT_COLUMNS = ("fid", "nd", "hint", "nbytes", "path", "offset", "length")
+
+
+def pack_result_columns(rc: ResultColumns) -> tuple[int, bytes, bytes]:
+    """``(FORMAT_VERSION, tables, columns)``: JSON tables and int64 byte planes, compressed."""
+    n = len(rc.fid)
+    tables = json.dumps([list(rc.fqns), list(rc.paths),
+                         [[k, v] for k, v in sorted(rc.transforms.items())]]).encode()
+    header = np.array([n, len(rc.offsets)], dtype="<i8").tobytes()
+    body = b"".join([header] + [_shuffle(np.asarray(getattr(rc, c), dtype=np.int64))
+                                for c in _RESULT_COLUMNS] + [_shuffle(rc.offsets)])
+    return FORMAT_VERSION, _deflate(tables), _deflate(body)
+
+
+def unpack_result_columns(parts: object) -> ResultColumns:
+    """The :class:`ResultColumns` :func:`pack_result_columns` packed, checked.
+
+    Raises :class:`CompactPlanError` naming what is damaged or inconsistent.
+    """
+    if type(parts) is not tuple or len(parts) != 3:
+        raise CompactPlanError("compact write results: expected (version, tables, columns)")
+    if type(parts[0]) is not int or parts[0] != FORMAT_VERSION:
+        raise CompactPlanError(
+            f"compact write results: format version {parts[0]!r}, this ckcore reads "
+            f"{FORMAT_VERSION} (every rank must run the same ckcore version)")
+    text = _inflate(parts[1], "write result tables")
+    try:
+        tables = json.loads(text)
+    except (ValueError, RecursionError):
+        raise CompactPlanError("compact write results: tables are not JSON") from None
+    if not (type(tables) is list and len(tables) == 3 and all(type(t) is list for t in tables)
+            and all(type(f) is str for f in tables[0]) and all(type(p) is str for p in tables[1])):
+        raise CompactPlanError("compact write results: tables are not (fqns, paths, transforms)")
+    body = _inflate(parts[2], "write result columns")
+    if len(body) < 16:
+        raise CompactPlanError("compact write results: columns header is truncated")
+    n, v = (int(x) for x in np.frombuffer(body[:16], "<i8"))
+    k = len(_RESULT_COLUMNS)
+    if n < 0 or v < 0 or len(body) != 16 + 8 * (k * n + v):
+        raise CompactPlanError("compact write results: column lengths disagree with the header")
+    cols = [_unshuffle(body[16 + 8 * n * i:16 + 8 * n * (i + 1)], n) for i in range(k)]
+    offsets = _unshuffle(body[16 + 8 * n * k:], v)
+    fid, nd, hint, nbytes, path, offset, length = cols
+    fqns, paths = tuple(tables[0]), tuple(tables[1])
+    if n and (fid.min() < 0 or fid.max() >= len(fqns)):
+        raise CompactPlanError("compact write results: an fqn id is out of range")
+    if n and (path.min() < 0 or path.max() >= len(paths)):
+        raise CompactPlanError("compact write results: a path id is out of range")
+    if n and (nd.min() < -1 or hint.min() < -1 or nbytes.min() < 0 or offset.min() < 0
+              or length.min() < 0):
+        raise CompactPlanError("compact write results: a negative count, offset or length")
+    if int(np.maximum(nd, 0).sum()) != v:
+        raise CompactPlanError("compact write results: index offsets disagree with their counts")
+    transforms: dict[int, list[str]] = {}
+    for row in tables[2]:
+        if not (type(row) is list and len(row) == 2 and type(row[0]) is int and 0 <= row[0] < n
+                and type(row[1]) is list and all(type(t) is str for t in row[1])):
+            raise CompactPlanError("compact write results: a transform row is malformed")
+        transforms[row[0]] = row[1]
+    return ResultColumns(fqns, paths, fid, nd, hint, nbytes, path, offset, length, offsets,
+                         transforms)

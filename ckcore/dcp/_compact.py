@@ -50,12 +50,15 @@ from ckcore.compact import (
     SHARD,
     TENSOR,
     CompactPlanError,
+    ResultColumns,
     WriteColumns,
     _deflate,
     _inflate,
     pack_mapping,
+    pack_result_columns,
     pack_write_columns,
     unpack_mapping,
+    unpack_result_columns,
     unpack_write_columns,
 )
 
@@ -67,7 +70,9 @@ __all__ = [
     "ReadItemsTicket",
     "SentMapping",
     "SentWriteItems",
+    "SentWriteResults",
     "WriteItemColumns",
+    "WriteResultColumns",
 ]
 
 _KIND = {WriteItemType.TENSOR: TENSOR, WriteItemType.SHARD: SHARD, WriteItemType.BYTE_IO: BYTE_IO}
@@ -587,6 +592,119 @@ class LocalReadItems(list):
         if parts is None:
             return (list, (list(self),))
         return (ReadItemColumns, (parts,))
+
+    def __copy__(self) -> list:
+        return list(self)
+
+    def __deepcopy__(self, memo: dict) -> list:
+        return copy.deepcopy(list(self), memo)
+
+
+def result_columns(results: Sequence[Any]) -> ResultColumns | None:
+    """``FileSystemWriter``'s write results as columns, or None if any is not exactly that form."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    fqn_ix: dict[str, int] = {}
+    path_ix: dict[str, int] = {}
+    cols: list[list[int]] = [[] for _ in range(7)]
+    offsets: list[int] = []
+    transforms: dict[int, list[str]] = {}
+    for i, wr in enumerate(results):
+        if type(wr) is not WriteResult or type(wr.storage_data) is not _StorageInfo:
+            return None
+        idx, info = wr.index, wr.storage_data
+        if type(idx) is not MetadataIndex or type(idx.fqn) is not str \
+                or type(info.relative_path) is not str or type(wr.size_in_bytes) is not int \
+                or type(info.offset) is not int or type(info.length) is not int:
+            return None
+        if set(vars(info)) != {"relative_path", "offset", "length", "transform_descriptors"}:
+            return None
+        td = info.transform_descriptors
+        if td is not None:
+            if type(td) is not list or any(type(t) is not str for t in td):
+                return None
+            transforms[i] = td
+        h = idx.index
+        if h is not None and (type(h) is not int or h < 0):
+            return None
+        nd = -1
+        if idx.offset is not None:
+            if type(idx.offset) is not torch.Size:
+                return None
+            nd = len(idx.offset)
+            offsets.extend(idx.offset)
+        for c, v in zip(cols, (fqn_ix.setdefault(idx.fqn, len(fqn_ix)), nd,
+                               -1 if h is None else h, wr.size_in_bytes,
+                               path_ix.setdefault(info.relative_path, len(path_ix)),
+                               info.offset, info.length)):
+            c.append(v)
+    try:
+        arrays = [np.array(c, dtype=np.int64) for c in cols]
+        offs = np.array(offsets, dtype=np.int64)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    if len(results) and min(int(a.min()) for a in arrays[3:]) < 0:
+        return None
+    return ResultColumns(tuple(fqn_ix), tuple(path_ix), *arrays, offs, transforms)
+
+
+def write_results(rc: ResultColumns) -> list[Any]:
+    """torch ``WriteResult`` objects (with ``_StorageInfo``) from columns."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    out = []
+    at = 0
+    offs = rc.offsets.tolist()
+    rows = zip(rc.fid.tolist(), rc.nd.tolist(), rc.hint.tolist(), rc.nbytes.tolist(),
+               rc.path.tolist(), rc.offset.tolist(), rc.length.tolist())
+    for i, (f, nd, h, nb, p, o, ln) in enumerate(rows):
+        off = None
+        if nd >= 0:
+            off = torch.Size(offs[at:at + nd])
+            at += nd
+        out.append(WriteResult(
+            index=MetadataIndex(rc.fqns[f], off, None if h < 0 else h), size_in_bytes=nb,
+            storage_data=_StorageInfo(rc.paths[p], o, ln,
+                                      transform_descriptors=rc.transforms.get(i))))
+    return out
+
+
+class WriteResultColumns(_LazySequence):
+    """A rank's write results as received: packed columns, a list of ``WriteResult`` when touched."""
+
+    __slots__ = ("parts", "_cols")
+
+    def __init__(self, parts: Any) -> None:
+        self.parts = parts
+        self._cols: ResultColumns | None = None
+        self._list = None
+
+    def columns(self) -> ResultColumns:
+        """The unpacked columns (checked; :class:`CompactPlanError` if damaged)."""
+        if self._cols is None:
+            self._cols = unpack_result_columns(self.parts)
+        return self._cols
+
+    def _build(self) -> list:
+        return write_results(self.columns())
+
+    def __reduce__(self) -> Any:
+        return (WriteResultColumns, (self.parts,))
+
+    def __repr__(self) -> str:
+        return "<WriteResultColumns>"
+
+
+class SentWriteResults(list):
+    """A rank's write results: its own list, pickled as :class:`WriteResultColumns` when they pack."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        rc = result_columns(self)
+        if rc is None:
+            return (list, (list(self),))
+        return (WriteResultColumns, (pack_result_columns(rc),))
 
     def __copy__(self) -> list:
         return list(self)
