@@ -646,7 +646,9 @@ def result_columns(results: Sequence[Any]) -> ResultColumns | None:
         return None
     if len(results) and min(int(a.min()) for a in arrays[3:]) < 0:
         return None
-    return ResultColumns(tuple(fqn_ix), tuple(path_ix), *arrays, offs, transforms)
+    fid, nd, hint, nbytes, path, offset, length = arrays
+    return ResultColumns(tuple(fqn_ix), tuple(path_ix), fid, nd, hint, nbytes, path, offset,
+                         length, offs, transforms)
 
 
 def write_results(rc: ResultColumns) -> list[Any]:
