@@ -646,9 +646,9 @@ def result_columns(results: Sequence[Any]) -> ResultColumns | None:
         return None
     if len(results) and min(int(a.min()) for a in arrays[3:]) < 0:
         return None
-    fid, nd, hint, nbytes, path, offset, length = arrays
-    return ResultColumns(tuple(fqn_ix), tuple(path_ix), fid, nd, hint, nbytes, path, offset,
-                         length, offs, transforms)
+    a_fid, a_nd, a_hint, a_nbytes, a_path, a_offset, a_length = arrays
+    return ResultColumns(tuple(fqn_ix), tuple(path_ix), a_fid, a_nd, a_hint, a_nbytes, a_path,
+                         a_offset, a_length, offs, transforms)
 
 
 def write_results(rc: ResultColumns) -> list[Any]:
