@@ -282,21 +282,28 @@ class SentWriteItems(list):
 
     def __init__(self, items: Sequence[WriteItem], cols: WriteColumns) -> None:
         super().__init__(items)
-        self._packed_for = tuple(map(id, self))
         self._keepalive = tuple(self)
         self.parts = pack_write_columns(cols)
 
     def current_parts(self) -> tuple | None:
-        """The packed form of the list as it is now (None if it no longer packs)."""
-        if len(self) != len(self._packed_for) or any(
-                a is not b for a, b in zip(self, self._keepalive)):
-            cols = write_columns(self)
+        """The packed form of the list as it is now (None if it no longer packs).
+
+        ``packed_items()`` are then exactly the items these parts describe,
+        even if another thread changes the list meanwhile.
+        """
+        now = tuple(self)
+        if len(now) != len(self._keepalive) or any(
+                a is not b for a, b in zip(now, self._keepalive)):
+            cols = write_columns(now)
             if cols is None:
                 return None
             self.parts = pack_write_columns(cols)
-            self._keepalive = tuple(self)
-            self._packed_for = tuple(map(id, self))
+            self._keepalive = now
         return self.parts
+
+    def packed_items(self) -> tuple:
+        """The items the last packed parts describe (the list as it was then)."""
+        return self._keepalive
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         parts = self.current_parts()

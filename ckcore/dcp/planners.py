@@ -105,9 +105,10 @@ class FastSavePlanner(DefaultSavePlanner):
             raise CompactPlanError(
                 "finish_plan: this rank's write items differ from the ones it sent to the "
                 "coordinator; refusing to write a plan the coordinator did not validate")
-        keep, hints = planned.arrays(len(items))
+        own = items.packed_items()
+        keep, hints = planned.arrays(len(own))
         out = []
-        for i, item in enumerate(items):
+        for i, item in enumerate(own):
             if keep is not None and not keep[i]:
                 continue
             h = int(hints[i])
@@ -117,7 +118,7 @@ class FastSavePlanner(DefaultSavePlanner):
         return out
 
     def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
-        if type(self)._dedup_save_plans is FastSavePlanner._dedup_save_plans:
+        if _hook_is(self, "_dedup_save_plans", FastSavePlanner._dedup_save_plans):
             planned = self._plan_from_columns(all_plans)
             if planned is not None:
                 return planned
@@ -303,23 +304,31 @@ _LOAD_STEP = _load_step_code()
 def _items_stay_local(planner: FastLoadPlanner, caller: Any) -> bool:
     """Can this rank's read items stay here while the plan goes to the coordinator and back?
 
-    Yes when nothing in between reads them: this planner's class plans
-    globally as torch's default (which returns plans unchanged) and the
-    storage reader torch's ``dcp.load`` is using is a ``FileSystemReader``
-    (or subclass such as ``RangeFileSystemReader``) whose plan hooks are
-    ``FileSystemReader``'s (also unchanged). The reader is the one in the
-    calling frame of torch's own ``local_step``; any other caller gets the
-    items as objects.
+    Yes when nothing in between reads them: this planner plans globally
+    as torch's default (which returns plans unchanged) and finishes as
+    :class:`FastLoadPlanner` (which puts the items back before anything
+    reads them), and the storage reader torch's ``dcp.load`` is using is a
+    ``FileSystemReader`` (or subclass such as ``RangeFileSystemReader``)
+    whose plan hooks are ``FileSystemReader``'s (also unchanged), neither
+    overridden by its class nor replaced on the instance. The reader is the
+    one in the calling frame of torch's own ``local_step``; any other caller
+    gets the items as objects.
     """
-    if type(planner).create_global_plan is not DefaultLoadPlanner.create_global_plan:
+    if not (_hook_is(planner, "create_global_plan", DefaultLoadPlanner.create_global_plan)
+            and _hook_is(planner, "finish_plan", FastLoadPlanner.finish_plan)):
         return False
     if _LOAD_STEP is None or caller.f_code is not _LOAD_STEP:
         return False
     reader = caller.f_locals.get("storage_reader")
-    cls = type(reader)
     return (isinstance(reader, FileSystemReader)
-            and cls.prepare_local_plan is FileSystemReader.prepare_local_plan
-            and cls.prepare_global_plan is FileSystemReader.prepare_global_plan)
+            and _hook_is(reader, "prepare_local_plan", FileSystemReader.prepare_local_plan)
+            and _hook_is(reader, "prepare_global_plan", FileSystemReader.prepare_global_plan))
+
+
+def _hook_is(obj: Any, name: str, func: Any) -> bool:
+    # ``obj.<name>`` is ``func`` bound to obj: not overridden by obj's class
+    # nor replaced on the instance.
+    return getattr(type(obj), name, None) is func and name not in getattr(obj, "__dict__", {})
 
 
 def _compact_save_plan(plan: SavePlan) -> SavePlan:
