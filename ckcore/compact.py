@@ -219,6 +219,10 @@ def unpack_write_columns(parts: object, *, _tables: dict | None = None) -> Write
         raise CompactPlanError(
             f"compact plan: format version {parts[0]!r}, this ckcore reads {FORMAT_VERSION} "
             "(every rank must run the same ckcore version)")
+    for what, part in zip(("fqn table", "props table", "columns"), parts[1:]):
+        if not isinstance(part, bytes):
+            raise CompactPlanError(
+                f"compact plan: {what} is a {type(part).__name__}, not bytes")
     cache = {} if _tables is None else _tables
     fqns = cache.get(("f", parts[1]))
     if fqns is None:

@@ -417,15 +417,17 @@ class ReadItemsTicket(Sequence):
     :class:`CompactPlanError`, never a silently empty plan.
     """
 
-    __slots__ = ("version", "count", "token")
+    # The item count is ``length``: a ``count`` attribute would hide
+    # Sequence.count(), and code calling it must get the error below.
+    __slots__ = ("length", "token", "version")
 
     def __init__(self, version: int, count: int, token: bytes) -> None:
         self.version = version
-        self.count = count
+        self.length = count
         self.token = token
 
     def __len__(self) -> int:
-        return self.count
+        return self.length
 
     def _refuse(self) -> Any:
         raise CompactPlanError(
@@ -439,10 +441,10 @@ class ReadItemsTicket(Sequence):
         return self._refuse()
 
     def __reduce__(self) -> Any:
-        return (ReadItemsTicket, (self.version, self.count, self.token))
+        return (ReadItemsTicket, (self.version, self.length, self.token))
 
     def __repr__(self) -> str:
-        return f"<ReadItemsTicket: {self.count} items kept on their rank>"
+        return f"<ReadItemsTicket: {self.length} items kept on their rank>"
 
 
 class LocalReadItems(list):

@@ -6,7 +6,8 @@ Torch-free. Findings of the review of the compact plan traffic:
   0's planning compute ``math.prod`` of 300,000 large ints, a bignum product
   that takes minutes; the storage size now stops at int64's range;
 * a format version that is not an int (an array) raised numpy's "truth
-  value is ambiguous" instead of naming the version.
+  value is ambiguous", and a part that is a list raised "unhashable type"
+  from the table cache, instead of naming what was wrong.
 """
 
 from __future__ import annotations
@@ -71,6 +72,16 @@ def test_version_that_is_not_an_int_is_named(version):
     parts = pack_write_columns(_cols((4,), [0], [4]))
     with pytest.raises(CompactPlanError, match="format version"):
         unpack_write_columns((version,) + parts[1:])
+
+
+@pytest.mark.parametrize("at", [1, 2, 3])
+@pytest.mark.parametrize("bad", [[b"x"], bytearray(b"x"), None, 7])
+def test_part_that_is_not_bytes_is_named(at, bad):
+    # A list (unhashable) once escaped as TypeError from the table cache.
+    parts = list(pack_write_columns(_cols((4,), [0], [4])))
+    parts[at] = bad
+    with pytest.raises(CompactPlanError, match="not bytes"):
+        unpack_write_columns(tuple(parts), _tables={})
 
 
 @pytest.mark.parametrize("offs,sizes", [([0, 6], [6, -2]), ([-2, 2], [4, 2]),
