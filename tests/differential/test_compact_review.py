@@ -231,3 +231,24 @@ def test_subclassed_torch_objects_travel_as_objects():
         plan = _compact_save_plan(plans_of([[it]])[0])
         got = pickle.loads(pickle.dumps(plan))
         assert type(got.items) is list and type(got.items[0]) is type(it)
+
+
+def _ticket_planner(items):
+    planner = FastLoadPlanner()
+    planner._sent_items = c.LocalReadItems(items)
+    return planner, pickle.loads(pickle.dumps(planner._sent_items))
+
+
+def test_load_ticket_of_another_rank_or_changed_items_is_refused():
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    mine, my_ticket = _ticket_planner([object()])
+    _other, other_ticket = _ticket_planner([object()])
+    with pytest.raises(CompactPlanError, match="not this rank's"):
+        mine.finish_plan(LoadPlan(other_ticket))
+    # The rank's list changed after it was sent: refused, not silently the new list.
+    mine._sent_items.append(object())
+    with pytest.raises(CompactPlanError):
+        mine.finish_plan(LoadPlan(my_ticket))
+    fresh, ticket = _ticket_planner([1, 2])
+    assert list(fresh.finish_plan(LoadPlan(ticket)).items) == [1, 2]
