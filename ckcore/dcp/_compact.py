@@ -213,6 +213,7 @@ class _LazySequence(Sequence):
     """A read-only sequence whose list is built on first use."""
 
     __slots__ = ("_list",)
+    _list: list | None
 
     def _build(self) -> list:
         raise NotImplementedError
