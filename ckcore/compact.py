@@ -218,10 +218,14 @@ def unpack_write_columns(parts: object, *, _tables: dict | None = None) -> Write
     """
     if type(parts) is not tuple or len(parts) != 4:
         raise CompactPlanError("compact plan: expected (version, fqns, props, columns)")
-    if parts[0] != FORMAT_VERSION or type(parts[0]) is not int:
+    if type(parts[0]) is not int or parts[0] != FORMAT_VERSION:
         raise CompactPlanError(
             f"compact plan: format version {parts[0]!r}, this ckcore reads {FORMAT_VERSION} "
             "(every rank must run the same ckcore version)")
+    for what, part in zip(("fqn table", "props table", "columns"), parts[1:]):
+        if not isinstance(part, bytes):
+            raise CompactPlanError(
+                f"compact plan: {what} is a {type(part).__name__}, not bytes")
     cache = {} if _tables is None else _tables
     fqns = cache.get(("f", parts[1]))
     if fqns is None:
@@ -342,6 +346,20 @@ def _global_ids(tables: Sequence[tuple], ids: dict) -> list[np.ndarray]:
     return out
 
 
+def _storage_size(size: tuple[int, ...], itemsize: int) -> int:
+    # prod(size) * itemsize, exact up to int64 and any value beyond it once it
+    # passes it: math.prod of a hostile 100,000-dim size is a bignum product
+    # that takes minutes.
+    if 0 in size:
+        return 0
+    n = itemsize
+    for d in size:
+        n *= d
+        if not -_INT64_MAX <= n <= _INT64_MAX:
+            return n
+    return n
+
+
 def _ragged_gather(values: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     total = int(lens.sum())
     if total == 0:
@@ -375,7 +393,7 @@ def plan_columns(
     pnd = np.array([len(p[5]) for p in gprops] + [-1], dtype=np.int64)
     psize = []
     for p in gprops:
-        s = math.prod(p[5]) * itemsize(p[0])
+        s = _storage_size(p[5], itemsize(p[0]))
         psize.append(s or 1)
     if psize and max(psize) > _INT64_MAX:
         return None

@@ -296,21 +296,31 @@ class SentWriteItems(list):
 
     def __init__(self, items: Sequence[WriteItem], cols: WriteColumns) -> None:
         super().__init__(items)
-        self._packed_for = tuple(map(id, self))
         self._keepalive = tuple(self)
         self.parts = pack_write_columns(cols)
 
-    def current_parts(self) -> tuple | None:
-        """The packed form of the list as it is now (None if it no longer packs)."""
-        if len(self) != len(self._packed_for) or any(
-                a is not b for a, b in zip(self, self._keepalive)):
-            cols = write_columns(self)
+    def current_parts(self, repack: bool = False) -> tuple | None:
+        """The packed form of the list as it is now (None if it no longer packs).
+
+        ``packed_items()`` are then exactly the items these parts describe,
+        even if another thread changes the list meanwhile. The list is packed
+        again when it holds other objects than at the last packing, or always
+        with ``repack`` (an item's chunk and properties are mutable objects:
+        only packing again sees them changed in place).
+        """
+        now = tuple(self)
+        if repack or len(now) != len(self._keepalive) or any(
+                a is not b for a, b in zip(now, self._keepalive)):
+            cols = write_columns(now)
             if cols is None:
                 return None
             self.parts = pack_write_columns(cols)
-            self._keepalive = tuple(self)
-            self._packed_for = tuple(map(id, self))
+            self._keepalive = now
         return self.parts
+
+    def packed_items(self) -> tuple:
+        """The items the last packed parts describe (the list as it was then)."""
+        return self._keepalive
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         parts = self.current_parts()
@@ -424,7 +434,9 @@ class ReadItemsTicket(Sequence):
     :class:`CompactPlanError`, never a silently empty plan.
     """
 
-    __slots__ = ("version", "n_items", "token")
+    # The item count is ``n_items``: a ``count`` attribute would hide
+    # Sequence.count(), and code calling it must get the error below.
+    __slots__ = ("n_items", "token", "version")
 
     def __init__(self, version: int, n_items: int, token: bytes) -> None:
         self.version = version

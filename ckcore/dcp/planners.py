@@ -101,13 +101,14 @@ class FastSavePlanner(DefaultSavePlanner):
             raise CompactPlanError(
                 "finish_plan: the coordinator returned a compact plan, but this rank's local "
                 "plan was not sent compact (was create_local_plan's plan replaced?)")
-        if items.current_parts() != planned.parts:
+        if items.current_parts(repack=True) != planned.parts:
             raise CompactPlanError(
                 "finish_plan: this rank's write items differ from the ones it sent to the "
                 "coordinator; refusing to write a plan the coordinator did not validate")
-        keep, hints = planned.arrays(len(items))
+        own = items.packed_items()
+        keep, hints = planned.arrays(len(own))
         out = []
-        for i, item in enumerate(items):
+        for i, item in enumerate(own):
             if keep is not None and not keep[i]:
                 continue
             h = int(hints[i])
@@ -117,7 +118,7 @@ class FastSavePlanner(DefaultSavePlanner):
         return out
 
     def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
-        if type(self)._dedup_save_plans is FastSavePlanner._dedup_save_plans:
+        if _hook_is(self, "_dedup_save_plans", FastSavePlanner._dedup_save_plans):
             planned = self._plan_from_columns(all_plans)
             if planned is not None:
                 return planned
@@ -269,7 +270,12 @@ class FastLoadPlanner(DefaultLoadPlanner):
         plan = _d._local_load_plan(
             self.state_dict, self.metadata, not self.allow_partial_load, self.verify_metadata
         )
-        keeps = type(self).create_global_plan is DefaultLoadPlanner.create_global_plan
+        # Items may stay only if nothing on the way reads them: the
+        # coordinator plans as torch's default (plans unchanged) and this
+        # class's finish_plan puts them back, neither overridden by the class
+        # nor replaced on the instance.
+        keeps = (_hook_is(self, "create_global_plan", DefaultLoadPlanner.create_global_plan)
+                 and _hook_is(self, "finish_plan", FastLoadPlanner.finish_plan))
         plan = dataclasses.replace(plan, items=_c.LocalReadItems(
             plan.items, stay=keeps and _reader_keeps_items(sys._getframe(1)),
             coordinator_keeps=keeps))
@@ -315,17 +321,23 @@ def _reader_keeps_items(caller: Any) -> bool:
     ``local_step``: a ``FileSystemReader`` (or subclass, such as
     ``RangeFileSystemReader``) whose ``prepare_global_plan`` is
     ``FileSystemReader``'s (it returns plans unchanged) and whose
-    ``prepare_local_plan`` keeps the planner's list. Any other caller or
-    reader gets the items in their compact form; ``RangeFileSystemReader``
-    also decides this itself in its ``prepare_local_plan``.
+    ``prepare_local_plan`` keeps the planner's list, neither overridden by
+    its class nor replaced on the instance. Any other caller or reader gets
+    the items in their compact form; ``RangeFileSystemReader`` also decides
+    this itself in its ``prepare_local_plan``.
     """
     if _LOAD_STEP is None or caller.f_code is not _LOAD_STEP:
         return False
     reader = caller.f_locals.get("storage_reader")
-    cls = type(reader)
     return (isinstance(reader, FileSystemReader)
-            and cls.prepare_local_plan is FileSystemReader.prepare_local_plan
-            and cls.prepare_global_plan is FileSystemReader.prepare_global_plan)
+            and _hook_is(reader, "prepare_local_plan", FileSystemReader.prepare_local_plan)
+            and _hook_is(reader, "prepare_global_plan", FileSystemReader.prepare_global_plan))
+
+
+def _hook_is(obj: Any, name: str, func: Any) -> bool:
+    # ``obj.<name>`` is ``func`` bound to obj: not overridden by obj's class
+    # nor replaced on the instance.
+    return getattr(type(obj), name, None) is func and name not in getattr(obj, "__dict__", {})
 
 
 def _compact_save_plan(plan: SavePlan) -> SavePlan:

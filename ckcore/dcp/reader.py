@@ -265,7 +265,8 @@ class RangeFileSystemReader(FileSystemReader):
         """
         items = plan.items
         if (isinstance(items, LocalReadItems) and items.coordinator_keeps
-                and type(self).prepare_global_plan is FileSystemReader.prepare_global_plan):
+                and type(self).prepare_global_plan is FileSystemReader.prepare_global_plan
+                and "prepare_global_plan" not in vars(self)):
             items.stay = True
         return super().prepare_local_plan(plan)
 
