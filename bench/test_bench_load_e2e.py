@@ -35,6 +35,9 @@ per-request latency only (no bandwidth limit, no server-side queueing), not a
 measurement of any real network file system or object store. Delayed loads
 run with a warm page cache, so the modelled latency is what is measured.
 
+``CKCORE_BENCH_E2E_READER`` (JSON) passes arguments to ckcore's reader,
+e.g. ``{"thread_count": 1}`` for the sequential path.
+
 Reads and bytes: ``/proc/self/io`` of every rank around its load, summed:
 ``syscr`` (read syscalls), ``rchar`` (bytes those returned) and
 ``read_bytes`` (bytes fetched from the block device).
@@ -76,6 +79,7 @@ def _config(request, delays_ms: list[float]) -> dict:
         "caches": ["cold", "warm"],
         "delays_us": [ms * 1000 for ms in delays_ms],
         "delay_caches": ["warm"],
+        "reader_kw": json.loads(os.environ.get("CKCORE_BENCH_E2E_READER", "{}")),
     }
 
 

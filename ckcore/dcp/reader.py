@@ -11,8 +11,10 @@ instead, per file:
    pickle; no ``torch.load``);
 2. sorts the requests by file offset, computes the byte ranges of each
    request's box (:func:`ckcore.ranges.byte_ranges`) and coalesces them
-   across small gaps under an over-read cap (:func:`ckcore.ranges.coalesce_ranges`);
-3. reads with ``preadv`` (in the compiled ``read_runs``, GIL released) straight into the destination tensor's memory
+   across every gap that costs less to read than one more request would
+   (a per-request latency times a bandwidth; :func:`ckcore.ranges.coalesce_ranges`);
+3. reads with ``preadv`` (in the compiled ``read_runs``, GIL released, on
+   ``thread_count`` worker threads: several files and runs in flight) straight into the destination tensor's memory
    when the source runs are also contiguous there (the usual case: rows of a
    row-major chunk into rows of the destination), and otherwise into a
    bounded scratch buffer followed by the GIL-free box copy
@@ -174,10 +176,32 @@ class RangeFileSystemReader(FileSystemReader):
 
         dcp.load(state_dict, storage_reader=RangeFileSystemReader(path))
 
-    ``max_overread`` caps ``bytes read / bytes needed`` per request; the
-    default 1.05 leaves room under a 1.1 budget for the archive records read
-    to locate each item (up to 8 KiB per saved chunk touched); ``max_gap`` is the largest hole merged
-    into one read; ``buffer_bytes`` bounds the scratch buffer used when a box
+    Coalescing follows a cost model of the storage: a gap between two
+    needed byte ranges is read through (and discarded) when reading it costs
+    less than one more request, i.e. when ``gap < request_latency_s *
+    bandwidth_bytes_per_s``, and never past ``buffer_bytes``. The defaults
+    (1 ms, 1 GB/s) were measured on local disk with a cold page cache (README,
+    "Concurrent reads and coalescing", says how to measure them for a
+    parallel file system or object store). Two explicit overrides:
+    ``max_gap`` (bytes) replaces the model's gap limit, and
+    ``max_overread`` adds a cap on ``bytes read / bytes needed`` per box
+    (gaps filled smallest first while under it); ``max_overread=1.05,
+    max_gap=1 << 20`` is the rule of ckcore 0.1.
+
+    ``thread_count`` (default 4; 1 reads on the calling thread, as ckcore
+    0.1 did) worker threads read with the GIL released: files are prepared
+    up to ``thread_count`` ahead, large boxes are cut into pieces that fill
+    disjoint parts of the destination, and at most ``4 * thread_count``
+    items are in flight. The planner's ``resolve_tensor``,
+    ``commit_tensor`` and ``load_bytes`` run on the calling thread, as
+    torch's reader runs them; two items whose destination memory overlaps
+    are written in the sequential order. The result equals
+    ``thread_count=1`` byte for byte; a worker's error is raised by
+    ``read_data`` with the sequential path's message, after every worker has
+    stopped. Memory: one ``buffer_bytes`` scratch buffer per worker, used
+    only by boxes that cannot be read in place.
+
+    ``buffer_bytes`` bounds the scratch buffer used when a box
     cannot be read straight into the destination; runs of at least
     ``direct_min_bytes`` are read straight into the destination tensor;
     items of at most ``small_item_bytes`` are read whole in one call;
