@@ -71,11 +71,13 @@ def values(salt: int, shape, offset, size) -> torch.Tensor:
 
 
 def local_box(mesh, placements, shape):
+    """This rank's (sizes, offsets) of ``shape`` under ``placements`` on ``mesh`` (torch's rule)."""
     size, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
     return tuple(size), tuple(offset)
 
 
 def state_dict(meshes, layout, fqn_shapes, fill: bool):
+    """DTensors of every weight in ``layout``: the saved values (``fill``) or zeros to load into."""
     mesh = meshes[layout[0]]
     sd = {}
     for i, (fqn, shape) in enumerate(fqn_shapes.items()):
@@ -87,11 +89,13 @@ def state_dict(meshes, layout, fqn_shapes, fill: bool):
 
 
 def io_counters() -> dict[str, int]:
+    """This process's ``/proc/self/io`` counters (every thread's reads)."""
     with open("/proc/self/io") as f:
         return {k: int(v) for k, v in (line.split(": ") for line in f.read().splitlines())}
 
 
 def prepare_cache(path: str, cache: str) -> None:
+    """Cold: fsync and drop every checkpoint file from the page cache; warm: read each once."""
     for name in sorted(os.listdir(path)):
         p = os.path.join(path, name)
         if not os.path.isfile(p):
@@ -109,6 +113,7 @@ def prepare_cache(path: str, cache: str) -> None:
 
 
 def main() -> None:
+    """Run this rank: save if asked, then every timed load; rank 0 prints the figures."""
     ckpt, cfg = sys.argv[1], json.loads(sys.argv[2])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", init_method=os.environ["CKCORE_BENCH_INIT_METHOD"], rank=rank,

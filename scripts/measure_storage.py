@@ -27,6 +27,7 @@ import time
 
 
 def main() -> None:
+    """Time the small reads and the large read of the file named on the command line; print L and B."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("path")
     ap.add_argument("-n", type=int, default=2000, help="number of small reads (default 2000)")
