@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckcore._saferepr import saferepr
+from ckcore.checkpoint import CheckpointError
 from ckcore.dtypes import DTYPE_ITEMSIZE
 
 __all__ = ["CorruptItem", "TensorLocation", "UnsupportedItem", "locate_tensor"]
@@ -69,8 +70,12 @@ class UnsupportedItem(Exception):
     """The item is valid but not in a form the range reader handles (fall back to torch.load)."""
 
 
-class CorruptItem(ValueError):
-    """The item's bytes are not a well-formed torch.save archive (truncated or damaged)."""
+class CorruptItem(CheckpointError):
+    """The item's bytes are not a well-formed torch.save archive (truncated or damaged).
+
+    A :class:`~ckcore.checkpoint.CheckpointError` (so a ``ValueError``): the
+    checkpoint's files do not hold what its metadata says.
+    """
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,10 @@ instead, per file:
    pickle; no ``torch.load``);
 2. sorts the requests by file offset, computes the byte ranges of each
    request's box (:func:`ckcore.ranges.byte_ranges`) and coalesces them
-   across small gaps under an over-read cap (:func:`ckcore.ranges.coalesce_ranges`);
-3. reads with ``preadv`` (in the compiled ``read_runs``, GIL released) straight into the destination tensor's memory
+   across every gap that costs less to read than one more request would
+   (a per-request latency times a bandwidth; :func:`ckcore.ranges.coalesce_ranges`);
+3. reads with ``preadv`` (in the compiled ``read_runs``, GIL released, on
+   ``thread_count`` worker threads: several files and runs in flight) straight into the destination tensor's memory
    when the source runs are also contiguous there (the usual case: rows of a
    row-major chunk into rows of the destination), and otherwise into a
    bounded scratch buffer followed by the GIL-free box copy
@@ -43,10 +45,15 @@ from __future__ import annotations
 
 import ctypes
 import io
+import math
 import os
 import pathlib
 import stat
-from collections.abc import Iterator
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future as _CFuture
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -74,6 +81,14 @@ _SMALL_ITEM = 4096
 # stay a few MiB even when every element is its own run.
 _MAX_RUNS = 1 << 18
 _HAS_FADVISE = hasattr(os, "posix_fadvise")
+# max_overread=None: no ratio cap (coalesce_ranges' budget saturates at int64).
+_NO_RATIO_CAP = float(1 << 62)
+# The storage model's defaults, measured on this project's development
+# machine (a virtual disk; scripts/measure_storage.py, README "Concurrent
+# reads and coalescing"): cold page cache, one 4 KiB pread at a time
+# costs about 1 ms, one large read about 1 GB/s.
+DEFAULT_REQUEST_LATENCY_S = 1e-3
+DEFAULT_BANDWIDTH_BYTES_PER_S = 1e9
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -162,10 +177,32 @@ class RangeFileSystemReader(FileSystemReader):
 
         dcp.load(state_dict, storage_reader=RangeFileSystemReader(path))
 
-    ``max_overread`` caps ``bytes read / bytes needed`` per request; the
-    default 1.05 leaves room under a 1.1 budget for the archive records read
-    to locate each item (up to 8 KiB per saved chunk touched); ``max_gap`` is the largest hole merged
-    into one read; ``buffer_bytes`` bounds the scratch buffer used when a box
+    Coalescing follows a cost model of the storage: a gap between two
+    needed byte ranges is read through (and discarded) when reading it costs
+    less than one more request, i.e. when ``gap < request_latency_s *
+    bandwidth_bytes_per_s``, and never past ``buffer_bytes``. The defaults
+    (1 ms, 1 GB/s) were measured on local disk with a cold page cache (README,
+    "Concurrent reads and coalescing", says how to measure them for a
+    parallel file system or object store). Two explicit overrides:
+    ``max_gap`` (bytes) replaces the model's gap limit, and
+    ``max_overread`` adds a cap on ``bytes read / bytes needed`` per box
+    (gaps filled smallest first while under it); ``max_overread=1.05,
+    max_gap=1 << 20`` is the rule of ckcore 0.1.
+
+    ``thread_count`` (default 4; 1 reads on the calling thread, as ckcore
+    0.1 did) worker threads read with the GIL released: files are prepared
+    up to ``thread_count`` ahead, large boxes are cut into pieces that fill
+    disjoint parts of the destination, and at most ``4 * thread_count``
+    items are in flight. The planner's ``resolve_tensor``,
+    ``commit_tensor`` and ``load_bytes`` run on the calling thread, as
+    torch's reader runs them; two items whose destination memory overlaps
+    are written in the sequential order. The result equals
+    ``thread_count=1`` byte for byte; a worker's error is raised by
+    ``read_data`` with the sequential path's message, after every worker has
+    stopped. Memory: one ``buffer_bytes`` scratch buffer per worker, used
+    only by boxes that cannot be read in place.
+
+    ``buffer_bytes`` bounds the scratch buffer used when a box
     cannot be read straight into the destination; runs of at least
     ``direct_min_bytes`` are read straight into the destination tensor;
     items of at most ``small_item_bytes`` are read whole in one call;
@@ -202,32 +239,51 @@ class RangeFileSystemReader(FileSystemReader):
         path: str | os.PathLike,
         _extension_registry: Any = None,
         *,
-        max_overread: float = 1.05,
-        max_gap: int = 1 << 20,
+        max_overread: float | None = None,
+        max_gap: int | None = None,
         buffer_bytes: int = 16 << 20,
         direct_min_bytes: int = 4096,
         small_item_bytes: int = _SMALL_ITEM,
         prefetch_bytes: int = 8 << 20,
+        thread_count: int = 4,
+        request_latency_s: float = DEFAULT_REQUEST_LATENCY_S,
+        bandwidth_bytes_per_s: float = DEFAULT_BANDWIDTH_BYTES_PER_S,
         safe_metadata: bool = True,
     ) -> None:
         super().__init__(path, _extension_registry)
-        if not max_overread >= 1.0:
-            raise ValueError(f"max_overread must be >= 1.0, got {max_overread}")
-        if max_gap < 0 or buffer_bytes < 4096 or direct_min_bytes < 1:
-            raise ValueError("max_gap must be >= 0, buffer_bytes >= 4096, direct_min_bytes >= 1")
-        self.max_overread = float(max_overread)
-        self.max_gap = int(max_gap)
+        if max_overread is not None and not max_overread >= 1.0:
+            raise ValueError(f"max_overread must be >= 1.0 or None, got {max_overread}")
+        if (max_gap is not None and max_gap < 0) or buffer_bytes < 4096 or direct_min_bytes < 1:
+            raise ValueError("max_gap must be >= 0 or None, buffer_bytes >= 4096, direct_min_bytes >= 1")
+        if type(thread_count) is not int or thread_count < 1:
+            raise ValueError(f"thread_count must be an int >= 1, got {saferepr(thread_count)}")
+        if not (math.isfinite(request_latency_s) and request_latency_s >= 0):
+            raise ValueError(f"request_latency_s must be finite and >= 0, got {request_latency_s}")
+        if not (math.isfinite(bandwidth_bytes_per_s) and bandwidth_bytes_per_s > 0):
+            raise ValueError(f"bandwidth_bytes_per_s must be finite and > 0, got {bandwidth_bytes_per_s}")
+        self.max_overread = None if max_overread is None else float(max_overread)
+        self.max_gap = None if max_gap is None else int(max_gap)
         self.buffer_bytes = int(buffer_bytes)
         self.direct_min_bytes = int(direct_min_bytes)
         self.small_item_bytes = int(small_item_bytes)
         self.prefetch_bytes = int(prefetch_bytes)
+        self.thread_count = thread_count
+        self.request_latency_s = float(request_latency_s)
+        self.bandwidth_bytes_per_s = float(bandwidth_bytes_per_s)
+        # The coalescing rule: a gap is read through when reading it costs
+        # less than one more request (gap / bandwidth < latency), never more
+        # than a scratch buffer holds; an explicit max_gap replaces that
+        # limit and an explicit max_overread adds the ratio cap.
+        self._gap_limit = self.max_gap if self.max_gap is not None else min(
+            self.buffer_bytes, int(self.request_latency_s * self.bandwidth_bytes_per_s))
+        self._overread_limit = self.max_overread if self.max_overread is not None else _NO_RATIO_CAP
         if type(safe_metadata) is not bool:
             # A stray value must not switch torch's pickle.load back on.
             raise TypeError(f"safe_metadata must be True or False, got {saferepr(safe_metadata)}")
         self.safe_metadata = safe_metadata
         self.stats = {"read_calls": 0, "bytes_read": 0, "fallback_items": 0}
+        self._stats_lock = threading.Lock()
         self._md: Metadata | None = None
-        self._scratch: np.ndarray | None = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """The checkpoint's torch ``Metadata``, read without ``pickle.load`` unless ``safe_metadata=False``.
@@ -272,10 +328,15 @@ class RangeFileSystemReader(FileSystemReader):
 
     # ------------------------------------------------------------- raw reads
 
+    def _count(self, calls: int, nbytes: int) -> None:
+        # Workers count too: one lock keeps the stats exact under threads.
+        with self._stats_lock:
+            self.stats["read_calls"] += calls
+            self.stats["bytes_read"] += nbytes
+
     def _pread(self, fd: int, n: int, off: int, where: str) -> bytes:
         b = os.pread(fd, n, off)
-        self.stats["read_calls"] += 1
-        self.stats["bytes_read"] += len(b)
+        self._count(1, len(b))
         if len(b) != n:
             raise CorruptItem(f"{where}: file truncated: wanted {n} bytes at offset {off}, got {len(b)}")
         return b
@@ -285,9 +346,17 @@ class RangeFileSystemReader(FileSystemReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         """Read every item of ``plan``, calling the planner's hooks as torch's reader does.
 
+        ``resolve_tensor``, ``commit_tensor`` and ``load_bytes`` are called
+        on the calling thread (as torch's reader calls them); with
+        ``thread_count > 1`` the reads run on up to ``thread_count`` worker
+        threads, several items resolved ahead of their commit, and every
+        worker has stopped when this returns or raises. The result is the
+        sequential path's (``thread_count=1``), byte for byte.
+
         Raises :class:`~ckcore.checkpoint.CheckpointError` before opening any
         file if an item's storage entry names a file outside the checkpoint
-        directory.
+        directory, and (as the items are read) when a file is shorter than an
+        entry, two entries of a file share bytes, or an archive is damaged.
         """
         per_file: dict[str, list[ReadItem]] = {}
         for read_item in plan.items:
@@ -301,26 +370,17 @@ class RangeFileSystemReader(FileSystemReader):
             reqs.append(read_item)
 
         fallback: list[ReadItem] = []
-        for relative_path, reqs in per_file.items():
-            path = str(self.fs.concat_path(self.path, relative_path))
-            # Without blocking (a FIFO named like a data file would wait for
-            # a writer forever), and only a regular file is read.
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
-                         | getattr(os, "O_CLOEXEC", 0))
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise CheckpointError(
-                        f"{path}: a checkpoint data file must be a regular file")
-                if self.prefetch_bytes and _HAS_FADVISE:
-                    # Our reads are sparse: the kernel's readahead would read
-                    # the gaps too (a strided pattern looks sequential to it).
-                    # We announce exactly what we will read instead (WILLNEED),
-                    # which keeps many reads in flight without threads.
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-                fallback += self._read_file(fd, path, reqs, planner)
-            finally:
-                os.close(fd)
-        self._scratch = None
+        if self.thread_count > 1 and per_file:
+            fallback = _Concurrent(self, planner).run(per_file)
+        else:
+            scratch = _Scratch(self.buffer_bytes)
+            for relative_path, reqs in per_file.items():
+                path = str(self.fs.concat_path(self.path, relative_path))
+                fd = self._open(path)
+                try:
+                    fallback += self._read_file(fd, path, reqs, planner, scratch)
+                finally:
+                    os.close(fd)
         if fallback:
             self.stats["fallback_items"] += len(fallback)
             for req in fallback:
@@ -329,6 +389,24 @@ class RangeFileSystemReader(FileSystemReader):
         fut: Future = Future()
         fut.set_result(None)
         return fut
+
+    def _open(self, path: str) -> int:
+        # Without blocking (a FIFO named like a data file would wait for a
+        # writer forever), and only a regular file is read.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CheckpointError(f"{path}: a checkpoint data file must be a regular file")
+            if self.prefetch_bytes and _HAS_FADVISE:
+                # Our reads are sparse: the kernel's readahead would read
+                # the gaps too (a strided pattern looks sequential to it).
+                # We announce exactly what we will read instead (WILLNEED),
+                # which keeps many reads in flight.
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _where(self, path: str, req: ReadItem) -> str:
         info = self.storage_data[req.storage_index]
@@ -339,12 +417,34 @@ class RangeFileSystemReader(FileSystemReader):
         )
 
     def _read_file(
-        self, fd: int, path: str, reqs: list[ReadItem], planner: LoadPlanner
+        self, fd: int, path: str, reqs: list[ReadItem], planner: LoadPlanner,
+        scratch: _Scratch | None = None,
     ) -> list[ReadItem]:
+        # The sequential path: locate, then per item resolve, read, commit.
+        scratch = scratch if scratch is not None else _Scratch(self.buffer_bytes)
+        jobs, byte_items, fallback = self._prepare(fd, path, reqs)
+        for req, data in byte_items:
+            planner.load_bytes(req, io.BytesIO(data))
+        for job in jobs:
+            target, dest = self._resolve(job, planner)
+            for piece in self._pieces(fd, dest, job, 1):
+                piece(scratch)
+            if dest is not target:
+                target.copy_(dest)
+            planner.commit_tensor(job.req, target)
+        return fallback
+
+    def _prepare(
+        self, fd: int, path: str, reqs: list[ReadItem]
+    ) -> tuple[list[_Job], list[tuple[ReadItem, bytes]], list[ReadItem]]:
+        # Everything of one file that needs no planner: checks, archive
+        # records, bytes items. Touches no destination, so a worker may run it.
         fallback: list[ReadItem] = []
+        byte_items: list[tuple[ReadItem, bytes]] = []
         located: dict[tuple[int, int], tuple[TensorLocation, bytes | None, int] | None] = {}
-        jobs = []
+        jobs: list[_Job] = []
         file_size = os.fstat(fd).st_size
+        self._check_entries(path, reqs, file_size)
         if self.prefetch_bytes and _HAS_FADVISE:
             # The records of every archive sit in its first and last 4 KiB.
             for off, ln in {(self.storage_data[q.storage_index].offset,
@@ -355,17 +455,11 @@ class RangeFileSystemReader(FileSystemReader):
         for req in reqs:
             info = self.storage_data[req.storage_index]
             where = self._where(path, req)
-            if info.offset + info.length > file_size:
-                raise CorruptItem(
-                    f"{where}: file truncated: the item ends at byte {info.offset + info.length}, "
-                    f"the file has {file_size} bytes"
-                )
             if info.transform_descriptors:
                 fallback.append(req)
                 continue
             if req.type == LoadItemType.BYTE_IO:
-                data = self._pread(fd, info.length, info.offset, where)
-                planner.load_bytes(req, io.BytesIO(data))
+                byte_items.append((req, self._pread(fd, info.length, info.offset, where)))
                 continue
             key = (info.offset, info.length)
             if key not in located:
@@ -377,12 +471,41 @@ class RangeFileSystemReader(FileSystemReader):
             loc, small, item_offset = found
             self._check_chunk(req, loc, where)
             first = loc.base + sum(o * s for o, s in zip(req.storage_offsets, loc.stride)) * loc.itemsize
-            jobs.append((first, req, loc, small, item_offset, where))
+            jobs.append(_Job(first, req, loc, small, item_offset, where))
         # Serve requests in file order: sequential reads, page cache friendly.
-        jobs.sort(key=lambda j: j[0])
-        for _, req, loc, small, item_offset, where in jobs:
-            self._read_tensor(fd, req, loc, (small, item_offset), where, planner)
-        return fallback
+        jobs.sort(key=lambda j: j.first)
+        return jobs, byte_items, fallback
+
+    def _check_entries(self, path: str, reqs: list[ReadItem], file_size: int) -> None:
+        # The entries this plan reads from one file must lie inside it and
+        # must not share bytes (FileSystemWriter writes each item once, back
+        # to back): otherwise the metadata does not describe this file, and
+        # a read would land another item's bytes in a destination.
+        entries: dict[Any, Any] = {}
+        for req in reqs:
+            entries.setdefault(req.storage_index, req)
+        spans = []
+        for idx, req in entries.items():
+            info = self.storage_data[idx]
+            if info.offset + info.length > file_size:
+                raise CorruptItem(
+                    f"{self._where(path, req)}: file truncated: the item ends at byte "
+                    f"{info.offset + info.length}, the file has {file_size} bytes"
+                )
+            if info.length > 0:
+                spans.append((info.offset, info.offset + info.length, req))
+        spans.sort(key=lambda e: (e[0], e[1]))
+        reach_end, reach = -1, None
+        for start, end, req in spans:
+            if start < reach_end and reach is not None:
+                raise CheckpointError(
+                    f"{self._where(path, req)}: its bytes overlap those of "
+                    f"{saferepr(reach.storage_index.fqn)} (chunk at "
+                    f"{saferepr(tuple(reach.storage_index.offset or ()))}, up to byte {reach_end}); "
+                    "the metadata does not describe this file"
+                )
+            if end > reach_end:
+                reach_end, reach = end, req
 
     def _locate(
         self, fd: int, offset: int, length: int, where: str
@@ -398,8 +521,7 @@ class RangeFileSystemReader(FileSystemReader):
 
             def pread(n: int, off: int) -> bytes:
                 b = os.pread(fd, n, off)
-                self.stats["read_calls"] += 1
-                self.stats["bytes_read"] += len(b)
+                self._count(1, len(b))
                 return b
 
         try:
@@ -426,10 +548,10 @@ class RangeFileSystemReader(FileSystemReader):
                     )
                 return
 
-    def _read_tensor(
-        self, fd: int, req: ReadItem, loc: TensorLocation,
-        small: tuple[bytes | None, int], where: str, planner: LoadPlanner,
-    ) -> None:
+    def _resolve(self, job: _Job, planner: LoadPlanner) -> tuple[torch.Tensor, torch.Tensor]:
+        # On the calling thread: the planner's resolve_tensor, the checks, and
+        # the tensor the reads land in (the target itself, or a staging copy).
+        req, loc = job.req, job.loc
         target = planner.resolve_tensor(req).detach()
         lengths = tuple(int(x) for x in req.lengths)
         if tuple(target.size()) != lengths:
@@ -441,7 +563,7 @@ class RangeFileSystemReader(FileSystemReader):
             o < 0 or o + n > s for o, n, s in zip(offsets, lengths, loc.size)
         ):
             raise CorruptItem(
-                f"{where}: read box offsets={offsets} lengths={lengths} lies outside the saved "
+                f"{job.where}: read box offsets={offsets} lengths={lengths} lies outside the saved "
                 f"chunk of size {loc.size}"
             )
         direct = (
@@ -450,50 +572,63 @@ class RangeFileSystemReader(FileSystemReader):
             and _dtype_name(target.dtype) == loc.dtype
             and not target.is_conj()
             and not target.is_neg()
-            and all(st > 0 or n <= 1 for st, n in zip(target.stride(), lengths))
+            and _distinct_elements(lengths, tuple(target.stride()))
         )
         # Anything else (dtype conversion, another device, aliasing strides):
         # read into a CPU tensor of the saved dtype, and let torch copy_ convert.
         dest = target if direct else torch.empty(
             lengths, dtype=getattr(torch, loc.dtype), device="cpu"
         )
-        if dest.numel() > 0:
-            self._fill(fd, dest, offsets, lengths, loc, small, where)
-        if dest is not target:
-            target.copy_(dest)
-        planner.commit_tensor(req, target)
+        return target, dest
 
-    def _fill(
-        self, fd: int, dest: torch.Tensor, offsets: tuple[int, ...], lengths: tuple[int, ...],
-        loc: TensorLocation, small: tuple[bytes | None, int], where: str,
-    ) -> None:
+    def _pieces(self, fd: int, dest: torch.Tensor, job: _Job, split: int) -> list[Callable[[_Scratch], None]]:
+        # The reads of one item as independent pieces, each filling its own
+        # box of `dest` (disjoint elements, so pieces may run concurrently).
+        # `split` > 1 cuts large boxes into about that many pieces.
+        loc = job.loc
+        lengths = tuple(int(x) for x in job.req.lengths)
+        offsets = tuple(int(x) for x in job.req.storage_offsets)
+        if dest.numel() == 0:
+            return []
         isz = loc.itemsize
         dstrides = tuple(dest.stride())
         dview = _byte_view(dest.data_ptr(), _extent(lengths, dstrides, isz))
-        data, item_offset = small
-        try:
-            if data is not None:
+        where = job.where
+        if job.small is not None:
+            data, item_offset = job.small, job.item_offset
+
+            def copy_small(scratch: _Scratch) -> None:
                 # The whole item is in memory already: one box copy.
-                _r.copy_box(
-                    data, dview, lengths, itemsize=isz,
-                    src_shape=loc.size, src_strides=loc.stride, src_offsets=offsets,
-                    src_base=loc.base - item_offset,
-                    dst_shape=lengths, dst_strides=dstrides,
-                )
-                return
+                with _as_corrupt(where):
+                    _r.copy_box(
+                        data, dview, lengths, itemsize=isz,
+                        src_shape=loc.size, src_strides=loc.stride, src_offsets=offsets,
+                        src_base=loc.base - item_offset,
+                        dst_shape=lengths, dst_strides=dstrides,
+                    )
+            return [copy_small]
+        with _as_corrupt(where):
             _, run = _r.paired_run_info(
                 lengths, itemsize=isz, src_shape=loc.size, dst_shape=lengths,
                 src_strides=loc.stride, dst_strides=dstrides, src_offsets=offsets,
             )
-            if run >= self.direct_min_bytes:
-                # Runs contiguous in file and destination, and long: read in place.
-                self._fill_direct(fd, dview, offsets, lengths, dstrides, loc, where)
-            else:
-                self._fill_scratch(fd, dview, offsets, lengths, dstrides, loc, where)
-        except CorruptItem:
-            raise
-        except ValueError as e:
-            raise CorruptItem(f"{where}: {e}") from None
+        direct = run >= self.direct_min_bytes
+        # Runs contiguous in file and destination, and long: read in place,
+        # in slabs of up to 256 MiB of file span; otherwise through the
+        # bounded scratch buffer.
+        limit = self._slab_limit(256 << 20 if direct else self.buffer_bytes, loc, offsets, lengths)
+        if split > 1:
+            span = _extent(lengths, loc.stride, isz)
+            limit = max(min(limit, -(-span // split)), min(limit, _MIN_PIECE))
+        fill = self._fill_direct if direct else self._fill_scratch
+        pieces: list[Callable[[_Scratch], None]] = []
+        for box in _slabs(offsets, lengths, loc.stride, isz, limit):
+
+            def piece(scratch: _Scratch, box: tuple[tuple[int, ...], tuple[int, ...]] = box) -> None:
+                with _as_corrupt(where):
+                    fill(fd, dview, offsets, lengths, dstrides, loc, where, box, scratch)
+            pieces.append(piece)
+        return pieces
 
     def _read_runs(self, fd: int, runs: np.ndarray, blocks: np.ndarray, dst: Any, where: str) -> None:
         try:
@@ -502,8 +637,10 @@ class RangeFileSystemReader(FileSystemReader):
             raise CorruptItem(f"{where}: file truncated: {e}") from None
         except OSError as e:
             raise OSError(e.errno, f"{where}: {e.strerror}") from None
-        self.stats["read_calls"] += calls
-        self.stats["bytes_read"] += nbytes
+        self._count(calls, nbytes)
+
+    def _coalesce(self, ranges: np.ndarray) -> np.ndarray:
+        return _r.coalesce_ranges(ranges, self._gap_limit, self._overread_limit)
 
     @staticmethod
     def _slab_limit(limit: int, loc: TensorLocation, offsets: tuple[int, ...],
@@ -518,54 +655,260 @@ class RangeFileSystemReader(FileSystemReader):
     def _fill_direct(
         self, fd: int, dview: memoryview, offsets: tuple[int, ...], lengths: tuple[int, ...],
         dstrides: tuple[int, ...], loc: TensorLocation, where: str,
+        box: tuple[tuple[int, ...], tuple[int, ...]], scratch: _Scratch,
     ) -> None:
+        # Fill `box` (saved-chunk coordinates, inside the request's
+        # offsets/lengths) with one preadv per coalesced block, straight into
+        # the destination.
         isz = loc.itemsize
-        limit = self._slab_limit(256 << 20, loc, offsets, lengths)
-        for so, sl in _slabs(offsets, lengths, loc.stride, isz, limit):
-            doff = tuple(a - b for a, b in zip(so, offsets))
-            pairs = _r.paired_runs(
-                sl, itemsize=isz, src_shape=loc.size, dst_shape=lengths,
-                src_strides=loc.stride, dst_strides=dstrides, src_offsets=so,
-                dst_offsets=doff, src_base=loc.base,
-            )
-            if len(pairs) > 1 and np.any(pairs[1:, 0] < pairs[:-1, 0] + pairs[:-1, 2]):
-                # Source runs overlap (zero strides in the saved tensor): one
-                # file byte feeds several places; the scratch path handles it.
-                self._fill_scratch(fd, dview, offsets, lengths, dstrides, loc, where, (so, sl))
-                continue
-            ranges = pairs[:, [0, 2]]
-            ranges[:, 1] += ranges[:, 0]
-            blocks = _r.coalesce_ranges(ranges, self.max_gap, self.max_overread)
-            # One preadv per block: runs land in the destination, gaps are discarded.
-            self._read_runs(fd, pairs, blocks, dview, where)
+        so, sl = box
+        doff = tuple(a - b for a, b in zip(so, offsets))
+        pairs = _r.paired_runs(
+            sl, itemsize=isz, src_shape=loc.size, dst_shape=lengths,
+            src_strides=loc.stride, dst_strides=dstrides, src_offsets=so,
+            dst_offsets=doff, src_base=loc.base,
+        )
+        if len(pairs) > 1 and np.any(pairs[1:, 0] < pairs[:-1, 0] + pairs[:-1, 2]):
+            # Source runs overlap (zero strides in the saved tensor): one
+            # file byte feeds several places; the scratch path handles it.
+            self._fill_scratch(fd, dview, offsets, lengths, dstrides, loc, where, box, scratch)
+            return
+        ranges = pairs[:, [0, 2]]
+        ranges[:, 1] += ranges[:, 0]
+        blocks = self._coalesce(ranges)
+        # One preadv per block: runs land in the destination, gaps are discarded.
+        self._read_runs(fd, pairs, blocks, dview, where)
 
     def _fill_scratch(
         self, fd: int, dview: memoryview, offsets: tuple[int, ...], lengths: tuple[int, ...],
         dstrides: tuple[int, ...], loc: TensorLocation, where: str,
-        box: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+        box: tuple[tuple[int, ...], tuple[int, ...]], scratch: _Scratch,
     ) -> None:
-        # Fill `box` (default: the whole request offsets/lengths, in saved-chunk
-        # coordinates) slab by slab through the bounded scratch buffer.
+        # Fill `box` (saved-chunk coordinates) slab by slab through the
+        # worker's bounded scratch buffer.
         isz = loc.itemsize
-        if self._scratch is None:
-            self._scratch = np.empty(self.buffer_bytes, dtype=np.uint8)
-        bo, bl = box if box is not None else (offsets, lengths)
+        buf = scratch.get()
+        bo, bl = box
         limit = self._slab_limit(self.buffer_bytes, loc, bo, bl)
         for so, sl in _slabs(bo, bl, loc.stride, isz, limit):
             ranges = _r.byte_ranges(loc.size, loc.stride, isz, so, sl, base=loc.base)
-            blocks = _r.coalesce_ranges(ranges, self.max_gap, self.max_overread)
+            blocks = self._coalesce(ranges)
             span0 = int(ranges[0, 0])
             # each block lands at its own offset from the slab's first byte
             runs = np.empty((len(blocks), 3), dtype=np.int64)
             runs[:, 0] = blocks[:, 0]
             runs[:, 1] = blocks[:, 0] - span0
             runs[:, 2] = blocks[:, 1] - blocks[:, 0]
-            self._read_runs(fd, runs, blocks, self._scratch, where)
+            self._read_runs(fd, runs, blocks, buf, where)
             # The slab's first element is its lowest address (strides >= 0), so
             # it sits at scratch byte 0.
             _r.copy_box(
-                self._scratch, dview, sl, itemsize=isz,
+                buf, dview, sl, itemsize=isz,
                 src_shape=sl, src_strides=loc.stride,
                 dst_shape=lengths, dst_strides=dstrides,
                 dst_offsets=tuple(a - b for a, b in zip(so, offsets)),
             )
+
+
+# ----------------------------------------------------------------- helpers
+
+# A piece of a split item spans at least this many bytes of the file: fewer,
+# larger pieces cost less bookkeeping than the reads they overlap save.
+_MIN_PIECE = 1 << 20
+
+
+class _Job:
+    # One located tensor item: where its first byte sits, how to read it.
+    __slots__ = ("first", "req", "loc", "small", "item_offset", "where")
+
+    def __init__(self, first: int, req: ReadItem, loc: TensorLocation, small: bytes | None,
+                 item_offset: int, where: str) -> None:
+        self.first, self.req, self.loc = first, req, loc
+        self.small, self.item_offset, self.where = small, item_offset, where
+
+
+class _Scratch:
+    # One worker's scratch buffer, allocated on first use: a load that never
+    # needs one (every box read in place) allocates nothing.
+    __slots__ = ("nbytes", "buf")
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.buf: np.ndarray | None = None
+
+    def get(self) -> np.ndarray:
+        if self.buf is None:
+            self.buf = np.empty(self.nbytes, dtype=np.uint8)
+        return self.buf
+
+
+class _as_corrupt:
+    # A ValueError from the range kernels (a box the archive cannot hold)
+    # names the file and item, as a CorruptItem; everything else passes.
+    __slots__ = ("where",)
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ: Any, exc: Any, tb: Any) -> None:
+        if typ is not None and issubclass(typ, ValueError) and not issubclass(typ, CheckpointError):
+            raise CorruptItem(f"{self.where}: {exc}") from None
+
+
+def _distinct_elements(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    # True when no two elements of the view share memory (every stride
+    # positive where the size exceeds 1, and each dim's stride clears the
+    # extent of the dims below it): only then may pieces of one item fill it
+    # in place concurrently, and only then is "last write wins" moot.
+    dims = sorted((st, n) for st, n in zip(strides, sizes) if n > 1)
+    reach = 0  # elements spanned by the dims so far, minus one
+    for st, n in dims:
+        if st <= reach:
+            return False
+        reach += (n - 1) * st
+    return True
+
+
+def _mem_span(t: torch.Tensor) -> tuple[int, int]:
+    # [first, last) bytes of memory a tensor's elements may touch (its
+    # device's address space; empty for an empty tensor).
+    if t.numel() == 0:
+        return (0, 0)
+    lo = hi = t.data_ptr()
+    for n, st in zip(t.size(), t.stride()):
+        if st > 0:
+            hi += (n - 1) * st * t.element_size()
+        else:
+            lo += (n - 1) * st * t.element_size()
+    return (lo, hi + t.element_size())
+
+
+class _Concurrent:
+    """One ``read_data`` with worker threads; everything here runs on the caller.
+
+    Files are prepared (opened, checked, archive records located) up to
+    ``thread_count`` files ahead; each located item is resolved on the
+    caller, cut into pieces that fill disjoint boxes of its destination, and
+    the pieces go to the pool. Items finish in the order they were resolved:
+    their pieces' results (the first error raises here), the staging copy,
+    ``commit_tensor``. An item whose target memory overlaps an unfinished
+    item's waits for it, so overlapping writes happen in the sequential
+    order. At most ``window`` items (and ``window * buffer_bytes`` of staging
+    tensors) are in flight.
+    """
+
+    def __init__(self, reader: RangeFileSystemReader, planner: LoadPlanner) -> None:
+        self.r = reader
+        self.planner = planner
+        self.threads = reader.thread_count
+        self.window = 4 * self.threads
+        self.staging_cap = self.window * reader.buffer_bytes
+        self.local = threading.local()
+        self.stop = threading.Event()
+        # item entries: [futures, job, target, dest, span, file key, staged bytes]
+        self.inflight: deque[tuple[list[_CFuture], _Job, torch.Tensor, torch.Tensor,
+                                   tuple[int, int], int, int]] = deque()
+        self.staged = 0
+        self.pending: dict[int, int] = {}  # file key -> unfinished items
+        self.fds: dict[int, int] = {}  # file key -> open fd
+
+    def _scratch(self) -> _Scratch:
+        s = getattr(self.local, "scratch", None)
+        if s is None:
+            s = self.local.scratch = _Scratch(self.r.buffer_bytes)
+        return s
+
+    def _run_piece(self, piece: Callable[[_Scratch], None]) -> None:
+        if self.stop.is_set():
+            return  # the load is failing: skip the remaining reads
+        piece(self._scratch())
+
+    def _prepare(self, path: str, reqs: list[ReadItem]) -> tuple[int, list[_Job], list, list]:
+        if self.stop.is_set():
+            raise _Stopped
+        fd = self.r._open(path)
+        try:
+            return (fd, *self.r._prepare(fd, path, reqs))
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def run(self, per_file: dict[str, list[ReadItem]]) -> list[ReadItem]:
+        r = self.r
+        files = [(str(r.fs.concat_path(r.path, rp)), reqs) for rp, reqs in per_file.items()]
+        fallback: list[ReadItem] = []
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckcore-read")
+        prepared: deque[_CFuture] = deque()
+        try:
+            nxt = 0
+            for key in range(len(files)):
+                while nxt < len(files) and nxt < key + self.threads:
+                    prepared.append(pool.submit(self._prepare, *files[nxt]))
+                    nxt += 1
+                fd, jobs, byte_items, fb = prepared.popleft().result()
+                self.fds[key] = fd
+                self.pending[key] = len(jobs)
+                fallback += fb
+                for req, data in byte_items:
+                    self.planner.load_bytes(req, io.BytesIO(data))
+                for job in jobs:
+                    self._submit(pool, fd, key, job)
+                self._maybe_close(key)
+            while self.inflight:
+                self._finish()
+        except BaseException:
+            self.stop.set()
+            raise
+        finally:
+            # No thread outlives read_data: queued pieces are cancelled, running
+            # ones finish their current read, then every fd is closed.
+            pool.shutdown(wait=True, cancel_futures=True)
+            for f in prepared:
+                if f.done() and not f.cancelled() and f.exception() is None:
+                    os.close(f.result()[0])
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds.clear()
+        return fallback
+
+    def _submit(self, pool: ThreadPoolExecutor, fd: int, key: int, job: _Job) -> None:
+        target, dest = self.r._resolve(job, self.planner)
+        span = _mem_span(target)
+        staged = 0 if dest is target else dest.numel() * dest.element_size()
+        while self.inflight and (
+            len(self.inflight) >= self.window
+            or (staged and self.staged + staged > self.staging_cap)
+            or any(_overlaps(span, e[4]) for e in self.inflight)
+        ):
+            self._finish()
+        pieces = self.r._pieces(fd, dest, job, 2 * self.threads)
+        futures = [pool.submit(self._run_piece, p) for p in pieces]
+        self.inflight.append((futures, job, target, dest, span, key, staged))
+        self.staged += staged
+
+    def _finish(self) -> None:
+        futures, job, target, dest, _, key, staged = self.inflight.popleft()
+        for f in futures:
+            f.result()
+        self.staged -= staged
+        if dest is not target:
+            target.copy_(dest)
+        self.planner.commit_tensor(job.req, target)
+        self.pending[key] -= 1
+        self._maybe_close(key)
+
+    def _maybe_close(self, key: int) -> None:
+        if self.pending.get(key) == 0 and key in self.fds:
+            os.close(self.fds.pop(key))
+
+
+class _Stopped(Exception):
+    # A file prepared after the load failed; never reaches the caller.
+    pass
+
+
+def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1] and a[0] < a[1] and b[0] < b[1]
