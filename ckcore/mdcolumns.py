@@ -71,7 +71,7 @@ def _name(value: object, what: str) -> str:
     text = value if isinstance(value, str) else str(value)
     if not text:
         raise ValueError(f"{what} is empty")
-    return text[len("torch."):] if text.startswith("torch.") else text
+    return text.removeprefix("torch.")
 
 
 def _i64_array(value: Any, what: str, length: int | None = None) -> np.ndarray:
@@ -135,11 +135,34 @@ class MetadataColumns:
     """
 
     __slots__ = (
-        "fqns", "kinds", "properties", "size_ptr", "size_values", "chunk_ptr",
-        "chunk_offsets", "chunk_sizes", "chunk_value_ptr", "names", "st_fqn",
-        "st_offset_ndim", "st_offset_ptr", "st_offset_values", "st_index", "st_path", "paths",
-        "st_file_offset", "st_length", "st_transforms", "storage_other", "storage_data_none",
-        "planner_data", "storage_meta", "version", "_fqn_ids", "_lookup", "_groups",
+        "_fqn_ids",
+        "_groups",
+        "_lookup",
+        "chunk_offsets",
+        "chunk_ptr",
+        "chunk_sizes",
+        "chunk_value_ptr",
+        "fqns",
+        "kinds",
+        "names",
+        "paths",
+        "planner_data",
+        "properties",
+        "size_ptr",
+        "size_values",
+        "st_file_offset",
+        "st_fqn",
+        "st_index",
+        "st_length",
+        "st_offset_ndim",
+        "st_offset_ptr",
+        "st_offset_values",
+        "st_path",
+        "st_transforms",
+        "storage_data_none",
+        "storage_meta",
+        "storage_other",
+        "version",
     )
 
     fqns: list[str]
