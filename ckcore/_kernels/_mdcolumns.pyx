@@ -154,7 +154,7 @@ ctypedef struct D:
     Py_ssize_t n_memo, cap_memo
     V *spill          # memo records too wide to pack
     Py_ssize_t n_spill, cap_spill
-    V *items
+    uint64_t *items   # packed records (_pack), as the memo
     Py_ssize_t n_items, cap_items
     int64_t *ints
     Py_ssize_t n_ints, cap_ints
@@ -223,10 +223,15 @@ cdef inline int _fail(D *d, int why) noexcept nogil:
     return -1
 
 
-cdef inline int _push(D *d, V v) noexcept nogil:
-    if d.n_stack >= d.cap_stack and _grow(<void **>&d.stack, &d.cap_stack, d.n_stack + 1,
-                                          sizeof(V)) < 0:
+cdef int _grow_stack(D *d) noexcept nogil:
+    if _grow(<void **>&d.stack, &d.cap_stack, d.n_stack + 1, sizeof(V)) < 0:
         return _fail(d, W_NOMEM)
+    return 0
+
+
+cdef inline int _push(D *d, V v) noexcept nogil:
+    if d.n_stack >= d.cap_stack and _grow_stack(d) < 0:
+        return -1
     d.stack[d.n_stack] = v
     d.n_stack += 1
     return 0
@@ -270,7 +275,7 @@ cdef inline uint64_t _le(const uint8_t *p, int n) noexcept nogil:
 
 cdef int64_t _alloc_items(D *d, Py_ssize_t n) noexcept nogil:
     cdef int64_t start = d.n_items
-    if _grow(<void **>&d.items, &d.cap_items, d.n_items + n, sizeof(V)) < 0:
+    if _grow(<void **>&d.items, &d.cap_items, d.n_items + n, sizeof(uint64_t)) < 0:
         _fail(d, W_NOMEM)
         return -1
     d.n_items += n
@@ -309,7 +314,9 @@ cdef int _tuple(D *d, Py_ssize_t first, Py_ssize_t n, V *out) noexcept nogil:
     start = _alloc_items(d, n)
     if start < 0:
         return -1
-    memcpy(&d.items[start], &d.stack[first], <size_t>n * sizeof(V))
+    for i in range(n):
+        if _pack(d, &d.stack[first + i], &d.items[start + i]) < 0:
+            return -1
     out.kind = K_TUPLE
     out.a = start
     return 0
@@ -335,7 +342,7 @@ cdef inline V _titem(D *d, V *t, Py_ssize_t i) noexcept nogil:
         v.a = t.a
         v.b = t.b
     else:
-        return d.items[t.a + i]
+        return _unpack(d, d.items[t.a + i])
     v.k2 = 0
     v.pad = 0
     return v
@@ -401,7 +408,9 @@ cdef int _cont_add(D *d, Py_ssize_t first, Py_ssize_t nvals, uint8_t kind) noexc
     start = _alloc_items(d, nvals)
     if start < 0:
         return -1
-    memcpy(&d.items[start], &d.stack[first], <size_t>nvals * sizeof(V))
+    for i in range(nvals):
+        if _pack(d, &d.stack[first + i], &d.items[start + i]) < 0:
+            return -1
     if _grow(<void **>&d.segs, &d.cap_segs, d.n_segs + 1, sizeof(Seg)) < 0:
         return _fail(d, W_NOMEM)
     s = &d.segs[d.n_segs]
@@ -427,7 +436,16 @@ cdef enum:
     SPILL = 15
 
 
-cdef int _pack(D *d, V *v, uint64_t *out) noexcept nogil:
+cdef int _spill(D *d, V *v, uint64_t *out) noexcept nogil:
+    if _grow(<void **>&d.spill, &d.cap_spill, d.n_spill + 1, sizeof(V)) < 0:
+        return _fail(d, W_NOMEM)
+    d.spill[d.n_spill] = v[0]
+    out[0] = (<uint64_t>d.n_spill << 4) | SPILL
+    d.n_spill += 1
+    return 0
+
+
+cdef inline int _pack(D *d, V *v, uint64_t *out) noexcept nogil:
     cdef uint8_t k = v.kind
     if k == K_INT:
         if -(<int64_t>1 << 59) <= v.a < (<int64_t>1 << 59):
@@ -442,12 +460,11 @@ cdef int _pack(D *d, V *v, uint64_t *out) noexcept nogil:
         if 0 <= v.a < (<int64_t>1 << 36) and 0 <= v.b < (1 << 24):
             out[0] = (<uint64_t>v.a << 28) | (<uint64_t>v.b << 4) | k
             return 0
-    if _grow(<void **>&d.spill, &d.cap_spill, d.n_spill + 1, sizeof(V)) < 0:
-        return _fail(d, W_NOMEM)
-    d.spill[d.n_spill] = v[0]
-    out[0] = (<uint64_t>d.n_spill << 4) | SPILL
-    d.n_spill += 1
-    return 0
+    return _spill(d, v, out)
+
+
+cdef inline V _it(D *d, int64_t i) noexcept nogil:
+    return _unpack(d, d.items[i])
 
 
 cdef inline V _unpack(D *d, uint64_t w) noexcept nogil:
@@ -471,7 +488,7 @@ cdef inline V _unpack(D *d, uint64_t w) noexcept nogil:
     return v
 
 
-cdef int _memo_put(D *d, int64_t idx) noexcept nogil:
+cdef inline int _memo_put(D *d, int64_t idx) noexcept nogil:
     if d.n_stack <= 0:
         return _fail(d, W_STACK)
     if idx < 0 or idx > d.n_memo:
@@ -483,7 +500,7 @@ cdef int _memo_put(D *d, int64_t idx) noexcept nogil:
     return _pack(d, &d.stack[d.n_stack - 1], &d.memo[idx])
 
 
-cdef int _memo_get(D *d, int64_t idx) noexcept nogil:
+cdef inline int _memo_get(D *d, int64_t idx) noexcept nogil:
     if idx < 0 or idx >= d.n_memo:
         return _fail(d, W_MEMO)
     return _push(d, _unpack(d, d.memo[idx]))
@@ -563,7 +580,8 @@ cdef int _reduce(D *d) noexcept nogil:
     box = _alloc_items(d, 1)
     if box < 0:
         return -1
-    d.items[box] = args
+    if _pack(d, &args, &d.items[box]) < 0:
+        return -1
     return _push_kind(d, K_CALL, box, <int32_t>fn.a)
 
 
@@ -581,13 +599,13 @@ cdef inline void _give_back(D *d, V *state) noexcept nogil:
 
 
 cdef int _build(D *d) noexcept nogil:
-    cdef V state, target
+    cdef V state, target, item
     cdef Inst *inst
     cdef int role, nslots, j
     cdef int64_t slots, s
     cdef Cont *c
     cdef Seg *seg
-    cdef V *k
+    cdef V k
     cdef Py_ssize_t i
     cdef bint found
     if _pop(d, &state) < 0:
@@ -607,7 +625,9 @@ cdef int _build(D *d) noexcept nogil:
         if slots < 0:
             return -1
         for j in range(5):
-            d.items[slots + j] = _titem(d, &state, j)
+            item = _titem(d, &state, j)
+            if _pack(d, &item, &d.items[slots + j]) < 0:
+                return -1
         inst = &d.insts[target.a]
         inst.slots = slots
         inst.built = 1
@@ -628,17 +648,17 @@ cdef int _build(D *d) noexcept nogil:
     if slots < 0:
         return -1
     for j in range(nslots):
-        d.items[slots + j].kind = K_ABSENT
+        d.items[slots + j] = K_ABSENT   # packed: K_ABSENT with a = b = 0
     s = c.head
     while s >= 0:
         seg = &d.segs[s]
         for i in range(seg.n):
-            k = &d.items[seg.start + 2 * i]
+            k = _it(d, seg.start + 2 * i)
             if k.kind != K_STR:
                 return _fail(d, W_BUILD)
             found = False
             for j in range(nslots):
-                if _key_is(d, k, role, j):
+                if _key_is(d, &k, role, j):
                     d.items[slots + j] = d.items[seg.start + 2 * i + 1]
                     found = True
                     break
@@ -651,7 +671,7 @@ cdef int _build(D *d) noexcept nogil:
     if c.head >= 0 and c.head == c.tail and c.head == d.n_segs - 1:
         seg = &d.segs[c.head]
         if seg.start + 2 * seg.n == slots:
-            memmove(&d.items[seg.start], &d.items[slots], <size_t>nslots * sizeof(V))
+            memmove(&d.items[seg.start], &d.items[slots], <size_t>nslots * sizeof(uint64_t))
             slots = seg.start
             d.n_items = slots + nslots
             d.n_segs -= 1
@@ -664,207 +684,201 @@ cdef int _build(D *d) noexcept nogil:
     return 0
 
 
-cdef int _op(D *d, PyObject *lookup) noexcept nogil:
-    # One opcode; 1 at STOP, 0 to go on, -1 when the machine stops.
+cdef int _run(D *d, PyObject *lookup) noexcept nogil:
+    # The machine: one opcode per turn; 1 at STOP, -1 when it stops short.
     cdef uint8_t op
-    cdef Py_ssize_t n, m, first, p0, op_pos = d.pos
+    cdef Py_ssize_t n, m, first, p0, op_pos
     cdef int64_t x
     cdef V a, b, v
     cdef const void *nl
-    if d.pos >= d.len:
-        return _fail(d, W_TRUNCATED)
-    op = d.buf[d.pos]
-    d.pos += 1
-    if op == 0x94:  # MEMOIZE
-        if _memo_put(d, d.n_memo) < 0:
-            return -1
-    elif op == 0x68 or op == 0x6a:  # BINGET, LONG_BINGET
-        n = 1 if op == 0x68 else 4
-        if _need(d, n) < 0:
-            return -1
-        x = <int64_t>_le(d.buf + d.pos, <int>n)
-        d.pos += n
-        if _memo_get(d, x) < 0:
-            return -1
-    elif op == 0x71 or op == 0x72:  # BINPUT, LONG_BINPUT
-        n = 1 if op == 0x71 else 4
-        if _need(d, n) < 0:
-            return -1
-        x = <int64_t>_le(d.buf + d.pos, <int>n)
-        d.pos += n
-        if _memo_put(d, x) < 0:
-            return -1
-    elif op == 0x4b or op == 0x4d:  # BININT1, BININT2
-        n = 1 if op == 0x4b else 2
-        if _need(d, n) < 0:
-            return -1
-        x = <int64_t>_le(d.buf + d.pos, <int>n)
-        d.pos += n
-        if _push_kind(d, K_INT, x, 0) < 0:
-            return -1
-    elif op == 0x4a:  # BININT
-        if _need(d, 4) < 0:
-            return -1
-        x = <int64_t>(<int32_t>(<uint32_t>_le(d.buf + d.pos, 4)))
-        d.pos += 4
-        if _push_kind(d, K_INT, x, 0) < 0:
-            return -1
-    elif op == 0x8a:  # LONG1
-        if _need(d, 1) < 0:
-            return -1
-        n = d.buf[d.pos]
+    while True:
+        op_pos = d.pos
+        if d.pos >= d.len:
+            return _fail(d, W_TRUNCATED)
+        op = d.buf[d.pos]
         d.pos += 1
-        if n > 8:
-            return _fail(d, W_LARGE)
-        if _need(d, n) < 0:
-            return -1
-        x = 0
-        if n > 0:
+        if op == 0x94:  # MEMOIZE
+            if _memo_put(d, d.n_memo) < 0:
+                return -1
+        elif op == 0x68 or op == 0x6a:  # BINGET, LONG_BINGET
+            n = 1 if op == 0x68 else 4
+            if _need(d, n) < 0:
+                return -1
             x = <int64_t>_le(d.buf + d.pos, <int>n)
-            if n < 8 and (d.buf[d.pos + n - 1] & 0x80):
-                x = <int64_t>(<uint64_t>x | (~(<uint64_t>0) << (8 * n)))
-        d.pos += n
-        if _push_kind(d, K_INT, x, 0) < 0:
-            return -1
-    elif op == 0x47:  # BINFLOAT (big-endian)
-        if _need(d, 8) < 0:
-            return -1
-        x = 0
-        for n in range(8):
-            x = <int64_t>((<uint64_t>x << 8) | d.buf[d.pos + n])
-        d.pos += 8
-        if _push_kind(d, K_FLOAT, x, 0) < 0:
-            return -1
-    elif op == 0x4e:  # NONE
-        if _push_kind(d, K_NONE, 0, 0) < 0:
-            return -1
-    elif op == 0x88 or op == 0x89:  # NEWTRUE, NEWFALSE
-        if _push_kind(d, K_BOOL, 1 if op == 0x88 else 0, 0) < 0:
-            return -1
-    elif op == 0x8c:  # SHORT_BINUNICODE
-        if _need(d, 1) < 0:
-            return -1
-        n = d.buf[d.pos]
-        d.pos += 1
-        if _str(d, n) < 0:
-            return -1
-    elif op == 0x58 or op == 0x8d:  # BINUNICODE, BINUNICODE8
-        m = 4 if op == 0x58 else 8
-        if _need(d, m) < 0:
-            return -1
-        x = <int64_t>_le(d.buf + d.pos, <int>m)
-        d.pos += m
-        if x < 0 or x > d.len:
-            return _fail(d, W_TRUNCATED)
-        if _str(d, <Py_ssize_t>x) < 0:
-            return -1
-    elif op == 0x29:  # EMPTY_TUPLE
-        if _push_kind(d, K_ITUPLE, d.n_ints, 0) < 0:
-            return -1
-    elif op == 0x85 or op == 0x86 or op == 0x87:  # TUPLE1..3
-        n = op - 0x84
-        if d.n_stack - _fence(d) < n:
-            return _fail(d, W_STACK)
-        if _tuple(d, d.n_stack - n, n, &v) < 0:
-            return -1
-        d.n_stack -= n
-        if _push(d, v) < 0:
-            return -1
-    elif op == 0x74:  # TUPLE
-        if d.n_marks == 0:
-            return _fail(d, W_STACK)
-        first = d.marks[d.n_marks - 1]
-        d.n_marks -= 1
-        if _tuple(d, first, d.n_stack - first, &v) < 0:
-            return -1
-        d.n_stack = first
-        if _push(d, v) < 0:
-            return -1
-    elif op == 0x5d:  # EMPTY_LIST
-        if _new_cont(d, K_LIST) < 0:
-            return -1
-    elif op == 0x7d:  # EMPTY_DICT
-        if _new_cont(d, K_DICT) < 0:
-            return -1
-    elif op == 0x28:  # MARK
-        if _grow(<void **>&d.marks, &d.cap_marks, d.n_marks + 1, sizeof(Py_ssize_t)) < 0:
-            return _fail(d, W_NOMEM)
-        d.marks[d.n_marks] = d.n_stack
-        d.n_marks += 1
-    elif op == 0x61 or op == 0x73:  # APPEND, SETITEM
-        n = 1 if op == 0x61 else 2
-        if d.n_stack - _fence(d) < n + 1:
-            return _fail(d, W_STACK)
-        if _cont_add(d, d.n_stack - n, n, K_LIST if op == 0x61 else K_DICT) < 0:
-            return -1
-    elif op == 0x65 or op == 0x75:  # APPENDS, SETITEMS
-        if d.n_marks == 0:
-            return _fail(d, W_STACK)
-        first = d.marks[d.n_marks - 1]
-        d.n_marks -= 1
-        if _cont_add(d, first, d.n_stack - first, K_LIST if op == 0x65 else K_DICT) < 0:
-            return -1
-    elif op == 0x93:  # STACK_GLOBAL
-        if _pop(d, &b) < 0 or _pop(d, &a) < 0:
-            return -1
-        if a.kind != K_STR or b.kind != K_STR:
-            return _fail(d, W_GLOBAL)
-        if _global(d, lookup, a.a, a.b, b.a, b.b) < 0:
-            return -1
-    elif op == 0x63:  # GLOBAL module\nname\n
-        p0 = d.pos
-        nl = memchr(d.buf + d.pos, 10, <size_t>(d.len - d.pos))
-        if nl == NULL:
-            return _fail(d, W_TRUNCATED)
-        n = <const uint8_t *>nl - (d.buf + p0)
-        d.pos = p0 + n + 1
-        nl = memchr(d.buf + d.pos, 10, <size_t>(d.len - d.pos))
-        if nl == NULL:
-            return _fail(d, W_TRUNCATED)
-        m = <const uint8_t *>nl - (d.buf + d.pos)
-        if _global(d, lookup, p0, n, d.pos, m) < 0:
-            return -1
-        d.pos += m + 1
-    elif op == 0x81:  # NEWOBJ
-        if _newobj(d) < 0:
-            return -1
-    elif op == 0x52:  # REDUCE
-        if _reduce(d) < 0:
-            return -1
-    elif op == 0x62:  # BUILD
-        if _build(d) < 0:
-            return -1
-    elif op == 0x80:  # PROTO
-        if _need(d, 1) < 0:
-            return -1
-        if d.buf[d.pos] < 2 or d.buf[d.pos] > 5:
-            return _fail(d, W_PROTOCOL)
-        d.pos += 1
-    elif op == 0x95:  # FRAME
-        if _need(d, 8) < 0:
-            return -1
-        if op_pos < d.frame_end:
+            d.pos += n
+            if _memo_get(d, x) < 0:
+                return -1
+        elif op == 0x71 or op == 0x72:  # BINPUT, LONG_BINPUT
+            n = 1 if op == 0x71 else 4
+            if _need(d, n) < 0:
+                return -1
+            x = <int64_t>_le(d.buf + d.pos, <int>n)
+            d.pos += n
+            if _memo_put(d, x) < 0:
+                return -1
+        elif op == 0x4b or op == 0x4d:  # BININT1, BININT2
+            n = 1 if op == 0x4b else 2
+            if _need(d, n) < 0:
+                return -1
+            x = <int64_t>_le(d.buf + d.pos, <int>n)
+            d.pos += n
+            if _push_kind(d, K_INT, x, 0) < 0:
+                return -1
+        elif op == 0x4a:  # BININT
+            if _need(d, 4) < 0:
+                return -1
+            x = <int64_t>(<int32_t>(<uint32_t>_le(d.buf + d.pos, 4)))
+            d.pos += 4
+            if _push_kind(d, K_INT, x, 0) < 0:
+                return -1
+        elif op == 0x8a:  # LONG1
+            if _need(d, 1) < 0:
+                return -1
+            n = d.buf[d.pos]
+            d.pos += 1
+            if n > 8:
+                return _fail(d, W_LARGE)
+            if _need(d, n) < 0:
+                return -1
+            x = 0
+            if n > 0:
+                x = <int64_t>_le(d.buf + d.pos, <int>n)
+                if n < 8 and (d.buf[d.pos + n - 1] & 0x80):
+                    x = <int64_t>(<uint64_t>x | (~(<uint64_t>0) << (8 * n)))
+            d.pos += n
+            if _push_kind(d, K_INT, x, 0) < 0:
+                return -1
+        elif op == 0x47:  # BINFLOAT (big-endian)
+            if _need(d, 8) < 0:
+                return -1
+            x = 0
+            for n in range(8):
+                x = <int64_t>((<uint64_t>x << 8) | d.buf[d.pos + n])
+            d.pos += 8
+            if _push_kind(d, K_FLOAT, x, 0) < 0:
+                return -1
+        elif op == 0x4e:  # NONE
+            if _push_kind(d, K_NONE, 0, 0) < 0:
+                return -1
+        elif op == 0x88 or op == 0x89:  # NEWTRUE, NEWFALSE
+            if _push_kind(d, K_BOOL, 1 if op == 0x88 else 0, 0) < 0:
+                return -1
+        elif op == 0x8c:  # SHORT_BINUNICODE
+            if _need(d, 1) < 0:
+                return -1
+            n = d.buf[d.pos]
+            d.pos += 1
+            if _str(d, n) < 0:
+                return -1
+        elif op == 0x58 or op == 0x8d:  # BINUNICODE, BINUNICODE8
+            m = 4 if op == 0x58 else 8
+            if _need(d, m) < 0:
+                return -1
+            x = <int64_t>_le(d.buf + d.pos, <int>m)
+            d.pos += m
+            if x < 0 or x > d.len:
+                return _fail(d, W_TRUNCATED)
+            if _str(d, <Py_ssize_t>x) < 0:
+                return -1
+        elif op == 0x29:  # EMPTY_TUPLE
+            if _push_kind(d, K_ITUPLE, d.n_ints, 0) < 0:
+                return -1
+        elif op == 0x85 or op == 0x86 or op == 0x87:  # TUPLE1..3
+            n = op - 0x84
+            if d.n_stack - _fence(d) < n:
+                return _fail(d, W_STACK)
+            if _tuple(d, d.n_stack - n, n, &v) < 0:
+                return -1
+            d.n_stack -= n
+            if _push(d, v) < 0:
+                return -1
+        elif op == 0x74:  # TUPLE
+            if d.n_marks == 0:
+                return _fail(d, W_STACK)
+            first = d.marks[d.n_marks - 1]
+            d.n_marks -= 1
+            if _tuple(d, first, d.n_stack - first, &v) < 0:
+                return -1
+            d.n_stack = first
+            if _push(d, v) < 0:
+                return -1
+        elif op == 0x5d:  # EMPTY_LIST
+            if _new_cont(d, K_LIST) < 0:
+                return -1
+        elif op == 0x7d:  # EMPTY_DICT
+            if _new_cont(d, K_DICT) < 0:
+                return -1
+        elif op == 0x28:  # MARK
+            if _grow(<void **>&d.marks, &d.cap_marks, d.n_marks + 1, sizeof(Py_ssize_t)) < 0:
+                return _fail(d, W_NOMEM)
+            d.marks[d.n_marks] = d.n_stack
+            d.n_marks += 1
+        elif op == 0x61 or op == 0x73:  # APPEND, SETITEM
+            n = 1 if op == 0x61 else 2
+            if d.n_stack - _fence(d) < n + 1:
+                return _fail(d, W_STACK)
+            if _cont_add(d, d.n_stack - n, n, K_LIST if op == 0x61 else K_DICT) < 0:
+                return -1
+        elif op == 0x65 or op == 0x75:  # APPENDS, SETITEMS
+            if d.n_marks == 0:
+                return _fail(d, W_STACK)
+            first = d.marks[d.n_marks - 1]
+            d.n_marks -= 1
+            if _cont_add(d, first, d.n_stack - first, K_LIST if op == 0x65 else K_DICT) < 0:
+                return -1
+        elif op == 0x93:  # STACK_GLOBAL
+            if _pop(d, &b) < 0 or _pop(d, &a) < 0:
+                return -1
+            if a.kind != K_STR or b.kind != K_STR:
+                return _fail(d, W_GLOBAL)
+            if _global(d, lookup, a.a, a.b, b.a, b.b) < 0:
+                return -1
+        elif op == 0x63:  # GLOBAL module\nname\n
+            p0 = d.pos
+            nl = memchr(d.buf + d.pos, 10, <size_t>(d.len - d.pos))
+            if nl == NULL:
+                return _fail(d, W_TRUNCATED)
+            n = <const uint8_t *>nl - (d.buf + p0)
+            d.pos = p0 + n + 1
+            nl = memchr(d.buf + d.pos, 10, <size_t>(d.len - d.pos))
+            if nl == NULL:
+                return _fail(d, W_TRUNCATED)
+            m = <const uint8_t *>nl - (d.buf + d.pos)
+            if _global(d, lookup, p0, n, d.pos, m) < 0:
+                return -1
+            d.pos += m + 1
+        elif op == 0x81:  # NEWOBJ
+            if _newobj(d) < 0:
+                return -1
+        elif op == 0x52:  # REDUCE
+            if _reduce(d) < 0:
+                return -1
+        elif op == 0x62:  # BUILD
+            if _build(d) < 0:
+                return -1
+        elif op == 0x80:  # PROTO
+            if _need(d, 1) < 0:
+                return -1
+            if d.buf[d.pos] < 2 or d.buf[d.pos] > 5:
+                return _fail(d, W_PROTOCOL)
+            d.pos += 1
+        elif op == 0x95:  # FRAME
+            if _need(d, 8) < 0:
+                return -1
+            if op_pos < d.frame_end:
+                return _fail(d, W_FRAME)
+            x = <int64_t>_le(d.buf + d.pos, 8)
+            d.pos += 8
+            if x < 0 or x > d.len - d.pos:
+                return _fail(d, W_TRUNCATED)
+            d.frame_end = d.pos + x
+            continue
+        elif op == 0x2e:  # STOP
+            return 1
+        else:
+            return _fail(d, W_OPCODE)
+        if op_pos < d.frame_end and d.pos > d.frame_end:
             return _fail(d, W_FRAME)
-        x = <int64_t>_le(d.buf + d.pos, 8)
-        d.pos += 8
-        if x < 0 or x > d.len - d.pos:
-            return _fail(d, W_TRUNCATED)
-        d.frame_end = d.pos + x
-        return 0
-    elif op == 0x2e:  # STOP
-        return 1
-    else:
-        return _fail(d, W_OPCODE)
-    if op_pos < d.frame_end and d.pos > d.frame_end:
-        return _fail(d, W_FRAME)
-    return 0
-
-
-cdef int _run(D *d, PyObject *lookup) noexcept nogil:
-    cdef int r = 0
-    while r == 0:
-        r = _op(d, lookup)
-    return 0 if r == 1 else -1
 
 
 cdef void _free(D *d) noexcept nogil:
@@ -926,9 +940,27 @@ ctypedef struct StrTab:
     Py_ssize_t n, cap
 
 
+cdef int _str_rehash(StrTab *s, const uint8_t *buf) noexcept nogil:
+    # Doubles the slot array (kept at most half full, and small: a table of
+    # a few thousand names stays in cache).
+    cdef Table t
+    cdef int64_t id_, i
+    if _table_init(&t, s.t.mask + 1) < 0:
+        return -1
+    for id_ in range(s.n):
+        i = <int64_t>(_hash_bytes(t.key, buf + s.refs[2 * id_], s.refs[2 * id_ + 1])
+                      & <uint64_t>t.mask)
+        while t.slots[i] >= 0:
+            i = (i + 1) & t.mask
+        t.slots[i] = id_
+    free(s.t.slots)
+    s.t = t
+    return 0
+
+
 cdef int64_t _str_id(StrTab *s, const uint8_t *buf, int64_t a, int32_t b, bint add) noexcept nogil:
     # The id of the string buf[a:a+b] (added when absent and add), -1 when
-    # absent, -2 out of memory. The table holds at most its initial size.
+    # absent, -2 out of memory.
     cdef uint64_t h = _hash_bytes(s.t.key, buf + a, b)
     cdef int64_t i = <int64_t>(h & <uint64_t>s.t.mask)
     cdef int64_t id_
@@ -947,6 +979,8 @@ cdef int64_t _str_id(StrTab *s, const uint8_t *buf, int64_t a, int32_t b, bint a
     s.refs[2 * s.n + 1] = b
     s.t.slots[i] = s.n
     s.n += 1
+    if 2 * s.n > s.t.mask and _str_rehash(s, buf) < 0:
+        return -2
     return s.n - 1
 
 
@@ -1009,7 +1043,7 @@ cdef class _Decoder:
                 raise Unsupported("a class or function as a value")
             return self.objects[v.a]
         if k == K_CALL:
-            args = self._py(self.d.items[v.a], depth + 1)
+            args = self._py(_it(&self.d, v.a), depth + 1)
             try:
                 return self.objects[v.b](*args)
             except Exception:
@@ -1027,13 +1061,13 @@ cdef class _Decoder:
                 seg = &self.d.segs[s]
                 for i in range(seg.n):
                     if k == K_LIST:
-                        out.append(self._py(self.d.items[seg.start + i], depth + 1))
+                        out.append(self._py(_it(&self.d, seg.start + i), depth + 1))
                     else:
-                        item = self.d.items[seg.start + 2 * i]
+                        item = _it(&self.d, seg.start + 2 * i)
                         if item.kind != K_STR:
                             raise Unsupported("a dict key that is not a str")
                         out[self._text(item.a, item.b)] = self._py(
-                            self.d.items[seg.start + 2 * i + 1], depth + 1)
+                            _it(&self.d, seg.start + 2 * i + 1), depth + 1)
                 s = seg.next
             return out
         raise Unsupported("an instance where a plain value belongs")
@@ -1045,7 +1079,7 @@ cdef class _Decoder:
         p = &self.d.insts[inst.a]
         if p.role != role or not p.built:
             raise Unsupported("a metadata object of the wrong class, or never built")
-        return self.d.items[p.slots + slot]
+        return _it(&self.d, p.slots + slot)
 
     cdef int _ints_ok(self, V t, Py_ssize_t ndim) except -1:
         # An int64 tuple of ndim values >= 0 (ndim < 0: any length).
@@ -1089,8 +1123,8 @@ cdef class _Decoder:
         while s >= 0:
             seg = &d.segs[s]
             for i in range(seg.n):
-                key = d.items[seg.start + 2 * i]
-                item = d.items[seg.start + 2 * i + 1]
+                key = _it(d, seg.start + 2 * i)
+                item = _it(d, seg.start + 2 * i + 1)
                 name = self._text(key.a, key.b)
                 if name in seen:
                     raise Unsupported("duplicate fqns")
@@ -1106,7 +1140,7 @@ cdef class _Decoder:
                 size = self._slot(item, R_TSM, 1)
                 chunks = self._slot(item, R_TSM, 2)
                 self._slot(props, R_TPROPS, 0)
-                props_raw.append(tuple([self._py(d.items[d.insts[props.a].slots + j], 0)
+                props_raw.append(tuple([self._py(_it(d, d.insts[props.a].slots + j), 0)
                                         for j in range(5)]))
                 if not self._ints_ok(size, -1):
                     raise Unsupported("a size that is not a tuple of ints >= 0")
@@ -1172,62 +1206,79 @@ cdef class _Decoder:
         cdef Cont *c
         cdef StrTab names
         cdef StrTab paths
-        cdef Table keys
         cdef int64_t m, nvals = 0, row
         cdef int why = 0
         cdef Py_ssize_t i
+        cdef TdList tds
         if sd.kind == K_ABSENT or sd.kind == K_NONE:
             return dict(storage_data_none=True)
         c = _cont(d, &sd, K_DICT)
         if c == NULL:
             raise Unsupported("storage_data is not a dict")
         m = c.count
-        if m >= (<int64_t>1 << 32):
-            raise Unsupported(_WHY[W_LARGE])
         memset(&names, 0, sizeof(StrTab))
         memset(&paths, 0, sizeof(StrTab))
-        memset(&keys, 0, sizeof(Table))
+        memset(&tds, 0, sizeof(TdList))
         try:
-            nvals = _storage_count(d, sd.a)
-            if nvals < 0:
-                raise Unsupported("a storage entry of an unexpected form")
             st_fqn = np.empty(m, dtype=np.int64)
             st_nd = np.empty(m, dtype=np.int64)
-            st_vals = np.empty(nvals, dtype=np.int64)
+            # Every offset value is an int of the arena: a bound that costs
+            # only address space until it is written.
+            st_vals = np.empty(d.n_ints, dtype=np.int64)
             st_index = np.empty(m, dtype=np.int64)
             st_path = np.empty(m, dtype=np.int64)
             st_foff = np.empty(m, dtype=np.int64)
             st_len = np.empty(m, dtype=np.int64)
-            tds = []
-            if (_table_init(&names.t, len(fqns) + m) < 0 or _table_init(&paths.t, m) < 0
-                    or _table_init(&keys, m) < 0):
+            hashes = np.empty(m, dtype=np.uint64)
+            if _table_init(&names.t, len(fqns)) < 0 or _table_init(&paths.t, 64) < 0:
                 raise MemoryError()
             # The fqns first, in order: their ids are their rows.
             if _seed_names(d, &names, d.stack[d.n_stack - 1]) < 0:
                 raise MemoryError()
-            why = _storage_fill(d, sd.a, &names, &paths, &keys, st_fqn, st_nd, st_vals,
-                                st_index, st_path, st_foff, st_len, tds)
+            why = _storage_fill(d, sd.a, &names, &paths, st_fqn, st_nd, st_vals, st_index,
+                                st_path, st_foff, st_len, hashes, &tds, &nvals)
             if why == W_NOMEM:
                 raise MemoryError()
             if why:
                 raise Unsupported(_WHY[why])
+            st_vals = st_vals[:nvals].copy()
+            _check_unique(hashes, st_fqn, st_nd, st_vals)
             extra = [self._text(names.refs[2 * i], <int32_t>names.refs[2 * i + 1])
                      for i in range(len(fqns), names.n)]
             path_list = [self._text(paths.refs[2 * i], <int32_t>paths.refs[2 * i + 1])
                          for i in range(paths.n)]
             transforms = {}
-            for row, tv in tds:
-                transforms[row] = self._py((<_Box>tv).v, 0)
+            for i in range(tds.n):
+                transforms[tds.rows[i]] = self._py(_unpack(d, tds.vals[i]), 0)
         finally:
             free(names.t.slots)
             free(names.refs)
             free(paths.t.slots)
             free(paths.refs)
-            free(keys.slots)
+            free(tds.rows)
+            free(tds.vals)
         return dict(extra_names=extra, st_fqn=st_fqn, st_offset_ndim=st_nd,
                     st_offset_values=st_vals, st_index=st_index, st_path=st_path,
                     paths=path_list, st_file_offset=st_foff, st_length=st_len,
                     st_transforms=transforms, storage_data_none=False)
+
+
+def _check_unique(hashes, st_fqn, st_nd, st_vals):
+    # A dict holds one entry per (fqn, offset): equal keys in the stream
+    # would collapse. Keys with equal (keyed) hashes are compared exactly;
+    # a file cannot choose keys whose hashes collide.
+    srt = np.sort(hashes)
+    same = srt[1:] == srt[:-1]
+    if not same.any():
+        return
+    rows = np.flatnonzero(np.isin(hashes, srt[1:][same])).tolist()
+    ptr = np.concatenate(([0], np.cumsum(np.maximum(st_nd, 0))))
+    seen = set()
+    for r in rows:
+        key = (int(st_fqn[r]), int(st_nd[r]), st_vals[ptr[r]:ptr[r + 1]].tobytes())
+        if key in seen:
+            raise Unsupported(_WHY[W_DUPLICATE])
+        seen.add(key)
 
 
 _ABSENT = object()
@@ -1243,22 +1294,22 @@ cdef int _copy_chunks(D *d, int64_t cid, int32_t nd, int64_t *ov, int64_t *zv,
     # chunk is not a built ChunkStorageMetadata of nd int64 values >= 0.
     cdef int64_t s = d.conts[cid].head
     cdef Seg *seg
-    cdef V *v
+    cdef V v
     cdef Inst *p
-    cdef V *o
-    cdef V *z
+    cdef V o
+    cdef V z
     cdef Py_ssize_t i, j
     while s >= 0:
         seg = &d.segs[s]
         for i in range(seg.n):
-            v = &d.items[seg.start + i]
+            v = _it(d, seg.start + i)
             if v.kind != K_INST:
                 return 1
             p = &d.insts[v.a]
             if p.role != R_CHUNK or not p.built:
                 return 1
-            o = &d.items[p.slots]
-            z = &d.items[p.slots + 1]
+            o = _it(d, p.slots)
+            z = _it(d, p.slots + 1)
             if o.kind != K_ITUPLE or z.kind != K_ITUPLE or o.b != nd or z.b != nd:
                 return 1
             for j in range(nd):
@@ -1274,65 +1325,25 @@ cdef int _copy_chunks(D *d, int64_t cid, int32_t nd, int64_t *ov, int64_t *zv,
 
 cdef int _seed_names(D *d, StrTab *names, V root) noexcept nogil:
     cdef Inst *p = &d.insts[root.a]
-    cdef V sdm = d.items[p.slots]
+    cdef V sdm = _it(d, p.slots)
     cdef int64_t s = d.conts[sdm.a].head
     cdef Seg *seg
-    cdef V *k
+    cdef V k
     cdef Py_ssize_t i
     while s >= 0:
         seg = &d.segs[s]
         for i in range(seg.n):
-            k = &d.items[seg.start + 2 * i]
+            k = _it(d, seg.start + 2 * i)
             if _str_id(names, d.buf, k.a, k.b, True) < 0:
                 return -1
         s = seg.next
     return 0
 
 
-cdef int64_t _storage_count(D *d, int64_t cid) noexcept nogil:
-    # Offset values of all keys, or -1 when a key or value is not a built
-    # MetadataIndex -> StorageInfo pair of the expected field kinds.
-    cdef int64_t s = d.conts[cid].head, total = 0
-    cdef Seg *seg
-    cdef V *k
-    cdef V *v
-    cdef V *f
-    cdef Inst *p
-    cdef Inst *q
-    cdef Py_ssize_t i
-    while s >= 0:
-        seg = &d.segs[s]
-        for i in range(seg.n):
-            k = &d.items[seg.start + 2 * i]
-            v = &d.items[seg.start + 2 * i + 1]
-            if k.kind != K_INST or v.kind != K_INST:
-                return -1
-            p = &d.insts[k.a]
-            q = &d.insts[v.a]
-            if p.role != R_INDEX or not p.built or q.role != R_SINFO or not q.built:
-                return -1
-            f = &d.items[p.slots]
-            if f.kind != K_STR:
-                return -1
-            f = &d.items[p.slots + 1]
-            if f.kind == K_ITUPLE:
-                total += f.b
-            elif f.kind != K_NONE and f.kind != K_ABSENT:
-                return -1
-            f = &d.items[p.slots + 2]
-            if not (f.kind == K_NONE or f.kind == K_ABSENT or (f.kind == K_INT and f.a >= 0)):
-                return -1
-            f = &d.items[q.slots]
-            if f.kind != K_STR:
-                return -1
-            f = &d.items[q.slots + 1]
-            if f.kind != K_INT or f.a < 0:
-                return -1
-            f = &d.items[q.slots + 2]
-            if f.kind != K_INT or f.a < 0:
-                return -1
-        s = seg.next
-    return total
+ctypedef struct TdList:
+    int64_t *rows
+    uint64_t *vals
+    Py_ssize_t n, cap, cap2
 
 
 cdef inline uint64_t _key_hash(uint64_t key, int64_t fid, int64_t nd, const int64_t *vals) noexcept nogil:
@@ -1343,114 +1354,114 @@ cdef inline uint64_t _key_hash(uint64_t key, int64_t fid, int64_t nd, const int6
     return ck_mix64(h)
 
 
-cdef int _storage_fill(D *d, int64_t cid, StrTab *names, StrTab *paths, Table *keys,
-                       int64_t[::1] st_fqn, int64_t[::1] st_nd, int64_t[::1] st_vals,
-                       int64_t[::1] st_index, int64_t[::1] st_path, int64_t[::1] st_foff,
-                       int64_t[::1] st_len, list tds) noexcept:
-    cdef int64_t s = d.conts[cid].head, row = 0, vpos = 0, fid, pid, nd, other, slot, tag
+cdef inline int64_t _cached_id(StrTab *tab, int64_t (*cache)[3], const uint8_t *buf, V *f) noexcept nogil:
     # Memoised strs are one range of the input however often they are used:
     # a direct-mapped cache by that range saves hashing the bytes again.
+    cdef int64_t ci = <int64_t>(ck_mix64(<uint64_t>f.a) & (CACHE - 1))
+    cdef int64_t id_
+    if cache[ci][0] == f.a and cache[ci][1] == f.b:
+        return cache[ci][2]
+    id_ = _str_id(tab, buf, f.a, f.b, True)
+    if id_ >= 0:
+        cache[ci][0] = f.a
+        cache[ci][1] = f.b
+        cache[ci][2] = id_
+    return id_
+
+
+cdef int _storage_fill(D *d, int64_t cid, StrTab *names, StrTab *paths,
+                       int64_t[::1] st_fqn, int64_t[::1] st_nd, int64_t[::1] st_vals,
+                       int64_t[::1] st_index, int64_t[::1] st_path, int64_t[::1] st_foff,
+                       int64_t[::1] st_len, uint64_t[::1] hashes, TdList *tds,
+                       int64_t *nvals) noexcept nogil:
+    # One pass over storage_data: every key a built MetadataIndex (fqn str,
+    # offset None/absent or ints >= 0, index None/absent or an int >= 0),
+    # every value a built StorageInfo (path str, offset and length ints >= 0,
+    # transform_descriptors kept aside when set). W_* on a mismatch.
+    cdef int64_t s = d.conts[cid].head, row = 0, vpos = 0, fid, pid, nd, j
     cdef int64_t cache[2][CACHE][3]
-    cdef int64_t ci
+    cdef uint64_t key = ck_hash_key()
     cdef Seg *seg
-    cdef V *k
-    cdef V *v
-    cdef V *f
+    cdef V k, v, f
     cdef Inst *p
     cdef Inst *q
     cdef Py_ssize_t i
-    cdef uint64_t h
     cdef int64_t *vals = &st_vals[0] if st_vals.shape[0] else NULL
-    cdef _Box box
     memset(cache, 0xff, sizeof(cache))
     while s >= 0:
         seg = &d.segs[s]
-        with nogil:
-            for i in range(seg.n):
-                k = &d.items[seg.start + 2 * i]
-                v = &d.items[seg.start + 2 * i + 1]
-                p = &d.insts[k.a]
-                q = &d.insts[v.a]
-                f = &d.items[p.slots]
-                ci = <int64_t>(ck_mix64(<uint64_t>f.a) & (CACHE - 1))
-                if cache[0][ci][0] == f.a and cache[0][ci][1] == f.b:
-                    fid = cache[0][ci][2]
-                else:
-                    fid = _str_id(names, d.buf, f.a, f.b, True)
-                    if fid < 0:
-                        return W_NOMEM
-                    cache[0][ci][0] = f.a
-                    cache[0][ci][1] = f.b
-                    cache[0][ci][2] = fid
-                st_fqn[row] = fid
-                f = &d.items[p.slots + 1]
-                if f.kind == K_ITUPLE:
-                    nd = f.b
-                    if nd:
-                        memcpy(&vals[vpos], &d.ints[f.a], <size_t>nd * sizeof(int64_t))
-                        for slot in range(nd):
-                            if vals[vpos + slot] < 0:
-                                return W_STORAGE
-                else:
-                    nd = -1
-                st_nd[row] = nd
-                # One entry per (fqn, offset), as in a dict.
-                h = _key_hash(keys.key, fid, nd, &vals[vpos] if nd > 0 else NULL)
-                # A slot holds the row and 31 bits of its hash: the rows
-                # themselves are only read when those bits match.
-                slot = <int64_t>(h & <uint64_t>keys.mask)
-                tag = <int64_t>(h >> 33)
-                while keys.slots[slot] >= 0:
-                    if (keys.slots[slot] >> 32) == tag:
-                        other = keys.slots[slot] & <int64_t>0xFFFFFFFF
-                        if (st_fqn[other] == fid and st_nd[other] == nd
-                                and (nd <= 0 or memcmp(&vals[st_index[other]], &vals[vpos],
-                                                       <size_t>nd * sizeof(int64_t)) == 0)):
-                            return W_DUPLICATE
-                    slot = (slot + 1) & keys.mask
-                keys.slots[slot] = (tag << 32) | row
-                # st_index holds the entry's value start until the index column is written.
-                st_index[row] = vpos
-                if nd > 0:
-                    vpos += nd
-                f = &d.items[q.slots]
-                ci = <int64_t>(ck_mix64(<uint64_t>f.a) & (CACHE - 1))
-                if cache[1][ci][0] == f.a and cache[1][ci][1] == f.b:
-                    pid = cache[1][ci][2]
-                else:
-                    pid = _str_id(paths, d.buf, f.a, f.b, True)
-                    if pid < 0:
-                        return W_NOMEM
-                    cache[1][ci][0] = f.a
-                    cache[1][ci][1] = f.b
-                    cache[1][ci][2] = pid
-                st_path[row] = pid
-                st_foff[row] = d.items[q.slots + 1].a
-                st_len[row] = d.items[q.slots + 2].a
-                row += 1
-        s = seg.next
-    # The index hints, and the rare transform descriptors, once the keys are checked.
-    row = 0
-    s = d.conts[cid].head
-    while s >= 0:
-        seg = &d.segs[s]
         for i in range(seg.n):
-            k = &d.items[seg.start + 2 * i]
-            v = &d.items[seg.start + 2 * i + 1]
-            f = &d.items[d.insts[k.a].slots + 2]
-            st_index[row] = f.a if f.kind == K_INT else -1
-            f = &d.items[d.insts[v.a].slots + 3]
-            if f.kind != K_ABSENT and f.kind != K_NONE:
-                box = _Box()
-                box.v = f[0]
-                tds.append((row, box))
+            k = _it(d, seg.start + 2 * i)
+            v = _it(d, seg.start + 2 * i + 1)
+            if k.kind != K_INST or v.kind != K_INST:
+                return W_STORAGE
+            p = &d.insts[k.a]
+            q = &d.insts[v.a]
+            if p.role != R_INDEX or not p.built or q.role != R_SINFO or not q.built:
+                return W_STORAGE
+            f = _it(d, p.slots)
+            if f.kind != K_STR:
+                return W_STORAGE
+            fid = _cached_id(names, cache[0], d.buf, &f)
+            if fid < 0:
+                return W_NOMEM
+            st_fqn[row] = fid
+            f = _it(d, p.slots + 1)
+            if f.kind == K_ITUPLE:
+                nd = f.b
+                if vpos + nd > st_vals.shape[0]:
+                    return W_STORAGE
+                for j in range(nd):
+                    if d.ints[f.a + j] < 0:
+                        return W_STORAGE
+                    vals[vpos + j] = d.ints[f.a + j]
+            elif f.kind == K_NONE or f.kind == K_ABSENT:
+                nd = -1
+            else:
+                return W_STORAGE
+            st_nd[row] = nd
+            hashes[row] = _key_hash(key, fid, nd, &vals[vpos] if nd > 0 else NULL)
+            if nd > 0:
+                vpos += nd
+            f = _it(d, p.slots + 2)
+            if f.kind == K_INT and f.a >= 0:
+                st_index[row] = f.a
+            elif f.kind == K_NONE or f.kind == K_ABSENT:
+                st_index[row] = -1
+            else:
+                return W_STORAGE
+            f = _it(d, q.slots)
+            if f.kind != K_STR:
+                return W_STORAGE
+            pid = _cached_id(paths, cache[1], d.buf, &f)
+            if pid < 0:
+                return W_NOMEM
+            st_path[row] = pid
+            f = _it(d, q.slots + 1)
+            if f.kind != K_INT or f.a < 0:
+                return W_STORAGE
+            st_foff[row] = f.a
+            f = _it(d, q.slots + 2)
+            if f.kind != K_INT or f.a < 0:
+                return W_STORAGE
+            st_len[row] = f.a
+            if d.items[q.slots + 3] != K_ABSENT:
+                f = _it(d, q.slots + 3)
+                if f.kind != K_NONE:
+                    if (_grow(<void **>&tds.rows, &tds.cap, tds.n + 1, sizeof(int64_t)) < 0
+                            or _grow(<void **>&tds.vals, &tds.cap2, tds.n + 1, sizeof(uint64_t)) < 0):
+                        return W_NOMEM
+                    tds.rows[tds.n] = row
+                    tds.vals[tds.n] = d.items[q.slots + 3]
+                    tds.n += 1
             row += 1
         s = seg.next
+    nvals[0] = vpos
     return 0
 
 
 def decode(const uint8_t[::1] data not None, object lookup, list roles, list objects,
-           int max_depth=100):
+           int max_depth=100, bint vm_only=False):
     """Columns of a DCP ``Metadata`` pickle, as a dict of ``MetadataColumns`` arguments.
 
     ``lookup(module, name)`` (both bytes) returns the code of an allow-listed
@@ -1484,8 +1495,9 @@ def decode(const uint8_t[::1] data not None, object lookup, list roles, list obj
     d.len = data.shape[0]
     # Upper bounds seen on torch's files, per byte of stream: a memo entry per
     # 8 bytes, an item record per 4, an int per 8, an instance or container per 32.
-    if (_reserve(<void **>&d.memo, &d.cap_memo, d.len // 8 + 256, sizeof(uint64_t)) < 0
-            or _reserve(<void **>&d.items, &d.cap_items, d.len // 4 + 256, sizeof(V)) < 0
+    if (_reserve(<void **>&d.stack, &d.cap_stack, 4096, sizeof(V)) < 0
+            or _reserve(<void **>&d.memo, &d.cap_memo, d.len // 8 + 256, sizeof(uint64_t)) < 0
+            or _reserve(<void **>&d.items, &d.cap_items, d.len // 4 + 256, sizeof(uint64_t)) < 0
             or _reserve(<void **>&d.ints, &d.cap_ints, d.len // 8 + 256, sizeof(int64_t)) < 0
             or _reserve(<void **>&d.insts, &d.cap_insts, d.len // 32 + 256, sizeof(Inst)) < 0
             or _reserve(<void **>&d.conts, &d.cap_conts, d.len // 32 + 256, sizeof(Cont)) < 0
@@ -1498,6 +1510,8 @@ def decode(const uint8_t[::1] data not None, object lookup, list roles, list obj
         if d.why == W_NOMEM:
             raise MemoryError()
         raise Unsupported(f"{_WHY[d.why]} (byte {d.why_pos})")
+    if vm_only:
+        return None
     return dec.columns()
 
 
