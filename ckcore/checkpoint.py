@@ -1017,7 +1017,7 @@ def _columns_fast(data: bytes) -> MetadataColumns:
     version = raw["version"]
     if version is not None and type(version) is not str:
         raise _Fallback("version is not a str")
-    for td in raw["st_transforms"].values():
+    for td in raw.get("st_transforms", {}).values():
         if type(td) not in (list, tuple) or not all(type(x) is str for x in td):
             raise _Fallback("invalid transform_descriptors")
     try:

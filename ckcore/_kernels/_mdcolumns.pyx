@@ -211,7 +211,11 @@ cdef int _reserve(void **p, Py_ssize_t *cap, Py_ssize_t n, size_t item) noexcept
     # the system allows, and a table that fills it grows by realloc.
     p[0] = ck_malloc_big(<size_t>n * item)
     if p[0] == NULL:
-        return -1
+        # Address space is short (a capped process): start small and grow.
+        n = 256
+        p[0] = ck_malloc_big(<size_t>n * item)
+        if p[0] == NULL:
+            return -1
     cap[0] = n
     return 0
 
@@ -1093,10 +1097,10 @@ cdef class _Decoder:
 
     def columns(self):
         cdef D *d = &self.d
-        cdef V root, sdm, item, props, size, chunks, chunk, off, sz, key, val, f
+        cdef V root, sdm, item, props, size, chunks, key, f
         cdef Cont *c
         cdef Seg *seg
-        cdef int64_t s, row, nrows, nvals, j, total_rows = 0, total_vals = 0, total_size = 0
+        cdef int64_t s, nrows, j, total_rows = 0, total_vals = 0, total_size = 0
         cdef int64_t budget
         cdef Py_ssize_t i, t, nd, nf
         cdef int64_t[::1] sp, cp, sv, ov, zv
@@ -1206,10 +1210,12 @@ cdef class _Decoder:
         cdef Cont *c
         cdef StrTab names
         cdef StrTab paths
-        cdef int64_t m, nvals = 0, row
+        cdef int64_t m
         cdef int why = 0
         cdef Py_ssize_t i
         cdef TdList tds
+        cdef I64Buf vals
+        cdef int64_t[::1] sv
         if sd.kind == K_ABSENT or sd.kind == K_NONE:
             return dict(storage_data_none=True)
         c = _cont(d, &sd, K_DICT)
@@ -1219,12 +1225,10 @@ cdef class _Decoder:
         memset(&names, 0, sizeof(StrTab))
         memset(&paths, 0, sizeof(StrTab))
         memset(&tds, 0, sizeof(TdList))
+        memset(&vals, 0, sizeof(I64Buf))
         try:
             st_fqn = np.empty(m, dtype=np.int64)
             st_nd = np.empty(m, dtype=np.int64)
-            # Every offset value is an int of the arena: a bound that costs
-            # only address space until it is written.
-            st_vals = np.empty(d.n_ints, dtype=np.int64)
             st_index = np.empty(m, dtype=np.int64)
             st_path = np.empty(m, dtype=np.int64)
             st_foff = np.empty(m, dtype=np.int64)
@@ -1235,13 +1239,16 @@ cdef class _Decoder:
             # The fqns first, in order: their ids are their rows.
             if _seed_names(d, &names, d.stack[d.n_stack - 1]) < 0:
                 raise MemoryError()
-            why = _storage_fill(d, sd.a, &names, &paths, st_fqn, st_nd, st_vals, st_index,
-                                st_path, st_foff, st_len, hashes, &tds, &nvals)
+            why = _storage_fill(d, sd.a, &names, &paths, st_fqn, st_nd, &vals, st_index,
+                                st_path, st_foff, st_len, hashes, &tds)
             if why == W_NOMEM:
                 raise MemoryError()
             if why:
                 raise Unsupported(_WHY[why])
-            st_vals = st_vals[:nvals].copy()
+            st_vals = np.empty(vals.n, dtype=np.int64)
+            if vals.n:
+                sv = st_vals
+                memcpy(&sv[0], vals.p, <size_t>vals.n * sizeof(int64_t))
             _check_unique(hashes, st_fqn, st_nd, st_vals)
             extra = [self._text(names.refs[2 * i], <int32_t>names.refs[2 * i + 1])
                      for i in range(len(fqns), names.n)]
@@ -1257,6 +1264,7 @@ cdef class _Decoder:
             free(paths.refs)
             free(tds.rows)
             free(tds.vals)
+            free(vals.p)
         return dict(extra_names=extra, st_fqn=st_fqn, st_offset_ndim=st_nd,
                     st_offset_values=st_vals, st_index=st_index, st_path=st_path,
                     paths=path_list, st_file_offset=st_foff, st_length=st_len,
@@ -1282,10 +1290,6 @@ def _check_unique(hashes, st_fqn, st_nd, st_vals):
 
 
 _ABSENT = object()
-
-
-cdef class _Box:
-    cdef V v
 
 
 cdef int _copy_chunks(D *d, int64_t cid, int32_t nd, int64_t *ov, int64_t *zv,
@@ -1340,6 +1344,11 @@ cdef int _seed_names(D *d, StrTab *names, V root) noexcept nogil:
     return 0
 
 
+ctypedef struct I64Buf:
+    int64_t *p
+    Py_ssize_t n, cap
+
+
 ctypedef struct TdList:
     int64_t *rows
     uint64_t *vals
@@ -1370,10 +1379,9 @@ cdef inline int64_t _cached_id(StrTab *tab, int64_t (*cache)[3], const uint8_t *
 
 
 cdef int _storage_fill(D *d, int64_t cid, StrTab *names, StrTab *paths,
-                       int64_t[::1] st_fqn, int64_t[::1] st_nd, int64_t[::1] st_vals,
+                       int64_t[::1] st_fqn, int64_t[::1] st_nd, I64Buf *ov,
                        int64_t[::1] st_index, int64_t[::1] st_path, int64_t[::1] st_foff,
-                       int64_t[::1] st_len, uint64_t[::1] hashes, TdList *tds,
-                       int64_t *nvals) noexcept nogil:
+                       int64_t[::1] st_len, uint64_t[::1] hashes, TdList *tds) noexcept nogil:
     # One pass over storage_data: every key a built MetadataIndex (fqn str,
     # offset None/absent or ints >= 0, index None/absent or an int >= 0),
     # every value a built StorageInfo (path str, offset and length ints >= 0,
@@ -1386,7 +1394,7 @@ cdef int _storage_fill(D *d, int64_t cid, StrTab *names, StrTab *paths,
     cdef Inst *p
     cdef Inst *q
     cdef Py_ssize_t i
-    cdef int64_t *vals = &st_vals[0] if st_vals.shape[0] else NULL
+    cdef int64_t *vals
     memset(cache, 0xff, sizeof(cache))
     while s >= 0:
         seg = &d.segs[s]
@@ -1409,8 +1417,9 @@ cdef int _storage_fill(D *d, int64_t cid, StrTab *names, StrTab *paths,
             f = _it(d, p.slots + 1)
             if f.kind == K_ITUPLE:
                 nd = f.b
-                if vpos + nd > st_vals.shape[0]:
-                    return W_STORAGE
+                if _grow(<void **>&ov.p, &ov.cap, vpos + nd + 1, sizeof(int64_t)) < 0:
+                    return W_NOMEM
+                vals = ov.p
                 for j in range(nd):
                     if d.ints[f.a + j] < 0:
                         return W_STORAGE
@@ -1420,7 +1429,7 @@ cdef int _storage_fill(D *d, int64_t cid, StrTab *names, StrTab *paths,
             else:
                 return W_STORAGE
             st_nd[row] = nd
-            hashes[row] = _key_hash(key, fid, nd, &vals[vpos] if nd > 0 else NULL)
+            hashes[row] = _key_hash(key, fid, nd, &ov.p[vpos] if nd > 0 else NULL)
             if nd > 0:
                 vpos += nd
             f = _it(d, p.slots + 2)
@@ -1456,12 +1465,12 @@ cdef int _storage_fill(D *d, int64_t cid, StrTab *names, StrTab *paths,
                     tds.n += 1
             row += 1
         s = seg.next
-    nvals[0] = vpos
+    ov.n = vpos
     return 0
 
 
 def decode(const uint8_t[::1] data not None, object lookup, list roles, list objects,
-           int max_depth=100, bint vm_only=False):
+           int max_depth=100):
     """Columns of a DCP ``Metadata`` pickle, as a dict of ``MetadataColumns`` arguments.
 
     ``lookup(module, name)`` (both bytes) returns the code of an allow-listed
@@ -1510,8 +1519,6 @@ def decode(const uint8_t[::1] data not None, object lookup, list roles, list obj
         if d.why == W_NOMEM:
             raise MemoryError()
         raise Unsupported(f"{_WHY[d.why]} (byte {d.why_pos})")
-    if vm_only:
-        return None
     return dec.columns()
 
 
