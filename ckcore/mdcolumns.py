@@ -445,7 +445,9 @@ class MetadataColumns:
         sdm = getattr(md, "state_dict_metadata", None)
         if not isinstance(sdm, Mapping):
             raise TypeError(f"metadata has no state_dict_metadata mapping: {type(md).__name__}")
-        fqns, kinds, props = [], [], []
+        fqns: list[str] = []
+        kinds: list[int] = []
+        props: list[tuple[str, str, bool, str, bool] | None] = []
         size_ptr, size_values, chunk_ptr, offs, sizes = [0], [], [0], [], []
         for fqn, item in sdm.items():
             fqns.append(fqn)
