@@ -19,6 +19,7 @@ import torch as _torch
 
 from . import dropins
 from ._compat import UntestedTorchWarning, warn_if_untested
+from ._lazy_metadata import ColumnarMetadata
 from .convert import dtype_from_torch, dtype_to_torch, from_torch, to_torch
 from .dropins import (
     create_default_global_save_plan,
@@ -34,6 +35,7 @@ from .reader import RangeFileSystemReader
 warn_if_untested(_torch.__version__)
 
 __all__ = [
+    "ColumnarMetadata",
     "FastLoadPlanner",
     "FastSavePlanner",
     "Patch",
