@@ -38,6 +38,7 @@ Layout (``n`` fqns, ``m`` storage entries):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -55,7 +56,7 @@ from .metadata import (
     TensorStorageMetadata,
 )
 
-__all__ = ["BYTES", "TENSOR", "MetadataColumns"]
+__all__ = ["BYTES", "TENSOR", "MetadataColumns", "dumps_metadata"]
 
 #: ``MetadataColumns.kinds`` value of a tensor.
 TENSOR = 0
@@ -605,3 +606,270 @@ def _row_map(values: Mapping[int, Any] | None, what: str, m: int) -> dict[int, A
             raise ValueError(f"{what} has a key that is not a storage row: {saferepr(k)}")
     return out
 
+
+
+# --------------------------------------------------------------------------
+# Writing: MetadataColumns -> torch's .metadata pickle.
+# --------------------------------------------------------------------------
+
+_DCP_MD = "torch.distributed.checkpoint.metadata"
+_DCP_FS = "torch.distributed.checkpoint.filesystem"
+_MEM_FORMAT_CODES = {"contiguous_format": 0, "channels_last": 1, "preserve_format": 2}
+_KEYS = ("state_dict_metadata", "planner_data", "storage_data", "storage_meta", "version",
+         "properties", "size", "chunks", "offsets", "sizes", "fqn", "index", "offset",
+         "relative_path", "length", "transform_descriptors", "checkpoint_id", "save_id",
+         "load_id", "modules")
+_GLOBALS = {
+    "Metadata": (_DCP_MD, "Metadata"), "TSM": (_DCP_MD, "TensorStorageMetadata"),
+    "Chunk": (_DCP_MD, "ChunkStorageMetadata"), "Bytes": (_DCP_MD, "BytesStorageMetadata"),
+    "Index": (_DCP_MD, "MetadataIndex"), "SMeta": (_DCP_MD, "StorageMeta"),
+    "Props": (_DCP_MD, "TensorProperties"), "MemFmt": (_DCP_MD, "_MEM_FORMAT_ENCODING"),
+    "Info": (_DCP_FS, "_StorageInfo"), "Size": ("torch", "Size"),
+    "Layout": ("torch.serialization", "_get_layout"),
+}
+_I64_RANGE = (-(2**63), 2**63 - 1)
+
+
+class _Writer:
+    """The Python half of :func:`dumps_metadata`: prelude, small values, structure."""
+
+    def __init__(self, cols: MetadataColumns) -> None:
+        from ._kernels._mdwrite import Encoder
+
+        self.cols = cols
+        self.e = Encoder()
+        self.m: dict[Any, int] = {}
+
+    def push_text(self, s: str, tag: str = "s") -> int:
+        # Pushes the str once: written and memoised the first time, BINGET after.
+        key = (tag, s)
+        idx = self.m.get(key)
+        if idx is None:
+            self.e.text(s)
+            idx = self.m[key] = self.e.memoize()
+        else:
+            self.e.get(idx)
+        return idx
+
+    def push_global(self, module: str, name: str) -> int:
+        key = ("g", module, name)
+        idx = self.m.get(key)
+        if idx is None:
+            self.push_text(module)
+            self.push_text(name)
+            self.e.op(b"\x93")
+            idx = self.m[key] = self.e.memoize()
+        else:
+            self.e.get(idx)
+        return idx
+
+    def prelude(self) -> None:
+        # Every reused value memoised once, between MARK and POP_MARK (which
+        # drops what the prelude pushed): the structure below only BINGETs them.
+        cols = self.cols
+        self.e.op(b"(")
+        self.g = {k: self.push_global(*v) for k, v in _GLOBALS.items()}
+        self.k = {k: self.push_text(k) for k in _KEYS}
+        for p in cols.properties:
+            if p is not None:
+                self.push_global("torch", p[0])
+                self.push_text("torch." + p[1], "layout")
+        self.names = np.array([self.push_text(n) for n in cols.names], dtype=np.int64)
+        self.paths = np.array([self.push_text(p) for p in cols.paths], dtype=np.int64)
+        self.e.op(b"1")
+
+    def value(self, x: Any, depth: int = 0) -> None:
+        """A plain value (planner_data, storage_meta fields, transform descriptors)."""
+        if depth > 100:
+            raise ValueError("value nested too deep to write")
+        e = self.e
+        if x is None:
+            e.op(b"N")
+        elif x is True or x is False:
+            e.op(b"\x88" if x else b"\x89")
+        elif type(x) is int:
+            if not _I64_RANGE[0] <= x <= _I64_RANGE[1]:
+                raise ValueError(f"int {x} beyond int64 cannot be written from columns")
+            e.integer(x)
+        elif type(x) is float:
+            import struct
+            e.op(b"G" + struct.pack(">d", x))
+        elif type(x) is str:
+            e.text(x)
+        elif type(x) is tuple:
+            if not x:
+                e.op(b")")
+                return
+            e.op(b"(")
+            for v in x:
+                self.value(v, depth + 1)
+            e.op(b"t")
+        elif type(x) is list:
+            e.op(b"]")
+            if x:
+                e.op(b"(")
+                for v in x:
+                    self.value(v, depth + 1)
+                e.op(b"e")
+        elif type(x) is dict:
+            e.op(b"}")
+            if x:
+                e.op(b"(")
+                for k, v in x.items():
+                    self.value(k, depth + 1)
+                    self.value(v, depth + 1)
+                e.op(b"u")
+        elif isinstance(x, os.PathLike) and hasattr(x, "__reduce__"):
+            cls, args = x.__reduce__()[:2]
+            self.push_global(cls.__module__, cls.__qualname__)
+            self.value(tuple(args), depth + 1)
+            e.op(b"R")
+        else:
+            raise TypeError(f"cannot write a {type(x).__name__} from columns")
+
+    def props(self, p: tuple[str, str, bool, str, bool]) -> None:
+        e, g = self.e, self.g
+        code = _MEM_FORMAT_CODES.get(p[3])
+        if code is None:
+            raise ValueError(f"memory format {p[3]!r} has no encoding in torch's TensorProperties")
+        e.get(g["Props"])
+        e.op(b")\x81(")
+        self.push_global("torch", p[0])
+        e.get(g["Layout"])
+        self.push_text("torch." + p[1], "layout")
+        e.op(b"\x85R")
+        e.op(b"\x88" if p[2] else b"\x89")
+        e.get(g["MemFmt"])
+        e.integer(code)
+        e.op(b"\x85R")
+        e.op(b"\x88" if p[4] else b"\x89")
+        e.op(b"tb")
+
+    def state_dict_metadata(self) -> None:
+        cols, e, g, k = self.cols, self.e, self.g, self.k
+        e.op(b"}")
+        for start in range(0, len(cols.fqns), 1000):
+            e.op(b"(")
+            for i in range(start, min(start + 1000, len(cols.fqns))):
+                e.get(int(self.names[i]))
+                p = cols.properties[i]
+                if p is None:
+                    e.get(g["Bytes"])
+                    e.op(b")\x81")
+                    continue
+                e.get(g["TSM"])
+                e.op(b")\x81}(")
+                e.get(k["properties"])
+                self.props(p)
+                e.get(k["size"])
+                e.size(cols.size_values[cols.size_ptr[i]:cols.size_ptr[i + 1]], g["Size"])
+                e.get(k["chunks"])
+                e.chunk_lists(cols.chunk_ptr, cols.size_ptr, cols.chunk_offsets, cols.chunk_sizes,
+                              i, g["Chunk"], g["Size"], k["offsets"], k["sizes"])
+                e.op(b"ub")
+            e.op(b"u")
+
+    def storage_data(self) -> None:
+        cols, e, g, k = self.cols, self.e, self.g, self.k
+        if cols.storage_data_none:
+            e.op(b"N")
+            return
+        e.op(b"}")
+        m = cols.n_storage
+        special = sorted(set(cols.st_transforms) | set(cols.storage_other))
+        keys = np.array([g["Index"], g["Info"], g["Size"], k["fqn"], k["index"], k["offset"],
+                         k["relative_path"], k["length"]], dtype=np.int64)
+        st_path = np.maximum(cols.st_path, 0)
+        bounds = sorted({0, m, *special, *(r + 1 for r in special), *range(0, m, 1000)})
+        for a, b in zip(bounds, bounds[1:]):
+            e.op(b"(")
+            if a in cols.storage_other or a in cols.st_transforms:
+                self.index(a)
+                if a in cols.storage_other:
+                    self.value(cols.storage_other[a])
+                else:
+                    self.info(a)
+            else:
+                e.storage_entries(a, b, self.names, cols.st_fqn, cols.st_offset_ndim,
+                                  cols.st_offset_ptr, cols.st_offset_values, cols.st_index,
+                                  self.paths, cols.st_path if not cols.storage_other else st_path,
+                                  cols.st_file_offset, cols.st_length, keys)
+            e.op(b"u")
+
+    def index(self, row: int) -> None:
+        cols, e, g, k = self.cols, self.e, self.g, self.k
+        e.get(g["Index"])
+        e.op(b")\x81}(")
+        e.get(k["fqn"])
+        e.get(int(self.names[cols.st_fqn[row]]))
+        e.get(k["index"])
+        idx = int(cols.st_index[row])
+        self.value(None if idx < 0 else idx)
+        if cols.st_offset_ndim[row] >= 0:
+            e.get(k["offset"])
+            e.size(cols.st_offset_values[cols.st_offset_ptr[row]:cols.st_offset_ptr[row + 1]],
+                   g["Size"])
+        e.op(b"ub")
+
+    def info(self, row: int) -> None:
+        cols, e, g, k = self.cols, self.e, self.g, self.k
+        e.get(g["Info"])
+        e.op(b")\x81}(")
+        e.get(k["relative_path"])
+        e.get(int(self.paths[cols.st_path[row]]))
+        e.get(k["offset"])
+        e.integer(int(cols.st_file_offset[row]))
+        e.get(k["length"])
+        e.integer(int(cols.st_length[row]))
+        e.get(k["transform_descriptors"])
+        self.value(cols.st_transforms[row])
+        e.op(b"ub")
+
+    def storage_meta(self) -> None:
+        sm, e = self.cols.storage_meta, self.e
+        if sm is None:
+            e.op(b"N")
+            return
+        e.get(self.g["SMeta"])
+        e.op(b")\x81}(")
+        for name in ("checkpoint_id", "save_id", "load_id", "modules"):
+            e.get(self.k[name])
+            self.value(getattr(sm, name))
+        e.op(b"ub")
+
+    def dumps(self) -> bytes:
+        e, k = self.e, None
+        e.op(b"\x80\x04")
+        self.prelude()
+        k = self.k
+        e.get(self.g["Metadata"])
+        e.op(b")\x81}(")
+        e.get(k["state_dict_metadata"])
+        self.state_dict_metadata()
+        e.get(k["planner_data"])
+        self.value(self.cols.planner_data)
+        e.get(k["storage_data"])
+        self.storage_data()
+        e.get(k["storage_meta"])
+        self.storage_meta()
+        e.get(k["version"])
+        self.value(self.cols.version)
+        e.op(b"ub.")
+        return e.getvalue()
+
+
+def dumps_metadata(cols: MetadataColumns) -> bytes:
+    """The ``.metadata`` bytes of ``cols``: what torch's ``pickle.load`` reads as torch's ``Metadata``.
+
+    torch's ``FileSystemReader.read_metadata`` loads objects equal, field
+    for field and class for class, to those ``pickle.dumps`` of the same
+    torch ``Metadata`` gives (``torch.Size`` shapes, dtype objects,
+    ``_StorageInfo`` without its None fields, index hints, paths); the
+    bytes differ (memo use). Chunk lists and storage entries are written by
+    a compiled loop. Raises ValueError/TypeError for what torch's format
+    cannot hold from columns (a memory format without torch's encoding, an
+    int beyond int64 or a value that is not plain in ``planner_data``).
+    """
+    if not isinstance(cols, MetadataColumns):
+        raise TypeError(f"want MetadataColumns, got {type(cols).__name__}")
+    return _Writer(cols).dumps()

@@ -812,6 +812,11 @@ cdef int _run(D *d, PyObject *lookup) noexcept nogil:
         elif op == 0x7d:  # EMPTY_DICT
             if _new_cont(d, K_DICT) < 0:
                 return -1
+        elif op == 0x31:  # POP_MARK (ckcore's writer: a prelude of memoised constants)
+            if d.n_marks == 0:
+                return _fail(d, W_STACK)
+            d.n_marks -= 1
+            d.n_stack = d.marks[d.n_marks]
         elif op == 0x28:  # MARK
             if _grow(<void **>&d.marks, &d.cap_marks, d.n_marks + 1, sizeof(Py_ssize_t)) < 0:
                 return _fail(d, W_NOMEM)

@@ -31,11 +31,13 @@ from .dropins import (
 from .patch import Patch, is_patched, patch, unpatch
 from .planners import FastLoadPlanner, FastSavePlanner
 from .reader import RangeFileSystemReader
+from .writer import FastFileSystemWriter
 
 warn_if_untested(_torch.__version__)
 
 __all__ = [
     "ColumnarMetadata",
+    "FastFileSystemWriter",
     "FastLoadPlanner",
     "FastSavePlanner",
     "Patch",
