@@ -258,3 +258,34 @@ def test_metadata_740k_torch_gc_paused(benchmark, big_metadata_dir):
 
     md = benchmark.pedantic(run, rounds=3, warmup_rounds=1)
     assert _chunks(md) == n
+
+
+# metadata-write 740k: the same metadata written as .metadata bytes.
+# - [ckcore-columns]: ckcore.mdcolumns.dumps_metadata from the columns;
+# - [torch]: pickle.dumps of torch's Metadata (what FileSystemWriter.finish does).
+
+from ckcore.mdcolumns import dumps_metadata  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def big_metadata_objects(big_metadata_dir):
+    path, n = big_metadata_dir
+    with open(path / ".metadata", "rb") as f:
+        md = pickle.load(f)
+    return md, load_metadata_columns(path), n
+
+
+def test_metadata_740k_write_columns(benchmark, big_metadata_objects):
+    md, cols, n = big_metadata_objects
+    benchmark.group = "metadata-write 740k"
+    benchmark.name = "test_metadata_740k_write[ckcore-columns]"
+    data = benchmark.pedantic(dumps_metadata, args=(cols,), rounds=5, warmup_rounds=1)
+    assert _chunks(pickle.loads(data)) == n
+
+
+def test_metadata_740k_write_torch(benchmark, big_metadata_objects):
+    md, cols, n = big_metadata_objects
+    benchmark.group = "metadata-write 740k"
+    benchmark.name = "test_metadata_740k_write[torch]"
+    data = benchmark.pedantic(pickle.dumps, args=(md,), rounds=3, warmup_rounds=1)
+    assert len(data) > 0

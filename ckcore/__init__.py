@@ -52,6 +52,7 @@ from .items import (
     intersect_chunks,
     merge_delta_local_plans,
 )
+from .mdcolumns import MetadataColumns
 from .metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -71,7 +72,6 @@ from .planner import (
     WriteItem,
     WriteItemType,
 )
-from .mdcolumns import MetadataColumns
 from .ranges import (
     box_runs,
     byte_ranges,
