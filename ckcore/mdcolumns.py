@@ -719,8 +719,10 @@ class _Writer:
                     self.value(k, depth + 1)
                     self.value(v, depth + 1)
                 e.op(b"u")
-        elif isinstance(x, os.PathLike) and hasattr(x, "__reduce__"):
-            cls, args = x.__reduce__()[:2]
+        elif isinstance(x, os.PathLike):
+            # A path pickles as its class called on its parts (PurePath.__reduce__).
+            reduced: Any = x.__reduce__()
+            cls, args = reduced[0], reduced[1]
             self.push_global(cls.__module__, cls.__qualname__)
             self.value(tuple(args), depth + 1)
             e.op(b"R")
