@@ -188,3 +188,15 @@ def test_save_then_load_through_the_range_reader(tmp_path):
     for k in ("w", "b", "s"):
         assert torch.equal(out[k], state[k])
     assert out["step"] == 9
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_fast_load_planner_plans_from_the_columns(verify):
+    md = _grid_md(SHAPES)
+    state = _state_dict(SHAPES)
+    lazy = _columnar(md)
+    planner = FastLoadPlanner(verify_metadata=verify)
+    planner.set_up_planner(state, lazy, is_coordinator=False)
+    plan = planner.create_local_plan()
+    assert "state_dict_metadata" not in lazy.ck_built
+    _same_items(plan.items, create_default_local_load_plan(state, md, True).items)
