@@ -131,3 +131,161 @@ def test_metadata_load_torch_gc_paused(benchmark, metadata_dir):
 
     md = benchmark.pedantic(run, rounds=7, warmup_rounds=1)
     assert _chunks(md) == N_TENSORS * GRID[0] * GRID[1]
+
+
+# --------------------------------------------------------------------------
+# metadata-740k: Llama-2-70B saved by FSDP-1024, read into what a load planner
+# needs and written back.
+# --------------------------------------------------------------------------
+#
+# 723 tensors (ckcore._models' Llama-2-70B table), each cut in 1024 row chunks
+# the way torch.chunk does (Shard(0) on 1024 ranks: the last ranks of a short
+# dimension hold empty chunks), 740,352 chunks; storage_data in the order
+# FileSystemWriter.finish builds it (rank by rank), each rank's index fqns its
+# own str objects (they arrive unpickled per rank). CKCORE_BENCH_QUICK=1 or
+# --benchmark-disable: 4 layers on 64 ranks.
+#
+# - [ckcore-columns]: ckcore.checkpoint.load_metadata_columns (the compiled
+#   column reader: chunk and storage columns, no object per chunk);
+# - [torch]: FileSystemReader.read_metadata (pickle.load, GC on);
+# - [torch-gc-paused]: pickle.load with the GC paused.
+
+import os  # noqa: E402
+
+from ckcore._models import llama70b_state_dict_shapes  # noqa: E402
+from ckcore.checkpoint import load_metadata_columns  # noqa: E402
+
+
+def fsdp_metadata(layers: int, ranks: int) -> tmd.Metadata:
+    """torch ``Metadata`` of Llama-2-70B (``layers`` layers) saved FSDP-``ranks``, chunks in rank order."""
+    sdm: dict = {}
+    per_rank: list[list] = [[] for _ in range(ranks)]
+    for fqn, shape in llama70b_state_dict_shapes(layers).items():
+        rows = shape[0]
+        per = -(-rows // ranks)
+        row_bytes = 2 * (shape[1] if len(shape) > 1 else 1)
+        chunks = []
+        for r in range(ranks):
+            start = min(r * per, rows)
+            n = max(0, min(per, rows - start))
+            off = torch.Size([start] + [0] * (len(shape) - 1))
+            chunks.append(tmd.ChunkStorageMetadata(off, torch.Size([n, *shape[1:]])))
+            per_rank[r].append((fqn, off, r, n * row_bytes + 1133))
+        sdm[fqn] = tmd.TensorStorageMetadata(tmd.TensorProperties(dtype=torch.bfloat16),
+                                             torch.Size(shape), chunks)
+    storage: dict = {}
+    for r in range(ranks):
+        path, pos, names = f"__{r}_0.distcp", 0, {}
+        for fqn, off, idx, length in per_rank[r]:
+            own = names.setdefault(fqn, (fqn + ".")[:-1])   # a distinct str object
+            storage[tmd.MetadataIndex(own, torch.Size(list(off)), idx)] = _StorageInfo(path, pos, length)
+            pos += length
+    return tmd.Metadata(
+        sdm, planner_data={k: tuple(k.split(".")) for k in sdm}, storage_data=storage,
+        storage_meta=tmd.StorageMeta(checkpoint_id=PosixPath("/ckpt/step_1000"), save_id="bench"),
+        version="1.0.0")
+
+
+@pytest.fixture(scope="module")
+def big_metadata_dir(tmp_path_factory, request):
+    quick = bool(os.environ.get("CKCORE_BENCH_QUICK")) or request.config.getoption(
+        "benchmark_disable", False)
+    layers, ranks = (4, 64) if quick else (80, 1024)
+    path = tmp_path_factory.mktemp("metadata_740k")
+    md = fsdp_metadata(layers, ranks)
+    with open(path / ".metadata", "wb") as f:
+        pickle.dump(md, f)  # exactly FileSystemWriter.finish
+    n = _chunks(md)
+    del md
+    gc.collect()
+    return path, n
+
+
+def test_metadata_740k_columns(benchmark, big_metadata_dir):
+    path, n = big_metadata_dir
+    benchmark.group = "metadata-load 740k"
+    benchmark.name = "test_metadata_740k[ckcore-columns]"
+
+    def run():
+        cols = load_metadata_columns(path)
+        gc.collect(0)
+        return cols
+
+    cols = benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    # Empty chunks at the end of a short dimension share an offset: one key.
+    assert cols.n_chunks == n and cols.n_storage == n - _shared_offsets(cols)
+    benchmark.extra_info["chunks"] = n
+
+
+def _shared_offsets(cols) -> int:
+    total = 0
+    for i in range(len(cols.fqns)):
+        offs, _ = cols.chunks(i)
+        total += len(offs) - len({o.tobytes() for o in offs})
+    return total
+
+
+def test_metadata_740k_torch(benchmark, big_metadata_dir):
+    path, n = big_metadata_dir
+    benchmark.group = "metadata-load 740k"
+    benchmark.name = "test_metadata_740k[torch]"
+
+    def run():
+        md = FileSystemReader(path).read_metadata()
+        gc.collect(0)
+        return md
+
+    md = benchmark.pedantic(run, rounds=3, warmup_rounds=0)
+    assert _chunks(md) == n
+
+
+def test_metadata_740k_torch_gc_paused(benchmark, big_metadata_dir):
+    path, n = big_metadata_dir
+    benchmark.group = "metadata-load 740k"
+    benchmark.name = "test_metadata_740k[torch-gc-paused]"
+
+    def run():
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            with open(path / ".metadata", "rb") as f:
+                md = pickle.load(f)
+        finally:
+            if was:
+                gc.enable()
+        gc.collect(0)
+        return md
+
+    md = benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    assert _chunks(md) == n
+
+
+# metadata-write 740k: the same metadata written as .metadata bytes.
+# - [ckcore-columns]: ckcore.mdcolumns.dumps_metadata from the columns;
+# - [torch]: pickle.dumps of torch's Metadata (what FileSystemWriter.finish does).
+
+from ckcore.mdcolumns import dumps_metadata  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def big_metadata_objects(big_metadata_dir):
+    path, n = big_metadata_dir
+    with open(path / ".metadata", "rb") as f:
+        md = pickle.load(f)
+    return md, load_metadata_columns(path), n
+
+
+def test_metadata_740k_write_columns(benchmark, big_metadata_objects):
+    md, cols, n = big_metadata_objects
+    benchmark.group = "metadata-write 740k"
+    benchmark.name = "test_metadata_740k_write[ckcore-columns]"
+    data = benchmark.pedantic(dumps_metadata, args=(cols,), rounds=5, warmup_rounds=1)
+    assert _chunks(pickle.loads(data)) == n
+
+
+def test_metadata_740k_write_torch(benchmark, big_metadata_objects):
+    md, cols, n = big_metadata_objects
+    benchmark.group = "metadata-write 740k"
+    benchmark.name = "test_metadata_740k_write[torch]"
+    data = benchmark.pedantic(pickle.dumps, args=(md,), rounds=3, warmup_rounds=1)
+    assert len(data) > 0

@@ -59,9 +59,11 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from ckcore._models import llama70b_state_dict_shapes
 from ckcore.dcp import FastLoadPlanner
+from ckcore.dcp._lazy_metadata import ColumnarMetadata
 from ckcore.dcp.dropins import ORIGINALS
 from ckcore.items import intersect_chunks
 from ckcore.layout import local_shapes_and_offsets
+from ckcore.mdcolumns import MetadataColumns
 
 torch_create_read_items_for_chunk_list = ORIGINALS["create_read_items_for_chunk_list"]
 
@@ -184,18 +186,24 @@ def _items_key(items):
     )
 
 
-@pytest.mark.parametrize("impl", ["ckcore", "ckcore-noverify", "torch"])
+@pytest.mark.parametrize("impl", ["ckcore", "ckcore-columns", "ckcore-noverify", "torch"])
 @pytest.mark.parametrize("pair", list(PAIRS))
 def test_model_load_one_rank(benchmark, pair, impl):
-    """One rank's local load plan, as torch objects, through the planner dcp.load calls."""
+    """One rank's local load plan, as torch objects, through the planner dcp.load calls.
+
+    ``[ckcore-columns]``: the metadata as ``RangeFileSystemReader`` returns it
+    (a ``ColumnarMetadata``), planned from its chunk arrays, cover verified.
+    """
     saved_layout, load_layout = PAIRS[pair]
     md = saved_metadata(saved_layout)
+    if impl == "ckcore-columns":
+        md = ColumnarMetadata(MetadataColumns.from_metadata(md))
     rank = ONE_RANK % _world(load_layout)
     state_dict = {fqn: dtensor(fqn, load_layout, rank) for fqn in SHAPES}
     if impl == "torch":
         planner = DefaultLoadPlanner()
     else:
-        planner = FastLoadPlanner(verify_metadata=impl == "ckcore")
+        planner = FastLoadPlanner(verify_metadata=impl != "ckcore-noverify")
     planner.set_up_planner(state_dict, md, is_coordinator=False)
     benchmark.group = f"model-load one-rank {pair}"
     plan = benchmark(planner.create_local_plan)

@@ -24,7 +24,9 @@ from .checkpoint import (
     StorageInfo,
     UnsafeCheckpointError,
     load_metadata,
+    load_metadata_columns,
     loads_metadata,
+    loads_metadata_columns,
 )
 from .dtypes import itemsize
 from .global_plan import (
@@ -50,6 +52,7 @@ from .items import (
     intersect_chunks,
     merge_delta_local_plans,
 )
+from .mdcolumns import MetadataColumns
 from .metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -95,6 +98,7 @@ __all__ = [
     "LoadItemType",
     "LoadPlan",
     "Metadata",
+    "MetadataColumns",
     "MetadataTypes",
     "MetadataIndex",
     "ReadItem",
@@ -125,7 +129,9 @@ __all__ = [
     "intersect_chunks",
     "itemsize",
     "load_metadata",
+    "load_metadata_columns",
     "loads_metadata",
+    "loads_metadata_columns",
     "merge_delta_local_plans",
     "paired_run_info",
     "paired_runs",

@@ -97,9 +97,10 @@ from math import prod
 from typing import IO, Any
 
 from ._gc import paused
-from ._kernels import _mdcheck, _pickle_scan
+from ._kernels import _mdcheck, _mdcolumns, _pickle_scan
 from ._saferepr import index_text, name_text, saferepr, shape_text
 from .dtypes import _ALIASES, DTYPE_ITEMSIZE, itemsize
+from .mdcolumns import MetadataColumns
 from .metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -122,7 +123,9 @@ __all__ = [
     "StorageInfo",
     "UnsafeCheckpointError",
     "load_metadata",
+    "load_metadata_columns",
     "loads_metadata",
+    "loads_metadata_columns",
     "tensor_nbytes",
 ]
 
@@ -941,6 +944,153 @@ def loads_metadata(
     if nbytes > cap:
         raise _too_big(name, nbytes, cap)
     return _load(bytes(data), name)
+
+
+# --------------------------------------------------------------------------
+# The column reader.
+# --------------------------------------------------------------------------
+
+_R = _mdcolumns.ROLES
+_ROLE_OF_OBJECT: dict[int, int] = {
+    id(Metadata): _R["Metadata"], id(TensorStorageMetadata): _R["TensorStorageMetadata"],
+    id(ChunkStorageMetadata): _R["ChunkStorageMetadata"],
+    id(BytesStorageMetadata): _R["BytesStorageMetadata"], id(MetadataIndex): _R["MetadataIndex"],
+    id(StorageMeta): _R["StorageMeta"], id(StorageInfo): _R["StorageInfo"],
+    id(_TensorPropertiesState): _R["TensorProperties"],
+}
+_ROLE_OF_KIND = {
+    _K["Size"]: _R["Size"], _K["memory_format_encoding"]: _R["memory_format_encoding"],
+    _K["get_layout"]: _R["get_layout"], _K["path"]: _R["path"], _K["constant"]: _R["constant"],
+}
+
+
+def _column_table() -> tuple[dict[tuple[bytes, bytes], int], list[int], list[Any]]:
+    # The allow-list as the column machine sees it: code -> (role, object).
+    # Containers built by REDUCE (OrderedDict, set, ...) have no role: a
+    # stream naming them is read by the object reader.
+    codes: dict[tuple[bytes, bytes], int] = {}
+    roles, objects = [0], [None]
+    for (module, name), (obj, kind) in _TABLE.items():
+        role = _ROLE_OF_OBJECT.get(id(obj)) or _ROLE_OF_KIND.get(kind, 0)
+        if not role:
+            continue
+        codes[(module.encode(), name.encode())] = len(roles)
+        roles.append(role)
+        objects.append(obj)
+    return codes, roles, objects
+
+
+_COLUMN_CODES, _COLUMN_ROLES, _COLUMN_OBJECTS = _column_table()
+
+
+def _column_code(module: bytes, name: bytes) -> int:
+    return _COLUMN_CODES.get((module, name), 0)
+
+
+class _Fallback(Exception):
+    """The column reader does not model the stream (the reason is the message)."""
+
+
+def _columns_fast(data: bytes) -> MetadataColumns:
+    try:
+        raw = _mdcolumns.decode(data, _column_code, _COLUMN_ROLES, _COLUMN_OBJECTS, MAX_DEPTH)
+    except _mdcolumns.Unsupported as e:
+        raise _Fallback(str(e)) from None
+    except RecursionError:
+        raise _Fallback("nesting too deep") from None
+    # The small fields are checked by the object reader's own rules.
+    for p in raw["properties"]:
+        if p is not None and not _valid_properties(dict(zip(_PROPERTY_FIELDS, p))):
+            raise _Fallback(f"invalid tensor properties {_r(p)}")
+    limit = len(data) + 4096
+    try:
+        _check_plain(raw["planner_data"], "planner_data", limit)
+        sm = raw["storage_meta"]
+        if sm is not None:
+            obj = StorageMeta.__new__(StorageMeta)
+            obj.__dict__.update({k: v for k, v in zip(_STORAGE_META_FIELDS, sm)
+                                 if v is not _mdcolumns.ABSENT})
+            _check_storage_meta(obj)
+            raw["storage_meta"] = obj
+    except _StructureError as e:
+        raise _Fallback(str(e)) from None
+    version = raw["version"]
+    if version is not None and type(version) is not str:
+        raise _Fallback("version is not a str")
+    for td in raw.get("st_transforms", {}).values():
+        if type(td) not in (list, tuple) or not all(type(x) is str for x in td):
+            raise _Fallback("invalid transform_descriptors")
+    try:
+        return MetadataColumns(**raw)
+    except (ValueError, TypeError) as e:
+        raise _Fallback(str(e)) from None
+
+
+_PROPERTY_FIELDS = ("dtype", "layout", "requires_grad", "memory_format", "pin_memory")
+_STORAGE_META_FIELDS = ("checkpoint_id", "save_id", "load_id", "modules")
+
+
+def _load_columns(data: bytes, name: str, fallback: bool) -> MetadataColumns:
+    try:
+        return _columns_fast(data)
+    except _Fallback as e:
+        if not fallback:
+            raise CheckpointError(f"{name}: the column reader does not read this file: {e}") from None
+    except MemoryError:
+        raise CheckpointError(f"{name}: out of memory while reading DCP metadata") from None
+    return MetadataColumns.from_metadata(_load(data, name))
+
+
+def load_metadata_columns(
+    path_or_file: str | os.PathLike | IO[bytes],
+    *,
+    rank: int | None = None,
+    max_bytes: int | None = None,
+    fallback: bool = True,
+) -> MetadataColumns:
+    """Read a ``.metadata`` straight into :class:`~ckcore.mdcolumns.MetadataColumns`.
+
+    Arguments, file checks and errors are :func:`load_metadata`'s; the result
+    equals ``MetadataColumns.from_metadata(load_metadata(...))``. A compiled
+    machine (:mod:`ckcore._kernels._mdcolumns`) decodes the pickle into
+    columns without building an object per chunk or storage entry; it calls
+    nothing and refuses every construction it does not model. A file it
+    refuses is read by :func:`load_metadata` (which refuses what is unsafe
+    or not metadata) and converted, unless ``fallback`` is False: then it is
+    a :class:`CheckpointError` naming what the column reader did not model.
+
+    >>> cols = load_metadata_columns("/ckpt/step_100")     # doctest: +SKIP
+    >>> offsets, sizes = cols.chunks("w")                  # doctest: +SKIP
+    """
+    cap = _max_bytes(max_bytes)
+    if hasattr(path_or_file, "read"):
+        f = path_or_file
+        name = _r(str(getattr(f, "name", "<metadata stream>")))
+        try:
+            data = _read_capped(f, cap)
+        except OSError as e:
+            raise CheckpointError(f"{name}: cannot read DCP metadata: {e}") from None
+        except TypeError:
+            raise TypeError(f"{name}: the file object must be opened in binary mode") from None
+        if len(data) > cap:
+            raise _too_big(name, len(data), cap)
+        return _load_columns(bytes(data), name, fallback)
+    p = _metadata_path(path_or_file, rank)  # type: ignore[arg-type]
+    return _load_columns(_read_file(p, cap), str(p), fallback)
+
+
+def loads_metadata_columns(
+    data: bytes, *, name: str = "<metadata bytes>", max_bytes: int | None = None,
+    fallback: bool = True,
+) -> MetadataColumns:
+    """Like :func:`load_metadata_columns` for the bytes of a ``.metadata`` file."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    cap = _max_bytes(max_bytes)
+    nbytes = memoryview(data).nbytes
+    if nbytes > cap:
+        raise _too_big(name, nbytes, cap)
+    return _load_columns(bytes(data), name, fallback)
 
 
 # --------------------------------------------------------------------------

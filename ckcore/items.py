@@ -348,10 +348,20 @@ def create_read_items(fqn: str, md: Any, local_chunks: Optional[Sequence[Any]] =
     result is torch's single BYTE_IO item with zero offsets and length. For
     tensor metadata, ``verify_cover`` refuses saved chunks that leave a hole
     in a local chunk or overlap inside one (see
-    :func:`create_read_items_for_chunk_list`).
+    :func:`create_read_items_for_chunk_list`). ``md`` may also be the saved
+    chunks as columns, an ``(offsets, sizes)`` pair of int64 ``(n, ndim)``
+    arrays (``MetadataColumns.chunks(fqn)``): no chunk object is read or built.
+
+    >>> import numpy as np
+    >>> saved = (np.array([[0], [2]]), np.array([[2], [2]]))
+    >>> [(i.storage_index.offset, i.lengths) for i in
+    ...  create_read_items("w", saved, [ChunkStorageMetadata((1,), (2,))], verify_cover=True)]
+    [((0,), (1,)), ((2,), (1,))]
     """
     cls = classes or CKCORE_CLASSES
     _check_flag(verify_cover)
+    if isinstance(md, tuple) and len(md) == 2 and isinstance(md[0], np.ndarray):
+        return _read_items_from_arrays(fqn, md, local_chunks, cls, verify_cover)
     if isinstance(md, BytesStorageMetadata) or type(md).__name__ == "BytesStorageMetadata":
         zero = cls.size((0,))
         return [cls.read_item(
@@ -368,6 +378,43 @@ def create_read_items(fqn: str, md: Any, local_chunks: Optional[Sequence[Any]] =
     if local_chunks is None:
         raise ValueError(f"{fqn}: tensor metadata needs the local chunks to load")
     return create_read_items_for_chunk_list(fqn, md, local_chunks, cls, verify_cover=verify_cover)
+
+
+class _SavedRows(Sequence):
+    """Saved chunks given as arrays, as chunk objects on demand (for error messages)."""
+
+    def __init__(self, offsets: np.ndarray, sizes: np.ndarray) -> None:
+        self._offsets, self._sizes = offsets, sizes
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, i: Any) -> Any:
+        return ChunkStorageMetadata(tuple(self._offsets[i].tolist()), tuple(self._sizes[i].tolist()))
+
+
+def _read_items_from_arrays(fqn: str, saved: tuple, local_chunks: Optional[Sequence[Any]],
+                            cls: ItemClasses, verify_cover: bool) -> list:
+    if local_chunks is None:
+        raise ValueError(f"{fqn}: tensor metadata needs the local chunks to load")
+    soff, ssize = _as_arrays(saved, fqn, "saved chunks", None)
+    ndim = soff.shape[1]
+    local = _chunk_list(local_chunks, fqn, "local chunks")
+    if not local:
+        return []
+    loff, lsize = _items.chunk_arrays(local, fqn, ndim)
+    if len(soff):
+        r = Intersection(*_intersect.intersect(loff, lsize, soff, ssize))
+    else:
+        r = intersect_chunks((loff, lsize), [], fqn=fqn, ndim=ndim)
+    if verify_cover:
+        _check_cover(fqn, r, local, _SavedRows(soff, ssize), lsize)
+    if not len(r):
+        return []
+    return _items.build_read_items(
+        fqn, r.local_index, r.saved_index, r.storage_offsets, r.dest_offsets, r.lengths,
+        local, None, cls.read_item, cls.metadata_index, cls.load_item_type.TENSOR, cls.size,
+        saved_offsets=soff)
 
 
 _I64_MAX = 2**63 - 1

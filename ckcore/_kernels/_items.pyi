@@ -15,11 +15,12 @@ def build_read_items(
     dest_offsets: npt.NDArray[np.int64],
     lengths: npt.NDArray[np.int64],
     local_chunks: Sequence[Any],
-    saved_chunks: Sequence[Any],
+    saved_chunks: Sequence[Any] | None,
     read_item_cls: type,
     metadata_index_cls: type,
     tensor_type: Any,
     size_cls: type,
+    saved_offsets: npt.NDArray[np.int64] | None = ...,
 ) -> list[Any]: ...
 def read_items(
     fqn: str,

@@ -332,11 +332,14 @@ def build_read_items(str fqn,
                      const i64[:, ::1] storage_offsets, const i64[:, ::1] dest_offsets,
                      const i64[:, ::1] lengths,
                      local_chunks, saved_chunks,
-                     read_item_cls, metadata_index_cls, tensor_type, size_cls):
+                     read_item_cls, metadata_index_cls, tensor_type, size_cls,
+                     saved_offsets=None):
     """ReadItem objects for intersection arrays, built directly.
 
     ``local_chunks`` and ``saved_chunks`` are sequences of chunk objects
-    (read once, into a snapshot the call owns). ``read_item_cls`` and
+    (read once, into a snapshot the call owns). With ``saved_offsets`` (an
+    int64 ``(n, ndim)`` array: saved chunks as columns) ``saved_chunks`` is
+    not read: storage indices take their offsets from its rows. ``read_item_cls`` and
     ``metadata_index_cls`` must be dataclasses with the fields of DCP's
     ReadItem and MetadataIndex (ckcore's or torch's); index objects are built
     once per distinct chunk and shared by its items, as are equal
@@ -346,10 +349,13 @@ def build_read_items(str fqn,
     # Snapshots: chunk numbers below are checked against these lengths and
     # index these tuples, whatever happens to the caller's lists meanwhile.
     cdef tuple local_snap = tuple(local_chunks)
-    cdef tuple saved_snap = tuple(saved_chunks)
+    cdef bint by_rows = saved_offsets is not None
+    cdef const i64[:, ::1] srows = saved_offsets if by_rows else None
+    cdef tuple saved_snap = () if by_rows else tuple(saved_chunks)
     cdef isize k = local_index.shape[0], p, li, si
     cdef isize nd = lengths.shape[1]
-    cdef isize nloc = len(local_snap), nsav = len(saved_snap)
+    cdef isize nloc = len(local_snap)
+    cdef isize nsav = srows.shape[0] if by_rows else len(saved_snap)
     cdef list out = PyList_New(k)
     cdef list dest_idx = [None] * nloc
     cdef list stor_idx = [None] * nsav
@@ -362,6 +368,8 @@ def build_read_items(str fqn,
               or saved_index.shape[0] != k or storage_offsets.shape[1] != nd
               or dest_offsets.shape[1] != nd):
         raise ValueError(f"{fqn}: intersection arrays disagree in shape")
+    if by_rows and nsav and srows.shape[1] != nd:
+        raise ValueError(f"{fqn}: saved_offsets has {srows.shape[1]} columns, the reads {nd}")
     # Tens of thousands of new container objects would trigger the cyclic GC over and
     # over (each pass walking every live object); none of them can form a cycle.
     gc_pause()
@@ -377,7 +385,11 @@ def build_read_items(str fqn,
                 dest_idx[li] = di
             st = stor_idx[si]
             if st is None:
-                st = _index_obj(metadata_index_cls, fqn, saved_snap[si].offsets, si, size_cls)
+                if by_rows:
+                    st = _index_obj(metadata_index_cls, fqn, cache.get(&srows[si, 0] if nd else &zero),
+                                    si, size_cls)
+                else:
+                    st = _index_obj(metadata_index_cls, fqn, saved_snap[si].offsets, si, size_cls)
                 stor_idx[si] = st
             item = _make_item(
                 read_item_cls, tensor_type,

@@ -19,6 +19,7 @@ import torch as _torch
 
 from . import dropins
 from ._compat import UntestedTorchWarning, warn_if_untested
+from ._lazy_metadata import ColumnarMetadata
 from .convert import dtype_from_torch, dtype_to_torch, from_torch, to_torch
 from .dropins import (
     create_default_global_save_plan,
@@ -30,10 +31,13 @@ from .dropins import (
 from .patch import Patch, is_patched, patch, unpatch
 from .planners import FastLoadPlanner, FastSavePlanner
 from .reader import RangeFileSystemReader
+from .writer import FastFileSystemWriter
 
 warn_if_untested(_torch.__version__)
 
 __all__ = [
+    "ColumnarMetadata",
+    "FastFileSystemWriter",
     "FastLoadPlanner",
     "FastSavePlanner",
     "Patch",

@@ -53,7 +53,9 @@ from torch.distributed.tensor import DTensor
 from .. import global_plan as _gp
 from .. import items as _core
 from .._gc import paused
+from ..mdcolumns import MetadataColumns
 from . import _dtensor as _dt
+from ._lazy_metadata import columns_of, storage_md
 
 __all__ = [
     "ORIGINALS",
@@ -283,9 +285,56 @@ def _local_load_plan(
         return _local_load_plan_body(state_dict, metadata, strict, check_cover)
 
 
+def _local_load_plan_columns(
+    state_dict: dict[str, Any], cols: MetadataColumns, strict: bool, check_cover: bool
+) -> LoadPlan:
+    # The same decisions as _local_load_plan_body, in the same order, with
+    # each tensor's saved chunks read as arrays from the columns.
+    requests: list[ReadItem] = []
+    ids = cols._fqn_ids
+    for fqn, obj in state_dict.items():
+        fid = ids.get(fqn) if type(fqn) is str else None
+        if fid is None:
+            if strict:
+                raise RuntimeError(f"Missing key in checkpoint state_dict: {fqn}.")
+            continue
+        is_tensor = cols.properties[fid] is not None
+        if isinstance(obj, ShardedTensor):
+            md = storage_md(cols, fid)
+            plan = ORIGINALS["create_default_local_load_plan"](
+                {fqn: obj}, Metadata(state_dict_metadata={fqn: md}), strict
+            )
+            requests += _read_items_checked(fqn, md, obj) if check_cover else plan.items
+            continue
+        if is_tensor and getattr(obj, "size", None) is not None:
+            size = torch.Size(cols.size(fid))
+            if size != obj.size():
+                raise ValueError(
+                    f"Size mismatch between saved {size} and current: {obj.size()} for {fqn}",
+                )
+        if isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None:
+            continue
+        if not is_tensor:
+            requests += _core.create_read_items(fqn, _BYTES_MD, None, classes=TORCH_ITEM_CLASSES)
+            continue
+        local_chunks = _local_chunks(fqn, _TENSOR_MD, obj)
+        requests += _core.create_read_items(
+            fqn, cols.chunks(fid), local_chunks, classes=TORCH_ITEM_CLASSES,
+            verify_cover=check_cover)
+    return LoadPlan(requests)
+
+
+# Stand-ins where only the class matters (item kind, torch's error message).
+_BYTES_MD = BytesStorageMetadata()
+_TENSOR_MD = TensorStorageMetadata.__new__(TensorStorageMetadata)
+
+
 def _local_load_plan_body(
     state_dict: dict[str, Any], metadata: Metadata, strict: bool, check_cover: bool
 ) -> LoadPlan:
+    cols = columns_of(metadata)
+    if cols is not None:
+        return _local_load_plan_columns(state_dict, cols, strict, check_cover)
     requests: list[ReadItem] = []
     md_by_fqn = metadata.state_dict_metadata
     for fqn, obj in state_dict.items():

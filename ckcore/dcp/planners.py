@@ -37,6 +37,7 @@ from ckcore.compact import ColumnPlan, CompactPlanError, merged_mapping, plan_co
 
 from . import _compact as _c
 from . import dropins as _d
+from ._lazy_metadata import columns_of
 
 __all__ = ["FastLoadPlanner", "FastSavePlanner"]
 
@@ -247,7 +248,10 @@ class FastLoadPlanner(DefaultLoadPlanner):
         """This rank's read items (see ``DefaultLoadPlanner.create_local_plan``)."""
         if self.metadata is None:
             raise AssertionError("self.metadata is not None")
-        if not isinstance(getattr(self.metadata, "state_dict_metadata", None), dict):
+        # Columnar metadata answers from its columns: reading state_dict_metadata
+        # would build every chunk object.
+        cols = columns_of(self.metadata)
+        if cols is None and not isinstance(getattr(self.metadata, "state_dict_metadata", None), dict):
             raise TypeError(
                 f"checkpoint metadata is not a DCP Metadata (got {type(self.metadata).__name__}); "
                 "the .metadata file is damaged or not a DCP checkpoint"
@@ -256,7 +260,8 @@ class FastLoadPlanner(DefaultLoadPlanner):
             # Checkpoints saved before torch 2.4 flattened keys differently:
             # if keys are missing, try the old flattening, exactly as torch does.
             current_keys = set(self.state_dict.keys())
-            load_keys = set(self.metadata.state_dict_metadata.keys())
+            load_keys = set(cols.fqns if cols is not None
+                            else self.metadata.state_dict_metadata.keys())
             missing_keys = load_keys - current_keys
             if missing_keys:
                 _version._derived_version = "2_3"

@@ -30,11 +30,11 @@ handling are inherited from ``FileSystemReader``.
 Two things differ from torch's reader because a checkpoint may come from
 anywhere:
 
-* ``.metadata`` is read with ckcore's allow-list unpickler
-  (:func:`ckcore.checkpoint.load_metadata`), never ``pickle.load``, and
-  converted to torch's classes (:func:`ckcore.dcp.convert.to_torch`); the
-  result equals what torch's ``read_metadata`` returns for any real
-  checkpoint. A file that names any other global raises
+* ``.metadata`` is read with ckcore's allow-list column reader
+  (:func:`ckcore.checkpoint.load_metadata_columns`), never ``pickle.load``,
+  into a :class:`~ckcore.dcp._lazy_metadata.ColumnarMetadata`: torch's
+  ``Metadata`` whose fields are built as torch's classes when first read,
+  equal to what torch's ``read_metadata`` returns for any real checkpoint. A file that names any other global raises
   :class:`~ckcore.checkpoint.UnsafeCheckpointError` and nothing in it runs.
 * ``read_data`` refuses storage entries whose ``relative_path`` would leave
   the checkpoint directory (absolute, ``..``, NUL, a symlinked directory)
@@ -64,12 +64,11 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.futures import Future
 
 from ckcore import ranges as _r
-from ckcore._gc import paused
 from ckcore._saferepr import saferepr
 from ckcore._torchsave import CorruptItem, TensorLocation, UnsupportedItem, locate_tensor
-from ckcore.checkpoint import CheckpointError, _escapes, load_metadata
+from ckcore.checkpoint import CheckpointError, _escapes, load_metadata_columns
 from ckcore.dcp._compact import LocalReadItems
-from ckcore.dcp.convert import to_torch
+from ckcore.dcp._lazy_metadata import ColumnarMetadata, columns_of
 
 __all__ = ["RangeFileSystemReader"]
 
@@ -294,11 +293,9 @@ class RangeFileSystemReader(FileSystemReader):
         if not self.safe_metadata:
             return super().read_metadata(*args, **kwargs)
         path = self._get_metadata_path(kwargs.get("rank"))
-        # The conversion builds a few acyclic objects per chunk; with the
-        # cyclic GC running, its young-generation passes over them cost twice
-        # the conversion itself on a 50k-chunk file.
-        with paused():
-            metadata = to_torch(load_metadata(path))
+        # Columns, not objects: torch's objects are built only for the fields
+        # something reads (ckcore's planners and read_data read the columns).
+        metadata = ColumnarMetadata(load_metadata_columns(path))
         # As torch's reader: every load gets its own id, recorded in the metadata.
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
@@ -308,8 +305,20 @@ class RangeFileSystemReader(FileSystemReader):
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:
-        """Keep the metadata (chunk sizes are checked against each archive), then torch's setup."""
-        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        """Keep the metadata (chunk sizes are checked against each archive), then torch's setup.
+
+        For metadata read as columns, ``storage_data`` is a lookup over them
+        (no object per entry); otherwise torch's dict.
+        """
+        view = metadata.ck_storage_view() if isinstance(metadata, ColumnarMetadata) else None
+        if view is None:
+            super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        else:
+            # torch's setup, without reading metadata.storage_data (which
+            # would build every entry).
+            self.storage_data = view  # type: ignore[assignment]  # a Mapping: all read_data needs
+            self.rank = kwargs.get("rank")
+            self.use_collectives = kwargs.get("use_collectives", True)
         self._md = metadata
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
@@ -530,6 +539,10 @@ class RangeFileSystemReader(FileSystemReader):
             return None
 
     def _check_chunk(self, req: ReadItem, loc: TensorLocation, where: str) -> None:
+        cols = columns_of(self._md)
+        if cols is not None:
+            self._check_chunk_columns(cols, req, loc, where)
+            return
         md = self._md.state_dict_metadata.get(req.storage_index.fqn) if self._md else None
         if not isinstance(md, TensorStorageMetadata):
             return
@@ -547,6 +560,31 @@ class RangeFileSystemReader(FileSystemReader):
                         f"{tuple(chunk.sizes)}"
                     )
                 return
+
+    @staticmethod
+    def _check_chunk_columns(cols: Any, req: ReadItem, loc: TensorLocation, where: str) -> None:
+        # _check_chunk on the columns: the hinted row first, then the first row
+        # with the item's offsets.
+        fid = cols._fqn_ids.get(req.storage_index.fqn)
+        if fid is None or cols.properties[fid] is None:
+            return
+        offs, sizes = cols.chunks(fid)
+        want = np.asarray(tuple(req.storage_index.offset or ()), dtype=np.int64)
+        if offs.shape[1] != len(want):
+            return
+        hint = req.storage_index.index
+        row = -1
+        if hint is not None and 0 <= hint < len(offs) and np.array_equal(offs[hint], want):
+            row = hint
+        else:
+            hits = np.flatnonzero((offs == want).all(axis=1))
+            if hits.size:
+                row = int(hits[0])
+        if row >= 0 and tuple(sizes[row].tolist()) != loc.size:
+            raise CorruptItem(
+                f"{where}: archive holds a tensor of size {loc.size}, the metadata says "
+                f"{tuple(sizes[row].tolist())}"
+            )
 
     def _resolve(self, job: _Job, planner: LoadPlanner) -> tuple[torch.Tensor, torch.Tensor]:
         # On the calling thread: the planner's resolve_tensor, the checks, and

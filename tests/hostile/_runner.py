@@ -311,7 +311,7 @@ def _child_main(job_path: str) -> int:
         print(json.dumps({"start": task["name"]}), flush=True)
         v: dict = {"name": task["name"]}
         mode, path = task["mode"], task["path"]
-        data = Path(path).read_bytes() if mode == "loads" else None
+        data = Path(path).read_bytes() if mode in ("loads", "columns", "columns-strict") else None
         r = None
         signal.alarm(job["timeout"])
         t0 = time.perf_counter()
@@ -322,6 +322,10 @@ def _child_main(job_path: str) -> int:
             elif mode == "load":
                 r = cc.load_metadata(path)
                 md = r
+            elif mode in ("columns", "columns-strict"):
+                # The column reader, with (or without) its fallback to the object reader.
+                r = cc.loads_metadata_columns(data, fallback=mode == "columns")
+                md = r.to_metadata()
             elif mode == "checkpoint":
                 r = cc.Checkpoint(path)
                 md = r.metadata
@@ -564,7 +568,9 @@ def run_payloads(triples, *, mode: str = "loads", isolate: bool = False, workers
 
     ``workers`` (with ``isolate``) runs that many children at a time.
 
-    ``mode`` "loads" calls ``loads_metadata(bytes)``; "load" and "checkpoint"
+    ``mode`` "loads" calls ``loads_metadata(bytes)``, "columns" and
+    "columns-strict" ``loads_metadata_columns(bytes)`` with and without its
+    fallback to the object reader; "load" and "checkpoint"
     write the bytes as ``.metadata`` of a directory and call
     ``load_metadata(dir)`` or ``Checkpoint(dir)`` (plus ``problems()``).
     """
@@ -575,7 +581,7 @@ def run_payloads(triples, *, mode: str = "loads", isolate: bool = False, workers
     with tempfile.TemporaryDirectory(prefix="ckcore-payloads-") as tmp:
         tasks = []
         for i, (name, data, expected) in enumerate(triples):
-            if mode == "loads":
+            if mode in ("loads", "columns", "columns-strict"):
                 p = Path(tmp) / f"p{i}.pickle"
                 p.write_bytes(data)
             else:
