@@ -210,6 +210,9 @@ class _OverlappingEntries(RangeFileSystemReader):
 
     def set_up_storage_reader(self, metadata, is_coordinator, *args, **kwargs):
         super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        # The reader's storage lookups are a read-only view over the metadata's
+        # columns; a plain dict stands in for the damaged metadata.
+        self.storage_data = dict(self.storage_data.items())
         by_file = {}
         for idx, info in sorted(self.storage_data.items(), key=lambda kv: (kv[1].relative_path, kv[1].offset)):
             by_file.setdefault(info.relative_path, []).append(idx)
