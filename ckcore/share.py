@@ -208,8 +208,9 @@ def plan_shared_reads(
     p_off: list[tuple[int, ...]] = []
     p_len: list[tuple[int, ...]] = []
     p_needers: list[np.ndarray] = []
-    starts = np.flatnonzero(np.r_[True, rows[1:, 1] != rows[:-1, 1]]) if len(rows) else []
-    ends = list(starts[1:]) + [len(rows)] if len(rows) else []
+    starts: list[int] = (np.flatnonzero(np.r_[True, rows[1:, 1] != rows[:-1, 1]]).tolist()
+                         if len(rows) else [])
+    ends = [*starts[1:], len(rows)] if starts else []
     for s, e in zip(starts, ends):
         block = rows[s:e]
         ranks = block[:, 0]
@@ -223,20 +224,20 @@ def plan_shared_reads(
         size = int(isz[c])
         lo, hi = cells
         # inside[i, j]: cell i lies in box j (cells never straddle a box edge)
-        inside = ((offs[None, :, :] <= lo[:, None, :])
-                  & (hi[:, None, :] <= (offs + lens)[None, :, :])).all(axis=2)
+        inside: np.ndarray = np.all((offs[None, :, :] <= lo[:, None, :])
+                                    & (hi[:, None, :] <= (offs + lens)[None, :, :]), axis=2)
         shared.append(c)
-        for i in np.flatnonzero(inside.any(axis=1)):
-            who = np.unique(ranks[inside[i]])
+        for j in np.flatnonzero(np.any(inside, axis=1)).tolist():
+            who = np.unique(ranks[inside[j]])
             k = len(who)
-            cell_len = tuple(int(v) for v in hi[i] - lo[i])
+            cell_len = tuple(int(v) for v in hi[j] - lo[j])
             # A part is sent to k - 1 ranks: keep that within one round's budget.
             max_part = max(size, exchange_bytes // max(1, k - 1))
             # Each reader of a chunk also reads its archive records (a few
             # KiB): cells smaller than k * min_piece_bytes get fewer readers.
-            nbytes = math.prod(cell_len) * size
-            want = max(1, min(k, nbytes // min_piece_bytes))
-            parts = split_box(tuple(int(v) for v in lo[i]), cell_len, want, max_part, size)
+            cell_bytes = math.prod(cell_len) * size
+            want = max(1, min(k, cell_bytes // min_piece_bytes))
+            parts = split_box(tuple(int(v) for v in lo[j]), cell_len, want, max_part, size)
             for o, ln in parts:
                 p_chunk.append(c)
                 p_off.append(o)
@@ -247,7 +248,8 @@ def plan_shared_reads(
     chunk = np.array(p_chunk, dtype=np.int64)
     offsets = np.array(p_off, dtype=np.int64).reshape(n, ndim)
     lengths = np.array(p_len, dtype=np.int64).reshape(n, ndim)
-    nbytes = np.prod(lengths, axis=1, dtype=np.int64) * isz[chunk] if n else np.zeros(0, np.int64)
+    nbytes: np.ndarray = (np.prod(lengths, axis=1, dtype=np.int64) * isz[chunk] if n
+                          else np.zeros(0, np.int64))
     ptr = np.zeros(n + 1, dtype=np.int64)
     ptr[1:] = np.cumsum([len(w) for w in p_needers])
     needers = np.concatenate(p_needers).astype(np.int64) if n else np.zeros(0, np.int64)

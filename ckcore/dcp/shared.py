@@ -52,7 +52,7 @@ from ckcore.share import (
 
 from .reader import RangeFileSystemReader
 
-__all__ = ["SharedReadError", "SharedRangeFileSystemReader"]
+__all__ = ["SharedRangeFileSystemReader", "SharedReadError"]
 
 # Pieces sit at multiples of this in the exchange buffers, so a byte slice
 # can be viewed as any dtype (a dtype view needs an aligned offset).
