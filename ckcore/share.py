@@ -166,7 +166,7 @@ def plan_shared_reads(
     max_cells: int = DEFAULT_MAX_CELLS,
     min_piece_bytes: int = DEFAULT_MIN_PIECE_BYTES,
 ) -> SharePlan:
-    """Split every saved chunk that several ranks need into pieces, each read by one of its needers.
+    """Split every saved chunk of which several ranks need the same elements into pieces, each read by one of its needers.
 
     ``needs``: int64 rows ``[rank, chunk, off_0 .. off_{D-1}, len_0 .. len_{D-1}]``,
     the box (elements, relative to the saved chunk's origin) rank ``rank``
@@ -175,8 +175,9 @@ def plan_shared_reads(
     with offset 0 and length 1. Rows may come in any order and repeat; empty
     boxes need nothing. ``world``: ranks are ``0 .. world - 1``.
 
-    Only chunks needed by at least two ranks are shared (see
-    :class:`SharePlan`). The result depends on the set of rows only, not
+    Only chunks some element of which at least two ranks need are shared
+    (see :class:`SharePlan`); ranks that need disjoint parts of a chunk read
+    their own. The result depends on the set of rows only, not
     their order, so every rank computes the same plan from the same
     all-gathered rows.
     """
@@ -226,9 +227,12 @@ def plan_shared_reads(
         # inside[i, j]: cell i lies in box j (cells never straddle a box edge)
         inside: np.ndarray = np.all((offs[None, :, :] <= lo[:, None, :])
                                     & (hi[:, None, :] <= (offs + lens)[None, :, :]), axis=2)
+        cell_ranks = [np.unique(ranks[inside[j]]) for j in range(len(lo))]
+        if max(len(w) for w in cell_ranks) < 2:
+            continue  # the ranks need disjoint parts: each reads its own
         shared.append(c)
         for j in np.flatnonzero(np.any(inside, axis=1)).tolist():
-            who = np.unique(ranks[inside[j]])
+            who = cell_ranks[j]
             k = len(who)
             cell_len = tuple(int(v) for v in hi[j] - lo[j])
             # A part is sent to k - 1 ranks: keep that within one round's budget.
