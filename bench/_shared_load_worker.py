@@ -64,7 +64,7 @@ def main() -> None:
         shapes = json.load(f)
     sd = {name: torch.empty(shape, dtype=torch.float32) for name, shape in shapes.items()}
     result: dict = {}
-    for variant in ("torch", "ckcore"):
+    for variant in os.environ.get("CKCORE_BENCH_SHARED_VARIANTS", "torch,ckcore").split(","):
         for mode in ["cold"] * rounds + ["warm"] * rounds:
             for t in sd.values():
                 t.fill_(-1.0)
@@ -81,6 +81,8 @@ def main() -> None:
                 reader = SharedRangeFileSystemReader(path)
                 dcp.load(sd, storage_reader=reader, planner=FastLoadPlanner())
                 nbytes = reader.stats["bytes_read"]
+                if os.environ.get("CKCORE_BENCH_SHARED_VERBOSE"):
+                    print(rank, mode, round(time.perf_counter() - t0, 3), reader.stats, file=sys.stderr)
             wall = time.perf_counter() - t0
             for i, (name, t) in enumerate(sd.items()):
                 assert torch.equal(t.view(-1), expected(i, t.numel())), f"{variant}: {name} differs"

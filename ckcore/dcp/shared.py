@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from typing import Any, cast
 
 import numpy as np
@@ -134,10 +135,11 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
     checkpoint) and exchange in rounds.
 
     Memory: in one round no rank reads, sends or receives more than
-    ``exchange_bytes`` (default 64 MiB) of pieces, so a rank holds at most
-    about three such buffers at once (read, send and receive), on the CPU
-    for gloo and on the current CUDA device for NCCL (the read buffer stays
-    on the CPU). A single element larger than ``exchange_bytes`` is a piece
+    ``exchange_bytes`` (default 64 MiB) of pieces. The next round's reads
+    overlap the current exchange, so a rank holds at most four such buffers
+    at once (two read buffers, send and receive); send and receive are on
+    the CPU for gloo and on the current CUDA device for NCCL, read buffers
+    on the CPU. A single element larger than ``exchange_bytes`` is a piece
     of its own.
 
     Failures: each collective waits at most ``timeout`` (seconds or a
@@ -158,8 +160,9 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
     :func:`ckcore.share.plan_shared_reads`.
     Other keyword arguments go to ``RangeFileSystemReader``. ``stats`` adds
     ``shared_items`` (read items filled from shared pieces),
-    ``pieces_read``, ``bytes_sent``, ``bytes_received`` and
-    ``exchange_rounds`` to the range reader's counts; ``bytes_read`` counts
+    ``pieces_read``, ``bytes_sent``, ``bytes_received``,
+    ``exchange_rounds``, ``read_seconds`` (reading pieces) and
+    ``exchange_wait_seconds`` (waiting for exchanges) to the range reader's counts; ``bytes_read`` counts
     the storage bytes this rank read, its pieces included.
     """
 
@@ -191,7 +194,7 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
         self._world = 1
         self._device = torch.device("cpu")
         self.stats.update(shared_items=0, pieces_read=0, bytes_sent=0, bytes_received=0,
-                          exchange_rounds=0)
+                          exchange_rounds=0, read_seconds=0.0, exchange_wait_seconds=0.0)
         self._chunks: tuple[int, _Chunks] | None = None
 
     # ------------------------------------------------------------ collectives
@@ -306,7 +309,7 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
 
     def _exchange(self, sp: SharePlan, chunks: _Chunks, mine: list[tuple[ReadItem, int]],
                   planner: LoadPlanner) -> None:
-        me, dev = self._rank, self._device
+        me = self._rank
         err: BaseException | None = None
         # This rank's destinations, by saved chunk, and the elements each still lacks.
         targets: dict[int, list[tuple[ReadItem, torch.Tensor, tuple[int, ...], tuple[int, ...]]]] = {}
@@ -323,49 +326,40 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
         except Exception as e:  # noqa: BLE001 - reported at the first status point
             err = e
         needers = [set(sp.piece_needers(i).tolist()) for i in range(len(sp.chunk))]
-        for rnd in range(sp.n_rounds):
-            in_round = np.flatnonzero(sp.round == rnd).tolist()
-            reads = [i for i in in_round if sp.reader[i] == me]
-            readbuf = torch.empty(0, dtype=torch.uint8)
-            where: dict[int, int] = {}
+        rounds = [np.flatnonzero(sp.round == rnd).tolist() for rnd in range(sp.n_rounds)]
+
+        def read(rnd: int) -> tuple[torch.Tensor, dict[int, int]]:
+            t0 = time.perf_counter()
+            out = self._read_pieces(sp, chunks, [i for i in rounds[rnd] if sp.reader[i] == me])
+            self.stats["read_seconds"] += time.perf_counter() - t0
+            return out
+
+        empty: tuple[torch.Tensor, dict[int, int]] = (torch.empty(0, dtype=torch.uint8), {})
+        ready = empty
+        try:
             if err is None:
-                try:
-                    readbuf, where = self._read_pieces(sp, chunks, reads)
-                except Exception as e:  # noqa: BLE001 - reported to the peers, then raised
-                    err = e
+                ready = read(0)
+        except Exception as e:  # noqa: BLE001 - reported to the peers, then raised
+            err = e
+        for rnd, in_round in enumerate(rounds):
+            # Every rank's reads of this round, and its copies of the last, went well.
             self._status(err, f"round {rnd + 1}/{sp.n_rounds} of the shared reads")
             self.stats["exchange_rounds"] += 1
-            # Send and receive layouts: by peer rank, pieces in plan order, aligned.
-            send_sizes = [0] * self._world
-            recv_sizes = [0] * self._world
-            send_parts: list[tuple[int, int]] = []  # (piece, byte offset in readbuf), in send order
-            for peer in range(self._world):
-                for i in reads:
-                    if peer != me and peer in needers[i]:
-                        send_parts.append((i, where[i]))
-                        send_sizes[peer] += _aligned(int(sp.nbytes[i]))
-            recv_at: dict[int, int] = {}
-            pos = 0
-            for src in range(self._world):
-                for i in in_round:
-                    if src != me and sp.reader[i] == src and me in needers[i]:
-                        recv_at[i] = pos
-                        n = _aligned(int(sp.nbytes[i]))
-                        recv_sizes[src] += n
-                        pos += n
-            recvbuf = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=dev)
-            if any(len(needers[i]) > 1 for i in in_round):
-                sendbuf = torch.empty(sum(send_sizes), dtype=torch.uint8, device=dev)
-                at = 0
-                for i, src_at in send_parts:
-                    n = int(sp.nbytes[i])
-                    sendbuf[at : at + n].copy_(readbuf[src_at : src_at + n])
-                    at += _aligned(n)
-                work = dist.all_to_all_single(recvbuf, sendbuf, recv_sizes, send_sizes,
-                                              group=self.process_group, async_op=True)
+            readbuf, where = ready
+            work, recvbuf, recv_at, nsent = self._start_exchange(sp, in_round, needers, readbuf, where)
+            # The next round's reads overlap this round's exchange (gloo and
+            # NCCL run it off this thread; preadv releases the GIL).
+            ready = empty
+            if rnd + 1 < len(rounds):
+                try:
+                    ready = read(rnd + 1)
+                except Exception as e:  # noqa: BLE001 - reported at the next status point
+                    err = e
+            if work is not None:
+                t0 = time.perf_counter()
                 self._wait(work, f"the exchange of round {rnd + 1}/{sp.n_rounds}")
-                del sendbuf
-                self.stats["bytes_sent"] += sum(int(sp.nbytes[i]) for i, _ in send_parts)
+                self.stats["exchange_wait_seconds"] += time.perf_counter() - t0
+                self.stats["bytes_sent"] += nsent
                 self.stats["bytes_received"] += sum(int(sp.nbytes[i]) for i in recv_at)
             if err is not None:
                 continue
@@ -389,6 +383,45 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
                         "not delivered (internal error)")
                 planner.commit_tensor(item, t)
                 self.stats["shared_items"] += 1
+
+    def _start_exchange(
+        self, sp: SharePlan, in_round: list[int], needers: list[set[int]], readbuf: torch.Tensor,
+        where: dict[int, int],
+    ) -> tuple[Any, torch.Tensor, dict[int, int], int]:
+        # Launch one round's all_to_all_single: (work or None, receive buffer,
+        # piece -> offset in it, bytes sent). Layout: by peer rank, pieces in
+        # plan order, each at an aligned offset; both ends compute it.
+        me, dev, world = self._rank, self._device, self._world
+        send_sizes = [0] * world
+        recv_sizes = [0] * world
+        send_parts: list[tuple[int, int]] = []  # (piece, offset in readbuf), in send order
+        reads = [i for i in in_round if sp.reader[i] == me]
+        for peer in range(world):
+            for i in reads:
+                if peer != me and peer in needers[i]:
+                    send_parts.append((i, where[i]))
+                    send_sizes[peer] += _aligned(int(sp.nbytes[i]))
+        recv_at: dict[int, int] = {}
+        pos = 0
+        for src in range(world):
+            for i in in_round:
+                if src != me and sp.reader[i] == src and me in needers[i]:
+                    recv_at[i] = pos
+                    n = _aligned(int(sp.nbytes[i]))
+                    recv_sizes[src] += n
+                    pos += n
+        recvbuf = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=dev)
+        if not any(len(needers[i]) > 1 for i in in_round):
+            return None, recvbuf, recv_at, 0
+        sendbuf = torch.empty(sum(send_sizes), dtype=torch.uint8, device=dev)
+        at = 0
+        for i, src_at in send_parts:
+            n = int(sp.nbytes[i])
+            sendbuf[at : at + n].copy_(readbuf[src_at : src_at + n])
+            at += _aligned(n)
+        work = dist.all_to_all_single(recvbuf, sendbuf, recv_sizes, send_sizes,
+                                      group=self.process_group, async_op=True)
+        return work, recvbuf, recv_at, sum(int(sp.nbytes[i]) for i, _ in send_parts)
 
     def _read_pieces(self, sp: SharePlan, chunks: _Chunks,
                      reads: list[int]) -> tuple[torch.Tensor, dict[int, int]]:
