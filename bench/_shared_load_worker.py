@@ -82,7 +82,7 @@ def main() -> None:
                 dcp.load(sd, storage_reader=reader, planner=FastLoadPlanner())
                 nbytes = reader.stats["bytes_read"]
                 if os.environ.get("CKCORE_BENCH_SHARED_VERBOSE"):
-                    print(rank, mode, round(time.perf_counter() - t0, 3), reader.stats, file=sys.stderr)
+                    print(rank, mode, round(time.perf_counter() - t0, 3), reader.stats, reader.seconds, file=sys.stderr)
             wall = time.perf_counter() - t0
             for i, (name, t) in enumerate(sd.items()):
                 assert torch.equal(t.view(-1), expected(i, t.numel())), f"{variant}: {name} differs"

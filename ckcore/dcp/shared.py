@@ -160,9 +160,9 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
     :func:`ckcore.share.plan_shared_reads`.
     Other keyword arguments go to ``RangeFileSystemReader``. ``stats`` adds
     ``shared_items`` (read items filled from shared pieces),
-    ``pieces_read``, ``bytes_sent``, ``bytes_received``,
-    ``exchange_rounds``, ``read_seconds`` (reading pieces) and
-    ``exchange_wait_seconds`` (waiting for exchanges) to the range reader's counts; ``bytes_read`` counts
+    ``pieces_read``, ``bytes_sent``, ``bytes_received`` and
+    ``exchange_rounds`` to the range reader's counts (``seconds`` holds the
+    time spent reading pieces and waiting for exchanges); ``bytes_read`` counts
     the storage bytes this rank read, its pieces included.
     """
 
@@ -194,7 +194,8 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
         self._world = 1
         self._device = torch.device("cpu")
         self.stats.update(shared_items=0, pieces_read=0, bytes_sent=0, bytes_received=0,
-                          exchange_rounds=0, read_seconds=0.0, exchange_wait_seconds=0.0)
+                          exchange_rounds=0)
+        self.seconds = {"read": 0.0, "exchange_wait": 0.0}
         self._chunks: tuple[int, _Chunks] | None = None
 
     # ------------------------------------------------------------ collectives
@@ -331,7 +332,7 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
         def read(rnd: int) -> tuple[torch.Tensor, dict[int, int]]:
             t0 = time.perf_counter()
             out = self._read_pieces(sp, chunks, [i for i in rounds[rnd] if sp.reader[i] == me])
-            self.stats["read_seconds"] += time.perf_counter() - t0
+            self.seconds["read"] += time.perf_counter() - t0
             return out
 
         empty: tuple[torch.Tensor, dict[int, int]] = (torch.empty(0, dtype=torch.uint8), {})
@@ -358,7 +359,7 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
             if work is not None:
                 t0 = time.perf_counter()
                 self._wait(work, f"the exchange of round {rnd + 1}/{sp.n_rounds}")
-                self.stats["exchange_wait_seconds"] += time.perf_counter() - t0
+                self.seconds["exchange_wait"] += time.perf_counter() - t0
                 self.stats["bytes_sent"] += nsent
                 self.stats["bytes_received"] += sum(int(sp.nbytes[i]) for i in recv_at)
             if err is not None:
