@@ -913,6 +913,7 @@ class _RangeCost:
         self.max_gap, self.max_overread = max_gap, max_overread
         self.opened: set[tuple[int, int]] = set()
         self.estimated = 0
+        self.memo: dict[tuple, tuple[int, int, bool]] = {}
 
     def box(self, rank: int, gid: int, lay: _ChunkLayout, sizes: tuple[int, ...], elem: int,
             offsets: Sequence[int], lengths: Sequence[int]) -> None:
@@ -928,18 +929,24 @@ class _RangeCost:
             else:
                 self.bytes[rank] += min(lay.length, 2 * RANGE_SMALL_ITEM)
                 self.calls[rank] += 2
-        if lay.whole or math.prod(lengths) == 0:
+        if lay.whole or 0 in lengths:
             return
-        runs, run_bytes, _ = box_runs(sizes, lay.strides, elem, offsets, lengths)
-        if runs > RANGE_MAX_RUNS:
-            self.estimated += 1
-            self.bytes[rank] += runs * run_bytes
-            self.calls[rank] += runs
-            return
-        blocks = coalesce_ranges(byte_ranges(sizes, lay.strides, elem, offsets, lengths,
-                                             base=lay.base), self.max_gap, self.max_overread)
-        self.bytes[rank] += int((blocks[:, 1] - blocks[:, 0]).sum())
-        self.calls[rank] += len(blocks)
+        # Coalescing depends on run lengths and gaps only, not on where the
+        # chunk starts: a layout repeats a few box shapes over many chunks.
+        key = (sizes, lay.strides, elem, *offsets, -1, *lengths)
+        cost = self.memo.get(key)
+        if cost is None:
+            runs, run_bytes, _ = box_runs(sizes, lay.strides, elem, offsets, lengths)
+            if runs > RANGE_MAX_RUNS:
+                cost = (runs * run_bytes, runs, True)
+            else:
+                blocks = coalesce_ranges(byte_ranges(sizes, lay.strides, elem, offsets, lengths),
+                                         self.max_gap, self.max_overread)
+                cost = (int((blocks[:, 1] - blocks[:, 0]).sum()), len(blocks), False)
+            self.memo[key] = cost
+        self.bytes[rank] += cost[0]
+        self.calls[rank] += cost[1]
+        self.estimated += cost[2]
 
 
 def range_reads(
@@ -991,10 +998,10 @@ def range_reads(
                 chunk_info.append((loc.layout(fqn, sizes, info), sizes, elem))
             g = gids[hits.saved_index]
             hit_gid.append(g)
-            for k in range(len(hits)):
-                lay, sizes, _ = chunk_info[g[k]]
-                plain.box(int(hits.local_index[k]), int(g[k]), lay, sizes, elem,
-                          hits.storage_offsets[k].tolist(), hits.lengths[k].tolist())
+            for rank, gid, o, n in zip(hits.local_index.tolist(), g.tolist(),
+                                       hits.storage_offsets.tolist(), hits.lengths.tolist()):
+                lay, sizes, _ = chunk_info[gid]
+                plain.box(rank, gid, lay, sizes, elem, o, n)
             pad = ndim - hits.lengths.shape[1]
             rows.append(np.concatenate([
                 hits.local_index[:, None], g[:, None], hits.storage_offsets,
@@ -1011,12 +1018,11 @@ def range_reads(
                            exchange_bytes=exchange_bytes, min_piece_bytes=min_piece_bytes)
     is_shared = np.zeros(max(len(chunk_info), 1), dtype=bool)
     is_shared[sp.shared_chunks] = True
-    for row in needs:
-        gid = int(row[1])
-        if not is_shared[gid]:
-            lay, sizes, elem = chunk_info[gid]
-            shared.box(int(row[0]), gid, lay, sizes, elem, row[2:2 + len(sizes)].tolist(),
-                       row[2 + ndim:2 + ndim + len(sizes)].tolist())
+    for row in needs[~is_shared[needs[:, 1]]].tolist() if len(needs) else ():
+        gid = row[1]
+        lay, sizes, elem = chunk_info[gid]
+        shared.box(row[0], gid, lay, sizes, elem, row[2:2 + len(sizes)],
+                   row[2 + ndim:2 + ndim + len(sizes)])
     for i in range(len(sp.chunk)):
         gid = int(sp.chunk[i])
         lay, sizes, elem = chunk_info[gid]

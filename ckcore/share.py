@@ -227,12 +227,17 @@ def plan_shared_reads(
         # inside[i, j]: cell i lies in box j (cells never straddle a box edge)
         inside: np.ndarray = np.all((offs[None, :, :] <= lo[:, None, :])
                                     & (hi[:, None, :] <= (offs + lens)[None, :, :]), axis=2)
-        cell_ranks = [np.unique(ranks[inside[j]]) for j in range(len(lo))]
-        if max(len(w) for w in cell_ranks) < 2:
+        # needs[j, u]: rank uniq[u] needs cell j
+        uniq, ridx = np.unique(ranks, return_inverse=True)
+        onehot = np.zeros((len(ranks), len(uniq)), dtype=np.int64)
+        onehot[np.arange(len(ranks)), ridx] = 1
+        cell_needs = (inside.astype(np.int64) @ onehot) > 0
+        count = cell_needs.sum(axis=1)
+        if count.max() < 2:
             continue  # the ranks need disjoint parts: each reads its own
         shared.append(c)
-        for j in np.flatnonzero(np.any(inside, axis=1)).tolist():
-            who = cell_ranks[j]
+        for j in np.flatnonzero(count).tolist():
+            who = uniq[cell_needs[j]]
             k = len(who)
             cell_len = tuple(int(v) for v in hi[j] - lo[j])
             # A part is sent to k - 1 ranks: keep that within one round's budget.

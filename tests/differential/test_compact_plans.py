@@ -354,9 +354,9 @@ def _saved(tmp_path):
 @pytest.mark.parametrize("reader", ["torch", "range"])
 def test_load_items_stay_on_the_rank_with_file_system_readers(tmp_path, reader):
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
 
     from ckcore.dcp import FastLoadPlanner, RangeFileSystemReader
-    from torch.distributed.checkpoint import FileSystemReader
     dest = _saved(tmp_path)
     planner = FastLoadPlanner()
     r = FileSystemReader(str(tmp_path)) if reader == "torch" else RangeFileSystemReader(str(tmp_path))
