@@ -460,9 +460,9 @@ def _size_row(v: Any) -> list[int] | None:
 def _index_row(idx: Any, fqns: dict[str, int]) -> list | None:
     if type(idx) is not MetadataIndex or type(idx.fqn) is not str:
         return None
-    off = idx.offset
-    if off is not None:
-        off = _size_row(off)
+    off: list[int] | None = None
+    if idx.offset is not None:
+        off = _size_row(idx.offset)
         if off is None:
             return None
     h = idx.index
