@@ -339,7 +339,11 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser(
         "plan", help="every rank's reads to load the checkpoint at a target layout",
         description="The resharding what-if: for a target layout, every rank's reads "
-                    "(bytes, files, read calls after coalescing, over-read), heaviest first. "
+                    "(bytes, files, read calls after coalescing, over-read), heaviest first: "
+                    "torch's FileSystemReader (whole storage items), ckcore's "
+                    "RangeFileSystemReader (byte ranges; strides from the files' torch.save "
+                    "records, contiguous storage assumed when the files are absent) and "
+                    "SharedRangeFileSystemReader (storage bytes per replica group). "
                     "Either --mesh with --layout rules, or --world-size with --shard-dim.",
         epilog="Placements: S(d) shard tensor dim d, R replicate, P partial (as R), "
                "_S(d,k) FSDP2's strided shard with split factor k. Examples:\n"
