@@ -203,7 +203,14 @@ def _print_plan(result: dict[str, Any], out: IO[str], top: int) -> None:
             f"{_human(r['over_read'])} ({pct:.0f}%)",
         ])
     header = ["rank", "coord", "items", "files", "calls", "read", "useful", "over-read"]
-    w("\n".join(_table(rows, header, right=(2, 3, 4, 5, 6, 7))) + "\n")
+    ranged = "range_reader" in result
+    if ranged:
+        # ckcore's range reader alone, and sharing replicated reads
+        for row, r in zip(rows, ranks):
+            row += [str(r["range"]["read_calls"]), _human(r["range"]["bytes_read"]),
+                    _human(r["shared"]["bytes_read"])]
+        header += ["range calls", "range read", "shared read"]
+    w("\n".join(_table(rows, header, right=tuple(range(2, len(header))))) + "\n")
     if len(ranks) < len(result["ranks"]):
         w(f"... {len(result['ranks']) - len(ranks)} lighter ranks not shown (--top 0 shows all)\n")
     over = t["bytes_read"] - t["useful_bytes"]
@@ -213,6 +220,43 @@ def _print_plan(result: dict[str, Any], out: IO[str], top: int) -> None:
         f"(over-read {_human(over)}); per rank {_human(t['min_bytes_read'])} .. "
         f"{_human(t['max_bytes_read'])}; checkpoint files {_human(t['checkpoint_file_bytes'])}\n"
     )
+    if ranged:
+        _print_range_reads(result, out)
+
+
+def _print_range_reads(result: dict[str, Any], out: IO[str]) -> None:
+    w = out.write
+    rr, sh, t = result["range_reader"], result["sharing"], result["totals"]
+    rt = rr["totals"]
+    w(f"\nrange reader (RangeFileSystemReader): {_human(rt['bytes_read'])} read in "
+      f"{rt['read_calls']} read calls for {_human(t['useful_bytes'])} useful "
+      f"(over-read {_human(rt['over_read'])}); byte ranges per item coalesced across gaps up to "
+      f"{_human(rr['max_gap'])} under a {rr['max_overread']:g}x over-read cap, plus each saved chunk's "
+      "archive records\n")
+    if rr["strides"] == "stored":
+        w(f"strides: read from the torch.save records of {rr['chunks_located']} saved chunks\n")
+    else:
+        w(f"strides: checkpoint files absent or unreadable for {rr['chunks_assumed_contiguous']} saved "
+          "chunks: their figures assume contiguous (C-order) storage\n")
+    if rr["boxes_estimated"]:
+        w(f"({rr['boxes_estimated']} boxes of more than a million runs counted without coalescing)\n")
+    st = sh["totals"]
+    w(f"\nshared reads (SharedRangeFileSystemReader): {_human(st['bytes_read'])} read from storage "
+      f"in total, {_human(st['bytes_sent'])} exchanged; {_n(sh['pieces'], 'piece')} in "
+      f"{_n(sh['exchange_rounds'], 'round')} of at most {_human(sh['exchange_bytes'])} per rank\n")
+    groups = sorted(sh["groups"], key=lambda g: (-g["torch_bytes_read"], g["ranks"]))
+    shown = groups[:8]
+    rows = [[_ranks_text(g["ranks"]), _human(g["torch_bytes_read"]), _human(g["range_bytes_read"]),
+             _human(g["shared_bytes_read"])] for g in shown]
+    w("\n".join(_table(rows, ["replica group", "torch read", "range read", "shared read"],
+                       right=(1, 2, 3))) + "\n")
+    if len(shown) < len(groups):
+        w(f"... {len(groups) - len(shown)} lighter replica groups not shown (--json lists all)\n")
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    text = ",".join(str(r) for r in ranks[:8])
+    return text + (f",... ({len(ranks)} ranks)" if len(ranks) > 8 else "")
 
 
 def _print_demo(result: dict[str, Any], out: IO[str], top: int) -> None:
@@ -299,7 +343,11 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser(
         "plan", help="every rank's reads to load the checkpoint at a target layout",
         description="The resharding what-if: for a target layout, every rank's reads "
-                    "(bytes, files, read calls after coalescing, over-read), heaviest first. "
+                    "(bytes, files, read calls after coalescing, over-read), heaviest first: "
+                    "torch's FileSystemReader (whole storage items), ckcore's "
+                    "RangeFileSystemReader (byte ranges; strides from the files' torch.save "
+                    "records, contiguous storage assumed when the files are absent) and "
+                    "SharedRangeFileSystemReader (storage bytes per replica group). "
                     "Either --mesh with --layout rules, or --world-size with --shard-dim.",
         epilog="Placements: S(d) shard tensor dim d, R replicate, P partial (as R), "
                "_S(d,k) FSDP2's strided shard with split factor k. Examples:\n"
@@ -387,7 +435,7 @@ def _cmd_plan(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     ck = open_checkpoint(args.path)
     mesh_t, layouts = report.resolve_layouts(ck.metadata, mesh=mesh, rules=rules,
                                              world_size=args.world_size, shard_dim=args.shard_dim)
-    result = report.plan_reads(ck, mesh_t, layouts, Progress(err, args.progress))
+    result = report.plan_reads(ck, mesh_t, layouts, Progress(err, args.progress), ranges=True)
     if args.json:
         json.dump(result, out, indent=1)
         out.write("\n")

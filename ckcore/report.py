@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -44,11 +46,13 @@ import numpy as np
 # The only kernel this module calls directly.
 from ._kernels._validate import _check_tensor_bounded, chunk_rows
 from ._saferepr import chunk_text, name_text, one_line, saferepr, shape_text
+from ._torchsave import UnsupportedItem, locate_tensor
 from .checkpoint import (
     STORAGE_PROBLEMS,
     Checkpoint,
     CheckpointError,
     StorageInfo,
+    _escapes,
     _volume,
     tensor_nbytes,
 )
@@ -63,6 +67,8 @@ from .layout import (
     parse_placements,
 )
 from .metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from .ranges import box_runs, byte_ranges, coalesce_ranges, contiguous_strides
+from .share import DEFAULT_EXCHANGE_BYTES, DEFAULT_MIN_PIECE_BYTES, plan_shared_reads
 
 __all__ = [
     "COALESCING",
@@ -80,6 +86,7 @@ __all__ = [
     "inspect_checkpoint",
     "parse_layout_rules",
     "plan_reads",
+    "range_reads",
     "resolve_layouts",
     "validate_checkpoint",
 ]
@@ -89,6 +96,15 @@ __all__ = [
 #: by offset and merged when they overlap or touch (no gap is bridged, no
 #: cap applies).
 COALESCING = "whole storage items, per rank and file sorted by offset, touching/overlapping merged"
+
+#: ``RangeFileSystemReader``'s defaults, which :func:`range_reads` models.
+RANGE_MAX_GAP = 1 << 20
+RANGE_MAX_OVERREAD = 1.05
+#: Items up to this size are read whole; larger ones have their archive
+#: records (first and last 4 KiB) read to locate the tensor.
+RANGE_SMALL_ITEM = 4096
+#: Runs of one box past this are counted, not listed: calls = runs, bytes = useful.
+RANGE_MAX_RUNS = 1 << 20
 
 #: Dims of a shape :func:`inspect_checkpoint` lists (a longer one is given as ``ndim`` only).
 MAX_SHAPE_DIMS = 64
@@ -624,6 +640,13 @@ def plan_reads(
     mesh: Sequence[int],
     layouts: Mapping[str, tuple[Sequence[int], Any]],
     progress: ProgressSink | None = None,
+    *,
+    ranges: bool = False,
+    use_files: bool = True,
+    max_gap: int = RANGE_MAX_GAP,
+    max_overread: float = RANGE_MAX_OVERREAD,
+    exchange_bytes: int = DEFAULT_EXCHANGE_BYTES,
+    min_piece_bytes: int = DEFAULT_MIN_PIECE_BYTES,
 ) -> dict[str, Any]:
     """Every rank's reads to load ``ck`` at a target layout (the ``--json`` form of ``ckcore plan``).
 
@@ -637,6 +660,13 @@ def plan_reads(
     The per-rank intersection is :func:`ckcore.intersect_chunks` (array form)
     on target chunks from :func:`ckcore.layout.local_shapes_and_offsets`.
     Ranks come heaviest first (bytes read, then rank).
+
+    ``ranges=True`` adds what ``RangeFileSystemReader`` and
+    ``SharedRangeFileSystemReader`` would read (see :func:`range_reads`):
+    a ``range`` and a ``shared`` dict in each rank's row, and the
+    ``range_reader`` and ``sharing`` sections; ``use_files``, ``max_gap``,
+    ``max_overread``, ``exchange_bytes`` and ``min_piece_bytes`` are its
+    parameters.
 
     Refuses (UsageError) a target shape other than the saved tensor's, and
     (CheckpointError) what no DCP save writes and would make the plan
@@ -671,7 +701,18 @@ def plan_reads(
                 raise CheckpointError(
                     f"{name_text(fqn)}: bytes item has no storage entry (run `ckcore validate`)")
             reads.everyone(info)
-    return _plan_report(ck, mesh, reads)
+    result = _plan_report(ck, mesh, reads)
+    if ranges:
+        result.update(range_reads(ck, reads, use_files=use_files, max_gap=max_gap,
+                                  max_overread=max_overread, exchange_bytes=exchange_bytes,
+                                  min_piece_bytes=min_piece_bytes))
+        by_rank = {r["rank"]: r for r in result["ranks"]}
+        for k, row in enumerate(result.pop("_range_ranks")):
+            by_rank[k]["range"] = row["range"]
+            by_rank[k]["shared"] = row["shared"]
+        for group in result["sharing"]["groups"]:
+            group["torch_bytes_read"] = sum(by_rank[k]["bytes_read"] for k in group["ranks"])
+    return result
 
 
 class _Reads:
@@ -683,6 +724,10 @@ class _Reads:
         self.useful = np.zeros(world, dtype=np.int64)
         self.file_ids: dict[str, int] = {}
         self.columns: tuple[list[np.ndarray], ...] = ([], [], [], [])
+        # (fqn, saved chunks, per-chunk storage (fid, off, ln), intersection) per tensor,
+        # and every bytes item's storage: what the range-reader model needs.
+        self.boxes: list[tuple[str, TensorStorageMetadata, tuple[np.ndarray, ...], Any]] = []
+        self.bytes_items: list[StorageInfo] = []
 
     def file_id(self, relative_path: str) -> int:
         """A small int per file, for the coalescing sort."""
@@ -696,6 +741,7 @@ class _Reads:
     def everyone(self, info: StorageInfo) -> None:
         """A bytes item: every rank reads the whole entry, and keeps it."""
         world = self.world
+        self.bytes_items.append(info)
         self.items += 1
         self.useful += info.length
         self.add(np.arange(world, dtype=np.int64),
@@ -743,6 +789,7 @@ def _tensor_reads(reads: _Reads, table: dict[tuple[str, Any], Any], fqn: str,
         np.add.at(reads.useful, r, np.prod(hits.lengths, axis=1, dtype=np.int64) * elem)
         s = hits.saved_index
         reads.add(r, fid[s], off[s], ln[s])
+        reads.boxes.append((fqn, item, (fid, off, ln), hits))
 
 
 def _plan_report(ck: Checkpoint, mesh: tuple[int, ...], reads: _Reads) -> dict[str, Any]:
@@ -785,3 +832,261 @@ def _plan_report(ck: Checkpoint, mesh: tuple[int, ...], reads: _Reads) -> dict[s
         },
     }
 
+
+
+# --------------------------------------------------------------------------
+# plan: what ckcore's range reader reads, alone and sharing
+# --------------------------------------------------------------------------
+
+
+class _ChunkLayout:
+    """Where a saved chunk's elements sit: strides, byte of element 0, how the range reader reads it."""
+
+    __slots__ = ("base", "length", "stored", "strides", "whole")
+
+    def __init__(self, strides: tuple[int, ...], base: int, length: int, stored: bool,
+                 whole: bool) -> None:
+        self.strides, self.base, self.length = strides, base, length
+        self.stored = stored  # strides read from the file's torch.save records
+        self.whole = whole    # read whole: small, transformed or not a plain archive
+
+
+class _Locator:
+    """Each saved chunk's layout, from its ``torch.save`` records when the file is there."""
+
+    def __init__(self, ck: Checkpoint, use_files: bool) -> None:
+        self.ck = ck
+        self.use_files = use_files
+        self.fds: dict[str, int | None] = {}
+        self.stored = 0
+        self.assumed = 0
+
+    def _fd(self, relative_path: str) -> int | None:
+        if relative_path not in self.fds:
+            fd = None
+            if self.use_files and not _escapes(relative_path) and \
+                    self.ck.files.get(relative_path) is not None:
+                try:
+                    fd = os.open(self.ck.dir / relative_path,
+                                 os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        os.close(fd)
+                        fd = None
+                except OSError:
+                    fd = None
+            self.fds[relative_path] = fd
+        return self.fds[relative_path]
+
+    def layout(self, fqn: str, sizes: tuple[int, ...], info: StorageInfo) -> _ChunkLayout:
+        """The layout of the saved chunk of ``fqn`` stored at ``info``."""
+        whole = bool(info.transform_descriptors) or info.length <= RANGE_SMALL_ITEM
+        fd = self._fd(info.relative_path)
+        if fd is not None and not info.transform_descriptors:
+            try:
+                loc = locate_tensor(fd, info.offset, info.length, name_text(fqn))
+            except UnsupportedItem:
+                self.stored += 1
+                return _ChunkLayout(contiguous_strides(sizes), info.offset, info.length, True, True)
+            except (ValueError, OSError):
+                pass  # damaged: `ckcore validate` reports it; assume contiguous
+            else:
+                if tuple(loc.size) == tuple(sizes):
+                    self.stored += 1
+                    return _ChunkLayout(tuple(loc.stride), loc.base, info.length, True, whole)
+        self.assumed += 1
+        return _ChunkLayout(contiguous_strides(sizes), info.offset, info.length, False, whole)
+
+    def close(self) -> None:
+        """Close the files opened to read records."""
+        for fd in self.fds.values():
+            if fd is not None:
+                os.close(fd)
+        self.fds.clear()
+
+
+class _RangeCost:
+    """Bytes and calls of the range reader, per rank, for boxes of saved chunks."""
+
+    def __init__(self, world: int, max_gap: int, max_overread: float) -> None:
+        self.bytes = np.zeros(world, dtype=np.int64)
+        self.calls = np.zeros(world, dtype=np.int64)
+        self.max_gap, self.max_overread = max_gap, max_overread
+        self.opened: set[tuple[int, int]] = set()
+        self.estimated = 0
+        self.memo: dict[tuple, tuple[int, int, bool]] = {}
+
+    def box(self, rank: int, gid: int, lay: _ChunkLayout, sizes: tuple[int, ...], elem: int,
+            offsets: Sequence[int], lengths: Sequence[int]) -> None:
+        """Rank ``rank`` reads box ``offsets``/``lengths`` of saved chunk ``gid``."""
+        if (rank, gid) not in self.opened:
+            # The first touch of a chunk: a small or special item is read
+            # whole once (and every box served from it), a larger one has
+            # its archive records read to locate the tensor.
+            self.opened.add((rank, gid))
+            if lay.whole:
+                self.bytes[rank] += lay.length
+                self.calls[rank] += 1
+            else:
+                self.bytes[rank] += min(lay.length, 2 * RANGE_SMALL_ITEM)
+                self.calls[rank] += 2
+        if lay.whole or 0 in lengths:
+            return
+        # Coalescing depends on run lengths and gaps only, not on where the
+        # chunk starts: a layout repeats a few box shapes over many chunks.
+        key = (sizes, lay.strides, elem, *offsets, -1, *lengths)
+        cost = self.memo.get(key)
+        if cost is None:
+            runs, run_bytes, _ = box_runs(sizes, lay.strides, elem, offsets, lengths)
+            if runs > RANGE_MAX_RUNS:
+                cost = (runs * run_bytes, runs, True)
+            else:
+                blocks = coalesce_ranges(byte_ranges(sizes, lay.strides, elem, offsets, lengths),
+                                         self.max_gap, self.max_overread)
+                cost = (int((blocks[:, 1] - blocks[:, 0]).sum()), len(blocks), False)
+            self.memo[key] = cost
+        self.bytes[rank] += cost[0]
+        self.calls[rank] += cost[1]
+        self.estimated += cost[2]
+
+
+def range_reads(
+    ck: Checkpoint,
+    reads: Any,
+    *,
+    use_files: bool = True,
+    max_gap: int = RANGE_MAX_GAP,
+    max_overread: float = RANGE_MAX_OVERREAD,
+    exchange_bytes: int = DEFAULT_EXCHANGE_BYTES,
+    min_piece_bytes: int = DEFAULT_MIN_PIECE_BYTES,
+) -> dict[str, Any]:
+    """What ``RangeFileSystemReader`` and ``SharedRangeFileSystemReader`` read, per rank and per replica group.
+
+    ``reads`` is :func:`plan_reads`' record of every rank's read items (call
+    ``plan_reads(..., ranges=True)``). The range reader is modelled as it
+    reads: per read item, the byte ranges of its box in the saved chunk
+    (element strides from the chunk's ``torch.save`` records when
+    ``use_files`` and the file is there, else C-order: contiguous storage
+    assumed), coalesced across gaps of at most ``max_gap`` bytes under the
+    ``max_overread`` cap; per saved chunk a rank touches, its archive
+    records (the first and last 4 KiB), or the whole item when it is at most
+    4 KiB, has stream transforms or is not an archive ckcore parses; bytes
+    items whole. Sharing is :func:`ckcore.share.plan_shared_reads` on the
+    same boxes: each piece is read by its reader, the rest by their rank.
+    A *replica group* is a set of ranks linked by shared pieces (the
+    replicas of a shard under DDP/HSDP); for each: its ranks, and the bytes
+    its ranks read from storage with torch's reader, the range reader, and
+    with sharing.
+    """
+    world = reads.world
+    loc = _Locator(ck, use_files)
+    plain = _RangeCost(world, max_gap, max_overread)
+    shared = _RangeCost(world, max_gap, max_overread)
+    # Every touched saved chunk gets an id; its layout, sizes and item size.
+    chunk_info: list[tuple[_ChunkLayout, tuple[int, ...], int]] = []
+    rows: list[np.ndarray] = []
+    hit_gid: list[np.ndarray] = []
+    ndim = max((len(item.size) for _, item, _, _ in reads.boxes), default=0)
+    try:
+        for fqn, item, _storage, hits in reads.boxes:
+            elem = itemsize(item.properties.dtype)
+            gids = np.full(len(item.chunks), -1, dtype=np.int64)
+            for sc in np.unique(hits.saved_index).tolist():
+                c = item.chunks[sc]
+                info = ck.storage[MetadataIndex(fqn, tuple(c.offsets))]
+                sizes = tuple(int(v) for v in c.sizes)
+                gids[sc] = len(chunk_info)
+                chunk_info.append((loc.layout(fqn, sizes, info), sizes, elem))
+            g = gids[hits.saved_index]
+            hit_gid.append(g)
+            for rank, gid, o, n in zip(hits.local_index.tolist(), g.tolist(),
+                                       hits.storage_offsets.tolist(), hits.lengths.tolist()):
+                lay, sizes, _ = chunk_info[gid]
+                plain.box(rank, gid, lay, sizes, elem, o, n)
+            pad = ndim - hits.lengths.shape[1]
+            rows.append(np.concatenate([
+                hits.local_index[:, None], g[:, None], hits.storage_offsets,
+                np.zeros((len(hits), pad), np.int64), hits.lengths,
+                np.ones((len(hits), pad), np.int64)], axis=1).astype(np.int64))
+    finally:
+        loc.close()
+    for info in reads.bytes_items:
+        for cost in (plain, shared):
+            cost.bytes += info.length
+            cost.calls += 1
+    needs = np.concatenate(rows) if rows else np.zeros((0, 2 + 2 * ndim), np.int64)
+    sp = plan_shared_reads(needs, [e for _, _, e in chunk_info] or [1], world,
+                           exchange_bytes=exchange_bytes, min_piece_bytes=min_piece_bytes)
+    is_shared = np.zeros(max(len(chunk_info), 1), dtype=bool)
+    is_shared[sp.shared_chunks] = True
+    for row in needs[~is_shared[needs[:, 1]]].tolist() if len(needs) else ():
+        gid = row[1]
+        lay, sizes, elem = chunk_info[gid]
+        shared.box(row[0], gid, lay, sizes, elem, row[2:2 + len(sizes)],
+                   row[2 + ndim:2 + ndim + len(sizes)])
+    for i in range(len(sp.chunk)):
+        gid = int(sp.chunk[i])
+        lay, sizes, elem = chunk_info[gid]
+        n = len(sizes)
+        shared.box(int(sp.reader[i]), gid, lay, sizes, elem, sp.offsets[i, :n].tolist(),
+                   sp.lengths[i, :n].tolist())
+    sent = sp.bytes_sent()
+    received = np.zeros(world, dtype=np.int64)
+    # Replica groups: ranks linked by a shared piece (union-find).
+    parent = list(range(world))
+
+    def find(r: int) -> int:
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    for i in range(len(sp.chunk)):
+        who = sp.piece_needers(i).tolist()
+        for w in who:
+            if w != sp.reader[i]:
+                received[w] += sp.nbytes[i]
+        for w in who[1:]:
+            parent[find(w)] = find(who[0])
+    groups: dict[int, list[int]] = {}
+    for r in range(world):
+        groups.setdefault(find(r), []).append(r)
+    useful = reads.useful
+    per_rank = [
+        {
+            "range": {"bytes_read": int(plain.bytes[k]), "read_calls": int(plain.calls[k]),
+                      "over_read": int(plain.bytes[k] - useful[k])},
+            "shared": {"bytes_read": int(shared.bytes[k]), "bytes_sent": int(sent[k]),
+                       "bytes_received": int(received[k])},
+        }
+        for k in range(world)
+    ]
+    if not loc.assumed:
+        strides = "stored"
+    elif loc.stored:
+        strides = "partly stored"
+    else:
+        strides = "contiguous"
+    return {
+        "_range_ranks": per_rank,
+        "range_reader": {
+            "strides": strides,
+            "chunks_located": loc.stored,
+            "chunks_assumed_contiguous": loc.assumed,
+            "max_gap": max_gap,
+            "max_overread": max_overread,
+            "boxes_estimated": plain.estimated,
+            "totals": {"bytes_read": sum(plain.bytes.tolist()), "read_calls": sum(plain.calls.tolist()),
+                       "over_read": sum(plain.bytes.tolist()) - sum(useful.tolist())},
+        },
+        "sharing": {
+            "exchange_bytes": exchange_bytes,
+            "min_piece_bytes": min_piece_bytes,
+            "pieces": len(sp.chunk),
+            "exchange_rounds": sp.n_rounds,
+            "groups": [{"ranks": g, "torch_bytes_read": None,
+                        "range_bytes_read": int(plain.bytes[g].sum()),
+                        "shared_bytes_read": int(shared.bytes[g].sum())}
+                       for g in sorted(groups.values())],
+            "totals": {"bytes_read": sum(shared.bytes.tolist()), "bytes_sent": sum(sent.tolist())},
+        },
+    }

@@ -5,7 +5,8 @@
 - :mod:`ckcore.dcp.dropins`: drop-ins with torch's exact signatures and types.
 - :class:`RangeFileSystemReader`: a ``FileSystemReader`` that reads only the
   byte ranges each item needs, sorted and coalesced, straight into the
-  destination tensors.
+  destination tensors; :class:`SharedRangeFileSystemReader` (opt-in) reads
+  bytes several ranks need once and exchanges them over the process group.
 - :func:`to_torch` / :func:`from_torch`: conversions between ckcore's and
   torch's metadata and plan objects.
 
@@ -32,6 +33,7 @@ from .patch import Patch, is_patched, patch, unpatch
 from .planners import FastLoadPlanner, FastSavePlanner
 from .reader import RangeFileSystemReader
 from .writer import FastFileSystemWriter
+from .shared import SharedRangeFileSystemReader, SharedReadError
 
 warn_if_untested(_torch.__version__)
 
@@ -42,6 +44,8 @@ __all__ = [
     "FastSavePlanner",
     "Patch",
     "RangeFileSystemReader",
+    "SharedRangeFileSystemReader",
+    "SharedReadError",
     "UntestedTorchWarning",
     "create_default_global_save_plan",
     "create_default_local_load_plan",

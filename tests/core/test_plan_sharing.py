@@ -1,0 +1,49 @@
+"""``ckcore plan``'s range-reader and shared-read figures (torch-free).
+
+On the 2-rank fixture loaded HSDP-style (mesh 2x2, replicate x shard): the
+replica groups are the ranks holding the same shard, sharing never reads
+more than the range reader, the range reader never more than torch's, and
+the text names the readers and where strides come from.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+
+from ckcore.cli import main
+
+SHARDED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "dcp_sharded")
+
+
+def run(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_hsdp_plan_reports_range_and_shared_reads_per_replica_group():
+    code, out, err = run("plan", SHARDED, "--mesh", "2x2", "--layout", "R,S(0)", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    groups = rep["sharing"]["groups"]
+    assert sorted(g["ranks"] for g in groups) == [[0, 2], [1, 3]]
+    for g in groups:
+        assert g["shared_bytes_read"] < g["range_bytes_read"] <= g["torch_bytes_read"]
+        assert g["torch_bytes_read"] == sum(r["bytes_read"] for r in rep["ranks"] if r["rank"] in g["ranks"])
+    assert rep["range_reader"]["strides"] == "stored"
+    assert rep["range_reader"]["totals"]["bytes_read"] == sum(r["range"]["bytes_read"] for r in rep["ranks"])
+    assert rep["sharing"]["totals"]["bytes_sent"] == sum(r["shared"]["bytes_received"] for r in rep["ranks"])
+    code, text, _ = run("plan", SHARDED, "--mesh", "2x2", "--layout", "R,S(0)")
+    assert code == 0
+    assert "range reader (RangeFileSystemReader)" in text and "strides: read from the torch.save records" in text
+    assert "shared reads (SharedRangeFileSystemReader)" in text and "replica group" in text
+
+
+def test_without_files_the_plan_says_it_assumes_contiguous_storage(tmp_path):
+    shutil.copy(os.path.join(SHARDED, ".metadata"), tmp_path / ".metadata")
+    code, text, err = run("plan", str(tmp_path), "--world-size", "2")
+    assert code == 0, err
+    assert "assume contiguous (C-order) storage" in text
