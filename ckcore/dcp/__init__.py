@@ -32,8 +32,8 @@ from .dropins import (
 from .patch import Patch, is_patched, patch, unpatch
 from .planners import FastLoadPlanner, FastSavePlanner
 from .reader import RangeFileSystemReader
-from .writer import FastFileSystemWriter
 from .shared import SharedRangeFileSystemReader, SharedReadError
+from .writer import FastFileSystemWriter
 
 warn_if_untested(_torch.__version__)
 
