@@ -442,11 +442,16 @@ def plan_columns(
     rank_of[md_order] = np.arange(len(md_order))
     srt = np.argsort(rank_of[fk], kind="stable")
     md_cnt = cnt[md_order]
+    item_ptr = np.zeros(len(md_order) + 1, dtype=np.int64)
+    np.cumsum(md_cnt, out=item_ptr[1:])
+    hint_k = np.empty(len(kept), dtype=np.int64)
+    hint_k[srt] = np.arange(len(kept)) - item_ptr[rank_of[fk[srt]]]
+    hint_k[kk == BYTE_IO] = -1
+    # A bytes entry has no chunk rows (its one item is not a chunk).
+    if len(kept):
+        md_cnt = np.where(first_pid[md_order] < 0, 0, md_cnt)
     row_ptr = np.zeros(len(md_order) + 1, dtype=np.int64)
     np.cumsum(md_cnt, out=row_ptr[1:])
-    hint_k = np.empty(len(kept), dtype=np.int64)
-    hint_k[srt] = np.arange(len(kept)) - row_ptr[rank_of[fk[srt]]]
-    hint_k[kk == BYTE_IO] = -1
 
     kept_s = kept[srt]
     lens = np.maximum(nd[kept_s], 0)

@@ -38,6 +38,21 @@ __all__ = [
 _I64_MAX = 2**63 - 1
 
 
+#: The range reader's default cost model: one request costs this long...
+DEFAULT_REQUEST_LATENCY_S = 1e-3
+#: ...and a byte this long at this rate; a gap is read through when reading
+#: it costs less than one more request (measured on this project's local disk,
+#: cold page cache; ``scripts/measure_storage.py`` measures another storage).
+DEFAULT_BANDWIDTH_BYTES_PER_S = 1e9
+#: The range reader's default scratch-buffer size, which also caps a gap.
+DEFAULT_BUFFER_BYTES = 16 << 20
+#: ``max_overread`` meaning "no ratio cap" (coalesce_ranges' budget saturates).
+NO_RATIO_CAP = float(1 << 62)
+#: The largest gap the defaults read through.
+DEFAULT_GAP_BYTES = min(DEFAULT_BUFFER_BYTES,
+                        int(DEFAULT_REQUEST_LATENCY_S * DEFAULT_BANDWIDTH_BYTES_PER_S))
+
+
 def _vec(what: str, name: str, values: Sequence[int]) -> np.ndarray:
     # int64 vector from a sequence of Python/numpy ints; out-of-range values are
     # a ValueError here (numpy would raise OverflowError or wrap silently).

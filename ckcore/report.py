@@ -43,6 +43,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from . import ranges as _ranges
+
 # The only kernel this module calls directly.
 from ._kernels._validate import _check_tensor_bounded, chunk_rows
 from ._saferepr import chunk_text, name_text, one_line, saferepr, shape_text
@@ -98,8 +100,8 @@ __all__ = [
 COALESCING = "whole storage items, per rank and file sorted by offset, touching/overlapping merged"
 
 #: ``RangeFileSystemReader``'s defaults, which :func:`range_reads` models.
-RANGE_MAX_GAP = 1 << 20
-RANGE_MAX_OVERREAD = 1.05
+RANGE_MAX_GAP = _ranges.DEFAULT_GAP_BYTES
+RANGE_MAX_OVERREAD = _ranges.NO_RATIO_CAP
 #: Items up to this size are read whole; larger ones have their archive
 #: records (first and last 4 KiB) read to locate the tensor.
 RANGE_SMALL_ITEM = 4096

@@ -19,25 +19,24 @@ import sys
 from collections import ChainMap
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint import _version, state_dict_loader
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
     Metadata,
-    TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, SavePlanner
 
 from ckcore._gc import paused
 from ckcore.compact import ColumnPlan, CompactPlanError, merged_mapping, plan_columns
+from ckcore.mdcolumns import BYTES, TENSOR, MetadataColumns
 
 from . import _compact as _c
 from . import dropins as _d
-from ._lazy_metadata import columns_of
+from ._lazy_metadata import ColumnarMetadata, columns_of
 
 __all__ = ["FastLoadPlanner", "FastSavePlanner"]
 
@@ -170,12 +169,13 @@ class FastSavePlanner(DefaultSavePlanner):
                     list, _c.GlobalWriteItems.from_arrays(r.parts, k, h)))
                 for p, r, k, h in zip(all_plans, received, cp.keep, cp.hints)
             ]
-            metadata = _metadata_from_columns(cp)
+            merged = None
             if self.flatten_state_dict:
                 cache: dict = {}
                 maps = [p.planner_data.as_dict(cache) if isinstance(p.planner_data, _c.MappingColumns)
                         else p.planner_data for p in global_plan]
-                metadata = dataclasses.replace(metadata, planner_data=merged_mapping(maps))
+                merged = merged_mapping(maps)
+            metadata = _metadata_from_columns(cp, merged)
         return global_plan, metadata
 
     def _create_global_plan_with_caching(
@@ -395,16 +395,20 @@ def _itemsize(name: str) -> int:
     return n
 
 
-def _metadata_from_columns(cp: ColumnPlan) -> Metadata:
-    md: dict[str, Any] = {}
-    for f, name in enumerate(cp.fqns):
-        p = cp.props[f]
-        if p is None:
-            md[name] = BytesStorageMetadata()
-            continue
-        offs, sizes = cp.chunks(f)
-        md[name] = TensorStorageMetadata(
-            properties=_c._torch_props(p), size=torch.Size(p[5]),
-            chunks=[ChunkStorageMetadata(torch.Size(o), torch.Size(s))
-                    for o, s in zip(offs.tolist(), sizes.tolist())])
-    return Metadata(md)
+def _metadata_from_columns(cp: ColumnPlan, planner_data: Any = None) -> Metadata:
+    # torch's Metadata over the plan's columns: no chunk object is built
+    # unless something reads state_dict_metadata (FastFileSystemWriter writes
+    # .metadata from the columns).
+    n = len(cp.fqns)
+    props = [None if p is None else (p[0].removeprefix("torch."), p[1].removeprefix("torch."),
+                                     p[2], p[3].removeprefix("torch."), p[4]) for p in cp.props]
+    sizes = [() if p is None else p[5] for p in cp.props]
+    size_ptr = np.zeros(n + 1, dtype=np.int64)
+    if n:
+        np.cumsum([len(s) for s in sizes], out=size_ptr[1:])
+    cols = MetadataColumns(
+        cp.fqns, kinds=[BYTES if p is None else TENSOR for p in cp.props], properties=props,
+        size_ptr=size_ptr, size_values=[v for s in sizes for v in s], chunk_ptr=cp.chunk_ptr,
+        chunk_offsets=cp.chunk_offsets, chunk_sizes=cp.chunk_sizes, storage_data_none=True,
+        planner_data=planner_data)
+    return ColumnarMetadata(cols)

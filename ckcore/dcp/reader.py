@@ -80,14 +80,11 @@ _SMALL_ITEM = 4096
 # stay a few MiB even when every element is its own run.
 _MAX_RUNS = 1 << 18
 _HAS_FADVISE = hasattr(os, "posix_fadvise")
-# max_overread=None: no ratio cap (coalesce_ranges' budget saturates at int64).
-_NO_RATIO_CAP = float(1 << 62)
-# The storage model's defaults, measured on this project's development
-# machine (a virtual disk; scripts/measure_storage.py, README "Concurrent
-# reads and coalescing"): cold page cache, one 4 KiB pread at a time
-# costs about 1 ms, one large read about 1 GB/s.
-DEFAULT_REQUEST_LATENCY_S = 1e-3
-DEFAULT_BANDWIDTH_BYTES_PER_S = 1e9
+# max_overread=None: no ratio cap. The storage model's defaults are the
+# torch-free ranges module's, so ``ckcore plan`` reports what this reader reads.
+_NO_RATIO_CAP = _r.NO_RATIO_CAP
+DEFAULT_REQUEST_LATENCY_S = _r.DEFAULT_REQUEST_LATENCY_S
+DEFAULT_BANDWIDTH_BYTES_PER_S = _r.DEFAULT_BANDWIDTH_BYTES_PER_S
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -240,7 +237,7 @@ class RangeFileSystemReader(FileSystemReader):
         *,
         max_overread: float | None = None,
         max_gap: int | None = None,
-        buffer_bytes: int = 16 << 20,
+        buffer_bytes: int = _r.DEFAULT_BUFFER_BYTES,
         direct_min_bytes: int = 4096,
         small_item_bytes: int = _SMALL_ITEM,
         prefetch_bytes: int = 8 << 20,

@@ -75,7 +75,10 @@ def test_range_figures_equal_the_reader_and_say_when_files_are_absent(tmp_path, 
         got = by_rank[rank]["range"]
         assert (got["bytes_read"], got["read_calls"]) == (
             reader.stats["bytes_read"], reader.stats["read_calls"]), rank
-        assert got["bytes_read"] < by_rank[rank]["bytes_read"]  # torch reads whole items
+        # Every byte the rank needs is read; the cost model may read through
+        # gaps (even whole neighbouring items of this small checkpoint) to
+        # save requests.
+        assert got["bytes_read"] >= by_rank[rank]["useful_bytes"] > 0
 
     bare = tmp_path / "bare"
     bare.mkdir()

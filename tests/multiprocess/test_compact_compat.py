@@ -119,10 +119,12 @@ def test_load_plan_that_travels_is_small_with_ckcore_at_both_ends(runs):
             # torch's planner sends every read item, both ways.
             torch_up = _traffic(loaded, f"load:torch:{reader}:{ckpt}", "up")
             assert min(torch_up) > 4 * max(_traffic(loaded, label, "up")), label
-    # A reader or planner that reads the items on the coordinator gets them as objects.
+    # A reader or planner that reads the items on the coordinator gets them
+    # (as packed rows it can iterate), not a ticket of the item count.
+    ticket = max(_traffic(loaded, "load:fast:fs:fast", "up"))
     for label in ("load:fast:counting:fast", "load:fast:instance_hook:fast",
                   "load:sub_global:fs:fast"):
-        assert min(_traffic(loaded, label, "up")) > 1024, label
+        assert min(_traffic(loaded, label, "up")) > 2 * ticket, label
 
 
 def test_fast_save_plan_is_much_smaller_than_torchs(runs):
