@@ -17,7 +17,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import ckcore
-from ckcore.dcp import FastLoadPlanner, FastSavePlanner, RangeFileSystemReader, patch
+from ckcore.dcp import (
+    FastFileSystemWriter,
+    FastLoadPlanner,
+    FastSavePlanner,
+    RangeFileSystemReader,
+    patch,
+)
 
 # Single process on purpose: silence DCP's note that no process group is set up.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -29,7 +35,7 @@ def main(path: str) -> None:
         "model": {"w": torch.randn(256, 512), "b": torch.randn(512).to(torch.bfloat16)},
         "step": 1000,
     }
-    dcp.save(state, checkpoint_id=path, planner=FastSavePlanner())
+    dcp.save(state, planner=FastSavePlanner(), storage_writer=FastFileSystemWriter(path))
 
     # Load into other shapes of storage: a transposed (non-contiguous) destination
     # and a bf16 vector, through the reader that reads only the needed bytes.
