@@ -153,12 +153,11 @@ class FastSavePlanner(DefaultSavePlanner):
     def _plan_from_columns(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata] | None:
         """The global plan from every rank's columns; None when a plan is not compact or the
         layout needs torch's object path (see :func:`ckcore.compact.plan_columns`)."""
-        if not all_plans or not all(
-                type(p.items) is _c.WriteItemColumns and p.usable for p in all_plans):
+        received = [_received(p) for p in all_plans]
+        if not all_plans or any(r is None for r in received):
             return None
         tables: dict = {}
-        received = [cast(_c.WriteItemColumns, p.items) for p in all_plans]
-        cols = [r.columns(tables) for r in received]
+        cols = [cast(_c.WriteItemColumns, r).columns(tables) for r in received]
         with paused(promote=True):
             cp = plan_columns(cols, dedup=True, save_to_lowest_rank=self.dedup_save_to_lowest_rank,
                               itemsize=_itemsize)
@@ -167,7 +166,7 @@ class FastSavePlanner(DefaultSavePlanner):
             global_plan = [
                 dataclasses.replace(p, items=cast(
                     list, _c.GlobalWriteItems.from_arrays(r.parts, k, h)))
-                for p, r, k, h in zip(all_plans, received, cp.keep, cp.hints)
+                for p, r, k, h in zip(all_plans, cast(list, received), cp.keep, cp.hints)
             ]
             merged = None
             if self.flatten_state_dict:
@@ -355,6 +354,21 @@ def _compact_save_plan(plan: SavePlan) -> SavePlan:
     if type(pd) is dict:
         pd = _c.SentMapping(pd)
     return dataclasses.replace(plan, items=_c.SentWriteItems(plan.items, cols), planner_data=pd)
+
+
+def _received(plan: SavePlan) -> _c.WriteItemColumns | None:
+    # A plan's items as columns: as received through DCP's gather, or the
+    # rank's own packed list when nothing was pickled (one process); None
+    # when the plan is not compact or not usable.
+    items = plan.items
+    if not plan.usable:
+        return None
+    if type(items) is _c.WriteItemColumns:
+        return items
+    if type(items) is _c.SentWriteItems:
+        parts = items.current_parts()
+        return None if parts is None else _c.WriteItemColumns(parts)
+    return None
 
 
 def _same_plan(a: SavePlan, b: SavePlan) -> bool:

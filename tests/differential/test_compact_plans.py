@@ -481,3 +481,36 @@ def test_plan_cache_protocol_matches_torch(change):
     assert cmd2 == tmd2
     assert [list(p.items) for p in c2] == [list(p.items) for p in t2]
     assert [p.usable for p in c2] == [p.usable for p in t2]
+
+
+# ------------------------------------------------------------------ the coordinator's metadata
+
+
+@pytest.mark.parametrize("writer", ["torch", "fast"])
+def test_columnar_save_metadata_is_torchs(tmp_path, writer):
+    """FastSavePlanner's metadata (columns) written by either writer reads back as torch's."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+    from ckcore.dcp import FastFileSystemWriter
+    from ckcore.dcp._lazy_metadata import ColumnarMetadata
+    state = {"w": torch.arange(24.0).reshape(6, 4), "b": torch.ones(3, dtype=torch.bfloat16),
+             "s": torch.tensor(2.5), "n": 7, "nested": {"x": torch.zeros(2, 2)}}
+    ref, got = tmp_path / "ref", tmp_path / "got"
+    dcp.save(state, checkpoint_id=str(ref), no_dist=True)
+    planner = FastSavePlanner()
+    w = FileSystemWriter(str(got)) if writer == "torch" else FastFileSystemWriter(str(got))
+    dcp.save(state, storage_writer=w, planner=planner, no_dist=True)
+    assert type(planner.metadata) is ColumnarMetadata
+    a = FileSystemReader(str(ref)).read_metadata()
+    b = FileSystemReader(str(got)).read_metadata()
+    assert type(b) is tm.Metadata
+    assert b.state_dict_metadata == a.state_dict_metadata
+    assert list(b.state_dict_metadata) == list(a.state_dict_metadata)
+    assert b.planner_data == a.planner_data
+    assert b.storage_data == a.storage_data and b.version == a.version
+    dest = {"w": torch.zeros(6, 4), "b": torch.zeros(3, dtype=torch.bfloat16),
+            "s": torch.tensor(0.0), "n": 0, "nested": {"x": torch.ones(2, 2)}}
+    dcp.load(dest, checkpoint_id=str(got), no_dist=True)
+    assert torch.equal(dest["w"], state["w"]) and dest["n"] == 7
+    assert torch.equal(dest["nested"]["x"], torch.zeros(2, 2)) and dest["s"].item() == 2.5
