@@ -36,14 +36,18 @@ Save, per N (one ``benchmark.group`` "plan-traffic save N=..."):
     pickled to a fresh directory per run (``FileSystemWriter``'s defaults,
     fsync included). ``results`` are synthesized per rank from its finished
     plan as ``FileSystemWriter.write_data`` returns them (one file per rank,
+    in the list type the implementation's ``write_data`` returns, which for
+    ``FastFileSystemWriter`` pickles as columns;
     ``{prefix}0.distcp``; bytes items first, then tensors in plan order, each
     a ``WriteResult(index, length, _StorageInfo(file, offset, length))``
     with ``length`` = the chunk's bytes + the ``torch.save`` record overhead
     measured once per dimension count): the file's bytes are not written;
 (e) reported apart, not in the timed figure: the ``all_reduce("write")``
     traffic: every rank's ``WriteResult`` list pickled up, rank 0's
-    ``pickle.loads`` of all N (needed by (d)), the ``Metadata`` pickled for
-    the broadcast and one rank's ``pickle.loads`` of it.
+    ``pickle.loads`` of all N (needed by (d)), the ``Metadata`` serialized
+    for the broadcast and one rank's deserialization of it (with torch's own
+    ``_object_to_tensor`` / ``_tensor_to_object``, what
+    ``broadcast_object_list`` runs).
 
 The timed figure of a round (the benchmark median, so the ratio table's
 figure) is rank 0's critical path: its own (a), (b), its own (c), and (d).
@@ -113,6 +117,7 @@ from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
+import torch.distributed.distributed_c10d as _c10d
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import (
     FileSystemReader,
@@ -326,6 +331,16 @@ def write_results(finished_plan) -> list:
     return out
 
 
+def _as_written(impl: str, results: list) -> list:
+    """``results`` in the list type ``impl``'s writer's ``write_data`` returns."""
+    writer = _classes(impl)[1]
+    if writer is getattr(ckdcp, "FastFileSystemWriter", None):
+        from ckcore.dcp._compact import SentWriteResults
+
+        return SentWriteResults(results)
+    return results
+
+
 # ------------------------------------------------------------------ the other ranks
 
 
@@ -355,7 +370,7 @@ def _w_save_finish(args) -> list[bytes]:
         planner = sp()
         save_local_step(planner, sw(path), state_dict(save_layout(n), r), r)
         final = planner.finish_plan(pickle.loads(down))
-        out.append(pickle.dumps(write_results(final)))
+        out.append(pickle.dumps(_as_written(impl, write_results(final))))
     return out
 
 
@@ -432,7 +447,7 @@ def rank0_save(impl, n, sd, others_up, others_results, path, clock, info):
     info["bytes_down"] = [len(b) for b in down]
     # (e) all_reduce("write"): every rank's WriteResult list up, rank 0 unpickles all.
     t0 = time.perf_counter()
-    mine = pickle.dumps(write_results(final))
+    mine = pickle.dumps(_as_written(impl, write_results(final)))
     t1 = time.perf_counter()
     rest = others_results(down)
     del down
@@ -448,13 +463,13 @@ def rank0_save(impl, n, sd, others_up, others_results, path, clock, info):
         writer.finish(metadata=metadata, results=results)
     # (e) the Metadata broadcast: pickled once on rank 0, unpickled on every other rank.
     t0 = time.perf_counter()
-    md_bytes = pickle.dumps(metadata)
+    md_tensor, md_size = _c10d._object_to_tensor(metadata, torch.device("cpu"), None)
     t1 = time.perf_counter()
-    pickle.loads(md_bytes)
+    _c10d._tensor_to_object(md_tensor, md_size, None)
     t2 = time.perf_counter()
     info["broadcast_dumps_s"] = t1 - t0
     info["broadcast_loads_s"] = t2 - t1
-    info["broadcast_bytes"] = len(md_bytes)
+    info["broadcast_bytes"] = int(md_size.item())
     info["metadata_file_bytes"] = os.path.getsize(os.path.join(path, ".metadata"))
     return final, metadata
 

@@ -47,6 +47,7 @@ __all__ = [
     "pack_result_columns",
     "pack_write_columns",
     "plan_columns",
+    "storage_columns",
     "unpack_mapping",
     "unpack_result_columns",
     "unpack_write_columns",
@@ -542,37 +543,52 @@ class ResultColumns:
 _RESULT_COLUMNS = ("fid", "nd", "hint", "nbytes", "path", "offset", "length")
 
 
-def pack_result_columns(rc: ResultColumns) -> tuple[int, bytes, bytes]:
-    """``(FORMAT_VERSION, tables, columns)``: JSON tables and int64 byte planes, compressed."""
+def pack_result_columns(rc: ResultColumns) -> tuple[int, bytes, bytes, bytes]:
+    """``(FORMAT_VERSION, fqn table, paths and transforms, columns)``, each part compressed.
+
+    The fqn table is packed as a write plan's (ranks usually send equal
+    ones, which the receiver decodes once); paths and transforms are JSON;
+    the columns int64 byte planes.
+    """
     n = len(rc.fid)
-    tables = json.dumps([list(rc.fqns), list(rc.paths),
-                         [[k, v] for k, v in sorted(rc.transforms.items())]]).encode()
+    tables = json.dumps([list(rc.paths), [[k, v] for k, v in sorted(rc.transforms.items())]])
     header = np.array([n, len(rc.offsets)], dtype="<i8").tobytes()
     body = b"".join([header] + [_shuffle(np.asarray(getattr(rc, c), dtype=np.int64))
                                 for c in _RESULT_COLUMNS] + [_shuffle(rc.offsets)])
-    return FORMAT_VERSION, _deflate(tables), _deflate(body)
+    return (FORMAT_VERSION, _deflate(json.dumps(list(rc.fqns)).encode()),
+            _deflate(tables.encode()), _deflate(body))
 
 
-def unpack_result_columns(parts: object) -> ResultColumns:
+def unpack_result_columns(parts: object, *, _tables: dict | None = None) -> ResultColumns:
     """The :class:`ResultColumns` :func:`pack_result_columns` packed, checked.
 
     Raises :class:`CompactPlanError` naming what is damaged or inconsistent.
+    ``_tables`` caches decoded fqn tables by their packed bytes.
     """
-    if type(parts) is not tuple or len(parts) != 3:
-        raise CompactPlanError("compact write results: expected (version, tables, columns)")
+    if type(parts) is not tuple or len(parts) != 4:
+        raise CompactPlanError(
+            "compact write results: expected (version, fqns, paths and transforms, columns)")
     if type(parts[0]) is not int or parts[0] != FORMAT_VERSION:
         raise CompactPlanError(
             f"compact write results: format version {parts[0]!r}, this ckcore reads "
             f"{FORMAT_VERSION} (every rank must run the same ckcore version)")
-    text = _inflate(parts[1], "write result tables")
+    for what, part in zip(("fqn table", "paths and transforms", "columns"), parts[1:]):
+        if not isinstance(part, bytes):
+            raise CompactPlanError(
+                f"compact write results: {what} is a {type(part).__name__}, not bytes")
+    cache = {} if _tables is None else _tables
+    fqns = cache.get(("f", parts[1]))
+    if fqns is None:
+        fqns = cache[("f", parts[1])] = _fqn_table(parts[1])
+    text = _inflate(parts[2], "write result paths and transforms")
     try:
         tables = json.loads(text)
     except (ValueError, RecursionError):
-        raise CompactPlanError("compact write results: tables are not JSON") from None
-    if not (type(tables) is list and len(tables) == 3 and all(type(t) is list for t in tables)
-            and all(type(f) is str for f in tables[0]) and all(type(p) is str for p in tables[1])):
-        raise CompactPlanError("compact write results: tables are not (fqns, paths, transforms)")
-    body = _inflate(parts[2], "write result columns")
+        raise CompactPlanError("compact write results: paths and transforms are not JSON") from None
+    if not (type(tables) is list and len(tables) == 2 and all(type(t) is list for t in tables)
+            and all(type(p) is str for p in tables[0])):
+        raise CompactPlanError("compact write results: tables are not (paths, transforms)")
+    body = _inflate(parts[3], "write result columns")
     if len(body) < 16:
         raise CompactPlanError("compact write results: columns header is truncated")
     n, v = (int(x) for x in np.frombuffer(body[:16], "<i8"))
@@ -582,7 +598,7 @@ def unpack_result_columns(parts: object) -> ResultColumns:
     cols = [_unshuffle(body[16 + 8 * n * i:16 + 8 * n * (i + 1)], n) for i in range(k)]
     offsets = _unshuffle(body[16 + 8 * n * k:], v)
     fid, nd, hint, nbytes, path, offset, length = cols
-    fqns, paths = tuple(tables[0]), tuple(tables[1])
+    paths = tuple(tables[0])
     if n and (fid.min() < 0 or fid.max() >= len(fqns)):
         raise CompactPlanError("compact write results: an fqn id is out of range")
     if n and (path.min() < 0 or path.max() >= len(paths)):
@@ -590,13 +606,87 @@ def unpack_result_columns(parts: object) -> ResultColumns:
     if n and (nd.min() < -1 or hint.min() < -1 or nbytes.min() < 0 or offset.min() < 0
               or length.min() < 0):
         raise CompactPlanError("compact write results: a negative count, offset or length")
-    if int(np.maximum(nd, 0).sum()) != v:
+    # Bounded first, so that the sum below cannot wrap.
+    if n and (nd.max() > v or int(np.maximum(nd, 0).sum()) != v):
         raise CompactPlanError("compact write results: index offsets disagree with their counts")
     transforms: dict[int, list[str]] = {}
-    for row in tables[2]:
+    for row in tables[1]:
         if not (type(row) is list and len(row) == 2 and type(row[0]) is int and 0 <= row[0] < n
                 and type(row[1]) is list and all(type(t) is str for t in row[1])):
             raise CompactPlanError("compact write results: a transform row is malformed")
         transforms[row[0]] = row[1]
     return ResultColumns(fqns, paths, fid, nd, hint, nbytes, path, offset, length, offsets,
                          transforms)
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def storage_columns(names: Sequence[str], results: Sequence[ResultColumns]) -> dict[str, Any] | None:
+    """Every rank's write results as the storage part of a ``MetadataColumns``, in torch's order.
+
+    ``results`` are the ranks' :class:`ResultColumns` in rank order (what
+    ``FileSystemWriter.finish`` receives, each in its rank's order);
+    ``names`` the metadata's fqns, which keep their ids (an fqn of no
+    tensor becomes an extra name). Returns the keyword arguments of
+    :class:`~ckcore.mdcolumns.MetadataColumns` for the storage entries
+    (``extra_names``, ``st_*``, ``paths``), or None when two results share
+    a key (fqn and offset): torch's dict then keeps the first key with the
+    last value, and the caller builds that from objects.
+    """
+    ids = {f: i for i, f in enumerate(names)}
+    extra: list[str] = []
+    paths: list[str] = []
+    path_ids: dict[str, int] = {}
+
+    def name_id(f: str) -> int:
+        i = ids.get(f)
+        if i is None:
+            i = ids[f] = len(names) + len(extra)
+            extra.append(f)
+        return i
+
+    def path_id(p: str) -> int:
+        i = path_ids.get(p)
+        if i is None:
+            i = path_ids[p] = len(paths)
+            paths.append(p)
+        return i
+
+    # Ranks usually share one fqn table: map each distinct table once.
+    fqn_maps: dict[tuple[str, ...], np.ndarray] = {}
+    cols: list[list[np.ndarray]] = [[] for _ in range(6)]
+    offsets: list[np.ndarray] = []
+    transforms: dict[int, list[str]] = {}
+    row = 0
+    for rc in results:
+        fmap = fqn_maps.get(rc.fqns)
+        if fmap is None:
+            fmap = fqn_maps[rc.fqns] = np.array([name_id(f) for f in rc.fqns], dtype=np.int64)
+        pmap = np.array([path_id(p) for p in rc.paths], dtype=np.int64)
+        for c, v in zip(cols, (fmap[rc.fid], rc.nd, rc.hint, pmap[rc.path], rc.offset,
+                               rc.length)):
+            c.append(v)
+        offsets.append(rc.offsets)
+        for k, t in rc.transforms.items():
+            transforms[row + k] = t
+        row += len(rc)
+    st_fqn, st_nd, st_index, st_path, st_foff, st_len = (_concat(c) for c in cols)
+    st_vals = _concat(offsets)
+    if row and not _distinct_keys(st_fqn, st_nd, st_vals):
+        return None
+    return dict(extra_names=extra, st_fqn=st_fqn, st_offset_ndim=st_nd, st_offset_values=st_vals,
+                st_index=st_index, st_path=st_path, paths=paths, st_file_offset=st_foff,
+                st_length=st_len, st_transforms=transforms)
+
+
+def _distinct_keys(fid: np.ndarray, nd: np.ndarray, offs: np.ndarray) -> bool:
+    """Whether no two rows share fqn id and offsets (the hashed entry pass of the dedup kernel)."""
+    n = len(fid)
+    ptr = np.zeros(n, dtype=np.int64)
+    np.cumsum(np.maximum(nd[:-1], 0), out=ptr[1:])
+    got = dedup_columns(np.ascontiguousarray(fid, dtype=np.int64), np.zeros(n, dtype=np.int32),
+                        nd.astype(np.int32), ptr, np.ascontiguousarray(offs, dtype=np.int64),
+                        np.ones(n, dtype=np.int64), 1, True)
+    return got is not None and not got[1]

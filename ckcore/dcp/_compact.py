@@ -695,10 +695,13 @@ class WriteResultColumns(_LazySequence):
         self._cols: ResultColumns | None = None
         self._list = None
 
-    def columns(self) -> ResultColumns:
-        """The unpacked columns (checked; :class:`CompactPlanError` if damaged)."""
+    def columns(self, tables: dict | None = None) -> ResultColumns:
+        """The unpacked columns (checked; :class:`CompactPlanError` if damaged).
+
+        ``tables`` (a dict shared across ranks) decodes each distinct fqn table once.
+        """
         if self._cols is None:
-            self._cols = unpack_result_columns(self.parts)
+            self._cols = unpack_result_columns(self.parts, _tables=tables)
         return self._cols
 
     def _build(self) -> list:

@@ -13,16 +13,24 @@ reader never touch the fields: they read :attr:`ColumnarMetadata.ck_columns`
 (a lookup that builds one ``_StorageInfo`` per item asked for).
 
 ``pickle`` sees a plain torch ``Metadata`` (``__reduce_ex__``): the stream
-is torch's format, and torch's reader loads it into equal objects.
+is torch's format, and torch's reader loads it into equal objects. The one
+exception is torch's own object collectives (``dcp.save`` broadcasts the
+finished metadata from the coordinator to every rank): there the metadata
+travels as the bytes of a ``.metadata`` file written from the columns, and
+each receiving rank reads them with ckcore's column reader into a
+``ColumnarMetadata``, instead of every rank building and collecting an
+object per chunk and storage entry.
 """
 
 from __future__ import annotations
 
 import copyreg
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.distributed.distributed_c10d as _c10d
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -34,10 +42,12 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from ckcore.checkpoint import loads_metadata_columns
 from ckcore.dcp.convert import _layout_to_torch, _memory_format_to_torch, dtype_to_torch
-from ckcore.mdcolumns import MetadataColumns
+from ckcore.mdcolumns import MetadataColumns, dumps_metadata
 
-__all__ = ["ColumnarMetadata", "StorageView", "columns_of", "storage_md"]
+__all__ = ["ColumnarMetadata", "StorageView", "columns_of", "small_fields", "storage_md",
+           "storage_part", "tensor_part"]
 
 _NEWOBJ = copyreg.__newobj__  # type: ignore[attr-defined]
 _FIELDS = ("state_dict_metadata", "planner_data", "storage_data", "storage_meta", "version")
@@ -184,8 +194,31 @@ class ColumnarMetadata(Metadata):
                 f"storage_entries={cols.n_storage}, built={sorted(self.ck_built)})")
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        """Pickle as a plain torch ``Metadata``: torch's format, every field built."""
+        """Pickle as a plain torch ``Metadata``: torch's format, every field built.
+
+        Pickled by torch's object collectives (see the module docstring), it
+        travels as ``.metadata`` bytes instead, when the columns still hold
+        every field.
+        """
+        if sys._getframe(1).f_code is _COLLECTIVE_PICKLER:
+            data = self._ck_file_bytes()
+            if data is not None:
+                return _from_collective, (data,)
         return _NEWOBJ, (Metadata,), {f: getattr(self, f) for f in _FIELDS}
+
+    def _ck_file_bytes(self) -> bytes | None:
+        """``.metadata`` bytes of this metadata from its columns, or None if they no longer hold it."""
+        cols = columns_of(self)
+        if cols is None or "storage_data" in self.__dict__["_ck_values"]:
+            return None
+        try:
+            current = MetadataColumns(cols.fqns, **tensor_part(cols), **storage_part(cols),
+                                      **small_fields(self))
+            return dumps_metadata(current)
+        except (TypeError, ValueError, AttributeError):
+            # A field columns cannot hold (a custom object in planner_data, a
+            # storage_meta that is not torch's): the object pickle carries it.
+            return None
 
     @property  # type: ignore[misc]
     def __class__(self) -> type:  # noqa: D105 - pickle and dataclass __eq__ read it
@@ -193,6 +226,48 @@ class ColumnarMetadata(Metadata):
         # torch's dataclass __eq__ compares (so plain == columnar holds both
         # ways); type() still tells the two apart.
         return Metadata
+
+
+def tensor_part(cols: MetadataColumns) -> dict[str, Any]:
+    """``cols``' state_dict_metadata part, as ``MetadataColumns`` takes it."""
+    return dict(kinds=cols.kinds, properties=cols.properties, size_ptr=cols.size_ptr,
+                size_values=cols.size_values, chunk_ptr=cols.chunk_ptr,
+                chunk_offsets=cols.chunk_offsets, chunk_sizes=cols.chunk_sizes)
+
+
+def storage_part(cols: MetadataColumns) -> dict[str, Any]:
+    """``cols``' storage_data part, as ``MetadataColumns`` takes it."""
+    return dict(extra_names=cols.names[len(cols.fqns):], st_fqn=cols.st_fqn,
+                st_offset_ndim=cols.st_offset_ndim, st_offset_values=cols.st_offset_values,
+                st_index=cols.st_index, st_path=cols.st_path, paths=cols.paths,
+                st_file_offset=cols.st_file_offset, st_length=cols.st_length,
+                st_transforms=cols.st_transforms, storage_other=cols.storage_other,
+                storage_data_none=cols.storage_data_none)
+
+
+def small_fields(metadata: Metadata) -> dict[str, Any]:
+    """``metadata``'s fields besides chunks and storage, as ``MetadataColumns`` takes them."""
+    from ckcore.metadata import StorageMeta as CkStorageMeta
+
+    sm = metadata.storage_meta
+    return dict(
+        planner_data=metadata.planner_data,
+        storage_meta=None if sm is None else CkStorageMeta(
+            checkpoint_id=sm.checkpoint_id, save_id=sm.save_id, load_id=sm.load_id,
+            modules=list(sm.modules)),
+        version=metadata.version,
+    )
+
+
+# The code that pickles every object of torch's object collectives
+# (broadcast_object_list, gather_object, ...): both ends run the same ckcore.
+_COLLECTIVE_PICKLER = getattr(getattr(_c10d, "_object_to_tensor", None), "__code__", None)
+
+
+def _from_collective(data: bytes) -> ColumnarMetadata:
+    """What a receiving rank makes of a collective's metadata bytes: columns, read safely."""
+    return ColumnarMetadata(loads_metadata_columns(
+        data, name="<metadata from a collective>", max_bytes=max(1, len(data))))
 
 
 def columns_of(metadata: Any) -> MetadataColumns | None:

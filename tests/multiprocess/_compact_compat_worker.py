@@ -50,8 +50,9 @@ _gather, _scatter = _DistWrapper.gather_object, _DistWrapper.scatter_object
 
 
 def _gather_recording(self, obj):
-    # The first gather of a dcp call is its local plan (the write step gathers results later).
-    TRAFFIC.setdefault(LABEL[0], {}).setdefault("up", len(pickle.dumps(obj)))
+    # The first gather of a dcp call is its local plan, the second (on save) the write results.
+    rec = TRAFFIC.setdefault(LABEL[0], {})
+    rec.setdefault("up" if "up" not in rec else "write_up", len(pickle.dumps(obj)))
     return _gather(self, obj)
 
 
@@ -61,8 +62,19 @@ def _scatter_recording(self, object_list):
     return out
 
 
+_broadcast = _DistWrapper.broadcast_object
+
+
+def _broadcast_recording(self, obj):
+    out = _broadcast(self, obj)
+    if type(out).__name__ in ("Metadata", "ColumnarMetadata"):
+        TRAFFIC.setdefault(LABEL[0], {})["metadata_type"] = type(out).__name__
+    return out
+
+
 _DistWrapper.gather_object = _gather_recording
 _DistWrapper.scatter_object = _scatter_recording
+_DistWrapper.broadcast_object = _broadcast_recording
 
 # --- the state dict -----------------------------------------------------------------------
 
@@ -230,10 +242,17 @@ def instance_hooked_reader(path: str) -> FileSystemReader:
 
 
 def save_all(workdir: str, rank: int, report: dict) -> None:
-    def save(name, planner, ver=1):
+    def save(name, planner, ver=1, writer=FileSystemWriter):
         LABEL[0] = f"save:{name}"
         path = os.path.join(workdir, name)
-        dcp.save(build("save", ver), storage_writer=FileSystemWriter(path), planner=planner)
+        md = dcp.save(build("save", ver), storage_writer=writer(path), planner=planner)
+        # What dcp.save returns on every rank is what the file holds.
+        dist.barrier()
+        on_disk = FileSystemReader(path).read_metadata()
+        report.setdefault("returned_is_file", {})[name] = (
+            md.state_dict_metadata == on_disk.state_dict_metadata
+            and list(md.storage_data.items()) == list(on_disk.storage_data.items())
+            and md.planner_data == on_disk.planner_data and md.version == on_disk.version)
         return planner
 
     save("torch", DefaultSavePlanner())
@@ -242,6 +261,11 @@ def save_all(workdir: str, rank: int, report: dict) -> None:
     # ckcore's coordinator gets objects from torch's ranks.
     save("mix_torch_coord", DefaultSavePlanner() if rank == 0 else FastSavePlanner())
     save("mix_fast_coord", FastSavePlanner() if rank == 0 else DefaultSavePlanner())
+    # ckcore's writer: compact write results up, the finished metadata down as file bytes.
+    fast_writer = cdcp.FastFileSystemWriter
+    save("fast_fw", FastSavePlanner(), writer=fast_writer)
+    save("torch_fw", DefaultSavePlanner(), writer=fast_writer)
+    save("mix_fw", FastSavePlanner() if rank == 0 else DefaultSavePlanner(), writer=fast_writer)
     p = save("sub_dedup", LowestRankDedup())
     report["sub_dedup_calls"] = LowestRankDedup.calls
     report["sub_dedup_fqns"] = sorted({it.index.fqn for it in p.plan.items})
@@ -272,7 +296,7 @@ LOADS = {
     # checkpoint -> version of its values
     "torch": 1, "fast": 1, "mix_torch_coord": 1, "mix_fast_coord": 1, "sub_dedup": 1,
     "sub_global_reads": 1, "sub_global_rewrites": 1, "cached1": 1, "cached2": 2, "cached3": 3,
-    "shift1": 1, "shift4": 4,
+    "shift1": 1, "shift4": 4, "fast_fw": 1, "torch_fw": 1, "mix_fw": 1,
 }
 
 
@@ -291,12 +315,13 @@ def load_all(workdir: str, rank: int, report: dict) -> None:
 
     planners = {"torch": DefaultLoadPlanner, "fast": cdcp.FastLoadPlanner}
     readers = {"fs": FileSystemReader, "range": cdcp.RangeFileSystemReader}
-    for ckpt in ("torch", "fast"):
+    for ckpt in ("torch", "fast", "fast_fw"):
         for pn, pcls in planners.items():
             for rn, rcls in readers.items():
                 load(f"{pn}:{rn}", ckpt, pcls(), rcls)
     for ckpt in ("mix_torch_coord", "mix_fast_coord", "sub_dedup", "sub_global_reads",
-                 "sub_global_rewrites", "cached1", "cached2", "cached3", "shift1", "shift4"):
+                 "sub_global_rewrites", "cached1", "cached2", "cached3", "shift1", "shift4",
+                 "torch_fw", "mix_fw"):
         load("fast:fs", ckpt, cdcp.FastLoadPlanner(), FileSystemReader)
     load("torch:fs", "cached3", DefaultLoadPlanner(), FileSystemReader)
     # Ranks mixing planners in one load.

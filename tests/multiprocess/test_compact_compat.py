@@ -76,14 +76,15 @@ def _elements(ver: int) -> int:
 def test_every_checkpoint_loads_element_exact_with_every_planner_and_reader(runs):
     _, _, loaded = runs
     labels = set(loaded[0]["checked"])
-    for ckpt in ("torch", "fast"):
+    for ckpt in ("torch", "fast", "fast_fw"):
         for planner in ("torch", "fast"):
             for reader in ("fs", "range"):
                 assert f"load:{planner}:{reader}:{ckpt}" in labels
     for ckpt in ("mix_torch_coord", "mix_fast_coord", "sub_dedup", "sub_global_reads",
-                 "sub_global_rewrites", "cached1", "cached2", "cached3", "shift1", "shift4"):
+                 "sub_global_rewrites", "cached1", "cached2", "cached3", "shift1", "shift4",
+                 "torch_fw", "mix_fw"):
         assert f"load:fast:fs:{ckpt}" in labels
-    assert len(labels) == 8 + 10 + 1 + 2 + 5
+    assert len(labels) == 12 + 12 + 1 + 2 + 5
     for label in labels:
         ver = int(label[-1]) if label[-1].isdigit() else 1
         # Each rank checked its part, the two ranks together at least every element.
@@ -156,3 +157,22 @@ def test_plan_caching_when_dedup_moves_items_to_unchanged_ranks(runs):
     # ...and the case is real: some rank whose local plan did not change writes
     # other replicated items in the second save.
     assert any(r["shift1_fqns"] != r["shift4_fqns"] for r in saved[1:])
+
+
+def test_fast_writer_sends_compact_results_and_metadata(runs):
+    _, saved, _ = runs
+    for r in saved:
+        # Every save returns, on every rank, the metadata its file holds.
+        assert r["returned_is_file"] and all(r["returned_is_file"].values()), r["returned_is_file"]
+    for r in saved:
+        tr = r["traffic"]
+        # Write results travel as columns: a fraction of torch's pickled list.
+        assert 2 * tr["save:fast_fw"]["write_up"] < tr["save:fast"]["write_up"], tr
+        assert 2 * tr["save:torch_fw"]["write_up"] < tr["save:torch"]["write_up"], tr
+    # With ckcore's planners the finished metadata reaches the other ranks as
+    # columns; with torch's coordinator (or torch's writer) it is torch's object.
+    for r in saved[1:]:
+        tr = r["traffic"]
+        assert tr["save:fast_fw"]["metadata_type"] == "ColumnarMetadata"
+        assert tr["save:torch_fw"]["metadata_type"] == "Metadata"
+        assert tr["save:fast"]["metadata_type"] == "Metadata"
