@@ -186,6 +186,31 @@ def _fqn_table(blob: bytes) -> tuple[str, ...]:
     return tuple(fqns)
 
 
+def _check_parts(parts: object, form: str, names: tuple[str, ...]) -> tuple[Any, ...]:
+    """``parts`` if it is ``(FORMAT_VERSION, *bytes)`` with one bytes part per name.
+
+    Anything else is a :class:`CompactPlanError` naming the form and the part.
+    """
+    if type(parts) is not tuple or len(parts) != 1 + len(names):
+        raise CompactPlanError(f"{form}: expected (version, {', '.join(names)})")
+    if type(parts[0]) is not int or parts[0] != FORMAT_VERSION:
+        raise CompactPlanError(
+            f"{form}: format version {parts[0]!r}, this ckcore reads {FORMAT_VERSION} "
+            "(every rank must run the same ckcore version)")
+    for what, part in zip(names, parts[1:]):
+        if not isinstance(part, bytes):
+            raise CompactPlanError(f"{form}: {what} is a {type(part).__name__}, not bytes")
+    return parts
+
+
+def _cached_fqn_table(cache: dict, blob: bytes) -> tuple[str, ...]:
+    # Ranks usually send equal tables: each distinct one is decoded once.
+    fqns = cache.get(("f", blob))
+    if fqns is None:
+        fqns = cache[("f", blob)] = _fqn_table(blob)
+    return fqns
+
+
 def _int64(v: object) -> bool:
     return type(v) is int and -_INT64_MAX - 1 <= v <= _INT64_MAX
 
@@ -217,20 +242,9 @@ def unpack_write_columns(parts: object, *, _tables: dict | None = None) -> Write
     properties). ``_tables`` caches decoded tables by their packed bytes, so
     ranks that send the same table share one decoded copy.
     """
-    if type(parts) is not tuple or len(parts) != 4:
-        raise CompactPlanError("compact plan: expected (version, fqns, props, columns)")
-    if type(parts[0]) is not int or parts[0] != FORMAT_VERSION:
-        raise CompactPlanError(
-            f"compact plan: format version {parts[0]!r}, this ckcore reads {FORMAT_VERSION} "
-            "(every rank must run the same ckcore version)")
-    for what, part in zip(("fqn table", "props table", "columns"), parts[1:]):
-        if not isinstance(part, bytes):
-            raise CompactPlanError(
-                f"compact plan: {what} is a {type(part).__name__}, not bytes")
+    parts = _check_parts(parts, "compact plan", ("fqn table", "props table", "columns"))
     cache = {} if _tables is None else _tables
-    fqns = cache.get(("f", parts[1]))
-    if fqns is None:
-        fqns = cache[("f", parts[1])] = _fqn_table(parts[1])
+    fqns = _cached_fqn_table(cache, parts[1])
     props = cache.get(("p", parts[2]))
     if props is None:
         props = cache[("p", parts[2])] = _props_table(parts[2])
@@ -565,21 +579,9 @@ def unpack_result_columns(parts: object, *, _tables: dict | None = None) -> Resu
     Raises :class:`CompactPlanError` naming what is damaged or inconsistent.
     ``_tables`` caches decoded fqn tables by their packed bytes.
     """
-    if type(parts) is not tuple or len(parts) != 4:
-        raise CompactPlanError(
-            "compact write results: expected (version, fqns, paths and transforms, columns)")
-    if type(parts[0]) is not int or parts[0] != FORMAT_VERSION:
-        raise CompactPlanError(
-            f"compact write results: format version {parts[0]!r}, this ckcore reads "
-            f"{FORMAT_VERSION} (every rank must run the same ckcore version)")
-    for what, part in zip(("fqn table", "paths and transforms", "columns"), parts[1:]):
-        if not isinstance(part, bytes):
-            raise CompactPlanError(
-                f"compact write results: {what} is a {type(part).__name__}, not bytes")
-    cache = {} if _tables is None else _tables
-    fqns = cache.get(("f", parts[1]))
-    if fqns is None:
-        fqns = cache[("f", parts[1])] = _fqn_table(parts[1])
+    parts = _check_parts(parts, "compact write results",
+                         ("fqn table", "paths and transforms", "columns"))
+    fqns = _cached_fqn_table({} if _tables is None else _tables, parts[1])
     text = _inflate(parts[2], "write result paths and transforms")
     try:
         tables = json.loads(text)
