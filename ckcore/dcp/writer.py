@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _metadata_fn
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _metadata_fn, _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.futures import Future
 
@@ -75,6 +75,11 @@ def _storage_from_columns(cols: MetadataColumns, metadata: Metadata,
         return None
 
 
+# The attributes of a torch ``_StorageInfo`` the columns hold; an instance
+# with others (or of a subclass) is kept as an object, as torch pickles it.
+_INFO_FIELDS = frozenset({"relative_path", "offset", "length", "transform_descriptors"})
+
+
 def _with_storage(cols: MetadataColumns, metadata: Metadata, storage: dict) -> MetadataColumns:
     """``cols``' tensors with ``storage`` (MetadataIndex -> _StorageInfo) and ``metadata``'s small fields."""
     names = list(cols.fqns)
@@ -95,9 +100,15 @@ def _with_storage(cols: MetadataColumns, metadata: Metadata, storage: dict) -> M
         else:
             nd.append(len(off))
             vals.extend(off)
-        index.append(-1 if key.index is None else key.index)
+        hint = key.index
+        if type(key) is not MetadataIndex or (hint is not None and (type(hint) is not int
+                                                                   or hint < 0)):
+            # A hint the columns cannot hold (-1 is their "None") or a key of
+            # another class: torch's pickle keeps it as it is.
+            raise ValueError(f"storage key {key!r} cannot be written from columns")
+        index.append(-1 if hint is None else hint)
         rp = getattr(info, "relative_path", None)
-        if type(rp) is str:
+        if type(info) is _StorageInfo and type(rp) is str and set(vars(info)) <= _INFO_FIELDS:
             path.append(paths.setdefault(rp, len(paths)))
             foff.append(info.offset)
             length.append(info.length)
