@@ -75,6 +75,14 @@ def _storage_from_columns(cols: MetadataColumns, metadata: Metadata,
         return None
 
 
+def _assign_storage(metadata: Metadata, results: list[Any]) -> None:
+    """torch's ``finish``: ``metadata.storage_data`` from every rank's results, the last value per key."""
+    storage_md: dict = {}
+    for wr_list in results:
+        storage_md.update({wr.index: wr.storage_data for wr in wr_list})
+    metadata.storage_data = storage_md
+
+
 # The attributes of a torch ``_StorageInfo`` the columns hold; an instance
 # with others (or of a subclass) is kept as an object, as torch pickles it.
 _INFO_FIELDS = frozenset({"relative_path", "offset", "length", "transform_descriptors"})
@@ -150,11 +158,10 @@ class FastFileSystemWriter(FileSystemWriter):
         metadata.storage_meta = self.storage_meta()
         data = None
         stored = _storage_from_columns(cols, metadata, results)
-        if stored is None:
-            storage_md: dict = {}
-            for wr_list in results:
-                storage_md.update({wr.index: wr.storage_data for wr in wr_list})
-            metadata.storage_data = storage_md
+        assigned = stored is None
+        if assigned:
+            _assign_storage(metadata, results)
+            storage_md = metadata.storage_data
             try:
                 stored = _with_storage(cols, metadata, storage_md)
             except (TypeError, ValueError):
@@ -166,7 +173,11 @@ class FastFileSystemWriter(FileSystemWriter):
                 pass
         if data is None:
             # Something columns cannot hold (a custom object in planner_data or
-            # storage_data): torch's own pickle of the same metadata.
+            # storage_data): torch's own pickle of the same metadata, whose
+            # storage_data must then be torch's dict of the results (when
+            # they were joined as columns, it was not assigned yet).
+            if not assigned:
+                _assign_storage(metadata, results)
             data = pickle.dumps(metadata)
         elif type(metadata) is ColumnarMetadata:
             # The columns now hold every field; storage_data is built from

@@ -13,6 +13,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.storage import WriteResult
 
+from ckcore.checkpoint import CheckpointError
 from ckcore.dcp import ColumnarMetadata, FastFileSystemWriter
 from ckcore.dcp._compact import SentWriteResults
 
@@ -105,3 +106,24 @@ def test_odd_storage_records_are_torchs_in_file_and_memory(tmp_path, kind):
         assert [type(v) for v in b.storage_data.values()] == [type(v) for v in a.storage_data.values()]
         assert [getattr(v, "extra", None) for v in b.storage_data.values()] == \
             [getattr(v, "extra", None) for v in a.storage_data.values()]
+
+
+@pytest.mark.parametrize("value", [b"raw bytes", 2**80, CheckpointError("custom")],
+                         ids=["bytes", "int beyond int64", "custom object"])
+def test_unwritable_planner_data_before_finish_keeps_the_storage_entries(tmp_path, value):
+    """A planner_data dumps_metadata cannot write, set before finish: torch's pickle with torch's storage dict."""
+    central, md = _global(_world(2))
+    md.planner_data = {"custom": value}
+    results = _results(central)
+    received = [pickle.loads(pickle.dumps(SentWriteResults(r))) for r in results]
+    ref_md = _plain(md)
+    ref_md.planner_data = {"custom": value}
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "got").mkdir()
+    FileSystemWriter(str(tmp_path / "ref")).finish(ref_md, results)
+    FastFileSystemWriter(str(tmp_path / "got")).finish(md, received)
+    a = FileSystemReader(str(tmp_path / "ref")).read_metadata()
+    b = FileSystemReader(str(tmp_path / "got")).read_metadata()
+    assert b.storage_data is not None and len(b.storage_data) == len(a.storage_data) > 0
+    assert _entries(b) == _entries(a)
+    assert _entries(md) == _entries(ref_md)
