@@ -7,7 +7,6 @@ import os
 import pickle
 
 import pytest
-import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
@@ -19,7 +18,6 @@ from ckcore.dcp._compact import SentWriteResults
 
 from .test_write_results_columns import (
     _entries,
-    _finish_both,
     _global,
     _plain,
     _results,
