@@ -214,11 +214,25 @@ class ColumnarMetadata(Metadata):
         try:
             current = MetadataColumns(cols.fqns, **tensor_part(cols), **storage_part(cols),
                                       **small_fields(self))
-            return dumps_metadata(current)
+            data = dumps_metadata(current)
         except (TypeError, ValueError, AttributeError):
             # A field columns cannot hold (a custom object in planner_data, a
             # storage_meta that is not torch's): the object pickle carries it.
             return None
+        # The writer takes values the receivers' allow-list reader refuses
+        # (a dict key that is not a str, a PathLike of another class, a
+        # non-str save_id): every receiving rank would raise after the
+        # checkpoint was written. Read the bytes here as they will be read
+        # there, and send objects unless they come back equal.
+        try:
+            back = loads_metadata_columns(data, name="<metadata for a collective>",
+                                          max_bytes=max(1, len(data)))
+            same = (back.planner_data == current.planner_data
+                    and back.storage_meta == current.storage_meta
+                    and back.version == current.version)
+        except Exception:  # noqa: BLE001 - any refusal means: send objects
+            return None
+        return data if same is True else None
 
     @property  # type: ignore[misc]
     def __class__(self) -> type:  # noqa: D105 - pickle and dataclass __eq__ read it

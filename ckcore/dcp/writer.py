@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _metadata_fn
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _metadata_fn, _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.futures import Future
 
@@ -75,6 +75,19 @@ def _storage_from_columns(cols: MetadataColumns, metadata: Metadata,
         return None
 
 
+def _assign_storage(metadata: Metadata, results: list[Any]) -> None:
+    """torch's ``finish``: ``metadata.storage_data`` from every rank's results, the last value per key."""
+    storage_md: dict = {}
+    for wr_list in results:
+        storage_md.update({wr.index: wr.storage_data for wr in wr_list})
+    metadata.storage_data = storage_md
+
+
+# The attributes of a torch ``_StorageInfo`` the columns hold; an instance
+# with others (or of a subclass) is kept as an object, as torch pickles it.
+_INFO_FIELDS = frozenset({"relative_path", "offset", "length", "transform_descriptors"})
+
+
 def _with_storage(cols: MetadataColumns, metadata: Metadata, storage: dict) -> MetadataColumns:
     """``cols``' tensors with ``storage`` (MetadataIndex -> _StorageInfo) and ``metadata``'s small fields."""
     names = list(cols.fqns)
@@ -95,9 +108,15 @@ def _with_storage(cols: MetadataColumns, metadata: Metadata, storage: dict) -> M
         else:
             nd.append(len(off))
             vals.extend(off)
-        index.append(-1 if key.index is None else key.index)
+        hint = key.index
+        if type(key) is not MetadataIndex or (hint is not None and (type(hint) is not int
+                                                                   or hint < 0)):
+            # A hint the columns cannot hold (-1 is their "None") or a key of
+            # another class: torch's pickle keeps it as it is.
+            raise ValueError(f"storage key {key!r} cannot be written from columns")
+        index.append(-1 if hint is None else hint)
         rp = getattr(info, "relative_path", None)
-        if type(rp) is str:
+        if type(info) is _StorageInfo and type(rp) is str and set(vars(info)) <= _INFO_FIELDS:
             path.append(paths.setdefault(rp, len(paths)))
             foff.append(info.offset)
             length.append(info.length)
@@ -139,11 +158,10 @@ class FastFileSystemWriter(FileSystemWriter):
         metadata.storage_meta = self.storage_meta()
         data = None
         stored = _storage_from_columns(cols, metadata, results)
-        if stored is None:
-            storage_md: dict = {}
-            for wr_list in results:
-                storage_md.update({wr.index: wr.storage_data for wr in wr_list})
-            metadata.storage_data = storage_md
+        assigned = stored is None
+        if assigned:
+            _assign_storage(metadata, results)
+            storage_md = metadata.storage_data
             try:
                 stored = _with_storage(cols, metadata, storage_md)
             except (TypeError, ValueError):
@@ -155,7 +173,11 @@ class FastFileSystemWriter(FileSystemWriter):
                 pass
         if data is None:
             # Something columns cannot hold (a custom object in planner_data or
-            # storage_data): torch's own pickle of the same metadata.
+            # storage_data): torch's own pickle of the same metadata, whose
+            # storage_data must then be torch's dict of the results (when
+            # they were joined as columns, it was not assigned yet).
+            if not assigned:
+                _assign_storage(metadata, results)
             data = pickle.dumps(metadata)
         elif type(metadata) is ColumnarMetadata:
             # The columns now hold every field; storage_data is built from
