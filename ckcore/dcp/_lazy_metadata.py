@@ -222,14 +222,25 @@ class ColumnarMetadata(Metadata):
         # The writer takes values the receivers' allow-list reader refuses
         # (a dict key that is not a str, a PathLike of another class, a
         # non-str save_id): every receiving rank would raise after the
-        # checkpoint was written. Read the bytes here as they will be read
-        # there, and send objects unless they come back equal.
+        # checkpoint was written. Read back here what they will read, and
+        # send objects unless it comes back equal. Chunks and storage records
+        # are int64 columns and str tables, which always read back: only the
+        # free-form values need the check, on a file holding just them
+        # (the whole file when foreign storage objects are among them).
+        if current.storage_other:
+            probe, probe_data = current, data
+        else:
+            probe = MetadataColumns((), kinds=(), properties=(), size_ptr=(0,), size_values=(),
+                                    chunk_ptr=(0,), chunk_offsets=(), chunk_sizes=(),
+                                    **small_fields(self))
+            probe_data = dumps_metadata(probe)
         try:
-            back = loads_metadata_columns(data, name="<metadata for a collective>",
-                                          max_bytes=max(1, len(data)))
-            same = (back.planner_data == current.planner_data
-                    and back.storage_meta == current.storage_meta
-                    and back.version == current.version)
+            back = loads_metadata_columns(probe_data, name="<metadata for a collective>",
+                                          max_bytes=max(1, len(probe_data)))
+            same = (back.planner_data == probe.planner_data
+                    and back.storage_meta == probe.storage_meta
+                    and back.version == probe.version
+                    and back.storage_other == probe.storage_other)
         except Exception:  # noqa: BLE001 - any refusal means: send objects
             return None
         return data if same is True else None
