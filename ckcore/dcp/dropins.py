@@ -325,8 +325,7 @@ def _local_load_plan_fused(
     sizes: list[Any] = []
     saved: list[Any] = []
     global_sizes: list[Any] = []
-    mesh_info, local_sizes_offsets = _dt.mesh_info, _dt.local_sizes_offsets
-    raise_if_partial = _dt.raise_if_partial
+    planned_chunk = _dt.planned_chunk
     md: Any
     for fqn, obj in state_dict.items():
         if type(fqn) is str:
@@ -345,11 +344,10 @@ def _local_load_plan_fused(
                     if t is DTensor:
                         if type(obj._local_tensor) is not _Tensor:
                             raise TypeError(fqn)
-                        if mesh_info(obj.device_mesh)[1] is None:
-                            # Reads nothing, after the size check.
+                        lsize, loff = planned_chunk(obj, size)
+                        if lsize is None:
+                            # Off the mesh: reads nothing, after the size check.
                             raise LookupError(fqn)
-                        raise_if_partial(obj)
-                        lsize, loff = local_sizes_offsets(obj)
                     else:
                         lsize, loff = size, _zeros(len(size))
                 except Exception:  # noqa: S110 - planned (or refused) on its own below

@@ -421,3 +421,39 @@ def test_kernel_refuses_bad_arguments():
     with pytest.raises(AttributeError):
         _kernel(["a"], [o], [s], [0], False, object(), [s])
     assert _kernel([], [], [], [])[0] == []
+
+
+@pytest.mark.parametrize("shape,mshape,pl", [
+    ((16, 12), (2, 2), [Shard(0), Shard(1)]),
+    ((13, 7), (4,), [Shard(0)]),
+    ((3, 7), (4,), [Shard(0)]),
+    ((16, 12), (2, 2), [Replicate(), Shard(1)]),
+    ((24, 5), (2, 2), [_StridedShard(0, split_factor=2), Shard(0)]),
+    ((10,), (2, 2), [Shard(0), Replicate()]),
+])
+def test_planned_chunk_is_local_sizes_offsets(shape, mshape, pl):
+    from ckcore.dcp import _dtensor as dt
+
+    for rank in range(int(np.prod(mshape))):
+        t = _dtensor(shape, _mesh(mshape, rank), pl)
+        assert dt.planned_chunk(t, t.size()) == dt.local_sizes_offsets(t)
+        assert dt.planned_chunk(t, t.size()) == tuple(
+            torch.Size(x) for x in (t.__create_chunk_list__()[0].sizes,
+                                    t.__create_chunk_list__()[0].offsets))
+    sub = DeviceMesh("cpu", torch.tensor([0, 1]), _init_backend=False, _rank=3)
+    off = _dtensor(shape, sub, [Shard(0)])
+    assert dt.planned_chunk(off, off.size()) == (None, None)
+
+
+def test_planned_chunk_refuses_partial_like_torch():
+    from torch.distributed.tensor.placement_types import Partial
+
+    from ckcore.dcp import _dtensor as dt
+
+    t = _dtensor((4, 4), _mesh((2,), 0), [Shard(0)])
+    p = DTensor.from_local(t.to_local(), t.device_mesh, [Partial()], run_check=False)
+    with pytest.raises(ValueError) as ours:
+        dt.planned_chunk(p, p.size())
+    with pytest.raises(ValueError) as theirs:
+        p._raise_if_contains_partial_placements()
+    assert str(ours.value) == str(theirs.value)
