@@ -567,6 +567,35 @@ cdef inline bint _box_ok(const i64* off, const i64* size, isize nd) noexcept nog
     return not volume_overflows(size, nd, &vol)
 
 
+cdef extern from *:
+    """
+    /* An exact int of at most one digit (0 <= v < 2**30, every size and
+       offset of a model's tensors) read in place; 0 for anything else, which
+       the caller reads the general way. */
+    static inline int ck_small_int(PyObject* v, int64_t* out) {
+        if (!PyLong_CheckExact(v)) return 0;
+    #if PY_VERSION_HEX >= 0x030C0000
+        if (!PyUnstable_Long_IsCompact((PyLongObject*)v)) return 0;
+        *out = (int64_t)PyUnstable_Long_CompactValue((PyLongObject*)v);
+        return 1;
+    #else
+        Py_ssize_t size = Py_SIZE(v);
+        if (size == 0) { *out = 0; return 1; }
+        if (size == 1) { *out = (int64_t)((PyLongObject*)v)->ob_digit[0]; return 1; }
+        return 0;
+    #endif
+    }
+    """
+    bint ck_small_int(object v, i64* out) noexcept
+
+
+cdef inline bint _read_value(object v, i64* out) noexcept:
+    # An exact int64 from a Python int: True; False for anything else.
+    if ck_small_int(v, out):
+        return True
+    return not to_i64(v, out)
+
+
 cdef inline bint _read_row(object offs, object sizes, isize nd, i64* ov, i64* sv) noexcept:
     # One chunk's offsets and sizes (tuples, or torch.Size) of nd exact ints
     # into ov/sv, checked as _box_ok checks; False for anything else (the
@@ -577,9 +606,9 @@ cdef inline bint _read_row(object offs, object sizes, isize nd, i64* ov, i64* sv
     if PyTuple_GET_SIZE(offs) != nd or PyTuple_GET_SIZE(sizes) != nd:
         return False
     for d in range(nd):
-        if to_i64(<object>PyTuple_GET_ITEM(offs, d), ov + d):
+        if not _read_value(<object>PyTuple_GET_ITEM(offs, d), ov + d):
             return False
-        if to_i64(<object>PyTuple_GET_ITEM(sizes, d), sv + d):
+        if not _read_value(<object>PyTuple_GET_ITEM(sizes, d), sv + d):
             return False
     return _box_ok(ov, sv, nd)
 
@@ -627,7 +656,7 @@ def plan_reads(list fqns, list local_offsets, list local_sizes, list saved,
     empty saved chunk list when verifying. The caller plans those with its
     one-tensor path, which gives the answer or names the problem.
     """
-    cdef isize T = len(fqns), t, j, ns, nd, fid, a, nsnap
+    cdef isize T = len(fqns), t, j, ns, nd, fid, a
     cdef bint by_cols = columns is not None
     cdef _Tensor* ts = NULL
     cdef _Tensor* tt
@@ -640,7 +669,7 @@ def plan_reads(list fqns, list local_offsets, list local_sizes, list saved,
     cdef i64* pso = NULL
     cdef i64* pdo = NULL
     cdef i64* pln = NULL
-    cdef isize lcap = 0, scap = 0, pcap = 0, pvcap = 0, lvals = 0, svals = 0
+    cdef isize lcap = 0, pcap = 0, pvcap = 0, lvals = 0, svals = 0, nsnap = 0
     cdef isize npairs = 0, nvals = 0, max_ns = 0, max_nd = 0
     cdef isize seg[2]
     cdef isize cover[4]
@@ -651,8 +680,9 @@ def plan_reads(list fqns, list local_offsets, list local_sizes, list saved,
     cdef isize n_fqns = 0, n_cvals = 0
     cdef i64 gval = 0
     cdef list soffs = []
+    cdef list snaps
     cdef tuple snap
-    cdef object md, msize, chunks, chunk, gsize
+    cdef object md, msize, chunks, chunk, gsize, offs, sizes
     cdef bint ok
     if len(local_offsets) != T or len(local_sizes) != T or len(saved) != T:
         raise ValueError("plan_reads: fqns, local_offsets, local_sizes and saved differ in length")
@@ -679,6 +709,32 @@ def plan_reads(list fqns, list local_offsets, list local_sizes, list saved,
     buf.cap = 0
     try:
         ts = <_Tensor*>safe_calloc(T + 1, sizeof(_Tensor))
+        if not by_cols:
+            # Each tensor's chunk list, snapshotted (chunk numbers index the
+            # snapshot whatever happens to the list), and the room they need.
+            snaps = [None] * T
+            for t in range(T):
+                md = saved[t]
+                try:
+                    msize = md.size
+                    chunks = md.chunks
+                except Exception:
+                    continue  # the one-tensor path says what is wrong with it
+                if not PyTuple_Check(msize) or type(chunks) is not list:
+                    continue
+                snap = tuple(chunks)
+                snaps[t] = snap
+                nd = PyTuple_GET_SIZE(msize)
+                ns = len(snap)
+                ts[t].nd = nd
+                ts[t].ns = ns
+                ts[t].schunk = nsnap
+                ts[t].sval = svals
+                nsnap += ns
+                svals += ns * nd
+            so = <i64*>safe_alloc(svals + 1, sizeof(i64))
+            ss = <i64*>safe_alloc(svals + 1, sizeof(i64))
+            soffs = [None] * nsnap
         # Read every chunk: local ones into lo/ls, saved ones into so/ss (or
         # only checked, in the columns). Whatever fails marks the tensor slow.
         for t in range(T):
@@ -687,7 +743,9 @@ def plan_reads(list fqns, list local_offsets, list local_sizes, list saved,
             if type(fqns[t]) is not str:
                 continue
             if by_cols:
-                fid = saved[t] if type(saved[t]) is int else -1
+                if type(saved[t]) is not int or to_i64(saved[t], &gval):
+                    continue
+                fid = gval
                 if fid < 0 or fid >= n_fqns:
                     continue
                 nd = size_ptr[fid + 1] - size_ptr[fid]
@@ -717,43 +775,31 @@ def plan_reads(list fqns, list local_offsets, list local_sizes, list saved,
                 tt.sval = a
                 tt.schunk = chunk_ptr[fid]
             else:
-                md = saved[t]
-                try:
-                    msize = md.size
-                    chunks = md.chunks
-                except AttributeError:
+                if snaps[t] is None:
                     continue
-                if not PyTuple_Check(msize) or type(chunks) is not list:
-                    continue
-                nd = PyTuple_GET_SIZE(msize)
-                # A snapshot: chunk numbers index it whatever happens to the list.
-                snap = tuple(chunks)
-                ns = len(snap)
-                _reserve(&so, &ss, NULL, &scap, svals + ns * nd + 1)
-                nsnap = len(soffs)
+                snap = snaps[t]
+                nd = tt.nd
+                ns = tt.ns
                 ok = True
                 for j in range(ns):
                     chunk = snap[j]
                     if type(chunk) is not chunk_cls:
                         ok = False
                         break
-                    offs = chunk.offsets
-                    if not _read_row(offs, chunk.sizes, nd, so + svals + j * nd,
-                                     ss + svals + j * nd):
+                    try:
+                        offs = chunk.offsets
+                        sizes = chunk.sizes
+                    except AttributeError:
                         ok = False
                         break
-                    soffs.append(offs)
+                    if not _read_row(offs, sizes, nd, so + tt.sval + j * nd, ss + tt.sval + j * nd):
+                        ok = False
+                        break
+                    soffs[tt.schunk + j] = offs
                 if not ok:
-                    del soffs[nsnap:]
                     continue
-                tt.sval = svals
-                tt.schunk = nsnap
-                svals += ns * nd
             _reserve(&lo, &ls, NULL, &lcap, lvals + nd + 1)
             if not _read_row(local_offsets[t], local_sizes[t], nd, lo + lvals, ls + lvals):
-                if not by_cols:
-                    del soffs[tt.schunk:]
-                    svals = tt.sval
                 continue
             tt.lval = lvals
             lvals += nd
