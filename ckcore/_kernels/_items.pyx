@@ -20,8 +20,8 @@ allows:
 from cpython.tuple cimport (
     PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM,
 )
-from cpython.ref cimport Py_INCREF
-from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.ref cimport Py_DECREF, Py_INCREF
+from cpython.list cimport PyList_GET_ITEM, PyList_New, PyList_SET_ITEM
 from ckcore._kernels._capi cimport (
     PyObject_GenericSetAttr, ck_hash_key, ck_mix64, ck_new_instance, ck_plain_new,
 )
@@ -70,6 +70,8 @@ cdef str _LENGTHS = "lengths"
 cdef str _FQN = "fqn"
 cdef str _OFFSET = "offset"
 cdef str _INDEX = "index"
+cdef str _OFFSETS = "offsets"
+cdef str _SIZES = "sizes"
 
 
 cdef inline i64 _as_i64(object v, object fqn, isize i, object chunk, str what) except? -1:
@@ -786,16 +788,17 @@ def plan_reads(list fqns, list local_offsets, list local_sizes, list saved,
                     if type(chunk) is not chunk_cls:
                         ok = False
                         break
-                    try:
-                        offs = chunk.offsets
-                        sizes = chunk.sizes
-                    except AttributeError:
-                        ok = False
-                        break
+                    # getattr with a default: a missing field is a hand-back,
+                    # without saving the exception state on every chunk.
+                    offs = getattr(chunk, _OFFSETS, None)
+                    sizes = getattr(chunk, _SIZES, None)
                     if not _read_row(offs, sizes, nd, so + tt.sval + j * nd, ss + tt.sval + j * nd):
                         ok = False
                         break
-                    soffs[tt.schunk + j] = offs
+                    # Every slot of soffs holds None until its chunk is read: swap in place.
+                    Py_INCREF(offs)
+                    Py_DECREF(<object>PyList_GET_ITEM(soffs, tt.schunk + j))
+                    PyList_SET_ITEM(soffs, tt.schunk + j, offs)
                 if not ok:
                     continue
             _reserve(&lo, &ls, NULL, &lcap, lvals + nd + 1)
