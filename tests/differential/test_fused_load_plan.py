@@ -368,6 +368,7 @@ def test_kernel_hands_back_what_it_does_not_take_as_is():
         "volume overflow": _md((2, 2), [ChunkStorageMetadata((0, 0), (2**62, 4))]),
         "ndim": _md((4,), [ChunkStorageMetadata((0, 0), (4, 1))]),
         "not a chunk": _md((4,), [((0,), (4,))]),
+        "no fields": _md((4,), [ChunkStorageMetadata.__new__(ChunkStorageMetadata)]),
         "chunks a tuple": _md((4,), tuple(good.chunks)),
         "size a list": TensorStorageMetadata(TensorProperties(), [4], good.chunks),
         "no attributes": object(),
