@@ -695,12 +695,17 @@ def plan_reads(list fqns, list local_offsets, list local_sizes, list saved,
     if not isinstance(chunk_cls, type):
         raise TypeError(f"chunk_cls must be a class, got {chunk_cls!r}")
     if by_cols:
-        size_ptr = columns.size_ptr
-        size_values = columns.size_values
-        chunk_ptr = columns.chunk_ptr
-        chunk_vptr = columns.chunk_value_ptr
-        c_off = columns.chunk_offsets
-        c_size = columns.chunk_sizes
+        try:
+            size_ptr = columns.size_ptr
+            size_values = columns.size_values
+            chunk_ptr = columns.chunk_ptr
+            chunk_vptr = columns.chunk_value_ptr
+            c_off = columns.chunk_offsets
+            c_size = columns.chunk_sizes
+        except (AttributeError, TypeError, ValueError) as ex:
+            raise TypeError(
+                "plan_reads: columns must be MetadataColumns (contiguous int64 size and chunk "
+                f"arrays), got {type(columns).__name__}: {ex}") from None
         n_fqns = min(size_ptr.shape[0], chunk_ptr.shape[0], chunk_vptr.shape[0]) - 1
         n_cvals = min(c_off.shape[0], c_size.shape[0])
         if n_cvals:

@@ -419,8 +419,12 @@ def test_kernel_refuses_bad_arguments():
         _items.plan_reads(["a"], [o], [s], [good], *CLS[:4], "chunk")
     with pytest.raises(TypeError):
         _items.plan_reads(("a",), [o], [s], [good], *CLS)
-    with pytest.raises(AttributeError):
+    with pytest.raises(TypeError, match="columns must be MetadataColumns"):
         _kernel(["a"], [o], [s], [0], False, object(), [s])
+    cols = MetadataColumns.from_metadata(Metadata({"a": good}))
+    cols.chunk_offsets = cols.chunk_offsets.astype(np.float64)
+    with pytest.raises(TypeError, match="columns must be MetadataColumns"):
+        _kernel(["a"], [o], [s], [0], False, cols, [s])
     assert _kernel([], [], [], [])[0] == []
 
 
