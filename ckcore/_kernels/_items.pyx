@@ -658,7 +658,7 @@ def plan_reads(list fqns, list local_offsets, list local_sizes, list saved,
     empty saved chunk list when verifying. The caller plans those with its
     one-tensor path, which gives the answer or names the problem.
     """
-    cdef isize T = len(fqns), t, j, ns, nd, fid, a
+    cdef isize T, t, j, ns, nd, fid, a
     cdef bint by_cols = columns is not None
     cdef _Tensor* ts = NULL
     cdef _Tensor* tt
@@ -686,9 +686,19 @@ def plan_reads(list fqns, list local_offsets, list local_sizes, list saved,
     cdef tuple snap
     cdef object md, msize, chunks, chunk, gsize, offs, sizes
     cdef bint ok
-    if len(local_offsets) != T or len(local_sizes) != T or len(saved) != T:
+    cdef tuple fq, loff, lsz, sav, gsz
+    # Snapshots the call owns: indices below are checked against T, and the
+    # items built after the GIL-free part name what was read before it,
+    # whatever happens to the caller's lists meanwhile.
+    fq = tuple(fqns)
+    loff = tuple(local_offsets)
+    lsz = tuple(local_sizes)
+    sav = tuple(saved)
+    gsz = None if global_sizes is None else tuple(global_sizes)
+    T = len(fq)
+    if len(loff) != T or len(lsz) != T or len(sav) != T:
         raise ValueError("plan_reads: fqns, local_offsets, local_sizes and saved differ in length")
-    if by_cols and (global_sizes is None or len(global_sizes) != T):
+    if by_cols and (gsz is None or len(gsz) != T):
         raise ValueError("plan_reads: columns need one global size per tensor")
     _check_plain_class(read_item_cls, "read_item_cls")
     _check_plain_class(metadata_index_cls, "metadata_index_cls")
@@ -721,7 +731,7 @@ def plan_reads(list fqns, list local_offsets, list local_sizes, list saved,
             # snapshot whatever happens to the list), and the room they need.
             snaps = [None] * T
             for t in range(T):
-                md = saved[t]
+                md = sav[t]
                 try:
                     msize = md.size
                     chunks = md.chunks
@@ -747,10 +757,10 @@ def plan_reads(list fqns, list local_offsets, list local_sizes, list saved,
         for t in range(T):
             tt = &ts[t]
             tt.slow = True
-            if type(fqns[t]) is not str:
+            if type(fq[t]) is not str:
                 continue
             if by_cols:
-                if type(saved[t]) is not int or to_i64(saved[t], &gval):
+                if type(sav[t]) is not int or to_i64(sav[t], &gval):
                     continue
                 fid = gval
                 if fid < 0 or fid >= n_fqns:
@@ -762,7 +772,7 @@ def plan_reads(list fqns, list local_offsets, list local_sizes, list saved,
                         or a < 0 or chunk_vptr[fid + 1] - a != ns * nd
                         or chunk_vptr[fid + 1] > n_cvals):
                     continue
-                gsize = global_sizes[t]
+                gsize = gsz[t]
                 if not PyTuple_Check(gsize) or PyTuple_GET_SIZE(gsize) != nd:
                     continue
                 ok = True
@@ -807,7 +817,7 @@ def plan_reads(list fqns, list local_offsets, list local_sizes, list saved,
                 if not ok:
                     continue
             _reserve(&lo, &ls, NULL, &lcap, lvals + nd + 1)
-            if not _read_row(local_offsets[t], local_sizes[t], nd, lo + lvals, ls + lvals):
+            if not _read_row(loff[t], lsz[t], nd, lo + lvals, ls + lvals):
                 continue
             tt.lval = lvals
             lvals += nd
@@ -854,7 +864,7 @@ def plan_reads(list fqns, list local_offsets, list local_sizes, list saved,
                 npairs += tt.k
                 nvals += tt.k * nd
             ts[T].pbase = npairs
-        return _plan_items(fqns, local_offsets, soffs, ts, T, npairs, max_ns, max_nd, by_cols,
+        return _plan_items(fq, loff, soffs, ts, T, npairs, max_ns, max_nd, by_cols,
                            cop, psi, pso, pdo, pln, read_item_cls, metadata_index_cls,
                            tensor_type, size_cls)
     finally:
@@ -871,7 +881,7 @@ def plan_reads(list fqns, list local_offsets, list local_sizes, list saved,
         free(buf.data)
 
 
-cdef tuple _plan_items(list fqns, list local_offsets, list soffs, _Tensor* ts, isize T,
+cdef tuple _plan_items(tuple fqns, tuple local_offsets, list soffs, _Tensor* ts, isize T,
                        isize npairs, isize max_ns, isize max_nd, bint by_cols, const i64* cop,
                        const i64* psi, const i64* pso, const i64* pdo, const i64* pln,
                        read_item_cls, metadata_index_cls, tensor_type, size_cls):

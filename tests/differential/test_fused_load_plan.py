@@ -462,3 +462,77 @@ def test_planned_chunk_refuses_partial_like_torch():
     with pytest.raises(ValueError) as theirs:
         p._raise_if_contains_partial_placements()
     assert str(ours.value) == str(theirs.value)
+
+
+def test_kernel_reads_snapshots_of_lists_changed_meanwhile():
+    # A property the kernel reads empties every list it was given: the call
+    # still plans what the lists held when it began.
+    shapes = [(8, 4), (6,), (4, 4, 2)]
+    mds = [_md(s, _grid(s, [[s[0] // 2]] + [[] for _ in s[1:]])) for s in shapes]
+    fqns = [f"t{i}" for i in range(len(shapes))]
+    offs = [torch.Size([0] * len(s)) for s in shapes]
+    sizes = [torch.Size(s) for s in shapes]
+    want = _kernel(list(fqns), list(offs), list(sizes), list(mds), True)
+
+    lists = [list(fqns), list(offs), list(sizes)]
+
+    class Emptying:
+        chunks = property(lambda self: self._md.chunks)
+
+        def __init__(self, md):
+            self._md = md
+
+        @property
+        def size(self):
+            for lst in lists:
+                lst.clear()
+            return self._md.size
+
+    saved = [Emptying(m) for m in mds]
+    got = _kernel(*lists, saved, True)
+    assert lists == [[], [], []]
+    assert got[0] == want[0] and got[2] == want[2] == []
+    assert got[1].tolist() == want[1].tolist()
+
+
+def test_kernel_with_chunk_lists_changed_by_other_threads():
+    import threading
+
+    shape = (64, 8)
+    full = _grid(shape, [[8 * k for k in range(1, 8)], [4]])
+    mds = [_md(shape, list(full)) for _ in range(8)]
+    offs = [torch.Size([16, 0])] * 8
+    sizes = [torch.Size([32, 8])] * 8
+    stop = threading.Event()
+
+    def mutate(seed):
+        import random
+
+        rng = random.Random(seed)
+        while not stop.is_set():
+            m = mds[rng.randrange(len(mds))]
+            op = rng.randrange(3)
+            if op == 0 and m.chunks:
+                m.chunks.pop(rng.randrange(len(m.chunks)))
+            elif op == 1:
+                m.chunks[:] = full
+            else:
+                m.chunks.append(full[rng.randrange(len(full))])
+
+    threads = [threading.Thread(target=mutate, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(300):
+            for verify in (False, True):
+                items, starts, slow = _kernel([f"t{i}" for i in range(8)], offs, sizes, mds,
+                                              verify)
+                assert len(starts) == 9 and starts[-1] == len(items)
+                for r in items:
+                    # Every read lies inside the local chunk and inside a chunk of the grid.
+                    assert r.dest_offsets[0] + r.lengths[0] <= 32
+                    assert tuple(r.storage_index.offset) in {tuple(c.offsets) for c in full}
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
