@@ -11,11 +11,11 @@ which DCP does not depend on.
 Where the work is intersection of chunk lists, :mod:`ckcore.items` does it,
 given torch's classes (:data:`TORCH_ITEM_CLASSES`), and the kernels build
 torch's ``ReadItem``/``MetadataIndex``/``torch.Size`` objects directly;
-this module supplies torch's classes and the local chunks. A local load plan
-hands all its plain tensors and DTensors to one kernel call
+this module supplies torch's classes and the local chunks. A local load
+plan hands all its plain tensors and DTensors to one kernel call
 (``_items.plan_reads``: read, intersect, verify, build), and plans every
-other entry, and any tensor that call hands back, one entry at a time. A DTensor's
-chunk is memoised per layout (:mod:`ckcore.dcp._dtensor`). The global save
+other entry, and any tensor that call hands back, one entry at a time. A
+DTensor's chunk is memoised per layout (:mod:`ckcore.dcp._dtensor`). The global save
 plan, its validation and dedup run on :mod:`ckcore.global_plan`, given
 torch's classes. Where there is nothing to accelerate (ShardedTensor
 metadata, ``_init_state_dict``), the function calls torch's original,
