@@ -33,4 +33,18 @@ def read_items(
     size_cls: type,
     verify: bool = ...,
 ) -> list[Any] | None: ...
+def plan_reads(
+    fqns: list[Any],
+    local_offsets: list[Any],
+    local_sizes: list[Any],
+    saved: list[Any],
+    read_item_cls: type,
+    metadata_index_cls: type,
+    tensor_type: Any,
+    size_cls: type,
+    chunk_cls: type,
+    verify: bool = ...,
+    columns: Any = ...,
+    global_sizes: list[Any] | None = ...,
+) -> tuple[list[Any], npt.NDArray[np.int64], list[int]]: ...
 def new_frozen(cls: type, fields: dict[str, Any]) -> Any: ...

@@ -15,13 +15,17 @@ allows:
   ``object.__setattr__`` does, minus the Python-level call): the same fields
   as the generated ``__init__`` sets, at a fifth of its cost (callgrind:
   ~2000 instructions per ReadItem against ~9800 through ``__init__``).
+* ``plan_reads`` does all of it for a whole local load plan at once: every
+  tensor's chunks read (from chunk objects or from metadata columns), every
+  intersection and cover check made in one GIL-free pass, then every item
+  built; what it does not take as is, it hands back to the caller.
 """
 
 from cpython.tuple cimport (
     PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM,
 )
-from cpython.ref cimport Py_INCREF
-from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.ref cimport Py_DECREF, Py_INCREF
+from cpython.list cimport PyList_GET_ITEM, PyList_New, PyList_SET_ITEM
 from ckcore._kernels._capi cimport (
     PyObject_GenericSetAttr, ck_hash_key, ck_mix64, ck_new_instance, ck_plain_new,
 )
@@ -32,7 +36,9 @@ from ckcore._kernels._coverage cimport C_OK, check_reads
 from ckcore._kernels._gcpause cimport gc_pause, gc_resume
 from ckcore._kernels._intersect cimport PATH_AUTO, IdxBuf, fill_pairs, intersect_pairs
 from ckcore._kernels._types cimport i64, isize, u64
-from ckcore._kernels._util cimport index_int, safe_alloc, to_i64, volume_overflows
+from ckcore._kernels._util cimport (
+    index_int, safe_alloc, safe_calloc, safe_realloc, to_i64, volume_overflows,
+)
 from libc.stdint cimport INT64_MAX
 
 import numpy as np
@@ -68,6 +74,8 @@ cdef str _LENGTHS = "lengths"
 cdef str _FQN = "fqn"
 cdef str _OFFSET = "offset"
 cdef str _INDEX = "index"
+cdef str _OFFSETS = "offsets"
+cdef str _SIZES = "sizes"
 
 
 cdef inline i64 _as_i64(object v, object fqn, isize i, object chunk, str what) except? -1:
@@ -535,3 +543,409 @@ def new_frozen(cls, dict fields):
     obj = _object_new(cls)
     PyObject_GenericSetAttr(obj, _DICT, fields)
     return obj
+
+
+# ---------------------------------------------------------------------------
+# One rank's whole local load plan in one call
+# ---------------------------------------------------------------------------
+
+cdef struct _Tensor:
+    # One tensor of plan_reads: where its rows are and what became of it.
+    isize nd        # dimensions
+    isize ns        # saved chunks
+    isize lval      # first value of its local chunk in lo/ls
+    isize sval      # first value of its saved chunks in so/ss (or the columns)
+    isize schunk    # its first saved chunk in the saved offsets list (or the columns)
+    isize pbase     # its first pair
+    isize pval      # its first pair value (pbase * nd for all tensors before it)
+    isize k         # its pairs
+    bint slow       # left to the caller's one-tensor path
+
+
+cdef inline bint _box_ok(const i64* off, const i64* size, isize nd) noexcept nogil:
+    # The checks chunk_arrays makes of one chunk: non-negative, offset + size and
+    # the volume within int64.
+    cdef isize d
+    cdef i64 vol
+    for d in range(nd):
+        if off[d] < 0 or size[d] < 0 or off[d] > INT64_MAX - size[d]:
+            return False
+    return not volume_overflows(size, nd, &vol)
+
+
+cdef extern from *:
+    """
+    /* An exact int of at most one digit (0 <= v < 2**30, every size and
+       offset of a model's tensors) read in place; 0 for anything else, which
+       the caller reads the general way. */
+    static inline int ck_small_int(PyObject* v, int64_t* out) {
+        if (!PyLong_CheckExact(v)) return 0;
+    #if PY_VERSION_HEX >= 0x030C0000
+        if (!PyUnstable_Long_IsCompact((PyLongObject*)v)) return 0;
+        *out = (int64_t)PyUnstable_Long_CompactValue((PyLongObject*)v);
+        return 1;
+    #else
+        Py_ssize_t size = Py_SIZE(v);
+        if (size == 0) { *out = 0; return 1; }
+        if (size == 1) { *out = (int64_t)((PyLongObject*)v)->ob_digit[0]; return 1; }
+        return 0;
+    #endif
+    }
+    """
+    bint ck_small_int(object v, i64* out) noexcept
+
+
+cdef inline bint _read_value(object v, i64* out) noexcept:
+    # An exact int64 from a Python int: True; False for anything else.
+    if ck_small_int(v, out):
+        return True
+    return not to_i64(v, out)
+
+
+cdef inline bint _read_row(object offs, object sizes, isize nd, i64* ov, i64* sv) noexcept:
+    # One chunk's offsets and sizes (tuples, or torch.Size) of nd exact ints
+    # into ov/sv, checked as _box_ok checks; False for anything else (the
+    # caller's one-tensor path names it).
+    cdef isize d
+    if not (PyTuple_Check(offs) and PyTuple_Check(sizes)):
+        return False
+    if PyTuple_GET_SIZE(offs) != nd or PyTuple_GET_SIZE(sizes) != nd:
+        return False
+    for d in range(nd):
+        if not _read_value(<object>PyTuple_GET_ITEM(offs, d), ov + d):
+            return False
+        if not _read_value(<object>PyTuple_GET_ITEM(sizes, d), sv + d):
+            return False
+    return _box_ok(ov, sv, nd)
+
+
+cdef int _reserve(i64** a, i64** b, i64** c, isize* cap, isize need) except -1 nogil:
+    # Grow the malloc'd i64 arrays *a, *b and (unless c is NULL) *c, which
+    # share the capacity *cap, to hold at least need values each.
+    cdef isize n = cap[0]
+    if need <= n:
+        return 0
+    while n < need:
+        n = n * 2 if n else 1024
+    a[0] = <i64*>safe_realloc(a[0], <size_t>n, sizeof(i64))
+    b[0] = <i64*>safe_realloc(b[0], <size_t>n, sizeof(i64))
+    if c != NULL:
+        c[0] = <i64*>safe_realloc(c[0], <size_t>n, sizeof(i64))
+    cap[0] = n
+    return 0
+
+
+def plan_reads(list fqns, list local_offsets, list local_sizes, list saved,
+               read_item_cls, metadata_index_cls, tensor_type, size_cls, chunk_cls,
+               bint verify=False, columns=None, list global_sizes=None):
+    """Every tensor's ReadItems of one rank's load plan, in one call.
+
+    Tensor ``t`` is ``fqns[t]``, whose one local chunk has offsets
+    ``local_offsets[t]`` and sizes ``local_sizes[t]`` (tuples or
+    ``torch.Size``). Its saved chunks are, without ``columns``, those of
+    ``saved[t]`` (tensor storage metadata: ``.size`` a tuple, ``.chunks`` a
+    list of exactly ``chunk_cls``); with ``columns`` (a
+    :class:`~ckcore.mdcolumns.MetadataColumns`), ``saved[t]`` is the tensor's
+    row in them (an int), and its global size there must equal
+    ``global_sizes[t]``. Classes as in :func:`build_read_items`.
+
+    Chunks are read (every value an int, non-negative, offset + size and
+    the volume within int64), then intersected and, with ``verify``,
+    checked to fill each local chunk exactly once (as :func:`read_items`),
+    all tensors at once with the GIL released, before any object is built.
+
+    Returns ``(items, starts, slow)``: tensor ``t``'s items are
+    ``items[starts[t]:starts[t + 1]]`` in canonical order; ``slow`` lists,
+    ascending, the tensors this call did not plan (empty ranges): any value
+    it would have to convert or refuse, a size that differs, metadata of
+    another shape, verification that fails or cannot decide cheaply, an
+    empty saved chunk list when verifying. The caller plans those with its
+    one-tensor path, which gives the answer or names the problem.
+    """
+    cdef isize T, t, j, ns, nd, fid, a
+    cdef bint by_cols = columns is not None
+    cdef _Tensor* ts = NULL
+    cdef _Tensor* tt
+    cdef i64* lo = NULL
+    cdef i64* ls = NULL
+    cdef i64* so = NULL
+    cdef i64* ss = NULL
+    cdef i64* pli = NULL
+    cdef i64* psi = NULL
+    cdef i64* pso = NULL
+    cdef i64* pdo = NULL
+    cdef i64* pln = NULL
+    cdef isize lcap = 0, pcap = 0, pvcap = 0, lvals = 0, svals = 0, nsnap = 0
+    cdef isize npairs = 0, nvals = 0, max_ns = 0, max_nd = 0
+    cdef isize seg[2]
+    cdef isize cover[4]
+    cdef IdxBuf buf
+    cdef const i64[::1] size_ptr, size_values, chunk_ptr, chunk_vptr, c_off, c_size
+    cdef const i64* cop = NULL
+    cdef const i64* csp = NULL
+    cdef isize n_fqns = 0, n_cvals = 0
+    cdef i64 gval = 0
+    cdef list soffs = []
+    cdef list snaps
+    cdef tuple snap
+    cdef object md, msize, chunks, chunk, gsize, offs, sizes
+    cdef bint ok
+    cdef tuple fq, loff, lsz, sav, gsz
+    # Snapshots the call owns: indices below are checked against T, and the
+    # items built after the GIL-free part name what was read before it,
+    # whatever happens to the caller's lists meanwhile.
+    fq = tuple(fqns)
+    loff = tuple(local_offsets)
+    lsz = tuple(local_sizes)
+    sav = tuple(saved)
+    gsz = None if global_sizes is None else tuple(global_sizes)
+    T = len(fq)
+    if len(loff) != T or len(lsz) != T or len(sav) != T:
+        raise ValueError("plan_reads: fqns, local_offsets, local_sizes and saved differ in length")
+    if by_cols and (gsz is None or len(gsz) != T):
+        raise ValueError("plan_reads: columns need one global size per tensor")
+    _check_plain_class(read_item_cls, "read_item_cls")
+    _check_plain_class(metadata_index_cls, "metadata_index_cls")
+    if not isinstance(chunk_cls, type):
+        raise TypeError(f"chunk_cls must be a class, got {chunk_cls!r}")
+    if by_cols:
+        try:
+            size_ptr = columns.size_ptr
+            size_values = columns.size_values
+            chunk_ptr = columns.chunk_ptr
+            chunk_vptr = columns.chunk_value_ptr
+            c_off = columns.chunk_offsets
+            c_size = columns.chunk_sizes
+        except (AttributeError, TypeError, ValueError) as ex:
+            raise TypeError(
+                "plan_reads: columns must be MetadataColumns (contiguous int64 size and chunk "
+                f"arrays), got {type(columns).__name__}: {ex}") from None
+        n_fqns = min(size_ptr.shape[0], chunk_ptr.shape[0], chunk_vptr.shape[0]) - 1
+        n_cvals = min(c_off.shape[0], c_size.shape[0])
+        if n_cvals:
+            cop = &c_off[0]
+            csp = &c_size[0]
+    buf.data = NULL
+    buf.len = 0
+    buf.cap = 0
+    try:
+        ts = <_Tensor*>safe_calloc(T + 1, sizeof(_Tensor))
+        if not by_cols:
+            # Each tensor's chunk list, snapshotted (chunk numbers index the
+            # snapshot whatever happens to the list), and the room they need.
+            snaps = [None] * T
+            for t in range(T):
+                md = sav[t]
+                try:
+                    msize = md.size
+                    chunks = md.chunks
+                except Exception:
+                    continue  # the one-tensor path says what is wrong with it
+                if not PyTuple_Check(msize) or type(chunks) is not list:
+                    continue
+                snap = tuple(chunks)
+                snaps[t] = snap
+                nd = PyTuple_GET_SIZE(msize)
+                ns = len(snap)
+                ts[t].nd = nd
+                ts[t].ns = ns
+                ts[t].schunk = nsnap
+                ts[t].sval = svals
+                nsnap += ns
+                svals += ns * nd
+            so = <i64*>safe_alloc(svals + 1, sizeof(i64))
+            ss = <i64*>safe_alloc(svals + 1, sizeof(i64))
+            soffs = [None] * nsnap
+        # Read every chunk: local ones into lo/ls, saved ones into so/ss (or
+        # only checked, in the columns). Whatever fails marks the tensor slow.
+        for t in range(T):
+            tt = &ts[t]
+            tt.slow = True
+            if type(fq[t]) is not str:
+                continue
+            if by_cols:
+                if type(sav[t]) is not int or to_i64(sav[t], &gval):
+                    continue
+                fid = gval
+                if fid < 0 or fid >= n_fqns:
+                    continue
+                nd = size_ptr[fid + 1] - size_ptr[fid]
+                ns = chunk_ptr[fid + 1] - chunk_ptr[fid]
+                a = chunk_vptr[fid]
+                if (nd < 0 or ns < 0 or size_ptr[fid] < 0 or size_ptr[fid + 1] > size_values.shape[0]
+                        or a < 0 or chunk_vptr[fid + 1] - a != ns * nd
+                        or chunk_vptr[fid + 1] > n_cvals):
+                    continue
+                gsize = gsz[t]
+                if not PyTuple_Check(gsize) or PyTuple_GET_SIZE(gsize) != nd:
+                    continue
+                ok = True
+                for j in range(nd):
+                    if to_i64(<object>PyTuple_GET_ITEM(gsize, j), &gval) or \
+                            gval != size_values[size_ptr[fid] + j]:
+                        ok = False
+                        break
+                if not ok:
+                    continue
+                for j in range(ns):
+                    if not _box_ok(cop + a + j * nd, csp + a + j * nd, nd):
+                        ok = False
+                        break
+                if not ok:
+                    continue
+                tt.sval = a
+                tt.schunk = chunk_ptr[fid]
+            else:
+                if snaps[t] is None:
+                    continue
+                snap = snaps[t]
+                nd = tt.nd
+                ns = tt.ns
+                ok = True
+                for j in range(ns):
+                    chunk = snap[j]
+                    if type(chunk) is not chunk_cls:
+                        ok = False
+                        break
+                    # getattr with a default: a missing field is a hand-back,
+                    # without saving the exception state on every chunk.
+                    offs = getattr(chunk, _OFFSETS, None)
+                    sizes = getattr(chunk, _SIZES, None)
+                    if not _read_row(offs, sizes, nd, so + tt.sval + j * nd, ss + tt.sval + j * nd):
+                        ok = False
+                        break
+                    # Every slot of soffs holds None until its chunk is read: swap in place.
+                    Py_INCREF(offs)
+                    Py_DECREF(<object>PyList_GET_ITEM(soffs, tt.schunk + j))
+                    PyList_SET_ITEM(soffs, tt.schunk + j, offs)
+                if not ok:
+                    continue
+            _reserve(&lo, &ls, NULL, &lcap, lvals + nd + 1)
+            if not _read_row(loff[t], lsz[t], nd, lo + lvals, ls + lvals):
+                continue
+            tt.lval = lvals
+            lvals += nd
+            tt.nd = nd
+            tt.ns = ns
+            tt.slow = False
+            if ns > max_ns:
+                max_ns = ns
+            if nd > max_nd:
+                max_nd = nd
+        # Intersect and verify, every tensor, without the GIL.
+        with nogil:
+            for t in range(T):
+                tt = &ts[t]
+                tt.pbase = npairs
+                tt.pval = nvals
+                if tt.slow:
+                    continue
+                nd = tt.nd
+                ns = tt.ns
+                if ns == 0:
+                    # Nothing saved: no reads; a refusal if they must fill the chunk.
+                    tt.slow = verify
+                    continue
+                buf.len = 0
+                if by_cols:
+                    intersect_pairs(lo + tt.lval, ls + tt.lval, 1, cop + tt.sval, csp + tt.sval,
+                                    ns, nd, PATH_AUTO, &buf, seg)
+                else:
+                    intersect_pairs(lo + tt.lval, ls + tt.lval, 1, so + tt.sval, ss + tt.sval,
+                                    ns, nd, PATH_AUTO, &buf, seg)
+                tt.k = buf.len
+                _reserve(&pli, &psi, NULL, &pcap, npairs + tt.k + 1)
+                _reserve(&pso, &pdo, &pln, &pvcap, nvals + tt.k * nd + 1)
+                fill_pairs(lo + tt.lval, ls + tt.lval,
+                           (cop if by_cols else so) + tt.sval, (csp if by_cols else ss) + tt.sval,
+                           nd, 1, seg, buf.data, pli + npairs, psi + npairs,
+                           pso + nvals, pdo + nvals, pln + nvals)
+                if verify and check_reads(pli + npairs, pdo + nvals, pln + nvals, tt.k,
+                                          ls + tt.lval, 1, nd, 64, cover) != C_OK:
+                    tt.slow = True
+                    tt.k = 0
+                    continue
+                npairs += tt.k
+                nvals += tt.k * nd
+            ts[T].pbase = npairs
+        return _plan_items(fq, loff, soffs, ts, T, npairs, max_ns, max_nd, by_cols,
+                           cop, psi, pso, pdo, pln, read_item_cls, metadata_index_cls,
+                           tensor_type, size_cls)
+    finally:
+        free(ts)
+        free(lo)
+        free(ls)
+        free(so)
+        free(ss)
+        free(pli)
+        free(psi)
+        free(pso)
+        free(pdo)
+        free(pln)
+        free(buf.data)
+
+
+cdef tuple _plan_items(tuple fqns, tuple local_offsets, list soffs, _Tensor* ts, isize T,
+                       isize npairs, isize max_ns, isize max_nd, bint by_cols, const i64* cop,
+                       const i64* psi, const i64* pso, const i64* pdo, const i64* pln,
+                       read_item_cls, metadata_index_cls, tensor_type, size_cls):
+    # plan_reads' objects: every pair's ReadItem, the per-tensor starts, the slow tensors.
+    cdef list items = PyList_New(npairs)
+    cdef list slow = []
+    cdef list sidx = [None] * (max_ns if max_ns else 1)
+    cdef isize* stamp = NULL
+    cdef isize t, p, q, s, nd
+    cdef i64 zero = 0
+    cdef _Tensor* tt
+    cdef _RowCache cache
+    cdef object di, st, fqn, item
+    # Equal rows share one object across tensors of the same dimensions.
+    cdef list caches = [None] * (max_nd + 1)
+    starts = np.empty(T + 1, dtype=np.int64)
+    cdef i64[::1] sv = starts
+    gc_pause()
+    try:
+        stamp = <isize*>safe_alloc(max_ns + 1, sizeof(isize))
+        for s in range(max_ns + 1):
+            stamp[s] = -1
+        for t in range(T):
+            tt = &ts[t]
+            sv[t] = tt.pbase
+            if tt.slow:
+                slow.append(t)
+                continue
+            if tt.k == 0:
+                continue
+            nd = tt.nd
+            cache = caches[nd]
+            if cache is None:
+                cache = caches[nd] = _RowCache(nd, size_cls)
+            fqn = fqns[t]
+            di = _index_obj(metadata_index_cls, fqn, local_offsets[t], 0, size_cls)
+            for q in range(tt.k):
+                p = tt.pbase + q
+                s = psi[p]
+                if stamp[s] == t:
+                    st = sidx[s]
+                else:
+                    if by_cols:
+                        st = _index_obj(metadata_index_cls, fqn,
+                                        cache.get(cop + tt.sval + s * nd if nd else &zero),
+                                        s, size_cls)
+                    else:
+                        st = _index_obj(metadata_index_cls, fqn, soffs[tt.schunk + s], s, size_cls)
+                    sidx[s] = st
+                    stamp[s] = t
+                p = tt.pval + q * nd
+                item = _make_item(
+                    read_item_cls, tensor_type,
+                    di, cache.get(pdo + p if nd else &zero),
+                    st, cache.get(pso + p if nd else &zero),
+                    cache.get(pln + p if nd else &zero))
+                Py_INCREF(item)
+                PyList_SET_ITEM(items, tt.pbase + q, item)
+        sv[T] = ts[T].pbase
+    finally:
+        free(stamp)
+        gc_resume()
+    return items, starts, slow

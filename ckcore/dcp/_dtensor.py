@@ -23,6 +23,7 @@ __all__ = [
     "is_plain_dtensor",
     "local_sizes_offsets",
     "mesh_info",
+    "planned_chunk",
     "raise_if_partial",
 ]
 
@@ -114,6 +115,56 @@ def local_sizes_offsets(tensor: DTensor) -> tuple[torch.Size, torch.Size]:
 
 
 _NOT_PARTIAL = frozenset({Shard, Replicate, _StridedShard})
+
+_OFF_MESH = (None, None)
+
+
+def planned_chunk(tensor: DTensor, shape: torch.Size) -> tuple[Any, Any]:
+    """``(sizes, offsets)`` of this rank's chunk of a plain DTensor of global ``shape``.
+
+    ``(None, None)`` when this rank is not on the DTensor's mesh. What
+    :func:`raise_if_partial` and then :func:`local_sizes_offsets` give (the
+    same errors, the same memo), reading the spec once: a load plan asks
+    this of every tensor of the model. ``tensor`` must be exactly a
+    ``DTensor`` over a plain ``torch.Tensor`` (:func:`is_plain_dtensor`) and
+    ``shape`` its ``size()``.
+    """
+    spec = tensor._spec
+    mesh = spec.mesh
+    hit = _MESHES.get(id(mesh))
+    if hit is None or hit[0] is not mesh:
+        mesh_info(mesh)
+        hit = _MESHES[id(mesh)]
+    coordinate = hit[2]
+    if coordinate is None:
+        return _OFF_MESH
+    # The memo key of chunk_key, built in the same loop as the Partial check.
+    key: list[Any] = []
+    p: Any
+    memo = True
+    for p in spec.placements:
+        t = type(p)
+        if t is Shard:
+            key.append(p.dim)
+        elif t is Replicate:
+            key.append(-1)
+        elif t is _StridedShard:
+            sf = p.split_factor
+            if type(sf) is not int:
+                memo = False
+            key.append((p.dim, sf))
+        else:
+            if isinstance(p, Partial):
+                raise ValueError(
+                    "Any checkpointing related operations are not supported for "
+                    "DTensor with partial placements!"
+                )
+            key.append(("placement", p))
+    if memo:
+        value = _CHUNKS.get((shape, hit[1], coordinate, tuple(key)))
+        if value is not None:
+            return value
+    return local_sizes_offsets(tensor)
 
 
 def raise_if_partial(tensor: DTensor) -> None:

@@ -11,8 +11,11 @@ which DCP does not depend on.
 Where the work is intersection of chunk lists, :mod:`ckcore.items` does it,
 given torch's classes (:data:`TORCH_ITEM_CLASSES`), and the kernels build
 torch's ``ReadItem``/``MetadataIndex``/``torch.Size`` objects directly;
-this module supplies torch's classes and the local chunks. A DTensor's
-chunk is memoised per layout (:mod:`ckcore.dcp._dtensor`). The global save
+this module supplies torch's classes and the local chunks. A local load
+plan hands all its plain tensors and DTensors to one kernel call
+(``_items.plan_reads``: read, intersect, verify, build), and plans every
+other entry, and any tensor that call hands back, one entry at a time. A
+DTensor's chunk is memoised per layout (:mod:`ckcore.dcp._dtensor`). The global save
 plan, its validation and dedup run on :mod:`ckcore.global_plan`, given
 torch's classes. Where there is nothing to accelerate (ShardedTensor
 metadata, ``_init_state_dict``), the function calls torch's original,
@@ -53,6 +56,7 @@ from torch.distributed.tensor import DTensor
 from .. import global_plan as _gp
 from .. import items as _core
 from .._gc import paused
+from .._kernels import _items as _kernel_items
 from ..mdcolumns import MetadataColumns
 from . import _dtensor as _dt
 from ._lazy_metadata import columns_of, storage_md
@@ -282,7 +286,102 @@ def _local_load_plan(
     # walk every live object of the process (torch's included). Nothing here
     # can form a cycle, so collection waits until the plan is built.
     with paused():
-        return _local_load_plan_body(state_dict, metadata, strict, check_cover)
+        return _local_load_plan_fused(state_dict, metadata, strict, check_cover)
+
+
+_Tensor = torch.Tensor
+_Parameter = torch.nn.Parameter
+_ZEROS: dict[int, torch.Size] = {}
+
+
+def _zeros(ndim: int) -> torch.Size:
+    z = _ZEROS.get(ndim)
+    if z is None:
+        z = _ZEROS[ndim] = torch.Size([0] * ndim)
+    return z
+
+
+def _local_load_plan_fused(
+    state_dict: dict[str, Any], metadata: Metadata, strict: bool, check_cover: bool
+) -> LoadPlan:
+    # _local_load_plan_body's plan, the usual entries planned by one kernel
+    # call. The loop only sorts entries: a tensor or DTensor (exactly those
+    # types, one local chunk) with tensor metadata of its size goes to the
+    # kernel; anything else, and any tensor the kernel hands back (a value it
+    # does not take as is, a cover it cannot prove), goes through
+    # _local_load_plan_body on its own, in plan order, so every item and
+    # every error is the one that function gives, where it gives it.
+    cols = columns_of(metadata)
+    md_by_fqn: Any = None
+    if cols is None:
+        md_by_fqn = metadata.state_dict_metadata
+        if type(md_by_fqn) is not dict:
+            return _local_load_plan_body(state_dict, metadata, strict, check_cover)
+        get = md_by_fqn.get
+    else:
+        ids = cols._fqn_ids
+        props = cols.properties
+    order: list[Any] = []  # per entry: a kernel tensor number, or (fqn, obj)
+    fqns: list[str] = []
+    objs: list[Any] = []
+    offsets: list[Any] = []
+    sizes: list[Any] = []
+    saved: list[Any] = []
+    global_sizes: list[Any] = []
+    planned_chunk = _dt.planned_chunk
+    md: Any
+    for fqn, obj in state_dict.items():
+        if type(fqn) is str:
+            if cols is None:
+                md = get(fqn)
+                tensor_md = type(md) is TensorStorageMetadata
+            else:
+                md = ids.get(fqn)
+                tensor_md = md is not None and props[md] is not None
+            t = type(obj)
+            if tensor_md and (t is DTensor or t is _Tensor or t is _Parameter):
+                try:
+                    size = obj.size()
+                    if cols is None and md.size != size:
+                        raise ValueError(fqn)  # the one-entry path says what differs
+                    if t is DTensor:
+                        if type(obj._local_tensor) is not _Tensor:
+                            raise TypeError(fqn)
+                        lsize, loff = planned_chunk(obj, size)
+                        if lsize is None:
+                            # Off the mesh: reads nothing, after the size check.
+                            raise LookupError(fqn)
+                    else:
+                        lsize, loff = size, _zeros(len(size))
+                except Exception:  # noqa: S110 - planned (or refused) on its own below
+                    pass
+                else:
+                    order.append(len(fqns))
+                    fqns.append(fqn)
+                    objs.append(obj)
+                    offsets.append(loff)
+                    sizes.append(lsize)
+                    saved.append(md)
+                    global_sizes.append(size)
+                    continue
+        order.append((fqn, obj))
+    cls = TORCH_ITEM_CLASSES
+    items, starts, slow = _kernel_items.plan_reads(
+        fqns, offsets, sizes, saved, cls.read_item, cls.metadata_index,
+        cls.load_item_type.TENSOR, cls.size, ChunkStorageMetadata, check_cover,
+        cols, global_sizes if cols is not None else None)
+    if not slow and len(order) == len(fqns):
+        return LoadPlan(items)
+    bounds = starts.tolist()
+    slow_set = set(slow)
+    requests: list[ReadItem] = []
+    for e in order:
+        if type(e) is int and e not in slow_set:
+            requests += items[bounds[e]:bounds[e + 1]]
+            continue
+        fqn, obj = (fqns[e], objs[e]) if type(e) is int else e
+        requests += _local_load_plan_body({fqn: obj}, metadata, strict, check_cover).items
+    return LoadPlan(requests)
 
 
 def _local_load_plan_columns(

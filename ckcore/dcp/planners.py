@@ -226,7 +226,8 @@ class FastLoadPlanner(DefaultLoadPlanner):
     part of a destination tensor unwritten, and the load succeeds; here the
     plan fails, before a single byte is read, naming the tensor and the
     chunk. The check runs on the intersection arrays the plan is built from
-    (:func:`ckcore.items.create_read_items` with ``verify_cover``) and costs little.
+    (that of :func:`ckcore.items.create_read_items` with ``verify_cover``, in
+    the same compiled call that plans every tensor) and costs little.
     """
 
     def __init__(

@@ -1035,22 +1035,21 @@ def test_patched_default_planner_uses_kernels_and_matches():
     real = ch.create_read_items_for_chunk_list
 
     with cdcp.patch():
-        import ckcore.items as core
-
-        orig_core = core.create_read_items_for_chunk_list
+        # The local plan's tensors go through the one fused kernel call.
+        orig_kernel = _items.plan_reads
 
         def spy(*a, **k):
-            calls.append(a[0])
-            return orig_core(*a, **k)
+            calls.append(list(a[0]))
+            return orig_kernel(*a, **k)
 
-        core.create_read_items_for_chunk_list = spy
+        _items.plan_reads = spy
         try:
             p = t_dp.DefaultLoadPlanner()
             p.set_up_planner(dict(sd), md)
             patched = p.create_local_plan()
         finally:
-            core.create_read_items_for_chunk_list = orig_core
-    assert calls == ["w"]
+            _items.plan_reads = orig_kernel
+    assert calls == [["w"]]
     assert ch.create_read_items_for_chunk_list is real
     same_reads(patched.items, plain.items)
 
