@@ -14,7 +14,7 @@ keeper's total. Façade: :func:`ckcore.compact.plan_columns`.
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memset
 
 from ckcore._kernels._capi cimport ck_add64, ck_hash_key, ck_mix64
 from ckcore._kernels._types cimport i64, u64
@@ -72,6 +72,100 @@ cdef Py_ssize_t _entries(Py_ssize_t n, const i64* fid, const int32_t* nd, const 
             s = (s + 1) & t.mask
         eid[i] = e
     return t.n
+
+
+cdef inline bint _lex_less(const i64* a, const i64* b, int32_t nd) noexcept nogil:
+    cdef int32_t d
+    for d in range(nd):
+        if a[d] != b[d]:
+            return a[d] < b[d]
+    return False
+
+
+cdef struct Groups:
+    int64_t* prev        # per fqn: its last item so far, -1 before the first
+    int64_t* start       # per fqn + 1: where its items start in ``items``
+    uint8_t* ordered     # per fqn: 1 while its keys increase strictly in item order
+    int64_t* items       # the items of unordered fqns, grouped by fqn, ascending
+    int64_t* slot        # local table: entry + 1, 0 when empty
+    uint64_t* hash       # per local entry
+    int64_t* first       # per local entry: its first item
+
+
+cdef Py_ssize_t _grouped_entries(Py_ssize_t n, Py_ssize_t F, i64 fmin, const i64* fid,
+                                 const int32_t* nd, const i64* ptr, const i64* offs,
+                                 int64_t* eid, Groups* g) noexcept nogil:
+    # _entries by fqn: an fqn whose keys increase strictly (lexicographic
+    # offsets) in item order, as a sharded tensor's do when ranks hold its
+    # chunks in order, has no two equal keys and needs no table; the others
+    # are hashed one fqn at a time in a table sized to that fqn, which stays
+    # in cache where a table over every item would not. eid holds each
+    # item's entry's first item, then the entry ids (first-seen order).
+    cdef Py_ssize_t i, j, f, k, a, b, s, e, cap, m = 0, biggest = 0, E = 0
+    cdef u64 h, key = ck_hash_key()
+    for f in range(F):
+        g.prev[f] = -1
+        g.ordered[f] = 1
+        g.start[f + 1] = 0
+    for i in range(n):
+        f = fid[i] - fmin
+        j = g.prev[f]
+        if j >= 0 and g.ordered[f] and not (
+                nd[i] > 0 and nd[j] == nd[i] and _lex_less(offs + ptr[j], offs + ptr[i], nd[i])):
+            g.ordered[f] = 0
+        g.prev[f] = i
+        g.start[f + 1] += 1
+        eid[i] = i
+    g.start[0] = 0
+    for f in range(F):
+        k = g.start[f + 1] if not g.ordered[f] else 0
+        if k > biggest:
+            biggest = k
+        g.start[f + 1] = g.start[f] + k
+    m = g.start[F]
+    if m:
+        for i in range(n):
+            f = fid[i] - fmin
+            if not g.ordered[f]:
+                g.items[g.start[f]] = i
+                g.start[f] += 1
+        for f in range(F - 1, -1, -1):
+            g.start[f + 1] = g.start[f]
+        g.start[0] = 0
+        for f in range(F):
+            a, b = g.start[f], g.start[f + 1]
+            if a == b:
+                continue
+            cap = 16
+            while cap < 2 * (b - a):
+                cap *= 2
+            memset(g.slot, 0, cap * sizeof(int64_t))
+            E = 0
+            for k in range(a, b):
+                i = g.items[k]
+                h = _key_hash(fid[i], nd[i], offs + (ptr[i] if nd[i] > 0 else 0), key)
+                s = <Py_ssize_t>(h & <u64>(cap - 1))
+                while True:
+                    e = g.slot[s] - 1
+                    if e < 0:
+                        g.slot[s] = E + 1
+                        g.hash[E] = h
+                        g.first[E] = i
+                        E += 1
+                        break
+                    if g.hash[e] == h and _same(g.first[e], i, fid, nd, ptr, offs):
+                        eid[i] = g.first[e]
+                        break
+                    s = (s + 1) & (cap - 1)
+    # First items are numbered in order; a later item takes its first item's id.
+    E = 0
+    for i in range(n):
+        if eid[i] == i:
+            eid[i] = E
+            E += 1
+        else:
+            eid[i] = eid[eid[i]]
+    return E
 
 
 cdef struct Scratch:
@@ -136,12 +230,14 @@ def dedup_columns(const i64[::1] fid, const int32_t[::1] plan, const int32_t[::1
     (start of its offsets in ``offs``) and ``size`` (planned storage bytes,
     at least 1) are per item, items in rank order and within a rank in plan
     order. Returns ``(keep, duplicated)``: a uint8 array (1: the item stays in
-    its plan) and whether any entry had more than one holder; ``None`` when a
+    its plan) and whether any two items are the same entry; ``None`` when a
     planned total overflows int64 (the caller then runs torch's algorithm
     on Python ints).
     """
-    cdef Py_ssize_t n = fid.shape[0], i, cap = 16
+    cdef Py_ssize_t n = fid.shape[0], i, cap = 16, F = 0
+    cdef i64 fmin = 0, fmax = -1
     cdef Table t
+    cdef Groups g
     cdef int64_t* eid = NULL
     cdef int32_t* keeper = NULL
     cdef Scratch w
@@ -156,6 +252,12 @@ def dedup_columns(const i64[::1] fid, const int32_t[::1] plan, const int32_t[::1
             raise ValueError(f"dedup_columns: item {i}: storage size {size[i]} < 1")
         if nd[i] > 0 and (ptr[i] < 0 or ptr[i] > offs.shape[0] - nd[i]):
             raise ValueError(f"dedup_columns: item {i}: offsets outside the offsets column")
+        if i == 0 or fid[i] < fmin:
+            fmin = fid[i]
+        if i == 0 or fid[i] > fmax:
+            fmax = fid[i]
+    if n and <u64>fmax - <u64>fmin < <u64>n:
+        F = <Py_ssize_t>(fmax - fmin) + 1
     while cap < 2 * n:
         cap *= 2
     keep = np.zeros(n, dtype=np.uint8)
@@ -163,22 +265,43 @@ def dedup_columns(const i64[::1] fid, const int32_t[::1] plan, const int32_t[::1
     t.slot = NULL
     t.hash = NULL
     t.first = NULL
+    g.prev = NULL
+    g.start = NULL
+    g.ordered = NULL
+    g.items = NULL
+    g.slot = NULL
+    g.hash = NULL
+    g.first = NULL
     w.hstart = NULL
     w.holders = NULL
     w.last_plan = NULL
     w.last_item = NULL
     w.total = NULL
     try:
-        t.slot = <int64_t*>safe_calloc(cap, sizeof(int64_t))
-        t.hash = <uint64_t*>safe_alloc(n + 1, sizeof(uint64_t))
-        t.first = <int64_t*>safe_alloc(n + 1, sizeof(int64_t))
-        t.mask = cap - 1
-        t.n = 0
         eid = <int64_t*>safe_alloc(n + 1, sizeof(int64_t))
         keeper = <int32_t*>safe_alloc(n + 1, sizeof(int32_t))
-        with nogil:
-            E = _entries(n, &fid[0] if n else NULL, &nd[0] if n else NULL,
-                         &ptr[0] if n else NULL, &offs[0] if offs.shape[0] else NULL, eid, &t)
+        if F:
+            # Dense fqn ids (what plan_columns passes): per-fqn work.
+            g.prev = <int64_t*>safe_alloc(F, sizeof(int64_t))
+            g.start = <int64_t*>safe_alloc(F + 1, sizeof(int64_t))
+            g.ordered = <uint8_t*>safe_alloc(F, sizeof(uint8_t))
+            g.items = <int64_t*>safe_alloc(n, sizeof(int64_t))
+            g.slot = <int64_t*>safe_alloc(cap, sizeof(int64_t))
+            g.hash = <uint64_t*>safe_alloc(n, sizeof(uint64_t))
+            g.first = <int64_t*>safe_alloc(n, sizeof(int64_t))
+            with nogil:
+                E = _grouped_entries(n, F, fmin, &fid[0], &nd[0], &ptr[0],
+                                     &offs[0] if offs.shape[0] else NULL, eid, &g)
+        else:
+            t.slot = <int64_t*>safe_calloc(cap, sizeof(int64_t))
+            t.hash = <uint64_t*>safe_alloc(n + 1, sizeof(uint64_t))
+            t.first = <int64_t*>safe_alloc(n + 1, sizeof(int64_t))
+            t.mask = cap - 1
+            t.n = 0
+            with nogil:
+                E = _entries(n, &fid[0] if n else NULL, &nd[0] if n else NULL,
+                             &ptr[0] if n else NULL, &offs[0] if offs.shape[0] else NULL,
+                             eid, &t)
         if E == n:
             keep[:] = 1
             return keep, False
@@ -199,6 +322,13 @@ def dedup_columns(const i64[::1] fid, const int32_t[::1] plan, const int32_t[::1
         free(t.slot)
         free(t.hash)
         free(t.first)
+        free(g.prev)
+        free(g.start)
+        free(g.ordered)
+        free(g.items)
+        free(g.slot)
+        free(g.hash)
+        free(g.first)
         free(eid)
         free(keeper)
         free(w.hstart)

@@ -1,0 +1,175 @@
+"""The columnar dedup kernel (``dedup_columns``) against torch's rule written out in Python.
+
+Torch-free. With dense fqn ids (what ``plan_columns`` passes) the kernel
+works per fqn: an fqn whose keys increase strictly in item order skips
+hashing, the others are hashed in a table of their own. Sparse ids take a
+single table over every item. Both must give torch's keepers, for keys
+that are disjoint (sharded tensors), repeated (replicated tensors,
+trailing empty chunks that share an offset), out of order, of mixed
+dimensions, bytes items and 0-d tensors, and for hostile layouts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ckcore._kernels._plan_columns import dedup_columns
+
+
+def reference(items, nplans, lowest):
+    """torch's ``dedup_save_plans`` keepers: items are ``(plan, fid, offsets or None, size)``.
+
+    Returns the keep flags and whether two items share a key (the kernel's
+    ``duplicated``).
+    """
+    holders: dict = {}
+    last_size: dict = {}
+    for plan, fid, offs, size in items:
+        key = (fid, offs)
+        holders.setdefault(key, [])
+        if plan not in holders[key]:
+            holders[key].append(plan)
+        last_size[key] = size
+    total = [0] * nplans
+    keeper = {}
+    for key, hs in holders.items():
+        c = min(hs) if lowest else min(hs, key=lambda h: (total[h], h))
+        total[c] += last_size[key]
+        keeper[key] = c
+    keep = np.array([keeper[(fid, offs)] == plan for plan, fid, offs, _ in items], np.uint8)
+    return keep, len(holders) < len(items)
+
+
+def columns(items):
+    fid = np.array([it[1] for it in items], np.int64)
+    plan = np.array([it[0] for it in items], np.int32)
+    nd = np.array([-1 if it[2] is None else len(it[2]) for it in items], np.int32)
+    flat = [v for it in items if it[2] is not None for v in it[2]]
+    offs = np.array(flat, np.int64)
+    ptr = np.zeros(len(items), np.int64)
+    if len(items) > 1:
+        np.cumsum(np.maximum(nd, 0)[:-1], out=ptr[1:])
+    size = np.array([it[3] for it in items], np.int64)
+    return fid, plan, nd, ptr, offs, size
+
+
+def check(items, nplans, lowest=False):
+    items = sorted(items, key=lambda it: it[0])  # plan order; stable within a plan
+    want = reference(items, nplans, lowest)
+    fid, plan, nd, ptr, offs, size = columns(items)
+    got = dedup_columns(fid, plan, nd, ptr, offs, size, nplans, lowest)
+    assert got is not None
+    assert got[0].tolist() == want[0].tolist() and got[1] == want[1]
+    # The same items with sparse fqn ids take the single-table path.
+    sparse = fid * (len(items) + 7) - 3
+    got2 = dedup_columns(sparse, plan, nd, ptr, offs, size, nplans, lowest)
+    assert got2 is not None
+    assert got2[0].tolist() == want[0].tolist() and got2[1] == want[1]
+    return got
+
+
+def fsdp(world, shapes, rows_of=lambda s: s[0]):
+    # torch.chunk-style row shards; trailing ranks of a short tensor share offset (rows, 0...).
+    items = []
+    for r in range(world):
+        for f, shape in enumerate(shapes):
+            step = -(-rows_of(shape) // world)
+            lo = min(r * step, shape[0])
+            items.append((r, f, (lo,) + (0,) * (len(shape) - 1), 1 + f))
+    return items
+
+
+@pytest.mark.parametrize("lowest", [False, True])
+def test_sharded_keys_are_kept_everywhere(lowest):
+    keep, dup = check(fsdp(8, [(64, 4), (16,), (8, 2, 2)]), 8, lowest)
+    assert keep.all() and not dup
+
+
+@pytest.mark.parametrize("lowest", [False, True])
+def test_trailing_empty_chunks_share_a_key(lowest):
+    # 3 rows on 8 ranks: ranks 3..7 all hold offset (3, 0).
+    keep, dup = check(fsdp(8, [(64, 4), (3, 4)]), 8, lowest)
+    assert dup and keep.sum() == 8 + 4
+
+
+@pytest.mark.parametrize("lowest", [False, True])
+def test_replicated_tensors(lowest):
+    items = [(r, f, (0, 0), 10 + f) for r in range(6) for f in range(5)]
+    items += [(r, 5, (r * 2,), 3) for r in range(6)]
+    keep, dup = check(items, 6, lowest)
+    assert dup
+
+
+def test_keys_out_of_order_but_distinct():
+    items = [(r, 0, (40 - 4 * r, 0), 5) for r in range(10)]
+    keep, dup = check(items, 10)
+    assert keep.all() and not dup
+
+
+def test_two_d_grid_in_rank_order_is_ordered():
+    items = [(2 * a + b, 0, (4 * a, 4 * b), 16) for a in range(4) for b in range(2)]
+    keep, dup = check(items, 8)
+    assert keep.all() and not dup
+
+
+def test_bytes_items_and_scalars():
+    items = [(0, 0, None, 1), (1, 0, None, 1), (0, 1, (), 4), (2, 1, (), 4),
+             (2, 2, None, 1), (2, 3, (), 8)]
+    check(items, 3)
+    check(items, 3, lowest=True)
+
+
+def test_same_fqn_with_different_dimensions_are_different_keys():
+    items = [(0, 0, (0,), 4), (1, 0, (0, 0), 4), (2, 0, (0,), 4), (2, 0, None, 1)]
+    check(items, 3)
+
+
+def test_one_fqn_replicated_on_every_rank():
+    items = [(r, 0, (0, 0, 0), 7) for r in range(500)]
+    keep, dup = check(items, 500)
+    assert keep.sum() == 1 and dup
+
+
+def test_many_fqns_with_negative_ids():
+    items = [(r, f - 20, (r,), 2) for r in range(3) for f in range(40)]
+    items += [(3, -20, (0,), 2)]
+    check(items, 4)
+
+
+def test_empty_and_single():
+    e = np.zeros(0, np.int64)
+    keep, dup = dedup_columns(e, np.zeros(0, np.int32), np.zeros(0, np.int32), e, e, e, 1, False)
+    assert len(keep) == 0 and not dup
+    check([(0, 0, (0,), 1)], 1)
+
+
+def test_colliding_offsets_within_one_fqn_stay_exact():
+    # Offsets that differ only in high bits, in an order that is not increasing.
+    items = [(r % 4, 0, ((r * 7919 % 64) << 40, 1), 3) for r in range(256)]
+    items.sort(key=lambda it: it[0])
+    check(items, 4)
+
+
+@st.composite
+def layouts(draw):
+    nplans = draw(st.integers(1, 6))
+    items = []
+    for plan in range(nplans):
+        for _ in range(draw(st.integers(0, 8))):
+            fid = draw(st.integers(0, 4))
+            if draw(st.integers(0, 9)) == 0:
+                offs = None
+            else:
+                offs = tuple(draw(st.lists(st.integers(0, 3), min_size=0, max_size=2)))
+            items.append((plan, fid, offs, draw(st.integers(1, 50))))
+    return items, nplans
+
+
+@settings(max_examples=400, deadline=None)
+@given(layouts(), st.booleans())
+def test_random_layouts_match_torchs_rule(layout, lowest):
+    items, nplans = layout
+    check(items, nplans, lowest)
