@@ -12,7 +12,7 @@ holder; every entry, duplicated or not, adds its last item's size to its
 keeper's total. Façade: :func:`ckcore.compact.plan_columns`.
 """
 
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free
 from libc.string cimport memcmp, memset
 
@@ -336,3 +336,168 @@ def dedup_columns(const i64[::1] fid, const int32_t[::1] plan, const int32_t[::1
         free(w.last_plan)
         free(w.last_item)
         free(w.total)
+
+
+cdef struct Rows:
+    int64_t* cnt         # per fqn: kept items so far
+    int64_t* first_pid   # per fqn: props id of its first kept item
+    int64_t* nvals       # per fqn: values per chunk row (0 for bytes)
+    int64_t* row         # per fqn: its metadata position, -1 until it has a kept item
+    uint8_t* single      # per fqn: 1 if a kept item of it is not a shard
+
+
+cdef int _rows_count(Py_ssize_t n, const i64* fid, const int8_t* kind, const i64* pid,
+                     const i64* nd, const uint8_t* keep, int64_t* hints, int64_t* order,
+                     Py_ssize_t* norder, Rows* w) noexcept nogil:
+    # One pass in item order: the metadata order of the fqns (first kept item
+    # first), each kept item's position within its fqn, and the layouts the
+    # columns do not cover (1: items of one fqn with different properties,
+    # 2: a non-shard item of an fqn with more than one kept item, 3: an item
+    # whose value count is not its fqn's).
+    cdef Py_ssize_t i, k, m = 0
+    cdef i64 f
+    for i in range(n):
+        if keep != NULL and not keep[i]:
+            hints[i] = -1
+            continue
+        f = fid[i]
+        if w.cnt[f] == 0:
+            w.first_pid[f] = pid[i]
+            w.nvals[f] = nd[i] if nd[i] > 0 else 0
+            w.row[f] = m
+            order[m] = f
+            m += 1
+        elif pid[i] != w.first_pid[f]:
+            return 1
+        if (nd[i] if nd[i] > 0 else 0) != w.nvals[f]:
+            return 3
+        if kind[i] != 1:
+            w.single[f] = 1
+        hints[i] = -1 if kind[i] == 2 else w.cnt[f]
+        w.cnt[f] += 1
+    norder[0] = m
+    for k in range(m):
+        f = order[k]
+        if w.single[f] and w.cnt[f] > 1:
+            return 2
+    return 0
+
+
+cdef void _rows_fill(Py_ssize_t n, const i64* fid, const i64* ptr, const i64* offs,
+                     const i64* sizes, const uint8_t* keep, const int64_t* hints,
+                     const int64_t* val_ptr, const Rows* w, i64* c_offs,
+                     i64* c_sizes) noexcept nogil:
+    # Each kept tensor item's chunk to its row: items are read in order and
+    # written through one cursor per fqn, so both sides stream.
+    cdef Py_ssize_t i, d, at, nv
+    cdef i64 f
+    for i in range(n):
+        if (keep != NULL and not keep[i]) or hints[i] < 0:
+            continue
+        f = fid[i]
+        nv = w.nvals[f]
+        if w.first_pid[f] < 0 or nv == 0:
+            continue
+        at = val_ptr[w.row[f]] + hints[i] * nv
+        for d in range(nv):
+            c_offs[at + d] = offs[ptr[i] + d]
+            c_sizes[at + d] = sizes[ptr[i] + d]
+
+
+def chunk_rows(const i64[::1] fid, const int8_t[::1] kind, const i64[::1] pid,
+               const i64[::1] nd, const i64[::1] ptr, const i64[::1] offs,
+               const i64[::1] sizes, const uint8_t[::1] keep, Py_ssize_t nfqns):
+    """torch's global plan over the kept items: metadata order, chunk rows, index hints.
+
+    Per item ``fid`` (``0 <= fid < nfqns``), ``kind`` (0 TENSOR, 1 SHARD, 2
+    BYTE_IO), ``pid`` (props id, -1 for bytes), ``nd`` (values per chunk,
+    -1 for bytes) and ``ptr`` (start of its values in ``offs``/``sizes``),
+    items in rank order and within a rank in plan order; ``keep`` (uint8
+    per item, or None: all kept) says which items dedup kept.
+
+    Returns ``(order, pids, row_ptr, val_ptr, chunk_offsets, chunk_sizes,
+    hints)``: the fqns in metadata order (first kept item first) and the
+    props id of each, the chunk rows of the ``k``-th as
+    ``row_ptr[k]:row_ptr[k+1]`` with values from ``val_ptr[k]`` (kept items
+    in item order; none for bytes), and per item its index hint (its
+    position among its fqn's kept items; -1 for bytes items and items not
+    kept). ``None`` when items of one fqn have different props ids or an
+    fqn with a non-shard item has more than one kept item (layouts torch's
+    object path handles).
+    """
+    cdef Py_ssize_t n = fid.shape[0], i, k, m = 0
+    cdef Py_ssize_t nv = offs.shape[0]
+    cdef int rc
+    cdef Rows w
+    cdef const uint8_t* kp = NULL
+    if not (kind.shape[0] == n and pid.shape[0] == n and nd.shape[0] == n and ptr.shape[0] == n):
+        raise ValueError("chunk_rows: fid, kind, pid, nd and ptr must have one entry per item")
+    if sizes.shape[0] != nv:
+        raise ValueError("chunk_rows: offsets and sizes must have the same length")
+    if keep is not None:
+        if keep.shape[0] != n:
+            raise ValueError("chunk_rows: keep must have one entry per item")
+        if n:
+            kp = &keep[0]
+    if nfqns < 0:
+        raise ValueError("chunk_rows: nfqns < 0")
+    for i in range(n):
+        if fid[i] < 0 or fid[i] >= nfqns:
+            raise ValueError(f"chunk_rows: item {i}: fqn id {fid[i]} out of range")
+        if kind[i] < 0 or kind[i] > 2 or nd[i] < -1:
+            raise ValueError(f"chunk_rows: item {i}: kind or value count out of range")
+        if nd[i] > 0 and (ptr[i] < 0 or ptr[i] > nv - nd[i]):
+            raise ValueError(f"chunk_rows: item {i}: values outside the offsets column")
+    hints = np.empty(n, dtype=np.int64)
+    order = np.empty(min(n, nfqns), dtype=np.int64)
+    cdef int64_t[::1] hv = hints
+    cdef int64_t[::1] ov = order
+    cdef int64_t[::1] pv, rv, vv
+    cdef i64[::1] co, cs
+    cdef i64 f, rows
+    w.cnt = NULL
+    w.first_pid = NULL
+    w.nvals = NULL
+    w.row = NULL
+    w.single = NULL
+    try:
+        w.cnt = <int64_t*>safe_calloc(nfqns + 1, sizeof(int64_t))
+        w.first_pid = <int64_t*>safe_alloc(nfqns + 1, sizeof(int64_t))
+        w.nvals = <int64_t*>safe_alloc(nfqns + 1, sizeof(int64_t))
+        w.row = <int64_t*>safe_alloc(nfqns + 1, sizeof(int64_t))
+        w.single = <uint8_t*>safe_calloc(nfqns + 1, sizeof(uint8_t))
+        with nogil:
+            rc = _rows_count(n, &fid[0] if n else NULL, &kind[0] if n else NULL,
+                             &pid[0] if n else NULL, &nd[0] if n else NULL, kp,
+                             &hv[0] if n else NULL, &ov[0] if n else NULL, &m, &w)
+        if rc == 3:
+            raise ValueError("chunk_rows: items of one fqn have different value counts")
+        if rc:
+            return None
+        pids = np.empty(m, dtype=np.int64)
+        row_ptr = np.zeros(m + 1, dtype=np.int64)
+        val_ptr = np.zeros(m + 1, dtype=np.int64)
+        pv = pids
+        rv = row_ptr
+        vv = val_ptr
+        for k in range(m):
+            f = ov[k]
+            pv[k] = w.first_pid[f]
+            rows = w.cnt[f] if w.first_pid[f] >= 0 else 0
+            rv[k + 1] = rv[k] + rows
+            vv[k + 1] = vv[k] + rows * w.nvals[f]
+        c_offs = np.empty(vv[m], dtype=np.int64)
+        c_sizes = np.empty(vv[m], dtype=np.int64)
+        if vv[m]:
+            co = c_offs
+            cs = c_sizes
+            with nogil:
+                _rows_fill(n, &fid[0], &ptr[0], &offs[0], &sizes[0], kp, &hv[0], &vv[0], &w,
+                           &co[0], &cs[0])
+        return order[:m], pids, row_ptr, val_ptr, c_offs, c_sizes, hints
+    finally:
+        free(w.cnt)
+        free(w.first_pid)
+        free(w.nvals)
+        free(w.row)
+        free(w.single)

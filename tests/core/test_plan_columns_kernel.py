@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckcore._kernels._plan_columns import dedup_columns
+from ckcore._kernels._plan_columns import chunk_rows, dedup_columns
 
 
 def reference(items, nplans, lowest):
@@ -173,3 +173,74 @@ def layouts(draw):
 def test_random_layouts_match_torchs_rule(layout, lowest):
     items, nplans = layout
     check(items, nplans, lowest)
+
+
+# ------------------------------------------------------------------ chunk_rows
+
+
+def rows_input(items):
+    """Items ``(fid, kind, pid, offsets or None, sizes or None)`` as chunk_rows' columns."""
+    fid = np.array([it[0] for it in items], np.int64)
+    kind = np.array([it[1] for it in items], np.int8)
+    pid = np.array([it[2] for it in items], np.int64)
+    nd = np.array([-1 if it[3] is None else len(it[3]) for it in items], np.int64)
+    offs = np.array([v for it in items if it[3] is not None for v in it[3]], np.int64)
+    sizes = np.array([v for it in items if it[4] is not None for v in it[4]], np.int64)
+    ptr = np.zeros(len(items), np.int64)
+    if len(items) > 1:
+        np.cumsum(np.maximum(nd, 0)[:-1], out=ptr[1:])
+    return fid, kind, pid, nd, ptr, offs, sizes
+
+
+def test_chunk_rows_orders_fqns_by_first_kept_item_and_numbers_hints():
+    items = [(2, 1, 0, (0, 0), (2, 4)), (0, 2, -1, None, None), (1, 1, 1, (0,), (3,)),
+             (2, 1, 0, (2, 0), (2, 4)), (1, 1, 1, (3,), (3,)), (2, 1, 0, (4, 0), (2, 4))]
+    keep = np.array([1, 1, 0, 1, 1, 1], np.uint8)
+    order, pids, row_ptr, val_ptr, co, cs, hints = chunk_rows(*rows_input(items), keep, 3)
+    assert order.tolist() == [2, 0, 1] and pids.tolist() == [0, -1, 1]
+    assert row_ptr.tolist() == [0, 3, 3, 4] and val_ptr.tolist() == [0, 6, 6, 7]
+    assert co.tolist() == [0, 0, 2, 0, 4, 0, 3] and cs.tolist() == [2, 4] * 3 + [3]
+    assert hints.tolist() == [0, -1, -1, 1, 0, 2]
+
+
+def test_chunk_rows_leaves_layouts_it_does_not_cover_to_torch():
+    shard, tensor = 1, 0
+    # Two kept non-shard items of one fqn.
+    assert chunk_rows(*rows_input([(0, tensor, 0, (0,), (4,)), (0, tensor, 0, (0,), (4,))]),
+                      None, 1) is None
+    # Items of one fqn with different props.
+    assert chunk_rows(*rows_input([(0, shard, 0, (0,), (2,)), (0, shard, 1, (2,), (2,))]),
+                      None, 1) is None
+    # A dropped non-shard duplicate is fine.
+    got = chunk_rows(*rows_input([(0, tensor, 0, (0,), (4,)), (0, tensor, 0, (0,), (4,))]),
+                     np.array([0, 1], np.uint8), 1)
+    assert got is not None and got[6].tolist() == [-1, 0]
+
+
+def test_chunk_rows_refuses_inconsistent_columns():
+    cols = list(rows_input([(0, 1, 0, (0, 0), (2, 2)), (1, 1, 1, (0,), (2,))]))
+    with pytest.raises(ValueError, match="out of range"):
+        chunk_rows(*cols, None, 1)
+    bad = list(cols)
+    bad[4] = np.array([0, 3], np.int64)  # second item's values past the end
+    with pytest.raises(ValueError, match="outside"):
+        chunk_rows(*bad, None, 2)
+    bad = list(cols)
+    bad[1] = np.array([1, 3], np.int8)
+    with pytest.raises(ValueError, match="kind"):
+        chunk_rows(*bad, None, 2)
+    with pytest.raises(ValueError, match="keep"):
+        chunk_rows(*cols, np.ones(5, np.uint8), 2)
+    with pytest.raises(ValueError, match="one entry per item"):
+        chunk_rows(cols[0][:1], *cols[1:], None, 2)
+    # Same fqn and props id, but a different value count (columns that lie).
+    bad = list(rows_input([(0, 1, 0, (0, 0), (2, 2)), (0, 1, 0, (2,), (2,))]))
+    with pytest.raises(ValueError, match="value counts"):
+        chunk_rows(*bad, None, 1)
+
+
+def test_chunk_rows_of_nothing():
+    e = np.zeros(0, np.int64)
+    order, pids, row_ptr, val_ptr, co, cs, hints = chunk_rows(
+        e, np.zeros(0, np.int8), e, e, e, e, e, None, 0)
+    assert len(order) == 0 and row_ptr.tolist() == [0] and len(hints) == 0
