@@ -74,18 +74,18 @@ cdef Py_ssize_t _entries(Py_ssize_t n, const i64* fid, const int32_t* nd, const 
     return t.n
 
 
-cdef inline bint _lex_less(const i64* a, const i64* b, int32_t nd) noexcept nogil:
+cdef inline int _lex_cmp(const i64* a, const i64* b, int32_t nd) noexcept nogil:
     cdef int32_t d
     for d in range(nd):
         if a[d] != b[d]:
-            return a[d] < b[d]
-    return False
+            return -1 if a[d] < b[d] else 1
+    return 0
 
 
 cdef struct Groups:
     int64_t* prev        # per fqn: its last item so far, -1 before the first
     int64_t* start       # per fqn + 1: where its items start in ``items``
-    uint8_t* ordered     # per fqn: 1 while its keys increase strictly in item order
+    uint8_t* ordered     # per fqn: 1 while its keys never decrease in item order
     int64_t* items       # the items of unordered fqns, grouped by fqn, ascending
     int64_t* slot        # local table: entry + 1, 0 when empty
     uint64_t* hash       # per local entry
@@ -95,13 +95,16 @@ cdef struct Groups:
 cdef Py_ssize_t _grouped_entries(Py_ssize_t n, Py_ssize_t F, i64 fmin, const i64* fid,
                                  const int32_t* nd, const i64* ptr, const i64* offs,
                                  int64_t* eid, Groups* g) noexcept nogil:
-    # _entries by fqn: an fqn whose keys increase strictly (lexicographic
+    # _entries by fqn. An fqn whose keys never decrease (lexicographic
     # offsets) in item order, as a sharded tensor's do when ranks hold its
-    # chunks in order, has no two equal keys and needs no table; the others
-    # are hashed one fqn at a time in a table sized to that fqn, which stays
-    # in cache where a table over every item would not. eid holds each
-    # item's entry's first item, then the entry ids (first-seen order).
+    # chunks in order (trailing empty chunks sharing the end offset, or a
+    # tensor every rank holds whole, repeat the last key), needs no table: a
+    # key equal to the fqn's previous one is its entry, a greater one is new.
+    # The others are hashed one fqn at a time in a table sized to that fqn,
+    # which stays in cache where a table over every item would not. eid holds
+    # each item's entry's first item, then the entry ids (first-seen order).
     cdef Py_ssize_t i, j, f, k, a, b, s, e, cap, m = 0, biggest = 0, E = 0
+    cdef int c
     cdef u64 h, key = ck_hash_key()
     for f in range(F):
         g.prev[f] = -1
@@ -110,12 +113,16 @@ cdef Py_ssize_t _grouped_entries(Py_ssize_t n, Py_ssize_t F, i64 fmin, const i64
     for i in range(n):
         f = fid[i] - fmin
         j = g.prev[f]
-        if j >= 0 and g.ordered[f] and not (
-                nd[i] > 0 and nd[j] == nd[i] and _lex_less(offs + ptr[j], offs + ptr[i], nd[i])):
-            g.ordered[f] = 0
+        eid[i] = i
+        if j >= 0 and g.ordered[f]:
+            c = 1 if nd[j] != nd[i] else (
+                0 if nd[i] <= 0 else _lex_cmp(offs + ptr[j], offs + ptr[i], nd[i]))
+            if c == 0:
+                eid[i] = eid[j]
+            elif c > 0:
+                g.ordered[f] = 0
         g.prev[f] = i
         g.start[f + 1] += 1
-        eid[i] = i
     g.start[0] = 0
     for f in range(F):
         k = g.start[f + 1] if not g.ordered[f] else 0
@@ -152,6 +159,7 @@ cdef Py_ssize_t _grouped_entries(Py_ssize_t n, Py_ssize_t F, i64 fmin, const i64
                         g.hash[E] = h
                         g.first[E] = i
                         E += 1
+                        eid[i] = i
                         break
                     if g.hash[e] == h and _same(g.first[e], i, fid, nd, ptr, offs):
                         eid[i] = g.first[e]

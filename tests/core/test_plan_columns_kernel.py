@@ -1,8 +1,9 @@
 """The columnar dedup kernel (``dedup_columns``) against torch's rule written out in Python.
 
 Torch-free. With dense fqn ids (what ``plan_columns`` passes) the kernel
-works per fqn: an fqn whose keys increase strictly in item order skips
-hashing, the others are hashed in a table of their own. Sparse ids take a
+works per fqn: an fqn whose keys never decrease in item order skips
+hashing (an equal key is the previous item's entry), the others are
+hashed in a table of their own. Sparse ids take a
 single table over every item. Both must give torch's keepers, for keys
 that are disjoint (sharded tensors), repeated (replicated tensors,
 trailing empty chunks that share an offset), out of order, of mixed
@@ -107,6 +108,16 @@ def test_keys_out_of_order_but_distinct():
     items = [(r, 0, (40 - 4 * r, 0), 5) for r in range(10)]
     keep, dup = check(items, 10)
     assert keep.all() and not dup
+
+
+def test_fqn_that_decreases_after_repeated_keys_is_hashed_from_its_start():
+    # Repeats first (the table-free path numbers them), then a smaller key.
+    keys = [0, 0, 2, 2, 1, 0, 2, 3, 3]
+    items = [(r, 0, (k, 0), 4) for r, k in enumerate(keys)]
+    items += [(r, 1, (r,), 2) for r in range(len(keys))]
+    for lowest in (False, True):
+        keep, dup = check(items, len(keys), lowest)
+        assert dup and keep.sum() == 4 + len(keys)
 
 
 def test_two_d_grid_in_rank_order_is_ordered():
