@@ -368,6 +368,17 @@ def _ragged_gather(values: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> 
     return values[np.repeat(starts - (ends - lens), lens) + np.arange(total)]
 
 
+def _mapped(local: list[np.ndarray], maps: list[np.ndarray]) -> np.ndarray:
+    # Every rank's local ids (-1 stays -1) in the global numbering, concatenated.
+    # Ranks that sent the same table share one map: then a single gather.
+    if not local:
+        return np.zeros(0, dtype=np.int64)
+    if all(m is maps[0] for m in maps):
+        ids = np.concatenate(local)
+        return np.append(maps[0], -1)[ids]  # id -1 indexes the appended -1
+    return np.concatenate([np.append(m, -1)[ids] for m, ids in zip(maps, local)])
+
+
 def plan_columns(
     ranks: Sequence[WriteColumns],
     *,
@@ -400,9 +411,8 @@ def plan_columns(
     psize_a = np.array(psize + [1], dtype=np.int64)
     counts = np.array([len(c) for c in ranks], dtype=np.int64)
     n = int(counts.sum())
-    fid = np.concatenate([m[c.fid] for m, c in zip(fmaps, ranks)] or [np.zeros(0, np.int64)])
-    pid = np.concatenate([np.where(c.pid < 0, -1, m[np.maximum(c.pid, 0)]) if len(m) else c.pid
-                          for m, c in zip(pmaps, ranks)] or [np.zeros(0, np.int64)])
+    fid = _mapped([c.fid for c in ranks], fmaps)
+    pid = _mapped([c.pid for c in ranks], pmaps)
     kind = np.concatenate([c.kind for c in ranks] or [np.zeros(0, np.int8)])
     offs = np.concatenate([c.offsets for c in ranks] or [np.zeros(0, np.int64)])
     sizes = np.concatenate([c.sizes for c in ranks] or [np.zeros(0, np.int64)])
