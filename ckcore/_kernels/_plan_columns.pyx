@@ -9,7 +9,14 @@ no part). The choice of the keeper is torch's: entries in first-seen
 order; each goes to the holder with the smallest planned size so far
 (ties to the lowest rank), or with ``save_to_lowest_rank`` to the lowest
 holder; every entry, duplicated or not, adds its last item's size to its
-keeper's total. Façade: :func:`ckcore.compact.plan_columns`.
+keeper's total. Then torch's global plan over the kept items
+(:func:`chunk_rows`): the metadata's fqn order, chunk rows and each item's
+index hint. Façade: :func:`ckcore.compact.plan_columns`.
+
+Both work in passes over the items in order with per-fqn state, so the
+work per item does not grow with the ranks: no sort of every item, and
+hashing only for an fqn whose keys go back to a smaller offset, in a table
+of that fqn's size.
 """
 
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint64_t
