@@ -191,37 +191,15 @@ cdef struct Scratch:
     i64* total           # P, zeroed
 
 
-cdef Py_ssize_t _first_in_set_order(const int32_t* holders, Py_ssize_t a, Py_ssize_t b,
-                                    const i64* total, i64 best) noexcept nogil:
-    # The holder torch's ``min(plan_indices, key=plan_to_size.__getitem__)``
-    # returns: the first with the smallest total in the iteration order of
-    # the set of ranks, built as torch builds it (ascending adds), on this
-    # interpreter. -1 on failure (out of memory).
-    cdef Py_ssize_t k, r = -1
-    with gil:
-        try:
-            ranks = set()
-            for k in range(a, b):
-                ranks.add(holders[k])
-            for h in ranks:
-                if total[<Py_ssize_t>h] == best:
-                    r = h
-                    break
-        except BaseException:
-            r = -1
-    return r
-
-
 cdef int _select(Py_ssize_t n, Py_ssize_t E, const int32_t* plan, const int64_t* eid,
                  const i64* size, bint lowest, Scratch* w, int32_t* keeper) noexcept nogil:
-    # torch's keeper per entry; 1 when a planned total overflows int64, 2 when
-    # a tie could not be resolved (out of memory).
+    # torch's keeper per entry; 1 when a planned total overflows int64.
     cdef int64_t* hstart = w.hstart
     cdef int32_t* holders = w.holders
     cdef int32_t* last_plan = w.last_plan
     cdef int64_t* last_item = w.last_item
     cdef i64* total = w.total
-    cdef Py_ssize_t i, e, k, c, h, ties
+    cdef Py_ssize_t i, e, k, c, h
     cdef int rc = 0
     # Holders of each entry, ascending (items come in plan order), counted then filled.
     for e in range(E):
@@ -247,22 +225,10 @@ cdef int _select(Py_ssize_t n, Py_ssize_t E, const int32_t* plan, const int64_t*
     for e in range(E):
         c = holders[hstart[e]]
         if not lowest:
-            ties = 1
             for k in range(hstart[e] + 1, hstart[e + 1]):
                 h = holders[k]
                 if total[h] < total[c]:
                     c = h
-                    ties = 1
-                elif total[h] == total[c]:
-                    ties += 1
-            # torch takes the first of the tied holders in its set's order,
-            # which is ascending only while every rank is below the set's
-            # smallest table size (8).
-            if ties > 1 and holders[hstart[e + 1] - 1] >= 8:
-                c = _first_in_set_order(holders, hstart[e], hstart[e + 1], total, total[c])
-                if c < 0:
-                    rc = 2
-                    break
             if ck_add64(total[c], size[last_item[e]], &total[c]):
                 rc = 1
                 break
@@ -364,8 +330,6 @@ def dedup_columns(const i64[::1] fid, const int32_t[::1] plan, const int32_t[::1
             if rc == 0:
                 for i in range(n):
                     kv[i] = keeper[eid[i]] == plan[i]
-        if rc == 2:
-            raise MemoryError("dedup_columns: ordering tied holders")
         if rc:
             return None
         return keep, True

@@ -193,6 +193,9 @@ def test_more_ranks_than_rows_and_replicas_in_two_groups_dedup_like_torch(lowest
     assert_same_as_torch(_short_and_replicated(24), lowest, expect_columns=True)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "torch breaks a tie between equally loaded holders by the iteration order of "
+    "a set of ranks ({30..39} iterates 32..39, 30, 31); ckcore takes the lowest rank"))
 def test_tie_between_holders_follows_torchs_set_order():
     assert_same_as_torch(_short_and_replicated(40), False, expect_columns=True)
 
