@@ -360,14 +360,6 @@ def _storage_size(size: tuple[int, ...], itemsize: int) -> int:
     return n
 
 
-def _ragged_gather(values: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends = np.cumsum(lens)
-    return values[np.repeat(starts - (ends - lens), lens) + np.arange(total)]
-
-
 def _mapped(local: list[np.ndarray], maps: list[np.ndarray]) -> np.ndarray:
     # Every rank's local ids (-1 stays -1) in the global numbering, concatenated.
     # Ranks that sent the same table share one map: then a single gather.
