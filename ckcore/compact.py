@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ckcore._kernels._plan_columns import dedup_columns
+from ckcore._kernels._plan_columns import chunk_rows, dedup_columns
 from ckcore._kernels._validate import _check_tensor
 from ckcore.checkpoint import CheckpointError
 
@@ -375,12 +375,15 @@ def _storage_size(size: tuple[int, ...], itemsize: int) -> int:
     return n
 
 
-def _ragged_gather(values: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    total = int(lens.sum())
-    if total == 0:
+def _mapped(local: list[np.ndarray], maps: list[np.ndarray]) -> np.ndarray:
+    # Every rank's local ids (-1 stays -1) in the global numbering, concatenated.
+    # Ranks that sent the same table share one map: then a single gather.
+    if not local:
         return np.zeros(0, dtype=np.int64)
-    ends = np.cumsum(lens)
-    return values[np.repeat(starts - (ends - lens), lens) + np.arange(total)]
+    if all(m is maps[0] for m in maps):
+        ids = np.concatenate(local)
+        return np.append(maps[0], -1)[ids]  # id -1 indexes the appended -1
+    return np.concatenate([np.append(m, -1)[ids] for m, ids in zip(maps, local)])
 
 
 def plan_columns(
@@ -415,9 +418,8 @@ def plan_columns(
     psize_a = np.array(psize + [1], dtype=np.int64)
     counts = np.array([len(c) for c in ranks], dtype=np.int64)
     n = int(counts.sum())
-    fid = np.concatenate([m[c.fid] for m, c in zip(fmaps, ranks)] or [np.zeros(0, np.int64)])
-    pid = np.concatenate([np.where(c.pid < 0, -1, m[np.maximum(c.pid, 0)]) if len(m) else c.pid
-                          for m, c in zip(pmaps, ranks)] or [np.zeros(0, np.int64)])
+    fid = _mapped([c.fid for c in ranks], fmaps)
+    pid = _mapped([c.pid for c in ranks], pmaps)
     kind = np.concatenate([c.kind for c in ranks] or [np.zeros(0, np.int8)])
     offs = np.concatenate([c.offsets for c in ranks] or [np.zeros(0, np.int64)])
     sizes = np.concatenate([c.sizes for c in ranks] or [np.zeros(0, np.int64)])
@@ -427,72 +429,37 @@ def plan_columns(
         np.cumsum(np.maximum(nd, 0)[:-1], out=ptr[1:])
     plan = np.repeat(np.arange(P, dtype=np.int32), counts)
 
+    keep_all: np.ndarray | None = None
     if dedup:
         got = dedup_columns(fid, plan, nd.astype(np.int32), ptr, offs, psize_a[pid], P,
                             save_to_lowest_rank)
         if got is None:
             return None
-        keep_all, duplicated = got
-        keep_b = keep_all.view(bool)
-    else:
-        duplicated = False
-        keep_b = np.ones(n, dtype=bool)
+        if got[1]:
+            keep_all = got[0]
 
-    kept = np.flatnonzero(keep_b)
-    fk, kk, pk = fid[kept], kind[kept], pid[kept]
-    F = len(fqn_ids)
-    cnt = np.bincount(fk, minlength=F)
-    if np.any(cnt[fk[kk != SHARD]] > 1):
-        return None  # torch raises for a fqn a non-shard item writes twice
-    if len(kept):
-        uniq, first = np.unique(fk, return_index=True)
-        first_pid = np.full(F, -2, dtype=np.int64)
-        first_pid[uniq] = pk[first]
-        if np.any(first_pid[fk] != pk):
-            return None  # items of one fqn with different properties or kinds
-        md_order = fk[np.sort(first)]
-    else:
-        md_order = np.zeros(0, dtype=np.int64)
-    rank_of = np.empty(F, dtype=np.int64)
-    rank_of[md_order] = np.arange(len(md_order))
-    srt = np.argsort(rank_of[fk], kind="stable")
-    md_cnt = cnt[md_order]
-    item_ptr = np.zeros(len(md_order) + 1, dtype=np.int64)
-    np.cumsum(md_cnt, out=item_ptr[1:])
-    hint_k = np.empty(len(kept), dtype=np.int64)
-    hint_k[srt] = np.arange(len(kept)) - item_ptr[rank_of[fk[srt]]]
-    hint_k[kk == BYTE_IO] = -1
-    # A bytes entry has no chunk rows (its one item is not a chunk).
-    if len(kept):
-        md_cnt = np.where(first_pid[md_order] < 0, 0, md_cnt)
-    row_ptr = np.zeros(len(md_order) + 1, dtype=np.int64)
-    np.cumsum(md_cnt, out=row_ptr[1:])
-
-    kept_s = kept[srt]
-    lens = np.maximum(nd[kept_s], 0)
-    c_offs = _ragged_gather(offs, ptr[kept_s], lens)
-    c_sizes = _ragged_gather(sizes, ptr[kept_s], lens)
-    md_props: list[Props | None] = [
-        None if first_pid[f] < 0 else gprops[first_pid[f]] for f in md_order
-    ] if len(kept) else []
-    md_nd = np.array([0 if p is None else len(p[5]) for p in md_props], dtype=np.int64)
-    val_ptr = np.zeros(len(md_order) + 1, dtype=np.int64)
-    np.cumsum(md_cnt * md_nd, out=val_ptr[1:])
+    # Metadata order, chunk rows and hints in one streaming pass (a sort of
+    # every kept item by fqn would gather them from all over the columns).
+    rows = chunk_rows(fid, kind, pid, nd, ptr, offs, sizes, keep_all, len(fqn_ids))
+    if rows is None:
+        # A fqn a non-shard item writes twice (torch raises), or items of one
+        # fqn with different properties or kinds.
+        return None
+    md_order, md_pid, row_ptr, val_ptr, c_offs, c_sizes, hints = rows
+    md_props: list[Props | None] = [None if p < 0 else gprops[p] for p in md_pid.tolist()]
     names = list(fqn_ids)
     result = ColumnPlan(
-        keep=[], hints=[], fqns=[names[f] for f in md_order], props=md_props,
+        keep=[], hints=[], fqns=[names[f] for f in md_order.tolist()], props=md_props,
         chunk_ptr=row_ptr, val_ptr=val_ptr, chunk_offsets=c_offs, chunk_sizes=c_sizes)
     if not _valid(result, multi=P > 1):
         return None
 
-    hints = np.full(n, -1, dtype=np.int64)
-    hints[kept] = hint_k
     bounds = np.zeros(P + 1, dtype=np.int64)
     np.cumsum(counts, out=bounds[1:])
     for r in range(P):
         a, b = int(bounds[r]), int(bounds[r + 1])
-        k = keep_b[a:b]
-        result.keep.append(None if not duplicated or k.all() else k.astype(np.uint8))
+        k = None if keep_all is None else keep_all[a:b]
+        result.keep.append(None if k is None or k.all() else k)
         result.hints.append(hints[a:b])
     return result
 

@@ -176,6 +176,26 @@ def test_replicated_norms_dedup_like_torch(lowest):
     assert_same_as_torch(ranks, lowest, expect_columns=True)
 
 
+def _short_and_replicated(world):
+    # Tensors with fewer rows than ranks: trailing ranks share the end offset
+    # (keys that repeat in rank order). Two replica groups each holding the
+    # whole sharding (keys that go back to offset 0, hashed per fqn).
+    ranks = fsdp(world, [("kv", (world // 2, 4)), ("norm", (world - 10,)), ("w", (80, 2))])
+    groups = fsdp(world // 2, [("rep", (10, 3))])
+    for r in range(world):
+        ranks[r] += groups[r % (world // 2)]
+        ranks[r].append(whole("scale", (2,), torch.bfloat16))
+    return ranks
+
+
+@pytest.mark.parametrize("lowest", [False, True])
+def test_more_ranks_than_rows_and_replicas_in_two_groups_dedup_like_torch(lowest):
+    # 24 ranks: every size tie is among holders whose set of ranks iterates
+    # ascending, where torch's choice is ckcore's lowest rank (see
+    # ckcore.global_plan.dedup_save_plans for ties beyond).
+    assert_same_as_torch(_short_and_replicated(24), lowest, expect_columns=True)
+
+
 def test_unflattened_plans():
     assert_same_as_torch(fsdp(4, SHAPES), flatten=False, expect_columns=True)
 
