@@ -57,6 +57,41 @@ def mesh_info(mesh: Any) -> tuple[tuple, tuple | None]:
     return info
 
 
+def _placements_key(placements: Any, check_partial: bool) -> tuple | None:
+    """The placements' part of a chunk memo key; None when they cannot key it (a symbolic split).
+
+    Placements hash through Python-level ``__hash__``; the common ones key as
+    plain values instead (an int for Shard, -1 for Replicate, a pair for a
+    strided shard), anything else as a tagged tuple holding the placement.
+    With ``check_partial``, a Partial placement raises torch's ValueError
+    (every placement is checked, keyable or not).
+    """
+    key: list[Any] = []
+    p: Any  # a type() identity test does not narrow for mypy; each branch knows its type
+    memo = True
+    for p in placements:
+        t = type(p)
+        if t is Shard:
+            key.append(p.dim)
+        elif t is Replicate:
+            key.append(-1)
+        elif t is _StridedShard:
+            sf = p.split_factor
+            if type(sf) is not int:
+                if not check_partial:
+                    return None
+                memo = False
+            key.append((p.dim, sf))
+        else:
+            if check_partial and isinstance(p, Partial):
+                raise ValueError(  # noqa: TRY004 - torch raises ValueError here
+                    "Any checkpointing related operations are not supported for "
+                    "DTensor with partial placements!"
+                )
+            key.append(("placement", p))
+    return tuple(key) if memo else None
+
+
 def chunk_key(tensor: DTensor) -> tuple | None:
     """The memo key of a DTensor's local chunk, or None when torch must compute it.
 
@@ -70,25 +105,10 @@ def chunk_key(tensor: DTensor) -> tuple | None:
     shape, coordinate = mesh_info(tensor.device_mesh)
     if coordinate is None:
         return None
-    # Placements hash through Python-level __hash__; the common ones key as plain
-    # values instead (an int for Shard, -1 for Replicate, a pair for a strided
-    # shard), anything else as a tagged tuple holding the placement itself.
-    key: list[Any] = []
-    p: Any  # a type() identity test does not narrow for mypy; each branch knows its type
-    for p in tensor.placements:
-        t = type(p)
-        if t is Shard:
-            key.append(p.dim)
-        elif t is Replicate:
-            key.append(-1)
-        elif t is _StridedShard:
-            sf = p.split_factor
-            if type(sf) is not int:
-                return None
-            key.append((p.dim, sf))
-        else:
-            key.append(("placement", p))
-    return (tensor.shape, shape, coordinate, tuple(key))
+    key = _placements_key(tensor.placements, check_partial=False)
+    if key is None:
+        return None
+    return (tensor.shape, shape, coordinate, key)
 
 
 def local_sizes_offsets(tensor: DTensor) -> tuple[torch.Size, torch.Size]:
@@ -139,29 +159,9 @@ def planned_chunk(tensor: DTensor, shape: torch.Size) -> tuple[Any, Any]:
     if coordinate is None:
         return _OFF_MESH
     # The memo key of chunk_key, built in the same loop as the Partial check.
-    key: list[Any] = []
-    p: Any
-    memo = True
-    for p in spec.placements:
-        t = type(p)
-        if t is Shard:
-            key.append(p.dim)
-        elif t is Replicate:
-            key.append(-1)
-        elif t is _StridedShard:
-            sf = p.split_factor
-            if type(sf) is not int:
-                memo = False
-            key.append((p.dim, sf))
-        else:
-            if isinstance(p, Partial):
-                raise ValueError(
-                    "Any checkpointing related operations are not supported for "
-                    "DTensor with partial placements!"
-                )
-            key.append(("placement", p))
-    if memo:
-        value = _CHUNKS.get((shape, hit[1], coordinate, tuple(key)))
+    key = _placements_key(spec.placements, check_partial=True)
+    if key is not None:
+        value = _CHUNKS.get((shape, hit[1], coordinate, key))
         if value is not None:
             return value
     return local_sizes_offsets(tensor)
