@@ -49,6 +49,8 @@ import ckcore.dcp as cdcp
 from ckcore._kernels import _items
 from ckcore.dcp import dropins as ch
 from tests.support.reference import fills_exactly
+from tests.support.torch_chunks import chunk as _chunk
+from tests.support.torch_chunks import grid as _grid
 
 ORIG = ch.ORIGINALS
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -118,27 +120,6 @@ def _saveplan(p: SavePlan):
 # ----------------------------------------------------------------------------
 # layouts
 # ----------------------------------------------------------------------------
-
-
-def _chunk(offsets, sizes):
-    return ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
-
-
-def _grid(shape, splits):
-    """Chunks of a grid: per dim, sorted cut points (may repeat -> zero-size chunks)."""
-    bounds = []
-    for n, cuts in zip(shape, splits):
-        pts = [0] + sorted(min(c, n) for c in cuts) + [n]
-        bounds.append(list(itertools.pairwise(pts)))
-    chunks = []
-    for cell in itertools.product(*bounds):
-        chunks.append(
-            ChunkStorageMetadata(
-                offsets=torch.Size([a for a, _ in cell]),
-                sizes=torch.Size([b - a for a, b in cell]),
-            )
-        )
-    return chunks
 
 
 @st.composite

@@ -10,8 +10,6 @@ message, for object and columnar metadata, verified or not, strict or not.
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
@@ -34,6 +32,8 @@ from ckcore._kernels import _items
 from ckcore.dcp import dropins as ch
 from ckcore.dcp._lazy_metadata import ColumnarMetadata
 from ckcore.mdcolumns import MetadataColumns
+from tests.support.torch_chunks import chunk as _chunk
+from tests.support.torch_chunks import grid as _grid
 
 ORIG = ch.ORIGINALS
 CLS = (ReadItem, MetadataIndex, LoadItemType.TENSOR, torch.Size, ChunkStorageMetadata)
@@ -66,19 +66,6 @@ def _same(sd, md, strict, verify):
     body = _outcome(ch._local_load_plan_body, sd, md, strict, verify)
     assert fused == body
     return fused
-
-
-def _chunk(offsets, sizes):
-    return ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
-
-
-def _grid(shape, splits):
-    bounds = []
-    for n, cuts in zip(shape, splits):
-        pts = [0] + sorted(min(c, n) for c in cuts) + [n]
-        bounds.append(list(itertools.pairwise(pts)))
-    return [_chunk([a for a, _ in cell], [b - a for a, b in cell])
-            for cell in itertools.product(*bounds)]
 
 
 def _md(shape, chunks):
