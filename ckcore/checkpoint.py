@@ -888,6 +888,26 @@ def _load_paused(stream: IO[bytes], name: str, nbytes: int) -> Metadata:
     return md
 
 
+def _metadata_bytes(path_or_file: Any, rank: int | None,
+                    max_bytes: int | None) -> tuple[bytes, str]:
+    """``(data, name)`` of a ``.metadata`` given as a binary stream or a checkpoint path, capped."""
+    cap = _max_bytes(max_bytes)
+    if hasattr(path_or_file, "read"):
+        f = path_or_file
+        name = _r(str(getattr(f, "name", "<metadata stream>")))
+        try:
+            data = _read_capped(f, cap)
+        except OSError as e:
+            raise CheckpointError(f"{name}: cannot read DCP metadata: {e}") from None
+        except TypeError:
+            raise TypeError(f"{name}: the file object must be opened in binary mode") from None
+        if len(data) > cap:
+            raise _too_big(name, len(data), cap)
+        return bytes(data), name
+    p = _metadata_path(path_or_file, rank)
+    return _read_file(p, cap), str(p)
+
+
 def load_metadata(
     path_or_file: str | os.PathLike | IO[bytes],
     *,
@@ -916,21 +936,7 @@ def load_metadata(
     >>> md.state_dict_metadata["w"].properties.dtype     # doctest: +SKIP
     'bfloat16'
     """
-    cap = _max_bytes(max_bytes)
-    if hasattr(path_or_file, "read"):
-        f = path_or_file
-        name = _r(str(getattr(f, "name", "<metadata stream>")))
-        try:
-            data = _read_capped(f, cap)
-        except OSError as e:
-            raise CheckpointError(f"{name}: cannot read DCP metadata: {e}") from None
-        except TypeError:
-            raise TypeError(f"{name}: the file object must be opened in binary mode") from None
-        if len(data) > cap:
-            raise _too_big(name, len(data), cap)
-        return _load(bytes(data), name)
-    p = _metadata_path(path_or_file, rank)  # type: ignore[arg-type]
-    return _load(_read_file(p, cap), str(p))
+    return _load(*_metadata_bytes(path_or_file, rank, max_bytes))
 
 
 def loads_metadata(
@@ -1062,21 +1068,7 @@ def load_metadata_columns(
     >>> cols = load_metadata_columns("/ckpt/step_100")     # doctest: +SKIP
     >>> offsets, sizes = cols.chunks("w")                  # doctest: +SKIP
     """
-    cap = _max_bytes(max_bytes)
-    if hasattr(path_or_file, "read"):
-        f = path_or_file
-        name = _r(str(getattr(f, "name", "<metadata stream>")))
-        try:
-            data = _read_capped(f, cap)
-        except OSError as e:
-            raise CheckpointError(f"{name}: cannot read DCP metadata: {e}") from None
-        except TypeError:
-            raise TypeError(f"{name}: the file object must be opened in binary mode") from None
-        if len(data) > cap:
-            raise _too_big(name, len(data), cap)
-        return _load_columns(bytes(data), name, fallback)
-    p = _metadata_path(path_or_file, rank)  # type: ignore[arg-type]
-    return _load_columns(_read_file(p, cap), str(p), fallback)
+    return _load_columns(*_metadata_bytes(path_or_file, rank, max_bytes), fallback)
 
 
 def loads_metadata_columns(
