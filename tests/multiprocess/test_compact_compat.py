@@ -15,54 +15,22 @@ rank's plan up to the coordinator and back. The rank logic lives in
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.paths import CKCORE_PARENT
-from tests.support.rdzv import file_init_method
+from tests.support.gloo import launch_all
 
 WORKER = Path(__file__).with_name("_compact_compat_worker.py")
 TIMEOUT = 300
 SAVE_WORLD, LOAD_WORLD = 3, 2
 
 
-def _launch(scenario: str, world: int, workdir: Path) -> list[dict]:
-    init_method = file_init_method(workdir, f"rdzv-{scenario}")
-    procs = []
-    for rank in range(world):
-        env = dict(
-            os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-            CKCORE_TEST_INIT_METHOD=init_method, OMP_NUM_THREADS="1",
-            PYTHONPATH=os.pathsep.join([str(CKCORE_PARENT), os.environ.get("PYTHONPATH", "")]),
-        )
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(workdir)],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    failures = []
-    for rank, p in enumerate(procs):
-        try:
-            _out, err = p.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"{scenario}: rank {rank} timed out")
-        if p.returncode != 0:
-            failures.append(f"--- rank {rank} exit {p.returncode}\n{err[-4000:]}")
-    if failures:
-        pytest.fail(f"{scenario} failed:\n" + "\n".join(failures))
-    return [json.loads((workdir / f"{scenario}.{r}.json").read_text()) for r in range(world)]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("compact_compat")
-    saved = _launch("save", SAVE_WORLD, workdir)
-    loaded = _launch("load", LOAD_WORLD, workdir)
+    saved = launch_all(WORKER, "save", SAVE_WORLD, workdir, TIMEOUT)
+    loaded = launch_all(WORKER, "load", LOAD_WORLD, workdir, TIMEOUT)
     return workdir, saved, loaded
 
 

@@ -13,66 +13,24 @@ clear error before any destination is written. The rank logic lives in
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.paths import CKCORE_PARENT
-from tests.support.rdzv import file_init_method
+from tests.support.gloo import launch_all
 
 WORKER = Path(__file__).with_name("_dcp_e2e_worker.py")
 # The ranks import the very ckcore this test process imported (installed
 # wheel in CI, the built checkout in development), never the bare sources:
-# CKCORE_PARENT comes first on their PYTHONPATH.
+# tests.support.gloo puts CKCORE_PARENT first on their PYTHONPATH.
 TIMEOUT = 240
-
-
-def _launch(scenario: str, world: int, workdir: Path) -> list[dict]:
-    init_method = file_init_method(workdir, f"rdzv-{scenario}")
-    procs = []
-    for rank in range(world):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_RANK=str(rank),
-            CKCORE_TEST_INIT_METHOD=init_method,
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=os.pathsep.join([str(CKCORE_PARENT), os.environ.get("PYTHONPATH", "")]),
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), scenario, str(workdir)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    failures = []
-    for rank, p in enumerate(procs):
-        try:
-            _out, err = p.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"{scenario}: rank {rank} timed out")
-        if p.returncode != 0:
-            failures.append(f"--- rank {rank} exit {p.returncode}\n{err[-4000:]}")
-    if failures:
-        pytest.fail(f"{scenario} failed:\n" + "\n".join(failures))
-    return [json.loads((workdir / f"{scenario}.{r}.json").read_text()) for r in range(world)]
 
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("dcp_e2e")
-    saved = _launch("save", 4, workdir)
-    loaded = _launch("load", 3, workdir)
+    saved = launch_all(WORKER, "save", 4, workdir, TIMEOUT)
+    loaded = launch_all(WORKER, "load", 3, workdir, TIMEOUT)
     return workdir, saved, loaded
 
 

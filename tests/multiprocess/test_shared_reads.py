@@ -12,57 +12,22 @@ every other rank raise within the timeout. The rank logic lives in
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.paths import CKCORE_PARENT
-from tests.support.rdzv import file_init_method
+from tests.support.gloo import launch
 
 WORKER = Path(__file__).with_name("_shared_worker.py")
 TIMEOUT = 300
 WORLD = 4
 
 
-def _launch(scenario: str, workdir: Path, expect_exit: dict[int, int] | None = None) -> dict[int, dict]:
-    init_method = file_init_method(workdir, f"rdzv-{scenario}")
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                   CKCORE_TEST_INIT_METHOD=init_method, OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([str(CKCORE_PARENT), os.environ.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(workdir)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    failures = []
-    for rank, p in enumerate(procs):
-        try:
-            _out, err = p.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"{scenario}: rank {rank} timed out")
-        want = (expect_exit or {}).get(rank, 0)
-        if p.returncode != want:
-            failures.append(f"--- rank {rank} exit {p.returncode} (expected {want})\n{err[-4000:]}")
-    if failures:
-        pytest.fail(f"{scenario} failed:\n" + "\n".join(failures))
-    out = {}
-    for r in range(WORLD):
-        f = workdir / f"{scenario}.{r}.json"
-        if f.exists():
-            out[r] = json.loads(f.read_text())
-    return out
-
-
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("shared_reads")
-    _launch("save", workdir)
-    return workdir, _launch("load", workdir)
+    launch(WORKER, "save", WORLD, workdir, TIMEOUT)
+    return workdir, launch(WORKER, "load", WORLD, workdir, TIMEOUT)
 
 
 REPLICAS = {"hsdp": 2, "hsdp_cols": 2, "rep4": 4}
@@ -107,7 +72,7 @@ def test_a_peer_that_raises_fails_every_rank(shared):
 
 def test_a_peer_that_dies_mid_exchange_fails_every_other_rank_within_the_timeout(shared):
     workdir, _ = shared
-    ranks = _launch("kill", workdir, expect_exit={2: 17})
+    ranks = launch(WORKER, "kill", WORLD, workdir, TIMEOUT, expect_exit={2: 17})
     assert sorted(ranks) == [0, 1, 3]
     for r in ranks.values():
         assert r["kill"]["seconds"] < 15 + 5, r
