@@ -113,21 +113,26 @@ def test_metadata_load_torch(benchmark, metadata_dir):
     benchmark.extra_info["chunks"] = _chunks(md)
 
 
+def _pickle_load_gc_paused(path):
+    """``pickle.load`` of ``path`` with the cyclic GC paused (and a young collection after)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        with open(path, "rb") as f:
+            md = pickle.load(f)
+    finally:
+        if was:
+            gc.enable()
+    gc.collect(0)
+    return md
+
+
 def test_metadata_load_torch_gc_paused(benchmark, metadata_dir):
     benchmark.group = "metadata-load"
     benchmark.name = "test_metadata_load[torch-gc-paused]"
 
     def run():
-        was = gc.isenabled()
-        gc.disable()
-        try:
-            with open(metadata_dir / ".metadata", "rb") as f:
-                md = pickle.load(f)
-        finally:
-            if was:
-                gc.enable()
-        gc.collect(0)
-        return md
+        return _pickle_load_gc_paused(metadata_dir / ".metadata")
 
     md = benchmark.pedantic(run, rounds=7, warmup_rounds=1)
     assert _chunks(md) == N_TENSORS * GRID[0] * GRID[1]
@@ -245,16 +250,7 @@ def test_metadata_740k_torch_gc_paused(benchmark, big_metadata_dir):
     benchmark.name = "test_metadata_740k[torch-gc-paused]"
 
     def run():
-        was = gc.isenabled()
-        gc.disable()
-        try:
-            with open(path / ".metadata", "rb") as f:
-                md = pickle.load(f)
-        finally:
-            if was:
-                gc.enable()
-        gc.collect(0)
-        return md
+        return _pickle_load_gc_paused(path / ".metadata")
 
     md = benchmark.pedantic(run, rounds=3, warmup_rounds=1)
     assert _chunks(md) == n
