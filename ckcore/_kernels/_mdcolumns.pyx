@@ -277,6 +277,15 @@ cdef inline uint64_t _le(const uint8_t *p, int n) noexcept nogil:
     return x
 
 
+cdef inline int _arg(D *d, Py_ssize_t n, int64_t *x) noexcept nogil:
+    # An opcode's n-byte little-endian argument (n <= 8), consumed.
+    if _need(d, n) < 0:
+        return -1
+    x[0] = <int64_t>_le(d.buf + d.pos, <int>n)
+    d.pos += n
+    return 0
+
+
 cdef int64_t _alloc_items(D *d, Py_ssize_t n) noexcept nogil:
     cdef int64_t start = d.n_items
     if _grow(<void **>&d.items, &d.cap_items, d.n_items + n, sizeof(uint64_t)) < 0:
@@ -706,26 +715,20 @@ cdef int _run(D *d, PyObject *lookup) noexcept nogil:
                 return -1
         elif op == 0x68 or op == 0x6a:  # BINGET, LONG_BINGET
             n = 1 if op == 0x68 else 4
-            if _need(d, n) < 0:
+            if _arg(d, n, &x) < 0:
                 return -1
-            x = <int64_t>_le(d.buf + d.pos, <int>n)
-            d.pos += n
             if _memo_get(d, x) < 0:
                 return -1
         elif op == 0x71 or op == 0x72:  # BINPUT, LONG_BINPUT
             n = 1 if op == 0x71 else 4
-            if _need(d, n) < 0:
+            if _arg(d, n, &x) < 0:
                 return -1
-            x = <int64_t>_le(d.buf + d.pos, <int>n)
-            d.pos += n
             if _memo_put(d, x) < 0:
                 return -1
         elif op == 0x4b or op == 0x4d:  # BININT1, BININT2
             n = 1 if op == 0x4b else 2
-            if _need(d, n) < 0:
+            if _arg(d, n, &x) < 0:
                 return -1
-            x = <int64_t>_le(d.buf + d.pos, <int>n)
-            d.pos += n
             if _push_kind(d, K_INT, x, 0) < 0:
                 return -1
         elif op == 0x4a:  # BININT
@@ -776,10 +779,8 @@ cdef int _run(D *d, PyObject *lookup) noexcept nogil:
                 return -1
         elif op == 0x58 or op == 0x8d:  # BINUNICODE, BINUNICODE8
             m = 4 if op == 0x58 else 8
-            if _need(d, m) < 0:
+            if _arg(d, m, &x) < 0:
                 return -1
-            x = <int64_t>_le(d.buf + d.pos, <int>m)
-            d.pos += m
             if x < 0 or x > d.len:
                 return _fail(d, W_TRUNCATED)
             if _str(d, <Py_ssize_t>x) < 0:
