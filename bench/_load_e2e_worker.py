@@ -112,6 +112,36 @@ def prepare_cache(path: str, cache: str) -> None:
             os.close(fd)
 
 
+def device_floor(path: str, rounds: int = 3) -> float:
+    """Seconds one process needs to read every checkpoint file from a cold cache (median of ``rounds``).
+
+    Every file is announced whole (``POSIX_FADV_WILLNEED``, so the device
+    works on many requests at once) and read in 16 MiB calls into one
+    buffer: what the device gives when nothing else is done with the bytes.
+    Every scenario here needs every saved byte on some rank, so no reader's
+    cold load can be faster than this.
+    """
+    names = [os.path.join(path, n) for n in sorted(os.listdir(path))
+             if os.path.isfile(os.path.join(path, n))]
+    buf = bytearray(16 << 20)
+    times = []
+    for _ in range(rounds):
+        prepare_cache(path, "cold")
+        t0 = time.perf_counter()
+        fds = [os.open(p, os.O_RDONLY) for p in names]
+        try:
+            for fd in fds:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            for fd in fds:
+                while os.readv(fd, [buf]):
+                    pass
+        finally:
+            for fd in fds:
+                os.close(fd)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def main() -> None:
     """Run this rank: save if asked, then every timed load; rank 0 prints the figures."""
     ckpt, cfg = sys.argv[1], json.loads(sys.argv[2])
@@ -123,6 +153,8 @@ def main() -> None:
     fqn_shapes = shapes(cfg["hidden"], cfg["layers"])
     if cfg["save"]:
         dcp.save(state_dict(meshes, SAVE, fqn_shapes, True), checkpoint_id=ckpt)
+    dist.barrier()
+    floor = device_floor(ckpt) if rank == 0 else 0.0
     dist.barrier()
     # Expected shards, computed once: every load is compared with them.
     expect = {s: state_dict(meshes, SCENARIOS[s], fqn_shapes, True) for s in cfg["scenarios"]}
@@ -172,7 +204,7 @@ def main() -> None:
                     shim.ck_io_delay_set_us(0.0)
     if rank == 0:
         total = sum(s[0] * s[1] * 2 for s in fqn_shapes.values())
-        print(json.dumps({"rows": rows, "checkpoint_bytes": total}))
+        print(json.dumps({"rows": rows, "checkpoint_bytes": total, "device_floor_s": floor}))
     dist.barrier()
     dist.destroy_process_group()
 

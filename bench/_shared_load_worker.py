@@ -54,6 +54,15 @@ def drop_cache(path: str) -> None:
             os.close(fd)
 
 
+def device_bytes() -> int:
+    """Bytes this process has had fetched from the block device (``/proc/self/io`` ``read_bytes``)."""
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
 def main() -> None:
     workdir, rounds = sys.argv[1], int(sys.argv[2])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -72,6 +81,7 @@ def main() -> None:
             if mode == "cold" and rank == 0:
                 drop_cache(path)
             dist.barrier()
+            dev0 = device_bytes()
             t0 = time.perf_counter()
             if variant == "torch":
                 reader = CountingReader(path)
@@ -84,13 +94,15 @@ def main() -> None:
                 if os.environ.get("CKCORE_BENCH_SHARED_VERBOSE"):
                     print(rank, mode, round(time.perf_counter() - t0, 3), reader.stats, reader.seconds, file=sys.stderr)
             wall = time.perf_counter() - t0
+            dev = device_bytes() - dev0
             for i, (name, t) in enumerate(sd.items()):
                 assert torch.equal(t.view(-1), expected(i, t.numel())), f"{variant}: {name} differs"
-            walls = [torch.zeros(2, dtype=torch.float64) for _ in range(world)]
-            dist.all_gather(walls, torch.tensor([wall, float(nbytes)], dtype=torch.float64))
+            walls = [torch.zeros(3, dtype=torch.float64) for _ in range(world)]
+            dist.all_gather(walls, torch.tensor([wall, float(nbytes), float(dev)], dtype=torch.float64))
             row = result.setdefault(variant, {}).setdefault(mode, [])
             row.append({"wall_s": max(float(w[0]) for w in walls),
-                        "bytes_read": int(sum(float(w[1]) for w in walls))})
+                        "bytes_read": int(sum(float(w[1]) for w in walls)),
+                        "device_bytes": int(sum(float(w[2]) for w in walls))})
     if rank == 0:
         with open(os.path.join(workdir, "result.json"), "w") as f:
             json.dump(result, f)

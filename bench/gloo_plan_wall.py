@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     try:
         for rank in range(args.world):
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(args.world),
-                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(args.world), OMP_NUM_THREADS="1")
             cmd = [sys.executable, os.path.join(here, "gloo_plan_wall.py"),
                    "--layers", str(args.layers), "--repeats", str(args.repeats),
                    "--worker", init, workdir]

@@ -70,7 +70,7 @@ from ckcore.checkpoint import CheckpointError, _escapes, load_metadata_columns
 from ckcore.dcp._compact import LocalReadItems
 from ckcore.dcp._lazy_metadata import ColumnarMetadata, columns_of
 
-__all__ = ["RangeFileSystemReader"]
+__all__ = ["RangeFileSystemReader", "default_thread_count"]
 
 # Items up to this size are read whole in one call: locating the tensor reads
 # the first and last 4 KiB of an item anyway (ckcore._torchsave), so reading
@@ -85,6 +85,27 @@ _HAS_FADVISE = hasattr(os, "posix_fadvise")
 _NO_RATIO_CAP = _r.NO_RATIO_CAP
 DEFAULT_REQUEST_LATENCY_S = _r.DEFAULT_REQUEST_LATENCY_S
 DEFAULT_BANDWIDTH_BYTES_PER_S = _r.DEFAULT_BANDWIDTH_BYTES_PER_S
+
+
+def default_thread_count(max_threads: int = 4) -> int:
+    """Worker threads a ``RangeFileSystemReader`` starts when not told: 1 to ``max_threads``.
+
+    The CPUs this process may run on (``os.sched_getaffinity``) divided by
+    the ranks that share this host (torchrun's ``LOCAL_WORLD_SIZE``, 1 when
+    unset or not a positive integer). Each worker copies what it reads;
+    more workers than CPUs only queue for them, and the ranks of one host
+    share its CPUs. Storage whose requests wait long on a round trip, on a
+    host with CPUs to spare, is served by an explicit larger ``thread_count``.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        local = 1
+    return max(1, min(max_threads, cpus // max(1, local)))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -185,8 +206,9 @@ class RangeFileSystemReader(FileSystemReader):
     (gaps filled smallest first while under it); ``max_overread=1.05,
     max_gap=1 << 20`` is the rule of ckcore 0.1.
 
-    ``thread_count`` (default 4; 1 reads on the calling thread, as ckcore
-    0.1 did) worker threads read with the GIL released: files are prepared
+    ``thread_count`` worker threads read with the GIL released (1 reads on
+    the calling thread; the default, ``None``, is :func:`default_thread_count`:
+    this host's usable CPUs shared among its ranks, 1 to 4): files are prepared
     up to ``thread_count`` ahead, large boxes are cut into pieces that fill
     disjoint parts of the destination, and at most ``4 * thread_count``
     items are in flight. The planner's ``resolve_tensor``,
@@ -241,7 +263,7 @@ class RangeFileSystemReader(FileSystemReader):
         direct_min_bytes: int = 4096,
         small_item_bytes: int = _SMALL_ITEM,
         prefetch_bytes: int = 8 << 20,
-        thread_count: int = 4,
+        thread_count: int | None = None,
         request_latency_s: float = DEFAULT_REQUEST_LATENCY_S,
         bandwidth_bytes_per_s: float = DEFAULT_BANDWIDTH_BYTES_PER_S,
         safe_metadata: bool = True,
@@ -251,6 +273,8 @@ class RangeFileSystemReader(FileSystemReader):
             raise ValueError(f"max_overread must be >= 1.0 or None, got {max_overread}")
         if (max_gap is not None and max_gap < 0) or buffer_bytes < 4096 or direct_min_bytes < 1:
             raise ValueError("max_gap must be >= 0 or None, buffer_bytes >= 4096, direct_min_bytes >= 1")
+        if thread_count is None:
+            thread_count = default_thread_count()
         if type(thread_count) is not int or thread_count < 1:
             raise ValueError(f"thread_count must be an int >= 1, got {saferepr(thread_count)}")
         if not (math.isfinite(request_latency_s) and request_latency_s >= 0):
