@@ -23,8 +23,10 @@ from typing import Any
 import numpy as np
 
 from ckcore._kernels import _ranges
+from ckcore._torchsave import _HEAD as _ARCHIVE_HEAD
 
 __all__ = [
+    "RECORD_BYTES",
     "box_runs",
     "byte_ranges",
     "coalesce_ranges",
@@ -33,6 +35,8 @@ __all__ = [
     "paired_run_info",
     "paired_runs",
     "read_runs",
+    "reads_whole",
+    "record_windows",
 ]
 
 _I64_MAX = 2**63 - 1
@@ -51,6 +55,17 @@ NO_RATIO_CAP = float(1 << 62)
 #: The largest gap the defaults read through.
 DEFAULT_GAP_BYTES = min(DEFAULT_BUFFER_BYTES,
                         int(DEFAULT_REQUEST_LATENCY_S * DEFAULT_BANDWIDTH_BYTES_PER_S))
+#: The range reader's default: runs at least this long are read in place.
+DEFAULT_DIRECT_MIN_BYTES = 4096
+#: The range reader's default: items up to this size are read whole.
+DEFAULT_SMALL_ITEM_BYTES = 4096
+#: A ``torch.save`` archive's zip records sit in its first and last this many
+#: bytes (all but the storage bytes themselves); the locator reads the same.
+RECORD_BYTES = _ARCHIVE_HEAD
+#: A read of merged record windows stops growing past this many bytes.
+MAX_RECORD_WINDOW = 1 << 20
+#: Boxes of more runs than this are never read whole (their ranges are not listed).
+MAX_WHOLE_RUNS = 1 << 18
 
 
 def _vec(what: str, name: str, values: Sequence[int]) -> np.ndarray:
@@ -312,3 +327,79 @@ def read_runs(fd: int, runs: Any, blocks: Any, dst: Any, prefetch: int = 0) -> t
         _int("read_runs", "fd", fd), r, b, _bytes_view("read_runs", dst, True),
         _int("read_runs", "prefetch", prefetch),
     )
+
+
+def record_windows(items: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The reads that fetch the archive records of ``items`` (``(offset, length)`` of one file).
+
+    Each item's records sit in its first and last :data:`RECORD_BYTES`
+    (an item up to twice that is wanted whole). A file's items lie back to
+    back, so one item's last bytes and the next one's first bytes touch and
+    are read as one ``[start, end)`` window; windows merge only when they
+    touch or overlap (no other byte is read), up to :data:`MAX_RECORD_WINDOW`
+    bytes. Duplicate items count once.
+
+        >>> record_windows([(0, 10000), (10000, 9000), (19000, 100)])
+        [(0, 4096), (5904, 14096), (14904, 19100)]
+    """
+    spans: list[tuple[int, int]] = []
+    for off, ln in set(items):
+        if ln <= 2 * RECORD_BYTES:
+            spans.append((off, off + ln))
+        else:
+            spans.append((off, off + RECORD_BYTES))
+            spans.append((off + ln - RECORD_BYTES, off + ln))
+    spans.sort()
+    merged: list[list[int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1] and end - merged[-1][0] <= MAX_RECORD_WINDOW:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def reads_whole(
+    sizes: Sequence[int],
+    itemsize: int,
+    offsets: Sequence[int],
+    lengths: Sequence[int],
+    item_length: int,
+    *,
+    small_item_bytes: int = DEFAULT_SMALL_ITEM_BYTES,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    direct_min_bytes: int = DEFAULT_DIRECT_MIN_BYTES,
+    max_gap: int = DEFAULT_GAP_BYTES,
+    max_overread: float = NO_RATIO_CAP,
+) -> bool:
+    """True when the range reader reads a box's storage item whole, in one request.
+
+    ``sizes`` and ``itemsize`` are the saved chunk's (from the metadata,
+    laid out C-order as ``torch.save`` writes a chunk), ``offsets`` and
+    ``lengths`` the box inside it, ``item_length`` the storage item's bytes.
+    The item is read whole (records and all, located afterwards from memory)
+    when it is larger than ``small_item_bytes`` (smaller ones are read whole
+    anyway) and fits the ``buffer_bytes`` scratch buffer, the box's runs are
+    shorter than ``direct_min_bytes`` (so they go through that buffer in any
+    case), its byte ranges coalesce into one read, and the item's bytes
+    outside that read are at most ``max_gap``: reading them costs less than
+    the request that locating the item first would cost.
+
+        >>> reads_whole((64, 1024), 2, (0, 256), (64, 256), 64 * 1024 * 2 + 1500)
+        True
+        >>> reads_whole((64, 1024), 2, (0, 0), (64, 1024), 64 * 1024 * 2 + 1500)
+        False
+    """
+    if not small_item_bytes < item_length <= buffer_bytes:
+        return False
+    if len(sizes) != len(lengths) or len(offsets) != len(lengths) or any(
+        o < 0 or n <= 0 or o + n > c for o, n, c in zip(offsets, lengths, sizes)
+    ):
+        return False
+    strides = contiguous_strides(sizes)
+    nruns, run, _ = box_runs(sizes, strides, itemsize, offsets, lengths)
+    if run >= direct_min_bytes or nruns > MAX_WHOLE_RUNS:
+        return False
+    blocks = coalesce_ranges(byte_ranges(sizes, strides, itemsize, offsets, lengths),
+                             max_gap, max_overread)
+    return len(blocks) == 1 and item_length - int(blocks[0, 1] - blocks[0, 0]) <= max_gap

@@ -69,7 +69,14 @@ from .layout import (
     parse_placements,
 )
 from .metadata import Metadata, MetadataIndex, TensorStorageMetadata
-from .ranges import box_runs, byte_ranges, coalesce_ranges, contiguous_strides
+from .ranges import (
+    box_runs,
+    byte_ranges,
+    coalesce_ranges,
+    contiguous_strides,
+    reads_whole,
+    record_windows,
+)
 from .share import DEFAULT_EXCHANGE_BYTES, DEFAULT_MIN_PIECE_BYTES, plan_shared_reads
 
 __all__ = [
@@ -104,7 +111,7 @@ RANGE_MAX_GAP = _ranges.DEFAULT_GAP_BYTES
 RANGE_MAX_OVERREAD = _ranges.NO_RATIO_CAP
 #: Items up to this size are read whole; larger ones have their archive
 #: records (first and last 4 KiB) read to locate the tensor.
-RANGE_SMALL_ITEM = 4096
+RANGE_SMALL_ITEM = _ranges.DEFAULT_SMALL_ITEM_BYTES
 #: Runs of one box past this are counted, not listed: calls = runs, bytes = useful.
 RANGE_MAX_RUNS = 1 << 20
 
@@ -844,13 +851,17 @@ def _plan_report(ck: Checkpoint, mesh: tuple[int, ...], reads: _Reads) -> dict[s
 class _ChunkLayout:
     """Where a saved chunk's elements sit: strides, byte of element 0, how the range reader reads it."""
 
-    __slots__ = ("base", "length", "stored", "strides", "whole")
+    __slots__ = ("base", "file", "kind", "length", "offset", "stored", "strides", "whole")
 
     def __init__(self, strides: tuple[int, ...], base: int, length: int, stored: bool,
-                 whole: bool) -> None:
+                 whole: bool, file: str = "", offset: int = 0, kind: str = "range") -> None:
         self.strides, self.base, self.length = strides, base, length
         self.stored = stored  # strides read from the file's torch.save records
         self.whole = whole    # read whole: small, transformed or not a plain archive
+        self.file, self.offset = file, offset  # the storage item: file and first byte
+        # "range": an archive the range path reads; "unsupported": located, then
+        # read whole by torch's path; "transformed": read whole by torch's path.
+        self.kind = kind
 
 
 class _Locator:
@@ -882,21 +893,24 @@ class _Locator:
     def layout(self, fqn: str, sizes: tuple[int, ...], info: StorageInfo) -> _ChunkLayout:
         """The layout of the saved chunk of ``fqn`` stored at ``info``."""
         whole = bool(info.transform_descriptors) or info.length <= RANGE_SMALL_ITEM
+        where = (info.relative_path, info.offset)
         fd = self._fd(info.relative_path)
         if fd is not None and not info.transform_descriptors:
             try:
                 loc = locate_tensor(fd, info.offset, info.length, name_text(fqn))
             except UnsupportedItem:
                 self.stored += 1
-                return _ChunkLayout(contiguous_strides(sizes), info.offset, info.length, True, True)
+                return _ChunkLayout(contiguous_strides(sizes), info.offset, info.length, True, True,
+                                    *where, kind="unsupported")
             except (ValueError, OSError):
                 pass  # damaged: `ckcore validate` reports it; assume contiguous
             else:
                 if tuple(loc.size) == tuple(sizes):
                     self.stored += 1
-                    return _ChunkLayout(tuple(loc.stride), loc.base, info.length, True, whole)
+                    return _ChunkLayout(tuple(loc.stride), loc.base, info.length, True, whole, *where)
         self.assumed += 1
-        return _ChunkLayout(contiguous_strides(sizes), info.offset, info.length, False, whole)
+        return _ChunkLayout(contiguous_strides(sizes), info.offset, info.length, False, whole, *where,
+                            kind="transformed" if info.transform_descriptors else "range")
 
     def close(self) -> None:
         """Close the files opened to read records."""
@@ -914,23 +928,36 @@ class _RangeCost:
         self.calls = np.zeros(world, dtype=np.int64)
         self.max_gap, self.max_overread = max_gap, max_overread
         self.opened: set[tuple[int, int]] = set()
+        # per (rank, file): the items whose archive records the rank reads
+        self.located: dict[tuple[int, str], set[tuple[int, int]]] = {}
         self.estimated = 0
         self.memo: dict[tuple, tuple[int, int, bool]] = {}
 
     def box(self, rank: int, gid: int, lay: _ChunkLayout, sizes: tuple[int, ...], elem: int,
             offsets: Sequence[int], lengths: Sequence[int]) -> None:
         """Rank ``rank`` reads box ``offsets``/``lengths`` of saved chunk ``gid``."""
+        if lay.kind != "transformed" and reads_whole(
+            sizes, elem, offsets, lengths, lay.length, max_gap=self.max_gap,
+            max_overread=self.max_overread,
+        ):
+            # One request for the whole item, records and all (decided from
+            # the metadata alone, as the reader decides it).
+            self.bytes[rank] += lay.length
+            self.calls[rank] += 1
+            return
         if (rank, gid) not in self.opened:
-            # The first touch of a chunk: a small or special item is read
-            # whole once (and every box served from it), a larger one has
-            # its archive records read to locate the tensor.
+            # The first touch of a chunk: a transformed item is read whole
+            # once by torch's path; any other has its archive records read
+            # (merged windows per file, in finish), and one the range path
+            # cannot parse is then read whole by torch's path.
             self.opened.add((rank, gid))
-            if lay.whole:
+            if lay.kind == "transformed":
                 self.bytes[rank] += lay.length
                 self.calls[rank] += 1
             else:
-                self.bytes[rank] += min(lay.length, 2 * RANGE_SMALL_ITEM)
-                self.calls[rank] += 2
+                self.located.setdefault((rank, lay.file), set()).add((lay.offset, lay.length))
+                if lay.kind == "unsupported":
+                    self.bytes[rank] += lay.length
         if lay.whole or 0 in lengths:
             return
         # Coalescing depends on run lengths and gaps only, not on where the
@@ -949,6 +976,14 @@ class _RangeCost:
         self.bytes[rank] += cost[0]
         self.calls[rank] += cost[1]
         self.estimated += cost[2]
+
+    def finish(self) -> None:
+        """Add every rank's record reads: per file, the merged windows of its located items."""
+        for (rank, _file), items in self.located.items():
+            for start, end in record_windows(sorted(items)):
+                self.bytes[rank] += end - start
+                self.calls[rank] += 1
+        self.located.clear()
 
 
 def range_reads(
@@ -1031,6 +1066,8 @@ def range_reads(
         n = len(sizes)
         shared.box(int(sp.reader[i]), gid, lay, sizes, elem, sp.offsets[i, :n].tolist(),
                    sp.lengths[i, :n].tolist())
+    plain.finish()
+    shared.finish()
     sent = sp.bytes_sent()
     received = np.zeros(world, dtype=np.int64)
     # Replica groups: ranks linked by a shared piece (union-find).

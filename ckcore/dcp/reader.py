@@ -43,6 +43,7 @@ anywhere:
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import io
 import math
@@ -69,13 +70,14 @@ from ckcore._torchsave import CorruptItem, TensorLocation, UnsupportedItem, loca
 from ckcore.checkpoint import CheckpointError, _escapes, load_metadata_columns
 from ckcore.dcp._compact import LocalReadItems
 from ckcore.dcp._lazy_metadata import ColumnarMetadata, columns_of
+from ckcore.dtypes import DTYPE_ITEMSIZE
 
 __all__ = ["RangeFileSystemReader", "default_thread_count"]
 
 # Items up to this size are read whole in one call: locating the tensor reads
 # the first and last 4 KiB of an item anyway (ckcore._torchsave), so reading
 # such an item whole costs no extra bytes.
-_SMALL_ITEM = 4096
+_SMALL_ITEM = _r.DEFAULT_SMALL_ITEM_BYTES
 # At most this many runs per slab, so the (runs, 2|3) int64 arrays of a slab
 # stay a few MiB even when every element is its own run.
 _MAX_RUNS = 1 << 18
@@ -260,7 +262,7 @@ class RangeFileSystemReader(FileSystemReader):
         max_overread: float | None = None,
         max_gap: int | None = None,
         buffer_bytes: int = _r.DEFAULT_BUFFER_BYTES,
-        direct_min_bytes: int = 4096,
+        direct_min_bytes: int = _r.DEFAULT_DIRECT_MIN_BYTES,
         small_item_bytes: int = _SMALL_ITEM,
         prefetch_bytes: int = 8 << 20,
         thread_count: int | None = None,
@@ -475,14 +477,20 @@ class RangeFileSystemReader(FileSystemReader):
         jobs: list[_Job] = []
         file_size = os.fstat(fd).st_size
         self._check_entries(path, reqs, file_size)
-        if self.prefetch_bytes and _HAS_FADVISE:
-            # The records of every archive sit in its first and last 4 KiB.
-            for off, ln in {(self.storage_data[q.storage_index].offset,
-                             self.storage_data[q.storage_index].length) for q in reqs}:
-                os.posix_fadvise(fd, off, min(ln, 4096), os.POSIX_FADV_WILLNEED)
-                if ln > 4096:
-                    os.posix_fadvise(fd, off + ln - 4096, 4096, os.POSIX_FADV_WILLNEED)
-        for req in reqs:
+        whole: dict[int, str] = {}
+        for i, req in enumerate(reqs):
+            info = self.storage_data[req.storage_index]
+            if not info.transform_descriptors and req.type != LoadItemType.BYTE_IO:
+                dtype = self._whole_read(req, info)
+                if dtype is not None:
+                    whole[i] = dtype
+        records = self._record_windows(fd, path, [
+            (self.storage_data[q.storage_index].offset, self.storage_data[q.storage_index].length)
+            for i, q in enumerate(reqs)
+            if not self.storage_data[q.storage_index].transform_descriptors
+            and q.type != LoadItemType.BYTE_IO and i not in whole
+        ])
+        for i, req in enumerate(reqs):
             info = self.storage_data[req.storage_index]
             where = self._where(path, req)
             if info.transform_descriptors:
@@ -491,9 +499,14 @@ class RangeFileSystemReader(FileSystemReader):
             if req.type == LoadItemType.BYTE_IO:
                 byte_items.append((req, self._pread(fd, info.length, info.offset, where)))
                 continue
+            if i in whole:
+                # Located and checked when read (_read_whole), from the item's own bytes.
+                jobs.append(_Job(info.offset, req, None, None, info.offset, where,
+                                 whole[i], info.length))
+                continue
             key = (info.offset, info.length)
             if key not in located:
-                located[key] = self._locate(fd, info.offset, info.length, where)
+                located[key] = self._locate(fd, info.offset, info.length, where, records)
             found = located[key]
             if found is None:
                 fallback.append(req)
@@ -537,22 +550,98 @@ class RangeFileSystemReader(FileSystemReader):
             if end > reach_end:
                 reach_end, reach = end, req
 
+    def _whole_read(self, req: ReadItem, info: Any) -> str | None:
+        # The saved dtype when this item is better read whole, in one request
+        # into the scratch buffer, records and all, than located first (one
+        # more request) and then read in part (ranges.reads_whole, on the
+        # chunk the metadata gives; `ckcore plan` applies the same rule).
+        # _read_whole checks the archive itself and copes with any layout.
+        found = self._saved_chunk(req)
+        if found is None:
+            return None
+        sizes, dtype = found
+        isz = DTYPE_ITEMSIZE.get(dtype)
+        if isz is None or not _r.reads_whole(
+            sizes, isz, tuple(int(x) for x in req.storage_offsets), tuple(int(x) for x in req.lengths),
+            info.length, small_item_bytes=self.small_item_bytes, buffer_bytes=self.buffer_bytes,
+            direct_min_bytes=self.direct_min_bytes, max_gap=self._gap_limit,
+            max_overread=self._overread_limit,
+        ):
+            return None
+        return dtype
+
+    def _saved_chunk(self, req: ReadItem) -> tuple[tuple[int, ...], str] | None:
+        # (sizes, dtype name) of the saved chunk the metadata gives for req, or None.
+        idx = req.storage_index
+        want = tuple(int(x) for x in (idx.offset or ()))
+        cols = columns_of(self._md)
+        if cols is not None:
+            fid = cols._fqn_ids.get(idx.fqn)
+            props = None if fid is None else cols.properties[fid]
+            if fid is None or props is None:
+                return None
+            offs, sizes = cols.chunks(fid)
+            if offs.shape[1] != len(want):
+                return None
+            hint = idx.index
+            if hint is not None and 0 <= hint < len(offs) and tuple(offs[hint].tolist()) == want:
+                row = hint
+            else:
+                hits = np.flatnonzero((offs == np.asarray(want, dtype=np.int64)).all(axis=1))
+                if not hits.size:
+                    return None
+                row = int(hits[0])
+            return tuple(sizes[row].tolist()), str(props[0])
+        md = self._md.state_dict_metadata.get(idx.fqn) if self._md is not None else None
+        if not isinstance(md, TensorStorageMetadata):
+            return None
+        for chunk in md.chunks:
+            if tuple(chunk.offsets) == want:
+                return tuple(int(x) for x in chunk.sizes), _dtype_name(md.properties.dtype)
+        return None
+
+    def _record_windows(self, fd: int, path: str, items: list[tuple[int, int]]) -> _Windows:
+        # The archive records of a file's items, read up front in merged
+        # windows (ranges.record_windows): about one request per item instead
+        # of two, and the request count is what a network store charges for.
+        merged = _r.record_windows(items)
+        if self.prefetch_bytes and _HAS_FADVISE:
+            for start, end in merged:
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+        windows = _Windows()
+        for start, end in merged:
+            b = os.pread(fd, end - start, start)
+            self._count(1, len(b))
+            # A short read (the file shrank since it was checked) is kept as
+            # it is: the locate that needs the missing bytes reads them again
+            # and reports the item truncated.
+            windows.add(start, b)
+        return windows
+
     def _locate(
-        self, fd: int, offset: int, length: int, where: str
+        self, fd: int, offset: int, length: int, where: str, records: _Windows | None = None,
     ) -> tuple[TensorLocation, bytes | None, int] | None:
         small: bytes | None = None
-        if length <= self.small_item_bytes:
-            # One read holds the whole item; its tensor bytes are served from it.
-            small = self._pread(fd, length, offset, where)
+        windows = records if records is not None else _Windows()
 
-            def pread(n: int, off: int) -> bytes:
-                return small[off - offset : off - offset + n]
-        else:
-
-            def pread(n: int, off: int) -> bytes:
+        def pread(n: int, off: int) -> bytes:
+            b = windows.get(n, off)
+            if b is None:
                 b = os.pread(fd, n, off)
                 self._count(1, len(b))
-                return b
+            return b
+
+        if length <= self.small_item_bytes:
+            # One read holds the whole item; its tensor bytes are served from it.
+            small = pread(length, offset)
+            if len(small) != length:
+                raise CorruptItem(
+                    f"{where}: file truncated: wanted {length} bytes at offset {offset}, "
+                    f"got {len(small)}")
+            whole = small
+
+            def pread(n: int, off: int) -> bytes:
+                return whole[off - offset : off - offset + n]
 
         try:
             return locate_tensor(pread, offset, length, where), small, offset
@@ -617,18 +706,14 @@ class RangeFileSystemReader(FileSystemReader):
             raise AssertionError(
                 f"req {req.storage_index} mismatch sizes {target.size()} vs {torch.Size(lengths)}"
             )
-        offsets = tuple(int(x) for x in req.storage_offsets)
-        if len(offsets) != len(loc.size) or any(
-            o < 0 or o + n > s for o, n, s in zip(offsets, lengths, loc.size)
-        ):
-            raise CorruptItem(
-                f"{job.where}: read box offsets={offsets} lengths={lengths} lies outside the saved "
-                f"chunk of size {loc.size}"
-            )
+        # A whole-read item is checked against its archive when it is read.
+        dtype = job.dtype if loc is None else loc.dtype
+        if loc is not None:
+            _check_box(job.where, tuple(int(x) for x in req.storage_offsets), lengths, loc.size)
         direct = (
             target.device.type == "cpu"
             and target.layout == torch.strided
-            and _dtype_name(target.dtype) == loc.dtype
+            and _dtype_name(target.dtype) == dtype
             and not target.is_conj()
             and not target.is_neg()
             and _distinct_elements(lengths, tuple(target.stride()))
@@ -636,7 +721,7 @@ class RangeFileSystemReader(FileSystemReader):
         # Anything else (dtype conversion, another device, aliasing strides):
         # read into a CPU tensor of the saved dtype, and let torch copy_ convert.
         dest = target if direct else torch.empty(
-            lengths, dtype=getattr(torch, loc.dtype), device="cpu"
+            lengths, dtype=getattr(torch, dtype), device="cpu"
         )
         return target, dest
 
@@ -649,6 +734,11 @@ class RangeFileSystemReader(FileSystemReader):
         offsets = tuple(int(x) for x in job.req.storage_offsets)
         if dest.numel() == 0:
             return []
+        if loc is None:
+            def read_whole(scratch: _Scratch) -> None:
+                with _as_corrupt(job.where):
+                    self._read_whole(fd, dest, job, scratch)
+            return [read_whole]
         isz = loc.itemsize
         dstrides = tuple(dest.stride())
         dview = _byte_view(dest.data_ptr(), _extent(lengths, dstrides, isz))
@@ -688,6 +778,50 @@ class RangeFileSystemReader(FileSystemReader):
                     fill(fd, dview, offsets, lengths, dstrides, loc, where, box, scratch)
             pieces.append(piece)
         return pieces
+
+    def _read_whole(self, fd: int, dest: torch.Tensor, job: _Job, scratch: _Scratch) -> None:
+        # One request for the whole item into the scratch buffer; then the
+        # archive is located and checked from those bytes, exactly as a
+        # located item is, and the box copied out of them. An archive in a
+        # form the range path does not handle is loaded from the same bytes
+        # with torch.load, as torch's reader loads it.
+        req, where, offset, length = job.req, job.where, job.item_offset, job.length
+        arr = scratch.get()
+        self._read_runs(fd, np.array([[offset, 0, length]], dtype=np.int64),
+                        np.array([[offset, offset + length]], dtype=np.int64), arr, where)
+        buf = arr.data[:length]
+
+        def pread(n: int, off: int) -> bytes:
+            return bytes(buf[off - offset : off - offset + n])
+
+        lengths = tuple(int(x) for x in req.lengths)
+        offsets = tuple(int(x) for x in req.storage_offsets)
+        try:
+            loc = locate_tensor(pread, offset, length, where)
+        except UnsupportedItem:
+            saved = torch.load(io.BytesIO(bytes(buf)), map_location="cpu", weights_only=True)
+            if not isinstance(saved, torch.Tensor) or saved.dim() != len(lengths):
+                raise CorruptItem(f"{where}: the item does not hold a {len(lengths)}-d tensor")
+            part = saved[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
+            if tuple(part.size()) != lengths:
+                raise CorruptItem(
+                    f"{where}: read box offsets={offsets} lengths={lengths} lies outside the saved "
+                    f"tensor of size {tuple(saved.size())}") from None
+            dest.copy_(part)
+            return
+        self._check_chunk(req, loc, where)
+        _check_box(where, offsets, lengths, loc.size)
+        out = dest if _dtype_name(dest.dtype) == loc.dtype else torch.empty(
+            lengths, dtype=getattr(torch, loc.dtype), device="cpu")
+        _r.copy_box(
+            buf, _byte_view(out.data_ptr(), _extent(lengths, tuple(out.stride()), loc.itemsize)),
+            lengths, itemsize=loc.itemsize,
+            src_shape=loc.size, src_strides=loc.stride, src_offsets=offsets,
+            src_base=loc.base - offset,
+            dst_shape=lengths, dst_strides=tuple(out.stride()),
+        )
+        if out is not dest:
+            dest.copy_(out)
 
     def _read_runs(self, fd: int, runs: np.ndarray, blocks: np.ndarray, dst: Any, where: str) -> None:
         try:
@@ -777,13 +911,50 @@ _MIN_PIECE = 1 << 20
 
 
 class _Job:
-    # One located tensor item: where its first byte sits, how to read it.
-    __slots__ = ("first", "req", "loc", "small", "item_offset", "where")
+    # One tensor item: where its first byte sits, how to read it. A located
+    # item has its archive's `loc`; an item read whole has none yet (`loc`
+    # None), the dtype the metadata gives and the item's length.
+    __slots__ = ("first", "req", "loc", "small", "item_offset", "where", "dtype", "length")
 
-    def __init__(self, first: int, req: ReadItem, loc: TensorLocation, small: bytes | None,
-                 item_offset: int, where: str) -> None:
+    def __init__(self, first: int, req: ReadItem, loc: TensorLocation | None, small: bytes | None,
+                 item_offset: int, where: str, dtype: str = "", length: int = 0) -> None:
         self.first, self.req, self.loc = first, req, loc
         self.small, self.item_offset, self.where = small, item_offset, where
+        self.dtype, self.length = dtype, length
+
+
+def _check_box(where: str, offsets: tuple[int, ...], lengths: tuple[int, ...],
+               size: tuple[int, ...]) -> None:
+    # The read box must lie inside the saved chunk.
+    if len(offsets) != len(size) or any(o < 0 or o + n > c for o, n, c in zip(offsets, lengths, size)):
+        raise CorruptItem(
+            f"{where}: read box offsets={offsets} lengths={lengths} lies outside the saved "
+            f"chunk of size {size}"
+        )
+
+
+class _Windows:
+    # Byte windows of one file read up front, sorted by offset: get(n, off)
+    # serves [off, off + n) when one window holds all of it, else None.
+    __slots__ = ("starts", "data")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.data: list[bytes] = []
+
+    def add(self, start: int, data: bytes) -> None:
+        self.starts.append(start)
+        self.data.append(data)
+
+    def get(self, n: int, off: int) -> bytes | None:
+        i = bisect.bisect_right(self.starts, off) - 1
+        if i < 0:
+            return None
+        rel = off - self.starts[i]
+        d = self.data[i]
+        if n < 0 or rel + n > len(d):
+            return None
+        return d[rel : rel + n]
 
 
 class _Scratch:

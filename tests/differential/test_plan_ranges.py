@@ -2,7 +2,9 @@
 
 A single-process checkpoint (a row-major and a transposed, non-contiguous
 tensor, both larger than the 4 KiB small-item limit, and a small one) is
-planned at a column-sharded target layout; each target rank's boxes are then
+planned at a column-sharded target layout (narrow boxes: items read whole in
+one request) and a row-sharded one (long runs: records read in merged
+windows, then the rows in place); each target rank's boxes are then
 read with ``RangeFileSystemReader.read_data`` and its ``stats`` must equal
 the plan's ``range`` figures for that rank. The same plan without the files
 says that it assumes contiguous storage.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
@@ -46,12 +49,13 @@ class _Dest:
         pass
 
 
-def test_range_figures_equal_the_reader_and_say_when_files_are_absent(tmp_path, capsys):
+@pytest.mark.parametrize("shard_dim", [1, 0])
+def test_range_figures_equal_the_reader_and_say_when_files_are_absent(tmp_path, capsys, shard_dim):
     path = tmp_path / "ck"
     dcp.save({k: v.clone() if k != "cols" else v for k, v in TENSORS.items()}, checkpoint_id=path,
              no_dist=True)
     ck = Checkpoint(path)
-    mesh, layouts = report.resolve_layouts(ck.metadata, world_size=3, shard_dim=1)
+    mesh, layouts = report.resolve_layouts(ck.metadata, world_size=3, shard_dim=shard_dim)
     plan = report.plan_reads(ck, mesh, layouts, ranges=True)
     assert plan["range_reader"]["strides"] == "stored"
     by_rank = {r["rank"]: r for r in plan["ranks"]}
