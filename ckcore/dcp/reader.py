@@ -801,7 +801,7 @@ class RangeFileSystemReader(FileSystemReader):
         except UnsupportedItem:
             saved = torch.load(io.BytesIO(bytes(buf)), map_location="cpu", weights_only=True)
             if not isinstance(saved, torch.Tensor) or saved.dim() != len(lengths):
-                raise CorruptItem(f"{where}: the item does not hold a {len(lengths)}-d tensor")
+                raise CorruptItem(f"{where}: the item does not hold a {len(lengths)}-d tensor") from None
             part = saved[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
             if tuple(part.size()) != lengths:
                 raise CorruptItem(
