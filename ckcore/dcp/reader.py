@@ -517,7 +517,24 @@ class RangeFileSystemReader(FileSystemReader):
             jobs.append(_Job(first, req, loc, small, item_offset, where))
         # Serve requests in file order: sequential reads, page cache friendly.
         jobs.sort(key=lambda j: j.first)
+        if self.prefetch_bytes and _HAS_FADVISE:
+            self._announce_ahead(jobs)
         return jobs, byte_items, fallback
+
+    def _announce_ahead(self, jobs: list[_Job]) -> None:
+        # Each item read whole announces (POSIX_FADV_WILLNEED) the whole-read
+        # items after it up to prefetch_bytes ahead, so the device fetches
+        # them while this one is copied; the first announces itself too.
+        whole = [j for j in jobs if j.loc is None]
+        k = 0
+        for i, job in enumerate(whole):
+            reach = job.item_offset + job.length + self.prefetch_bytes
+            k = max(k, i + 1)
+            ahead = [(job.item_offset, job.length)] if i == 0 else []
+            while k < len(whole) and whole[k].item_offset < reach:
+                ahead.append((whole[k].item_offset, whole[k].length))
+                k += 1
+            job.ahead = ahead
 
     def _check_entries(self, path: str, reqs: list[ReadItem], file_size: int) -> None:
         # The entries this plan reads from one file must lie inside it and
@@ -786,6 +803,8 @@ class RangeFileSystemReader(FileSystemReader):
         # form the range path does not handle is loaded from the same bytes
         # with torch.load, as torch's reader loads it.
         req, where, offset, length = job.req, job.where, job.item_offset, job.length
+        for start, n in job.ahead:
+            os.posix_fadvise(fd, start, n, os.POSIX_FADV_WILLNEED)
         arr = scratch.get()
         self._read_runs(fd, np.array([[offset, 0, length]], dtype=np.int64),
                         np.array([[offset, offset + length]], dtype=np.int64), arr, where)
@@ -914,13 +933,15 @@ class _Job:
     # One tensor item: where its first byte sits, how to read it. A located
     # item has its archive's `loc`; an item read whole has none yet (`loc`
     # None), the dtype the metadata gives and the item's length.
-    __slots__ = ("first", "req", "loc", "small", "item_offset", "where", "dtype", "length")
+    __slots__ = ("first", "req", "loc", "small", "item_offset", "where", "dtype", "length", "ahead")
 
     def __init__(self, first: int, req: ReadItem, loc: TensorLocation | None, small: bytes | None,
                  item_offset: int, where: str, dtype: str = "", length: int = 0) -> None:
         self.first, self.req, self.loc = first, req, loc
         self.small, self.item_offset, self.where = small, item_offset, where
         self.dtype, self.length = dtype, length
+        # (offset, length) of items to announce to the kernel before this read
+        self.ahead: list[tuple[int, int]] = []
 
 
 def _check_box(where: str, offsets: tuple[int, ...], lengths: tuple[int, ...],
