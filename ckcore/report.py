@@ -932,14 +932,12 @@ class _RangeCost:
         self.located: dict[tuple[int, str], set[tuple[int, int]]] = {}
         self.estimated = 0
         self.memo: dict[tuple, tuple[int, int, bool]] = {}
+        self.whole_memo: dict[tuple, bool] = {}
 
     def box(self, rank: int, gid: int, lay: _ChunkLayout, sizes: tuple[int, ...], elem: int,
             offsets: Sequence[int], lengths: Sequence[int]) -> None:
         """Rank ``rank`` reads box ``offsets``/``lengths`` of saved chunk ``gid``."""
-        if lay.kind != "transformed" and reads_whole(
-            sizes, elem, offsets, lengths, lay.length, max_gap=self.max_gap,
-            max_overread=self.max_overread,
-        ):
+        if lay.kind != "transformed" and self._whole(sizes, elem, offsets, lengths, lay.length):
             # One request for the whole item, records and all (decided from
             # the metadata alone, as the reader decides it).
             self.bytes[rank] += lay.length
@@ -976,6 +974,17 @@ class _RangeCost:
         self.bytes[rank] += cost[0]
         self.calls[rank] += cost[1]
         self.estimated += cost[2]
+
+    def _whole(self, sizes: tuple[int, ...], elem: int, offsets: Sequence[int],
+               lengths: Sequence[int], length: int) -> bool:
+        # reads_whole, memoized: a layout repeats a few box shapes over many chunks.
+        key = (sizes, elem, length, *offsets, -1, *lengths)
+        got = self.whole_memo.get(key)
+        if got is None:
+            got = self.whole_memo[key] = reads_whole(
+                sizes, elem, offsets, lengths, length, max_gap=self.max_gap,
+                max_overread=self.max_overread)
+        return got
 
     def finish(self) -> None:
         """Add every rank's record reads: per file, the merged windows of its located items."""
