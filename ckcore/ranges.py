@@ -397,7 +397,13 @@ def reads_whole(
     ):
         return False
     strides = contiguous_strides(sizes)
-    nruns, run, _ = box_runs(sizes, strides, itemsize, offsets, lengths)
+    try:
+        nruns, run, _ = box_runs(sizes, strides, itemsize, offsets, lengths)
+    except ValueError:
+        # A chunk whose byte math overflows int64 (sizes from damaged or
+        # hostile metadata): not read whole; the reader's located path
+        # reports the archive against the metadata.
+        return False
     if run >= direct_min_bytes or nruns > MAX_WHOLE_RUNS:
         return False
     blocks = coalesce_ranges(byte_ranges(sizes, strides, itemsize, offsets, lengths),

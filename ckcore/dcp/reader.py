@@ -737,8 +737,12 @@ class RangeFileSystemReader(FileSystemReader):
         )
         # Anything else (dtype conversion, another device, aliasing strides):
         # read into a CPU tensor of the saved dtype, and let torch copy_ convert.
+        # A whole-read item's saved dtype is only the metadata's claim until
+        # its archive is read: its staging tensor has the target's dtype, so
+        # _read_whole converts from the archive's dtype once, as torch does,
+        # whatever the metadata says.
         dest = target if direct else torch.empty(
-            lengths, dtype=getattr(torch, dtype), device="cpu"
+            lengths, dtype=getattr(torch, dtype) if loc is not None else target.dtype, device="cpu"
         )
         return target, dest
 
