@@ -36,6 +36,7 @@ __all__ = [
     "paired_runs",
     "read_runs",
     "reads_whole",
+    "record_batches",
     "record_windows",
 ]
 
@@ -357,6 +358,29 @@ def record_windows(items: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             merged.append([start, end])
     return [(a, b) for a, b in merged]
+
+
+def record_batches(items: Sequence[tuple[int, int]], max_bytes: int) -> list[list[tuple[int, int]]]:
+    """``items`` (``(offset, length)`` of one file, duplicates once) in file order, cut into batches.
+
+    A reader holds one batch's record windows (:func:`record_windows`) at a
+    time: each batch's records, at most ``2 * RECORD_BYTES`` per item, stay
+    within ``max_bytes`` (a batch holds at least one item), so the memory
+    they take is bounded however many items a file holds.
+
+        >>> record_batches([(20000, 100), (0, 10000), (10000, 10000)], 16384)
+        [[(0, 10000), (10000, 10000)], [(20000, 100)]]
+    """
+    batches: list[list[tuple[int, int]]] = []
+    used = 0
+    for off, ln in sorted(set(items)):
+        cost = min(ln, 2 * RECORD_BYTES)
+        if not batches or used + cost > max_bytes:
+            batches.append([])
+            used = 0
+        batches[-1].append((off, ln))
+        used += cost
+    return batches
 
 
 def reads_whole(

@@ -70,11 +70,13 @@ from .layout import (
 )
 from .metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from .ranges import (
+    DEFAULT_BUFFER_BYTES,
     box_runs,
     byte_ranges,
     coalesce_ranges,
     contiguous_strides,
     reads_whole,
+    record_batches,
     record_windows,
 )
 from .share import DEFAULT_EXCHANGE_BYTES, DEFAULT_MIN_PIECE_BYTES, plan_shared_reads
@@ -956,6 +958,7 @@ class _RangeCost:
                 self.located.setdefault((rank, lay.file), set()).add((lay.offset, lay.length))
                 if lay.kind == "unsupported":
                     self.bytes[rank] += lay.length
+                    self.calls[rank] += 1
         if lay.whole or 0 in lengths:
             return
         # Coalescing depends on run lengths and gaps only, not on where the
@@ -989,9 +992,10 @@ class _RangeCost:
     def finish(self) -> None:
         """Add every rank's record reads: per file, the merged windows of its located items."""
         for (rank, _file), items in self.located.items():
-            for start, end in record_windows(sorted(items)):
-                self.bytes[rank] += end - start
-                self.calls[rank] += 1
+            for batch in record_batches(list(items), DEFAULT_BUFFER_BYTES):
+                for start, end in record_windows(batch):
+                    self.bytes[rank] += end - start
+                    self.calls[rank] += 1
         self.located.clear()
 
 

@@ -231,7 +231,7 @@ class RangeFileSystemReader(FileSystemReader):
     readahead turned off by ``POSIX_FADV_RANDOM``); 0 leaves the kernel's
     readahead alone.
     ``stats`` counts read calls and bytes read by ``read_data`` (the
-    whole-chunk fallback is counted as the items' full lengths).
+    whole-chunk fallback is counted as one call and the full length per item).
 
     ``safe_metadata`` (default True): ``read_metadata`` reads ``.metadata``
     (or ``__{rank}.metadata``, from the same path torch's reader uses) with
@@ -416,7 +416,9 @@ class RangeFileSystemReader(FileSystemReader):
         if fallback:
             self.stats["fallback_items"] += len(fallback)
             for req in fallback:
+                # torch's path reads each of these whole, in (at least) one call
                 self.stats["bytes_read"] += self.storage_data[req.storage_index].length
+                self.stats["read_calls"] += 1
             super().read_data(LoadPlan(fallback), planner).wait()
         fut: Future = Future()
         fut.set_result(None)
@@ -484,12 +486,18 @@ class RangeFileSystemReader(FileSystemReader):
                 dtype = self._whole_read(req, info)
                 if dtype is not None:
                     whole[i] = dtype
-        records = self._record_windows(fd, path, [
-            (self.storage_data[q.storage_index].offset, self.storage_data[q.storage_index].length)
-            for i, q in enumerate(reqs)
-            if not self.storage_data[q.storage_index].transform_descriptors
-            and q.type != LoadItemType.BYTE_IO and i not in whole
-        ])
+        # Every other tensor item is located from its archive records, read
+        # in merged windows a batch at a time (memory bounded by buffer_bytes).
+        # Each item is named in errors as its first read item in plan order.
+        first_where: dict[tuple[int, int], str] = {}
+        for i, q in enumerate(reqs):
+            info = self.storage_data[q.storage_index]
+            if not info.transform_descriptors and q.type != LoadItemType.BYTE_IO and i not in whole:
+                first_where.setdefault((info.offset, info.length), self._where(path, q))
+        for batch in _r.record_batches(list(first_where), self.buffer_bytes):
+            records = self._record_windows(fd, path, batch)
+            for off, ln in batch:
+                located[(off, ln)] = self._locate(fd, off, ln, first_where[(off, ln)], records)
         for i, req in enumerate(reqs):
             info = self.storage_data[req.storage_index]
             where = self._where(path, req)
@@ -504,10 +512,7 @@ class RangeFileSystemReader(FileSystemReader):
                 jobs.append(_Job(info.offset, req, None, None, info.offset, where,
                                  whole[i], info.length))
                 continue
-            key = (info.offset, info.length)
-            if key not in located:
-                located[key] = self._locate(fd, info.offset, info.length, where, records)
-            found = located[key]
+            found = located[(info.offset, info.length)]
             if found is None:
                 fallback.append(req)
                 continue

@@ -18,6 +18,8 @@ import shutil
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._extension import ExtensionRegistry
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
@@ -27,6 +29,7 @@ from ckcore.checkpoint import Checkpoint
 from ckcore.cli import main
 from ckcore.dcp import RangeFileSystemReader
 from ckcore.layout import local_shapes_and_offsets
+from tests.differential.test_range_reader import _Xor
 
 TENSORS = {
     "rows": torch.arange(64 * 40, dtype=torch.float32).reshape(64, 40),
@@ -49,18 +52,16 @@ class _Dest:
         pass
 
 
-@pytest.mark.parametrize("shard_dim", [1, 0])
-def test_range_figures_equal_the_reader_and_say_when_files_are_absent(tmp_path, capsys, shard_dim):
-    path = tmp_path / "ck"
-    dcp.save({k: v.clone() if k != "cols" else v for k, v in TENSORS.items()}, checkpoint_id=path,
-             no_dist=True)
+def _assert_plan_equals_reader(path, shard_dim, make_reader, strides="stored"):
+    # Plan every target rank's reads with `ckcore plan`'s model, read them
+    # with the reader, compare the values and the reader's stats.
     ck = Checkpoint(path)
     mesh, layouts = report.resolve_layouts(ck.metadata, world_size=3, shard_dim=shard_dim)
     plan = report.plan_reads(ck, mesh, layouts, ranges=True)
-    assert plan["range_reader"]["strides"] == "stored"
+    assert plan["range_reader"]["strides"] == strides
     by_rank = {r["rank"]: r for r in plan["ranks"]}
     for rank in range(3):
-        reader = RangeFileSystemReader(path)
+        reader = make_reader(path)
         md = reader.read_metadata()
         reader.set_up_storage_reader(md, True)
         items, dests = [], {}
@@ -84,6 +85,18 @@ def test_range_figures_equal_the_reader_and_say_when_files_are_absent(tmp_path, 
         # save requests.
         assert got["bytes_read"] >= by_rank[rank]["useful_bytes"] > 0
 
+
+def _save(path, **kw):
+    dcp.save({k: v.clone() if k != "cols" else v for k, v in TENSORS.items()}, checkpoint_id=path,
+             no_dist=True, **kw)
+
+
+@pytest.mark.parametrize("shard_dim", [1, 0])
+def test_range_figures_equal_the_reader_and_say_when_files_are_absent(tmp_path, capsys, shard_dim):
+    path = tmp_path / "ck"
+    _save(path)
+    _assert_plan_equals_reader(path, shard_dim, RangeFileSystemReader)
+
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(path / ".metadata", bare / ".metadata")
@@ -91,3 +104,14 @@ def test_range_figures_equal_the_reader_and_say_when_files_are_absent(tmp_path, 
     assert "assume contiguous (C-order) storage" in capsys.readouterr().out
     assert main(["plan", str(bare), "--world-size", "3", "--shard-dim", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["range_reader"]["strides"] == "contiguous"
+
+
+@pytest.mark.parametrize("shard_dim", [1, 0])
+def test_range_figures_equal_the_reader_for_transformed_items(tmp_path, shard_dim):
+    """Items with a stream transform go through torch's path: one call and the whole item each."""
+    path = tmp_path / "ck"
+    _save(path, storage_writer=FileSystemWriter(path, _extensions=[_Xor()]))
+    registry = ExtensionRegistry()
+    registry.register(_Xor)
+    _assert_plan_equals_reader(path, shard_dim, lambda p: RangeFileSystemReader(p, registry),
+                               strides="contiguous")

@@ -191,3 +191,36 @@ def test_whole_reads_announce_the_next_items_to_the_kernel(tmp_path, monkeypatch
     # Every item is announced exactly once (two files, 4 items each, at the
     # same offsets: the lists compare as multisets), and nothing else is.
     assert sorted(announced) == items
+
+
+def test_record_windows_are_held_one_batch_at_a_time(tmp_path):
+    """A file of many located items: its records are read in batches of at most buffer_bytes.
+
+    All windows at once would hold about 8 KiB per item (12 MiB here); a
+    batch at a time, the peak is the plan's own objects plus one batch.
+    """
+    import tracemalloc
+
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    n = 1500
+    sd = {f"p{i}": torch.full((3072,), float(i)) for i in range(n)}  # 12 KiB each, one file
+    dcp.save(sd, checkpoint_id=str(tmp_path), no_dist=True)
+    got = {k: torch.empty_like(v) for k, v in sd.items()}
+    reader = RangeFileSystemReader(str(tmp_path), thread_count=1, buffer_bytes=1 << 20)
+    md = reader.read_metadata()
+    reader.set_up_storage_reader(md, True)
+    planner = DefaultLoadPlanner()
+    planner.set_up_planner(got, md, True)
+    plan = planner.create_local_plan()
+    tracemalloc.start()
+    try:
+        reader.read_data(plan, planner).wait()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert all(torch.equal(got[k], sd[k]) for k in sd)
+    assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MiB"
+    # 1 MiB batches of 8 KiB windows: 128 items a batch, 12 batches, each
+    # costing one more request than a single merged pass would.
+    assert reader.stats["read_calls"] == n + -(-n // 128) + n
