@@ -60,6 +60,7 @@ from . import __version__, report
 from ._saferepr import name_text, one_line, shape_text
 from .checkpoint import Checkpoint, CheckpointError
 from .metadata import TensorStorageMetadata
+from .ranges import NO_RATIO_CAP
 from .report import DEFAULT_MAX_FINDINGS, UsageError, format_mesh
 
 __all__ = ["Progress", "main", "open_checkpoint"]
@@ -228,11 +229,13 @@ def _print_range_reads(result: dict[str, Any], out: IO[str]) -> None:
     w = out.write
     rr, sh, t = result["range_reader"], result["sharing"], result["totals"]
     rt = rr["totals"]
+    cap = ("no over-read cap" if rr["max_overread"] >= NO_RATIO_CAP
+           else f"a {rr['max_overread']:g}x over-read cap")
     w(f"\nrange reader (RangeFileSystemReader): {_human(rt['bytes_read'])} read in "
       f"{rt['read_calls']} read calls for {_human(t['useful_bytes'])} useful "
       f"(over-read {_human(rt['over_read'])}); byte ranges per item coalesced across gaps up to "
-      f"{_human(rr['max_gap'])} under a {rr['max_overread']:g}x over-read cap, plus each saved chunk's "
-      "archive records\n")
+      f"{_human(rr['max_gap'])} under {cap}, plus the archive records of each file's items in "
+      "merged windows; a narrow box whose item is read through anyway reads it whole in one call\n")
     if rr["strides"] == "stored":
         w(f"strides: read from the torch.save records of {rr['chunks_located']} saved chunks\n")
     else:
