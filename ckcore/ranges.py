@@ -67,6 +67,8 @@ RECORD_BYTES = _ARCHIVE_HEAD
 MAX_RECORD_WINDOW = 1 << 20
 #: Boxes of more runs than this are never read whole (their ranges are not listed).
 MAX_WHOLE_RUNS = 1 << 18
+#: iovecs one ``preadv`` of :func:`read_runs` carries at most.
+IOVECS_PER_CALL: int = _ranges.IOVECS_PER_CALL
 
 
 def _vec(what: str, name: str, values: Sequence[int]) -> np.ndarray:

@@ -71,10 +71,14 @@ from .layout import (
 from .metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from .ranges import (
     DEFAULT_BUFFER_BYTES,
+    DEFAULT_DIRECT_MIN_BYTES,
+    IOVECS_PER_CALL,
     box_runs,
     byte_ranges,
     coalesce_ranges,
     contiguous_strides,
+    paired_run_info,
+    paired_runs,
     reads_whole,
     record_batches,
     record_windows,
@@ -970,13 +974,35 @@ class _RangeCost:
             if runs > RANGE_MAX_RUNS:
                 cost = (runs * run_bytes, runs, True)
             else:
-                blocks = coalesce_ranges(byte_ranges(sizes, lay.strides, elem, offsets, lengths),
-                                         self.max_gap, self.max_overread)
-                cost = (int((blocks[:, 1] - blocks[:, 0]).sum()), len(blocks), False)
+                cost = self._box_cost(sizes, lay.strides, elem, offsets, lengths)
             self.memo[key] = cost
         self.bytes[rank] += cost[0]
         self.calls[rank] += cost[1]
         self.estimated += cost[2]
+
+    def _box_cost(self, sizes: tuple[int, ...], strides: tuple[int, ...], elem: int,
+                  offsets: Sequence[int], lengths: Sequence[int]) -> tuple[int, int, bool]:
+        # (bytes, calls, estimated) of one box, as the reader reads it into a
+        # contiguous destination: runs contiguous in both at least
+        # direct_min_bytes long go in place, one preadv per block of up to
+        # IOVECS_PER_CALL iovecs (each run and each gap between two runs is
+        # one); others through the scratch buffer, one read per block.
+        _, run = paired_run_info(lengths, itemsize=elem, src_shape=sizes, dst_shape=lengths,
+                                 src_strides=strides, src_offsets=offsets)
+        if run >= DEFAULT_DIRECT_MIN_BYTES:
+            pairs = paired_runs(lengths, itemsize=elem, src_shape=sizes, dst_shape=lengths,
+                                src_strides=strides, src_offsets=offsets)
+            ranges = np.stack([pairs[:, 0], pairs[:, 0] + pairs[:, 2]], axis=1)
+            if len(pairs) < 2 or not np.any(ranges[1:, 0] < ranges[:-1, 1]):
+                blocks = coalesce_ranges(ranges, self.max_gap, self.max_overread)
+                per_block = np.diff(np.searchsorted(ranges[:, 0], blocks[:, 1], side="left"),
+                                    prepend=0)
+                iovecs = 2 * per_block - 1
+                calls = int(((iovecs + IOVECS_PER_CALL - 1) // IOVECS_PER_CALL).sum())
+                return int((blocks[:, 1] - blocks[:, 0]).sum()), calls, False
+        blocks = coalesce_ranges(byte_ranges(sizes, strides, elem, offsets, lengths),
+                                 self.max_gap, self.max_overread)
+        return int((blocks[:, 1] - blocks[:, 0]).sum()), len(blocks), False
 
     def _whole(self, sizes: tuple[int, ...], elem: int, offsets: Sequence[int],
                lengths: Sequence[int], length: int) -> bool:

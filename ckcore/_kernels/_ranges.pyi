@@ -4,6 +4,8 @@ import numpy as np
 import numpy.typing as npt
 from typing_extensions import Buffer
 
+IOVECS_PER_CALL: int
+
 def box_runs(
     shape: npt.NDArray[np.int64],
     strides: npt.NDArray[np.int64],

@@ -570,6 +570,10 @@ def paired_run_info(const i64[::1] src_shape, const i64[::1] src_strides,
 cdef enum:
     NIOV = 512  # iovecs per preadv call (IOV_MAX is 1024 on Linux and macOS)
 
+#: iovecs one preadv of read_runs carries at most: a block of more runs and
+#: gaps is read in several calls (ckcore plan counts them).
+IOVECS_PER_CALL = NIOV
+
 
 cdef i64 _preadv_full(int fd, iovec* iov, int cnt, i64 off, i64* calls,
                       int* err) noexcept nogil:

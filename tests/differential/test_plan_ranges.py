@@ -115,3 +115,99 @@ def test_range_figures_equal_the_reader_for_transformed_items(tmp_path, shard_di
     registry.register(_Xor)
     _assert_plan_equals_reader(path, shard_dim, lambda p: RangeFileSystemReader(p, registry),
                                strides="contiguous")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_range_figures_equal_the_reader_on_random_checkpoints(tmp_path, seed):
+    """Random multi-rank saves (row, column, grid; some transposed; 2-3 dims), many targets."""
+    import random
+
+    from tests.support.dcp_sim import col_boxes, grid_boxes, row_boxes, save_as_ranks
+
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    save_world = rnd.choice([1, 2, 3, 4])
+    spec = {}
+    for i in range(rnd.randint(1, 4)):
+        dt = rnd.choice([torch.float32, torch.bfloat16, torch.float64, torch.int8, torch.complex64])
+        shape = (rnd.choice([1, 3, 17, 64, 128, 300]), rnd.choice([1, 5, 40, 96, 257]))
+        if rnd.random() < 0.2:
+            shape += (rnd.choice([2, 7]),)
+        t = torch.randn(shape, generator=g).to(dt)
+        kind = rnd.choice(["row", "col", "grid"]) if len(shape) == 2 else "row"
+        if kind == "col":
+            boxes = col_boxes(shape, save_world)
+        elif kind == "grid" and save_world == 4:
+            boxes = grid_boxes(shape, 2, 2)
+        else:
+            boxes = row_boxes(shape, save_world)
+        spec[f"t{i}"] = (t, boxes)
+    transposed = {k for k in spec if rnd.random() < 0.3 and spec[k][0].dim() == 2}
+    path = tmp_path / "ck"
+    save_as_ranks(str(path), spec, save_world,
+                  layout=lambda fqn, s: s.t().contiguous().t() if fqn in transposed else s)
+    tensors = {k: t for k, (t, _) in spec.items()}
+    ck = Checkpoint(path)
+    for world in (2, 3):
+        for shard_dim in (0, 1):
+            mesh, layouts = report.resolve_layouts(ck.metadata, world_size=world, shard_dim=shard_dim)
+            plan = report.plan_reads(ck, mesh, layouts, ranges=True)
+            by_rank = {r["rank"]: r["range"] for r in plan["ranks"]}
+            for rank in range(world):
+                reader = RangeFileSystemReader(path, thread_count=1)
+                md = reader.read_metadata()
+                reader.set_up_storage_reader(md, True)
+                items, dests = [], {}
+                for fqn, t in tensors.items():
+                    sizes, offsets = local_shapes_and_offsets(tuple(t.shape), mesh, layouts[fqn][1])
+                    off, ln = tuple(offsets[rank]), tuple(sizes[rank])
+                    dests[fqn] = torch.empty(ln, dtype=t.dtype)
+                    if 0 not in ln:
+                        items += create_read_items_for_chunk_list(
+                            fqn, md.state_dict_metadata[fqn],
+                            [ChunkStorageMetadata(offsets=torch.Size(off), sizes=torch.Size(ln))])
+                reader.read_data(LoadPlan(items), _Dest(dests)).wait()
+                for fqn, t in tensors.items():
+                    sizes, offsets = local_shapes_and_offsets(tuple(t.shape), mesh, layouts[fqn][1])
+                    sl = tuple(slice(o, o + n) for o, n in zip(offsets[rank], sizes[rank]))
+                    assert torch.equal(dests[fqn], t[sl]), (fqn, rank)
+                got = by_rank[rank]
+                assert (got["bytes_read"], got["read_calls"]) == (
+                    reader.stats["bytes_read"], reader.stats["read_calls"]), (world, shard_dim, rank)
+
+
+def test_range_figures_count_each_preadv_of_a_block_of_many_runs(tmp_path, monkeypatch):
+    """A block of more runs than one preadv carries is read in several calls; the plan counts them."""
+    from ckcore import ranges
+    from ckcore.dcp import reader as reader_mod
+    from tests.support.dcp_sim import row_boxes, save_as_ranks
+
+    t = torch.randn(300, 257, 7, generator=torch.Generator().manual_seed(0)).to(torch.complex64)
+    path = tmp_path / "ck"
+    save_as_ranks(str(path), {"t": (t, row_boxes(t.shape, 1))}, 1)
+    calls_per_block = []
+    real = ranges.read_runs
+
+    def spy(fd, runs, blocks, dst, prefetch=0):
+        out = real(fd, runs, blocks, dst, prefetch)
+        calls_per_block.append(out[0] / len(blocks))
+        return out
+
+    monkeypatch.setattr(reader_mod._r, "read_runs", spy)
+    ck = Checkpoint(path)
+    mesh, layouts = report.resolve_layouts(ck.metadata, world_size=2, shard_dim=1)
+    plan = {r["rank"]: r["range"] for r in report.plan_reads(ck, mesh, layouts, ranges=True)["ranks"]}
+    for rank in range(2):
+        reader = RangeFileSystemReader(path, thread_count=1)
+        md = reader.read_metadata()
+        reader.set_up_storage_reader(md, True)
+        sizes, offsets = local_shapes_and_offsets(tuple(t.shape), mesh, layouts["t"][1])
+        off, ln = tuple(offsets[rank]), tuple(sizes[rank])
+        dest = torch.empty(ln, dtype=t.dtype)
+        items = create_read_items_for_chunk_list(
+            "t", md.state_dict_metadata["t"], [ChunkStorageMetadata(torch.Size(off), torch.Size(ln))])
+        reader.read_data(LoadPlan(items), _Dest({"t": dest})).wait()
+        assert torch.equal(dest, t[tuple(slice(o, o + n) for o, n in zip(off, ln))])
+        assert (plan[rank]["bytes_read"], plan[rank]["read_calls"]) == (
+            reader.stats["bytes_read"], reader.stats["read_calls"])
+    assert max(calls_per_block) > 1  # the case is the one of several preadv calls per block
