@@ -8,7 +8,11 @@ instead, per file:
 
 1. locates each tensor item's storage bytes inside its ``torch.save`` archive
    (:mod:`ckcore._torchsave`, a few KiB of zip records and an allow-listed
-   pickle; no ``torch.load``);
+   pickle; no ``torch.load``), the records of back-to-back items read in
+   merged windows (:func:`ckcore.ranges.record_windows`, a batch of items at
+   a time); a narrow box whose item would be read through anyway reads the
+   item whole in one request instead and locates it in memory
+   (:func:`ckcore.ranges.reads_whole`);
 2. sorts the requests by file offset, computes the byte ranges of each
    request's box (:func:`ckcore.ranges.byte_ranges`) and coalesces them
    across every gap that costs less to read than one more request would
