@@ -17,7 +17,7 @@ returned address are in bytes. Example: a C-order 4x6 float32 chunk at byte
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,10 +34,13 @@ __all__ = [
     "copy_box",
     "paired_run_info",
     "paired_runs",
+    "preadv_calls",
     "read_runs",
     "reads_whole",
     "record_batches",
     "record_windows",
+    "slab_limit",
+    "slabs",
 ]
 
 _I64_MAX = 2**63 - 1
@@ -69,6 +72,13 @@ MAX_RECORD_WINDOW = 1 << 20
 MAX_WHOLE_RUNS = 1 << 18
 #: iovecs one ``preadv`` of :func:`read_runs` carries at most.
 IOVECS_PER_CALL: int = _ranges.IOVECS_PER_CALL
+#: :func:`read_runs` reads a gap between two runs into a discard buffer of at
+#: most this many bytes (a longer gap takes several iovecs).
+DISCARD_BYTES = 1 << 20
+#: The range reader reads a box in place in slabs of at most this much file span...
+DIRECT_SLAB_BYTES = 256 << 20
+#: ...and any slab holds about this many runs at most (:func:`slab_limit`).
+MAX_SLAB_RUNS = 1 << 18
 
 
 def _vec(what: str, name: str, values: Sequence[int]) -> np.ndarray:
@@ -435,3 +445,75 @@ def reads_whole(
     blocks = coalesce_ranges(byte_ranges(sizes, strides, itemsize, offsets, lengths),
                              max_gap, max_overread)
     return len(blocks) == 1 and item_length - int(blocks[0, 1] - blocks[0, 0]) <= max_gap
+
+
+def _extent(sizes: Sequence[int], strides: Sequence[int], itemsize: int) -> int:
+    # bytes from element 0 to one past the last element of a non-empty box
+    return (sum((s - 1) * t for s, t in zip(sizes, strides)) + 1) * itemsize
+
+
+def slabs(
+    offsets: tuple[int, ...], lengths: tuple[int, ...], strides: tuple[int, ...],
+    itemsize: int, limit: int,
+) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """A box cut along its largest-stride dim (recursively) into ``(offsets, lengths)``
+    pieces that each span at most ``limit`` bytes of the source (strides >= 0).
+
+    The range reader reads a box slab by slab (coalescing each on its own),
+    so a read buffer stays bounded; ``ckcore plan`` counts the same slabs.
+    """
+    span = _extent(lengths, strides, itemsize)
+    if span <= limit:
+        yield offsets, lengths
+        return
+    dims = [d for d in range(len(lengths)) if lengths[d] > 1]
+    d = max(dims, key=lambda i: strides[i])
+    step = strides[d] * itemsize
+    rest = span - (lengths[d] - 1) * step  # span of one index along d
+    k = max(1, (limit - rest) // step + 1) if rest <= limit else 1
+    for i in range(0, lengths[d], k):
+        o = offsets[:d] + (offsets[d] + i,) + offsets[d + 1 :]
+        ln = lengths[:d] + (min(k, lengths[d] - i),) + lengths[d + 1 :]
+        if rest > limit:
+            yield from slabs(o, ln, strides, itemsize, limit)
+        else:
+            yield o, ln
+
+
+def slab_limit(limit: int, sizes: Sequence[int], strides: Sequence[int], itemsize: int,
+               offsets: Sequence[int], lengths: Sequence[int],
+               max_runs: int | None = None) -> int:
+    """``limit`` shrunk so that a slab of the box holds about ``max_runs``
+    (default :data:`MAX_SLAB_RUNS`) runs at most."""
+    if max_runs is None:
+        max_runs = MAX_SLAB_RUNS
+    nruns, _, _ = box_runs(sizes, strides, itemsize, offsets, lengths)
+    if nruns > max_runs:
+        span = _extent(lengths, strides, itemsize)
+        limit = min(limit, span * max_runs // nruns)
+    return max(limit, itemsize)
+
+
+def preadv_calls(ranges: np.ndarray, blocks: np.ndarray) -> int:
+    """The ``preadv`` calls :func:`read_runs` makes for runs ``ranges`` (``[start, end)``,
+    sorted, disjoint) and their coalesced ``blocks`` (absent short reads).
+
+    Per block: one iovec per run and per gap between two of its runs (a gap
+    longer than the discard buffer takes several; touching runs none), at
+    most :data:`IOVECS_PER_CALL` iovecs a call.
+    """
+    r = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+    b = np.asarray(blocks, dtype=np.int64).reshape(-1, 2)
+    if not len(r) or not len(b):
+        return 0
+    ends = np.searchsorted(r[:, 0], b[:, 1], side="left")
+    starts = np.concatenate([[0], ends[:-1]])
+    gaps = np.zeros(len(r), dtype=np.int64)
+    gaps[1:] = r[1:, 0] - r[:-1, 1]
+    gaps[starts] = 0  # a block's first run has no gap before it
+    junk = min(int(gaps.max()), DISCARD_BYTES)
+    pieces = (gaps + junk - 1) // junk if junk > 0 else gaps
+    cs = np.concatenate([[0], np.cumsum(pieces)])
+    iovecs = (ends - starts) + (cs[ends] - cs[starts])
+    iovecs = iovecs[ends > starts]
+    return int(((iovecs + IOVECS_PER_CALL - 1) // IOVECS_PER_CALL).sum())

@@ -72,16 +72,19 @@ from .metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from .ranges import (
     DEFAULT_BUFFER_BYTES,
     DEFAULT_DIRECT_MIN_BYTES,
-    IOVECS_PER_CALL,
+    DIRECT_SLAB_BYTES,
     box_runs,
     byte_ranges,
     coalesce_ranges,
     contiguous_strides,
     paired_run_info,
     paired_runs,
+    preadv_calls,
     reads_whole,
     record_batches,
     record_windows,
+    slab_limit,
+    slabs,
 )
 from .share import DEFAULT_EXCHANGE_BYTES, DEFAULT_MIN_PIECE_BYTES, plan_shared_reads
 
@@ -983,26 +986,38 @@ class _RangeCost:
     def _box_cost(self, sizes: tuple[int, ...], strides: tuple[int, ...], elem: int,
                   offsets: Sequence[int], lengths: Sequence[int]) -> tuple[int, int, bool]:
         # (bytes, calls, estimated) of one box, as the reader reads it into a
-        # contiguous destination: runs contiguous in both at least
-        # direct_min_bytes long go in place, one preadv per block of up to
-        # IOVECS_PER_CALL iovecs (each run and each gap between two runs is
-        # one); others through the scratch buffer, one read per block.
+        # contiguous destination (RangeFileSystemReader._pieces, one thread):
+        # the box is cut into slabs (ranges.slabs: DIRECT_SLAB_BYTES of file
+        # span in place, the scratch buffer's otherwise), each coalesced on its
+        # own. Runs contiguous in both at least direct_min_bytes long go in
+        # place, the preadv calls of read_runs per block (ranges.preadv_calls);
+        # others through the scratch buffer, one read per block of each of its slabs.
+        offsets, lengths = tuple(offsets), tuple(lengths)
         _, run = paired_run_info(lengths, itemsize=elem, src_shape=sizes, dst_shape=lengths,
                                  src_strides=strides, src_offsets=offsets)
-        if run >= DEFAULT_DIRECT_MIN_BYTES:
-            pairs = paired_runs(lengths, itemsize=elem, src_shape=sizes, dst_shape=lengths,
-                                src_strides=strides, src_offsets=offsets)
-            ranges = np.stack([pairs[:, 0], pairs[:, 0] + pairs[:, 2]], axis=1)
-            if len(pairs) < 2 or not np.any(ranges[1:, 0] < ranges[:-1, 1]):
-                blocks = coalesce_ranges(ranges, self.max_gap, self.max_overread)
-                per_block = np.diff(np.searchsorted(ranges[:, 0], blocks[:, 1], side="left"),
-                                    prepend=0)
-                iovecs = 2 * per_block - 1
-                calls = int(((iovecs + IOVECS_PER_CALL - 1) // IOVECS_PER_CALL).sum())
-                return int((blocks[:, 1] - blocks[:, 0]).sum()), calls, False
-        blocks = coalesce_ranges(byte_ranges(sizes, strides, elem, offsets, lengths),
-                                 self.max_gap, self.max_overread)
-        return int((blocks[:, 1] - blocks[:, 0]).sum()), len(blocks), False
+        direct = run >= DEFAULT_DIRECT_MIN_BYTES
+        limit = slab_limit(DIRECT_SLAB_BYTES if direct else DEFAULT_BUFFER_BYTES,
+                           sizes, strides, elem, offsets, lengths)
+        nbytes = calls = 0
+        for so, sl in slabs(offsets, lengths, strides, elem, limit):
+            if direct:
+                pairs = paired_runs(sl, itemsize=elem, src_shape=sizes, dst_shape=lengths,
+                                    src_strides=strides, src_offsets=so,
+                                    dst_offsets=tuple(a - b for a, b in zip(so, offsets)))
+                ranges = np.stack([pairs[:, 0], pairs[:, 0] + pairs[:, 2]], axis=1)
+                if len(pairs) < 2 or not np.any(ranges[1:, 0] < ranges[:-1, 1]):
+                    blocks = coalesce_ranges(ranges, self.max_gap, self.max_overread)
+                    nbytes += int((blocks[:, 1] - blocks[:, 0]).sum())
+                    calls += preadv_calls(ranges, blocks)
+                    continue
+            # through the scratch buffer (also a slab whose source runs overlap)
+            inner = slab_limit(DEFAULT_BUFFER_BYTES, sizes, strides, elem, so, sl)
+            for to, tl in slabs(so, sl, strides, elem, inner):
+                blocks = coalesce_ranges(byte_ranges(sizes, strides, elem, to, tl),
+                                         self.max_gap, self.max_overread)
+                nbytes += int((blocks[:, 1] - blocks[:, 0]).sum())
+                calls += len(blocks)
+        return nbytes, calls, False
 
     def _whole(self, sizes: tuple[int, ...], elem: int, offsets: Sequence[int],
                lengths: Sequence[int], length: int) -> bool:

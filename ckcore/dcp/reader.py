@@ -56,7 +56,7 @@ import pathlib
 import stat
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future as _CFuture
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -84,7 +84,7 @@ __all__ = ["RangeFileSystemReader", "default_thread_count"]
 _SMALL_ITEM = _r.DEFAULT_SMALL_ITEM_BYTES
 # At most this many runs per slab, so the (runs, 2|3) int64 arrays of a slab
 # stay a few MiB even when every element is its own run.
-_MAX_RUNS = 1 << 18
+_MAX_RUNS: int | None = None  # None: ranges.MAX_SLAB_RUNS (tests set a smaller one)
 _HAS_FADVISE = hasattr(os, "posix_fadvise")
 # max_overread=None: no ratio cap. The storage model's defaults are the
 # torch-free ranges module's, so ``ckcore plan`` reports what this reader reads.
@@ -132,28 +132,10 @@ def _extent(sizes: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> 
     return (sum((s - 1) * t for s, t in zip(sizes, strides)) + 1) * itemsize
 
 
-def _slabs(
-    offsets: tuple[int, ...], lengths: tuple[int, ...], strides: tuple[int, ...],
-    itemsize: int, limit: int,
-) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
-    # Split a box along its largest-stride dim (recursively) until each piece
-    # spans at most `limit` bytes of the source, so a read buffer stays bounded.
-    span = _extent(lengths, strides, itemsize)
-    if span <= limit:
-        yield offsets, lengths
-        return
-    dims = [d for d in range(len(lengths)) if lengths[d] > 1]
-    d = max(dims, key=lambda i: strides[i])
-    step = strides[d] * itemsize
-    rest = span - (lengths[d] - 1) * step  # span of one index along d
-    k = max(1, (limit - rest) // step + 1) if rest <= limit else 1
-    for i in range(0, lengths[d], k):
-        o = offsets[:d] + (offsets[d] + i,) + offsets[d + 1 :]
-        ln = lengths[:d] + (min(k, lengths[d] - i),) + lengths[d + 1 :]
-        if rest > limit:
-            yield from _slabs(o, ln, strides, itemsize, limit)
-        else:
-            yield o, ln
+# Split a box along its largest-stride dim (recursively) until each piece
+# spans at most `limit` bytes of the source, so a read buffer stays bounded
+# (in ckcore.ranges, torch-free, so that `ckcore plan` counts the same slabs).
+_slabs = _r.slabs
 
 
 def _symlinked_dir(root: str | os.PathLike[str], relative_path: str) -> str | None:
@@ -795,7 +777,7 @@ class RangeFileSystemReader(FileSystemReader):
         # Runs contiguous in file and destination, and long: read in place,
         # in slabs of up to 256 MiB of file span; otherwise through the
         # bounded scratch buffer.
-        limit = self._slab_limit(256 << 20 if direct else self.buffer_bytes, loc, offsets, lengths)
+        limit = self._slab_limit(_r.DIRECT_SLAB_BYTES if direct else self.buffer_bytes, loc, offsets, lengths)
         if split > 1:
             span = _extent(lengths, loc.stride, isz)
             limit = max(min(limit, -(-span // split)), min(limit, _MIN_PIECE))
@@ -871,11 +853,7 @@ class RangeFileSystemReader(FileSystemReader):
     def _slab_limit(limit: int, loc: TensorLocation, offsets: tuple[int, ...],
                     lengths: tuple[int, ...]) -> int:
         # Shrink the slab span so that a slab holds about _MAX_RUNS runs at most.
-        nruns, _, _ = _r.box_runs(loc.size, loc.stride, loc.itemsize, offsets, lengths)
-        if nruns > _MAX_RUNS:
-            span = _extent(lengths, loc.stride, loc.itemsize)
-            limit = min(limit, span * _MAX_RUNS // nruns)
-        return max(limit, loc.itemsize)
+        return _r.slab_limit(limit, loc.size, loc.stride, loc.itemsize, offsets, lengths, _MAX_RUNS)
 
     def _fill_direct(
         self, fd: int, dview: memoryview, offsets: tuple[int, ...], lengths: tuple[int, ...],

@@ -211,3 +211,72 @@ def test_range_figures_count_each_preadv_of_a_block_of_many_runs(tmp_path, monke
         assert (plan[rank]["bytes_read"], plan[rank]["read_calls"]) == (
             reader.stats["bytes_read"], reader.stats["read_calls"])
     assert max(calls_per_block) > 1  # the case is the one of several preadv calls per block
+
+
+def _plan_equals_reader_stats(path, tensors, world, shard_dim):
+    # Every target rank's plan figures against the reader's stats (one thread), values checked.
+    ck = Checkpoint(path)
+    mesh, layouts = report.resolve_layouts(ck.metadata, world_size=world, shard_dim=shard_dim)
+    plan = {r["rank"]: r["range"] for r in report.plan_reads(ck, mesh, layouts, ranges=True)["ranks"]}
+    for rank in range(world):
+        reader = RangeFileSystemReader(path, thread_count=1)
+        md = reader.read_metadata()
+        reader.set_up_storage_reader(md, True)
+        items, dests, boxes = [], {}, {}
+        for fqn, t in tensors.items():
+            sizes, offsets = local_shapes_and_offsets(tuple(t.shape), mesh, layouts[fqn][1])
+            boxes[fqn] = off, ln = tuple(offsets[rank]), tuple(sizes[rank])
+            dests[fqn] = torch.empty(ln, dtype=t.dtype)
+            items += create_read_items_for_chunk_list(
+                fqn, md.state_dict_metadata[fqn], [ChunkStorageMetadata(torch.Size(off), torch.Size(ln))])
+        reader.read_data(LoadPlan(items), _Dest(dests)).wait()
+        for fqn, (off, ln) in boxes.items():
+            assert torch.equal(dests[fqn], tensors[fqn][tuple(slice(o, o + n) for o, n in zip(off, ln))])
+        assert (plan[rank]["bytes_read"], plan[rank]["read_calls"]) == (
+            reader.stats["bytes_read"], reader.stats["read_calls"]), (world, shard_dim, rank)
+
+
+def test_range_figures_count_no_gap_iovec_between_touching_runs(tmp_path):
+    """Rows that touch in the file but not in the destination (a 3-d save with its first
+    two dims swapped in memory) are one block of runs without gaps between them:
+    read_runs gathers one iovec per run, 300 of them in one preadv."""
+    from tests.support.dcp_sim import save_as_ranks
+
+    t = torch.randn(20, 15, 1024, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "ck"
+    save_as_ranks(str(path), {"t": (t, [((0, 0, 0), tuple(t.shape))])}, 1,
+                  layout=lambda fqn, s: s.permute(1, 0, 2).contiguous().permute(1, 0, 2))
+    _plan_equals_reader_stats(path, {"t": t}, 1, 0)
+    _plan_equals_reader_stats(path, {"t": t}, 2, 2)
+
+
+def test_range_figures_count_the_scratch_slabs_of_an_item_past_the_buffer(tmp_path):
+    """A box read through the scratch buffer from a chunk larger than buffer_bytes is read
+    slab by slab, each coalesced on its own (no read crosses a slab boundary)."""
+    from tests.support.dcp_sim import save_as_ranks
+
+    t = torch.randn(4200, 1024, generator=torch.Generator().manual_seed(0))  # 17 MB > 16 MiB
+    path = tmp_path / "ck"
+    save_as_ranks(str(path), {"t": (t, [((0, 0), tuple(t.shape))])}, 1)
+    _plan_equals_reader_stats(path, {"t": t}, 2, 1)
+
+
+@pytest.mark.parametrize("what", ["direct_slab", "slab_runs"])
+def test_range_figures_count_the_slabs_of_large_boxes(tmp_path, monkeypatch, what):
+    """In-place boxes are read in slabs of DIRECT_SLAB_BYTES of file span and any slab
+    holds about MAX_SLAB_RUNS runs; the plan counts the same slabs (limits shrunk here
+    so that small tensors have several)."""
+    from ckcore import ranges
+    from tests.support.dcp_sim import save_as_ranks
+
+    if what == "direct_slab":
+        monkeypatch.setattr(ranges, "DIRECT_SLAB_BYTES", 300 << 10)
+        monkeypatch.setattr(report, "DIRECT_SLAB_BYTES", 300 << 10)
+    else:
+        monkeypatch.setattr(ranges, "MAX_SLAB_RUNS", 100)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(600, 2048, generator=g), "b": torch.randn(700, 96, generator=g)}
+    path = tmp_path / "ck"
+    save_as_ranks(str(path), {k: (v, [((0, 0), tuple(v.shape))]) for k, v in tensors.items()}, 1)
+    for world, shard_dim in ((2, 1), (3, 1), (2, 0)):
+        _plan_equals_reader_stats(path, tensors, world, shard_dim)
