@@ -742,9 +742,10 @@ class _Reads:
         self.useful = np.zeros(world, dtype=np.int64)
         self.file_ids: dict[str, int] = {}
         self.columns: tuple[list[np.ndarray], ...] = ([], [], [], [])
-        # (fqn, saved chunks, per-chunk storage (fid, off, ln), intersection) per tensor,
-        # and every bytes item's storage: what the range-reader model needs.
-        self.boxes: list[tuple[str, TensorStorageMetadata, tuple[np.ndarray, ...], Any]] = []
+        # (fqn, saved chunks, per-chunk storage (fid, off, ln), intersection,
+        # every rank's local shape) per tensor, and every bytes item's storage:
+        # what the range-reader model needs.
+        self.boxes: list[tuple[str, TensorStorageMetadata, tuple[np.ndarray, ...], Any, Any]] = []
         self.bytes_items: list[StorageInfo] = []
 
     def file_id(self, relative_path: str) -> int:
@@ -807,7 +808,7 @@ def _tensor_reads(reads: _Reads, table: dict[tuple[str, Any], Any], fqn: str,
         np.add.at(reads.useful, r, np.prod(hits.lengths, axis=1, dtype=np.int64) * elem)
         s = hits.saved_index
         reads.add(r, fid[s], off[s], ln[s])
-        reads.boxes.append((fqn, item, (fid, off, ln), hits))
+        reads.boxes.append((fqn, item, (fid, off, ln), hits, sizes))
 
 
 def _plan_report(ck: Checkpoint, mesh: tuple[int, ...], reads: _Reads) -> dict[str, Any]:
@@ -944,8 +945,13 @@ class _RangeCost:
         self.whole_memo: dict[tuple, bool] = {}
 
     def box(self, rank: int, gid: int, lay: _ChunkLayout, sizes: tuple[int, ...], elem: int,
-            offsets: Sequence[int], lengths: Sequence[int]) -> None:
-        """Rank ``rank`` reads box ``offsets``/``lengths`` of saved chunk ``gid``."""
+            offsets: Sequence[int], lengths: Sequence[int],
+            dst_shape: tuple[int, ...] | None = None, dst_offsets: Sequence[int] | None = None) -> None:
+        """Rank ``rank`` reads box ``offsets``/``lengths`` of saved chunk ``gid``.
+
+        The box lands at ``dst_offsets`` of a C-order tensor of ``dst_shape``
+        (default: a tensor of its own, ``lengths``).
+        """
         if lay.kind != "transformed" and self._whole(sizes, elem, offsets, lengths, lay.length):
             # One request for the whole item, records and all (decided from
             # the metadata alone, as the reader decides it).
@@ -970,40 +976,44 @@ class _RangeCost:
             return
         # Coalescing depends on run lengths and gaps only, not on where the
         # chunk starts: a layout repeats a few box shapes over many chunks.
-        key = (sizes, lay.strides, elem, *offsets, -1, *lengths)
+        if dst_shape is None:
+            dst_shape, dst_offsets = tuple(lengths), (0,) * len(lengths)
+        key = (sizes, lay.strides, elem, *offsets, -1, *lengths, -1, *dst_shape, -1, *dst_offsets)
         cost = self.memo.get(key)
         if cost is None:
             runs, run_bytes, _ = box_runs(sizes, lay.strides, elem, offsets, lengths)
             if runs > RANGE_MAX_RUNS:
                 cost = (runs * run_bytes, runs, True)
             else:
-                cost = self._box_cost(sizes, lay.strides, elem, offsets, lengths)
+                cost = self._box_cost(sizes, lay.strides, elem, offsets, lengths, dst_shape,
+                                      dst_offsets)
             self.memo[key] = cost
         self.bytes[rank] += cost[0]
         self.calls[rank] += cost[1]
         self.estimated += cost[2]
 
     def _box_cost(self, sizes: tuple[int, ...], strides: tuple[int, ...], elem: int,
-                  offsets: Sequence[int], lengths: Sequence[int]) -> tuple[int, int, bool]:
-        # (bytes, calls, estimated) of one box, as the reader reads it into a
-        # contiguous destination (RangeFileSystemReader._pieces, one thread):
+                  offsets: Sequence[int], lengths: Sequence[int], dst_shape: tuple[int, ...],
+                  dst_offsets: Sequence[int]) -> tuple[int, int, bool]:
+        # (bytes, calls, estimated) of one box, as the reader reads it into
+        # its place in a C-order destination (RangeFileSystemReader._pieces, one thread):
         # the box is cut into slabs (ranges.slabs: DIRECT_SLAB_BYTES of file
         # span in place, the scratch buffer's otherwise), each coalesced on its
         # own. Runs contiguous in both at least direct_min_bytes long go in
         # place, the preadv calls of read_runs per block (ranges.preadv_calls);
         # others through the scratch buffer, one read per block of each of its slabs.
-        offsets, lengths = tuple(offsets), tuple(lengths)
-        _, run = paired_run_info(lengths, itemsize=elem, src_shape=sizes, dst_shape=lengths,
-                                 src_strides=strides, src_offsets=offsets)
+        offsets, lengths, dst_offsets = tuple(offsets), tuple(lengths), tuple(dst_offsets)
+        _, run = paired_run_info(lengths, itemsize=elem, src_shape=sizes, dst_shape=dst_shape,
+                                 src_strides=strides, src_offsets=offsets, dst_offsets=dst_offsets)
         direct = run >= DEFAULT_DIRECT_MIN_BYTES
         limit = slab_limit(DIRECT_SLAB_BYTES if direct else DEFAULT_BUFFER_BYTES,
                            sizes, strides, elem, offsets, lengths)
         nbytes = calls = 0
         for so, sl in slabs(offsets, lengths, strides, elem, limit):
             if direct:
-                pairs = paired_runs(sl, itemsize=elem, src_shape=sizes, dst_shape=lengths,
+                pairs = paired_runs(sl, itemsize=elem, src_shape=sizes, dst_shape=dst_shape,
                                     src_strides=strides, src_offsets=so,
-                                    dst_offsets=tuple(a - b for a, b in zip(so, offsets)))
+                                    dst_offsets=tuple(d + a - b for d, a, b in zip(dst_offsets, so, offsets)))
                 ranges = np.stack([pairs[:, 0], pairs[:, 0] + pairs[:, 2]], axis=1)
                 if len(pairs) < 2 or not np.any(ranges[1:, 0] < ranges[:-1, 1]):
                     blocks = coalesce_ranges(ranges, self.max_gap, self.max_overread)
@@ -1076,9 +1086,9 @@ def range_reads(
     chunk_info: list[tuple[_ChunkLayout, tuple[int, ...], int]] = []
     rows: list[np.ndarray] = []
     hit_gid: list[np.ndarray] = []
-    ndim = max((len(item.size) for _, item, _, _ in reads.boxes), default=0)
+    ndim = max((len(item.size) for _, item, _, _, _ in reads.boxes), default=0)
     try:
-        for fqn, item, _storage, hits in reads.boxes:
+        for fqn, item, _storage, hits, local_sizes in reads.boxes:
             elem = itemsize(item.properties.dtype)
             gids = np.full(len(item.chunks), -1, dtype=np.int64)
             for sc in np.unique(hits.saved_index).tolist():
@@ -1089,10 +1099,14 @@ def range_reads(
                 chunk_info.append((loc.layout(fqn, sizes, info), sizes, elem))
             g = gids[hits.saved_index]
             hit_gid.append(g)
-            for rank, gid, o, n in zip(hits.local_index.tolist(), g.tolist(),
-                                       hits.storage_offsets.tolist(), hits.lengths.tolist()):
+            local_sizes = np.asarray(local_sizes, dtype=np.int64).reshape(world, len(item.size))
+            for rank, gid, o, n, d in zip(hits.local_index.tolist(), g.tolist(),
+                                          hits.storage_offsets.tolist(), hits.lengths.tolist(),
+                                          hits.dest_offsets.tolist()):
                 lay, sizes, _ = chunk_info[gid]
-                plain.box(rank, gid, lay, sizes, elem, o, n)
+                # The box lands in the planner's view of the rank's local
+                # tensor (resolve_tensor narrows it), not in a tensor of its own.
+                plain.box(rank, gid, lay, sizes, elem, o, n, tuple(local_sizes[rank].tolist()), d)
             pad = ndim - hits.lengths.shape[1]
             rows.append(np.concatenate([
                 hits.local_index[:, None], g[:, None], hits.storage_offsets,

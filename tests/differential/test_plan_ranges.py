@@ -280,3 +280,16 @@ def test_range_figures_count_the_slabs_of_large_boxes(tmp_path, monkeypatch, wha
     save_as_ranks(str(path), {k: (v, [((0, 0), tuple(v.shape))]) for k, v in tensors.items()}, 1)
     for world, shard_dim in ((2, 1), (3, 1), (2, 0)):
         _plan_equals_reader_stats(path, tensors, world, shard_dim)
+
+
+def test_range_figures_read_into_the_ranks_local_tensor(tmp_path):
+    """A read item lands in the planner's narrow of the rank's local tensor: a column-saved
+    chunk read by a rank that holds whole rows fills strided rows there (one run, and one
+    iovec, per row: two preadv calls for 600 rows), not a tensor of its own (one run)."""
+    from tests.support.dcp_sim import col_boxes, save_as_ranks
+
+    t = torch.randn(600, 2048, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "ck"
+    save_as_ranks(str(path), {"t": (t, col_boxes(t.shape, 2))}, 2)
+    _plan_equals_reader_stats(path, {"t": t}, 1, 0)
+    _plan_equals_reader_stats(path, {"t": t}, 3, 0)
