@@ -977,7 +977,9 @@ class _RangeCost:
         # Coalescing depends on run lengths and gaps only, not on where the
         # chunk starts: a layout repeats a few box shapes over many chunks.
         if dst_shape is None:
-            dst_shape, dst_offsets = tuple(lengths), (0,) * len(lengths)
+            dst_shape = tuple(lengths)
+        if dst_offsets is None:
+            dst_offsets = (0,) * len(lengths)
         key = (sizes, lay.strides, elem, *offsets, -1, *lengths, -1, *dst_shape, -1, *dst_offsets)
         cost = self.memo.get(key)
         if cost is None:
