@@ -542,3 +542,33 @@ def test_copy_box_shifting_rows_within_one_array():
     copy_box(b[1:], b, (2, 3), itemsize=4, src_shape=(3, 4), dst_shape=(4, 4),
              src_offsets=(0, 1), dst_offsets=(2, 1))
     assert np.array_equal(b, want)
+
+
+def test_preadv_calls_counts_what_read_runs_makes(tmp_path):
+    """preadv_calls (ckcore plan's count) equals read_runs' calls: touching runs take no gap
+    iovec, a gap past the discard buffer several, at most IOVECS_PER_CALL iovecs a call."""
+    import random
+
+    from ckcore import ranges
+
+    path = tmp_path / "f"
+    path.write_bytes(b"\0" * (16 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        rnd = random.Random(0)
+        for _ in range(150):
+            pos, d, rows = 0, 0, []
+            for _ in range(rnd.choice([1, 2, 300, 700])):
+                pos += rnd.choice([0, 0, 1, 100, (1 << 20) + rnd.randint(-1, 1), 3 << 20])
+                ln = rnd.choice([1, 7, 4096])
+                if pos + ln > 16 << 20:
+                    break
+                rows.append([pos, d, ln])
+                d, pos = d + ln, pos + ln
+            runs = np.array(rows, dtype=np.int64).reshape(-1, 3)
+            spans = np.stack([runs[:, 0], runs[:, 0] + runs[:, 2]], axis=1)
+            blocks = ranges.coalesce_ranges(spans, rnd.choice([0, 100, 8 << 20]), ranges.NO_RATIO_CAP)
+            got = ranges.read_runs(fd, runs, blocks, np.empty(max(d, 1), np.uint8))[0]
+            assert ranges.preadv_calls(spans, blocks) == got
+    finally:
+        os.close(fd)
