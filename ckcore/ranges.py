@@ -74,7 +74,7 @@ MAX_WHOLE_RUNS = 1 << 18
 IOVECS_PER_CALL: int = _ranges.IOVECS_PER_CALL
 #: :func:`read_runs` reads a gap between two runs into a discard buffer of at
 #: most this many bytes (a longer gap takes several iovecs).
-DISCARD_BYTES = 1 << 20
+DISCARD_BYTES: int = _ranges.DISCARD_BYTES
 #: The range reader reads a box in place in slabs of at most this much file span...
 DIRECT_SLAB_BYTES = 256 << 20
 #: ...and any slab holds about this many runs at most (:func:`slab_limit`).

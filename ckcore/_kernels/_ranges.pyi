@@ -5,6 +5,7 @@ import numpy.typing as npt
 from typing_extensions import Buffer
 
 IOVECS_PER_CALL: int
+DISCARD_BYTES: int
 
 def box_runs(
     shape: npt.NDArray[np.int64],

@@ -569,10 +569,14 @@ def paired_run_info(const i64[::1] src_shape, const i64[::1] src_strides,
 
 cdef enum:
     NIOV = 512  # iovecs per preadv call (IOV_MAX is 1024 on Linux and macOS)
+    JUNK_MAX = 1 << 20  # largest discard buffer for the gaps between runs
 
 #: iovecs one preadv of read_runs carries at most: a block of more runs and
 #: gaps is read in several calls (ckcore plan counts them).
 IOVECS_PER_CALL = NIOV
+#: read_runs reads a gap into a discard buffer of at most this many bytes (a
+#: longer gap takes several iovecs).
+DISCARD_BYTES = JUNK_MAX
 
 
 cdef i64 _preadv_full(int fd, iovec* iov, int cnt, i64 off, i64* calls,
@@ -754,7 +758,7 @@ def read_runs(int fd, const i64[:, ::1] runs, const i64[:, ::1] blocks,
             memcpy(rw, &runs[0, 0], <size_t>(3 * K) * sizeof(i64))
         if M:
             memcpy(bl, &blocks[0, 0], <size_t>(2 * M) * sizeof(i64))
-        s.junk_len = min(_check_runs(rw, K, bl, M, cap), <i64>(1 << 20))
+        s.junk_len = min(_check_runs(rw, K, bl, M, cap), <i64>JUNK_MAX)
         s.rw, s.bl = rw, bl
         s.junk = <unsigned char*>safe_alloc(<size_t>s.junk_len, 1)
         s.iov = <iovec*>safe_alloc(NIOV, sizeof(iovec))

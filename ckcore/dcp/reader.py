@@ -261,6 +261,11 @@ class RangeFileSystemReader(FileSystemReader):
             raise ValueError(f"max_overread must be >= 1.0 or None, got {max_overread}")
         if (max_gap is not None and max_gap < 0) or buffer_bytes < 4096 or direct_min_bytes < 1:
             raise ValueError("max_gap must be >= 0 or None, buffer_bytes >= 4096, direct_min_bytes >= 1")
+        if not 0 <= small_item_bytes <= buffer_bytes:
+            # Small items are held whole until they are copied: each within
+            # the scratch buffer's size, as every other read is.
+            raise ValueError(f"small_item_bytes must be between 0 and buffer_bytes ({buffer_bytes}), "
+                             f"got {small_item_bytes}")
         if thread_count is None:
             thread_count = default_thread_count()
         if type(thread_count) is not int or thread_count < 1:

@@ -324,6 +324,11 @@ def test_corrupted_archive_names_file_and_item(sharded_ckpt, tmp_path):
 
 
 def test_bad_reader_arguments(tmp_path):
+    # Small items are held whole until copied: never larger than the scratch buffer.
+    for small in (-1, 8193):
+        with pytest.raises(ValueError, match="small_item_bytes"):
+            RangeFileSystemReader(str(tmp_path), small_item_bytes=small, buffer_bytes=8192)
+    assert RangeFileSystemReader(str(tmp_path), small_item_bytes=8192, buffer_bytes=8192).small_item_bytes == 8192
     with pytest.raises(ValueError):
         RangeFileSystemReader(str(tmp_path), max_overread=0.9)
     with pytest.raises(ValueError):

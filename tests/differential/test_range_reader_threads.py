@@ -65,3 +65,4 @@ def test_the_default_reads_what_torch_reads(tmp_path, monkeypatch, local):
     dcp.load(ref, storage_reader=FileSystemReader(str(tmp_path)), no_dist=True)
     for k in sd:
         assert torch.equal(got[k], ref[k]) and torch.equal(got[k], sd[k]), k
+
