@@ -61,11 +61,12 @@ DEFAULT_GAP_BYTES = min(DEFAULT_BUFFER_BYTES,
                         int(DEFAULT_REQUEST_LATENCY_S * DEFAULT_BANDWIDTH_BYTES_PER_S))
 #: The range reader's default: runs at least this long are read in place.
 DEFAULT_DIRECT_MIN_BYTES = 4096
-#: The range reader's default: items up to this size are read whole.
-DEFAULT_SMALL_ITEM_BYTES = 4096
 #: A ``torch.save`` archive's zip records sit in its first and last this many
 #: bytes (all but the storage bytes themselves); the locator reads the same.
 RECORD_BYTES = _ARCHIVE_HEAD
+#: The range reader's default: items up to this size are read whole (their
+#: record windows hold them whole anyway) and every box served from memory.
+DEFAULT_SMALL_ITEM_BYTES = 2 * RECORD_BYTES
 #: A read of merged record windows stops growing past this many bytes.
 MAX_RECORD_WINDOW = 1 << 20
 #: Boxes of more runs than this are never read whole (their ranges are not listed).

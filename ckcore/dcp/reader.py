@@ -78,9 +78,9 @@ from ckcore.dtypes import DTYPE_ITEMSIZE
 
 __all__ = ["RangeFileSystemReader", "default_thread_count"]
 
-# Items up to this size are read whole in one call: locating the tensor reads
-# the first and last 4 KiB of an item anyway (ckcore._torchsave), so reading
-# such an item whole costs no extra bytes.
+# Items up to this size are read whole: locating the tensor reads the first
+# and last 4 KiB of an item anyway (ckcore._torchsave), so its record window
+# holds it whole and every box of it is served from memory.
 _SMALL_ITEM = _r.DEFAULT_SMALL_ITEM_BYTES
 # At most this many runs per slab, so the (runs, 2|3) int64 arrays of a slab
 # stay a few MiB even when every element is its own run.
@@ -211,7 +211,7 @@ class RangeFileSystemReader(FileSystemReader):
     ``buffer_bytes`` bounds the scratch buffer used when a box
     cannot be read straight into the destination; runs of at least
     ``direct_min_bytes`` are read straight into the destination tensor;
-    items of at most ``small_item_bytes`` are read whole in one call;
+    items of at most ``small_item_bytes`` (default 8 KiB, at most ``buffer_bytes``) are read whole and served from memory;
     ``prefetch_bytes`` is how far ahead of the current read the exact byte
     ranges are announced to the kernel (``POSIX_FADV_WILLNEED``, with
     readahead turned off by ``POSIX_FADV_RANDOM``); 0 leaves the kernel's
@@ -249,7 +249,7 @@ class RangeFileSystemReader(FileSystemReader):
         max_gap: int | None = None,
         buffer_bytes: int = _r.DEFAULT_BUFFER_BYTES,
         direct_min_bytes: int = _r.DEFAULT_DIRECT_MIN_BYTES,
-        small_item_bytes: int = _SMALL_ITEM,
+        small_item_bytes: int | None = None,
         prefetch_bytes: int = 8 << 20,
         thread_count: int | None = None,
         request_latency_s: float = DEFAULT_REQUEST_LATENCY_S,
@@ -261,6 +261,8 @@ class RangeFileSystemReader(FileSystemReader):
             raise ValueError(f"max_overread must be >= 1.0 or None, got {max_overread}")
         if (max_gap is not None and max_gap < 0) or buffer_bytes < 4096 or direct_min_bytes < 1:
             raise ValueError("max_gap must be >= 0 or None, buffer_bytes >= 4096, direct_min_bytes >= 1")
+        if small_item_bytes is None:
+            small_item_bytes = min(_SMALL_ITEM, buffer_bytes)
         if not 0 <= small_item_bytes <= buffer_bytes:
             # Small items are held whole until they are copied: each within
             # the scratch buffer's size, as every other read is.
