@@ -52,38 +52,41 @@ class _Dest:
         pass
 
 
-def _assert_plan_equals_reader(path, shard_dim, make_reader, strides="stored"):
+def _assert_plan_equals_reader(path, shard_dim, make_reader, strides="stored", tensors=None, world=3):
     # Plan every target rank's reads with `ckcore plan`'s model, read them
     # with the reader, compare the values and the reader's stats.
+    tensors = TENSORS if tensors is None else tensors
     ck = Checkpoint(path)
-    mesh, layouts = report.resolve_layouts(ck.metadata, world_size=3, shard_dim=shard_dim)
+    mesh, layouts = report.resolve_layouts(ck.metadata, world_size=world, shard_dim=shard_dim)
     plan = report.plan_reads(ck, mesh, layouts, ranges=True)
-    assert plan["range_reader"]["strides"] == strides
+    if strides is not None:
+        assert plan["range_reader"]["strides"] == strides
     by_rank = {r["rank"]: r for r in plan["ranks"]}
-    for rank in range(3):
+    for rank in range(world):
         reader = make_reader(path)
         md = reader.read_metadata()
         reader.set_up_storage_reader(md, True)
         items, dests = [], {}
-        for fqn, t in TENSORS.items():
+        for fqn, t in tensors.items():
             sizes, offsets = local_shapes_and_offsets(tuple(t.shape), mesh, layouts[fqn][1])
             off, ln = tuple(offsets[rank]), tuple(sizes[rank])
             dests[fqn] = torch.empty(ln, dtype=t.dtype)
-            items += create_read_items_for_chunk_list(
-                fqn, md.state_dict_metadata[fqn],
-                [ChunkStorageMetadata(offsets=torch.Size(off), sizes=torch.Size(ln))])
+            if 0 not in ln:
+                items += create_read_items_for_chunk_list(
+                    fqn, md.state_dict_metadata[fqn],
+                    [ChunkStorageMetadata(offsets=torch.Size(off), sizes=torch.Size(ln))])
         reader.read_data(LoadPlan(items), _Dest(dests)).wait()
-        for fqn, t in TENSORS.items():
+        for fqn, t in tensors.items():
             sizes, offsets = local_shapes_and_offsets(tuple(t.shape), mesh, layouts[fqn][1])
             sl = tuple(slice(o, o + n) for o, n in zip(offsets[rank], sizes[rank]))
-            assert torch.equal(dests[fqn], t[sl])
+            assert torch.equal(dests[fqn], t[sl]), (fqn, rank)
         got = by_rank[rank]["range"]
         assert (got["bytes_read"], got["read_calls"]) == (
-            reader.stats["bytes_read"], reader.stats["read_calls"]), rank
+            reader.stats["bytes_read"], reader.stats["read_calls"]), (world, shard_dim, rank)
         # Every byte the rank needs is read; the cost model may read through
         # gaps (even whole neighbouring items of this small checkpoint) to
         # save requests.
-        assert got["bytes_read"] >= by_rank[rank]["useful_bytes"] > 0
+        assert got["bytes_read"] >= by_rank[rank]["useful_bytes"]
 
 
 def _save(path, **kw):
@@ -147,33 +150,10 @@ def test_range_figures_equal_the_reader_on_random_checkpoints(tmp_path, seed):
     save_as_ranks(str(path), spec, save_world,
                   layout=lambda fqn, s: s.t().contiguous().t() if fqn in transposed else s)
     tensors = {k: t for k, (t, _) in spec.items()}
-    ck = Checkpoint(path)
     for world in (2, 3):
         for shard_dim in (0, 1):
-            mesh, layouts = report.resolve_layouts(ck.metadata, world_size=world, shard_dim=shard_dim)
-            plan = report.plan_reads(ck, mesh, layouts, ranges=True)
-            by_rank = {r["rank"]: r["range"] for r in plan["ranks"]}
-            for rank in range(world):
-                reader = RangeFileSystemReader(path, thread_count=1)
-                md = reader.read_metadata()
-                reader.set_up_storage_reader(md, True)
-                items, dests = [], {}
-                for fqn, t in tensors.items():
-                    sizes, offsets = local_shapes_and_offsets(tuple(t.shape), mesh, layouts[fqn][1])
-                    off, ln = tuple(offsets[rank]), tuple(sizes[rank])
-                    dests[fqn] = torch.empty(ln, dtype=t.dtype)
-                    if 0 not in ln:
-                        items += create_read_items_for_chunk_list(
-                            fqn, md.state_dict_metadata[fqn],
-                            [ChunkStorageMetadata(offsets=torch.Size(off), sizes=torch.Size(ln))])
-                reader.read_data(LoadPlan(items), _Dest(dests)).wait()
-                for fqn, t in tensors.items():
-                    sizes, offsets = local_shapes_and_offsets(tuple(t.shape), mesh, layouts[fqn][1])
-                    sl = tuple(slice(o, o + n) for o, n in zip(offsets[rank], sizes[rank]))
-                    assert torch.equal(dests[fqn], t[sl]), (fqn, rank)
-                got = by_rank[rank]
-                assert (got["bytes_read"], got["read_calls"]) == (
-                    reader.stats["bytes_read"], reader.stats["read_calls"]), (world, shard_dim, rank)
+            _assert_plan_equals_reader(path, shard_dim, lambda p: RangeFileSystemReader(p, thread_count=1),
+                                       strides=None, tensors=tensors, world=world)
 
 
 def test_range_figures_count_each_preadv_of_a_block_of_many_runs(tmp_path, monkeypatch):
