@@ -121,25 +121,25 @@ def _bytes_view(what: str, obj: Any, writable: bool) -> memoryview:
     return m
 
 
-def _ranges_array(ranges: Any) -> np.ndarray:
+def _ranges_array(ranges: Any, what: str = "coalesce_ranges") -> np.ndarray:
     # (K, 2) int64 without numpy's silent float truncation or wrap-around.
     if not isinstance(ranges, np.ndarray):
         rows = [tuple(r) for r in ranges]
         if any(len(r) != 2 for r in rows):
-            raise ValueError("coalesce_ranges: ranges must have shape (K, 2)")
-        flat = _vec("coalesce_ranges", "ranges", [v for r in rows for v in r])
+            raise ValueError(f"{what}: ranges must have shape (K, 2)")
+        flat = _vec(what, "ranges", [v for r in rows for v in r])
         return flat.reshape(len(rows), 2)
     a = ranges
     if a.size == 0:
         return np.empty((0, 2), dtype=np.int64)
     if a.dtype == object:
-        raise ValueError("coalesce_ranges: a range bound does not fit in int64")
+        raise ValueError(f"{what}: a range bound does not fit in int64")
     if a.dtype.kind not in "iu":
-        raise TypeError(f"coalesce_ranges: ranges must be integers, got dtype {a.dtype}")
+        raise TypeError(f"{what}: ranges must be integers, got dtype {a.dtype}")
     if a.ndim != 2 or a.shape[1] != 2:
-        raise ValueError(f"coalesce_ranges: ranges must have shape (K, 2), got {a.shape}")
+        raise ValueError(f"{what}: ranges must have shape (K, 2), got {a.shape}")
     if a.dtype.kind == "u" and a.size and int(a.max()) > _I64_MAX:
-        raise ValueError("coalesce_ranges: a range bound does not fit in int64")
+        raise ValueError(f"{what}: a range bound does not fit in int64")
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
@@ -343,6 +343,22 @@ def read_runs(fd: int, runs: Any, blocks: Any, dst: Any, prefetch: int = 0) -> t
     )
 
 
+def _item_spans(what: str, items: Sequence[tuple[int, int]]) -> set[tuple[int, int]]:
+    # Distinct (offset, length) pairs of storage items: non-negative ints
+    # whose end fits in int64.
+    out: set[tuple[int, int]] = set()
+    for item in items:
+        try:
+            off, ln = item
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}: each item must be an (offset, length) pair, got {item!r}") from None
+        off, ln = _int(what, "offset", off), _int(what, "length", ln)
+        if off < 0 or ln < 0 or off > _I64_MAX - ln:
+            raise ValueError(f"{what}: item (offset {off}, length {ln}) is negative or ends past int64")
+        out.add((off, ln))
+    return out
+
+
 def record_windows(items: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """The reads that fetch the archive records of ``items`` (``(offset, length)`` of one file).
 
@@ -351,13 +367,15 @@ def record_windows(items: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     back, so one item's last bytes and the next one's first bytes touch and
     are read as one ``[start, end)`` window; windows merge only when they
     touch or overlap (no other byte is read), up to :data:`MAX_RECORD_WINDOW`
-    bytes. Duplicate items count once.
+    bytes. Duplicate items count once. An item that is not a pair of
+    non-negative ints ending within int64 raises ValueError (TypeError for
+    a non-integer).
 
         >>> record_windows([(0, 10000), (10000, 9000), (19000, 100)])
         [(0, 4096), (5904, 14096), (14904, 19100)]
     """
     spans: list[tuple[int, int]] = []
-    for off, ln in set(items):
+    for off, ln in _item_spans("record_windows", items):
         if ln <= 2 * RECORD_BYTES:
             spans.append((off, off + ln))
         else:
@@ -383,10 +401,16 @@ def record_batches(items: Sequence[tuple[int, int]], max_bytes: int) -> list[lis
 
         >>> record_batches([(20000, 100), (0, 10000), (10000, 10000)], 16384)
         [[(0, 10000), (10000, 10000)], [(20000, 100)]]
+
+    Items are checked as :func:`record_windows` checks them; ``max_bytes``
+    must be at least 1.
     """
+    max_bytes = _int("record_batches", "max_bytes", max_bytes)
+    if max_bytes < 1:
+        raise ValueError(f"record_batches: max_bytes must be >= 1, got {max_bytes}")
     batches: list[list[tuple[int, int]]] = []
     used = 0
-    for off, ln in sorted(set(items)):
+    for off, ln in sorted(_item_spans("record_batches", items)):
         cost = min(ln, 2 * RECORD_BYTES)
         if not batches or used + cost > max_bytes:
             batches.append([])
@@ -420,13 +444,24 @@ def reads_whole(
     shorter than ``direct_min_bytes`` (so they go through that buffer in any
     case), its byte ranges coalesce into one read, and the item's bytes
     outside that read are at most ``max_gap``: reading them costs less than
-    the request that locating the item first would cost.
+    the request that locating the item first would cost. A box outside the
+    chunk, or a chunk whose byte arithmetic overflows int64, is not read
+    whole; non-integers raise TypeError, a value outside int64, a negative
+    size or item length or
+    an itemsize below 1 ValueError.
 
         >>> reads_whole((64, 1024), 2, (0, 256), (64, 256), 64 * 1024 * 2 + 1500)
         True
         >>> reads_whole((64, 1024), 2, (0, 0), (64, 1024), 64 * 1024 * 2 + 1500)
         False
     """
+    w = "reads_whole"
+    sizes, offsets, lengths = (tuple(_vec(w, n, v).tolist()) for n, v in
+                               (("sizes", sizes), ("offsets", offsets), ("lengths", lengths)))
+    itemsize, item_length = _int(w, "itemsize", itemsize), _int(w, "item_length", item_length)
+    if itemsize < 1 or item_length < 0 or any(c < 0 for c in sizes):
+        raise ValueError(f"{w}: itemsize must be >= 1, item_length and sizes >= 0 "
+                         f"(got {itemsize}, {item_length}, {sizes})")
     if not small_item_bytes < item_length <= buffer_bytes:
         return False
     if len(sizes) != len(lengths) or len(offsets) != len(lengths) or any(
@@ -462,7 +497,25 @@ def slabs(
 
     The range reader reads a box slab by slab (coalescing each on its own),
     so a read buffer stays bounded; ``ckcore plan`` counts the same slabs.
+    ``limit`` must hold one element (``>= itemsize``), strides be >= 0 and
+    lengths >= 1, one of each per dim; otherwise ValueError.
+
+        >>> list(slabs((0, 0), (4, 6), (6, 1), 4, 48))
+        [((0, 0), (2, 6)), ((2, 0), (2, 6))]
     """
+    if not (len(offsets) == len(lengths) == len(strides)) or itemsize < 1 or limit < itemsize \
+            or any(t < 0 for t in strides) or any(n < 1 for n in lengths):
+        raise ValueError(
+            f"slabs: need one offset, length (>= 1) and stride (>= 0) per dim, itemsize >= 1 and "
+            f"limit >= itemsize; got offsets={offsets} lengths={lengths} strides={strides} "
+            f"itemsize={itemsize} limit={limit}")
+    yield from _slabs(offsets, lengths, strides, itemsize, limit)
+
+
+def _slabs(
+    offsets: tuple[int, ...], lengths: tuple[int, ...], strides: tuple[int, ...],
+    itemsize: int, limit: int,
+) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
     span = _extent(lengths, strides, itemsize)
     if span <= limit:
         yield offsets, lengths
@@ -476,7 +529,7 @@ def slabs(
         o = offsets[:d] + (offsets[d] + i,) + offsets[d + 1 :]
         ln = lengths[:d] + (min(k, lengths[d] - i),) + lengths[d + 1 :]
         if rest > limit:
-            yield from slabs(o, ln, strides, itemsize, limit)
+            yield from _slabs(o, ln, strides, itemsize, limit)
         else:
             yield o, ln
 
@@ -488,6 +541,8 @@ def slab_limit(limit: int, sizes: Sequence[int], strides: Sequence[int], itemsiz
     (default :data:`MAX_SLAB_RUNS`) runs at most."""
     if max_runs is None:
         max_runs = MAX_SLAB_RUNS
+    if _int("slab_limit", "limit", limit) < 1 or _int("slab_limit", "max_runs", max_runs) < 1:
+        raise ValueError(f"slab_limit: limit and max_runs must be >= 1, got {limit}, {max_runs}")
     nruns, _, _ = box_runs(sizes, strides, itemsize, offsets, lengths)
     if nruns > max_runs:
         span = _extent(lengths, strides, itemsize)
@@ -501,10 +556,18 @@ def preadv_calls(ranges: np.ndarray, blocks: np.ndarray) -> int:
 
     Per block: one iovec per run and per gap between two of its runs (a gap
     longer than the discard buffer takes several; touching runs none), at
-    most :data:`IOVECS_PER_CALL` iovecs a call.
+    most :data:`IOVECS_PER_CALL` iovecs a call. Arrays of another shape,
+    unsorted or overlapping, raise ValueError.
+
+        >>> preadv_calls([[0, 10], [20, 30], [100, 110]], [[0, 30], [100, 110]])
+        2
     """
-    r = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
-    b = np.asarray(blocks, dtype=np.int64).reshape(-1, 2)
+    r = _ranges_array(ranges, "preadv_calls")
+    b = _ranges_array(blocks, "preadv_calls")
+    for name, a in (("ranges", r), ("blocks", b)):
+        if len(a) and (np.any(a[:, 0] < 0) or np.any(a[:, 1] < a[:, 0])
+                       or np.any(a[1:, 0] < a[:-1, 1])):
+            raise ValueError(f"preadv_calls: {name} must be sorted, disjoint [start, end) with 0 <= start <= end")
     if not len(r) or not len(b):
         return 0
     ends = np.searchsorted(r[:, 0], b[:, 1], side="left")

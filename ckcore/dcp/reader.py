@@ -103,6 +103,8 @@ def default_thread_count(max_threads: int = 4) -> int:
     share its CPUs. Storage whose requests wait long on a round trip, on a
     host with CPUs to spare, is served by an explicit larger ``thread_count``.
     """
+    if type(max_threads) is not int or max_threads < 1:
+        raise ValueError(f"max_threads must be an int >= 1, got {saferepr(max_threads)}")
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -576,14 +578,19 @@ class RangeFileSystemReader(FileSystemReader):
             return None
         sizes, dtype = found
         isz = DTYPE_ITEMSIZE.get(dtype)
-        if isz is None or not _r.reads_whole(
-            sizes, isz, tuple(int(x) for x in req.storage_offsets), tuple(int(x) for x in req.lengths),
-            info.length, small_item_bytes=self.small_item_bytes, buffer_bytes=self.buffer_bytes,
-            direct_min_bytes=self.direct_min_bytes, max_gap=self._gap_limit,
-            max_overread=self._overread_limit,
-        ):
-            return None
-        return dtype
+        try:
+            whole = isz is not None and _r.reads_whole(
+                sizes, isz, tuple(int(x) for x in req.storage_offsets),
+                tuple(int(x) for x in req.lengths), info.length,
+                small_item_bytes=self.small_item_bytes, buffer_bytes=self.buffer_bytes,
+                direct_min_bytes=self.direct_min_bytes, max_gap=self._gap_limit,
+                max_overread=self._overread_limit,
+            )
+        except ValueError:
+            # Metadata the rule refuses (a negative size): the located path
+            # checks the item against its archive and names what is wrong.
+            whole = False
+        return dtype if whole else None
 
     def _saved_chunk(self, req: ReadItem) -> tuple[tuple[int, ...], str] | None:
         # (sizes, dtype name) of the saved chunk the metadata gives for req, or None.

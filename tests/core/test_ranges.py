@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ckcore import ranges
 from ckcore.ranges import (
     box_runs,
     byte_ranges,
@@ -572,3 +573,41 @@ def test_preadv_calls_counts_what_read_runs_makes(tmp_path):
             assert ranges.preadv_calls(spans, blocks) == got
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------ bad input to the reader's rules
+
+_BAD_RULE_INPUTS = [
+    (lambda: ranges.record_windows([(-5, 10)]), ValueError, "negative or ends past int64"),
+    (lambda: ranges.record_windows([(2**63 - 1, 10)]), ValueError, "ends past int64"),
+    (lambda: ranges.record_windows([(1, 2, 3)]), ValueError, "pair"),
+    (lambda: ranges.record_windows([("a", 1)]), TypeError, "offset must be an integer"),
+    (lambda: ranges.record_windows([(0, 1.5)]), TypeError, "length must be an integer"),
+    (lambda: ranges.record_batches([(0, 10)], 0), ValueError, "max_bytes"),
+    (lambda: ranges.record_batches([(0, -10)], 100), ValueError, "negative"),
+    (lambda: ranges.reads_whole((-4, 4), 4, (0, 0), (1, 1), 100), ValueError, "sizes"),
+    (lambda: ranges.reads_whole((4, 4), 0, (0, 0), (4, 1), 100), ValueError, "itemsize"),
+    (lambda: ranges.reads_whole("ab", 4, (0, 0), (4, 1), 100), TypeError, "sizes must be integers"),
+    (lambda: ranges.reads_whole((2**64, 4), 4, (0, 0), (4, 1), 100), ValueError, "int64"),
+    (lambda: list(ranges.slabs((0, 0), (4, 4), (4, 1), 4, 0)), ValueError, "limit >= itemsize"),
+    (lambda: list(ranges.slabs((0, 0), (4, 4), (4, -1), 4, 8)), ValueError, "stride"),
+    (lambda: list(ranges.slabs((0,), (0,), (1,), 4, 8)), ValueError, "length"),
+    (lambda: list(ranges.slabs((0,), (4, 4), (4, 1), 4, 8)), ValueError, "per dim"),
+    (lambda: ranges.slab_limit(-1, (4,), (1,), 4, (0,), (4,)), ValueError, "limit"),
+    (lambda: ranges.slab_limit(8, (4,), (1,), 4, (0,), (4,), max_runs=0), ValueError, "max_runs"),
+    (lambda: ranges.preadv_calls(np.zeros((3, 3), np.int64), np.zeros((1, 2), np.int64)), ValueError, "shape"),
+    (lambda: ranges.preadv_calls(np.zeros((3, 2)), np.zeros((1, 2))), TypeError, "integers"),
+    (lambda: ranges.preadv_calls([[10, 20], [0, 5]], [[0, 20]]), ValueError, "sorted"),
+    (lambda: ranges.preadv_calls([[5, 2]], [[0, 20]]), ValueError, "sorted"),
+    (lambda: ranges.preadv_calls([[0, 2**64]], [[0, 20]]), ValueError, "int64"),
+]
+
+
+@pytest.mark.parametrize(("call", "exc", "words"), _BAD_RULE_INPUTS)
+def test_the_reader_rules_name_bad_input(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()
+
+
+def test_reads_whole_is_false_for_a_chunk_whose_bytes_overflow_int64():
+    assert ranges.reads_whole((2**32, 2**32, 2**32), 4, (0, 0, 0), (1, 1, 1), 8192 + 1) is False

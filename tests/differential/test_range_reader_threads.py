@@ -66,3 +66,9 @@ def test_the_default_reads_what_torch_reads(tmp_path, monkeypatch, local):
     for k in sd:
         assert torch.equal(got[k], ref[k]) and torch.equal(got[k], sd[k]), k
 
+
+
+@pytest.mark.parametrize("bad", [0, -1, "4", 2.0, None, True])
+def test_default_thread_count_refuses_a_bad_bound(bad):
+    with pytest.raises(ValueError, match="max_threads"):
+        default_thread_count(bad)
