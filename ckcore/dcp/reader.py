@@ -129,9 +129,8 @@ def _byte_view(addr: int, nbytes: int) -> memoryview:
     return memoryview((ctypes.c_ubyte * nbytes).from_address(addr)).cast("B")
 
 
-def _extent(sizes: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> int:
-    # bytes from element 0 to one past the last element of a non-empty box
-    return (sum((s - 1) * t for s, t in zip(sizes, strides)) + 1) * itemsize
+# bytes from element 0 to one past the last element of a non-empty box
+_extent = _r._extent
 
 
 # Split a box along its largest-stride dim (recursively) until each piece
@@ -593,9 +592,13 @@ class RangeFileSystemReader(FileSystemReader):
         return dtype if whole else None
 
     def _saved_chunk(self, req: ReadItem) -> tuple[tuple[int, ...], str] | None:
-        # (sizes, dtype name) of the saved chunk the metadata gives for req, or None.
+        # (sizes, dtype name, "" if not a torch dtype) of the saved chunk the
+        # metadata gives for req: torch's index hint first (O(1)), then the
+        # first chunk with the item's offsets, as find_state_dict_object
+        # scans; None when the metadata holds no such tensor chunk.
         idx = req.storage_index
-        want = tuple(int(x) for x in (idx.offset or ()))
+        want = tuple(idx.offset or ())
+        hint = idx.index
         cols = columns_of(self._md)
         if cols is not None:
             fid = cols._fqn_ids.get(idx.fqn)
@@ -603,23 +606,27 @@ class RangeFileSystemReader(FileSystemReader):
             if fid is None or props is None:
                 return None
             offs, sizes = cols.chunks(fid)
-            if offs.shape[1] != len(want):
+            w = np.asarray(want, dtype=np.int64)
+            if offs.shape[1] != len(w):
                 return None
-            hint = idx.index
-            if hint is not None and 0 <= hint < len(offs) and tuple(offs[hint].tolist()) == want:
+            if hint is not None and 0 <= hint < len(offs) and np.array_equal(offs[hint], w):
                 row = hint
             else:
-                hits = np.flatnonzero((offs == np.asarray(want, dtype=np.int64)).all(axis=1))
+                hits = np.flatnonzero((offs == w).all(axis=1))
                 if not hits.size:
                     return None
                 row = int(hits[0])
             return tuple(sizes[row].tolist()), str(props[0])
-        md = self._md.state_dict_metadata.get(idx.fqn) if self._md is not None else None
+        md = self._md.state_dict_metadata.get(idx.fqn) if self._md else None
         if not isinstance(md, TensorStorageMetadata):
             return None
-        for chunk in md.chunks:
+        order = md.chunks if hint is None or not 0 <= hint < len(md.chunks) else (
+            [md.chunks[hint], *md.chunks]
+        )
+        for chunk in order:
             if tuple(chunk.offsets) == want:
-                return tuple(int(x) for x in chunk.sizes), _dtype_name(md.properties.dtype)
+                dtype = getattr(md.properties, "dtype", None)
+                return tuple(chunk.sizes), _dtype_name(dtype) if isinstance(dtype, torch.dtype) else ""
         return None
 
     def _record_windows(self, fd: int, path: str, items: list[tuple[int, int]]) -> _Windows:
@@ -671,51 +678,11 @@ class RangeFileSystemReader(FileSystemReader):
             return None
 
     def _check_chunk(self, req: ReadItem, loc: TensorLocation, where: str) -> None:
-        cols = columns_of(self._md)
-        if cols is not None:
-            self._check_chunk_columns(cols, req, loc, where)
-            return
-        md = self._md.state_dict_metadata.get(req.storage_index.fqn) if self._md else None
-        if not isinstance(md, TensorStorageMetadata):
-            return
-        want = tuple(req.storage_index.offset or ())
-        hint = req.storage_index.index
-        # torch's index hint first (O(1)), then a scan like find_state_dict_object
-        order = md.chunks if hint is None or not 0 <= hint < len(md.chunks) else (
-            [md.chunks[hint], *md.chunks]
-        )
-        for chunk in order:
-            if tuple(chunk.offsets) == want:
-                if tuple(chunk.sizes) != loc.size:
-                    raise CorruptItem(
-                        f"{where}: archive holds a tensor of size {loc.size}, the metadata says "
-                        f"{tuple(chunk.sizes)}"
-                    )
-                return
-
-    @staticmethod
-    def _check_chunk_columns(cols: Any, req: ReadItem, loc: TensorLocation, where: str) -> None:
-        # _check_chunk on the columns: the hinted row first, then the first row
-        # with the item's offsets.
-        fid = cols._fqn_ids.get(req.storage_index.fqn)
-        if fid is None or cols.properties[fid] is None:
-            return
-        offs, sizes = cols.chunks(fid)
-        want = np.asarray(tuple(req.storage_index.offset or ()), dtype=np.int64)
-        if offs.shape[1] != len(want):
-            return
-        hint = req.storage_index.index
-        row = -1
-        if hint is not None and 0 <= hint < len(offs) and np.array_equal(offs[hint], want):
-            row = hint
-        else:
-            hits = np.flatnonzero((offs == want).all(axis=1))
-            if hits.size:
-                row = int(hits[0])
-        if row >= 0 and tuple(sizes[row].tolist()) != loc.size:
+        # The archive's tensor must have the size the metadata gives its chunk.
+        found = self._saved_chunk(req)
+        if found is not None and tuple(found[0]) != loc.size:
             raise CorruptItem(
-                f"{where}: archive holds a tensor of size {loc.size}, the metadata says "
-                f"{tuple(sizes[row].tolist())}"
+                f"{where}: archive holds a tensor of size {loc.size}, the metadata says {found[0]}"
             )
 
     def _resolve(self, job: _Job, planner: LoadPlanner) -> tuple[torch.Tensor, torch.Tensor]:
