@@ -347,6 +347,10 @@ def _item_spans(what: str, items: Sequence[tuple[int, int]]) -> set[tuple[int, i
     # Distinct (offset, length) pairs of storage items: non-negative ints
     # whose end fits in int64.
     out: set[tuple[int, int]] = set()
+    try:
+        items = list(items)
+    except TypeError:
+        raise TypeError(f"{what}: items must be a sequence of (offset, length) pairs, got {items!r}") from None
     for item in items:
         try:
             off, ln = item
@@ -376,6 +380,8 @@ def record_windows(items: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """
     spans: list[tuple[int, int]] = []
     for off, ln in _item_spans("record_windows", items):
+        if ln == 0:
+            continue
         if ln <= 2 * RECORD_BYTES:
             spans.append((off, off + ln))
         else:
@@ -386,8 +392,12 @@ def record_windows(items: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     for start, end in spans:
         if merged and start <= merged[-1][1] and end - merged[-1][0] <= MAX_RECORD_WINDOW:
             merged[-1][1] = max(merged[-1][1], end)
+        elif merged and end <= merged[-1][1]:
+            continue  # inside the previous window already
         else:
-            merged.append([start, end])
+            # never read a byte twice: a window capped at MAX_RECORD_WINDOW
+            # is followed by one that starts where it ends
+            merged.append([max(start, merged[-1][1]) if merged else start, end])
     return [(a, b) for a, b in merged]
 
 
@@ -462,6 +472,18 @@ def reads_whole(
     if itemsize < 1 or item_length < 0 or any(c < 0 for c in sizes):
         raise ValueError(f"{w}: itemsize must be >= 1, item_length and sizes >= 0 "
                          f"(got {itemsize}, {item_length}, {sizes})")
+    if not len(sizes) == len(offsets) == len(lengths):
+        raise ValueError(f"{w}: sizes, offsets and lengths must have one value per dim, got "
+                         f"{sizes}, {offsets}, {lengths}")
+    small_item_bytes, buffer_bytes, direct_min_bytes, max_gap = (_int(w, n, v) for n, v in (
+        ("small_item_bytes", small_item_bytes), ("buffer_bytes", buffer_bytes),
+        ("direct_min_bytes", direct_min_bytes), ("max_gap", max_gap)))
+    try:
+        max_overread = float(max_overread)
+    except (TypeError, ValueError):
+        raise TypeError(f"{w}: max_overread must be a number, got {max_overread!r}") from None
+    if max_gap < 0 or not max_overread >= 1.0:
+        raise ValueError(f"{w}: max_gap must be >= 0 and max_overread >= 1, got {max_gap}, {max_overread}")
     if not small_item_bytes < item_length <= buffer_bytes:
         return False
     if len(sizes) != len(lengths) or len(offsets) != len(lengths) or any(
@@ -488,8 +510,21 @@ def _extent(sizes: Sequence[int], strides: Sequence[int], itemsize: int) -> int:
     return (sum((s - 1) * t for s, t in zip(sizes, strides)) + 1) * itemsize
 
 
+#: Dims a box of :func:`slabs` may have (its cuts recurse once per dim).
+MAX_SLAB_DIMS = 64
+
+
+def _ints(what: str, name: str, values: Sequence[int]) -> tuple[int, ...]:
+    # A tuple of Python ints (int64-checked) from any sequence of integers.
+    try:
+        seq = list(values)
+    except TypeError:
+        raise TypeError(f"{what}: {name} must be a sequence of integers, got {values!r}") from None
+    return tuple(_vec(what, name, seq).tolist())
+
+
 def slabs(
-    offsets: tuple[int, ...], lengths: tuple[int, ...], strides: tuple[int, ...],
+    offsets: Sequence[int], lengths: Sequence[int], strides: Sequence[int],
     itemsize: int, limit: int,
 ) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
     """A box cut along its largest-stride dim (recursively) into ``(offsets, lengths)``
@@ -497,19 +532,26 @@ def slabs(
 
     The range reader reads a box slab by slab (coalescing each on its own),
     so a read buffer stays bounded; ``ckcore plan`` counts the same slabs.
-    ``limit`` must hold one element (``>= itemsize``), strides be >= 0 and
-    lengths >= 1, one of each per dim; otherwise ValueError.
+    The arguments are checked when this is called: integers (TypeError
+    otherwise), one offset (>= 0), length (>= 1) and stride (>= 0) per dim,
+    at most :data:`MAX_SLAB_DIMS` dims, ``itemsize >= 1`` and ``limit >=
+    itemsize`` (ValueError otherwise).
 
         >>> list(slabs((0, 0), (4, 6), (6, 1), 4, 48))
         [((0, 0), (2, 6)), ((2, 0), (2, 6))]
     """
-    if not (len(offsets) == len(lengths) == len(strides)) or itemsize < 1 or limit < itemsize \
+    w = "slabs"
+    offsets, lengths, strides = _ints(w, "offsets", offsets), _ints(w, "lengths", lengths), \
+        _ints(w, "strides", strides)
+    itemsize, limit = _int(w, "itemsize", itemsize), _int(w, "limit", limit)
+    if not (len(offsets) == len(lengths) == len(strides)) or len(lengths) > MAX_SLAB_DIMS \
+            or itemsize < 1 or limit < itemsize or any(o < 0 for o in offsets) \
             or any(t < 0 for t in strides) or any(n < 1 for n in lengths):
         raise ValueError(
-            f"slabs: need one offset, length (>= 1) and stride (>= 0) per dim, itemsize >= 1 and "
-            f"limit >= itemsize; got offsets={offsets} lengths={lengths} strides={strides} "
-            f"itemsize={itemsize} limit={limit}")
-    yield from _slabs(offsets, lengths, strides, itemsize, limit)
+            f"{w}: need one offset (>= 0), length (>= 1) and stride (>= 0) per dim, at most "
+            f"{MAX_SLAB_DIMS} dims, itemsize >= 1 and limit >= itemsize; got offsets={offsets} "
+            f"lengths={lengths} strides={strides} itemsize={itemsize} limit={limit}")
+    return _slabs(offsets, lengths, strides, itemsize, limit)
 
 
 def _slabs(
@@ -539,10 +581,14 @@ def slab_limit(limit: int, sizes: Sequence[int], strides: Sequence[int], itemsiz
                max_runs: int | None = None) -> int:
     """``limit`` shrunk so that a slab of the box holds about ``max_runs``
     (default :data:`MAX_SLAB_RUNS`) runs at most."""
-    if max_runs is None:
-        max_runs = MAX_SLAB_RUNS
-    if _int("slab_limit", "limit", limit) < 1 or _int("slab_limit", "max_runs", max_runs) < 1:
-        raise ValueError(f"slab_limit: limit and max_runs must be >= 1, got {limit}, {max_runs}")
+    w = "slab_limit"
+    limit = _int(w, "limit", limit)
+    max_runs = MAX_SLAB_RUNS if max_runs is None else _int(w, "max_runs", max_runs)
+    if limit < 1 or max_runs < 1:
+        raise ValueError(f"{w}: limit and max_runs must be >= 1, got {limit}, {max_runs}")
+    sizes, strides, offsets, lengths = (_ints(w, n, v) for n, v in (
+        ("sizes", sizes), ("strides", strides), ("offsets", offsets), ("lengths", lengths)))
+    itemsize = _int(w, "itemsize", itemsize)
     nruns, _, _ = box_runs(sizes, strides, itemsize, offsets, lengths)
     if nruns > max_runs:
         span = _extent(lengths, strides, itemsize)
@@ -562,21 +608,34 @@ def preadv_calls(ranges: np.ndarray, blocks: np.ndarray) -> int:
         >>> preadv_calls([[0, 10], [20, 30], [100, 110]], [[0, 30], [100, 110]])
         2
     """
-    r = _ranges_array(ranges, "preadv_calls")
-    b = _ranges_array(blocks, "preadv_calls")
+    w = "preadv_calls"
+    if ranges is None or blocks is None:
+        raise TypeError(f"{w}: ranges and blocks must be (K, 2) integer arrays")
+    try:
+        r = _ranges_array(ranges, w)
+        b = _ranges_array(blocks, w)
+    except TypeError as e:
+        raise TypeError(f"{w}: ranges and blocks must be (K, 2) integer arrays ({e})") from None
+    # read_runs' own rules: non-empty runs, sorted and disjoint, each inside
+    # one block; blocks non-empty, sorted and disjoint.
     for name, a in (("ranges", r), ("blocks", b)):
-        if len(a) and (np.any(a[:, 0] < 0) or np.any(a[:, 1] < a[:, 0])
+        if len(a) and (np.any(a[:, 0] < 0) or np.any(a[:, 1] <= a[:, 0])
                        or np.any(a[1:, 0] < a[:-1, 1])):
-            raise ValueError(f"preadv_calls: {name} must be sorted, disjoint [start, end) with 0 <= start <= end")
-    if not len(r) or not len(b):
+            raise ValueError(f"{w}: {name} must be sorted, disjoint, non-empty [start, end) with start >= 0")
+    if not len(r):
         return 0
+    home = np.searchsorted(b[:, 1], r[:, 0], side="right") if len(b) else np.zeros(len(r), np.int64)
+    if np.any(home >= len(b)) or np.any(r[:, 0] < b[np.minimum(home, len(b) - 1), 0]) \
+            or np.any(r[:, 1] > b[np.minimum(home, len(b) - 1), 1]):
+        raise ValueError(f"{w}: every run must lie inside one block")
     ends = np.searchsorted(r[:, 0], b[:, 1], side="left")
     starts = np.concatenate([[0], ends[:-1]])
     gaps = np.zeros(len(r), dtype=np.int64)
     gaps[1:] = r[1:, 0] - r[:-1, 1]
-    gaps[starts] = 0  # a block's first run has no gap before it
+    gaps[starts[starts < len(r)]] = 0  # a block's first run has no gap before it
     junk = min(int(gaps.max()), DISCARD_BYTES)
-    pieces = (gaps + junk - 1) // junk if junk > 0 else gaps
+    # ceil(gaps / junk) without forming gaps + junk (it may pass int64)
+    pieces = gaps // junk + (gaps % junk > 0) if junk > 0 else gaps
     cs = np.concatenate([[0], np.cumsum(pieces)])
     iovecs = (ends - starts) + (cs[ends] - cs[starts])
     iovecs = iovecs[ends > starts]

@@ -51,6 +51,7 @@ import bisect
 import ctypes
 import io
 import math
+import operator
 import os
 import pathlib
 import stat
@@ -103,8 +104,14 @@ def default_thread_count(max_threads: int = 4) -> int:
     share its CPUs. Storage whose requests wait long on a round trip, on a
     host with CPUs to spare, is served by an explicit larger ``thread_count``.
     """
-    if type(max_threads) is not int or max_threads < 1:
-        raise ValueError(f"max_threads must be an int >= 1, got {saferepr(max_threads)}")
+    if isinstance(max_threads, bool):
+        raise TypeError(f"max_threads must be an int, got {saferepr(max_threads)}")
+    try:
+        max_threads = operator.index(max_threads)
+    except TypeError:
+        raise TypeError(f"max_threads must be an int, got {saferepr(max_threads)}") from None
+    if max_threads < 1:
+        raise ValueError(f"max_threads must be >= 1, got {max_threads}")
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

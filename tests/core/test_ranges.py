@@ -589,7 +589,7 @@ _BAD_RULE_INPUTS = [
     (lambda: ranges.reads_whole((4, 4), 0, (0, 0), (4, 1), 100), ValueError, "itemsize"),
     (lambda: ranges.reads_whole("ab", 4, (0, 0), (4, 1), 100), TypeError, "sizes must be integers"),
     (lambda: ranges.reads_whole((2**64, 4), 4, (0, 0), (4, 1), 100), ValueError, "int64"),
-    (lambda: list(ranges.slabs((0, 0), (4, 4), (4, 1), 4, 0)), ValueError, "limit >= itemsize"),
+    (lambda: ranges.slabs((0, 0), (4, 4), (4, 1), 4, 0), ValueError, "limit >= itemsize"),
     (lambda: list(ranges.slabs((0, 0), (4, 4), (4, -1), 4, 8)), ValueError, "stride"),
     (lambda: list(ranges.slabs((0,), (0,), (1,), 4, 8)), ValueError, "length"),
     (lambda: list(ranges.slabs((0,), (4, 4), (4, 1), 4, 8)), ValueError, "per dim"),
@@ -601,6 +601,44 @@ _BAD_RULE_INPUTS = [
     (lambda: ranges.preadv_calls([[5, 2]], [[0, 20]]), ValueError, "sorted"),
     (lambda: ranges.preadv_calls([[0, 2**64]], [[0, 20]]), ValueError, "int64"),
 ]
+
+
+_BAD_RULE_INPUTS += [
+    (lambda: ranges.preadv_calls([[0, 10], [20, 30]], [[0, 5]]), ValueError, "inside one block"),
+    (lambda: ranges.preadv_calls([[0, 0], [10, 20]], [[0, 20]]), ValueError, "non-empty"),
+    (lambda: ranges.preadv_calls(None, None), TypeError, "integer arrays"),
+    (lambda: ranges.slabs((0,), (10,), (1,), 1, float("nan")), TypeError, "limit must be an integer"),
+    (lambda: ranges.slabs((0, 0), (4, 4), (1.5, 1), 4, 8), TypeError, "strides must be integers"),
+    (lambda: ranges.slabs((0,) * 100, (2,) * 100, (1,) * 100, 1, 1), ValueError, "dims"),
+    (lambda: ranges.slabs((-1,), (4,), (1,), 4, 8), ValueError, "offset"),
+    (lambda: ranges.reads_whole((64, 1024), 2, (0, 0), (64, 256), 10**5, max_gap="x"), TypeError, "max_gap"),
+    (lambda: ranges.reads_whole((64, 1024), 2, (0, 0), (64, 256), 10**5, max_overread=0.5), ValueError,
+     "max_overread"),
+    (lambda: ranges.reads_whole((64, 1024), 2, (0,), (64,), 10**5), ValueError, "one value per dim"),
+    (lambda: ranges.record_windows(None), TypeError, "sequence"),
+]
+
+
+def test_the_reader_rules_take_any_integer_sequence():
+    """Iterators and numpy arrays give the answer tuples give."""
+    assert ranges.slab_limit(100, (1000, 1000), (1000, 1), 1, (0, 0), iter((10, 10)), max_runs=2) == \
+        ranges.slab_limit(100, (1000, 1000), (1000, 1), 1, (0, 0), (10, 10), max_runs=2) == 100
+    assert list(ranges.slabs(np.array([0, 0]), np.array([4, 6]), np.array([6, 1]), 4, 48)) == \
+        [((0, 0), (2, 6)), ((2, 0), (2, 6))]
+
+
+def test_preadv_calls_edge_cases_agree_with_read_runs_rules():
+    # a block without runs reads nothing; gaps near int64 give a positive count
+    assert ranges.preadv_calls([[0, 10]], [[0, 10], [50, 60]]) == 1
+    assert ranges.preadv_calls([[0, 1], [2**63 - 2, 2**63 - 1]], [[0, 2**63 - 1]]) > 0
+
+
+def test_record_windows_read_no_byte_twice_and_nothing_for_empty_items():
+    assert ranges.record_windows([(5, 0)]) == []
+    # overlapping 8 KiB items (each read whole) past the 1 MiB window cap:
+    # the second window starts where the first ends
+    windows = ranges.record_windows([(k, 8192) for k in range(0, 2**20 + 1000, 1000)])
+    assert windows == [(0, 1048192), (1048192, 1049000 + 8192)]
 
 
 @pytest.mark.parametrize(("call", "exc", "words"), _BAD_RULE_INPUTS)

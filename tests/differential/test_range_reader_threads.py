@@ -68,7 +68,8 @@ def test_the_default_reads_what_torch_reads(tmp_path, monkeypatch, local):
 
 
 
-@pytest.mark.parametrize("bad", [0, -1, "4", 2.0, None, True])
-def test_default_thread_count_refuses_a_bad_bound(bad):
-    with pytest.raises(ValueError, match="max_threads"):
+@pytest.mark.parametrize(("bad", "exc"), [(0, ValueError), (-1, ValueError), ("4", TypeError),
+                                          (2.0, TypeError), (None, TypeError), (True, TypeError)])
+def test_default_thread_count_refuses_a_bad_bound(bad, exc):
+    with pytest.raises(exc, match="max_threads"):
         default_thread_count(bad)
