@@ -34,6 +34,14 @@ How a saved chunk is split:
 A chunk whose boxes cut it into more than ``max_cells`` cells (a crafted or
 pathological layout) is not shared: each rank reads its own boxes.
 
+Hosts: ranks on one host read through one page cache, so exchanging bytes
+between them only costs copies the cache already saves (the first read
+fetches the bytes from the device, the others copy them from memory). Given
+each rank's host, the split treats a host as one needer: ``k`` above counts
+the hosts that need a cell; a part's reader sends it to the needers on
+other hosts, and its host-mates that need it read it themselves. A chunk
+that ranks of one host only need is not shared at all.
+
 Example: two replicas need all of a 4x2 float32 chunk; each reads two rows
 and sends them to the other::
 
@@ -65,17 +73,22 @@ class SharePlan:
     """The shared reads of every rank: pieces of saved chunks, their reader, needers and round.
 
     Piece ``i`` is the box ``offsets[i]``/``lengths[i]`` (elements, relative
-    to the origin of saved chunk ``chunk[i]``) of ``nbytes[i]`` bytes; rank
-    ``reader[i]`` reads it from storage in exchange round ``round[i]`` and
-    sends it to every rank in ``needers[needers_ptr[i]:needers_ptr[i + 1]]``
-    (ascending, the reader included) but itself. ``shared_chunks`` lists
-    (ascending) the saved chunks the pieces cover completely: every needed
-    byte of them is in exactly one piece. Rows of the input on other chunks
-    are read by their own rank as usual. ``n_rounds`` is the number of
-    exchange rounds every rank takes part in.
+    to the origin of saved chunk ``chunk[i]``) of ``nbytes[i]`` bytes, needed
+    by the ranks ``needers[needers_ptr[i]:needers_ptr[i + 1]]`` (ascending).
+    In exchange round ``round[i]``, rank ``reader[i]`` (one of them) reads it
+    from storage and sends it to the needers on other hosts; the needers on
+    its own host (``hosts[r] == hosts[reader[i]]``) read it from storage too,
+    through the page cache that host's ranks share (:meth:`piece_readers`,
+    :meth:`piece_receivers`). With every rank its own host (the default) the
+    reader alone reads and sends to every other needer. ``shared_chunks``
+    lists (ascending) the saved chunks the pieces cover completely: every
+    needed byte of them is in exactly one piece. Rows of the input on other
+    chunks are read by their own rank as usual. ``n_rounds`` is the number
+    of exchange rounds every rank takes part in.
     """
 
     world: int
+    hosts: np.ndarray
     shared_chunks: np.ndarray
     chunk: np.ndarray
     offsets: np.ndarray
@@ -91,17 +104,28 @@ class SharePlan:
         """The ranks that need piece ``i`` (ascending, its reader included)."""
         return self.needers[self.needers_ptr[i] : self.needers_ptr[i + 1]]
 
+    def piece_readers(self, i: int) -> np.ndarray:
+        """The ranks that read piece ``i`` from storage: its needers on its reader's host (ascending)."""
+        who = self.piece_needers(i)
+        return who[self.hosts[who] == self.hosts[self.reader[i]]]
+
+    def piece_receivers(self, i: int) -> np.ndarray:
+        """The ranks piece ``i``'s reader sends it to: its needers on other hosts (ascending)."""
+        who = self.piece_needers(i)
+        return who[self.hosts[who] != self.hosts[self.reader[i]]]
+
     def bytes_read(self) -> np.ndarray:
         """Bytes of pieces each rank reads from storage (int64, one per rank)."""
         out = np.zeros(self.world, dtype=np.int64)
-        np.add.at(out, self.reader, self.nbytes)
+        for i in range(len(self.chunk)):
+            out[self.piece_readers(i)] += self.nbytes[i]
         return out
 
     def bytes_sent(self) -> np.ndarray:
         """Bytes each rank sends to others over the exchange (int64, one per rank)."""
-        fan = np.diff(self.needers_ptr) - 1
         out = np.zeros(self.world, dtype=np.int64)
-        np.add.at(out, self.reader, self.nbytes * fan)
+        for i in range(len(self.chunk)):
+            out[self.reader[i]] += self.nbytes[i] * len(self.piece_receivers(i))
         return out
 
 
@@ -165,6 +189,7 @@ def plan_shared_reads(
     exchange_bytes: int = DEFAULT_EXCHANGE_BYTES,
     max_cells: int = DEFAULT_MAX_CELLS,
     min_piece_bytes: int = DEFAULT_MIN_PIECE_BYTES,
+    hosts: np.ndarray | Sequence[int] | None = None,
 ) -> SharePlan:
     """Split every saved chunk of which several ranks need the same elements into pieces, each read by one of its needers.
 
@@ -175,9 +200,17 @@ def plan_shared_reads(
     with offset 0 and length 1. Rows may come in any order and repeat; empty
     boxes need nothing. ``world``: ranks are ``0 .. world - 1``.
 
-    Only chunks some element of which at least two ranks need are shared
-    (see :class:`SharePlan`); ranks that need disjoint parts of a chunk read
-    their own. The result depends on the set of rows only, not
+    ``hosts``: one int per rank, equal for ranks that read through the same
+    page cache (ranks on one host); default: every rank its own host. Ranks
+    of one host do not exchange with each other: each reads the bytes it
+    needs from storage, and the cache serves all but the first read. So a
+    chunk is shared only when ranks on at least two hosts need some element
+    of it, and each needed region is cut for the hosts that need it, not
+    the ranks.
+
+    Only chunks some element of which ranks on at least two hosts need are
+    shared (see :class:`SharePlan`); ranks that need disjoint parts of a
+    chunk read their own. The result depends on the set of rows only, not
     their order, so every rank computes the same plan from the same
     all-gathered rows.
     """
@@ -185,6 +218,13 @@ def plan_shared_reads(
         raise ValueError(f"world must be an int >= 1, got {world!r}")
     if exchange_bytes < 1 or max_cells < 1 or min_piece_bytes < 1:
         raise ValueError("exchange_bytes, max_cells and min_piece_bytes must be >= 1")
+    if hosts is None:
+        host = np.arange(world, dtype=np.int64)
+    else:
+        host = np.asarray(hosts)
+        if host.shape != (world,) or (world and host.dtype.kind not in "iu"):
+            raise ValueError(f"hosts must be {world} ints, one per rank, got {host!r}")
+        host = host.astype(np.int64)
     rows = np.asarray(needs, dtype=np.int64)
     isz = np.asarray(itemsizes, dtype=np.int64).reshape(-1)
     if rows.ndim != 2 or rows.shape[1] < 2 or rows.shape[1] % 2:
@@ -215,8 +255,8 @@ def plan_shared_reads(
     for s, e in zip(starts, ends):
         block = rows[s:e]
         ranks = block[:, 0]
-        if ranks.min() == ranks.max():
-            continue  # one rank needs it: nothing to share
+        if host[ranks].min() == host[ranks].max():
+            continue  # one rank or one host needs it: nothing to exchange
         offs, lens = block[:, 2 : 2 + ndim], block[:, 2 + ndim :]
         cells = _cells(offs, lens, max_cells)
         if cells is None:
@@ -232,18 +272,22 @@ def plan_shared_reads(
         onehot = np.zeros((len(ranks), len(uniq)), dtype=np.int64)
         onehot[np.arange(len(ranks)), ridx] = 1
         cell_needs = (inside.astype(np.int64) @ onehot) > 0
-        count = cell_needs.sum(axis=1)
-        if count.max() < 2:
-            continue  # the ranks need disjoint parts: each reads its own
+        # cell_hosts[j, h]: a rank on host h needs cell j
+        _, hidx = np.unique(host[uniq], return_inverse=True)
+        cell_hosts = (cell_needs.astype(np.int64) @ np.eye(int(hidx.max()) + 1, dtype=np.int64)[hidx]) > 0
+        if cell_hosts.sum(axis=1).max() < 2:
+            continue  # the hosts need disjoint parts: each reads its own
         shared.append(c)
-        for j in np.flatnonzero(count).tolist():
+        for j in np.flatnonzero(cell_needs.any(axis=1)).tolist():
             who = uniq[cell_needs[j]]
-            k = len(who)
+            k = int(cell_hosts[j].sum())
             cell_len = tuple(int(v) for v in hi[j] - lo[j])
-            # A part is sent to k - 1 ranks: keep that within one round's budget.
-            max_part = max(size, exchange_bytes // max(1, k - 1))
-            # Each reader of a chunk also reads its archive records (a few
-            # KiB): cells smaller than k * min_piece_bytes get fewer readers.
+            # A part is sent to at most len(who) - 1 ranks: keep that within
+            # one round's budget.
+            max_part = max(size, exchange_bytes // max(1, len(who) - 1))
+            # One part per host that needs the cell, but each reader of a
+            # chunk also reads its archive records (a few KiB): cells smaller
+            # than k * min_piece_bytes get fewer readers.
             cell_bytes = math.prod(cell_len) * size
             want = max(1, min(k, cell_bytes // min_piece_bytes))
             parts = split_box(tuple(int(v) for v in lo[j]), cell_len, want, max_part, size)
@@ -263,14 +307,18 @@ def plan_shared_reads(
     ptr[1:] = np.cumsum([len(w) for w in p_needers])
     needers = np.concatenate(p_needers).astype(np.int64) if n else np.zeros(0, np.int64)
 
-    # Readers: the least-loaded needer, lowest rank on ties.
+    # Readers: a needer on the least-loaded host, the least-loaded rank of
+    # it, lowest rank on ties; its host-mates among the needers read the
+    # piece too (from their page cache), the other needers receive it.
     reader = np.empty(n, dtype=np.int64)
     load = [0] * world
+    host_load: dict[int, int] = {}
     for i in range(n):
         who = p_needers[i]
-        best = min(who.tolist(), key=lambda r: (load[r], r))
+        best = min(who.tolist(), key=lambda r: (host_load.get(int(host[r]), 0), load[r], r))
         reader[i] = best
         load[best] += int(nbytes[i])
+        host_load[int(host[best])] = host_load.get(int(host[best]), 0) + int(nbytes[i])
 
     # Rounds: in piece order, while no rank reads, sends or receives past the budget.
     rnd = np.empty(n, dtype=np.int64)
@@ -281,22 +329,25 @@ def plan_shared_reads(
     used = False
     for i in range(n):
         r, b, who = int(reader[i]), int(nbytes[i]), p_needers[i].tolist()
-        others = [w for w in who if w != r]
-        over = (read[r] + b > exchange_bytes or sent[r] + b * len(others) > exchange_bytes
+        readers = [w for w in who if host[w] == host[r]]
+        others = [w for w in who if host[w] != host[r]]
+        over = (any(read[w] + b > exchange_bytes for w in readers)
+                or sent[r] + b * len(others) > exchange_bytes
                 or any(recv[w] + b > exchange_bytes for w in others))
         if over and used:
             cur += 1
             read = [0] * world
             sent = [0] * world
             recv = [0] * world
-        read[r] += b
+        for w in readers:
+            read[w] += b
         sent[r] += b * len(others)
         for w in others:
             recv[w] += b
         used = True
         rnd[i] = cur
     return SharePlan(
-        world=world,
+        world=world, hosts=host,
         shared_chunks=np.array(shared, dtype=np.int64),
         chunk=chunk, offsets=offsets, lengths=lengths, nbytes=nbytes, reader=reader,
         needers_ptr=ptr, needers=needers, round=rnd, n_rounds=cur + 1 if n else 0,

@@ -163,3 +163,106 @@ def test_split_box_tiles_the_box_with_bounded_parts():
 def test_bad_rows_raise(bad):
     with pytest.raises(ValueError):
         plan_shared_reads(**bad)
+
+
+# ------------------------------------------------------------------ hosts
+
+@st.composite
+def hosted(draw):
+    world, shapes, itemsizes, rows = draw(layouts())
+    hosts = [draw(st.integers(0, 2)) for _ in range(world)]
+    return world, shapes, itemsizes, rows, hosts
+
+
+@settings(max_examples=300)
+@given(hosted(), st.sampled_from([1, 64, 1 << 20]), st.sampled_from([16, 100, 1 << 20]))
+def test_with_hosts_each_needed_element_is_read_on_each_host_once_and_sent_to_the_others(
+        layout, min_piece, budget):
+    world, shapes, itemsizes, rows, hosts = layout
+    p = _plan(world, itemsizes, rows, min_piece_bytes=min_piece, exchange_bytes=budget, hosts=hosts)
+    host = np.array(hosts)
+    shared = set(p.shared_chunks.tolist())
+    for c, shape in enumerate(shapes):
+        need = np.zeros((world, *shape), dtype=bool)
+        for r, cc, *box in rows:
+            if cc == c:
+                need[(r, *(slice(o, o + n) for o, n in zip(box[:NDIM], box[NDIM:])))] = True
+        # host_need[h]: elements some rank on host h needs
+        host_need = np.stack([need[host == h].any(axis=0) for h in range(3)])
+        assert (c in shared) == (int(host_need.sum(axis=0).max()) >= 2)
+        got = np.zeros((world, *shape), dtype=np.int64)  # times each rank gets each element
+        for i in np.flatnonzero(p.chunk == c):
+            sl = tuple(slice(o, o + n) for o, n in zip(p.offsets[i], p.lengths[i]))
+            who = p.piece_needers(i).tolist()
+            readers, receivers = p.piece_readers(i).tolist(), p.piece_receivers(i).tolist()
+            assert p.reader[i] in readers
+            assert sorted(readers + receivers) == who
+            assert all(host[w] == host[p.reader[i]] for w in readers)
+            assert all(host[w] != host[p.reader[i]] for w in receivers)
+            for r in range(world):
+                inside = need[(r, *sl)]
+                assert inside.all() if r in who else not inside.any()
+                got[(r, *sl)] += r in who
+        if c in shared:
+            # every rank gets exactly the elements it needs, once
+            assert (got == need).all()
+        else:
+            assert got.sum() == 0
+
+
+@settings(max_examples=100)
+@given(layouts(), st.sampled_from([16, 1 << 20]))
+def test_every_rank_its_own_host_is_the_default_plan(layout, budget):
+    world, _shapes, itemsizes, rows = layout
+    a = _plan(world, itemsizes, rows, exchange_bytes=budget, min_piece_bytes=8)
+    b = _plan(world, itemsizes, rows, exchange_bytes=budget, min_piece_bytes=8,
+              hosts=[7 * r + 3 for r in range(world)])
+    for field in ("shared_chunks", "chunk", "offsets", "lengths", "nbytes", "reader",
+                  "needers_ptr", "needers", "round"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+    assert np.array_equal(a.bytes_read(), b.bytes_read())
+    assert np.array_equal(a.bytes_sent(), b.bytes_sent())
+
+
+@settings(max_examples=100)
+@given(hosted(), st.sampled_from([8, 40, 300]))
+def test_with_hosts_no_round_exceeds_the_budget_unless_one_piece_does(layout, budget):
+    world, _shapes, itemsizes, rows, hosts = layout
+    p = _plan(world, itemsizes, rows, exchange_bytes=budget, min_piece_bytes=1, hosts=hosts)
+    for rnd in range(p.n_rounds):
+        idx = np.flatnonzero(p.round == rnd)
+        if len(idx) == 1:
+            continue
+        read = np.zeros(world, np.int64)
+        sent = np.zeros(world, np.int64)
+        recv = np.zeros(world, np.int64)
+        for i in idx:
+            read[p.piece_readers(i)] += p.nbytes[i]
+            sent[p.reader[i]] += p.nbytes[i] * len(p.piece_receivers(i))
+            recv[p.piece_receivers(i)] += p.nbytes[i]
+        assert read.max() <= budget and sent.max() <= budget and recv.max() <= budget
+
+
+def test_ranks_of_one_host_share_nothing():
+    rows = [[r, 0, 0, 0, 1024, 2048] for r in range(4)]
+    p = _plan(4, [4], rows, hosts=[5, 5, 5, 5])
+    assert p.shared_chunks.tolist() == [] and p.n_rounds == 0
+
+
+def test_two_hosts_of_two_replicas_read_each_byte_once_per_host():
+    # 4 replicas of an 8 MiB chunk on 2 hosts: each host reads half and sends
+    # it to the other host's 2 ranks; storage sees each byte once per host
+    # cache, the network each byte once per receiving rank.
+    rows = [[r, 0, 0, 0, 1024, 2048] for r in range(4)]
+    p = _plan(4, [4], rows, hosts=[0, 0, 1, 1])
+    assert len(p.chunk) == 2
+    assert sorted(int(host) for host in np.array([0, 0, 1, 1])[p.reader]) == [0, 1]
+    assert p.bytes_read().tolist() == [4 << 20] * 4
+    sent = p.bytes_sent()
+    assert sent.sum() == 2 * 2 * (4 << 20) and sorted(sent.tolist()) == [0, 0, 8 << 20, 8 << 20]
+
+
+@pytest.mark.parametrize("hosts", [[0], [0, 1, 2], [0.5, 1.0], "ab", [[0, 1]]])
+def test_bad_hosts_raise(hosts):
+    with pytest.raises(ValueError, match="hosts"):
+        plan_shared_reads([[0, 0, 0, 1]], [4], 2, hosts=hosts)
