@@ -13,10 +13,13 @@ through DCP's coordinator, see :mod:`ckcore.dcp._compact`):
 1. every rank has the checkpoint's metadata and numbers its saved chunks the
    same way; it describes what it needs as int64 rows, one per read item
    (saved chunk, box within the chunk), and the rows are all-gathered
-   (two ``all_gather`` calls on int64 tensors: counts, then the rows);
+   (two ``all_gather`` calls on int64 tensors: counts and host keys, then
+   the rows; with every rank on one host the second is skipped);
 2. every rank runs :func:`ckcore.share.plan_shared_reads` on the same rows
-   and gets the same plan: disjoint pieces covering every byte that two or
-   more ranks need, each with one reader, packed into exchange rounds;
+   and gets the same plan: disjoint pieces covering every byte that ranks on
+   two or more hosts need, each with one reader, packed into exchange
+   rounds; the reader's host-mates that need a piece read it too (their
+   page cache serves it), ranks on other hosts receive it;
 3. per round, each rank reads its pieces with the range reader's machinery
    (located in the ``torch.save`` archive, coalesced, read with ``preadv``)
    into a buffer, the ranks exchange them with one ``all_to_all_single`` on a
@@ -32,7 +35,9 @@ NCCL, so the same code runs on both.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
+import socket
 import time
 from typing import Any, cast
 
@@ -121,13 +126,27 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
         dcp.load(state_dict, storage_reader=SharedRangeFileSystemReader(path),
                  planner=FastLoadPlanner())
 
-    Bytes that two or more ranks of ``process_group`` (default: the default
-    group; give the group ``dcp.load`` uses) need are split into disjoint
-    pieces, each read by one of those ranks and sent to the others; replicas
-    that need overlapping but different boxes of a saved chunk share the
-    overlap. Everything else is read as ``RangeFileSystemReader`` reads it,
-    and the result is element for element what torch loads. Without an
-    initialized process group, or with one rank, it is the range reader.
+    Bytes that ranks of ``process_group`` (default: the default group; give
+    the group ``dcp.load`` uses) on two or more hosts need are split into
+    disjoint pieces, each read by one of those ranks and sent to the others;
+    replicas that need overlapping but different boxes of a saved chunk
+    share the overlap. Everything else is read as ``RangeFileSystemReader``
+    reads it, and the result is element for element what torch loads.
+    Without an initialized process group, with one rank, or with every rank
+    on one host, it is the range reader.
+
+    Hosts: ranks with the same ``host`` (default ``socket.gethostname()``)
+    read through one page cache, so they do not exchange with each other:
+    each reads from storage the bytes it needs of the pieces its host reads
+    (the first read fetches them from the device, the cache serves the
+    rest), and only ranks on other hosts receive them. Storage traffic is
+    then each needed byte once per host, and the network carries only what
+    crosses hosts. Set ``exchange_within_host=True`` for storage that the
+    host does not cache (``O_DIRECT``, a FUSE mount without a page cache):
+    every rank is then its own host, and ranks on one machine exchange
+    over the process group too. Give ``host`` when the host name does not
+    tell page caches apart (containers sharing a hostname on different
+    machines).
 
     Every rank of the group must call ``read_data`` (``dcp.load`` does):
     the ranks all-gather a description of their reads (one int64 row of
@@ -176,6 +195,8 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
         exchange_bytes: int = DEFAULT_EXCHANGE_BYTES,
         max_cells: int = DEFAULT_MAX_CELLS,
         min_piece_bytes: int = DEFAULT_MIN_PIECE_BYTES,
+        host: str | None = None,
+        exchange_within_host: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(path, _extension_registry, **kwargs)
@@ -185,6 +206,14 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
             raise ValueError(f"timeout must be positive, got {timeout}")
         if exchange_bytes < 4096 or max_cells < 1 or min_piece_bytes < 1:
             raise ValueError("exchange_bytes must be >= 4096, max_cells and min_piece_bytes >= 1")
+        if host is None:
+            host = socket.gethostname()
+        if not isinstance(host, str):
+            raise TypeError(f"host must be a str or None, got {type(host).__name__}")
+        if not isinstance(exchange_within_host, bool):
+            raise TypeError(f"exchange_within_host must be a bool, got {type(exchange_within_host).__name__}")
+        self.host = host
+        self.exchange_within_host = exchange_within_host
         self.process_group = process_group
         self.timeout = timeout
         self.exchange_bytes = int(exchange_bytes)
@@ -231,6 +260,13 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
             f"shared read: rank(s) {failed} of the process group failed during {what} (see their "
             f"errors); rank {self._rank} stops its load with destination tensors incomplete")
 
+    def _host_key(self) -> int:
+        # The int64 every rank of this page cache sends; a rank that
+        # exchanges within its host makes its key its own.
+        name = self.host if not self.exchange_within_host else f"{self.host}\0rank {self._rank}"
+        return int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                              "little", signed=True)
+
     # ------------------------------------------------------------ read_data
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
@@ -276,16 +312,20 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
             err = e
             rows = []
         cols = 2 + 2 * width
-        head = torch.tensor([len(rows), 0 if err is None else 1], dtype=torch.int64,
-                            device=self._device)
-        heads = self._all_gather(head, "the read descriptions")
+        head = torch.tensor([len(rows), 0 if err is None else 1, self._host_key()],
+                            dtype=torch.int64, device=self._device)
+        heads = [h.cpu() for h in self._all_gather(head, "the read descriptions")]
         failed = [r for r, h in enumerate(heads) if int(h[1].item())]
         if failed:
             if err is not None:
                 raise err
             raise SharedReadError(f"shared read: rank(s) {failed} failed describing their reads")
         counts = [int(h[0].item()) for h in heads]
-        if max(counts) == 0:
+        hosts = np.unique(np.array([int(h[2].item()) for h in heads], dtype=np.int64),
+                          return_inverse=True)[1].reshape(-1)
+        if max(counts) == 0 or hosts.max() == 0:
+            # Nothing to read, or every rank on one host: each reads its own
+            # and the page cache serves the repeats.
             return super().read_data(plan, planner)
         block = torch.zeros((max(counts), cols), dtype=torch.int64)
         if rows:
@@ -294,7 +334,7 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
         needs = np.concatenate([g[:n].cpu().numpy() for g, n in zip(gathered, counts)])
         sp = plan_shared_reads(needs, chunks.itemsizes, self._world,
                                exchange_bytes=self.exchange_bytes, max_cells=self.max_cells,
-                               min_piece_bytes=self.min_piece_bytes)
+                               min_piece_bytes=self.min_piece_bytes, hosts=hosts)
 
         # 2. shared items are filled from pieces; the rest are read as usual.
         shared = set(sp.shared_chunks.tolist())
@@ -327,11 +367,15 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
         except Exception as e:  # noqa: BLE001 - reported at the first status point
             err = e
         needers = [set(sp.piece_needers(i).tolist()) for i in range(len(sp.chunk))]
+        # Pieces this rank reads from storage itself: it is their reader or
+        # a needer on the reader's host (whose page cache serves it).
+        local = [me in needers[i] and sp.hosts[sp.reader[i]] == sp.hosts[me]
+                 for i in range(len(sp.chunk))]
         rounds = [np.flatnonzero(sp.round == rnd).tolist() for rnd in range(sp.n_rounds)]
 
         def read(rnd: int) -> tuple[torch.Tensor, dict[int, int]]:
             t0 = time.perf_counter()
-            out = self._read_pieces(sp, chunks, [i for i in rounds[rnd] if sp.reader[i] == me])
+            out = self._read_pieces(sp, chunks, [i for i in rounds[rnd] if local[i]])
             self.seconds["read"] += time.perf_counter() - t0
             return out
 
@@ -347,7 +391,7 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
             self._status(err, f"round {rnd + 1}/{sp.n_rounds} of the shared reads")
             self.stats["exchange_rounds"] += 1
             readbuf, where = ready
-            work, recvbuf, recv_at, nsent = self._start_exchange(sp, in_round, needers, readbuf, where)
+            work, recvbuf, recv_at, nsent = self._start_exchange(sp, in_round, readbuf, where)
             # The next round's reads overlap this round's exchange (gloo and
             # NCCL run it off this thread; preadv releases the GIL).
             ready = empty
@@ -368,7 +412,7 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
                 for i in in_round:
                     if me not in needers[i]:
                         continue
-                    buf, at = (readbuf, where[i]) if sp.reader[i] == me else (recvbuf, recv_at[i])
+                    buf, at = (readbuf, where[i]) if local[i] else (recvbuf, recv_at[i])
                     self._deliver(sp, chunks, i, buf, at, targets, missing)
             except Exception as e:  # noqa: BLE001 - reported at the next status point
                 err = e
@@ -386,33 +430,34 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
                 self.stats["shared_items"] += 1
 
     def _start_exchange(
-        self, sp: SharePlan, in_round: list[int], needers: list[set[int]], readbuf: torch.Tensor,
-        where: dict[int, int],
+        self, sp: SharePlan, in_round: list[int], readbuf: torch.Tensor, where: dict[int, int],
     ) -> tuple[Any, torch.Tensor, dict[int, int], int]:
         # Launch one round's all_to_all_single: (work or None, receive buffer,
-        # piece -> offset in it, bytes sent). Layout: by peer rank, pieces in
-        # plan order, each at an aligned offset; both ends compute it.
+        # piece -> offset in it, bytes sent). A piece goes from its reader to
+        # its needers on other hosts. Layout: by peer rank, pieces in plan
+        # order, each at an aligned offset; both ends compute it.
         me, dev, world = self._rank, self._device, self._world
+        receivers = {i: set(sp.piece_receivers(i).tolist()) for i in in_round}
         send_sizes = [0] * world
         recv_sizes = [0] * world
         send_parts: list[tuple[int, int]] = []  # (piece, offset in readbuf), in send order
         reads = [i for i in in_round if sp.reader[i] == me]
         for peer in range(world):
             for i in reads:
-                if peer != me and peer in needers[i]:
+                if peer in receivers[i]:
                     send_parts.append((i, where[i]))
                     send_sizes[peer] += _aligned(int(sp.nbytes[i]))
         recv_at: dict[int, int] = {}
         pos = 0
         for src in range(world):
             for i in in_round:
-                if src != me and sp.reader[i] == src and me in needers[i]:
+                if sp.reader[i] == src and me in receivers[i]:
                     recv_at[i] = pos
                     n = _aligned(int(sp.nbytes[i]))
                     recv_sizes[src] += n
                     pos += n
         recvbuf = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=dev)
-        if not any(len(needers[i]) > 1 for i in in_round):
+        if not any(receivers[i] for i in in_round):
             return None, recvbuf, recv_at, 0
         sendbuf = torch.empty(sum(send_sizes), dtype=torch.uint8, device=dev)
         at = 0

@@ -35,3 +35,17 @@ def test_without_a_process_group_it_reads_like_the_range_reader(tmp_path):
 def test_bad_arguments_raise(tmp_path, kwargs):
     with pytest.raises(ValueError):
         SharedRangeFileSystemReader(tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"host": 3}, {"host": b"node1"}, {"exchange_within_host": 1}, {"exchange_within_host": "yes"},
+])
+def test_bad_host_arguments_raise_type_error(tmp_path, kwargs):
+    with pytest.raises(TypeError, match="host"):
+        SharedRangeFileSystemReader(tmp_path, **kwargs)
+
+
+def test_the_host_defaults_to_the_host_name(tmp_path):
+    import socket
+    assert SharedRangeFileSystemReader(tmp_path).host == socket.gethostname()
+    assert SharedRangeFileSystemReader(tmp_path, host="node-7").host == "node-7"

@@ -13,7 +13,11 @@ Scenarios:
   the same HSDP layout (2 replica groups x 2 shards), a column reshard of it,
   4 replicas of the whole tensors, with and without sharing (bytes read
   compared); overlapping-but-different boxes through ``read_data`` directly;
-  a peer that raises while reading its share, with ``dcp.load``.
+  a peer that raises while reading its share, with ``dcp.load``. The 4
+  processes run on one machine: ``exchange_within_host=True`` makes each
+  rank its own host (every shared byte crosses the process group),
+  ``host="h<rank // 2>"`` models 2 hosts of 2 ranks, and the default (one
+  host) shares nothing.
 * ``kill``: rank 2 dies in the middle of the shared reads; the others must
   raise within the timeout.
 """
@@ -153,17 +157,25 @@ def main() -> None:
         }
         for name, (mesh, placements) in layouts.items():
             n0, plain = load(path, mesh, placements, cdcp.RangeFileSystemReader(path))
-            n1, shared = load(path, mesh, placements, SharedRangeFileSystemReader(path))
+            n1, shared = load(path, mesh, placements, SharedRangeFileSystemReader(
+                path, exchange_within_host=True))
             # small pieces and rounds: splitting and several exchange rounds
             n2, small = load(path, mesh, placements, SharedRangeFileSystemReader(
-                path, exchange_bytes=4096, min_piece_bytes=256))
-            assert n0 == n1 == n2
-            out[name] = {"elements": n1, "plain": plain, "shared": shared, "small": small}
+                path, exchange_bytes=4096, min_piece_bytes=256, exchange_within_host=True))
+            n3, hosts2 = load(path, mesh, placements, SharedRangeFileSystemReader(
+                path, host=f"h{rank // 2}"))
+            n4, onehost = load(path, mesh, placements, SharedRangeFileSystemReader(path))
+            assert n0 == n1 == n2 == n3 == n4
+            out[name] = {"elements": n1, "plain": plain, "shared": shared, "small": small,
+                         "hosts2": hosts2, "onehost": onehost}
         n, stats = overlapping_boxes(path, rank, SharedRangeFileSystemReader(
-            path, exchange_bytes=4096, min_piece_bytes=64))
+            path, exchange_bytes=4096, min_piece_bytes=64, exchange_within_host=True))
         out["overlap"] = {"elements": n, "shared": stats}
+        n, stats = overlapping_boxes(path, rank, SharedRangeFileSystemReader(
+            path, exchange_bytes=4096, min_piece_bytes=64, host=f"h{rank // 2}"))
+        out["overlap_hosts2"] = {"elements": n, "shared": stats}
         # A peer raises while reading its share: every rank's load raises.
-        reader = SharedRangeFileSystemReader(path, timeout=20)
+        reader = SharedRangeFileSystemReader(path, timeout=20, exchange_within_host=True)
         if rank == 1:
             def boom(*args, **kwargs):
                 raise OSError(5, "injected read failure on rank 1")
@@ -179,7 +191,7 @@ def main() -> None:
     elif scenario == "kill":
         mesh4 = init_device_mesh("cpu", (4,))
         reader = SharedRangeFileSystemReader(path, timeout=15, exchange_bytes=4096,
-                                             min_piece_bytes=64)
+                                             min_piece_bytes=64, exchange_within_host=True)
         if rank == 2:
             real = reader._read_pieces
             calls = []

@@ -51,12 +51,43 @@ def test_shared_loads_are_element_exact_and_share_the_bytes(shared, layout):
     assert sum(s["bytes_sent"] for s in small) == sum(s["bytes_received"] for s in small) > 0
 
 
+@pytest.mark.parametrize("layout", sorted(REPLICAS))
+def test_ranks_on_one_host_read_through_its_cache_and_exchange_only_across_hosts(shared, layout):
+    _, ranks = shared
+    plain = [r[layout]["plain"] for r in ranks.values()]
+    # One host (the default here): the range reader's reads, no exchange.
+    one = [r[layout]["onehost"] for r in ranks.values()]
+    assert [s["bytes_read"] for s in one] == [s["bytes_read"] for s in plain]
+    assert all(s["shared_items"] == s["exchange_rounds"] == s["bytes_sent"] == 0 for s in one)
+    # Two hosts of two ranks: each byte a replica group needs is read once
+    # per host that needs it (by each host-mate that needs it, through the
+    # shared cache) and crosses the process group only between hosts.
+    two = [r[layout]["hosts2"] for r in ranks.values()]
+    assert all(s["shared_items"] > 0 for s in two)
+    assert sum(s["bytes_sent"] for s in two) == sum(s["bytes_received"] for s in two) > 0
+    per_rank_hosts = [r[layout]["shared"] for r in ranks.values()]
+    # No more bytes cross than with every rank its own host; fewer when
+    # ranks of one host need the same bytes (rep4: all 4 ranks are replicas;
+    # hsdp puts the two replicas of a shard on different hosts).
+    sent2 = sum(s["bytes_sent"] for s in two)
+    sent4 = sum(s["bytes_sent"] for s in per_rank_hosts)
+    assert sent2 < sent4 if layout != "hsdp" else sent2 == sent4, (sent2, sent4)
+    # Every rank's storage reads: at most what it reads alone, and the
+    # two hosts' reads together cover each byte at most twice over.
+    margin = 8192 * 4 * 4
+    assert all(t["bytes_read"] <= p["bytes_read"] + margin for t, p in zip(two, plain))
+    groups = {"hsdp": 2, "hsdp_cols": 2, "rep4": 4}[layout]
+    total_plain = sum(p["bytes_read"] for p in plain)
+    assert sum(t["bytes_read"] for t in two) <= total_plain / groups * 2 * 1.02 + margin * WORLD
+
+
 def test_overlapping_but_different_boxes_load_exactly(shared):
     _, ranks = shared
-    for r in ranks.values():
-        assert r["overlap"]["elements"] > 0
-        assert r["overlap"]["shared"]["shared_items"] > 0
-    assert sum(r["overlap"]["shared"]["bytes_received"] for r in ranks.values()) > 0
+    for key in ("overlap", "overlap_hosts2"):
+        for r in ranks.values():
+            assert r[key]["elements"] > 0
+            assert r[key]["shared"]["shared_items"] > 0
+        assert sum(r[key]["shared"]["bytes_received"] for r in ranks.values()) > 0
 
 
 def test_a_peer_that_raises_fails_every_rank(shared):
