@@ -246,7 +246,9 @@ def _print_range_reads(result: dict[str, Any], out: IO[str]) -> None:
     st = sh["totals"]
     w(f"\nshared reads (SharedRangeFileSystemReader): {_human(st['bytes_read'])} read from storage "
       f"in total, {_human(st['bytes_sent'])} exchanged; {_n(sh['pieces'], 'piece')} in "
-      f"{_n(sh['exchange_rounds'], 'round')} of at most {_human(sh['exchange_bytes'])} per rank\n")
+      f"{_n(sh['exchange_rounds'], 'round')} of at most {_human(sh['exchange_bytes'])} per rank"
+      + (f"; {sh['ranks_per_host']} ranks per host, exchanging only across hosts\n"
+         if sh["ranks_per_host"] > 1 else "\n"))
     groups = sorted(sh["groups"], key=lambda g: (-g["torch_bytes_read"], g["ranks"]))
     shown = groups[:8]
     rows = [[_ranks_text(g["ranks"]), _human(g["torch_bytes_read"]), _human(g["range_bytes_read"]),
@@ -369,6 +371,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--shard-dim", type=int, default=0,
                     help="simple form: the tensor dim to shard (tensors with fewer dims are replicated)")
     sp.add_argument("--top", type=int, default=0, help="show only the N heaviest ranks (0: all)")
+    sp.add_argument("--ranks-per-host", type=int, default=1, metavar="N",
+                    help="for shared reads: ranks 0..N-1 on the first host, and so on (ranks of a "
+                         "host read through its page cache and do not exchange; default 1)")
     common(sp)
 
     sp = sub.add_parser(
@@ -438,7 +443,10 @@ def _cmd_plan(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     ck = open_checkpoint(args.path)
     mesh_t, layouts = report.resolve_layouts(ck.metadata, mesh=mesh, rules=rules,
                                              world_size=args.world_size, shard_dim=args.shard_dim)
-    result = report.plan_reads(ck, mesh_t, layouts, Progress(err, args.progress), ranges=True)
+    if args.ranks_per_host < 1:
+        raise UsageError("--ranks-per-host must be >= 1")
+    result = report.plan_reads(ck, mesh_t, layouts, Progress(err, args.progress), ranges=True,
+                               ranks_per_host=args.ranks_per_host)
     if args.json:
         json.dump(result, out, indent=1)
         out.write("\n")

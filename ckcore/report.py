@@ -665,6 +665,7 @@ def plan_reads(
     max_overread: float = RANGE_MAX_OVERREAD,
     exchange_bytes: int = DEFAULT_EXCHANGE_BYTES,
     min_piece_bytes: int = DEFAULT_MIN_PIECE_BYTES,
+    ranks_per_host: int = 1,
 ) -> dict[str, Any]:
     """Every rank's reads to load ``ck`` at a target layout (the ``--json`` form of ``ckcore plan``).
 
@@ -683,8 +684,8 @@ def plan_reads(
     ``SharedRangeFileSystemReader`` would read (see :func:`range_reads`):
     a ``range`` and a ``shared`` dict in each rank's row, and the
     ``range_reader`` and ``sharing`` sections; ``use_files``, ``max_gap``,
-    ``max_overread``, ``exchange_bytes`` and ``min_piece_bytes`` are its
-    parameters.
+    ``max_overread``, ``exchange_bytes``, ``min_piece_bytes`` and
+    ``ranks_per_host`` are its parameters.
 
     Refuses (UsageError) a target shape other than the saved tensor's, and
     (CheckpointError) what no DCP save writes and would make the plan
@@ -723,7 +724,7 @@ def plan_reads(
     if ranges:
         result.update(range_reads(ck, reads, use_files=use_files, max_gap=max_gap,
                                   max_overread=max_overread, exchange_bytes=exchange_bytes,
-                                  min_piece_bytes=min_piece_bytes))
+                                  min_piece_bytes=min_piece_bytes, ranks_per_host=ranks_per_host))
         by_rank = {r["rank"]: r for r in result["ranks"]}
         for k, row in enumerate(result.pop("_range_ranks")):
             by_rank[k]["range"] = row["range"]
@@ -1061,6 +1062,7 @@ def range_reads(
     max_overread: float = RANGE_MAX_OVERREAD,
     exchange_bytes: int = DEFAULT_EXCHANGE_BYTES,
     min_piece_bytes: int = DEFAULT_MIN_PIECE_BYTES,
+    ranks_per_host: int = 1,
 ) -> dict[str, Any]:
     """What ``RangeFileSystemReader`` and ``SharedRangeFileSystemReader`` read, per rank and per replica group.
 
@@ -1074,13 +1076,20 @@ def range_reads(
     records (the first and last 4 KiB), or the whole item when it is at most
     4 KiB, has stream transforms or is not an archive ckcore parses; bytes
     items whole. Sharing is :func:`ckcore.share.plan_shared_reads` on the
-    same boxes: each piece is read by its reader, the rest by their rank.
+    same boxes, with ranks ``k * ranks_per_host .. (k + 1) * ranks_per_host - 1``
+    on host ``k`` (as torchrun numbers them; the default 1 makes every rank
+    its own host): each piece is read by its reader and the host-mates that
+    need it (their page cache serves all but the first read; the figures
+    count what each rank asks storage for, as the reader's ``stats`` do),
+    the rest by their rank.
     A *replica group* is a set of ranks linked by shared pieces (the
     replicas of a shard under DDP/HSDP); for each: its ranks, and the bytes
     its ranks read from storage with torch's reader, the range reader, and
     with sharing.
     """
     world = reads.world
+    if type(ranks_per_host) is not int or ranks_per_host < 1:
+        raise UsageError(f"ranks per host must be an int >= 1, got {ranks_per_host!r}")
     loc = _Locator(ck, use_files)
     plain = _RangeCost(world, max_gap, max_overread)
     shared = _RangeCost(world, max_gap, max_overread)
@@ -1122,7 +1131,8 @@ def range_reads(
             cost.calls += 1
     needs = np.concatenate(rows) if rows else np.zeros((0, 2 + 2 * ndim), np.int64)
     sp = plan_shared_reads(needs, [e for _, _, e in chunk_info] or [1], world,
-                           exchange_bytes=exchange_bytes, min_piece_bytes=min_piece_bytes)
+                           exchange_bytes=exchange_bytes, min_piece_bytes=min_piece_bytes,
+                           hosts=np.arange(world, dtype=np.int64) // ranks_per_host)
     is_shared = np.zeros(max(len(chunk_info), 1), dtype=bool)
     is_shared[sp.shared_chunks] = True
     for row in needs[~is_shared[needs[:, 1]]].tolist() if len(needs) else ():
@@ -1134,8 +1144,9 @@ def range_reads(
         gid = int(sp.chunk[i])
         lay, sizes, elem = chunk_info[gid]
         n = len(sizes)
-        shared.box(int(sp.reader[i]), gid, lay, sizes, elem, sp.offsets[i, :n].tolist(),
-                   sp.lengths[i, :n].tolist())
+        for r in sp.piece_readers(i).tolist():
+            shared.box(r, gid, lay, sizes, elem, sp.offsets[i, :n].tolist(),
+                       sp.lengths[i, :n].tolist())
     plain.finish()
     shared.finish()
     sent = sp.bytes_sent()
@@ -1151,9 +1162,7 @@ def range_reads(
 
     for i in range(len(sp.chunk)):
         who = sp.piece_needers(i).tolist()
-        for w in who:
-            if w != sp.reader[i]:
-                received[w] += sp.nbytes[i]
+        received[sp.piece_receivers(i)] += sp.nbytes[i]
         for w in who[1:]:
             parent[find(w)] = find(who[0])
     groups: dict[int, list[int]] = {}
@@ -1190,6 +1199,7 @@ def range_reads(
         "sharing": {
             "exchange_bytes": exchange_bytes,
             "min_piece_bytes": min_piece_bytes,
+            "ranks_per_host": ranks_per_host,
             "pieces": len(sp.chunk),
             "exchange_rounds": sp.n_rounds,
             "groups": [{"ranks": g, "torch_bytes_read": None,

@@ -47,3 +47,38 @@ def test_without_files_the_plan_says_it_assumes_contiguous_storage(tmp_path):
     code, text, err = run("plan", str(tmp_path), "--world-size", "2")
     assert code == 0, err
     assert "assume contiguous (C-order) storage" in text
+
+
+def _sharing(*extra):
+    code, out, err = run("plan", SHARDED, "--mesh", "4", "--layout", "R", "--json", *extra)
+    assert code == 0, err
+    rep = json.loads(out)
+    ranks = sorted(rep["ranks"], key=lambda r: r["rank"])
+    return rep, [r["shared"] for r in ranks], [r["range"] for r in ranks]
+
+
+def test_ranks_per_host_count_each_host_reading_what_it_shares_and_exchanging_across_hosts():
+    # 4 replicas: one host reads like the range reader; 2 hosts of 2 read
+    # each byte once per host; 4 hosts once in all.
+    rep1, per_rank, plain = _sharing()
+    rep2, two, _ = _sharing("--ranks-per-host", "2")
+    rep4, one, _ = _sharing("--ranks-per-host", "4")
+    assert rep2["sharing"]["ranks_per_host"] == 2
+    total = sum(p["bytes_read"] for p in plain)
+    assert [s["bytes_read"] for s in one] == [p["bytes_read"] for p in plain]
+    assert sum(s["bytes_sent"] for s in one) == 0 and rep4["sharing"]["pieces"] == 0
+    read1, read2 = (sum(s["bytes_read"] for s in x) for x in (per_rank, two))
+    assert read1 < read2 < total
+    # host-mates read the same pieces: ranks 0 and 1 (host 0) read alike
+    assert two[0]["bytes_read"] == two[1]["bytes_read"] and two[2]["bytes_read"] == two[3]["bytes_read"]
+    sent1, sent2 = (sum(s["bytes_sent"] for s in x) for x in (per_rank, two))
+    assert 0 < sent2 < sent1
+    for x in (per_rank, two):
+        assert sum(s["bytes_sent"] for s in x) == sum(s["bytes_received"] for s in x)
+    code, text, _ = run("plan", SHARDED, "--mesh", "4", "--layout", "R", "--ranks-per-host", "2")
+    assert code == 0 and "2 ranks per host, exchanging only across hosts" in text
+
+
+def test_ranks_per_host_below_one_is_a_usage_error():
+    code, _, err = run("plan", SHARDED, "--mesh", "4", "--layout", "R", "--ranks-per-host", "0")
+    assert code != 0 and "--ranks-per-host" in err
