@@ -4,7 +4,11 @@ Usage: python _shared_load_worker.py <workdir> <rounds>, with RANK, WORLD_SIZE
 and CKCORE_TEST_INIT_METHOD in the environment. Loads ``<workdir>/ckpt`` as 4
 replicas (HSDP with 4 replica groups of 1 shard: every rank needs every
 element), with torch's ``DefaultLoadPlanner`` + ``FileSystemReader`` and with
-ckcore's ``FastLoadPlanner`` + ``SharedRangeFileSystemReader``, cold (the
+ckcore's ``FastLoadPlanner`` + ``SharedRangeFileSystemReader``, the latter
+as deployed here (``ckcore``: the 4 ranks share one host and its page cache,
+so each reads its own) and with each rank made its own host
+(``ckcore-4hosts``: ``exchange_within_host=True``, every byte read once and
+exchanged over gloo, as 4 replicas on 4 hosts would), cold (the
 checkpoint files dropped from the page cache with ``posix_fadvise(DONTNEED)``
 first) and warm; every element is checked after every load. Rank 0 writes
 ``<workdir>/result.json``: per variant and mode the slowest rank's wall
@@ -73,7 +77,8 @@ def main() -> None:
         shapes = json.load(f)
     sd = {name: torch.empty(shape, dtype=torch.float32) for name, shape in shapes.items()}
     result: dict = {}
-    for variant in os.environ.get("CKCORE_BENCH_SHARED_VARIANTS", "torch,ckcore").split(","):
+    variants = os.environ.get("CKCORE_BENCH_SHARED_VARIANTS", "torch,ckcore,ckcore-4hosts")
+    for variant in variants.split(","):
         for mode in ["cold"] * rounds + ["warm"] * rounds:
             for t in sd.values():
                 t.fill_(-1.0)
@@ -88,7 +93,8 @@ def main() -> None:
                 dcp.load(sd, storage_reader=reader, planner=DefaultLoadPlanner())
                 nbytes = reader.bytes_read
             else:
-                reader = SharedRangeFileSystemReader(path)
+                reader = SharedRangeFileSystemReader(
+                    path, exchange_within_host=variant == "ckcore-4hosts")
                 dcp.load(sd, storage_reader=reader, planner=FastLoadPlanner())
                 nbytes = reader.stats["bytes_read"]
                 if os.environ.get("CKCORE_BENCH_SHARED_VERBOSE"):

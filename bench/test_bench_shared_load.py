@@ -8,7 +8,12 @@ groups of 1 shard, i.e. 4 replicas), with:
 - ``[torch]``: ``DefaultLoadPlanner`` + ``FileSystemReader`` (every rank
   reads every storage item whole);
 - ``[ckcore]``: ``FastLoadPlanner`` + ``ckcore.dcp.shared.SharedRangeFileSystemReader``
-  (each byte read once by one replica and exchanged over gloo).
+  with its defaults: the 4 ranks are on one host, so each reads what it
+  needs itself and the page cache serves the repeats (no exchange);
+- ``[ckcore-4hosts]``: the same with ``exchange_within_host=True``, every
+  rank its own host: each byte read once by one replica and exchanged over
+  gloo, the storage traffic of 4 replicas on 4 hosts (the wall time is not:
+  the page cache and the loopback exchange are one machine's).
 
 Each is loaded cold (the files dropped from the page cache with
 ``posix_fadvise(POSIX_FADV_DONTNEED)`` by rank 0 between two barriers) and
@@ -23,9 +28,10 @@ delivered) summed over the ranks: on one host the page cache already serves
 torch's four replicas from one device read, so the storage savings of shared
 reads (and the wall target below) need replicas on different hosts or a
 store without a shared client cache.
-Targets: ckcore's storage bytes <= 1/4 of torch's + 5% (asserted), cold
-wall <= 1/2 of torch's (reported: 4 processes on a shared 2-core machine
-are noisy).
+Targets: ``ckcore-4hosts``' storage bytes <= 1/4 of torch's + 5%
+(asserted); cold wall <= 1/2 of torch's (reported: it needs replicas on
+different hosts, and 4 processes on a shared 2-core machine are noisy);
+``ckcore`` not slower than torch (reported).
 
 Run: ``PYTHONPATH=$PWD python -m pytest bench/test_bench_shared_load.py``.
 """
@@ -93,7 +99,7 @@ class _Clock:
         return self.t
 
 
-@pytest.mark.parametrize("impl", ["torch", "ckcore"])
+@pytest.mark.parametrize("impl", ["torch", "ckcore", "ckcore-4hosts"])
 def test_shared_load(benchmark, shared_load, impl):
     total_mib, result = shared_load
     benchmark.group = "shared-load 4 replicas cold"
@@ -122,5 +128,5 @@ def test_shared_load(benchmark, shared_load, impl):
         "device MiB (4 ranks)": f"{result[impl]['cold'][0]['device_bytes'] / 2**20:.1f}",
         "torch cold / this": f"{min(result['torch']['cold'], key=lambda r: r['wall_s'])['wall_s'] / min(cold):.2f}x",
     }
-    if impl == "ckcore":
+    if impl == "ckcore-4hosts":
         assert ours <= torch_bytes / WORLD * 1.05, (ours, torch_bytes)
