@@ -64,6 +64,21 @@ _EOCD64 = b"PK\x06\x06"
 _CDIR = b"PK\x01\x02"
 _LOCAL = b"PK\x03\x04"
 _HEAD = 4096  # first/last bytes of an item read up front: they hold every record but the storage
+# How far back from an archive's end torch's zip reader (miniz,
+# mz_zip_reader_locate_header_sig) looks for the end-of-central-directory
+# record: 4096-byte blocks scanned backwards, each overlapping the next by 3
+# bytes, until a block that starts 65535 + 22 bytes or more from the end. The
+# last record that starts in the last 4096 + 16 * 4093 bytes with its 22 bytes
+# inside the archive is the one: past a zip comment (up to 65535 bytes)
+# torch.load accepts 69562 trailing bytes after a bare record, not one more.
+# (miniz means to clamp a block's start at the archive's byte 0 but computes
+# it unsigned, so a record in the archive's first 4093 bytes that the blocks
+# starting at or after byte 0 miss is looked for in a block starting before
+# the item: torch.load of the item's bytes fails ("negative seek value"), and
+# FileSystemReader reads the bytes in front of the item, failing only for an
+# item at the start of its file. This searches the item's own bytes, as
+# miniz means to, and loads such an item wherever it sits.)
+_EOCD_REACH = 4096 + 16 * 4093
 
 
 class UnsupportedItem(Exception):
@@ -217,6 +232,22 @@ class _ItemBytes:
             )
         return b
 
+    def widen_tail(self) -> None:
+        """Extend the tail to the last :data:`_EOCD_REACH` bytes (at most one more read).
+
+        For an archive whose end record is not in the first tail read: a
+        long zip comment or trailing bytes after the archive. The read takes
+        only the item's bytes between its head and its tail (no byte twice),
+        at most ``_EOCD_REACH - _HEAD`` (65488) bytes.
+        """
+        start = max(0, self.length - _EOCD_REACH)
+        if start >= self.tail_start:
+            return
+        held = max(start, min(len(self.head), self.tail_start))  # head bytes up to here
+        more = self._read_exact(held, self.tail_start - held) if held < self.tail_start else b""
+        self.tail = self.head[start:held] + more + self.tail
+        self.tail_start = start
+
     def read(self, rel: int, n: int) -> bytes:
         if rel < 0 or n < 0 or rel + n > self.length:
             raise CorruptItem(
@@ -239,13 +270,23 @@ def _unpack(where: str, fmt: str, buf: bytes, pos: int) -> tuple:
 
 def _central_directory(item: _ItemBytes) -> list[_Record]:
     where = item.where
+    # The last end record with its 22 bytes inside the item, as miniz finds
+    # it: in the first tail read for any archive torch.save writes, else
+    # (a zip comment, trailing bytes) within _EOCD_REACH of the end. Only an
+    # item that starts with a local header is searched further: torch.load
+    # reads nothing else as a zip archive.
+    pos = item.tail.rfind(_EOCD, 0, len(item.tail) - 18)
+    if pos < 0 and item.head[:4] == _LOCAL and 0 < item.tail_start and len(item.tail) < _EOCD_REACH:
+        item.widen_tail()
+        pos = item.tail.rfind(_EOCD, 0, len(item.tail) - 18)
     tail = item.tail
-    pos = tail.rfind(_EOCD)
-    if pos < 0 or len(tail) - pos < 22:
+    if pos < 0:
         if item.head[:4] != _LOCAL and item.head[:1] == b"\x80":
             # A pickle: torch.save's legacy (pre-zip) format. Valid, not ours.
             raise UnsupportedItem(f"{where}: legacy (non-zip) torch.save format")
-        raise CorruptItem(f"{where}: not a torch.save zip archive (no end-of-central-directory record)")
+        raise CorruptItem(
+            f"{where}: not a torch.save zip archive (no end-of-central-directory record in "
+            f"its last {len(tail)} bytes)")
     _, _, _, _, entries, cd_size, cd_off, _ = _unpack(where, "<4sHHHHIIH", tail, pos)
     if entries == 0xFFFF or cd_size == 0xFFFFFFFF or cd_off == 0xFFFFFFFF:
         loc = item.tail_start + pos - 20

@@ -160,3 +160,89 @@ def test_byte_overwrites_in_the_records_raise_only_locator_errors():
                 bad = bytearray(d)
                 bad[pos] = v
                 _check(bytes(bad))
+
+
+# ------------------------------------------------- bytes after the end record
+
+# torch.load (miniz) finds the end-of-central-directory record when it starts
+# in the archive's last 4096 + 16 * 4093 bytes with its 22 bytes inside: a
+# zip comment of up to 65535 bytes, or up to 69562 bytes after a bare record.
+# tests/differential/test_archive_tail.py checks the same tails against torch.
+_REACH = 4096 + 16 * 4093
+
+
+def _with_comment(d: bytes, n: int) -> bytes:
+    eocd = len(d) - 22
+    assert d[eocd : eocd + 4] == b"PK\x05\x06"
+    return d[: eocd + 20] + struct.pack("<H", n) + b"c" * n
+
+
+def _counted(data: bytes):
+    reads: list[tuple[int, int]] = []
+
+    def pread(n, off):
+        assert 0 <= off and off + n <= len(data), (off, n, len(data))
+        reads.append((off, n))
+        return data[off : off + n]
+
+    return pread, reads
+
+
+@pytest.mark.parametrize("tail", [
+    b"", b"j" * 2000, b"j" * 5120, b"j" * 61440, b"j" * (_REACH - 22),
+    b"j" * 5000 + b"PK\x05\x06" + b"\0" * 17,  # a record cut short is not one (miniz skips it)
+])
+def test_trailing_bytes_within_torchs_reach_locate(tail):
+    for d in RECORDS[:2]:
+        want = _locate(d)
+        data = d + tail
+        pread, reads = _counted(data)
+        assert locate_tensor(pread, 0, len(data), "item") == want
+        if len(data) <= 4096:
+            assert len(reads) == 1  # the whole item, as before
+        else:
+            # head and tail; for a record not in the tail, at most one read
+            # more, of bytes between them (none twice), at most 65488 of them
+            head, last, *more = reads
+            assert head == (0, 4096) and last == (len(data) - 4096, 4096)
+            assert len(more) <= (0 if len(tail) + 22 <= 4096 else 1)
+            assert all(4096 <= off and off + n <= len(data) - 4096 and n <= _REACH - 4096
+                       for off, n in more)
+
+
+@pytest.mark.parametrize("n", [100, 5000, 65535])
+def test_zip_comment_locates(n):
+    for d in RECORDS[:2]:
+        assert _locate(_with_comment(d, n)) == _locate(d)
+    assert _locate(_with_comment(RECORDS[0], 65535) + b"j" * (_REACH - 22 - 65535)) == _locate(RECORDS[0])
+
+
+@pytest.mark.parametrize("data", [
+    RECORDS[0] + b"j" * (_REACH - 21),
+    RECORDS[0] + b"j" * 71680,
+    _with_comment(RECORDS[0], 65535) + b"j" * (_REACH - 21 - 65535),
+])
+def test_end_record_past_torchs_reach_is_corrupt(data):
+    pread, reads = _counted(data)
+    with pytest.raises(CorruptItem, match=r"^item: .*no end-of-central-directory record in its last 69584 bytes"):
+        locate_tensor(pread, 0, len(data), "item")
+    # the item's own bytes only, the search at most 65488 bytes past head and tail
+    start = max(4096, len(data) - _REACH)
+    assert len(reads) == 3 and reads[2] == (start, len(data) - 4096 - start)
+    assert reads[2][1] <= _REACH - 4096
+
+
+def test_a_stray_end_record_in_the_tail_wins_as_in_miniz():
+    # The last record (with its 22 bytes inside) is the one: junk that holds
+    # an empty one makes the archive empty, for torch and for the locator.
+    with pytest.raises(CorruptItem, match="no data.pkl"):
+        _locate(RECORDS[0] + b"j" * 5000 + b"PK\x05\x06" + b"\0" * 18)
+
+
+def test_no_wider_search_for_an_item_that_is_not_a_zip():
+    # torch.load reads an item as a zip only when it starts with a local header
+    data = b"\0" * 20000
+    pread, reads = _counted(data)
+    with pytest.raises(CorruptItem, match="in its last 4096 bytes"):
+        locate_tensor(pread, 0, len(data), "item")
+    assert len(reads) == 2
