@@ -944,6 +944,7 @@ class _RangeCost:
         self.estimated = 0
         self.memo: dict[tuple, tuple[int, int, bool]] = {}
         self.whole_memo: dict[tuple, bool] = {}
+        self.read_whole: set[tuple[int, int]] = set()
 
     def box(self, rank: int, gid: int, lay: _ChunkLayout, sizes: tuple[int, ...], elem: int,
             offsets: Sequence[int], lengths: Sequence[int],
@@ -955,9 +956,12 @@ class _RangeCost:
         """
         if lay.kind != "transformed" and self._whole(sizes, elem, offsets, lengths, lay.length):
             # One request for the whole item, records and all (decided from
-            # the metadata alone, as the reader decides it).
-            self.bytes[rank] += lay.length
-            self.calls[rank] += 1
+            # the metadata alone, as the reader decides it), serving every
+            # box of it the rank reads this way.
+            if (rank, gid) not in self.read_whole:
+                self.read_whole.add((rank, gid))
+                self.bytes[rank] += lay.length
+                self.calls[rank] += 1
             return
         if (rank, gid) not in self.opened:
             # The first touch of a chunk: a transformed item is read whole

@@ -786,11 +786,20 @@ class RangeFileSystemReader(FileSystemReader):
         # form the range path does not handle is loaded from the same bytes
         # with torch.load, as torch's reader loads it.
         req, where, offset, length = job.req, job.where, job.item_offset, job.length
-        for start, n in job.ahead:
-            os.posix_fadvise(fd, start, n, os.POSIX_FADV_WILLNEED)
-        arr = scratch.get()
-        self._read_runs(fd, np.array([[offset, 0, length]], dtype=np.int64),
-                        np.array([[offset, offset + length]], dtype=np.int64), arr, where)
+        # Several read items of one storage item (boxes, or a shared read's
+        # pieces) sort next to each other: a worker that still holds the
+        # item reads it once for all of them. `where` names the file and the
+        # item's bytes, so the tag cannot match another file's item.
+        tag = (where, offset, length)
+        if scratch.held == tag and scratch.buf is not None:
+            arr = scratch.buf
+        else:
+            for start, n in job.ahead:
+                os.posix_fadvise(fd, start, n, os.POSIX_FADV_WILLNEED)
+            arr = scratch.get()
+            self._read_runs(fd, np.array([[offset, 0, length]], dtype=np.int64),
+                            np.array([[offset, offset + length]], dtype=np.int64), arr, where)
+            scratch.held = tag
         buf = arr.data[:length]
 
         def pread(n: int, off: int) -> bytes:
@@ -959,14 +968,18 @@ class _Windows:
 
 class _Scratch:
     # One worker's scratch buffer, allocated on first use: a load that never
-    # needs one (every box read in place) allocates nothing.
-    __slots__ = ("nbytes", "buf")
+    # needs one (every box read in place) allocates nothing. `held` names the
+    # whole item the buffer still holds (see _read_whole); any other use of
+    # the buffer forgets it.
+    __slots__ = ("nbytes", "buf", "held")
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
         self.buf: np.ndarray | None = None
+        self.held: tuple[str, int, int] | None = None
 
     def get(self) -> np.ndarray:
+        self.held = None
         if self.buf is None:
             self.buf = np.empty(self.nbytes, dtype=np.uint8)
         return self.buf

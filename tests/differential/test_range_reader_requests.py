@@ -229,3 +229,44 @@ def test_record_windows_are_held_one_batch_at_a_time(tmp_path):
     # 1 MiB batches of 8 KiB windows: 128 items a batch, 12 batches, each
     # costing one more request than a single merged pass would.
     assert reader.stats["read_calls"] == n + -(-n // 128) + n
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_many_boxes_of_one_item_read_whole_read_it_once_per_worker(tmp_path, threads):
+    # 40 narrow boxes of one 11.5 KiB item (the pieces a shared read cuts a
+    # small chunk into): each box alone is read whole, but the item's bytes
+    # are fetched once per worker, not once per box.
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    full = torch.arange(40 * 6 * 6, dtype=torch.int64).reshape(40, 6, 6)
+    dcp.save({"t": full}, checkpoint_id=tmp_path, no_dist=True)
+    md = FileSystemReader(tmp_path).read_metadata()
+    length = next(iter(md.storage_data.values())).length
+
+    class Dest:
+        def __init__(self):
+            self.out = [torch.full((1, 6, 6), -1, dtype=torch.int64) for _ in range(40)]
+
+        def resolve_tensor(self, req):
+            return self.out[req.dest_index.index]
+
+        def commit_tensor(self, req, t):
+            pass
+
+    boxes = [ChunkStorageMetadata(offsets=torch.Size([i, 0, 0]), sizes=torch.Size([1, 6, 6]))
+             for i in range(40)]
+    items = create_read_items_for_chunk_list("t", md.state_dict_metadata["t"], boxes)
+    items = [type(it)(**{**it.__dict__, "dest_index": type(it.dest_index)("t", it.dest_index.offset, k)})
+             for k, it in enumerate(items)]
+    reader = RangeFileSystemReader(tmp_path, thread_count=threads)
+    reader.set_up_storage_reader(md, True)
+    dest = Dest()
+    reader.read_data(LoadPlan(items), dest).wait()
+    for i, t in enumerate(dest.out):
+        assert torch.equal(t, full[i : i + 1]), i
+    assert 1 <= reader.stats["read_calls"] <= threads
+    assert reader.stats["bytes_read"] == reader.stats["read_calls"] * length
+    if threads == 1:
+        assert reader.stats["read_calls"] == 1
