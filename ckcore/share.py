@@ -2,9 +2,11 @@
 
 Under DDP or HSDP several ranks need the same saved chunk, or overlapping
 boxes of it. Instead of each reading its box from storage, the ranks agree
-on a split: every needed byte of a saved chunk is read by exactly one rank
-(the *reader* of the piece holding it) and sent to the other ranks that need
-it. :func:`plan_shared_reads` computes that split from a compact
+on a split: every needed byte of a saved chunk is read on exactly one host
+(by the *reader* of the piece holding it, and by its host-mates that need
+it, through their shared page cache) and sent to the ranks on other hosts
+that need it; with every rank its own host (the default), by exactly one
+rank. :func:`plan_shared_reads` computes that split from a compact
 description of what every rank needs (one int64 row per rank and saved
 chunk box); it is a pure function of its inputs, so every rank computes the
 same plan from the same all-gathered rows without any rank holding the
@@ -17,19 +19,19 @@ How a saved chunk is split:
    boundaries; the grid cells covered by at least one box are disjoint and
    each lies wholly inside or wholly outside every box, so a cell has a
    well-defined set of *needers*;
-2. a cell needed by ``k`` ranks is cut along its outermost dim (the one
+2. a cell needed by ranks on ``k`` hosts is cut along its outermost dim (the one
    with the largest stride in a row-major chunk, so each part is few, long
    byte runs) into ``k`` parts (fewer when parts would be smaller than
    ``min_piece_bytes``: every reader of a chunk also reads a few KiB of its
    archive records), and into more when a part would make a rank send more
    than ``exchange_bytes`` in one round;
-3. parts go, in a fixed order, to the needer with the fewest bytes assigned
-   so far (lowest rank on ties): the storage traffic spreads over the
-   replicas;
+3. parts go, in a fixed order, to a needer on the host with the fewest
+   bytes assigned so far, the one of its ranks with the fewest (lowest rank
+   on ties): the storage traffic spreads over the hosts and their ranks;
 4. parts are packed, in the same order, into exchange *rounds* in which no
    rank reads, sends or receives more than ``exchange_bytes`` (a part that
-   alone exceeds it gets a round of its own): the memory bound of the
-   exchange.
+   alone exceeds it, a single element larger than the budget, gets a round
+   of its own): the memory bound of the exchange.
 
 A chunk whose boxes cut it into more than ``max_cells`` cells (a crafted or
 pathological layout) is not shared: each rank reads its own boxes.
@@ -57,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -181,6 +184,25 @@ def _cells(offs: np.ndarray, lens: np.ndarray, max_cells: int) -> tuple[np.ndarr
     return lo, hi
 
 
+def _host_ids(hosts: np.ndarray | Sequence[int] | None, world: int) -> np.ndarray:
+    """Each rank's host as 0, 1, ... in order of the values given (any ints, numpy or Python)."""
+    if hosts is None:
+        return np.arange(world, dtype=np.int64)
+    if isinstance(hosts, np.ndarray):
+        if hosts.shape != (world,) or hosts.dtype.kind not in "iub":
+            raise ValueError(f"hosts must be {world} ints, one per rank, got {hosts!r}")
+        values = hosts.tolist()
+    else:
+        try:
+            values = [operator.index(h) for h in hosts]
+        except TypeError:
+            raise ValueError(f"hosts must be {world} ints, one per rank, got {hosts!r}") from None
+        if len(values) != world:
+            raise ValueError(f"hosts must be {world} ints, one per rank, got {len(values)}")
+    ids: dict[int, int] = {}
+    return np.array([ids.setdefault(v, len(ids)) for v in values], dtype=np.int64)
+
+
 def plan_shared_reads(
     needs: np.ndarray | Sequence[Sequence[int]],
     itemsizes: np.ndarray | Sequence[int],
@@ -191,7 +213,7 @@ def plan_shared_reads(
     min_piece_bytes: int = DEFAULT_MIN_PIECE_BYTES,
     hosts: np.ndarray | Sequence[int] | None = None,
 ) -> SharePlan:
-    """Split every saved chunk of which several ranks need the same elements into pieces, each read by one of its needers.
+    """Split every saved chunk of which ranks on several hosts need the same elements into pieces, each read on one host.
 
     ``needs``: int64 rows ``[rank, chunk, off_0 .. off_{D-1}, len_0 .. len_{D-1}]``,
     the box (elements, relative to the saved chunk's origin) rank ``rank``
@@ -218,13 +240,7 @@ def plan_shared_reads(
         raise ValueError(f"world must be an int >= 1, got {world!r}")
     if exchange_bytes < 1 or max_cells < 1 or min_piece_bytes < 1:
         raise ValueError("exchange_bytes, max_cells and min_piece_bytes must be >= 1")
-    if hosts is None:
-        host = np.arange(world, dtype=np.int64)
-    else:
-        host = np.asarray(hosts)
-        if host.shape != (world,) or (world and host.dtype.kind not in "iu"):
-            raise ValueError(f"hosts must be {world} ints, one per rank, got {host!r}")
-        host = host.astype(np.int64)
+    host = _host_ids(hosts, world)
     rows = np.asarray(needs, dtype=np.int64)
     isz = np.asarray(itemsizes, dtype=np.int64).reshape(-1)
     if rows.ndim != 2 or rows.shape[1] < 2 or rows.shape[1] % 2:
@@ -282,9 +298,11 @@ def plan_shared_reads(
             who = uniq[cell_needs[j]]
             k = int(cell_hosts[j].sum())
             cell_len = tuple(int(v) for v in hi[j] - lo[j])
-            # A part is sent to at most len(who) - 1 ranks: keep that within
-            # one round's budget.
-            max_part = max(size, exchange_bytes // max(1, len(who) - 1))
+            # A part goes to the needers on the hosts other than its
+            # reader's: at most len(who) minus the fewest needers of a host.
+            mates = np.bincount(hidx[cell_needs[j]])
+            fan = len(who) - int(mates[mates > 0].min())
+            max_part = max(size, exchange_bytes // max(1, fan))
             # One part per host that needs the cell, but each reader of a
             # chunk also reads its archive records (a few KiB): cells smaller
             # than k * min_piece_bytes get fewer readers.
@@ -327,6 +345,7 @@ def plan_shared_reads(
     sent = [0] * world
     recv = [0] * world
     used = False
+    alone = False  # the round holds a part over the budget by itself
     for i in range(n):
         r, b, who = int(reader[i]), int(nbytes[i]), p_needers[i].tolist()
         readers = [w for w in who if host[w] == host[r]]
@@ -334,7 +353,7 @@ def plan_shared_reads(
         over = (any(read[w] + b > exchange_bytes for w in readers)
                 or sent[r] + b * len(others) > exchange_bytes
                 or any(recv[w] + b > exchange_bytes for w in others))
-        if over and used:
+        if (over or alone) and used:
             cur += 1
             read = [0] * world
             sent = [0] * world
@@ -345,6 +364,7 @@ def plan_shared_reads(
         for w in others:
             recv[w] += b
         used = True
+        alone = b > exchange_bytes or b * len(others) > exchange_bytes
         rnd[i] = cur
     return SharePlan(
         world=world, hosts=host,

@@ -139,9 +139,10 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
     read through one page cache, so they do not exchange with each other:
     each reads from storage the bytes it needs of the pieces its host reads
     (the first read fetches them from the device, the cache serves the
-    rest), and only ranks on other hosts receive them. Storage traffic is
-    then each needed byte once per host, and the network carries only what
-    crosses hosts. Set ``exchange_within_host=True`` for storage that the
+    rest), and only ranks on other hosts receive them. Each needed byte is
+    then fetched from storage on one host only (by each of that host's
+    ranks that need it, all but the first served by its cache), and the
+    network carries only what crosses hosts. Set ``exchange_within_host=True`` for storage that the
     host does not cache (``O_DIRECT``, a FUSE mount without a page cache):
     every rank is then its own host, and ranks on one machine exchange
     over the process group too. Give ``host`` when the host name does not
@@ -270,7 +271,7 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
     # ------------------------------------------------------------ read_data
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        """Read ``plan``'s items, sharing the bytes several ranks need (every rank must call it).
+        """Read ``plan``'s items, sharing the bytes ranks on several hosts need (every rank must call it).
 
         Raises :class:`SharedReadError` when a peer fails, dies or does not
         answer within ``timeout``; a rank's own read errors are raised as

@@ -249,10 +249,10 @@ def test_ranks_of_one_host_share_nothing():
     assert p.shared_chunks.tolist() == [] and p.n_rounds == 0
 
 
-def test_two_hosts_of_two_replicas_read_each_byte_once_per_host():
-    # 4 replicas of an 8 MiB chunk on 2 hosts: each host reads half and sends
-    # it to the other host's 2 ranks; storage sees each byte once per host
-    # cache, the network each byte once per receiving rank.
+def test_two_hosts_of_two_replicas_read_each_byte_on_one_host():
+    # 4 replicas of an 8 MiB chunk on 2 hosts: each host reads half (both
+    # its ranks, the second from the cache) and sends it to the other host's
+    # 2 ranks; the network carries each byte once per receiving rank.
     rows = [[r, 0, 0, 0, 1024, 2048] for r in range(4)]
     p = _plan(4, [4], rows, hosts=[0, 0, 1, 1])
     assert len(p.chunk) == 2
@@ -266,3 +266,21 @@ def test_two_hosts_of_two_replicas_read_each_byte_once_per_host():
 def test_bad_hosts_raise(hosts):
     with pytest.raises(ValueError, match="hosts"):
         plan_shared_reads([[0, 0, 0, 1]], [4], 2, hosts=hosts)
+
+
+def test_hosts_may_be_any_ints():
+    rows = [[r, 0, 0, 0, 4, 4] for r in range(3)]
+    want = _plan(3, [4], rows, hosts=[0, 0, 1], min_piece_bytes=1)
+    for hosts in ([2**64 - 1, 2**64 - 1, -5], [2**70, 2**70, 0], np.array([9, 9, -1], dtype=np.int8),
+                  np.array([7, 7, 3], dtype=np.uint64)):
+        got = _plan(3, [4], rows, hosts=hosts, min_piece_bytes=1)
+        assert np.array_equal(got.reader, want.reader) and np.array_equal(got.round, want.round)
+        assert np.array_equal(got.bytes_read(), want.bytes_read())
+
+
+def test_a_piece_over_the_budget_gets_a_round_of_its_own():
+    # Elements of 8 bytes under a 4-byte budget: each piece is over it alone.
+    rows = [[r, 0, 0, 0, 2, 1] for r in range(2)] + [[r, 1, 0, 0, 1, 1] for r in range(2)]
+    p = _plan(2, [8, 8], rows, exchange_bytes=4, min_piece_bytes=1)
+    assert len(p.chunk) == 3
+    assert p.round.tolist() == [0, 1, 2] and p.n_rounds == 3

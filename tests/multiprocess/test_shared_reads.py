@@ -59,9 +59,9 @@ def test_ranks_on_one_host_read_through_its_cache_and_exchange_only_across_hosts
     one = [r[layout]["onehost"] for r in ranks.values()]
     assert [s["bytes_read"] for s in one] == [s["bytes_read"] for s in plain]
     assert all(s["shared_items"] == s["exchange_rounds"] == s["bytes_sent"] == 0 for s in one)
-    # Two hosts of two ranks: each byte a replica group needs is read once
-    # per host that needs it (by each host-mate that needs it, through the
-    # shared cache) and crosses the process group only between hosts.
+    # Two hosts of two ranks: each byte a replica group needs is read on one
+    # host (by each of its ranks that need it, through the shared cache)
+    # and crosses the process group only between hosts.
     two = [r[layout]["hosts2"] for r in ranks.values()]
     assert all(s["shared_items"] > 0 for s in two)
     assert sum(s["bytes_sent"] for s in two) == sum(s["bytes_received"] for s in two) > 0
