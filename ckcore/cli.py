@@ -247,8 +247,7 @@ def _print_range_reads(result: dict[str, Any], out: IO[str]) -> None:
     w(f"\nshared reads (SharedRangeFileSystemReader): {_human(st['bytes_read'])} read from storage "
       f"in total, {_human(st['bytes_sent'])} exchanged; {_n(sh['pieces'], 'piece')} in "
       f"{_n(sh['exchange_rounds'], 'round')} of at most {_human(sh['exchange_bytes'])} per rank"
-      + (f"; {sh['ranks_per_host']} ranks per host, exchanging only across hosts\n"
-         if sh["ranks_per_host"] > 1 else "\n"))
+      + _hosts_text(sh["ranks_per_host"], result["world_size"]) + "\n")
     groups = sorted(sh["groups"], key=lambda g: (-g["torch_bytes_read"], g["ranks"]))
     shown = groups[:8]
     rows = [[_ranks_text(g["ranks"]), _human(g["torch_bytes_read"]), _human(g["range_bytes_read"]),
@@ -257,6 +256,14 @@ def _print_range_reads(result: dict[str, Any], out: IO[str]) -> None:
                        right=(1, 2, 3))) + "\n")
     if len(shown) < len(groups):
         w(f"... {len(groups) - len(shown)} lighter replica groups not shown (--json lists all)\n")
+
+
+def _hosts_text(per_host: int, world: int) -> str:
+    if per_host >= world > 1:
+        return f"; all {world} ranks on one host: each reads its own, nothing exchanged"
+    if per_host > 1:
+        return f"; {per_host} ranks per host, exchanging only across hosts"
+    return ""
 
 
 def _ranks_text(ranks: list[int]) -> str:
@@ -372,8 +379,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="simple form: the tensor dim to shard (tensors with fewer dims are replicated)")
     sp.add_argument("--top", type=int, default=0, help="show only the N heaviest ranks (0: all)")
     sp.add_argument("--ranks-per-host", type=int, default=1, metavar="N",
-                    help="for shared reads: ranks 0..N-1 on the first host, and so on (ranks of a "
-                         "host read through its page cache and do not exchange; default 1)")
+                    help="for shared reads: ranks 0..N-1 on the first host, and so on, the last "
+                         "host taking what is left (ranks of a host read through its page cache "
+                         "and do not exchange; default 1)")
     common(sp)
 
     sp = sub.add_parser(

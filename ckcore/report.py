@@ -1134,9 +1134,10 @@ def range_reads(
             cost.bytes += info.length
             cost.calls += 1
     needs = np.concatenate(rows) if rows else np.zeros((0, 2 + 2 * ndim), np.int64)
-    sp = plan_shared_reads(needs, [e for _, _, e in chunk_info] or [1], world,
+    itemsizes = [e for _, _, e in chunk_info] or [1]
+    sp = plan_shared_reads(needs, itemsizes, world,
                            exchange_bytes=exchange_bytes, min_piece_bytes=min_piece_bytes,
-                           hosts=np.arange(world, dtype=np.int64) // ranks_per_host)
+                           hosts=np.arange(world, dtype=np.int64) // min(ranks_per_host, world))
     is_shared = np.zeros(max(len(chunk_info), 1), dtype=bool)
     is_shared[sp.shared_chunks] = True
     for row in needs[~is_shared[needs[:, 1]]].tolist() if len(needs) else ():
@@ -1165,8 +1166,13 @@ def range_reads(
         return r
 
     for i in range(len(sp.chunk)):
-        who = sp.piece_needers(i).tolist()
         received[sp.piece_receivers(i)] += sp.nbytes[i]
+    # Replica groups are the ranks that need the same bytes, wherever they
+    # run: with several ranks per host, linked through the plan without hosts.
+    linked = sp if ranks_per_host == 1 else plan_shared_reads(
+        needs, itemsizes, world, exchange_bytes=exchange_bytes, min_piece_bytes=min_piece_bytes)
+    for i in range(len(linked.chunk)):
+        who = linked.piece_needers(i).tolist()
         for w in who[1:]:
             parent[find(w)] = find(who[0])
     groups: dict[int, list[int]] = {}

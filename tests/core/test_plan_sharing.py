@@ -58,8 +58,9 @@ def _sharing(*extra):
 
 
 def test_ranks_per_host_count_each_host_reading_what_it_shares_and_exchanging_across_hosts():
-    # 4 replicas: one host reads like the range reader; 2 hosts of 2 read
-    # each byte once per host; 4 hosts once in all.
+    # 4 replicas: on one host every rank reads everything (the range
+    # reader); on 2 hosts of 2 each byte is read on one host, by both its
+    # ranks; on 4 hosts each byte is read once in all.
     rep1, per_rank, plain = _sharing()
     rep2, two, _ = _sharing("--ranks-per-host", "2")
     rep4, one, _ = _sharing("--ranks-per-host", "4")
@@ -82,3 +83,24 @@ def test_ranks_per_host_count_each_host_reading_what_it_shares_and_exchanging_ac
 def test_ranks_per_host_below_one_is_a_usage_error():
     code, _, err = run("plan", SHARDED, "--mesh", "4", "--layout", "R", "--ranks-per-host", "0")
     assert code != 0 and "--ranks-per-host" in err
+
+
+def test_ranks_per_host_past_the_world_is_one_host_and_says_so():
+    rep, one, plain = _sharing("--ranks-per-host", str(2**63))
+    assert [s["bytes_read"] for s in one] == [p["bytes_read"] for p in plain]
+    assert rep["sharing"]["pieces"] == 0
+    # the replicas are still one replica group: they need the same bytes
+    assert [g["ranks"] for g in rep["sharing"]["groups"]] == [[0, 1, 2, 3]]
+    code, text, err = run("plan", SHARDED, "--mesh", "4", "--layout", "R", "--ranks-per-host", "9")
+    assert code == 0, err
+    assert "all 4 ranks on one host: each reads its own, nothing exchanged" in text
+
+
+def test_replica_groups_do_not_depend_on_the_hosts():
+    groups = []
+    for n in ("1", "2", "3"):
+        code, out, err = run("plan", SHARDED, "--mesh", "2x2", "--layout", "R,S(0)", "--json",
+                             "--ranks-per-host", n)
+        assert code == 0, err
+        groups.append(sorted(g["ranks"] for g in json.loads(out)["sharing"]["groups"]))
+    assert groups[0] == groups[1] == groups[2] == [[0, 2], [1, 3]]
