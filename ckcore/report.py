@@ -34,6 +34,7 @@ messages are abbreviated (:func:`~ckcore._saferepr.saferepr`).
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import math
 import os
@@ -862,10 +863,11 @@ def _plan_report(ck: Checkpoint, mesh: tuple[int, ...], reads: _Reads) -> dict[s
 class _ChunkLayout:
     """Where a saved chunk's elements sit: strides, byte of element 0, how the range reader reads it."""
 
-    __slots__ = ("base", "file", "kind", "length", "offset", "stored", "strides", "whole")
+    __slots__ = ("base", "file", "kind", "length", "offset", "reads", "stored", "strides", "whole")
 
     def __init__(self, strides: tuple[int, ...], base: int, length: int, stored: bool,
-                 whole: bool, file: str = "", offset: int = 0, kind: str = "range") -> None:
+                 whole: bool, file: str = "", offset: int = 0, kind: str = "range",
+                 reads: tuple[tuple[int, int], ...] = ()) -> None:
         self.strides, self.base, self.length = strides, base, length
         self.stored = stored  # strides read from the file's torch.save records
         self.whole = whole    # read whole: small, transformed or not a plain archive
@@ -873,6 +875,10 @@ class _ChunkLayout:
         # "range": an archive the range path reads; "unsupported": located, then
         # read whole by torch's path; "transformed": read whole by torch's path.
         self.kind = kind
+        # The (file offset, n) reads that locating it makes, as the reader
+        # asks its record windows for them (the whole item when it is small);
+        # a read no window holds is a request of its own.
+        self.reads = reads
 
 
 class _Locator:
@@ -907,21 +913,36 @@ class _Locator:
         where = (info.relative_path, info.offset)
         fd = self._fd(info.relative_path)
         if fd is not None and not info.transform_descriptors:
+            reads: list[tuple[int, int]] = []
+
+            def pread(n: int, off: int) -> bytes:
+                reads.append((off, n))
+                return os.pread(fd, n, off)
+
             try:
-                loc = locate_tensor(fd, info.offset, info.length, name_text(fqn))
+                loc = locate_tensor(pread, info.offset, info.length, name_text(fqn))
             except UnsupportedItem:
                 self.stored += 1
                 return _ChunkLayout(contiguous_strides(sizes), info.offset, info.length, True, True,
-                                    *where, kind="unsupported")
+                                    *where, kind="unsupported", reads=self._asked(info, reads))
             except (ValueError, OSError):
                 pass  # damaged: `ckcore validate` reports it; assume contiguous
             else:
                 if tuple(loc.size) == tuple(sizes):
                     self.stored += 1
-                    return _ChunkLayout(tuple(loc.stride), loc.base, info.length, True, whole, *where)
+                    return _ChunkLayout(tuple(loc.stride), loc.base, info.length, True, whole, *where,
+                                        reads=self._asked(info, reads))
         self.assumed += 1
         return _ChunkLayout(contiguous_strides(sizes), info.offset, info.length, False, whole, *where,
                             kind="transformed" if info.transform_descriptors else "range")
+
+    @staticmethod
+    def _asked(info: StorageInfo, reads: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+        # What the reader asks its windows for: a small item whole, in one
+        # read, then located from memory; any other item's locate reads.
+        if info.length <= RANGE_SMALL_ITEM:
+            return ((info.offset, info.length),)
+        return tuple(reads)
 
     def close(self) -> None:
         """Close the files opened to read records."""
@@ -941,6 +962,8 @@ class _RangeCost:
         self.opened: set[tuple[int, int]] = set()
         # per (rank, file): the items whose archive records the rank reads
         self.located: dict[tuple[int, str], set[tuple[int, int]]] = {}
+        # per item (file, offset, length): the reads locating it makes
+        self.locate_reads: dict[tuple[str, int, int], tuple[tuple[int, int], ...]] = {}
         self.estimated = 0
         self.memo: dict[tuple, tuple[int, int, bool]] = {}
         self.whole_memo: dict[tuple, bool] = {}
@@ -974,6 +997,7 @@ class _RangeCost:
                 self.calls[rank] += 1
             else:
                 self.located.setdefault((rank, lay.file), set()).add((lay.offset, lay.length))
+                self.locate_reads[(lay.file, lay.offset, lay.length)] = lay.reads
                 if lay.kind == "unsupported":
                     self.bytes[rank] += lay.length
                     self.calls[rank] += 1
@@ -1048,12 +1072,26 @@ class _RangeCost:
         return got
 
     def finish(self) -> None:
-        """Add every rank's record reads: per file, the merged windows of its located items."""
-        for (rank, _file), items in self.located.items():
+        """Add every rank's record reads: per file, the merged windows of its located items.
+
+        A read that locating an item makes and no single window holds (a
+        zip comment or trailing bytes past the item's last 4 KiB, a small
+        item split by the window cap) is a request of its own, as in the
+        reader.
+        """
+        for (rank, file), items in self.located.items():
             for batch in record_batches(list(items), DEFAULT_BUFFER_BYTES):
-                for start, end in record_windows(batch):
+                windows = record_windows(batch)
+                for start, end in windows:
                     self.bytes[rank] += end - start
                     self.calls[rank] += 1
+                starts = [a for a, _ in windows]
+                for off, ln in batch:
+                    for at, n in self.locate_reads.get((file, off, ln), ()):
+                        i = bisect.bisect_right(starts, at) - 1
+                        if i < 0 or at + n > windows[i][1]:
+                            self.bytes[rank] += n
+                            self.calls[rank] += 1
         self.located.clear()
 
 

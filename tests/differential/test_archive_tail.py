@@ -280,3 +280,53 @@ def test_whole_read_item_the_locator_does_not_handle(tmp_path, monkeypatch, name
     got = load(reader)
     assert torch.equal(got["cj"], ref["cj"]) and torch.equal(got["cj"], c.conj()[:, 40:70].resolve_conj())
     assert seen["whole"] == {(info.offset, info.length)} and not seen["located"]
+
+
+@pytest.mark.parametrize("name", [n for n, (_, loads, _) in sorted(TAILS.items()) if loads])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_plan_counts_the_locators_extra_reads_as_the_reader_makes_them(tmp_path, name, rank):
+    # `ckcore plan`'s range figures for one rank of a 2-rank row reshard
+    # equal the reader's stats (one worker), extra end-record reads included.
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    from ckcore import report
+    from ckcore.checkpoint import Checkpoint
+    from ckcore.layout import local_shapes_and_offsets
+
+    sd = state_dict()
+    dcp.save({k: v.clone() for k, v in sd.items()}, checkpoint_id=tmp_path, no_dist=True)
+    tamper(tmp_path, "w", TAILS[name][0])
+    ck = Checkpoint(tmp_path)
+    mesh, layouts = report.resolve_layouts(ck.metadata, world_size=2, shard_dim=0)
+    plan = report.plan_reads(ck, mesh, layouts, ranges=True)
+    reader = RangeFileSystemReader(tmp_path, thread_count=1)
+    md = reader.read_metadata()
+    reader.set_up_storage_reader(md, True)
+    items, outs = [], {}
+    for fqn, t in sd.items():
+        sizes, offsets = local_shapes_and_offsets(tuple(t.shape), mesh, layouts[fqn][1])
+        outs[fqn] = torch.empty(tuple(sizes[rank]), dtype=t.dtype)
+        items += create_read_items_for_chunk_list(
+            fqn, md.state_dict_metadata[fqn],
+            [ChunkStorageMetadata(torch.Size(offsets[rank]), torch.Size(sizes[rank]))])
+
+    class Dest:
+        def resolve_tensor(self, req):
+            t = outs[req.dest_index.fqn]
+            for d, (o, n) in enumerate(zip(req.dest_offsets, req.lengths)):
+                t = t.narrow(d, o, n)
+            return t
+
+        def commit_tensor(self, req, t):
+            pass
+
+    reader.read_data(LoadPlan(items), Dest()).wait()
+    for fqn, t in sd.items():
+        sizes, offsets = local_shapes_and_offsets(tuple(t.shape), mesh, layouts[fqn][1])
+        want = t[tuple(slice(o, o + n) for o, n in zip(offsets[rank], sizes[rank]))]
+        assert torch.equal(outs[fqn], want), fqn
+    got = next(r for r in plan["ranks"] if r["rank"] == rank)["range"]
+    assert (got["read_calls"], got["bytes_read"]) == (reader.stats["read_calls"],
+                                                      reader.stats["bytes_read"])
