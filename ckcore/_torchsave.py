@@ -205,6 +205,9 @@ class _Record:
     csize: int
     usize: int
     local_offset: int
+    # miniz's directory test: torch extracts such a record as no bytes and
+    # reads a buffer it never filled, so its values are not the file's.
+    directory: bool = False
 
 
 class _ItemBytes:
@@ -287,32 +290,58 @@ def _central_directory(item: _ItemBytes) -> list[_Record]:
         raise CorruptItem(
             f"{where}: not a torch.save zip archive (no end-of-central-directory record in "
             f"its last {len(tail)} bytes)")
-    _, _, _, _, entries, cd_size, cd_off, _ = _unpack(where, "<4sHHHHIIH", tail, pos)
-    if entries == 0xFFFF or cd_size == 0xFFFFFFFF or cd_off == 0xFFFFFFFF:
-        loc = item.tail_start + pos - 20
-        sig, _, z64_off, _ = _unpack(where, "<4sIQI", item.read(loc, 20), 0)
-        if sig != _EOCD64_LOC:
-            raise CorruptItem(f"{where}: zip64 end locator missing")
-        rec = item.read(z64_off, 56)
-        if rec[:4] != _EOCD64:
-            raise CorruptItem(f"{where}: zip64 end record missing")
-        _, _, _, _, _, _, _, entries, cd_size, cd_off = _unpack(where, "<4sQHHIIQQQQ", rec, 0)
+    eocd = item.tail_start + pos
+    (_, this_disk, cd_disk, disk_entries, entries, cd_size, cd_off, _) = _unpack(
+        where, "<4sHHHHIIH", tail, pos)
+    # Zip64, as miniz reads it: a locator right before the end record that
+    # points at a zip64 end record makes that record's fields count, whatever
+    # the 32-bit ones say (torch.save writes both). An archive whose locator
+    # points past the end is refused; a locator or record that does not
+    # match its signature is ignored.
+    if eocd >= 20 + 56:
+        sig, _, z64_off, disks = _unpack(where, "<4sIQI", item.read(eocd - 20, 20), 0)
+        if sig == _EOCD64_LOC:
+            if z64_off > item.length - 56:
+                raise CorruptItem(f"{where}: zip64 end locator points past the archive ({z64_off})")
+            rec = item.read(z64_off, 56)
+            if rec[:4] == _EOCD64:
+                (_, rec_size, _, _, this_disk, cd_disk, disk_entries, entries, cd_size,
+                 cd_off) = _unpack(where, "<4sQHHIIQQQQ", rec, 0)
+                if rec_size < 44:
+                    raise CorruptItem(f"{where}: zip64 end record of {rec_size} bytes")
+                if disks != 1:
+                    raise CorruptItem(f"{where}: a zip archive on {disks} disks")
+                if max(entries, disk_entries, cd_size) > 0xFFFFFFFF:
+                    raise CorruptItem(f"{where}: zip64 central directory of {entries} entries, "
+                                      f"{cd_size} bytes")
+    if entries != disk_entries or ((this_disk | cd_disk) and (this_disk, cd_disk) != (1, 1)):
+        raise CorruptItem(f"{where}: a multi-disk zip archive")
+    if cd_size < 46 * entries or cd_off + cd_size > item.length:
+        raise CorruptItem(f"{where}: central directory of {entries} entries in {cd_size} bytes "
+                          f"at {cd_off} does not fit the archive")
     cd = item.read(cd_off, cd_size)
     records = []
     p = 0
     for _ in range(entries):
-        if cd[p : p + 4] != _CDIR:
+        if cd_size - p < 46 or cd[p : p + 4] != _CDIR:
             raise CorruptItem(f"{where}: bad central directory entry at {cd_off + p}")
-        (_, _, _, flags, method, _, _, _, csize, usize, nlen, elen, clen, _, _, _, loff) = _unpack(
+        (_, _, _, flags, method, _, _, _, csize, usize, nlen, elen, clen, disk, _, attrs, loff) = _unpack(
             where, "<4sHHHHHHIIIHHHHHII", cd, p
         )
+        if 46 + nlen + elen + clen > cd_size - p:
+            raise CorruptItem(f"{where}: central directory entry at {cd_off + p} runs past it")
         name = cd[p + 46 : p + 46 + nlen].decode("utf-8", "replace")
         extra = cd[p + 46 + nlen : p + 46 + nlen + elen]
+        if disk == 0xFFFF or disk not in (this_disk, 1):
+            raise CorruptItem(f"{where}: record {name} on another disk")
+        if csize != 0xFFFFFFFF and loff + 30 + csize > item.length:
+            raise CorruptItem(f"{where}: record {name} ends past the archive")
         if 0xFFFFFFFF in (csize, usize, loff):
             usize, csize, loff = _zip64_fields(where, name, extra, usize, csize, loff)
         if flags & 1:
             raise UnsupportedItem(f"{where}: encrypted zip record {name}")
-        records.append(_Record(name, method, csize, usize, loff))
+        records.append(_Record(name, method, csize, usize, loff,
+                               bool(attrs & 0x10) or name.endswith("/")))
         p += 46 + nlen + elen + clen
     return records
 
@@ -346,6 +375,8 @@ def _zip64_fields(where: str, name: str, extra: bytes, usize: int, csize: int,
 
 
 def _record_bytes_offset(item: _ItemBytes, rec: _Record) -> int:
+    if rec.directory:
+        raise CorruptItem(f"{item.where}: record {rec.name} is marked as a directory")
     hdr = item.read(rec.local_offset, 30)
     if hdr[:4] != _LOCAL:
         raise CorruptItem(f"{item.where}: bad local header for {rec.name}")

@@ -83,9 +83,10 @@ TAILS = {
     "junk_5k": (junk(5 << 10), True, 1),
     "junk_60k": (junk(60 << 10), True, 1),
     # torch's last byte: the end record starts REACH bytes from the end, so
-    # the central directory lies before the searched bytes (one read more)
-    "junk_69562": (junk(REACH - 22), True, 2),
-    "comment_65535_junk_4027": (then(comment(65535), junk(REACH - 22 - 65535)), True, 2),
+    # the zip64 locator, the zip64 end record and the central directory lie
+    # before the searched bytes (one read more each, as miniz reads them)
+    "junk_69562": (junk(REACH - 22), True, 4),
+    "comment_65535_junk_4027": (then(comment(65535), junk(REACH - 22 - 65535)), True, 4),
     # a signature with fewer than 22 bytes after it is no end record (miniz skips it)
     "junk_cut_record": (junk(5000, _EOCD + b"\0" * 17), True, 1),
     "junk_69563": (junk(REACH - 21), False, None),
