@@ -19,6 +19,7 @@ whole item per read item; ckcore: the reader's ``stats``).
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import os
@@ -78,37 +79,53 @@ def main() -> None:
     sd = {name: torch.empty(shape, dtype=torch.float32) for name, shape in shapes.items()}
     result: dict = {}
     variants = os.environ.get("CKCORE_BENCH_SHARED_VARIANTS", "torch,ckcore,ckcore-4hosts")
-    for variant in variants.split(","):
-        for mode in ["cold"] * rounds + ["warm"] * rounds:
-            for t in sd.values():
-                t.fill_(-1.0)
-            dist.barrier()
-            if mode == "cold" and rank == 0:
-                drop_cache(path)
-            dist.barrier()
-            dev0 = device_bytes()
-            t0 = time.perf_counter()
-            if variant == "torch":
-                reader = CountingReader(path)
-                dcp.load(sd, storage_reader=reader, planner=DefaultLoadPlanner())
-                nbytes = reader.bytes_read
-            else:
-                reader = SharedRangeFileSystemReader(
-                    path, exchange_within_host=variant == "ckcore-4hosts")
-                dcp.load(sd, storage_reader=reader, planner=FastLoadPlanner())
-                nbytes = reader.stats["bytes_read"]
-                if os.environ.get("CKCORE_BENCH_SHARED_VERBOSE"):
-                    print(rank, mode, round(time.perf_counter() - t0, 3), reader.stats, reader.seconds, file=sys.stderr)
-            wall = time.perf_counter() - t0
-            dev = device_bytes() - dev0
-            for i, (name, t) in enumerate(sd.items()):
-                assert torch.equal(t.view(-1), expected(i, t.numel())), f"{variant}: {name} differs"
-            walls = [torch.zeros(3, dtype=torch.float64) for _ in range(world)]
-            dist.all_gather(walls, torch.tensor([wall, float(nbytes), float(dev)], dtype=torch.float64))
-            row = result.setdefault(variant, {}).setdefault(mode, [])
-            row.append({"wall_s": max(float(w[0]) for w in walls),
-                        "bytes_read": int(sum(float(w[1]) for w in walls)),
-                        "device_bytes": int(sum(float(w[2]) for w in walls))})
+    # The storage model (bench/_io_delay.c, preloaded by the launcher when
+    # CKCORE_BENCH_SHARED_MBPS is set): one server of that bandwidth shared
+    # by the 4 processes, every read charged (no shared cache: 4 hosts).
+    shim = ctypes.CDLL(os.environ["LD_PRELOAD"]) if os.environ.get("LD_PRELOAD") else None
+    mbps = [float(x) for x in os.environ.get("CKCORE_BENCH_SHARED_MBPS", "").split(",") if x]
+    if shim is not None:
+        shim.ck_io_bw_set_mbps.argtypes = [ctypes.c_double]
+    runs = [(v, m) for v in variants.split(",")
+            for m in ["cold"] * rounds + ["warm"] * rounds]
+    if shim is not None:
+        runs += [(v, f"storage {b:g} MB/s") for b in mbps for v in ("torch", "ckcore-4hosts")
+                 for _ in range(rounds)]
+    for variant, mode in runs:
+        for t in sd.values():
+            t.fill_(-1.0)
+        dist.barrier()
+        if mode == "cold" and rank == 0:
+            drop_cache(path)
+        dist.barrier()
+        modelled = mode.startswith("storage")
+        if modelled:
+            shim.ck_io_bw_set_mbps(float(mode.split()[1]))
+        dev0 = device_bytes()
+        t0 = time.perf_counter()
+        if variant == "torch":
+            reader = CountingReader(path)
+            dcp.load(sd, storage_reader=reader, planner=DefaultLoadPlanner())
+            nbytes = reader.bytes_read
+        else:
+            reader = SharedRangeFileSystemReader(
+                path, exchange_within_host=variant == "ckcore-4hosts")
+            dcp.load(sd, storage_reader=reader, planner=FastLoadPlanner())
+            nbytes = reader.stats["bytes_read"]
+            if os.environ.get("CKCORE_BENCH_SHARED_VERBOSE"):
+                print(rank, mode, round(time.perf_counter() - t0, 3), reader.stats, reader.seconds, file=sys.stderr)
+        wall = time.perf_counter() - t0
+        dev = device_bytes() - dev0
+        if modelled:
+            shim.ck_io_bw_set_mbps(0.0)
+        for i, (name, t) in enumerate(sd.items()):
+            assert torch.equal(t.view(-1), expected(i, t.numel())), f"{variant}: {name} differs"
+        walls = [torch.zeros(3, dtype=torch.float64) for _ in range(world)]
+        dist.all_gather(walls, torch.tensor([wall, float(nbytes), float(dev)], dtype=torch.float64))
+        row = result.setdefault(variant, {}).setdefault(mode, [])
+        row.append({"wall_s": max(float(w[0]) for w in walls),
+                    "bytes_read": int(sum(float(w[1]) for w in walls)),
+                    "device_bytes": int(sum(float(w[2]) for w in walls))})
     if rank == 0:
         with open(os.path.join(workdir, "result.json"), "w") as f:
             json.dump(result, f)

@@ -59,12 +59,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _io_model import build_io_model  # bench/ is on sys.path (conftest.py)
+
 from tests.support.paths import CKCORE_PARENT
 from tests.support.rdzv import file_init_method
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_load_e2e_worker.py"
-SHIM = HERE / "_io_delay.c"
 WORLD = 4
 SCENARIOS = ["fsdp->fsdp×tp", "col-tp4", "fsdp->fsdp"]
 TIMEOUT = 1800
@@ -119,21 +120,11 @@ def _launch(workdir: Path, ckpt: Path, cfg: dict, extra_env: dict[str, str]) -> 
     return json.loads(outs[0].strip().splitlines()[-1])
 
 
-def _shim(workdir: Path) -> Path | None:
-    so = workdir / "libckdelay.so"
-    proc = subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(so), str(SHIM), "-ldl"],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        print(f"load-e2e: no delay model (cc failed): {proc.stderr[-500:]}", file=sys.stderr)
-        return None
-    return so
-
-
 def test_load_e2e(benchmark, request, tmp_path):
     """One launch: save, then every scenario on local disk (cold, warm) and under the delay model."""
     ckpt = tmp_path / "ckpt"
     delays_ms = [float(x) for x in os.environ.get("CKCORE_BENCH_E2E_DELAY_MS", "1").split(",") if x]
-    so = _shim(tmp_path) if delays_ms else None
+    so = build_io_model(tmp_path, "load-e2e") if delays_ms else None
     env: dict[str, str] = {}
     if so is not None:
         # Preloaded with the delay off; the ranks switch it on around the delayed loads.
