@@ -374,6 +374,36 @@ def _zip64_fields(where: str, name: str, extra: bytes, usize: int, csize: int,
     return usize, csize, loff
 
 
+def _names(where: str, records: list[_Record]) -> Callable[[str], _Record | None]:
+    """Record lookup by name as torch's reader does it: under the first record's folder, any case.
+
+    torch takes the folder from the first record's name (up to its first
+    ``/``), refuses an archive with a record outside it, and looks names up
+    case-insensitively. Two records a name could mean are refused: which
+    one torch takes depends on how miniz sorts them.
+    """
+    if not records:
+        return lambda name: None
+    slash = records[0].name.find("/")
+    if slash < 0:
+        raise CorruptItem(f"{where}: record {saferepr(records[0].name)} is not in a folder")
+    folder = records[0].name[: slash + 1]
+    by_name: dict[str, list[_Record]] = {}
+    for r in records:
+        if not r.name.startswith(folder):
+            raise CorruptItem(f"{where}: record {saferepr(r.name)} is outside the archive's folder "
+                              f"{saferepr(folder)}")
+        by_name.setdefault(r.name[len(folder):].lower(), []).append(r)
+
+    def lookup(name: str) -> _Record | None:
+        found = by_name.get(name.lower())
+        if found and len(found) > 1:
+            raise CorruptItem(f"{where}: {len(found)} records named {saferepr(folder + name)}")
+        return found[0] if found else None
+
+    return lookup
+
+
 def _record_bytes_offset(item: _ItemBytes, rec: _Record) -> int:
     if rec.directory:
         raise CorruptItem(f"{item.where}: record {rec.name} is marked as a directory")
@@ -413,15 +443,13 @@ def locate_tensor(
     if length < 22:
         raise CorruptItem(f"{where}: {length} bytes is too short for a torch.save archive")
     item = _ItemBytes(pread, where, offset, length)
-    records = _central_directory(item)
-    by_name = {r.name: r for r in records}
-    pkl = next((r for r in records if r.name.endswith("data.pkl")), None)
+    lookup = _names(where, _central_directory(item))
+    pkl = lookup("data.pkl")
     if pkl is None:
         raise CorruptItem(f"{where}: archive has no data.pkl")
-    prefix = pkl.name[: -len("data.pkl")]
     if pkl.method != 0:
         raise UnsupportedItem(f"{where}: data.pkl is compressed")
-    bo = by_name.get(prefix + "byteorder")
+    bo = lookup("byteorder")
     if bo is not None:
         if bo.method != 0:
             raise UnsupportedItem(f"{where}: byteorder record is compressed")
@@ -456,7 +484,7 @@ def locate_tensor(
         raise CorruptItem(f"{where}: bad size/stride/offset in data.pkl")
     # Untyped storages count bytes; typed ones count elements.
     nbytes = st.numel * (itemsize if st.dtype is not None else 1)
-    rec = by_name.get(f"{prefix}data/{st.key}")
+    rec = lookup(f"data/{st.key}")
     if rec is None:
         raise CorruptItem(f"{where}: archive has no record for storage {st.key!r}")
     if rec.method != 0:
