@@ -334,7 +334,7 @@ def _central_directory(item: _ItemBytes) -> list[_Record]:
         extra = cd[p + 46 + nlen : p + 46 + nlen + elen]
         if disk == 0xFFFF or disk not in (this_disk, 1):
             raise CorruptItem(f"{where}: record {name} on another disk")
-        if csize != 0xFFFFFFFF and loff + 30 + csize > item.length:
+        if 0xFFFFFFFF not in (csize, loff) and loff + 30 + csize > item.length:
             raise CorruptItem(f"{where}: record {name} ends past the archive")
         if 0xFFFFFFFF in (csize, usize, loff):
             usize, csize, loff = _zip64_fields(where, name, extra, usize, csize, loff)
@@ -497,7 +497,8 @@ def locate_tensor(
         last = soff + sum((s - 1) * t for s, t in zip(size, stride)) + 1
         if last * itemsize > nbytes:
             raise CorruptItem(f"{where}: tensor reaches past its storage ({last * itemsize} > {nbytes})")
-    data = _record_bytes_offset(item, rec)
+    # torch reads nothing for an empty record, not even its local header.
+    data = _record_bytes_offset(item, rec) if nbytes else 0
     return TensorLocation(
         data_offset=offset + data,
         storage_nbytes=nbytes,

@@ -174,3 +174,20 @@ def test_records_are_found_by_name_as_torch_finds_them(case):
         assert got is None, case
     else:
         assert got is not None and torch.equal(got, want), case
+
+
+def test_an_empty_storage_record_is_not_read_as_torch_does_not_read_it():
+    # torch reads nothing for a 0-byte record, not even its local header.
+    data = bytearray(saved(torch.empty(0, 3)))
+    e = data.rfind(EOCD)
+    _, _, _, _, n, _, p, _ = struct.unpack_from("<4sHHHHIIH", data, e)
+    for _ in range(n):
+        nlen, elen, clen = struct.unpack_from("<HHH", data, p + 28)
+        (loff,) = struct.unpack_from("<I", data, p + 42)
+        if data[p + 46 : p + 46 + nlen].endswith(b"data/0"):
+            data[loff : loff + 4] = b"XXXX"
+        p += 46 + nlen + elen + clen
+    want = torch_load(bytes(data))
+    assert want is not None and want.shape == (0, 3)
+    got = ck_load(bytes(data))
+    assert got is not None and got.shape == (0, 3) and got.dtype == want.dtype
