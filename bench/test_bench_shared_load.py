@@ -122,21 +122,26 @@ class _Clock:
         return self.t
 
 
+def _replay(benchmark, walls: list[float]) -> None:
+    # One pytest-benchmark round per measured load, its time the slowest rank's wall.
+    clock = _Clock()
+    it = iter(walls * 10)
+
+    def one_load():
+        clock.t += next(it)
+
+    if hasattr(benchmark, "_timer"):
+        benchmark._timer = clock
+    benchmark.pedantic(one_load, rounds=len(walls), iterations=1)
+
+
 @pytest.mark.parametrize("impl", ["torch", "ckcore", "ckcore-4hosts"])
 def test_shared_load(benchmark, shared_load, impl):
     total_mib, result = shared_load
     benchmark.group = "shared-load 4 replicas cold"
     cold = [r["wall_s"] for r in result[impl]["cold"]]
     warm = [r["wall_s"] for r in result[impl]["warm"]]
-    clock = _Clock()
-    walls = iter(cold * 10)
-
-    def one_load():
-        clock.t += next(walls)
-
-    if hasattr(benchmark, "_timer"):
-        benchmark._timer = clock
-    benchmark.pedantic(one_load, rounds=len(cold), iterations=1)
+    _replay(benchmark, cold)
     torch_bytes = result["torch"]["cold"][0]["bytes_read"]
     ours = result[impl]["cold"][0]["bytes_read"]
     ei = benchmark.extra_info
@@ -165,15 +170,7 @@ def test_shared_load_modelled_storage(benchmark, shared_load, impl, mbps):
         pytest.fail("the storage model was not built (no C compiler)")
     benchmark.group = f"shared-load 4 modelled hosts, {mode}"
     walls = [r["wall_s"] for r in result[impl][mode]]
-    clock = _Clock()
-    it = iter(walls * 10)
-
-    def one_load():
-        clock.t += next(it)
-
-    if hasattr(benchmark, "_timer"):
-        benchmark._timer = clock
-    benchmark.pedantic(one_load, rounds=len(walls), iterations=1)
+    _replay(benchmark, walls)
     torch_wall = min(r["wall_s"] for r in result["torch"][mode])
     ei = benchmark.extra_info
     ei["summary_table"] = "shared-load, modelled storage server"
