@@ -142,10 +142,11 @@ class SharedRangeFileSystemReader(RangeFileSystemReader):
     rest), and only ranks on other hosts receive them. Each needed byte is
     then fetched from storage on one host only (by each of that host's
     ranks that need it, all but the first served by its cache), and the
-    network carries only what crosses hosts. Set ``exchange_within_host=True`` for storage that the
-    host does not cache (``O_DIRECT``, a FUSE mount without a page cache):
-    every rank is then its own host, and ranks on one machine exchange
-    over the process group too. Give ``host`` when the host name does not
+    network carries only what crosses hosts. Set
+    ``exchange_within_host=True`` for storage that the host does not cache
+    (``O_DIRECT``, a FUSE mount without a page cache): every rank is then
+    its own host, and ranks on one machine exchange over the process group
+    too. Give ``host`` when the host name does not
     tell page caches apart (containers sharing a hostname on different
     machines).
 
